@@ -1,0 +1,946 @@
+"""stylegan2.py: the StyleGAN2 decoder G and image discriminator D of FC-TFG.
+
+Paper map (FC-TFG, ../shared/paper.md):
+  Fig. 3 "decoder"        -> Generator.synthesis: renders the fused codes z_s->d (Eq. 1) as images
+  Sec. 3.3.6, Eq. (8)     -> Discriminator: "the same as StyleGAN2 discriminator"
+  Sec. 4.1.2              -> "We first train StyleGAN2 generator on VoxCeleb2": 256 px, 14 w codes
+  Sec. 3 / HyperStyle     -> `weight_deltas`: per-sample W' = W * (1 + delta) on the styled convs
+
+StyleGAN2 paper map (Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN"):
+  Sec. 2   mapping network z -> w (8 layers, lr_mul 0.01)        -> MappingNetwork
+  Sec. 2.2 weight modulation / demodulation (Eq. 1-3)           -> ModulatedConv2d
+  Sec. 4   skip generator (ToRGB at every scale), residual D     -> Generator, Discriminator
+  App. B   noise inputs, constant input, style mixing, truncation -> NoiseInjection, ConstantInput, ...
+  Sec. 3 / App. C  minibatch stddev, R1, path length            -> MinibatchStd, r1_penalty, path_length_penalty
+
+The key layout and parameter counts follow rosinality/stylegan2-pytorch so that its checkpoints (and
+pSp/HyperStyle checkpoints built on it) load: G 30,034,338 and D 28,864,129 parameters at 256 px with
+channel_multiplier 2. Every line here was written from the maths in ../shared/spec/stylegan2.md.
+
+Two low-level ops carry all the resampling and activations:
+  upfirdn2d(x, f, up, down, pad)  upsample by zero insertion, pad, FIR filter, downsample
+  bias_act(x, b, act)             bias + leaky ReLU + gain, one elementwise pass
+Each has a pure-PyTorch reference path (the definition; always correct, always tested) and an optional
+fused CUDA kernel (stylegan2_ops.cu), compiled lazily on first use on a CUDA tensor, once per process.
+
+Not here: training loops and EMA (train.py), the GAN/identity losses of Eq. 4-9 (losses.py),
+inversion encoders (inversion.py).
+"""
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------
+# Presets: plain dicts of Generator kwargs. The Discriminator uses size/channel_multiplier/channels.
+# `paper`: the FC-TFG decoder (Sec. 4.1.2): 256 px, 14 w vectors of 512, config-F widths.
+# `tiny`:  our CPU preset: 64 px, 10 w vectors of 128, narrow channels (trains on 2 cores in minutes).
+PRESETS = {
+    "paper": dict(size=256, style_dim=512, n_mlp=8, channel_multiplier=2, channels=None),
+    "tiny": dict(size=64, style_dim=128, n_mlp=2, channel_multiplier=2,
+                 channels={4: 128, 8: 128, 16: 128, 32: 64, 64: 32}),
+}
+BLUR_KERNEL = (1, 3, 3, 1)  # binomial [1,3,3,1]: the low-pass filter of every resampling step
+LRELU_SLOPE, LRELU_GAIN = 0.2, math.sqrt(2)  # sqrt(2) keeps activations' second moment ~1 after lrelu
+
+
+def default_channels(size, channel_multiplier=2):
+    """Feature maps per resolution: min(512, 32768/res) for cm=2 (config-F); table in spec §1."""
+    cm = channel_multiplier
+    table = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * cm, 128: 128 * cm, 256: 64 * cm,
+             512: 32 * cm, 1024: 16 * cm}
+    return {r: c for r, c in table.items() if r <= size}
+
+
+# ====================================================================================================
+# Low-level op 1: upfirdn2d  (upsample -> pad -> FIR -> downsample)
+# ====================================================================================================
+# Per axis, for every channel: (1) insert up-1 zeros AFTER every sample, (2) zero-pad by (p0, p1), a
+# negative pad crops, (3) TRUE convolution with f (i.e. correlation with the flipped filter), (4) keep
+# every down-th sample. Output length (L*up + p0 + p1 - K + down) // down. All of StyleGAN2's blurs,
+# upsamples and downsamples are this one op with different arguments.
+
+def _parse_updown(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _upfirdn2d_ref(x, f, up=(1, 1), down=(1, 1), pad=(0, 0, 0, 0)):
+    """Reference implementation from native ops. x [B,C,H,W], f [KH,KW]; up/down are (x, y) pairs."""
+    (upx, upy), (downx, downy) = up, down
+    px0, px1, py0, py1 = pad
+    B, C, H, W = x.shape
+    # (1) zero insertion: give each sample a trailing axis of length `up`, pad it with zeros, flatten.
+    x = x.reshape(B, C, H, 1, W, 1)
+    x = F.pad(x, [0, upx - 1, 0, 0, 0, upy - 1])
+    x = x.reshape(B, C, H * upy, W * upx)
+    # (2) pad with zeros where positive, crop where negative.
+    x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
+    x = x[:, :, max(-py0, 0):x.shape[2] - max(-py1, 0), max(-px0, 0):x.shape[3] - max(-px1, 0)]
+    # (3) conv2d computes a correlation; flipping f turns it into the true convolution.
+    w = f.to(x.dtype).flip([0, 1])[None, None].expand(C, 1, *f.shape)
+    x = F.conv2d(x, w, groups=C)
+    # (4) decimation, starting at sample 0.
+    return x[:, :, ::downy, ::downx]
+
+
+def _grad_pads(in_size, out_size, k, up, down, p0):
+    """Pads for the gradient op on one axis (spec §5): make dL/dx have length in_size again."""
+    g0 = k - p0 - 1
+    g1 = in_size * up - out_size * down + p0 - up + 1
+    return g0, g1
+
+
+class _UpFirDn2d(torch.autograd.Function):
+    """Autograd wrapper for a forward-only kernel (CUDA, or the reference for testing this wrapper).
+
+    The gradient of upfirdn2d is upfirdn2d again: flipped filter, up and down swapped, new pads.
+    Because backward calls this same Function, grad-of-grad (R1, path length) works to any order."""
+
+    @staticmethod
+    def forward(ctx, x, f, up, down, pad, kernel):
+        y = kernel(x, f, up, down, pad)
+        ctx.save_for_backward(f)
+        ctx.args = (x.shape, y.shape, up, down, pad, kernel)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (f,) = ctx.saved_tensors
+        xs, ys, (upx, upy), (downx, downy), (px0, px1, py0, py1), kernel = ctx.args
+        gx0, gx1 = _grad_pads(xs[3], ys[3], f.shape[1], upx, downx, px0)
+        gy0, gy1 = _grad_pads(xs[2], ys[2], f.shape[0], upy, downy, py0)
+        dx = _UpFirDn2d.apply(dy, f.flip([0, 1]), (downx, downy), (upx, upy), (gx0, gx1, gy0, gy1), kernel)
+        return dx, None, None, None, None, None
+
+
+def upfirdn2d(x, f, up=1, down=1, pad=(0, 0, 0, 0), impl="auto"):
+    """Upsample, pad, FIR-filter and downsample a batch of images.
+
+    x:    [B, C, H, W]
+    f:    [KH, KW] filter (true convolution: not flipped by the caller)
+    up:   int or (up_x, up_y); zeros inserted after each sample
+    down: int or (down_x, down_y)
+    pad:  (x0, x1, y0, y1) applied after upsampling; negative values crop
+    impl: 'auto' (CUDA kernel for CUDA tensors when it built, else reference), 'cuda', 'ref'
+    Returns [B, C, (H*up_y + y0 + y1 - KH + down_y)//down_y, (W*up_x + x0 + x1 - KW + down_x)//down_x]."""
+    up, down = _parse_updown(up), _parse_updown(down)
+    if len(pad) != 4:
+        raise ValueError(f"upfirdn2d: pad must be (x0, x1, y0, y1), got {pad}")
+    if x.ndim != 4 or f.ndim != 2:
+        raise ValueError(f"upfirdn2d: want x [B,C,H,W] and f [KH,KW], got {tuple(x.shape)}, {tuple(f.shape)}")
+    if min(up + down) < 1:
+        raise ValueError(f"upfirdn2d: up/down must be >= 1, got up={up} down={down}")
+    out_w = (x.shape[3] * up[0] + pad[0] + pad[1] - f.shape[1] + down[0]) // down[0]
+    out_h = (x.shape[2] * up[1] + pad[2] + pad[3] - f.shape[0] + down[1]) // down[1]
+    if out_w < 1 or out_h < 1:
+        raise ValueError(f"upfirdn2d: output would be empty ({out_h}x{out_w}) for input {tuple(x.shape)}")
+    if _use_cuda(x, impl):
+        return _UpFirDn2d.apply(x, f, up, down, tuple(pad), _upfirdn2d_cuda_kernel)
+    return _upfirdn2d_ref(x, f, up, down, tuple(pad))
+
+
+def make_kernel(k=BLUR_KERNEL, gain=1.0):
+    """2-D separable FIR filter outer(k, k), normalised to sum to `gain`.
+    Upsampling by 2 spreads each sample over 4 outputs, so up-filters use gain 4 (= factor^2)."""
+    k = torch.tensor(k, dtype=torch.float32)
+    k = k[None, :] * k[:, None] if k.ndim == 1 else k
+    return k / k.sum() * gain
+
+
+# ====================================================================================================
+# Low-level op 2: bias_act  (y = gain * leaky_relu(x + b, alpha))
+# ====================================================================================================
+
+def _bias_act_ref(x, b, act="lrelu", alpha=LRELU_SLOPE, gain=LRELU_GAIN):
+    if b is not None:
+        x = x + b.view(1, -1, *([1] * (x.ndim - 2)))  # bias lives on dim 1 (channels)
+    if act == "linear":
+        return x
+    return F.leaky_relu(x, alpha) * gain
+
+
+def _bias_act_kernel_ref(x, b, ref, grad, alpha, gain):
+    """Pure-PyTorch stand-in with the exact contract of the CUDA kernel (lets CPU tests cover the
+    autograd wrapper). grad=0: forward. grad=1: x is an incoming gradient, ref the saved OUTPUT."""
+    if grad:
+        return x * torch.where(ref > 0, gain, alpha * gain).to(x.dtype)
+    v = x if b.numel() == 0 else x + b.view(1, -1, *([1] * (x.ndim - 2)))
+    return torch.where(v > 0, v, v * alpha) * gain
+
+
+class _BiasAct(torch.autograd.Function):
+    """Fused bias + leaky ReLU. The derivative gain*(1 or alpha) only depends on the sign of the
+    OUTPUT, so we save y, not x. Its own derivative w.r.t. the incoming gradient is the same mask
+    (the second derivative of a piecewise-linear function is zero), see _BiasActGrad."""
+
+    @staticmethod
+    def forward(ctx, x, b, alpha, gain, kernel):
+        y = kernel(x, b, x.new_empty(0), 0, alpha, gain)
+        ctx.save_for_backward(y)
+        ctx.args = (b.numel() > 0, alpha, gain, kernel)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        has_bias, alpha, gain, kernel = ctx.args
+        dx = _BiasActGrad.apply(dy, y, alpha, gain, kernel)
+        db = dx.sum([d for d in range(dx.ndim) if d != 1]) if has_bias else None
+        return dx, db, None, None, None
+
+
+class _BiasActGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dy, y, alpha, gain, kernel):
+        ctx.save_for_backward(y)
+        ctx.args = (alpha, gain, kernel)
+        return kernel(dy, dy.new_empty(0), y, 1, alpha, gain)
+
+    @staticmethod
+    def backward(ctx, ddx):
+        (y,) = ctx.saved_tensors
+        alpha, gain, kernel = ctx.args
+        # d(dx)/d(dy) is the same mask; d(dx)/dy is zero almost everywhere (y only chooses the mask).
+        return _BiasActGrad.apply(ddx, y, alpha, gain, kernel), None, None, None, None
+
+
+def bias_act(x, b=None, act="lrelu", alpha=LRELU_SLOPE, gain=LRELU_GAIN, impl="auto"):
+    """y = gain * leaky_relu(x + b, alpha) with b broadcast along dim 1; act='linear' adds b only.
+    x [B, C, ...], b [C] or None."""
+    if act not in ("lrelu", "linear"):
+        raise ValueError(f"bias_act: act must be 'lrelu' or 'linear', got {act!r}")
+    if b is not None and (b.ndim != 1 or b.shape[0] != x.shape[1]):
+        raise ValueError(f"bias_act: bias {tuple(b.shape)} does not match {x.shape[1]} channels")
+    if act == "lrelu" and _use_cuda(x, impl):
+        b = x.new_empty(0) if b is None else b.to(x.dtype)
+        return _BiasAct.apply(x.contiguous(), b, float(alpha), float(gain), _bias_act_cuda_kernel)
+    return _bias_act_ref(x, b, act, alpha, gain)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optional CUDA path: built lazily, once per process; a failed build is remembered (no retries).
+# ----------------------------------------------------------------------------------------------------
+_ext = None  # None: not tried yet; False: unavailable in this process; else the compiled module
+
+
+def cuda_ops():
+    """The compiled extension, or False. Set FCTFG_NO_CUDA_OPS=1 to force the reference path."""
+    global _ext
+    if _ext is None:
+        _ext = False  # set before trying, so a failure is tried exactly once
+        if os.environ.get("FCTFG_NO_CUDA_OPS", "") not in ("", "0"):
+            return _ext
+        try:
+            from torch.utils.cpp_extension import load
+            src = Path(__file__).with_name("stylegan2_ops.cu")
+            _ext = load(name="fctfg_ops", sources=[str(src)], extra_cuda_cflags=["-O3"], verbose=False)
+        except (RuntimeError, OSError, ImportError, ValueError) as e:  # compiler, headers, ninja, ...
+            warnings.warn(f"stylegan2: CUDA ops unavailable, using the pure PyTorch path ({e})")
+    return _ext
+
+
+def _use_cuda(x, impl):
+    if impl not in ("auto", "cuda", "ref"):
+        raise ValueError(f"impl must be 'auto', 'cuda' or 'ref', got {impl!r}")
+    if impl == "ref" or not x.is_cuda:
+        if impl == "cuda" and not x.is_cuda:
+            raise ValueError("impl='cuda' needs a CUDA tensor")
+        return False
+    ok = bool(cuda_ops())
+    if impl == "cuda" and not ok:
+        raise RuntimeError("impl='cuda' requested but the CUDA ops failed to build (see the warning)")
+    return ok
+
+
+def _upfirdn2d_cuda_kernel(x, f, up, down, pad):
+    B, C, H, W = x.shape
+    y = cuda_ops().upfirdn2d(x.reshape(B * C, H, W).contiguous(), f.to(x.dtype).contiguous(),
+                             up[0], up[1], down[0], down[1], *pad)
+    return y.reshape(B, C, *y.shape[1:])
+
+
+def _bias_act_cuda_kernel(x, b, ref, grad, alpha, gain):
+    return cuda_ops().bias_act(x.contiguous(), b, ref, grad, alpha, gain)
+
+
+# ====================================================================================================
+# Equalized learning rate (StyleGAN2 App. B / ProGAN Sec. 4.1)
+# ====================================================================================================
+# Weights are stored as N(0, 1) and scaled by 1/sqrt(fan_in) at run time, so Adam's per-parameter step
+# size is the same for every layer regardless of its fan-in. lr_mul additionally slows a layer down
+# (the mapping network uses 0.01): storing w/lr_mul and multiplying by lr_mul at run time divides its
+# effective learning rate by 100 without touching the optimiser.
+
+class EqualLinear(nn.Module):
+    def __init__(self, in_dim, out_dim, bias=True, bias_init=0.0, lr_mul=1.0, activation=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim) / lr_mul)
+        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init))) if bias else None
+        self.scale, self.lr_mul, self.activation = lr_mul / math.sqrt(in_dim), lr_mul, activation
+
+    def forward(self, x):  # [B, in] -> [B, out]
+        b = self.bias * self.lr_mul if self.bias is not None else None
+        if self.activation:  # 'lrelu' (rosinality calls it fused_lrelu)
+            return bias_act(F.linear(x, self.weight * self.scale), b)
+        return F.linear(x, self.weight * self.scale, b)
+
+
+class EqualConv2d(nn.Module):
+    def __init__(self, in_channel, out_channel, kernel_size, stride=1, padding=0, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channel, in_channel, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channel)) if bias else None
+        self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.scale, self.bias, self.stride, self.padding)
+
+
+class BiasLeakyReLU(nn.Module):
+    """Learned per-channel bias + lrelu(0.2)*sqrt(2) (rosinality's FusedLeakyReLU; key `bias`)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        return bias_act(x, self.bias)
+
+
+class Blur(nn.Module):
+    """FIR low-pass filter (upfirdn2d with up=down=1). `gain` = factor^2 when it follows an upsample."""
+
+    def __init__(self, pad, kernel=BLUR_KERNEL, gain=1.0):
+        super().__init__()
+        self.register_buffer("kernel", make_kernel(kernel, gain))
+        self.pad = pad
+
+    def forward(self, x):
+        return upfirdn2d(x, self.kernel, pad=(self.pad[0], self.pad[1], self.pad[0], self.pad[1]))
+
+
+class Upsample(nn.Module):
+    """x2 image upsampling of the RGB skip path: zero insertion + blur with gain 4, pad (2, 1)."""
+
+    def __init__(self, kernel=BLUR_KERNEL, factor=2):
+        super().__init__()
+        self.register_buffer("kernel", make_kernel(kernel, factor ** 2))
+        p = len(kernel) - factor
+        self.factor, self.pad = factor, ((p + 1) // 2 + factor - 1, p // 2)
+
+    def forward(self, x):
+        p0, p1 = self.pad
+        return upfirdn2d(x, self.kernel, up=self.factor, pad=(p0, p1, p0, p1))
+
+
+# ====================================================================================================
+# Mapping network (StyleGAN2 Sec. 2): z -> w
+# ====================================================================================================
+
+class PixelNorm(nn.Module):
+    """Normalise each z to unit RMS: the mapping network then sees points on a sphere."""
+
+    def forward(self, z):
+        return z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+
+
+def mapping_network(style_dim, n_mlp, lr_mul=0.01):
+    """PixelNorm + n_mlp equalized linear layers with lrelu. Keys style.1 ... style.n (0 is the norm)."""
+    layers = [PixelNorm()] + [EqualLinear(style_dim, style_dim, lr_mul=lr_mul, activation="lrelu")
+                              for _ in range(n_mlp)]
+    return nn.Sequential(*layers)
+
+
+# ====================================================================================================
+# Synthesis network building blocks
+# ====================================================================================================
+
+class ModulatedConv2d(nn.Module):
+    """StyleGAN2 Sec. 2.2, Eq. (1)-(3): the style scales the conv weights, not the activations.
+
+      s = A(w)                                  affine A ("modulation"), bias initialised to 1
+      W'[b,o,i,:,:] = W[o,i,:,:] * s[b,i]       Eq. (1) modulation (per sample b)
+      d[b,o] = 1/sqrt(sum_{i,k} W'^2 + eps)     Eq. (3) demodulation: unit output variance for
+      W''= W' * d[b,o]                                   unit-variance input (not in ToRGB)
+    Per-sample weights are realised as ONE grouped convolution: the batch is folded into the channel
+    axis ([1, B*I, H, W]) and each sample is its own group.
+
+    HyperStyle (inversion.py) edits the *generator weights* per image: W -> W * (1 + delta), delta of
+    shape [B or 1, O, I, k, k]; it enters before modulation, so demodulation still normalises it."""
+
+    def __init__(self,
+                 in_channel,            # I: input feature maps
+                 out_channel,           # O: output feature maps
+                 kernel_size,           # k: 3 for styled convs, 1 for ToRGB
+                 style_dim,             # C: width of the w vector that drives this layer
+                 demodulate=True,       # False only in ToRGB (colours should keep the style's scale)
+                 upsample=False,        # x2: transposed conv (stride 2) + blur
+                 blur_kernel=BLUR_KERNEL):
+        super().__init__()
+        self.in_channel, self.out_channel, self.kernel_size = in_channel, out_channel, kernel_size
+        self.demodulate, self.upsample = demodulate, upsample
+        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)  # equalized lr
+        self.modulation = EqualLinear(style_dim, in_channel, bias_init=1.0)  # s starts near 1
+        if upsample:
+            # conv_transpose2d(stride 2) maps H -> 2H+k-2 = 2H+1; the blur trims it back to 2H.
+            # General pad rule (spec §2): p = (K - factor) - (k - 1), pads ((p+1)//2 + factor - 1, p//2 + 1).
+            p = (len(blur_kernel) - 2) - (kernel_size - 1)
+            self.blur = Blur(((p + 1) // 2 + 1, p // 2 + 1), blur_kernel, gain=4)
+
+    def extra_repr(self):
+        return (f"{self.in_channel}->{self.out_channel}, k={self.kernel_size}, "
+                f"demodulate={self.demodulate}, upsample={self.upsample}")
+
+    def styled_weight(self, style, delta=None):
+        """Per-sample weights W'' [B, O, I, k, k] for styles [B, C] (Eq. 1 and 3)."""
+        B = style.shape[0]
+        s = self.modulation(style)                                   # [B, I]
+        w = self.weight if delta is None else self.weight * (1 + delta)   # HyperStyle: W * (1 + delta)
+        w = self.scale * w * s.view(B, 1, -1, 1, 1)                  # [B, O, I, k, k]
+        if self.demodulate:
+            d = torch.rsqrt(w.pow(2).sum([2, 3, 4]) + 1e-8)          # [B, O]
+            w = w * d.view(B, self.out_channel, 1, 1, 1)
+        return w
+
+    def forward(self, x, style, delta=None):
+        """x [B, I, H, W], style [B, C] -> [B, O, H', W'] with H' = 2H if upsample else H."""
+        B, I, H, W = x.shape
+        assert I == self.in_channel, (x.shape, self.in_channel)
+        k, O = self.kernel_size, self.out_channel
+        w = self.styled_weight(style, delta)
+        if w.shape[0] != B:  # a delta with a batch dimension larger than the styles'
+            raise ValueError(f"weight delta batch {w.shape[0]} does not match input batch {B}")
+        x = x.reshape(1, B * I, H, W)  # fold the batch into channels: one group per sample
+        if self.upsample:
+            # conv_transpose2d wants weights [in, out/groups, k, k]: swap O and I within each sample.
+            w = w.transpose(1, 2).reshape(B * I, O, k, k)
+            out = F.conv_transpose2d(x, w, stride=2, groups=B)       # [1, B*O, 2H+1, 2W+1]
+            return self.blur(out.view(B, O, *out.shape[2:]))         # [B, O, 2H, 2W]
+        out = F.conv2d(x, w.reshape(B * O, I, k, k), padding=k // 2, groups=B)
+        return out.view(B, O, H, W)
+
+    def forward_nonfused(self, x, style):
+        """The same maths without per-sample weights (NVIDIA's training form):
+        conv(x * s, W * scale) * d. Used to test the grouped form; no HyperStyle deltas."""
+        B = x.shape[0]
+        s = self.modulation(style)                                   # [B, I]
+        w = self.weight[0] * self.scale                              # [O, I, k, k]
+        x = x * s.view(B, -1, 1, 1)
+        if self.upsample:
+            out = self.blur(F.conv_transpose2d(x, w.transpose(0, 1), stride=2))
+        else:
+            out = F.conv2d(x, w, padding=self.kernel_size // 2)
+        if self.demodulate:
+            d = torch.rsqrt((w[None] * s.view(B, 1, -1, 1, 1)).pow(2).sum([2, 3, 4]) + 1e-8)  # [B, O]
+            out = out * d.view(B, -1, 1, 1)
+        return out
+
+
+class NoiseInjection(nn.Module):
+    """Per-pixel noise, shared by all channels, times one learned strength initialised to 0
+    (so a freshly built G ignores noise entirely)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, noise):  # x [B, C, H, W], noise [B or 1, 1, H, W] or None
+        return x if noise is None else x + self.weight * noise
+
+
+class ConstantInput(nn.Module):
+    """The learned 4x4 starting tensor of the synthesis network (StyleGAN Sec. 2)."""
+
+    def __init__(self, channel, size=4):
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channel, size, size))
+
+    def forward(self, batch):
+        return self.input.expand(batch, -1, -1, -1)
+
+
+class StyledConv(nn.Module):
+    """Modulated conv -> + noise -> + bias -> lrelu*sqrt(2). Noise comes before the bias."""
+
+    def __init__(self, in_channel, out_channel, kernel_size, style_dim, upsample=False):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim, upsample=upsample)
+        self.noise = NoiseInjection()
+        self.activate = BiasLeakyReLU(out_channel)
+
+    def forward(self, x, style, noise=None, delta=None):
+        return self.activate(self.noise(self.conv(x, style, delta), noise))
+
+
+class ToRGB(nn.Module):
+    """1x1 modulated conv to RGB (no demodulation), added to the upsampled RGB of the previous scale
+    (the 'skip' generator of StyleGAN2 Sec. 4)."""
+
+    def __init__(self, in_channel, style_dim, upsample=True):
+        super().__init__()
+        self.upsample = Upsample() if upsample else None
+        self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x, style, skip=None, delta=None):
+        out = self.conv(x, style, delta) + self.bias
+        if skip is not None:
+            out = out + self.upsample(skip)
+        return out
+
+
+# ====================================================================================================
+# Generator
+# ====================================================================================================
+
+class Generator(nn.Module):
+    """StyleGAN2 config-F generator. At 256 px: 13 styled convs + 7 ToRGBs driven by n_latent = 14
+    w vectors (the 14 "layers" of FC-TFG Sec. 4.1.2). w-index map (spec §1):
+        4 px:   conv1 <- w0,  to_rgb1 <- w1
+        2^r px: up-conv <- w(2r-5), conv <- w(2r-4), ToRGB <- w(2r-3)      (r = 3 .. log2(size))
+    so each ToRGB shares its index with the next block's up-conv."""
+
+    def __init__(self,
+                 size,                  # output resolution (power of two, >= 8)
+                 style_dim=512,         # C: width of z and w
+                 n_mlp=8,               # mapping network depth
+                 channel_multiplier=2,  # config-F widths above 32 px; 1 = the narrower "ADA paper256"
+                 channels=None,         # optional {res: channels} overriding the formula (tiny preset)
+                 lr_mlp=0.01):          # mapping network learning-rate multiplier
+        super().__init__()
+        log_size = int(math.log2(size))
+        if size < 8 or 2 ** log_size != size:
+            raise ValueError(f"Generator: size must be a power of two >= 8, got {size}")
+        self.size, self.style_dim, self.log_size = size, style_dim, log_size
+        self.channels = dict(channels) if channels else default_channels(size, channel_multiplier)
+        missing = [2 ** r for r in range(2, log_size + 1) if 2 ** r not in self.channels]
+        if missing:
+            raise ValueError(f"Generator: channels lacks resolutions {missing}")
+        ch = self.channels
+        self.n_latent = 2 * log_size - 2       # 14 at 256 px, 10 at 64 px
+        self.num_layers = 2 * (log_size - 2) + 1  # styled convs (= noise maps): 13 at 256 px
+
+        self.style = mapping_network(style_dim, n_mlp, lr_mlp)
+        self.input = ConstantInput(ch[4])
+        self.conv1 = StyledConv(ch[4], ch[4], 3, style_dim)
+        self.to_rgb1 = ToRGB(ch[4], style_dim, upsample=False)
+        self.convs, self.to_rgbs = nn.ModuleList(), nn.ModuleList()
+        in_ch = ch[4]
+        for r in range(3, log_size + 1):
+            out_ch = ch[2 ** r]
+            self.convs.append(StyledConv(in_ch, out_ch, 3, style_dim, upsample=True))
+            self.convs.append(StyledConv(out_ch, out_ch, 3, style_dim))
+            self.to_rgbs.append(ToRGB(out_ch, style_dim))
+            in_ch = out_ch
+        # Fixed noise maps for noise_mode='const': layer l has resolution 2^((l+5)//2).
+        self.noises = nn.Module()
+        for l in range(self.num_layers):
+            res = 2 ** ((l + 5) // 2)
+            self.noises.register_buffer(f"noise_{l}", torch.randn(1, 1, res, res))
+
+    @classmethod
+    def from_preset(cls, name):
+        return cls(**PRESETS[name])
+
+    # --- mapping side ------------------------------------------------------------------------------
+    def mapping(self, z):
+        """z [B, C] -> w [B, C]."""
+        return self.style(z)
+
+    @torch.no_grad()
+    def mean_latent(self, n=4096):
+        """w_avg: the centre of W estimated from n random z -> [1, C] (truncation, pSp's latent_avg)."""
+        z = torch.randn(n, self.style_dim, device=self.input.input.device)
+        return self.mapping(z).mean(0, keepdim=True)
+
+    def broadcast(self, w):
+        """[B, C] -> [B, n_latent, C]: the same w for every layer (no mixing)."""
+        return w[:, None, :].expand(-1, self.n_latent, -1)
+
+    def mix(self, w1, w2, crossover):
+        """Style mixing (StyleGAN Sec. 3.1): layers < crossover take w1, the rest w2. -> [B, L, C]."""
+        ws = self.broadcast(w1).clone()
+        ws[:, crossover:] = w2[:, None, :]
+        return ws
+
+    @staticmethod
+    def truncate(ws, w_avg, psi):
+        """Truncation trick: w' = w_avg + psi (w - w_avg); psi=1 is a no-op."""
+        return w_avg + psi * (ws - w_avg) if psi != 1 else ws
+
+    def sample(self, z, psi=1.0, w_avg=None, mixing_prob=0.0, noise_mode="random"):
+        """Random images: z [B, C] (or a pair for mixing) -> [B, 3, H, W]. With probability
+        mixing_prob a second z is drawn and mixed at a crossover uniform in [1, n_latent - 1]."""
+        ws = self.sample_ws(z, mixing_prob)
+        if psi != 1:
+            ws = self.truncate(ws, self.mean_latent() if w_avg is None else w_avg, psi)
+        return self.synthesis(ws, noise_mode=noise_mode)
+
+    def sample_ws(self, z, mixing_prob=0.0):
+        w = self.mapping(z)
+        if mixing_prob > 0 and torch.rand(()) < mixing_prob:
+            w2 = self.mapping(torch.randn_like(z))
+            return self.mix(w, w2, int(torch.randint(1, self.n_latent, ())))
+        return self.broadcast(w)
+
+    # --- synthesis side ----------------------------------------------------------------------------
+    def modulated_convs(self):
+        """All ModulatedConv2d modules in synthesis order; `weight_deltas` is indexed the same way:
+        [conv1, to_rgb1, convs[0], convs[1], to_rgbs[0], convs[2], convs[3], to_rgbs[1], ...]."""
+        mods = [self.conv1.conv, self.to_rgb1.conv]
+        for i, to_rgb in enumerate(self.to_rgbs):
+            mods += [self.convs[2 * i].conv, self.convs[2 * i + 1].conv, to_rgb.conv]
+        return mods
+
+    def w_index_of_layers(self):
+        """w index used by each entry of modulated_convs() (the map in the class docstring)."""
+        idx = [0, 1]
+        for i in range(len(self.to_rgbs)):
+            idx += [2 * i + 1, 2 * i + 2, 2 * i + 3]
+        return idx
+
+    def _noise(self, l, B, noise_mode, device, dtype):
+        if noise_mode == "none":
+            return None
+        if noise_mode == "const":
+            return getattr(self.noises, f"noise_{l}").to(dtype)
+        res = 2 ** ((l + 5) // 2)
+        return torch.randn(B, 1, res, res, device=device, dtype=dtype)
+
+    def synthesis(self, ws, noise_mode="const", weight_deltas=None):
+        """ws [B, n_latent, C] -> image [B, 3, size, size], roughly in [-1, 1] (not clamped).
+
+        noise_mode: 'const' (stored maps, deterministic), 'random' (fresh per call), 'none'.
+        weight_deltas: None or a list aligned with modulated_convs(); each entry None or a
+            multiplicative offset [B or 1, O, I, k, k] (HyperStyle: W' = W * (1 + delta))."""
+        if noise_mode not in ("const", "random", "none"):
+            raise ValueError(f"noise_mode must be 'const', 'random' or 'none', got {noise_mode!r}")
+        if ws.ndim != 3 or ws.shape[1:] != (self.n_latent, self.style_dim):
+            raise ValueError(f"synthesis: want ws [B, {self.n_latent}, {self.style_dim}], got {tuple(ws.shape)}")
+        n_mods = 2 + 3 * len(self.to_rgbs)
+        deltas = list(weight_deltas) if weight_deltas is not None else [None] * n_mods
+        if len(deltas) != n_mods:
+            raise ValueError(f"weight_deltas has {len(deltas)} entries, G has {n_mods} modulated convs")
+        B, dev, dt = ws.shape[0], ws.device, ws.dtype
+        x = self.input(B)
+        x = self.conv1(x, ws[:, 0], self._noise(0, B, noise_mode, dev, dt), deltas[0])
+        skip = self.to_rgb1(x, ws[:, 1], delta=deltas[1])
+        for i, to_rgb in enumerate(self.to_rgbs):
+            up, conv = self.convs[2 * i], self.convs[2 * i + 1]
+            x = up(x, ws[:, 2 * i + 1], self._noise(2 * i + 1, B, noise_mode, dev, dt), deltas[2 + 3 * i])
+            x = conv(x, ws[:, 2 * i + 2], self._noise(2 * i + 2, B, noise_mode, dev, dt), deltas[3 + 3 * i])
+            skip = to_rgb(x, ws[:, 2 * i + 3], skip, delta=deltas[4 + 3 * i])
+        return skip
+
+    def forward(self, ws, noise_mode="const", weight_deltas=None):
+        return self.synthesis(ws, noise_mode, weight_deltas)
+
+
+# ====================================================================================================
+# Discriminator (StyleGAN2 Sec. 4: residual architecture)
+# ====================================================================================================
+
+class ConvLayer(nn.Sequential):
+    """[blur ->] equalized conv [-> bias + lrelu]. Downsampling = blur (pad so H -> H+1 for k=3),
+    then a stride-2 conv with no padding (H+1 -> H/2). Keys follow rosinality (`0.weight`, ...)."""
+
+    def __init__(self, in_channel, out_channel, kernel_size, downsample=False, bias=True, activate=True):
+        layers = []
+        if downsample:
+            p = (len(BLUR_KERNEL) - 2) + (kernel_size - 1)  # total blur pad: 4 for k=3, 2 for k=1
+            layers.append(Blur(((p + 1) // 2, p // 2)))
+        layers.append(EqualConv2d(in_channel, out_channel, kernel_size,
+                                  stride=2 if downsample else 1,
+                                  padding=0 if downsample else kernel_size // 2,
+                                  bias=bias and not activate))
+        if activate:
+            layers.append(BiasLeakyReLU(out_channel))
+        super().__init__(*layers)
+
+
+class ResBlock(nn.Module):
+    """conv3x3 -> down-conv3x3, plus a 1x1 down-sampled skip; the sum is scaled by 1/sqrt(2) so the
+    two unit-variance branches add up to unit variance."""
+
+    def __init__(self, in_channel, out_channel):
+        super().__init__()
+        self.conv1 = ConvLayer(in_channel, in_channel, 3)
+        self.conv2 = ConvLayer(in_channel, out_channel, 3, downsample=True)
+        self.skip = ConvLayer(in_channel, out_channel, 1, downsample=True, activate=False, bias=False)
+
+    def forward(self, x):
+        return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2)
+
+
+def minibatch_stddev(x, group_size=4, n_feat=1):
+    """Append the std-dev across a group of samples as an extra channel (ProGAN Sec. 3), so D can
+    detect a generator whose samples lack variety. Groups are strided: with B=8, G=4 sample j is
+    grouped with j+2, j+4, j+6. x [B, C, H, W] -> [B, C + n_feat, H, W]."""
+    B, C, H, W = x.shape
+    G = min(B, group_size)
+    if B % G:
+        raise ValueError(f"minibatch_stddev: batch {B} not divisible by group size {G}")
+    y = x.view(G, B // G, n_feat, C // n_feat, H, W)
+    y = torch.sqrt(y.var(0, unbiased=False) + 1e-8)            # [B/G, F, C/F, H, W]
+    y = y.mean([2, 3, 4]).view(B // G, n_feat, 1, 1)            # [B/G, F, 1, 1]
+    y = y.repeat(G, 1, H, W)                                    # [B, F, H, W]
+    return torch.cat([x, y], 1)
+
+
+class Discriminator(nn.Module):
+    """Residual StyleGAN2 D -> one real/fake logit per image (FC-TFG Sec. 3.3.6, Eq. 8).
+    in_channels > 3 gives the video discriminator of Table 3 (frames stacked along channels)."""
+
+    def __init__(self,
+                 size,                  # input resolution
+                 channel_multiplier=2,  # widths as the generator's
+                 channels=None,         # optional {res: channels}
+                 in_channels=3,         # 3 for images, 3*T for T stacked frames
+                 stddev_group=4):       # minibatch-stddev group size (must divide the batch)
+        super().__init__()
+        log_size = int(math.log2(size))
+        if size < 8 or 2 ** log_size != size:
+            raise ValueError(f"Discriminator: size must be a power of two >= 8, got {size}")
+        ch = dict(channels) if channels else default_channels(size, channel_multiplier)
+        self.size, self.in_channels, self.stddev_group = size, in_channels, stddev_group
+        blocks = [ConvLayer(in_channels, ch[size], 1)]
+        in_ch = ch[size]
+        for r in range(log_size, 2, -1):
+            blocks.append(ResBlock(in_ch, ch[2 ** (r - 1)]))
+            in_ch = ch[2 ** (r - 1)]
+        self.convs = nn.Sequential(*blocks)
+        self.final_conv = ConvLayer(in_ch + 1, ch[4], 3)
+        self.final_linear = nn.Sequential(EqualLinear(ch[4] * 16, ch[4], activation="lrelu"),
+                                          EqualLinear(ch[4], 1))
+
+    @classmethod
+    def from_preset(cls, name, in_channels=3):
+        p = PRESETS[name]
+        return cls(p["size"], p["channel_multiplier"], p["channels"], in_channels=in_channels)
+
+    def forward(self, x):
+        """x [B, in_channels, size, size] -> logits [B, 1]."""
+        if x.ndim != 4 or x.shape[1:] != (self.in_channels, self.size, self.size):
+            raise ValueError(f"Discriminator: want [B, {self.in_channels}, {self.size}, {self.size}], "
+                             f"got {tuple(x.shape)}")
+        out = self.convs(x)
+        out = minibatch_stddev(out, self.stddev_group)
+        out = self.final_conv(out)
+        return self.final_linear(out.flatten(1))
+
+
+# ====================================================================================================
+# Regularisers (StyleGAN2 Sec. 3.2 lazy regularisation, App. C path length)
+# ====================================================================================================
+
+def r1_penalty(real_logits, real_img):
+    """R1 (Mescheder et al. 2018): E[ ||dD(x)/dx||^2 ] on real images, per-sample sum, batch mean.
+    Multiply by gamma/2 (and by the lazy interval) at the call site. Needs real_img.requires_grad."""
+    (grad,) = torch.autograd.grad(real_logits.sum(), real_img, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def path_length_penalty(img, ws, mean_path_length, decay=0.01):
+    """Path-length regulariser (StyleGAN2 Sec. 3.2): the Jacobian J_w of G should scale all
+    directions equally. With y ~ N(0, I)/sqrt(HW): L = ||J_w^T y|| per sample; penalise (L - a)^2
+    where a is a running mean of L. Returns (penalty, new running mean, mean L)."""
+    y = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
+    (grad,) = torch.autograd.grad((img * y).sum(), ws, create_graph=True)   # [B, L, C]
+    lengths = grad.pow(2).sum(2).mean(1).sqrt()                            # [B]
+    a = mean_path_length + decay * (lengths.detach().mean() - mean_path_length)
+    return (lengths - a).pow(2).mean(), a, lengths.detach().mean()
+
+
+# ====================================================================================================
+# Checkpoint loading (rosinality / pSp layouts), safe: weights_only=True
+# ====================================================================================================
+
+def _safe_torch_load(path):
+    """torch.load with weights_only=True. rosinality training checkpoints pickle their argparse
+    Namespace under `args`; we allow-list exactly that class (it holds plain values) and nothing else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling/zip errors come in many types; report them as one clear error
+        raise ValueError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _generator_config(sd):
+    """Infer Generator kwargs from a rosinality-layout state dict (shapes, not metadata)."""
+    n_mlp = sum(1 for k in sd if k.startswith("style.") and k.endswith(".weight"))
+    style_dim = sd["style.1.weight"].shape[1]
+    n_blocks = sum(1 for k in sd if k.startswith("to_rgbs.") and k.endswith(".bias"))
+    size = 2 ** (n_blocks + 2)
+    channels = {4: sd["conv1.conv.weight"].shape[1]}
+    for i in range(n_blocks):
+        channels[2 ** (i + 3)] = sd[f"convs.{2 * i}.conv.weight"].shape[1]
+    return dict(size=size, style_dim=style_dim, n_mlp=n_mlp, channels=channels)
+
+
+def _discriminator_config(sd):
+    n_res = sum(1 for k in sd if k.startswith("convs.") and k.endswith(".conv1.0.weight"))
+    size = 2 ** (n_res + 2)
+    first = sd["convs.0.0.weight"]                      # [C_size, in_channels, 1, 1]
+    channels = {size: first.shape[0]}
+    for k in range(1, n_res + 1):
+        channels[size // 2 ** k] = sd[f"convs.{k}.conv2.1.weight"].shape[0]
+    return dict(size=size, channels=channels, in_channels=first.shape[1])
+
+
+def load_stylegan2(path, device="cpu"):
+    """Load G (g_ema if present, else g), D (or None) and latent_avg (or None) from
+    - a rosinality training checkpoint {g, d, g_ema, g_optim, d_optim, args, ada_aug_p},
+    - a convert_weight.py output {g_ema, latent_avg[, g, d]},
+    - a pSp/HyperStyle checkpoint {state_dict with 'decoder.*' keys, latent_avg, opts},
+    - our own train.py checkpoints, which use the same keys.
+    Fixed noise buffers (noises.*) may be missing in old files; they then keep their random init."""
+    ckpt = _safe_torch_load(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    g_sd = ckpt.get("g_ema") or ckpt.get("g")
+    if g_sd is None and isinstance(ckpt.get("state_dict"), dict):  # pSp: decoder.* inside state_dict
+        g_sd = {k[len("decoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}
+    if not g_sd or "style.1.weight" not in g_sd:
+        raise ValueError(f"{path}: no StyleGAN2 generator weights (looked for g_ema, g, state_dict/decoder.*)")
+    try:
+        G = Generator(**_generator_config(g_sd))
+        missing, unexpected = G.load_state_dict(g_sd, strict=False)
+        missing = [k for k in missing if not k.startswith("noises.")]  # old checkpoints lack them
+        if missing or unexpected:
+            raise ValueError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        D = None
+        if isinstance(ckpt.get("d"), dict):
+            D = Discriminator(**_discriminator_config(ckpt["d"]))
+            D.load_state_dict(ckpt["d"], strict=True)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: StyleGAN2 weights do not match the expected layout ({e})") from None
+    latent_avg = ckpt.get("latent_avg")
+    if latent_avg is not None:
+        latent_avg = latent_avg.reshape(-1, latent_avg.shape[-1])[:1].to(device)  # [1, C]
+    return G.to(device), (D.to(device) if D is not None else None), latent_avg
+
+
+def save_image_grid(images, path, nrow=None):
+    """Save [N, 3, H, W] images in [-1, 1] as one PNG grid, written atomically."""
+    from PIL import Image
+    import numpy as np
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    N, _, H, W = x.shape
+    nrow = nrow or math.ceil(math.sqrt(N))
+    ncol = math.ceil(N / nrow)
+    grid = torch.zeros(3, ncol * H, nrow * W, dtype=torch.uint8)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(np.ascontiguousarray(grid.permute(1, 2, 0).numpy())).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# ====================================================================================================
+# Benchmark: python stylegan2.py --bench   (results go to BENCHMARKS.md)
+# ====================================================================================================
+
+def _timeit(fn, n, sync):
+    fn()  # warm-up (and CUDA build / cudnn autotune)
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / n
+
+
+def bench(presets=("tiny", "paper"), batch=4, iters=3, device="cpu", impls=("ref",)):
+    """img/s for G forward and for one G+D training step with R1, per preset and op implementation."""
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rows = []
+    for name in presets:
+        G, D = Generator.from_preset(name).to(dev), Discriminator.from_preset(name).to(dev)
+        for impl in impls:
+            os.environ["FCTFG_NO_CUDA_OPS"] = "1" if impl == "ref" else ""
+            global _ext
+            _ext = None if impl != "ref" else False
+            z = torch.randn(batch, G.style_dim, device=dev)
+
+            def g_fwd():
+                with torch.no_grad():
+                    G.sample(z)
+
+            def train_step():
+                fake = G.sample(z)
+                real = fake.detach().clone().requires_grad_(True)
+                loss = F.softplus(D(fake)).mean() + F.softplus(-D(real)).mean()
+                loss = loss + 5.0 * r1_penalty(D(real), real)
+                loss.backward()
+
+            t_g, t_s = _timeit(g_fwd, iters, sync), _timeit(train_step, iters, sync)
+            mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
+            rows.append((name, impl, batch, batch / t_g, batch / t_s, mem))
+            print(f"{name:6s} {impl:4s} batch {batch}: G forward {batch / t_g:8.1f} img/s | "
+                  f"G+D step with R1 {batch / t_s:8.2f} img/s | peak mem {mem:.2f} GiB", flush=True)
+    return rows
+
+
+def bench_upfirdn2d(device="cuda", iters=50):
+    """Pure vs CUDA upfirdn2d for the generator's x2 upsample on a [16, 512, 64, 64] tensor."""
+    x = torch.randn(16, 512, 64, 64, device=device)
+    f = make_kernel(gain=4).to(device)
+    sync = torch.cuda.synchronize
+    t_ref = _timeit(lambda: upfirdn2d(x, f, up=2, pad=(2, 1, 2, 1), impl="ref"), iters, sync)
+    t_cuda = _timeit(lambda: upfirdn2d(x, f, up=2, pad=(2, 1, 2, 1), impl="cuda"), iters, sync)
+    print(f"upfirdn2d up2 [16,512,64,64]: ref {t_ref * 1e3:.2f} ms, cuda {t_cuda * 1e3:.2f} ms, "
+          f"ratio {t_ref / t_cuda:.2f}x")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="StyleGAN2 decoder of FC-TFG: sample a grid or benchmark.")
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--checkpoint", help="rosinality/pSp/train.py checkpoint (default: untrained weights)")
+    ap.add_argument("--out", default="samples_stylegan2.png", help="PNG grid to write")
+    ap.add_argument("--n", type=int, default=16, help="number of samples")
+    ap.add_argument("--psi", type=float, default=1.0, help="truncation psi")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bench", action="store_true", help="print img/s figures instead of sampling")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    if a.bench:
+        impls = ("ref", "cuda") if a.device.startswith("cuda") else ("ref",)
+        bench(device=a.device, impls=impls)
+        if a.device.startswith("cuda"):
+            bench_upfirdn2d(a.device)
+        return 0
+    torch.manual_seed(a.seed)
+    if a.checkpoint:
+        try:
+            G, _, w_avg = load_stylegan2(a.checkpoint, a.device)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        G, w_avg = Generator.from_preset(a.preset).to(a.device), None
+        print("note: no --checkpoint given, so these samples come from UNTRAINED weights")
+    G.eval()
+    with torch.no_grad():
+        imgs = G.sample(torch.randn(a.n, G.style_dim, device=a.device), psi=a.psi, w_avg=w_avg)
+    save_image_grid(imgs, a.out)
+    print(f"wrote {a.n} samples ({G.size}px) to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
