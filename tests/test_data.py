@@ -1,0 +1,408 @@
+"""Tests for data.py: the procedural set is checked against geometry and physics it must obey
+(regions a motion parameter may touch, hand-derived pixel positions, formant peaks, energy/mouth
+coupling), I/O by round trips, preparation on a generated video with a known face position."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+K = {k: i for i, k in enumerate(data.MOTION_KEYS)}
+SIZE = 64
+
+
+def _changed(a, b, thr=3):
+    """Pixels whose colour differs by more than thr in any channel.  -> bool [H, W]."""
+    return (np.abs(a.astype(int) - b.astype(int)) > thr).any(-1)
+
+
+def _px_per_unit(ident):
+    """Pixels per face-space unit of u near the face centre at yaw 0: u * a half-images."""
+    return ident.head[0] * SIZE / 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# determinism, seeds, splits
+# ---------------------------------------------------------------------------------------------------
+def test_identity_and_motion_are_deterministic_and_seed_dependent():
+    assert data.make_identity(7) == data.make_identity(7)
+    assert data.make_identity(7) != data.make_identity(8)
+    m1, a1 = data.make_motion(3, 20)
+    m2, a2 = data.make_motion(3, 20)
+    np.testing.assert_array_equal(m1, m2)
+    np.testing.assert_array_equal(a1, a2)
+    m3, a3 = data.make_motion(4, 20)
+    assert not np.allclose(m1, m3) and not np.allclose(a1, a3)
+    ident = data.make_identity(7)
+    np.testing.assert_array_equal(data.render(ident, m1[5]), data.render(ident, m2[5]))
+
+
+def test_train_and_test_splits_are_disjoint():
+    assert set(data.TRAIN_IDS).isdisjoint(data.TEST_IDS)
+    tr = data.SyntheticTalkingFaces("train", n_identities=5, clips_per_identity=3, n_frames=4)
+    te = data.SyntheticTalkingFaces("test", n_identities=5, clips_per_identity=3, n_frames=4)
+    assert set(tr.identity_seeds).isdisjoint(te.identity_seeds)
+    assert {tr.motion_seed(i) for i in range(len(tr))}.isdisjoint({te.motion_seed(i) for i in range(len(te))})
+    assert tr.identity(0) != te.identity(0)
+    assert [tr.identity(i).seed for i in range(6)] == [0, 0, 0, 1, 1, 1]  # clips_per_identity grouping
+
+
+# ---------------------------------------------------------------------------------------------------
+# motion parameters change the right pixels (geometric checks independent of the masks)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 3, 11, 20])
+def test_blink_touches_only_its_own_eye_and_closes_it(seed):
+    ident = data.make_identity(seed)
+    for key, sign in (("blink_l", -1), ("blink_r", 1)):
+        for pose in ({}, {"yaw": 0.25, "pitch": -0.1}):
+            img0 = data.render(ident, pose, SIZE)
+            img1 = data.render(ident, {**pose, key: 1.0}, SIZE)
+            ch = _changed(img0, img1)
+            rows, cols = np.nonzero(ch)
+            assert len(rows) >= 4, "a blink must change some pixels"
+            xy, vis = data.landmarks(ident, pose, SIZE)
+            ex, ey = xy[data.LANDMARK_NAMES.index("eye_" + key[-1])]
+            half_w = ident.eye_rx * _px_per_unit(ident) + 1.5   # eye half-width in px + AA margin
+            half_h = ident.eye_ry * ident.head[1] * SIZE / 2 + 1.5
+            assert np.all(np.abs(cols + 0.5 - ex) <= half_w), "blink changed pixels outside the eye"
+            assert np.all(np.abs(rows + 0.5 - ey) <= half_h), "blink changed pixels outside the eye"
+            if not pose:  # frontal: the eye is on its own half of the image, above the head centre
+                assert np.all(np.sign(cols + 0.5 - SIZE / 2) == sign)
+                assert rows.max() < SIZE / 2 - data.HEAD_Y * SIZE / 2
+    # closed eye: no white sclera pixels left in the box of either eye
+    shut = data.render(ident, {"blink_l": 1, "blink_r": 1}, SIZE, ss=4)
+    open_ = data.render(ident, {}, SIZE, ss=4)
+    xy, _ = data.landmarks(ident, {}, SIZE)
+    for name in ("eye_l", "eye_r"):
+        x, y = xy[data.LANDMARK_NAMES.index(name)].astype(int)
+        white = lambda im: (im[y - 2:y + 3, x - 3:x + 4].min(-1) > 170).sum()
+        assert white(open_) > 0 and white(shut) == 0
+
+
+@pytest.mark.parametrize("seed", [1, 4, 9])
+def test_mouth_opening_touches_only_the_mouth_and_is_monotone(seed):
+    ident = data.make_identity(seed)
+    base = data.render(ident, {}, SIZE)
+    xy, _ = data.landmarks(ident, {}, SIZE)
+    nose_row = xy[data.LANDMARK_NAMES.index("nose")][1]
+    dark = []
+    for op in (0.0, 0.3, 0.6, 1.0):
+        img, masks = data.render(ident, {"mouth_open": op}, SIZE, return_masks=True)
+        rows, cols = np.nonzero(_changed(base, img))
+        if op > 0:
+            assert len(rows) > 0
+            assert rows.min() > nose_row, "mouth opening changed pixels above the nose"
+            # half-width of the widest lips (mouth_width 0) in px, plus an anti-aliasing margin
+            assert np.all(np.abs(cols + 0.5 - SIZE / 2) <= ident.mouth_w * _px_per_unit(ident) + 1.5)
+        dark.append(int((img[masks["mouth"]].max(-1) < 70).sum()))  # inner mouth is near black
+    assert dark == sorted(dark) and dark[-1] > dark[0]
+
+
+def test_mouth_width_and_gaze_and_brow_stay_in_their_regions():
+    ident = data.make_identity(2)
+    base = data.render(ident, {}, SIZE)
+    xy, _ = data.landmarks(ident, {}, SIZE)
+    eye_rows = xy[:2, 1]
+    rows, _ = np.nonzero(_changed(base, data.render(ident, {"gaze_x": 1.0, "gaze_y": -1.0}, SIZE)))
+    assert len(rows) and np.all(np.abs(rows + 0.5 - eye_rows.mean()) < ident.eye_ry * ident.head[1] * SIZE / 2 + 1.5)
+    rows, _ = np.nonzero(_changed(base, data.render(ident, {"brow": 1.0}, SIZE)))
+    assert len(rows) and rows.max() < eye_rows.mean()                      # brows are above the eyes
+    rows, _ = np.nonzero(_changed(base, data.render(ident, {"mouth_width": 1.0, "mouth_open": 0.2}, SIZE)))
+    assert len(rows) and rows.min() > xy[data.LANDMARK_NAMES.index("nose"), 1]
+
+
+@pytest.mark.parametrize("seed", [0, 5, 12])
+def test_pose_geometry_is_identity_independent(seed):
+    """Roll and translation measured on rendered masks equal the motion values for every identity."""
+    ident = data.make_identity(seed)
+    roll, tx, ty = 0.2, 0.1, -0.06
+    _, m0 = data.render(ident, {}, SIZE, ss=4, return_masks=True)
+    _, m1 = data.render(ident, {"roll": roll, "tx": tx, "ty": ty}, SIZE, ss=4, return_masks=True)
+    cen = lambda mk: np.array([np.nonzero(mk)[1].mean() + 0.5, np.nonzero(mk)[0].mean() + 0.5])
+    # hand-derived: the head centre sits at (tx, ty + HEAD_Y) half-image units, y up
+    expect = np.array([(1 + tx) * SIZE / 2, (1 - ty - data.HEAD_Y) * SIZE / 2])
+    np.testing.assert_allclose(cen(m1["head"]), expect, atol=0.5)
+    np.testing.assert_allclose(cen(m0["head"]), [SIZE / 2, (1 - data.HEAD_Y) * SIZE / 2], atol=0.5)
+    el, er = cen(m1["eye_l"]), cen(m1["eye_r"])
+    angle = np.arctan2(-(er[1] - el[1]), er[0] - el[0])  # image y is down; roll is counter-clockwise
+    assert abs(angle - roll) < np.deg2rad(2)
+
+
+def test_motion_leaves_identity_appearance_alone():
+    ident = data.make_identity(6)
+    motion, _ = data.make_motion(1, 12)
+    frames = data.render_clip(ident, motion, SIZE)
+    corner = frames[:, :6, :6]                                  # static background far from the head
+    assert np.all(corner == corner[:1])
+    other = data.render(data.make_identity(16), motion[0], SIZE)
+    assert np.abs(other[:6, :6].astype(int) - corner[0]).max() > 10
+
+
+def test_landmarks_land_in_the_raycast_masks():
+    """landmarks() forward-projects; render() ray-casts: two code paths that must agree."""
+    for seed, pose in [(0, {}), (3, {"yaw": 0.3, "pitch": 0.15, "roll": -0.1}), (8, {"yaw": -0.3, "tx": 0.05})]:
+        ident = data.make_identity(seed)
+        _, masks = data.render(ident, pose, 128, return_masks=True)
+        xy, vis = data.landmarks(ident, pose, 128)
+        for name in ("eye_l", "eye_r"):
+            x, y = xy[data.LANDMARK_NAMES.index(name)].astype(int)
+            assert masks[name][y, x]
+        x, y = xy[data.LANDMARK_NAMES.index("mouth_top")].astype(int)
+        assert masks["mouth"][y, x]
+        assert vis.all()
+
+
+def test_cross_identity_ground_truth():
+    ds = data.SyntheticTalkingFaces("test", n_identities=3, clips_per_identity=2, n_frames=6)
+    s = ds.cross(0, 5)  # identity of clip 0, motion and audio of clip 5
+    motion, audio = data.make_motion(ds.motion_seed(5), 6)
+    gt = data.render_clip(ds.identity(0), motion, SIZE)
+    np.testing.assert_array_equal(((s["frames"] + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), gt)
+    np.testing.assert_array_equal(s["audio"].numpy(), audio)
+    d = ds[5]
+    torch.testing.assert_close(s["motion"], d["motion"])
+    torch.testing.assert_close(s["mel"], d["mel"])
+    assert s["identity"] == 0 and d["identity"] == 2 and s["identity_seed"] != d["identity_seed"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the speech track: audio and mouth from one source
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_audio_energy_follows_mouth_opening(seed):
+    T = 150
+    motion, audio = data.make_motion(seed, T)
+    rms = np.sqrt((audio.reshape(T, data.SPF).astype(np.float64) ** 2).mean(1))
+    op = motion[:, K["mouth_open"]]
+    assert np.corrcoef(rms, op)[0, 1] > 0.75
+    r_rank = np.argsort(np.argsort(rms)); o_rank = np.argsort(np.argsort(op))
+    assert np.corrcoef(r_rank, o_rank)[0, 1] > 0.85         # Spearman: monotone relation
+    assert np.median(rms[op == 0]) < 0.1 * np.median(rms[op > 0.3])
+    assert (op == 0).sum() > 5 and (op > 0.3).sum() > 5     # both silences and open vowels occur
+
+
+def test_mouth_from_track_hand_values():
+    """open = env (0.1 + 0.9 (F1 - F1min)/(F1max - F1min)); width from F2; monotone in env."""
+    t = np.arange(0, 1.05, 0.005)
+    F = np.tile([730.0, 2290.0, 2440, 3300, 3750], (len(t), 1))  # /a/'s F1, /i/'s F2 (male table)
+    track = dict(t=t, env=t.copy(), F=F, f1_range=(270, 730), f2_range=(840, 2290))
+    op, wd = data.mouth_from_track(track, 25)
+    tc = (np.arange(25) + 0.5) / 25
+    np.testing.assert_allclose(op, tc * 1.0, rtol=1e-5)            # F1 = F1max -> factor 1
+    np.testing.assert_allclose(wd, tc * 1.0, rtol=1e-5)            # F2 = F2max -> +1 (spread)
+    assert np.all(np.diff(op) > 0)
+
+
+@pytest.mark.parametrize("vowel", ["a", "i", "u"])
+def test_audio_spectrum_peaks_at_the_vowel_formant(vowel):
+    """Physics check: the strongest harmonic below 1.2 kHz sits next to F1 of the vowel spoken."""
+    F1, F2, F3 = data.VOWELS["male"][vowel]
+    n = 200
+    t = np.arange(n) / data.CTRL_RATE
+    track = dict(t=t, env=np.ones(n), F=np.tile([F1, F2, F3, 3300, 3750], (n, 1)).astype(float),
+                 f0=np.full(n, 100.0), burst=np.zeros(n), f1_range=(270, 730))
+    x = data.synth_audio(track, 25)[4000:12000].astype(np.float64)
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    freqs = np.fft.rfftfreq(len(x), 1 / data.SR)
+    band = (freqs > 150) & (freqs < 1200)
+    peak = freqs[band][np.argmax(spec[band])]
+    assert abs(peak - F1) <= 100, (peak, F1)                        # within one harmonic (f0 = 100 Hz)
+
+
+def test_sample_format_and_alignment():
+    import audio
+    ds = data.SyntheticTalkingFaces("train", n_identities=2, clips_per_identity=2, n_frames=10, size=32)
+    s = ds[3]
+    assert s["frames"].shape == (10, 3, 32, 32) and s["frames"].dtype == torch.float32
+    assert -1 <= s["frames"].min() and s["frames"].max() <= 1
+    assert s["audio"].shape == (10 * 640,) and s["audio"].dtype == torch.float32
+    assert s["mel"].shape == (10, 1, 80, 16) and s["motion"].shape == (10, 12)
+    assert s["identity"] == 1 and s["motion_seed"] == 3
+    # frame k's window starts at mel column floor(3.2 k), i.e. at audio sample 200 floor(3.2 k)
+    full = audio.melspectrogram(s["audio"].numpy())
+    np.testing.assert_array_equal(s["mel"][3, 0].numpy(), full[:, 9:25])
+    ref = data.split_reference(s)
+    assert torch.equal(ref["x_s"], s["frames"][0]) and ref["x_a"] is s["mel"]
+
+
+def test_bad_inputs_raise_clear_errors():
+    ident = data.make_identity(0)
+    with pytest.raises(ValueError, match="unknown motion keys"):
+        data.render(ident, {"smile": 1})
+    with pytest.raises(ValueError, match="vector of 12"):
+        data.render(ident, np.zeros(5))
+    with pytest.raises(ValueError, match="NaN"):
+        data.render(ident, np.full(12, np.nan))
+    with pytest.raises(ValueError, match="size"):
+        data.render(ident, {}, size=4)
+    with pytest.raises(ValueError, match="identity seed"):
+        data.make_identity(-1)
+    with pytest.raises(ValueError, match="n_frames"):
+        data.make_motion(0, 0)
+    with pytest.raises(ValueError, match="split"):
+        data.SyntheticTalkingFaces("val")
+    with pytest.raises(IndexError):
+        data.SyntheticTalkingFaces("train", 1, 1, 2)[1]
+    with pytest.raises(ValueError, match=r"\[T, 12\]"):
+        data.render_clip(ident, np.zeros((3, 4)))
+
+
+def test_bench_render_reports_speed(capsys):
+    fps = data.bench_render(sizes=(32,), n=2)
+    assert fps[32] > 0 and "frames/s" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# real-data helpers
+# ---------------------------------------------------------------------------------------------------
+def test_nearest_frame_indices_matches_naive_loop():
+    rng = np.random.default_rng(0)
+    times = np.cumsum(rng.uniform(0.02, 0.05, 90)) - 0.02       # jittered VFR clock starting near 0
+    times -= times[0]
+    idx = data.nearest_frame_indices(times, 25, times[-1] + 0.033)
+    naive = [int(np.argmin(np.abs(times - k / 25))) for k in range(int((times[-1] + 0.033) * 25))]
+    assert idx.tolist() == naive
+
+
+def test_fomm_enlarge_and_iou_hand_values():
+    # w=100, h=50: wi = max(.1, (60-100)/200) = .1, hi = max(.1, (120-50)/100) = .7
+    assert data.fomm_enlarge((0, 0, 100, 50)) == pytest.approx((-10, -35, 110, 85))
+    assert data.iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    with pytest.raises(ValueError):
+        data.fomm_enlarge((5, 5, 5, 9))
+
+
+def test_crop_square_shift_pad_and_strict():
+    fr = np.arange(2 * 40 * 60 * 3, dtype=np.uint8).reshape(2, 40, 60, 3)
+    out, box, padded = data.crop_square(fr, (-10, 5, 20, 35), 16)   # crosses the left edge: shifted in
+    assert out.shape == (2, 16, 16, 3) and box == (0, 5, 30, 35) and not padded
+    with pytest.raises(ValueError, match="leaves the frame"):
+        data.crop_square(fr, (-10, 5, 20, 35), 16, strict=True)
+    out, box, padded = data.crop_square(fr, (0, -5, 50, 45), 16)    # larger than the frame: edge-padded
+    assert padded and out.shape == (2, 16, 16, 3)
+
+
+def test_wav_round_trip_is_atomic(tmp_path):
+    x = (0.5 * np.sin(np.arange(1600) / 5)).astype(np.float32)
+    p = tmp_path / "a.wav"
+    data.write_wav(p, x)
+    y, sr = data.read_wav(p)
+    assert sr == 16000 and np.abs(y - x).max() < 1e-4
+    assert os.listdir(tmp_path) == ["a.wav"]                     # no temporary file left behind
+    with pytest.raises(FileNotFoundError):
+        data.read_wav(tmp_path / "missing.wav")
+    with pytest.raises(ValueError):
+        data.write_wav(p, np.zeros((2, 3)))
+
+
+def test_mead_clip_list_on_a_fake_tree(tmp_path):
+    for actor in ["M003", "M005", "W009", "W011", "W014", "M012"]:
+        for emo in data.MEAD_EMOTIONS:
+            for lvl in (1, 3):
+                d = tmp_path / actor / "video" / "front" / emo / f"level_{lvl}"
+                d.mkdir(parents=True)
+                for j in range(1, 8):
+                    (d / f"{j:03d}.mp4").touch()
+    clips = data.mead_clip_list(tmp_path)
+    assert len(clips) == 200 and clips == data.mead_clip_list(tmp_path)
+    assert len({c.parts[-6] for c in clips}) == 5
+    assert all((c.parts[-2] == "level_1") == (c.parts[-3] == "neutral") for c in clips)
+
+
+# ---------------------------------------------------------------------------------------------------
+# mp4 I/O and preparation (need PyAV)
+# ---------------------------------------------------------------------------------------------------
+def _psnr(a, b):
+    return 10 * np.log10(255 ** 2 / ((a.astype(np.float64) - b) ** 2).mean())
+
+
+def test_mp4_round_trip(tmp_path):
+    pytest.importorskip("av")
+    motion, audio = data.make_motion(2, 30)
+    frames = data.render_clip(data.make_identity(4), motion, SIZE)
+    p = tmp_path / "clip.mp4"
+    data.write_video(p, frames, 25, audio)
+    assert os.listdir(tmp_path) == ["clip.mp4"]
+    got, fps, a, sr = data.read_video(p, fps=25, sr=16000)
+    assert got.shape == frames.shape and fps == 25 and sr == 16000
+    assert _psnr(got, frames) > 30
+    assert len(a) == len(audio)
+    lag = np.argmax(np.correlate(a[3200:9600], audio[3200:9600], "full")) - 6399
+    assert lag == 0 and np.corrcoef(a, audio)[0, 1] > 0.95       # AAC priming handled: no offset
+    raw, fps_raw, a_raw, _ = data.read_video(p)                  # native mode: every frame, own rate
+    assert len(raw) == 30 and fps_raw == pytest.approx(25) and abs(len(a_raw) - len(audio)) < 1024
+
+
+def test_video_failure_paths(tmp_path):
+    pytest.importorskip("av")
+    with pytest.raises(FileNotFoundError):
+        data.read_video(tmp_path / "nope.mp4")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"definitely not a video" * 10)
+    with pytest.raises(ValueError, match="cannot decode"):
+        data.read_video(bad)
+    silent = tmp_path / "silent.mp4"
+    data.write_video(silent, np.zeros((3, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="no audio"):
+        data.read_video(silent, need_audio=True)
+    with pytest.raises(ValueError, match="even"):
+        data.write_video(tmp_path / "odd.mp4", np.zeros((2, 15, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        data.write_video(tmp_path / "f.mp4", np.zeros((2, 16, 16, 3)))
+    assert sorted(os.listdir(tmp_path)) == ["bad.mp4", "silent.mp4"]
+
+
+def test_prepare_crops_a_centred_face_and_skips_bad_files(tmp_path):
+    pytest.importorskip("av")
+    T, H, W, fx, fy = 40, 128, 160, 70, 30                      # face pasted with its corner at (fx, fy)
+    motion, audio = data.make_motion(5, T)
+    ident = data.make_identity(3)
+    grey = np.array([90, 90, 90], np.uint8)
+    face = data.render_clip(ident, motion, 48)
+    video = np.broadcast_to(grey, (T, H, W, 3)).copy()
+    video[:, fy:fy + 48, fx:fx + 48] = face
+    src = tmp_path / "src" / "id00017" / "yt1"
+    src.mkdir(parents=True)
+    data.write_video(src / "00001.mp4", video, 25, audio)
+    data.write_video(src / "00002.mp4", video)                   # no audio -> skipped
+    (src / "00003.mp4").write_bytes(b"garbage")                  # unreadable -> skipped
+
+    def detector(rgb):  # test oracle: the face is where the frame is not the uniform grey
+        ys, xs = np.nonzero(np.abs(rgb.astype(int) - 90).max(-1) > 12)
+        return [(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)] if len(xs) else []
+
+    logs = []
+    n_ok, n_skip = data.prepare(tmp_path / "src", tmp_path / "dst", size=64, detector=detector,
+                                min_frames=16, min_face=16, log=logs.append)
+    assert (n_ok, n_skip) == (1, 2)
+    dst = tmp_path / "dst" / "id00017" / "yt1"
+    rec = json.loads((dst / "00001.json").read_text())
+    assert rec["status"] == "ok" and rec["identity"] == "id00017" and rec["n_frames"] == T
+    assert json.loads((dst / "00002.json").read_text())["status"] == "skipped"
+    assert "no audio" in json.loads((dst / "00002.json").read_text())["reason"]
+    assert any("SKIPPED" in line for line in logs)
+    crop, fps, a, sr = data.read_video(dst / "00001.mp4", fps=25, sr=16000)
+    assert crop.shape == (T, 64, 64, 3)
+    # centred: the non-grey region of each crop is centred within 3 px (the box is the union over frames)
+    ys, xs = np.nonzero(np.abs(crop[0].astype(int) - 90).max(-1) > 20)
+    l, t, r, b = rec["box_ltrb"]
+    assert abs((l + r) / 2 - (fx + 24)) <= 3 and abs((t + b) / 2 - (fy + 24)) <= 3
+    assert abs((xs.min() + xs.max() + 1) / 2 - 32) <= 3 and abs((ys.min() + ys.max() + 1) / 2 - 32) <= 3
+    wav, sr = data.read_wav(dst / "00001.wav")
+    assert len(wav) == T * 640 and np.corrcoef(wav, audio)[0, 1] > 0.99
+    # resumable: a second run touches nothing
+    assert data.prepare(tmp_path / "src", tmp_path / "dst", detector=detector, log=logs.append) == (0, 0)
+    ds = data.VideoFolderDataset(tmp_path / "dst", n_frames=16, random_window=False)
+    s = ds[0]
+    assert len(ds) == 1 and s["frames"].shape == (16, 3, 64, 64) and s["mel"].shape == (16, 1, 80, 16)
+    assert s["identity"] == 0 and s["audio"].shape == (16 * 640,)
+    with pytest.raises(ValueError, match="no prepared clips"):
+        data.VideoFolderDataset(tmp_path / "src")
+
+
+def test_dlib_detector_runs():
+    pytest.importorskip("dlib")
+    assert data.dlib_detector()(np.zeros((120, 160, 3), np.uint8)) == []
