@@ -29,6 +29,7 @@ inversion encoders (inversion.py).
 import argparse
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -779,9 +780,9 @@ def _safe_torch_load(path):
 
 def _generator_config(sd):
     """Infer Generator kwargs from a rosinality-layout state dict (shapes, not metadata)."""
-    n_mlp = sum(1 for k in sd if k.startswith("style.") and k.endswith(".weight"))
+    n_mlp = sum(1 for k in sd if re.fullmatch(r"style\.\d+\.weight", k))
     style_dim = sd["style.1.weight"].shape[1]
-    n_blocks = sum(1 for k in sd if k.startswith("to_rgbs.") and k.endswith(".bias"))
+    n_blocks = sum(1 for k in sd if re.fullmatch(r"to_rgbs\.\d+\.bias", k))
     size = 2 ** (n_blocks + 2)
     channels = {4: sd["conv1.conv.weight"].shape[1]}
     for i in range(n_blocks):
@@ -790,7 +791,7 @@ def _generator_config(sd):
 
 
 def _discriminator_config(sd):
-    n_res = sum(1 for k in sd if k.startswith("convs.") and k.endswith(".conv1.0.weight"))
+    n_res = sum(1 for k in sd if re.fullmatch(r"convs\.\d+\.conv1\.0\.weight", k))
     size = 2 ** (n_res + 2)
     first = sd["convs.0.0.weight"]                      # [C_size, in_channels, 1, 1]
     channels = {size: first.shape[0]}
