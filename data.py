@@ -552,7 +552,8 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
                  clips_per_identity=10,  # motion clips per person
                  n_frames=32,            # clip length T at 25 fps
                  size=64,                # output resolution (64 = tiny preset, 256 = paper)
-                 ss=None):               # supersampling factor; None = 3 at <= 96 px, else 2
+                 ss=None,                # supersampling factor; None = 3 at <= 96 px, else 2
+                 cache_dir=None):        # folder for rendered clips (npz); None = render every time
         if split not in _MOTION_BASE:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         ids = TRAIN_IDS if split == "train" else TEST_IDS
@@ -563,6 +564,7 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
         self.split, self.n_identities, self.clips_per_identity = split, n_identities, clips_per_identity
         self.n_frames, self.size, self.ss = int(n_frames), int(size), ss
         self.identity_seeds = [ids[k] for k in range(n_identities)]
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
 
     def __len__(self):
         return self.n_identities * self.clips_per_identity
@@ -584,8 +586,21 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
     def cross(self, i, j):
         """Identity of clip i, motion + audio of clip j: cross-identity reenactment ground truth."""
         ident, ms = self.identity(i), self.motion_seed(j)
-        motion, audio = make_motion(ms, self.n_frames)
-        frames = render_clip(ident, motion, self.size, self.ss)
+        cached = None
+        if self.cache_dir is not None:  # the key holds everything the pixels depend on
+            cached = self.cache_dir / f"id{ident.seed}_m{ms}_T{self.n_frames}_s{self.size}x{self.ss or 0}.npz"
+        if cached is not None and cached.exists():
+            with np.load(cached) as z:
+                frames, motion, audio = z["frames"], z["motion"], z["audio"]
+        else:
+            motion, audio = make_motion(ms, self.n_frames)
+            frames = render_clip(ident, motion, self.size, self.ss)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = _tmp_path(cached)
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, frames=frames, motion=motion, audio=audio)
+                os.replace(tmp, cached)
         return _sample(frames, audio, self._check(i) // self.clips_per_identity,
                        dict(identity_seed=ident.seed, motion_seed=ms, motion=torch.from_numpy(motion)))
 
@@ -863,12 +878,44 @@ def face_track(frames, detector, every=5, max_missing=0.25):
     return np.array(boxes, dtype=np.float64)
 
 
+def path_info(rel):
+    """Identity (and MEAD emotion/level/view) from a path relative to the source root.
+    VoxCeleb2 .../idNNNNN/<yt id>/NNNNN.mp4 -> idNNNNN; MEAD <actor>/video/<view>/<emotion>/level_n/NNN.mp4
+    -> actor M0xx/W0xx; anything else -> its first folder (or the file stem)."""
+    parts = Path(rel).parts
+    info = dict(identity=parts[0] if len(parts) > 1 else Path(rel).stem)
+    for i, part in enumerate(parts[:-1]):
+        if (part.startswith("id") and part[2:].isdigit()) or (len(part) == 4 and part[0] in "MW" and part[1:].isdigit()):
+            info["identity"] = part
+            if parts[i + 1:i + 2] == ("video",) and len(parts) >= i + 6:   # MEAD layout
+                info.update(view=parts[i + 2], emotion=parts[i + 3], level=parts[i + 4])
+            break
+    return info
+
+
+def mead_audio_path(src):
+    """MEAD keeps audio apart: <actor>/audio/<emotion>/level_n/NNN.m4a for <actor>/video/<view>/... ."""
+    p = Path(src).parts
+    if len(p) >= 6 and p[-5] == "video":
+        return Path(*p[:-5], "audio", p[-3], p[-2], Path(p[-1]).with_suffix(".m4a").name)
+    return None
+
+
 def prepare_one(src, dst_stem, size=256, detector=None, min_frames=64, min_face=64, strict=False):
     """Prepare one video: 25 fps, 16 kHz mono, one FOMM box per clip (union of the detections, enlarged,
     square), resized; writes dst_stem.mp4 (+AAC), dst_stem.wav (the master audio) and dst_stem.json.
-    Raises ValueError with the reason when the clip must be skipped. -> the JSON record."""
-    frames, fps, audio, sr = read_video(src, fps=FPS, sr=SR, need_audio=True)
+    A video without an audio track uses MEAD's separate audio file when there is one (both assumed to
+    start at t = 0). Raises ValueError with the reason when the clip must be skipped. -> the JSON record."""
+    side_audio = mead_audio_path(src)
+    side_audio = side_audio if side_audio is not None and side_audio.is_file() else None
+    frames, fps, audio, sr = read_video(src, fps=FPS, sr=SR, need_audio=side_audio is None)
     K = len(frames)
+    if audio is None and side_audio is not None:
+        import audio as audio_mod  # lazy: only MEAD needs it (m4a via PyAV, 48 kHz stereo -> 16 kHz mono)
+        audio = audio_mod.load_audio(side_audio, SR)
+        if abs(len(audio) / SR - K / FPS) > 1 / FPS + 0.5:  # sanity: the two files belong together
+            raise ValueError(f"audio {side_audio} lasts {len(audio) / SR:.2f} s, video {K / FPS:.2f} s")
+        audio = np.pad(audio, (0, max(0, K * SPF - len(audio))))[:K * SPF]
     if K < min_frames:
         raise ValueError(f"too short: {K} frames < {min_frames}")
     boxes = face_track(frames, detector or dlib_detector())
@@ -883,7 +930,7 @@ def prepare_one(src, dst_stem, size=256, detector=None, min_frames=64, min_face=
     return dict(status="ok", source=str(src), n_frames=K, n_samples=len(audio), fps=FPS, sr=SR,
                 size=size, box_ltrb=[int(c) for c in box], source_size=[frames.shape[2], frames.shape[1]],
                 padded=padded, min_iou_to_first=float(min(iou(boxes[0], bx) for bx in boxes)),
-                identity=Path(src).parts[-3] if len(Path(src).parts) >= 3 else Path(src).stem)
+                audio_source=str(side_audio or src), detector=getattr(detector, "__name__", "dlib"))
 
 
 def _write_json(path, record):
@@ -892,16 +939,17 @@ def _write_json(path, record):
     os.replace(tmp, path)
 
 
-def prepare(src_dir, dst_dir, size=256, detector=None, min_frames=64, min_face=64, strict=False, log=print):
+def prepare(src_dir, dst_dir, size=256, detector=None, min_frames=64, min_face=64, strict=False, log=print,
+            glob="**/*"):
     """Prepare every video under src_dir into dst_dir, mirroring the folder layout (so VoxCeleb2's
     idNNNNN/<yt id>/NNNNN.mp4 and MEAD's <actor>/video/front/<emotion>/level_n/NNN.mp4 keep their
     identity in the path). Every file gets a JSON record, ok or skipped with the reason; files that
     already have one are skipped, so an interrupted run resumes. One bad file never aborts the run.
-    -> (n_ok, n_skipped)."""
+    `glob` selects files, e.g. "*/video/front/**/*.mp4" for MEAD's frontal views. -> (n_ok, n_skipped)."""
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     if not src_dir.is_dir():
         raise FileNotFoundError(f"source folder not found: {src_dir}")
-    files = sorted(p for p in src_dir.rglob("*") if p.suffix.lower() in VIDEO_EXTS and not p.name.startswith("."))
+    files = sorted(p for p in src_dir.glob(glob) if p.suffix.lower() in VIDEO_EXTS and not p.name.startswith("."))
     n_ok = n_skip = 0
     for i, src in enumerate(files):
         stem = dst_dir / src.relative_to(src_dir).with_suffix("")
@@ -911,7 +959,7 @@ def prepare(src_dir, dst_dir, size=256, detector=None, min_frames=64, min_face=6
         t0 = time.time()
         try:
             rec = prepare_one(src, stem, size, detector, min_frames, min_face, strict)
-            rec["identity"] = src.relative_to(src_dir).parts[0]
+            rec.update(path_info(src.relative_to(src_dir)))
             n_ok += 1
             log(f"[{i + 1}/{len(files)}] {src}: ok, {rec['n_frames']} frames ({time.time() - t0:.1f} s)")
         except (ValueError, OSError) as e:  # unreadable, no audio, no face, too short, ...
@@ -995,6 +1043,7 @@ def main(argv=None):
     p.add_argument("--min-frames", type=int, default=64)
     p.add_argument("--min-face", type=int, default=64, help="minimum tube box side in source pixels")
     p.add_argument("--strict", action="store_true", help="FOMM parity: reject boxes leaving the frame")
+    p.add_argument("--glob", default="**/*", help='files to take, e.g. "*/video/front/**/*.mp4" (MEAD)')
     b = sub.add_parser("bench", help="rendering speed in frames/s")
     b.add_argument("--frames", type=int, default=20)
     v = sub.add_parser("preview", help="write one procedural clip as mp4")
@@ -1003,7 +1052,7 @@ def main(argv=None):
     v.add_argument("--frames", type=int, default=100)
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
-        prepare(a.src, a.dst, a.size, None, a.min_frames, a.min_face, a.strict)
+        prepare(a.src, a.dst, a.size, None, a.min_frames, a.min_face, a.strict, glob=a.glob)
     elif a.cmd == "bench":
         bench_render(n=a.frames)
     else:

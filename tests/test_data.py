@@ -366,24 +366,31 @@ def test_video_failure_paths(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["bad.mp4", "silent.mp4"]
 
 
+def _pasted_face_video(T=40, H=128, W=160, fx=70, fy=30):
+    """A procedural face (48 px) pasted with its corner at (fx, fy) on a uniform grey frame."""
+    motion, audio = data.make_motion(5, T)
+    video = np.full((T, H, W, 3), 90, np.uint8)
+    video[:, fy:fy + 48, fx:fx + 48] = data.render_clip(data.make_identity(3), motion, 48)
+    return video, audio
+
+
+def _grey_detector(rgb):
+    """Test oracle detector: the face is wherever the frame is not the uniform grey (90)."""
+    ys, xs = np.nonzero(np.abs(rgb.astype(int) - 90).max(-1) > 12)
+    return [(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)] if len(xs) else []
+
+
 def test_prepare_crops_a_centred_face_and_skips_bad_files(tmp_path):
     pytest.importorskip("av")
-    T, H, W, fx, fy = 40, 128, 160, 70, 30                      # face pasted with its corner at (fx, fy)
-    motion, audio = data.make_motion(5, T)
-    ident = data.make_identity(3)
-    grey = np.array([90, 90, 90], np.uint8)
-    face = data.render_clip(ident, motion, 48)
-    video = np.broadcast_to(grey, (T, H, W, 3)).copy()
-    video[:, fy:fy + 48, fx:fx + 48] = face
+    T, fx, fy = 40, 70, 30
+    video, audio = _pasted_face_video(T, fx=fx, fy=fy)
     src = tmp_path / "src" / "id00017" / "yt1"
     src.mkdir(parents=True)
     data.write_video(src / "00001.mp4", video, 25, audio)
     data.write_video(src / "00002.mp4", video)                   # no audio -> skipped
     (src / "00003.mp4").write_bytes(b"garbage")                  # unreadable -> skipped
 
-    def detector(rgb):  # test oracle: the face is where the frame is not the uniform grey
-        ys, xs = np.nonzero(np.abs(rgb.astype(int) - 90).max(-1) > 12)
-        return [(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)] if len(xs) else []
+    detector = _grey_detector
 
     logs = []
     n_ok, n_skip = data.prepare(tmp_path / "src", tmp_path / "dst", size=64, detector=detector,
@@ -417,3 +424,44 @@ def test_prepare_crops_a_centred_face_and_skips_bad_files(tmp_path):
 def test_dlib_detector_runs():
     pytest.importorskip("dlib")
     assert data.dlib_detector()(np.zeros((120, 160, 3), np.uint8)) == []
+
+
+def test_prepare_mead_layout_uses_the_separate_audio(tmp_path):
+    pytest.importorskip("av")
+    sf = pytest.importorskip("soundfile")
+    from scipy.signal import resample_poly
+    video, audio = _pasted_face_video(30)
+    vdir = tmp_path / "src" / "W011" / "video" / "front" / "happy" / "level_3"
+    adir = tmp_path / "src" / "W011" / "audio" / "happy" / "level_3"
+    vdir.mkdir(parents=True); adir.mkdir(parents=True)
+    data.write_video(vdir / "001.mp4", video)                    # MEAD video: no audio track
+    data.write_video(tmp_path / "src" / "W011" / "video" / "left_30.mp4", video)  # not selected by glob
+    a48 = resample_poly(audio.astype(np.float64), 3, 1)          # MEAD audio: 48 kHz stereo
+    sf.write(adir / "001.m4a", np.stack([a48, a48], 1), 48000, format="WAV")  # WAV bytes; soundfile sniffs
+    logs = []
+    assert data.prepare(tmp_path / "src", tmp_path / "dst", size=32, detector=_grey_detector, min_frames=16,
+                        min_face=16, log=logs.append, glob="*/video/front/**/*.mp4") == (1, 0)
+    stem = tmp_path / "dst" / "W011" / "video" / "front" / "happy" / "level_3" / "001"
+    rec = json.loads(stem.with_suffix(".json").read_text())
+    assert (rec["identity"], rec["emotion"], rec["level"], rec["view"]) == ("W011", "happy", "level_3", "front")
+    wav, _ = data.read_wav(stem.with_suffix(".wav"))
+    assert len(wav) == 30 * 640 and np.corrcoef(wav, audio)[0, 1] > 0.99
+
+
+def test_path_info():
+    assert data.path_info("dev/mp4/id00017/abc/00001.mp4")["identity"] == "id00017"
+    assert data.path_info("M003/video/front/sad/level_2/004.mp4") == dict(
+        identity="M003", view="front", emotion="sad", level="level_2")
+    assert data.path_info("alice/talk.mp4") == dict(identity="alice")
+    assert data.path_info("talk.mp4") == dict(identity="talk")
+
+
+def test_disk_cache_returns_the_same_sample(tmp_path):
+    kw = dict(n_identities=2, clips_per_identity=1, n_frames=3, size=16)
+    plain = data.SyntheticTalkingFaces("train", **kw)[1]
+    cached_ds = data.SyntheticTalkingFaces("train", cache_dir=tmp_path, **kw)
+    first, second = cached_ds[1], cached_ds[1]
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    for key in ("frames", "audio", "mel", "motion"):
+        torch.testing.assert_close(first[key], plain[key], rtol=0, atol=0)
+        torch.testing.assert_close(second[key], plain[key], rtol=0, atol=0)
