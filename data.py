@@ -13,6 +13,9 @@ Real clips: read_video / write_video (PyAV, optional), read_wav / write_wav (sou
     `python data.py prepare SRC DST`, VideoFolderDataset.
 
 Time base everywhere: 25 fps and 16 kHz mono float32, so frame k <-> samples [640k, 640k + 640).
+Deviations from FOMM's crop_vox.py (say so when comparing numbers): dlib HOG instead of S3FD; one box
+per clip instead of IoU-based chunking (the clip's min IoU to its first box is recorded in the JSON);
+by default a box leaving the frame is shifted/padded instead of rejected (--strict restores FOMM's rule).
 Not here: the mel spectrogram itself and its window convention (audio.py), face landmarks for LMD
 (evaluate.py), augmentation and batching policy (train.py).
 """
@@ -22,7 +25,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -397,10 +399,9 @@ def render(ident, motion, size=64, ss=None, return_masks=False):
     tt = (-Bq + np.sqrt(np.maximum(disc, 0))) / (2 * A)                 # the hit nearest the viewer
     u, v, w = q[0] + tt * d[0], q[1] + tt * d[1], q[2] + tt * d[2]      # hit point on the unit sphere
     # ---- face-space shapes (u right, v up, w out of the face), painted as labels in painter's order
-    hair_col = 0.6 * hair_c
     pal = [skin_c, hair_c, 0.88 * skin_c, 0.45 * skin_c, 0.7 * hair_c + 0.05, ident.lips, (0.25, 0.08, 0.08),
            (0.2, 0.04, 0.05), (0.92, 0.9, 0.85), (0.95, 0.95, 0.93), ident.iris, (0.02, 0.02, 0.02),
-           (0.12, 0.08, 0.07), hair_col, (0.1, 0.1, 0.12)]
+           (0.12, 0.08, 0.07), 0.6 * hair_c, (0.1, 0.1, 0.12)]
     SKIN, HAIR, NOSE, NOSTRIL, BEARD, LIPS, LIPLINE, INNER, TEETH, SCLERA, IRIS, PUPIL, LASH, BROW, FRAME = range(15)
     lab = np.zeros(head.shape, np.uint8)                                # SKIN everywhere to start
     put = lambda mask, k: np.copyto(lab, k, where=mask)
@@ -476,13 +477,13 @@ def landmarks(ident, motion, size=64):
     current lid edge, mouth top/bottom the inner lip edges (they meet when the mouth is closed).
     """
     m = _motion_dict(motion)
-    my, mw, mry, iw, iry = _mouth_geom(ident, m)
-    by = lambda k: ident.eye_y + ident.eye_ry + 0.07 + 0.07 * m["brow"] + 0.03
+    my, mw, _, _, iry = _mouth_geom(ident, m)
+    brow_v = ident.eye_y + ident.eye_ry + 0.07 + 0.07 * m["brow"] + 0.03  # arch top, as in render
     lid = lambda k: ident.eye_y + ident.eye_ry * (1 - 2 * float(np.clip(m["blink_" + k], 0, 1)))
     dx = ident.eye_dx
     uv = np.array([(-dx, ident.eye_y), (dx, ident.eye_y), (-dx, lid("l")), (dx, lid("r")),
                    (-dx, ident.eye_y - ident.eye_ry), (dx, ident.eye_y - ident.eye_ry),
-                   (-dx, by("l")), (dx, by("r")), (0, 0.5 * (ident.eye_y + ident.mouth_y) + 0.02),
+                   (-dx, brow_v), (dx, brow_v), (0, 0.5 * (ident.eye_y + ident.mouth_y) + 0.02),
                    (-mw, my), (mw, my), (0, my + iry), (0, my - iry), (0, -0.92)])
     w = np.sqrt(np.clip(1 - (uv ** 2).sum(1), 0, None))
     Q = np.stack([uv[:, 0], uv[:, 1], w], 1) * np.array(ident.head)    # on the ellipsoid, head space
@@ -837,7 +838,7 @@ def crop_square(frames, box, size, strict=False):
     inside the frame, and if it is larger than the frame the frame is edge-padded.
     -> (uint8 [T, size, size, 3], integer box used (l, t, r, b) in source pixels, padded flag).
     """
-    T, H, W, _ = frames.shape
+    _, H, W, _ = frames.shape
     l, t, r, b = box
     side = int(round(max(r - l, b - t)))
     l, t = int(round((l + r - side) / 2)), int(round((t + b - side) / 2))
@@ -908,7 +909,7 @@ def prepare_one(src, dst_stem, size=256, detector=None, min_frames=64, min_face=
     start at t = 0). Raises ValueError with the reason when the clip must be skipped. -> the JSON record."""
     side_audio = mead_audio_path(src)
     side_audio = side_audio if side_audio is not None and side_audio.is_file() else None
-    frames, fps, audio, sr = read_video(src, fps=FPS, sr=SR, need_audio=side_audio is None)
+    frames, _, audio, _ = read_video(src, fps=FPS, sr=SR, need_audio=side_audio is None)
     K = len(frames)
     if audio is None and side_audio is not None:
         import audio as audio_mod  # lazy: only MEAD needs it (m4a via PyAV, 48 kHz stereo -> 16 kHz mono)
