@@ -553,7 +553,11 @@ def _rate(fn, n_items, repeat=3):
 def bench_metrics(n=16, size=224, device="cpu"):
     """Print frames/s of our metrics and, where installed, of the oracles on the same frames.
     Oracles: scikit-image (SSIM), pytorch-msssim (SSIM, MS-SSIM), numpy (PSNR),
-    python_speech_features (MFCC; 'frames' = seconds of audio x 25)."""
+    python_speech_features (MFCC; 'frames' = seconds of audio x 25). On CPU torch runs on one
+    thread: the numpy oracles are single-threaded, and on a busy shared machine extra torch
+    threads spin-wait and make every torch number several times worse."""
+    if device == "cpu":
+        torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     base = F.avg_pool2d(torch.rand(n, 3, size + 8, size + 8, generator=g), 9, stride=1) * 255  # smooth
     x = base.to(torch.float32)
