@@ -253,7 +253,7 @@ torch::Tensor upfirdn2d(torch::Tensor x, torch::Tensor f, int64_t up_x, int64_t 
   const int64_t big = std::numeric_limits<int>::max() / 4;
   TORCH_CHECK(in_h * up_y + std::abs(pad_y0) + std::abs(pad_y1) + kh < big &&
                   in_w * up_x + std::abs(pad_x0) + std::abs(pad_x1) + kw < big &&
-                  down_x < big && down_y < big,
+                  down_x * (TILE_W + 1) < big && down_y * (TILE_H + 1) < big,
               "upfirdn2d: sizes too large for 32-bit per-axis indexing");
   // Output size (spec Sec. 5); the numerator is the padded length minus K plus d.
   const int64_t num_h = in_h * up_y + pad_y0 + pad_y1 - kh + down_y;
