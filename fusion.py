@@ -1,0 +1,359 @@
+"""fusion.py: the Latent Fusion Network of FC-TFG (Sec. 3, 3.1, 3.2, Fig. 3) and the video D of Table 3.
+
+Paper map (../shared/paper.md):
+  Sec. 3.1, "E_can is a 2-layer MLP"        z_s->c = E_can(z_s)                 -> CanonicalEncoder
+  Eq. (2), "E_m is a 3-layer MLP"           z_c->d = E_m(E_a(x_a) ⊕ E_inv(x_d)) -> MotionEncoder
+  Eq. (1)                                   z_s->d = z_s->c + z_c->d            -> LatentFusion.forward
+  Sec. 3.2 / 4.4.2, Table 3                 Temporal Fusion: one Conv1d over T  -> TemporalFusion
+  Fig. 3 caption                            "each model (E_can and E_m) has L independent weights"
+                                            -> one small MLP per w index (a ModuleDict, keyed "1", "2", ...)
+  Sec. 4.1.2                                manipulate layers 1,2,3,4,7,8,9,10 of 14; audio only
+                                            into 7 and 8                        -> paper_layers()
+  Sec. 4.4.2, Table 3                       video discriminator (frames stacked on channels)
+                                                                                -> VideoDiscriminator
+
+Which w index is "layer k" (Sec. 4.1.2)?  We read the paper's numbers as 0-based w indices, i.e. the
+exact positions in the [B, 14, 512] code (what a Python list in the authors' code would hold):
+    paper layer : 1   2   3    4    7    8    9    10        (untouched: 0, 5, 6, 11, 12, 13)
+    w index     : w1  w2  w3   w4   w7   w8   w9   w10
+    drives      : 8px 8px 16px 16px 64px 64px 128px 128px   (up-conv + conv of one resolution each)
+With the StyleGAN2 index map (../shared/spec/stylegan2.md §1: resolution 2^r uses w(2r-5) for its
+up-conv and w(2r-4) for its conv) this reading pairs every two consecutive paper layers with the two
+styled convs of ONE resolution, and the audio pair 7, 8 is exactly the 64 px block: the scale at
+which the mouth of a 256 px face (~60 px wide) is shaped. The 1-based reading (w0,w1,w2,w3,w6,w7,w8,w9)
+would split the audio pair across 32 px and 64 px and every other pair across two resolutions too,
+so we consider it the less likely intent. Both sets are constructor arguments.
+
+Tiny preset (64 px, 10 codes), derived by resolution in paper_layers(size):
+  * the coarse group (paper w1-w4: the 8 px and 16 px blocks, where StyleGAN places head pose and
+    global layout) keeps the same ABSOLUTE resolutions: layout is decided in the first octaves above
+    the 4x4 constant whatever the output size;
+  * the detail group (paper w7-w10: the size/4 and size/2 blocks, mouth/eyes/expression) keeps the
+    same RELATIVE resolution, because those parts cover a fixed fraction of the face.
+  At 256 px this gives back exactly {1,2,3,4,7,8,9,10} with audio {7,8}; at 64 px it gives
+  {1,2,3,4,5,6} (8, 16, 32 px blocks) with audio {3,4} (the 16 px block = size/4). Untouched at 64 px:
+  w0 (4 px const conv), w7, w8 (64 px, the finest texture), w9 (last ToRGB) -- as in the paper, the
+  finest layers keep the source code and so the source's texture.
+
+Not here: the losses of Eq. 3-9 (losses.py), the decoder G and image D (stylegan2.py), E_inv
+(inversion.py), E_a (audio.py), the training loop (train.py).
+"""
+import torch
+from torch import nn
+
+import stylegan2
+
+# ----------------------------------------------------------------------------------------------------
+# Presets: plain dicts of LatentFusion kwargs (see LatentFusion.__init__ for the meaning of each).
+# A = width of the audio code z_a = E_a(x_a): 512 for the Wav2Lip audio encoder (Sec. 4.1.2), 128 for
+# audio.AUDIO_ENCODER_PRESETS["tiny"].
+PRESETS = {
+    "paper": dict(L=14, C=512, A=512, layers=(1, 2, 3, 4, 7, 8, 9, 10), audio_layers=(7, 8),
+                  hidden=512, temporal="conv", kernel_size=3, window=None),
+    "tiny": dict(L=10, C=128, A=128, layers=(1, 2, 3, 4, 5, 6), audio_layers=(3, 4),
+                 hidden=128, temporal="conv", kernel_size=3, window=None),
+}
+TEMPORAL_MODES = ("conv", "lstm", "none")  # Table 3 rows: 1D conv (ours), LSTM, no temporal layer
+
+
+def w_indices_at(res):
+    """The two w indices that style the up-conv and the conv of resolution `res` (>= 8):
+    w(2r-5), w(2r-4) with r = log2(res)  (spec stylegan2.md §1)."""
+    r = int(res).bit_length() - 1
+    if res < 8 or 2 ** r != res:
+        raise ValueError(f"w_indices_at: resolution must be a power of two >= 8, got {res}")
+    return [2 * r - 5, 2 * r - 4]
+
+
+def paper_layers(size):
+    """Sec. 4.1.2 layer choice for a generator of output `size` -> (layers, audio_layers), sorted tuples
+    of 0-based w indices. Coarse group by absolute resolution (8, 16 px), detail group by relative
+    resolution (size/4, size/2); audio = the size/4 block. paper_layers(256) == ((1,2,3,4,7,8,9,10), (7,8))."""
+    if size < 32 or 2 ** (int(size).bit_length() - 1) != size:
+        raise ValueError(f"paper_layers: size must be a power of two >= 32, got {size}")
+    coarse = w_indices_at(8) + w_indices_at(16)                    # head pose, layout (absolute)
+    detail = w_indices_at(size // 4) + w_indices_at(size // 2)     # mouth, eyes (relative)
+    audio = w_indices_at(size // 4)
+    return tuple(sorted(set(coarse + detail))), tuple(audio)
+
+
+def _mlp(d_in, d_hidden, d_out, n_layers):
+    """n_layers Linear layers with LeakyReLU(0.2) between them (the paper gives depth only; width and
+    activation are our choice: StyleGAN's own mapping network uses the same slope)."""
+    dims = [d_in] + [d_hidden] * (n_layers - 1) + [d_out]
+    mods = []
+    for i in range(n_layers):
+        mods.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < n_layers - 1:
+            mods.append(nn.LeakyReLU(0.2))
+    return nn.Sequential(*mods)
+
+
+def _check_layers(L, layers, audio_layers):
+    layers, audio_layers = tuple(int(k) for k in layers), tuple(int(k) for k in audio_layers)
+    if not layers or len(set(layers)) != len(layers) or not all(0 <= k < L for k in layers):
+        raise ValueError(f"layers must be distinct w indices in [0, {L}), got {layers}")
+    if not set(audio_layers) <= set(layers):
+        raise ValueError(f"audio_layers {audio_layers} must be a subset of the manipulated layers {layers}")
+    return tuple(sorted(layers)), tuple(sorted(audio_layers))
+
+
+# ====================================================================================================
+# Sec. 3.1: canonical encoder E_can, z_s -> z_s->c
+# ====================================================================================================
+
+class CanonicalEncoder(nn.Module):
+    """E_can (Sec. 3.1): per manipulated w index l, an independent 2-layer MLP C -> hidden -> C.
+    Layers outside `layers` pass z_s through unchanged (the decoder then renders them from the source).
+
+    skip=True (our choice, the paper only says "2-layer MLP"): z_s->c = z_s + MLP(z_s) with the MLP's
+    last layer zero-initialised, so training starts from "canonical = source" (the inversion's own
+    reconstruction) instead of from a random code the pre-trained decoder has never seen."""
+
+    def __init__(self,
+                 L=14,                          # number of w vectors of the generator
+                 C=512,                         # width of one w vector
+                 layers=(1, 2, 3, 4, 7, 8, 9, 10),  # w indices with their own MLP (Sec. 4.1.2)
+                 hidden=512,                    # MLP width; the paper does not give it
+                 skip=True):                    # residual form, identity at init (see docstring)
+        super().__init__()
+        self.L, self.C, self.skip = L, C, skip
+        self.layers, _ = _check_layers(L, layers, ())
+        self.mlps = nn.ModuleDict({str(l): _mlp(C, hidden, C, 2) for l in self.layers})
+        if skip:
+            for m in self.mlps.values():
+                nn.init.zeros_(m[-1].weight)
+                nn.init.zeros_(m[-1].bias)
+
+    def forward(self, z_s):
+        """z_s [B, L, C] -> z_s->c [B, L, C]."""
+        if z_s.ndim != 3 or z_s.shape[1:] != (self.L, self.C):
+            raise ValueError(f"CanonicalEncoder: z_s must be [B, {self.L}, {self.C}], got {tuple(z_s.shape)}")
+        out = []
+        for l in range(self.L):  # the obvious loop: one independent MLP per w index (Fig. 3 caption)
+            z = z_s[:, l]                                               # [B, C]
+            if l in self.layers:
+                h = self.mlps[str(l)](z)
+                z = z + h if self.skip else h
+            out.append(z)
+        return torch.stack(out, 1)                                      # [B, L, C]
+
+
+# ====================================================================================================
+# Sec. 3.2, Eq. (2): multimodal motion encoder E_m, z_c->d = E_m(E_a(x_a) ⊕ E_inv(x_d))
+# ====================================================================================================
+
+class MotionEncoder(nn.Module):
+    """E_m (Eq. 2): per manipulated w index l, an independent 3-layer MLP. Its input is the driving code
+    z_d[:, :, l] alone, or z_a ⊕ z_d[:, :, l] (channel concat, audio first as written in Eq. 2) in the
+    audio layers. Untouched layers get z_c->d = 0, so Eq. (1) leaves them equal to z_s.
+
+    The last layer is zero-initialised (our choice): z_c->d = 0 at the start, i.e. the generator first
+    reproduces the canonical (= source) frame and motion is learned on top of it."""
+
+    def __init__(self,
+                 L=14,                          # number of w vectors
+                 C=512,                         # width of one w vector (z_d and the output)
+                 A=512,                         # width of the audio code z_a (Wav2Lip encoder: 512)
+                 layers=(1, 2, 3, 4, 7, 8, 9, 10),  # w indices with their own MLP (Sec. 4.1.2)
+                 audio_layers=(7, 8),           # subset of `layers` that also sees z_a (Sec. 4.1.2)
+                 hidden=512):                   # MLP width; the paper does not give it
+        super().__init__()
+        self.L, self.C, self.A = L, C, A
+        self.layers, self.audio_layers = _check_layers(L, layers, audio_layers)
+        self.mlps = nn.ModuleDict({
+            str(l): _mlp(C + (A if l in self.audio_layers else 0), hidden, C, 3) for l in self.layers})
+        for m in self.mlps.values():
+            nn.init.zeros_(m[-1].weight)
+            nn.init.zeros_(m[-1].bias)
+
+    def forward(self, z_d, z_a):
+        """z_d [B, T, L, C], z_a [B, T, A] -> z_c->d [B, T, L, C]."""
+        if z_d.ndim != 4 or z_d.shape[2:] != (self.L, self.C):
+            raise ValueError(f"MotionEncoder: z_d must be [B, T, {self.L}, {self.C}], got {tuple(z_d.shape)}")
+        if z_a.ndim != 3 or z_a.shape != (*z_d.shape[:2], self.A):
+            raise ValueError(f"MotionEncoder: z_a must be [B, T, {self.A}] = {(*z_d.shape[:2], self.A)}, "
+                             f"got {tuple(z_a.shape)}")
+        out = []
+        for l in range(self.L):
+            if l in self.layers:
+                x = z_d[:, :, l]                                        # [B, T, C]
+                if l in self.audio_layers:
+                    x = torch.cat([z_a, x], -1)                         # [B, T, A + C]  (⊕ of Eq. 2)
+                out.append(self.mlps[str(l)](x))                        # [B, T, C]
+            else:
+                out.append(z_d.new_zeros(z_d.shape[0], z_d.shape[1], self.C))
+        return torch.stack(out, 2)                                      # [B, T, L, C]
+
+
+# ====================================================================================================
+# Sec. 3.2 / 4.4.2, Table 3: Temporal Fusion over time
+# ====================================================================================================
+
+class TemporalFusion(nn.Module):
+    """Refines z_s->d along TIME inside non-overlapping windows (Sec. 4.4.2: "our window size ... does
+    not have any overlap along the temporal dimension"). Modes (Table 3):
+      "conv" (the paper's): ONE Conv1d over T. Channels = the n manipulated w vectors x C, grouped per
+             w vector (groups = n): each w index mixes its own C channels over k frames and never
+             another index's, matching the per-layer independence of Fig. 3. Parameters n*C*C*k + n*C
+             (6.3 M at paper size) instead of (14*512)^2*k = 157 M for an ungrouped kernel.
+             Initialised to the identity (centre tap = I, the rest 0, bias 0), so training starts with
+             no smoothing at all.
+             Window borders: replicate padding, i.e. frames before the first / after the last frame of a
+             window are copies of that frame. A constant sequence therefore stays constant and border
+             frames never see zeros (a zero w is a strange face for the decoder).
+      "lstm": per w vector, an LSTM(C, C) over the window followed by a zero-initialised Linear(C, C)
+             added to the input (residual), so this variant is the identity at init as well. Causal:
+             frame t sees frames <= t of its window.
+      "none": identity.
+    window=None: the whole T axis of the input is one window (train.py feeds one window per sample);
+    window=k: the input is cut into consecutive windows of k frames (the last may be shorter) and each
+    is processed on its own (infer.py on a long clip)."""
+
+    def __init__(self,
+                 n_layers=8,        # manipulated w vectors fed to it (the others are not touched)
+                 C=512,             # width of one w vector
+                 mode="conv",       # "conv" | "lstm" | "none" (Table 3)
+                 kernel_size=3,     # conv taps over time (odd); the paper does not give it
+                 window=None):      # frames per non-overlapping window; None = the whole input
+        super().__init__()
+        if mode not in TEMPORAL_MODES:
+            raise ValueError(f"TemporalFusion: mode must be one of {TEMPORAL_MODES}, got {mode!r}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"TemporalFusion: kernel_size must be odd and >= 1, got {kernel_size}")
+        if window is not None and window < 1:
+            raise ValueError(f"TemporalFusion: window must be None or >= 1, got {window}")
+        self.n, self.C, self.mode, self.k, self.window = n_layers, C, mode, kernel_size, window
+        if mode == "conv":
+            self.conv = nn.Conv1d(n_layers * C, n_layers * C, kernel_size, groups=n_layers)
+            with torch.no_grad():
+                self.conv.weight.zero_()                                # [n*C, C, k]
+                eye = torch.eye(C).repeat(n_layers, 1)                  # row o of group g -> input o % C
+                self.conv.weight[:, :, kernel_size // 2] = eye
+                self.conv.bias.zero_()
+        elif mode == "lstm":
+            self.lstms = nn.ModuleList(nn.LSTM(C, C, batch_first=True) for _ in range(n_layers))
+            self.outs = nn.ModuleList(nn.Linear(C, C) for _ in range(n_layers))
+            for lin in self.outs:
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, z):
+        """z [B, T, n, C] -> [B, T, n, C]."""
+        if z.ndim != 4 or z.shape[2:] != (self.n, self.C):
+            raise ValueError(f"TemporalFusion: want [B, T, {self.n}, {self.C}], got {tuple(z.shape)}")
+        if self.mode == "none":
+            return z
+        if self.window is None:
+            return self._one_window(z)
+        return torch.cat([self._one_window(w) for w in z.split(self.window, dim=1)], 1)
+
+    def _one_window(self, z):
+        B, T, n, C = z.shape
+        if self.mode == "conv":
+            x = z.reshape(B, T, n * C).transpose(1, 2)                  # [B, n*C, T]
+            p = self.k // 2
+            if p:  # replicate padding, written out so its meaning is visible
+                x = torch.cat([x[:, :, :1].expand(-1, -1, p), x, x[:, :, -1:].expand(-1, -1, p)], 2)
+            y = self.conv(x)                                            # [B, n*C, T]
+            return y.transpose(1, 2).reshape(B, T, n, C)
+        out = []
+        for i in range(n):  # "lstm"
+            h, _ = self.lstms[i](z[:, :, i])                            # [B, T, C]
+            out.append(z[:, :, i] + self.outs[i](h))
+        return torch.stack(out, 2)
+
+
+# ====================================================================================================
+# Fig. 3: the whole Latent Fusion Network
+# ====================================================================================================
+
+class LatentFusion(nn.Module):
+    """z_s (source code), z_d (driving codes), z_a (audio codes) -> the codes the decoder G renders.
+    Eq. (1) z_s->d = E_can(z_s) + E_m(z_a, z_d), then Temporal Fusion on the manipulated layers."""
+
+    def __init__(self,
+                 L=14,                          # w vectors of the generator (14 at 256 px, 10 at 64 px)
+                 C=512,                         # width of one w vector
+                 A=512,                         # width of the audio code z_a
+                 layers=(1, 2, 3, 4, 7, 8, 9, 10),  # manipulated w indices (Sec. 4.1.2, 0-based)
+                 audio_layers=(7, 8),           # w indices that also receive audio (Sec. 4.1.2)
+                 hidden=512,                    # width of every MLP (not in the paper)
+                 temporal="conv",               # Temporal Fusion: "conv" | "lstm" | "none" (Table 3)
+                 kernel_size=3,                 # temporal conv taps (not in the paper)
+                 window=None,                   # temporal window in frames; None = the whole T axis
+                 canonical_skip=True):          # E_can residual + zero init (see CanonicalEncoder)
+        super().__init__()
+        self.L, self.C, self.A = L, C, A
+        self.layers, self.audio_layers = _check_layers(L, layers, audio_layers)
+        self.E_can = CanonicalEncoder(L, C, self.layers, hidden, skip=canonical_skip)
+        self.E_m = MotionEncoder(L, C, A, self.layers, self.audio_layers, hidden)
+        self.temporal = TemporalFusion(len(self.layers), C, temporal, kernel_size, window)
+        self.register_buffer("_idx", torch.tensor(self.layers), persistent=False)
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        return cls(**{**PRESETS[name], **overrides})
+
+    def forward(self, z_s, z_d, z_a):
+        """z_s [B, L, C], z_d [B, T, L, C], z_a [B, T, A] -> dict of [B, T, L, C] tensors:
+          z_sc     = z_s->c, canonical code (Sec. 3.1); G(z_sc) is the canonical image of Fig. 5
+          z_cd     = z_c->d, motion code (Eq. 2); 0 on untouched layers
+          z_sd_raw = z_sc + z_cd, exactly Eq. (1)
+          z_sd     = Temporal Fusion of z_sd_raw on the manipulated layers: what G renders
+        Untouched layers hold z_s in all four (z_cd there is 0)."""
+        if z_s.ndim != 3 or z_d.ndim != 4 or z_s.shape[0] != z_d.shape[0] or z_s.shape[1:] != z_d.shape[2:]:
+            raise ValueError(f"LatentFusion: want z_s [B, L, C] and z_d [B, T, L, C] with the same B, L, C; "
+                             f"got {tuple(z_s.shape)} and {tuple(z_d.shape)}")
+        B, T = z_d.shape[:2]
+        z_sc = self.E_can(z_s).unsqueeze(1).expand(B, T, self.L, self.C)   # [B, T, L, C] (same for every t)
+        z_cd = self.E_m(z_d, z_a)                                          # [B, T, L, C]
+        z_sd_raw = z_sc + z_cd                                             # Eq. (1)
+        fused = self.temporal(z_sd_raw.index_select(2, self._idx))         # [B, T, n, C]
+        z_sd = z_sd_raw.index_copy(2, self._idx, fused)                    # untouched layers stay z_s
+        return dict(z_sc=z_sc, z_cd=z_cd, z_sd_raw=z_sd_raw, z_sd=z_sd)
+
+
+# ====================================================================================================
+# Sec. 4.4.2, Table 3: the video discriminator
+# ====================================================================================================
+
+class VideoDiscriminator(stylegan2.Discriminator):
+    """StyleGAN2 D whose input is T frames concatenated along channels (Sec. 4.4.2): [B, T, 3, H, W]
+    -> [B, 3T, H, W] -> logits [B, 1]. Channel order is frame-major (f0 R,G,B, f1 R,G,B, ...).
+    The paper's default is the image D (stylegan2.Discriminator applied to every frame); this class
+    is the "video" column of Table 3. State-dict keys are those of stylegan2.Discriminator, only
+    the first 1x1 conv is wider, so from_image_discriminator() can start it from a trained image D."""
+
+    def __init__(self,
+                 size,                  # frame resolution
+                 T,                     # frames per clip (stacked on channels)
+                 channel_multiplier=2,  # widths as stylegan2.Discriminator
+                 channels=None,         # optional {res: channels}, e.g. stylegan2.PRESETS["tiny"]["channels"]
+                 stddev_group=4):       # minibatch-stddev group size
+        super().__init__(size, channel_multiplier, channels, in_channels=3 * T, stddev_group=stddev_group)
+        self.T = T
+
+    def forward(self, x):
+        """x [B, T, 3, H, W] -> logits [B, 1]."""
+        if x.ndim != 5 or x.shape[1:3] != (self.T, 3):
+            raise ValueError(f"VideoDiscriminator: want [B, {self.T}, 3, H, W], got {tuple(x.shape)}")
+        return super().forward(x.flatten(1, 2))
+
+    @torch.no_grad()
+    def init_from_image_discriminator(self, D_img):
+        """Copy a trained image D; the first (fromRGB) conv sees each frame with 1/T of the image D's
+        weight, so on a static clip (T copies of one frame) this D returns exactly D_img's logit.
+        Equalized lr stores W and multiplies by scale = 1/sqrt(fan_in) at run time; fan_in grows T-fold,
+        so the stored weights are rescaled by scale_img / scale_video / T = 1/sqrt(T)."""
+        sd = D_img.state_dict()
+        own = self.state_dict()
+        first = next(m for m in self.modules() if isinstance(m, stylegan2.EqualConv2d))
+        first_img = next(m for m in D_img.modules() if isinstance(m, stylegan2.EqualConv2d))
+        key = next(k for k, p in self.named_parameters() if p is first.weight)
+        if sd.keys() != own.keys() or sd[key].shape[1] != 3:
+            raise ValueError("init_from_image_discriminator: D_img must be a 3-channel "
+                             "stylegan2.Discriminator of the same size and widths")
+        w = sd[key].repeat(1, self.T, 1, 1) * (first_img.scale / first.scale / self.T)
+        sd = {**sd, key: w}
+        self.load_state_dict(sd, strict=True)
