@@ -137,7 +137,7 @@ class PSPEncoder(nn.Module):
     """
 
     def __init__(self,
-                 size=256,                    # input resolution (H = W); must be a multiple of 64
+                 size=256,                    # input resolution (H = W); a power of two >= 64
                  n_latent=14,                 # L: number of w codes = generator.n_latent (14 at 256 px)
                  style_dim=512,               # C: width of one w code
                  units=(3, 4, 14, 3),         # IR-SE units per stage (IR-SE50)
@@ -145,9 +145,9 @@ class PSPEncoder(nn.Module):
                  split=(3, 7),                # first middle code, first fine code (pSp: 3, 7)
                  ):
         super().__init__()
-        if size % 64:
-            raise ValueError(f"PSPEncoder size must be a multiple of 64 (the fine map is size/4 and must "
-                             f"reach 1x1 by halving), got {size}")
+        if size < 64 or size & (size - 1):
+            raise ValueError(f"PSPEncoder size must be a power of two >= 64 (the feature maps, size/16 to "
+                             f"size/4, are halved down to 1x1), got {size}")
         if not 0 < split[0] < split[1] < n_latent:
             raise ValueError(f"split {split} does not leave three non-empty groups in {n_latent} codes")
         self.size, self.n_latent, self.style_dim, self.split = size, n_latent, style_dim, tuple(split)
@@ -309,8 +309,9 @@ class HyperStyle(nn.Module):
         tuned = [s for s in shapes if s is not None]
         if not tuned:
             raise ValueError("HyperStyle needs at least one tunable layer (shapes are all None)")
-        if size % 32 or size < 64:
-            raise ValueError(f"HyperStyle size must be a multiple of 32 and >= 64, got {size}")
+        if size < 64 or size & (size - 1):
+            raise ValueError(f"HyperStyle size must be a power of two >= 64 (the heads halve the size/16 "
+                             f"feature map down to 1x1), got {size}")
         self.size, self.shapes = size, [None if s is None else tuple(s) for s in shapes]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
