@@ -2,11 +2,15 @@
 import os
 import random
 
+# One thread per process: the suite starts subprocesses (torchrun with 2 ranks, CLIs) on 2-core
+# machines, and oversubscribed BLAS/OpenMP threads are many times slower than one thread each.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
