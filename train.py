@@ -1,0 +1,606 @@
+"""train.py: every training stage of FC-TFG, in paper order, as one readable loop (Sec. 4.1.2).
+
+  --stage stylegan2  "We first train StyleGAN2 generator"             (Sec. 4.1.2; stylegan2.py)
+  --stage syncnet    the lip-sync expert behind L_sync, Eq. (4)        (Sec. 3.3.2; audio.py)
+  --stage inversion  "then train HyperStyle ... with pSp encoder"     (Sec. 4.1.2; inversion.py)
+  --stage fctfg      E_can, E_m, temporal fusion with Eq. (3)-(9)     (Sec. 3; fusion.py, losses.py)
+
+Each stage reads the previous stage's checkpoint with --init; the FC-TFG stage fine-tunes the
+pre-trained parts as the paper says ("the pre-trained models are fine-tuned during training"), unless
+--freeze_pretrained.
+
+Run:  python train.py --stage stylegan2 --preset tiny --out runs/sg2          (1 process, CPU or GPU)
+      torchrun --nproc_per_node 8 train.py --stage stylegan2 --preset paper --data /vox   (8 GPUs)
+
+Distributed training, the nanoGPT way but without the DDP wrapper: every rank computes gradients on
+its own shard of the batch and we average them with ONE explicit all-reduce per optimiser step
+(`average_gradients`). That is the same arithmetic DDP performs, but it works unchanged with the
+double-backward of R1 / path length and with several forward passes per step, where DDP's hooks need
+special care. Only rank 0 (`is_main`) prints and writes files.
+
+Not here: network definitions (stylegan2.py, inversion.py, audio.py, fusion.py), loss formulas
+(losses.py), metrics (evaluate.py).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import stylegan2
+
+# ----------------------------------------------------------------------------------------------------
+# Presets: plain dicts. Every key is also a command-line flag (--key value) of the same type.
+# `model` names the architecture preset used by every module (stylegan2.PRESETS, fusion.PRESETS, ...).
+PRESETS = {
+    "tiny": dict(
+        model="tiny", size=64, batch=8, accum=1, max_steps=2000, seed=0,
+        lr=0.002,                 # StyleGAN2 Adam lr (spec §7); FC-TFG uses lr_fctfg (Sec. 4.1.2)
+        lr_fctfg=1e-4, lr_syncnet=1e-3, lr_inversion=1e-3,
+        r1_gamma=1.0, r1_every=16, pl_weight=2.0, pl_every=4, pl_batch_shrink=2, mixing=0.9,
+        ema_kimg=1.0,             # EMA half-life in thousands of images (10 in the paper's recipe)
+        n_identities=200, clips_per_identity=5, clip_frames=16, window=5,
+        frame_pool=512,           # procedural frames rendered once and reused (0: render every batch)
+        log_every=10, sample_every=200, ckpt_every=200, workers=0, amp="none",
+    ),
+    "paper": dict(
+        model="paper", size=256, batch=4, accum=1, max_steps=800_000, seed=0,
+        lr=0.002, lr_fctfg=1e-4, lr_syncnet=1e-4, lr_inversion=1e-4,
+        r1_gamma=10.0, r1_every=16, pl_weight=2.0, pl_every=4, pl_batch_shrink=2, mixing=0.9,
+        ema_kimg=10.0,
+        n_identities=5994, clips_per_identity=10, clip_frames=32, window=5,
+        frame_pool=0, log_every=100, sample_every=5000, ckpt_every=5000, workers=4, amp="bf16",
+    ),
+}
+STAGES = ("stylegan2", "syncnet", "inversion", "fctfg")
+
+
+def parse_args(argv=None):
+    """--preset picks a dict from PRESETS; every key of it can then be overridden as --key value."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    known, _ = pre.parse_known_args(argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
+    ap.add_argument("--stage", default="stylegan2", choices=STAGES)
+    ap.add_argument("--data", default="synthetic", help="'synthetic' or a folder prepared by data.py")
+    ap.add_argument("--out", default="runs/default", help="checkpoints, log.jsonl, samples/")
+    ap.add_argument("--init", help="checkpoint of the previous stage")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    ap.add_argument("--freeze_pretrained", action="store_true", help="FC-TFG stage: keep G/E_inv/E_a fixed")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    for k, v in PRESETS[known.preset].items():
+        ap.add_argument(f"--{k}", type=type(v), default=v)
+    args = ap.parse_args(argv)
+    cfg = {k: getattr(args, k) for k in PRESETS[known.preset]}
+    return args, cfg
+
+
+# ====================================================================================================
+# Distributed set-up (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` runs one process)
+# ====================================================================================================
+
+def setup_distributed(device_arg):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:  # NCCL between GPUs, gloo between CPU processes
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def average_gradients(params, world):
+    """All-reduce the gradients of `params` and divide by the world size: afterwards every rank holds
+    the gradient of the mean loss over the GLOBAL batch. One flat buffer = one collective call."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# ====================================================================================================
+# Data: deterministic, step-indexed batches (exact resume, disjoint shards per rank)
+# ====================================================================================================
+
+class Batches:
+    """Indices for (step, micro-batch) come from DistributedSampler's permutation of the epoch, so a
+    resumed run sees exactly the batches an uninterrupted run would, and the ranks' shards of one
+    step together form the same global batch a single process with batch*world would draw."""
+
+    def __init__(self, dataset, batch, rank, world, seed):
+        self.ds, self.batch, self.rank, self.world = dataset, batch, rank, world
+        self.sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed,
+                                                           drop_last=True)
+        self.per_epoch = max(1, len(self.sampler) // batch)
+        self._epoch, self._order = None, None
+
+    def indices(self, k):
+        """Dataset indices of this rank's k-th batch."""
+        epoch, pos = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._epoch, self._order = epoch, list(self.sampler)
+        idx = self._order[pos * self.batch:(pos + 1) * self.batch]
+        return idx + self._order[:self.batch - len(idx)]  # dataset smaller than a batch: wrap
+
+    def get(self, k):
+        samples = [self.ds[i] for i in self.indices(k)]
+        return {key: torch.stack([s[key] for s in samples]) if torch.is_tensor(samples[0][key])
+                else [s[key] for s in samples] for key in samples[0]}
+
+
+class FramePool(torch.utils.data.Dataset):
+    """Single frames for the image stages (StyleGAN2, inversion). For the procedural data, item j is
+    frame t_j of clip i_j, rendered on demand (only that frame, not the clip) or, with pool > 0, a
+    fixed pool rendered once: rendering is the CPU bottleneck of the tiny preset. Real data: the middle
+    frame of clip j."""
+
+    def __init__(self, clips, pool=0, seed=0):
+        import data
+        self.clips, self.synthetic = clips, isinstance(clips, data.SyntheticTalkingFaces)
+        self.frames = None
+        if self.synthetic and pool:
+            self.frames = torch.stack([self._render(j, seed) for j in range(pool)])
+        self.seed = seed
+
+    def _render(self, j, seed):
+        import data
+        g = np.random.default_rng((seed, j))
+        i = int(g.integers(len(self.clips)))
+        motion, _ = data.make_motion(self.clips.motion_seed(i), self.clips.n_frames)
+        img = data.render(self.clips.identity(i), motion[int(g.integers(len(motion)))], self.clips.size)
+        return torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1  # [3, H, W] in [-1, 1]
+
+    def __len__(self):
+        return len(self.frames) if self.frames is not None else len(self.clips)
+
+    def __getitem__(self, j):
+        if self.frames is not None:
+            return {"image": self.frames[j]}
+        if self.synthetic:
+            return {"image": self._render(j, self.seed)}
+        frames = self.clips[j]["frames"]
+        return {"image": frames[len(frames) // 2]}
+
+
+def make_clip_dataset(cfg, data_arg, split="train"):
+    import data
+    if data_arg == "synthetic":
+        return data.SyntheticTalkingFaces(split, n_identities=cfg["n_identities"],
+                                          clips_per_identity=cfg["clips_per_identity"],
+                                          n_frames=cfg["clip_frames"], size=cfg["size"])
+    root = Path(data_arg)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {data_arg}: no such folder (prepare one with `python data.py prepare`)")
+    return data.VideoFolderDataset(root, n_frames=cfg["clip_frames"])
+
+
+# ====================================================================================================
+# Checkpoints: atomic, weights_only-loadable (tensors, dicts, lists, numbers, strings only)
+# ====================================================================================================
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "python": repr(random.getstate()),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+    random.setstate(_literal_tuple(s["python"]))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _literal_tuple(text):
+    import ast
+    return ast.literal_eval(text)
+
+
+def save_checkpoint(path, state):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip/unpickling errors come in many types: report them as one clear error
+        raise ValueError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from None
+
+
+# ====================================================================================================
+# Stage 1: StyleGAN2 (non-saturating loss, lazy R1 / path length, EMA, style mixing; spec §7)
+# ====================================================================================================
+
+def accumulate_ema(ema, model, beta):
+    """ema <- beta*ema + (1-beta)*model for parameters; buffers (fixed noise maps) are copied."""
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - beta)
+        for be, bm in zip(ema.buffers(), model.buffers()):
+            be.copy_(bm)
+
+
+class StyleGAN2Stage:
+    """Stage 1. Lazy regularisation (StyleGAN2 Sec. 3.2): R1 every r1_every D steps and path length
+    every pl_every G steps, each scaled by its interval; Adam's lr and betas are scaled by
+    c = k/(k+1) so the regularised optimiser moves at the intended speed."""
+    models = ("g", "d", "g_ema")
+
+    def __init__(self, cfg, device, init=None):
+        self.cfg = cfg
+        self.g = stylegan2.Generator.from_preset(cfg["model"]).to(device)
+        self.d = stylegan2.Discriminator.from_preset(cfg["model"]).to(device)
+        self.g_ema = copy.deepcopy(self.g).eval().requires_grad_(False)
+        cg, cd = cfg["pl_every"] / (cfg["pl_every"] + 1), cfg["r1_every"] / (cfg["r1_every"] + 1)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg["lr"] * cg, betas=(0.0, 0.99 ** cg))
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg["lr"] * cd, betas=(0.0, 0.99 ** cd))
+        self.optimizers = {"opt_g": self.opt_g, "opt_d": self.opt_d}
+        self.pl_mean = torch.zeros((), device=device)
+        self.extra_state = ("pl_mean",)
+
+    def dataset(self, clips):
+        return FramePool(clips, self.cfg["frame_pool"], self.cfg["seed"])  # single frames
+
+    def step(self, k, micro, world, autocast):
+        """One D step and one G step. `micro`: this rank's micro-batches (gradient accumulation);
+        gradients are summed over them, then averaged over ranks. Returns losses for logging."""
+        cfg, G, D = self.cfg, self.g, self.d
+        n_acc, zdim = len(micro), G.style_dim
+        dev = micro[0]["image"].device
+        logs = {}
+
+        # --- D: softplus(D(fake)) + softplus(-D(real)), the non-saturating loss of Eq. (8) ---
+        G.requires_grad_(False), D.requires_grad_(True)
+        self.opt_d.zero_grad(set_to_none=True)
+        for mb in micro:
+            real = mb["image"]
+            with autocast():
+                fake = G.sample(torch.randn(real.shape[0], zdim, device=dev), mixing_prob=cfg["mixing"])
+                loss_d = F.softplus(D(fake)).mean() + F.softplus(-D(real)).mean()
+            if cfg["r1_every"] and k % cfg["r1_every"] == 0:
+                real_r = real.detach().requires_grad_(True)
+                logits = D(real_r)  # R1 in full precision: it squares gradients
+                r1 = stylegan2.r1_penalty(logits, real_r)
+                loss_d = loss_d + cfg["r1_gamma"] / 2 * r1 * cfg["r1_every"] + 0 * logits.sum()
+                logs["r1"] = r1
+            (loss_d / n_acc).backward()
+        average_gradients(list(D.parameters()), world)
+        self.opt_d.step()
+        logs["loss_d"] = loss_d
+
+        # --- G: softplus(-D(G(z))) ---
+        G.requires_grad_(True), D.requires_grad_(False)
+        self.opt_g.zero_grad(set_to_none=True)
+        for mb in micro:
+            B = mb["image"].shape[0]
+            with autocast():
+                fake = G.sample(torch.randn(B, zdim, device=dev), mixing_prob=cfg["mixing"])
+                loss_g = F.softplus(-D(fake)).mean()
+            if cfg["pl_every"] and k % cfg["pl_every"] == 0:
+                ws = G.sample_ws(torch.randn(max(1, B // cfg["pl_batch_shrink"]), zdim, device=dev),
+                                 cfg["mixing"])
+                img = G.synthesis(ws, noise_mode="random")
+                pl, self.pl_mean, mean_len = stylegan2.path_length_penalty(img, ws, self.pl_mean)
+                # zero-weighted image term: every parameter of G receives a gradient on every rank
+                loss_g = loss_g + cfg["pl_weight"] * cfg["pl_every"] * pl + 0 * img[0, 0, 0, 0]
+                logs["pl"], logs["path_length"] = pl, mean_len
+            (loss_g / n_acc).backward()
+        average_gradients(list(G.parameters()), world)
+        self.opt_g.step()
+        logs["loss_g"] = loss_g
+
+        # EMA of G with a half-life of ema_kimg thousand images (spec §7)
+        beta = 0.5 ** (n_acc * micro[0]["image"].shape[0] * world / (cfg["ema_kimg"] * 1000))
+        accumulate_ema(self.g_ema, G, beta)
+        return logs
+
+    @torch.no_grad()
+    def samples(self, batch, seed):
+        z = torch.randn(16, self.g.style_dim, generator=torch.Generator().manual_seed(seed))
+        return self.g_ema.sample(z.to(batch["image"].device), noise_mode="const")  # fixed z: comparable grids
+
+
+# ====================================================================================================
+# Clip windows (SyncNet and FC-TFG stages)
+# ====================================================================================================
+
+class ClipWindows(torch.utils.data.Dataset):
+    """Item j = window of `window` consecutive frames of one clip, with the mel window of each frame.
+    Item j -> clip j // n_starts, first frame j % n_starts, so every window of every clip is an item.
+    With `off_sync`, half of the items (chosen by a seeded RNG per item, so the same item always gets
+    the same pairing) carry the audio of a different window of the same clip: the negatives of the
+    lip-sync expert. Rendered clips are kept in memory as uint8 (`cache` clips at most)."""
+
+    def __init__(self, clips, window, seed=0, off_sync=False, cache=4096):
+        self.clips, self.window, self.seed, self.off_sync = clips, window, seed, off_sync
+        n_frames = getattr(clips, "n_frames", None) or window
+        self.n_starts = n_frames - window + 1
+        if self.n_starts < 1:
+            raise ValueError(f"clips of {n_frames} frames are shorter than the window of {window}")
+        self._cache, self._cache_size = {}, cache
+
+    def __len__(self):
+        return len(self.clips) * self.n_starts
+
+    def clip(self, c):
+        if c not in self._cache:
+            s = self.clips[c]
+            frames = ((s["frames"] + 1) * 127.5).round().to(torch.uint8)  # exact: frames are uint8-rendered
+            item = {"frames": frames, "mel": s["mel"], "identity": s["identity"]}
+            if len(self._cache) < self._cache_size:
+                self._cache[c] = item
+            return item
+        return self._cache[c]
+
+    def __getitem__(self, j):
+        c, t = divmod(j, self.n_starts)
+        s = self.clip(c)
+        W = self.window
+        out = {"frames": s["frames"][t:t + W].float() / 127.5 - 1,   # [W, 3, H, W] in [-1, 1]
+               "mel": s["mel"][t:t + W],                              # [W, 1, 80, 16]: window per frame
+               "identity": torch.tensor(s["identity"])}
+        if self.off_sync:
+            g = np.random.default_rng((self.seed, j))
+            in_sync = self.n_starts == 1 or g.random() < 0.5
+            t_audio = t
+            while not in_sync and t_audio == t:
+                t_audio = int(g.integers(self.n_starts))
+            out["mel_expert"] = s["mel"][t_audio]   # [1, 80, 16]: Wav2Lip's one mel window per 5 frames
+            out["y"] = torch.tensor(1.0 if in_sync else 0.0)
+        return out
+
+
+# ====================================================================================================
+# Stage 2: the lip-sync expert (SyncNet of audio.py), trained as Wav2Lip trains it
+# ====================================================================================================
+
+class SyncNetStage:
+    """Stage 2. BCE on cos(f_a(mel), f_v(lower half of 5 frames)) with in-sync (y=1) and shifted
+    (y=0) pairs. The paper uses a pre-trained expert; with no weights to download we train our own."""
+    models = ("syncnet",)
+    extra_state = ()
+
+    def __init__(self, cfg, device, init=None):
+        import audio
+        self.cfg, self.audio = cfg, audio
+        self.syncnet = audio.SyncNet(**audio.PRESETS[cfg["model"]]).to(device)
+        self.opt = torch.optim.Adam(self.syncnet.parameters(), lr=cfg["lr_syncnet"])
+        self.optimizers = {"opt": self.opt}
+
+    def dataset(self, clips):
+        return ClipWindows(clips, self.syncnet.n_frames, self.cfg["seed"], off_sync=True)
+
+    def step(self, k, micro, world, autocast):
+        self.syncnet.train()
+        self.opt.zero_grad(set_to_none=True)
+        acc = []
+        for mb in micro:
+            with autocast():
+                face = self.audio.expert_window(mb["frames"], size=self.syncnet.face_hw[1])
+                p = self.syncnet.sync_probability(mb["mel_expert"], face)
+                loss = self.audio.loss_expert_bce(p.float(), mb["y"])
+            (loss / len(micro)).backward()
+            acc.append(((p > 0.5).float() == mb["y"]).float().mean())
+        average_gradients(list(self.syncnet.parameters()), world)
+        self.opt.step()
+        return {"loss_sync_expert": loss, "acc": torch.stack(acc).mean()}
+
+    @torch.no_grad()
+    def samples(self, batch, seed):
+        return batch["frames"][:8, 0]  # the expert has no images of its own: show its inputs
+
+
+# ====================================================================================================
+# Stage 3: inversion (pSp encoder, then HyperStyle) on the frozen StyleGAN2 of stage 1
+# ====================================================================================================
+
+def load_stage_models(path, names):
+    """State dicts `names` from a train.py checkpoint (clear error if the file lacks them)."""
+    ck = load_checkpoint(path)
+    missing = [n for n in names if n not in ck]
+    if missing:
+        raise SystemExit(f"error: {path} has no {missing} (a {ck.get('stage')!r} checkpoint); "
+                         f"pass the checkpoint of the right stage with --init")
+    return ck
+
+
+class InversionStage:
+    """Stage 3 (Sec. 4.1.2): pSp encoder E_inv trained to invert the frozen G (MSE; + ArcFace identity
+    and perceptual terms when their pre-trained weights are available), and HyperStyle trained on top
+    of the detached pSp codes, both every step (HyperStyle sees an improving encoder)."""
+    models = ("e_inv", "hyper")
+    extra_state = ()
+
+    def __init__(self, cfg, device, init=None):
+        import inversion
+        self.cfg, self.inv = cfg, inversion
+        p = inversion.PRESETS[cfg["model"]]
+        self.g = stylegan2.Generator.from_preset(cfg["model"]).to(device).eval().requires_grad_(False)
+        if init:  # stage-1 checkpoint: g_ema is the decoder, its mean w starts the encoder
+            ck = load_stage_models(init, ["g_ema"])
+            self.g.load_state_dict(ck["g_ema"])
+        with torch.no_grad():
+            latent_avg = self.g.mean_latent(4096)[0]
+        self.e_inv = inversion.PSPEncoder(**p["psp"]).to(device)
+        self.e_inv.set_latent_avg(latent_avg)
+        self.hyper = inversion.HyperStyle(inversion.layer_shapes(self.g), **p["hyperstyle"]).to(device)
+        lr = cfg["lr_inversion"]
+        self.opt_e = torch.optim.Adam(self.e_inv.parameters(), lr=lr)
+        self.opt_h = torch.optim.Adam(self.hyper.parameters(), lr=lr)
+        self.optimizers = {"opt_e": self.opt_e, "opt_h": self.opt_h}
+
+    def dataset(self, clips):
+        return FramePool(clips, self.cfg["frame_pool"], self.cfg["seed"])
+
+    def step(self, k, micro, world, autocast):
+        self.e_inv.train(), self.hyper.train()
+        self.opt_e.zero_grad(set_to_none=True), self.opt_h.zero_grad(set_to_none=True)
+        for mb in micro:
+            x = mb["image"]
+            with autocast():
+                loss_e, parts = self.inv.psp_loss(self.e_inv, self.g, x)
+                loss_h, parts_h, _ = self.inv.hyperstyle_loss(self.hyper, self.g, x, self.e_inv(x).detach(),
+                                                              steps=1)
+            ((loss_e + loss_h) / len(micro)).backward()
+        average_gradients(list(self.e_inv.parameters()) + list(self.hyper.parameters()), world)
+        self.opt_e.step(), self.opt_h.step()
+        return {"loss_psp": loss_e, "loss_hyperstyle": loss_h}
+
+    @torch.no_grad()
+    def samples(self, batch, seed):
+        x = batch["image"][:8]
+        self.e_inv.eval(), self.hyper.eval()
+        _, _, rec_psp = self.inv.invert(self.g, x, self.e_inv, None)
+        _, _, rec_h = self.inv.invert(self.g, x, self.e_inv, self.hyper, steps=3)
+        return torch.cat([x, rec_psp, rec_h])  # rows: target | pSp | pSp + HyperStyle
+
+
+STAGE_CLASSES = {"stylegan2": StyleGAN2Stage, "syncnet": SyncNetStage, "inversion": InversionStage}
+
+
+# ====================================================================================================
+# The loop
+# ====================================================================================================
+
+class StopTraining(Exception):
+    pass
+
+
+def train(argv=None):
+    args, cfg = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    is_main = rank == 0
+    out = Path(args.out)
+    if args.stage not in STAGE_CLASSES:
+        raise SystemExit(f"error: stage {args.stage!r} is not implemented yet")
+    torch.manual_seed(cfg["seed"] + rank)  # per-rank seeds: different noise on each shard
+    np.random.seed(cfg["seed"] + rank)
+    random.seed(cfg["seed"] + rank)
+
+    stage = STAGE_CLASSES[args.stage](cfg, device, init=args.init)
+    acc = cfg["accum"]
+    if cfg["amp"] not in ("none", "bf16"):
+        raise SystemExit(f"error: --amp must be 'none' or 'bf16', got {cfg['amp']!r}")
+    use_amp = cfg["amp"] == "bf16" and device.type == "cuda"  # bf16 autocast on GPUs only
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
+
+    data = Batches(stage.dataset(make_clip_dataset(cfg, args.data)), cfg["batch"], rank, world, cfg["seed"])
+
+    start = 0
+    last = out / "last.pt"
+    if args.resume and last.is_file():
+        ck = load_checkpoint(last)
+        if ck.get("stage") != args.stage:
+            raise SystemExit(f"error: {last} is a {ck.get('stage')!r} checkpoint, not {args.stage!r}")
+        for name in stage.models:
+            getattr(stage, name).load_state_dict(ck[name])
+        for name, opt in stage.optimizers.items():
+            opt.load_state_dict(ck[name])
+        for name in stage.extra_state:
+            setattr(stage, name, ck["extra"][name].to(device))
+        set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+        start = ck["step"]
+        if is_main:
+            print(f"resumed from {last} at step {start}")
+
+    def checkpoint(step):
+        rngs = [rng_state()]
+        if world > 1:  # gather every rank's RNG state so a resumed run continues all of them
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state())
+        if not is_main:
+            return
+        state = {"stage": args.stage, "step": step, "cfg": dict(cfg), "world": world, "rng": rngs,
+                 "extra": {n: getattr(stage, n).detach().cpu() for n in stage.extra_state}}
+        for name in stage.models:
+            state[name] = {k: v.detach().cpu() for k, v in getattr(stage, name).state_dict().items()}
+        for name, opt in stage.optimizers.items():
+            state[name] = opt.state_dict()
+        save_checkpoint(last, state)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):  # finish the current step, save, exit
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "samples").mkdir(exist_ok=True)
+        print(f"stage {args.stage} | preset {args.preset} | {world} process(es) on {device} | "
+              f"batch {cfg['batch']} x {world} | steps {start}..{cfg['max_steps']} | out {out}")
+    log_file = open(out / "log.jsonl", "a") if is_main else None
+    t0, n_img = time.time(), 0
+    step = start
+    try:
+        for step in range(start, cfg["max_steps"]):
+            micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in data.get(step * acc + a).items()}
+                     for a in range(acc)]
+            logs = stage.step(step, micro, world, autocast)
+            batch = micro[0]
+            vals = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
+            bad = [k for k, v in vals.items() if not math.isfinite(v)]
+            if bad:
+                raise StopTraining(f"non-finite loss {bad} at step {step}; last good checkpoint: {last}")
+            n_img += cfg["batch"] * acc * world
+            done = step + 1
+            if is_main and (done % cfg["log_every"] == 0 or done == cfg["max_steps"]):
+                rate = n_img / (time.time() - t0)
+                eta = (cfg["max_steps"] - done) * cfg["batch"] * acc * world / max(rate, 1e-9)
+                log_file.write(json.dumps({"step": done, "time": time.time(), "img_per_s": rate, **vals}) + "\n")
+                log_file.flush()
+                print(f"step {done:7d} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+                      + f" | {rate:.1f} img/s | ETA {eta / 60:.1f} min", flush=True)
+            if is_main and cfg["sample_every"] and done % cfg["sample_every"] == 0:
+                stylegan2.save_image_grid(stage.samples(batch, cfg["seed"]), out / "samples" / f"{done:07d}.png")
+            if done % cfg["ckpt_every"] == 0 or done == cfg["max_steps"] or stop["signal"]:
+                checkpoint(done)
+            if stop["signal"]:
+                if is_main:
+                    print(f"signal {stop['signal']}: saved {last} at step {done}, exiting")
+                break
+    except StopTraining as e:
+        if is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if log_file:
+            log_file.close()
+        if world > 1:
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train())
