@@ -357,3 +357,76 @@ class VideoDiscriminator(stylegan2.Discriminator):
         w = sd[key].repeat(1, self.T, 1, 1) * (first_img.scale / first.scale / self.T)
         sd = {**sd, key: w}
         self.load_state_dict(sd, strict=True)
+
+
+# ====================================================================================================
+# Fig. 3 end to end: the whole generator side of FC-TFG in one module
+# ====================================================================================================
+
+class FCTFG(nn.Module):
+    """x_s, x_d, x_a -> x_g. Holds every network of Fig. 3 that the FC-TFG stage trains or fine-tunes:
+        E_inv  pSp encoder (inversion.PSPEncoder): z_s = E_inv(x_s), z_d = E_inv(x_d)
+        H      HyperStyle (inversion.HyperStyle): per-source weight deltas of G (identity detail)
+        E_a    Wav2Lip audio encoder (audio.AudioEncoder): z_a = E_a(x_a)
+        fusion LatentFusion: E_can, E_m, Eq. (1), Temporal Fusion
+        G      StyleGAN2 decoder, rendering z_sd with the SOURCE's HyperStyle deltas for every frame:
+               the deltas carry who the person is, the codes carry how they move.
+    State-dict keys are prefixed by these names; FCTFG.load(path) rebuilds one from a train.py
+    checkpoint of the fctfg stage."""
+
+    def __init__(self, preset="tiny", **fusion_overrides):
+        super().__init__()
+        import audio
+        import inversion
+        self.preset = preset
+        self.G = stylegan2.Generator.from_preset(preset)
+        inv = inversion.PRESETS[preset]
+        self.E_inv = inversion.PSPEncoder(**inv["psp"])
+        self.H = inversion.HyperStyle(inversion.layer_shapes(self.G), **inv["hyperstyle"])
+        self.E_a = audio.AudioEncoder(**audio.AUDIO_ENCODER_PRESETS[preset])
+        self.fusion = LatentFusion.from_preset(preset, **fusion_overrides)
+        if self.E_a.out_dim != self.fusion.A:
+            raise ValueError(f"audio code width {self.E_a.out_dim} != fusion A {self.fusion.A}")
+
+    def encode_source(self, x_s, hyper_steps=0):
+        """x_s [B, 3, H, W] -> (z_s [B, L, C], weight deltas list). hyper_steps = 0: pSp codes only."""
+        import inversion
+        z_s, deltas, _ = inversion.invert(self.G, x_s, self.E_inv, self.H if hyper_steps else None,
+                                          steps=hyper_steps)
+        return z_s, deltas
+
+    def encode_driving(self, x_d, mel):
+        """x_d [B, T, 3, H, W], mel [B, T, 1, 80, 16] -> z_d [B, T, L, C], z_a [B, T, A]."""
+        B, T = x_d.shape[:2]
+        z_d = self.E_inv(x_d.flatten(0, 1)).unflatten(0, (B, T))  # Eq. (2): E_inv(x_d)
+        z_a = self.E_a(mel.flatten(0, 1)).unflatten(0, (B, T))    # Eq. (2): E_a(x_a)
+        return z_d, z_a
+
+    def render(self, ws, deltas):
+        """ws [B, T, L, C] with per-source deltas (entries [B, O, I, k, k] or None) -> [B, T, 3, H, W]."""
+        B, T = ws.shape[:2]
+        rep = [None if d is None else d.repeat_interleave(T, 0) for d in deltas]
+        return self.G.synthesis(ws.flatten(0, 1), weight_deltas=rep).unflatten(0, (B, T))
+
+    def forward(self, x_s, x_d, mel, hyper_steps=0):
+        """x_s [B, 3, H, W], x_d [B, T, 3, H, W], mel [B, T, 1, 80, 16] ->
+        dict(x_g [B, T, 3, H, W], z_s, z_d, z_a, z_sc, z_cd, z_sd_raw, z_sd, deltas)."""
+        z_s, deltas = self.encode_source(x_s, hyper_steps)
+        z_d, z_a = self.encode_driving(x_d, mel)
+        codes = self.fusion(z_s, z_d, z_a)
+        return dict(x_g=self.render(codes["z_sd"], deltas), z_s=z_s, z_d=z_d, z_a=z_a, deltas=deltas, **codes)
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        """Rebuild from a train.py fctfg checkpoint ({'stage': 'fctfg', 'cfg': ..., 'fctfg': state})."""
+        from train import load_checkpoint
+        ck = load_checkpoint(path)
+        if ck.get("stage") != "fctfg" or "fctfg" not in ck:
+            raise ValueError(f"{path}: not an FC-TFG checkpoint (stage {ck.get('stage')!r})")
+        cfg = ck["cfg"]
+        model = cls(cfg["model"], temporal=cfg["temporal"], window=cfg["window"] or None)
+        try:
+            model.load_state_dict(ck["fctfg"])
+        except RuntimeError as e:
+            raise ValueError(f"{path}: weights do not fit the {cfg['model']!r} FC-TFG ({e})") from None
+        return model.to(device).eval(), cfg
