@@ -52,6 +52,11 @@ PRESETS = {
         n_identities=200, clips_per_identity=5, clip_frames=16, window=5,
         frame_pool=512,           # procedural frames rendered once and reused (0: render every batch)
         log_every=10, sample_every=200, ckpt_every=200, workers=0, amp="none",
+        temporal="conv",          # Temporal Fusion: conv | lstm | none  (Table 3)
+        disc="image",             # FC-TFG discriminator: image | video   (Table 3)
+        ortho="hadamard_abs",     # Eq. (3) mode: hadamard_abs | signed | squared | cosine | none (Table 4)
+        hyper_steps=1,            # HyperStyle refinements of the source frame inside the FC-TFG stage
+        mbstd_group=4,            # minibatch-stddev group of D (must divide the frames D sees)
     ),
     "paper": dict(
         model="paper", size=256, batch=4, accum=1, max_steps=800_000, seed=0,
@@ -60,6 +65,7 @@ PRESETS = {
         ema_kimg=10.0,
         n_identities=5994, clips_per_identity=10, clip_frames=32, window=5,
         frame_pool=0, log_every=100, sample_every=5000, ckpt_every=5000, workers=4, amp="bf16",
+        temporal="conv", disc="image", ortho="hadamard_abs", hyper_steps=3, mbstd_group=4,
     ),
 }
 STAGES = ("stylegan2", "syncnet", "inversion", "fctfg")
@@ -78,6 +84,11 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     ap.add_argument("--freeze_pretrained", action="store_true", help="FC-TFG stage: keep G/E_inv/E_a fixed")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--inject_nan", type=int, default=None, help=argparse.SUPPRESS)  # tests: NaN at step N
+    ap.add_argument("--syncnet", help="FC-TFG stage: lip-sync expert (our syncnet stage or a Wav2Lip "
+                    "lipsync_expert.pth); without it L_sync (Eq. 4) is off")
+    ap.add_argument("--arcface", help="FC-TFG stage: InsightFace IR-SE50 weights; without them L_id (Eq. 5) is off")
+    ap.add_argument("--vgg", help="FC-TFG stage: torchvision-layout VGG19 weights; without them Eq. (7) is off")
     for k, v in PRESETS[known.preset].items():
         ap.add_argument(f"--{k}", type=type(v), default=v)
     args = ap.parse_args(argv)
@@ -253,7 +264,7 @@ class StyleGAN2Stage:
     c = k/(k+1) so the regularised optimiser moves at the intended speed."""
     models = ("g", "d", "g_ema")
 
-    def __init__(self, cfg, device, init=None):
+    def __init__(self, cfg, device, args):
         self.cfg = cfg
         self.g = stylegan2.Generator.from_preset(cfg["model"]).to(device)
         self.d = stylegan2.Discriminator.from_preset(cfg["model"]).to(device)
@@ -338,8 +349,8 @@ class ClipWindows(torch.utils.data.Dataset):
     the same pairing) carry the audio of a different window of the same clip: the negatives of the
     lip-sync expert. Rendered clips are kept in memory as uint8 (`cache` clips at most)."""
 
-    def __init__(self, clips, window, seed=0, off_sync=False, cache=4096):
-        self.clips, self.window, self.seed, self.off_sync = clips, window, seed, off_sync
+    def __init__(self, clips, window, seed=0, off_sync=False, source=False, cache=4096):
+        self.clips, self.window, self.seed, self.off_sync, self.source = clips, window, seed, off_sync, source
         n_frames = getattr(clips, "n_frames", None) or window
         self.n_starts = n_frames - window + 1
         if self.n_starts < 1:
@@ -366,8 +377,10 @@ class ClipWindows(torch.utils.data.Dataset):
         out = {"frames": s["frames"][t:t + W].float() / 127.5 - 1,   # [W, 3, H, W] in [-1, 1]
                "mel": s["mel"][t:t + W],                              # [W, 1, 80, 16]: window per frame
                "identity": torch.tensor(s["identity"])}
+        g = np.random.default_rng((self.seed, j))
+        if self.source:  # x_s: another frame of the same clip (self-reenactment, Sec. 4.1.1 protocol)
+            out["source"] = s["frames"][int(g.integers(len(s["frames"])))].float() / 127.5 - 1
         if self.off_sync:
-            g = np.random.default_rng((self.seed, j))
             in_sync = self.n_starts == 1 or g.random() < 0.5
             t_audio = t
             while not in_sync and t_audio == t:
@@ -387,7 +400,7 @@ class SyncNetStage:
     models = ("syncnet",)
     extra_state = ()
 
-    def __init__(self, cfg, device, init=None):
+    def __init__(self, cfg, device, args):
         import audio
         self.cfg, self.audio = cfg, audio
         self.syncnet = audio.SyncNet(**audio.PRESETS[cfg["model"]]).to(device)
@@ -395,6 +408,7 @@ class SyncNetStage:
         self.optimizers = {"opt": self.opt}
 
     def dataset(self, clips):
+        self.frames_per_sample = self.syncnet.n_frames
         return ClipWindows(clips, self.syncnet.n_frames, self.cfg["seed"], off_sync=True)
 
     def step(self, k, micro, world, autocast):
@@ -435,17 +449,20 @@ class InversionStage:
     """Stage 3 (Sec. 4.1.2): pSp encoder E_inv trained to invert the frozen G (MSE; + ArcFace identity
     and perceptual terms when their pre-trained weights are available), and HyperStyle trained on top
     of the detached pSp codes, both every step (HyperStyle sees an improving encoder)."""
-    models = ("e_inv", "hyper")
+    models = ("e_inv", "hyper", "g_ema", "d")
     extra_state = ()
 
-    def __init__(self, cfg, device, init=None):
+    def __init__(self, cfg, device, args):
         import inversion
         self.cfg, self.inv = cfg, inversion
         p = inversion.PRESETS[cfg["model"]]
         self.g = stylegan2.Generator.from_preset(cfg["model"]).to(device).eval().requires_grad_(False)
-        if init:  # stage-1 checkpoint: g_ema is the decoder, its mean w starts the encoder
-            ck = load_stage_models(init, ["g_ema"])
+        # The stage-1 G and D are carried in this stage's checkpoint, so the FC-TFG stage needs one --init.
+        self.g_ema, self.d = self.g, stylegan2.Discriminator.from_preset(cfg["model"]).to(device)
+        if args.init:  # stage-1 checkpoint: g_ema is the decoder, its mean w starts the encoder
+            ck = load_stage_models(args.init, ["g_ema", "d"])
             self.g.load_state_dict(ck["g_ema"])
+            self.d.load_state_dict(ck["d"])
         with torch.no_grad():
             latent_avg = self.g.mean_latent(4096)[0]
         self.e_inv = inversion.PSPEncoder(**p["psp"]).to(device)
@@ -482,7 +499,147 @@ class InversionStage:
         return torch.cat([x, rec_psp, rec_h])  # rows: target | pSp | pSp + HyperStyle
 
 
-STAGE_CLASSES = {"stylegan2": StyleGAN2Stage, "syncnet": SyncNetStage, "inversion": InversionStage}
+# ====================================================================================================
+# Stage 4: FC-TFG (Sec. 3): E_can, E_m, Temporal Fusion trained with Eq. (3)-(9); the rest fine-tuned
+# ====================================================================================================
+
+def load_syncnet_for_loss(path, preset, device):
+    """The frozen expert of Eq. (4): our syncnet-stage checkpoint, or a Wav2Lip lipsync_expert.pth."""
+    import audio
+    ck = load_checkpoint(path)
+    if "syncnet" in ck:
+        net = audio.SyncNet(**audio.PRESETS[ck["cfg"]["model"]])
+        net.load_state_dict(ck["syncnet"])
+    else:
+        net = audio.load_syncnet(path, preset)
+    return net.to(device).eval().requires_grad_(False)
+
+
+class FCTFGStage:
+    """Stage 4. Per step, on windows of T frames (x_d) with a source frame x_s of the same clip and
+    the audio windows of every frame (x_a):
+      D step: non-saturating loss on real x_d vs generated x_g (Eq. 8), lazy R1;
+      G step: L_total of Eq. (9) = 1 L_ortho + 0.1 L_sync + 0.5 L_id + 1 L1 + 1 L_LPIPS + 0.1 L_GAN.
+    Terms whose pre-trained network is not given (--syncnet, --arcface, --vgg) are left out and said
+    so at start-up: a random ArcFace/VGG would only add noise."""
+    models = ("fctfg", "d")
+    extra_state = ()
+
+    def __init__(self, cfg, device, args):
+        import fusion
+        import inversion
+        import losses
+        self.cfg, self.losses = cfg, losses
+        if cfg["ortho"] not in ("hadamard_abs", "signed", "squared", "cosine", "none"):
+            raise SystemExit(f"error: --ortho {cfg['ortho']!r} is not a mode of losses.orthogonality_loss")
+        self.fctfg = fusion.FCTFG(cfg["model"], temporal=cfg["temporal"], window=cfg["window"]).to(device)
+        m = self.fctfg
+        if cfg["disc"] == "video":
+            p = stylegan2.PRESETS[cfg["model"]]
+            self.d = fusion.VideoDiscriminator(p["size"], cfg["window"], p["channel_multiplier"], p["channels"],
+                                               stddev_group=cfg["mbstd_group"]).to(device)
+        elif cfg["disc"] == "image":
+            p = stylegan2.PRESETS[cfg["model"]]
+            self.d = stylegan2.Discriminator(p["size"], p["channel_multiplier"], p["channels"],
+                                             stddev_group=cfg["mbstd_group"]).to(device)
+        else:
+            raise SystemExit(f"error: --disc must be 'image' or 'video', got {cfg['disc']!r}")
+        n_d = cfg["batch"] * (1 if cfg["disc"] == "video" else cfg["window"])  # images per D call
+        if n_d % min(n_d, cfg["mbstd_group"]):
+            raise SystemExit(f"error: D sees {n_d} images per call (batch {cfg['batch']} x window "
+                             f"{cfg['window']}), not divisible by --mbstd_group {cfg['mbstd_group']}")
+        if args.init:  # inversion-stage checkpoint: G (g_ema), D, E_inv, HyperStyle
+            ck = load_stage_models(args.init, ["g_ema", "d", "e_inv", "hyper"])
+            m.G.load_state_dict(ck["g_ema"]), m.E_inv.load_state_dict(ck["e_inv"]), m.H.load_state_dict(ck["hyper"])
+            if cfg["disc"] == "image":
+                self.d.load_state_dict(ck["d"])
+            else:
+                img_d = stylegan2.Discriminator.from_preset(cfg["model"])
+                img_d.load_state_dict(ck["d"])
+                self.d.init_from_image_discriminator(img_d)
+        pretrained = [m.G, m.E_inv, m.H]
+        self.frozen = args.freeze_pretrained
+        if args.freeze_pretrained:  # Sec. 4.1.2 fine-tunes them; this flag is the frozen ablation
+            for net in pretrained:
+                net.requires_grad_(False)
+        self.syncnet = load_syncnet_for_loss(args.syncnet, cfg["model"], device) if args.syncnet else None
+        self.e_id = inversion.load_arcface(args.arcface).to(device) if args.arcface else None
+        self.vgg = losses.load_vgg19(args.vgg).to(device).eval().requires_grad_(False) if args.vgg else None
+        self.off = [n for n, net in (("sync", self.syncnet), ("id", self.e_id), ("lpips", self.vgg)) if net is None]
+        self.params_g = [p for p in m.parameters() if p.requires_grad]
+        self.opt_g = torch.optim.Adam(self.params_g, lr=cfg["lr_fctfg"])   # Sec. 4.1.2: Adam, 1e-4
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg["lr_fctfg"])
+        self.optimizers = {"opt_g": self.opt_g, "opt_d": self.opt_d}
+        self.note = f"loss terms off (no pre-trained weights given): {self.off}" if self.off else ""
+
+    def dataset(self, clips):
+        self.frames_per_sample = self.cfg["window"]
+        return ClipWindows(clips, self.cfg["window"], self.cfg["seed"], source=True)
+
+    def _d(self, x):  # image D sees every frame; video D sees the T frames stacked on channels
+        return self.d(x) if self.cfg["disc"] == "video" else self.d(x.flatten(0, 1))
+
+    def step(self, k, micro, world, autocast):
+        cfg, L, m, D = self.cfg, self.losses, self.fctfg, self.d
+        m.train()
+        if self.frozen:  # frozen networks keep their BatchNorm statistics
+            for net in (m.G, m.E_inv, m.H):
+                net.eval()
+        outs = []
+        # --- D step (Eq. 8), on detached generations ---
+        D.requires_grad_(True)
+        self.opt_d.zero_grad(set_to_none=True)
+        logs = {}
+        for mb in micro:
+            with autocast():
+                out = m(mb["source"], mb["frames"], mb["mel"], hyper_steps=cfg["hyper_steps"])
+                loss_d = L.gan_loss_d(self._d(mb["frames"]), self._d(out["x_g"].detach()))
+            if cfg["r1_every"] and k % cfg["r1_every"] == 0:
+                real = mb["frames"].detach().requires_grad_(True)
+                logits = self._d(real)
+                r1 = stylegan2.r1_penalty(logits, real)
+                loss_d = loss_d + cfg["r1_gamma"] / 2 * r1 * cfg["r1_every"] + 0 * logits.sum()
+            (loss_d / len(micro)).backward()
+            outs.append(out)
+        average_gradients(list(D.parameters()), world)
+        self.opt_d.step()
+        logs["loss_d"] = loss_d
+
+        # --- G step: Eq. (9) ---
+        D.requires_grad_(False)
+        self.opt_g.zero_grad(set_to_none=True)
+        for mb, out in zip(micro, outs):
+            x_g, x_d = out["x_g"], mb["frames"]
+            with autocast():
+                terms = {
+                    "ortho": None if cfg["ortho"] == "none" else
+                    L.orthogonality_loss(out["z_sc"], out["z_cd"], cfg["ortho"], layers=m.fusion.layers),
+                    "sync": L.sync_loss(self.syncnet, x_g, mb["mel"], size=self.syncnet.face_hw[1])
+                    if self.syncnet is not None and x_g.shape[1] % self.syncnet.n_frames == 0 else None,
+                    "id": L.identity_loss(self.e_id, x_g, x_d) if self.e_id is not None else None,
+                    "rec": L.reconstruction_loss(x_g, x_d),
+                    "lpips": L.perceptual_loss(self.vgg, x_g, x_d) if self.vgg is not None else None,
+                    "gan": L.gan_loss_g(self._d(x_g)),
+                }
+                total, parts = L.total_loss(terms)
+            (total / len(micro)).backward()
+        average_gradients(self.params_g, world)
+        self.opt_g.step()
+        logs.update({k2: v for k2, v in parts.items()})
+        self.last = (micro[0], outs[0])
+        return logs
+
+    @torch.no_grad()
+    def samples(self, batch, seed):
+        """Rows: source x_s | driving x_d (frame 0) | generated x_g | canonical G(z_s->c) (Fig. 5)."""
+        mb, out = self.last
+        n = min(4, mb["frames"].shape[0])
+        canon = self.fctfg.render(out["z_sc"][:n, :1], [None if d is None else d[:n] for d in out["deltas"]])
+        return torch.cat([mb["source"][:n], mb["frames"][:n, 0], out["x_g"][:n, 0].detach(), canon[:, 0]])
+
+
+STAGE_CLASSES = {"stylegan2": StyleGAN2Stage, "syncnet": SyncNetStage, "inversion": InversionStage,
+                 "fctfg": FCTFGStage}
 
 
 # ====================================================================================================
@@ -504,7 +661,7 @@ def train(argv=None):
     np.random.seed(cfg["seed"] + rank)
     random.seed(cfg["seed"] + rank)
 
-    stage = STAGE_CLASSES[args.stage](cfg, device, init=args.init)
+    stage = STAGE_CLASSES[args.stage](cfg, device, args)
     acc = cfg["accum"]
     if cfg["amp"] not in ("none", "bf16"):
         raise SystemExit(f"error: --amp must be 'none' or 'bf16', got {cfg['amp']!r}")
@@ -552,14 +709,15 @@ def train(argv=None):
     def on_signal(signum, frame):  # finish the current step, save, exit
         stop["signal"] = signum
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "samples").mkdir(exist_ok=True)
         print(f"stage {args.stage} | preset {args.preset} | {world} process(es) on {device} | "
-              f"batch {cfg['batch']} x {world} | steps {start}..{cfg['max_steps']} | out {out}")
+              f"batch {cfg['batch']} x {acc} x {world} | steps {start}..{cfg['max_steps']} | out {out}")
+        if getattr(stage, "note", ""):
+            print(stage.note)
     log_file = open(out / "log.jsonl", "a") if is_main else None
     t0, n_img = time.time(), 0
     step = start
@@ -570,14 +728,16 @@ def train(argv=None):
             logs = stage.step(step, micro, world, autocast)
             batch = micro[0]
             vals = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
+            if args.inject_nan is not None and step == args.inject_nan:
+                vals["injected"] = float("nan")  # test hook: what a diverged loss looks like
             bad = [k for k, v in vals.items() if not math.isfinite(v)]
             if bad:
                 raise StopTraining(f"non-finite loss {bad} at step {step}; last good checkpoint: {last}")
-            n_img += cfg["batch"] * acc * world
+            n_img += cfg["batch"] * acc * world * getattr(stage, "frames_per_sample", 1)
             done = step + 1
             if is_main and (done % cfg["log_every"] == 0 or done == cfg["max_steps"]):
                 rate = n_img / (time.time() - t0)
-                eta = (cfg["max_steps"] - done) * cfg["batch"] * acc * world / max(rate, 1e-9)
+                eta = (cfg["max_steps"] - done) * (time.time() - t0) / (done - start)
                 log_file.write(json.dumps({"step": done, "time": time.time(), "img_per_s": rate, **vals}) + "\n")
                 log_file.flush()
                 print(f"step {done:7d} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
@@ -595,6 +755,8 @@ def train(argv=None):
             print(f"error: {e}", file=sys.stderr)
         return 3
     finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         if log_file:
             log_file.close()
         if world > 1:
