@@ -319,6 +319,9 @@ class StyleGAN2Stage:
                                  cfg["mixing"])
                 img = G.synthesis(ws, noise_mode="random")
                 pl, self.pl_mean, mean_len = stylegan2.path_length_penalty(img, ws, self.pl_mean)
+                if world > 1:  # one running mean for all ranks (the mean over the global batch)
+                    dist.all_reduce(self.pl_mean)
+                    self.pl_mean /= world
                 # zero-weighted image term: every parameter of G receives a gradient on every rank
                 loss_g = loss_g + cfg["pl_weight"] * cfg["pl_every"] * pl + 0 * img[0, 0, 0, 0]
                 logs["pl"], logs["path_length"] = pl, mean_len
@@ -655,13 +658,16 @@ def train(argv=None):
     rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
     out = Path(args.out)
-    if args.stage not in STAGE_CLASSES:
-        raise SystemExit(f"error: stage {args.stage!r} is not implemented yet")
-    torch.manual_seed(cfg["seed"] + rank)  # per-rank seeds: different noise on each shard
+    torch.manual_seed(cfg["seed"])  # the same seed everywhere: every rank builds identical networks
+    try:
+        stage = STAGE_CLASSES[args.stage](cfg, device, args)
+        data = Batches(stage.dataset(make_clip_dataset(cfg, args.data)), cfg["batch"], rank, world, cfg["seed"])
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(cfg["seed"] + rank)  # then per-rank seeds: different noise on each shard
     np.random.seed(cfg["seed"] + rank)
     random.seed(cfg["seed"] + rank)
-
-    stage = STAGE_CLASSES[args.stage](cfg, device, args)
     acc = cfg["accum"]
     if cfg["amp"] not in ("none", "bf16"):
         raise SystemExit(f"error: --amp must be 'none' or 'bf16', got {cfg['amp']!r}")
@@ -670,7 +676,6 @@ def train(argv=None):
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
-    data = Batches(stage.dataset(make_clip_dataset(cfg, args.data)), cfg["batch"], rank, world, cfg["seed"])
 
     start = 0
     last = out / "last.pt"
@@ -694,6 +699,14 @@ def train(argv=None):
         if world > 1:  # gather every rank's RNG state so a resumed run continues all of them
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state())
+            # The explicit all-reduce keeps replicas identical; verify it (cheap, once per checkpoint).
+            sums = [None] * world
+            dist.all_gather_object(sums, [float(p.double().sum()) for n in stage.models
+                                          for p in getattr(stage, n).parameters()])
+            if any(s_ != sums[0] for s_ in sums):
+                raise StopTraining(f"ranks diverged at step {step}: parameters differ between processes")
+            if is_main:
+                print(f"checkpoint at step {step}: {world} ranks hold identical parameters")
         if not is_main:
             return
         state = {"stage": args.stage, "step": step, "cfg": dict(cfg), "world": world, "rng": rngs,
@@ -725,7 +738,11 @@ def train(argv=None):
         for step in range(start, cfg["max_steps"]):
             micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in data.get(step * acc + a).items()}
                      for a in range(acc)]
-            logs = stage.step(step, micro, world, autocast)
+            try:
+                logs = stage.step(step, micro, world, autocast)
+            except torch.cuda.OutOfMemoryError:
+                raise StopTraining(f"out of GPU memory at batch {cfg['batch']}: lower --batch and raise "
+                                   f"--accum to keep the same effective batch") from None
             batch = micro[0]
             vals = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
             if args.inject_nan is not None and step == args.inject_nan:

@@ -1,0 +1,191 @@
+"""Tests for train.py: every stage runs and chains, checkpoints load safely, kill-and-resume equals an
+uninterrupted run, NaN stops cleanly, and the DDP arithmetic (torchrun, gloo) matches one process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import stylegan2
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--device", "cpu", "--n_identities", "2", "--clips_per_identity", "2", "--clip_frames", "8",
+         "--frame_pool", "8", "--batch", "4", "--log_every", "1", "--sample_every", "2", "--ckpt_every", "2"]
+
+
+def run(stage, out, steps, *extra):
+    rc = train.train(["--stage", stage, "--out", str(out), "--max_steps", str(steps), *SMALL, *extra])
+    assert rc == 0
+    return torch.load(Path(out) / "last.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_stylegan2_stage_writes_log_samples_and_a_rosinality_loadable_checkpoint(tmp_path):
+    ck = run("stylegan2", tmp_path, 3)
+    assert ck["stage"] == "stylegan2" and ck["step"] == 3 and ck["cfg"]["model"] == "tiny"
+    lines = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3]
+    assert all(l["loss_d"] > 0 and l["img_per_s"] > 0 for l in lines)
+    assert "r1" in lines[0] and "pl" in lines[0]            # lazy regularisers ran at step 0
+    assert (tmp_path / "samples" / "0000002.png").is_file()
+    G, D, _ = stylegan2.load_stylegan2(tmp_path / "last.pt")  # same keys as rosinality's g/d/g_ema
+    assert G.size == 64 and D is not None
+
+
+def test_ema_half_life_and_buffers():
+    G = stylegan2.Generator(8, style_dim=4, n_mlp=1, channels={4: 2, 8: 2})
+    ema = stylegan2.Generator(8, style_dim=4, n_mlp=1, channels={4: 2, 8: 2})
+    before = [p.clone() for p in ema.parameters()]
+    train.accumulate_ema(ema, G, 0.75)
+    for pe, pm, pb in zip(ema.parameters(), G.parameters(), before):
+        torch.testing.assert_close(pe, 0.75 * pb + 0.25 * pm)
+    for be, bm in zip(ema.buffers(), G.buffers()):
+        assert torch.equal(be, bm)
+
+
+@pytest.mark.slow
+def test_all_stages_chain(tmp_path):
+    """stylegan2 -> inversion -> fctfg (with the syncnet stage's expert), each a few steps."""
+    run("stylegan2", tmp_path / "sg", 2)
+    ck = run("inversion", tmp_path / "inv", 2, "--init", str(tmp_path / "sg" / "last.pt"))
+    assert {"e_inv", "hyper", "g_ema", "d"} <= ck.keys()
+    sg = torch.load(tmp_path / "sg" / "last.pt", weights_only=True)
+    assert_same_state(ck["g_ema"], sg["g_ema"])              # the frozen decoder is carried forward
+    ck = run("syncnet", tmp_path / "sync", 2)
+    assert "syncnet" in ck
+    ck = run("fctfg", tmp_path / "f", 2, "--init", str(tmp_path / "inv" / "last.pt"),
+             "--syncnet", str(tmp_path / "sync" / "last.pt"), "--hyper_steps", "1")
+    log = [json.loads(l) for l in (tmp_path / "f" / "log.jsonl").read_text().splitlines()]
+    assert {"ortho", "sync", "rec", "gan", "total", "loss_d"} <= log[-1].keys()
+    import fusion
+    model, cfg = fusion.FCTFG.load(tmp_path / "f" / "last.pt")
+    assert cfg["temporal"] == "conv"
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 5, 3, 64, 64), torch.zeros(1, 5, 1, 80, 16))
+    assert out["x_g"].shape == (1, 5, 3, 64, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [["--temporal", "lstm", "--disc", "video", "--ortho", "cosine"],
+                                     ["--temporal", "none", "--ortho", "none", "--freeze_pretrained"]])
+def test_fctfg_ablation_flags_run(tmp_path, variant):
+    ck = run("fctfg", tmp_path, 1, "--hyper_steps", "0", *variant)
+    assert ck["cfg"]["temporal"] == variant[1]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = run("stylegan2", tmp_path / "a", 4)
+    run("stylegan2", tmp_path / "b", 2)
+    resumed = run("stylegan2", tmp_path / "b", 4, "--resume")
+    assert resumed["step"] == 4
+    for name in ("g", "d", "g_ema"):
+        assert_same_state(full[name], resumed[name])
+    assert torch.equal(full["extra"]["pl_mean"], resumed["extra"]["pl_mean"])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_matches(tmp_path):
+    """A process killed with SIGTERM saves at the step it finished; resuming it reaches exactly the
+    weights of an uninterrupted run of the same length."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--stage", "stylegan2", "--out", str(tmp_path / "k"),
+           "--max_steps", "1000", *SMALL, "--ckpt_every", "1000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    for line in p.stdout:
+        if line.startswith("step       2"):
+            p.send_signal(signal.SIGTERM)
+            break
+    rest = p.stdout.read()
+    assert p.wait(timeout=300) == 0, rest
+    assert "exiting" in rest
+    k = torch.load(tmp_path / "k" / "last.pt", weights_only=True)["step"]
+    assert k >= 2
+    resumed = run("stylegan2", tmp_path / "k", k + 1, "--resume")
+    full = run("stylegan2", tmp_path / "full", k + 1)
+    for name in ("g", "d", "g_ema"):
+        assert_same_state(full[name], resumed[name])
+
+
+def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    rc = train.train(["--stage", "stylegan2", "--out", str(tmp_path), "--max_steps", "10", *SMALL,
+                      "--inject_nan", "2"])
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "step 2" in err
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["step"] == 2                                    # saved after step 2 (index 1), before the NaN
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert train.train(["--stage", "stylegan2", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="has no"):
+        train.train(["--stage", "fctfg", "--out", str(tmp_path / "x"), *SMALL, "--init",
+                     str(_save(tmp_path / "sg.pt", {"stage": "stylegan2", "g_ema": {}}))])
+    with pytest.raises(SystemExit, match="not divisible"):
+        train.train(["--stage", "fctfg", "--out", str(tmp_path / "y"), *SMALL, "--batch", "2"])
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a loadable"):
+        train.load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--no_such_option", "1"])
+
+
+def _save(path, obj):
+    torch.save(obj, path)
+    return path
+
+
+def test_batches_shards_partition_the_global_batch():
+    ds = list(range(40))
+    one = train.Batches(ds, 8, 0, 1, seed=3)
+    two = [train.Batches(ds, 4, r, 2, seed=3) for r in range(2)]
+    for k in range(4):
+        assert sorted(one.indices(k)) == sorted(two[0].indices(k) + two[1].indices(k))
+        assert not set(two[0].indices(k)) & set(two[1].indices(k))
+
+
+def test_checkpoint_rng_roundtrip(tmp_path):
+    state = train.rng_state()
+    a = (torch.rand(3), __import__("numpy").random.rand(2), __import__("random").random())
+    train.save_checkpoint(tmp_path / "r.pt", {"rng": state})
+    train.set_rng_state(train.load_checkpoint(tmp_path / "r.pt")["rng"])
+    b = (torch.rand(3), __import__("numpy").random.rand(2), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
+
+
+def _torchrun(args, cwd, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(29500 + os.getpid() % 1000), *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_torchrun_gradient_average_equals_full_batch(tmp_path):
+    r = _torchrun([str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "res")], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = [json.loads((tmp_path / f"res.{k}").read_text()) for k in range(2)]
+    assert [x["world"] for x in res] == [2, 2]
+    assert all(x["max_err"] < 1e-12 for x in res), res
+
+
+@pytest.mark.slow
+def test_torchrun_training_keeps_ranks_identical(tmp_path):
+    r = _torchrun([str(ROOT / "train.py"), "--stage", "stylegan2", "--out", str(tmp_path / "ddp"),
+                   "--max_steps", "2", *SMALL, "--batch", "2"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout and "2 ranks hold identical parameters" in r.stdout
+    ck = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert ck["world"] == 2 and len(ck["rng"]) == 2 and ck["step"] == 2
