@@ -316,8 +316,9 @@ def test_fresh_generator_ignores_noise_and_const_is_reproducible(small_G):
             small_G.conv1.noise.weight.zero_()
 
 
-def _record_layer_outputs(G, fn):
-    outs, hooks = [], [m.register_forward_hook(lambda m, i, o: outs.append(o.detach().clone()))
+def _record_layer_outputs(G, fn, part=lambda m: m):
+    """Outputs of part(m) for every modulated conv m of G during fn(), in call order."""
+    outs, hooks = [], [part(m).register_forward_hook(lambda m, i, o: outs.append(o.detach().clone()))
                        for m in G.modulated_convs()]
     try:
         fn()
@@ -373,7 +374,7 @@ def test_w_index_map_matches_spec_table(small_G):
     expected[0], expected[1] = 0, 1
     for n, r in enumerate(range(3, G.log_size + 1)):
         expected[2 + 3 * n], expected[3 + 3 * n], expected[4 + 3 * n] = 2 * r - 5, 2 * r - 4, 2 * r - 3
-    styles = lambda ws: [o for o in _record_mod(G, lambda: G.synthesis(ws))]  # noqa: E731
+    styles = lambda ws: _record_layer_outputs(G, lambda: G.synthesis(ws), lambda m: m.modulation)  # noqa: E731
     ws = torch.randn(1, G.n_latent, 16)
     base = styles(ws)
     for k in range(G.n_latent):
@@ -382,17 +383,6 @@ def test_w_index_map_matches_spec_table(small_G):
         changed = {i for i, (a, b) in enumerate(zip(base, styles(ws2))) if not torch.equal(a, b)}
         assert changed == {i for i, wi in expected.items() if wi == k}, k
     assert G.w_index_of_layers() == [expected[i] for i in range(len(expected))]
-
-
-def _record_mod(G, fn):
-    outs, hooks = [], [m.modulation.register_forward_hook(lambda m, i, o: outs.append(o.detach().clone()))
-                       for m in G.modulated_convs()]
-    try:
-        fn()
-    finally:
-        for h in hooks:
-            h.remove()
-    return outs
 
 
 def test_style_mixing_and_truncation(small_G):
