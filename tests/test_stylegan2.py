@@ -562,8 +562,10 @@ def test_cli_writes_grid_and_fails_cleanly(tmp_path):
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("naive", ["0", "1"])  # the tiled kernel and the one-thread-per-pixel kernel
 @pytest.mark.parametrize("up,down,pad", GRAD_CASES + [((1, 1), (1, 1), (1, 1, 1, 1))])
-def test_cuda_upfirdn2d_matches_reference(up, down, pad):
+def test_cuda_upfirdn2d_matches_reference(up, down, pad, naive, monkeypatch):
+    monkeypatch.setenv("FCTFG_UPFIRDN_NAIVE", naive)
     assert sg.cuda_ops(), "CUDA ops failed to build"
     x = torch.randn(3, 5, 17, 23, device="cuda", requires_grad=True)
     f = torch.randn(4, 4, device="cuda")
