@@ -526,16 +526,17 @@ class VideoWriter:
 
 def load_model(checkpoint, preset, device, seed=0):
     """-> (FCTFG in eval mode, cfg dict, trained flag). checkpoint=None: the shipped tiny checkpoint if
-    present, else untrained `preset` weights (seeded)."""
+    present and preset is tiny, else untrained `preset` weights (seeded)."""
     path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
-    if checkpoint or path.is_file():
+    if checkpoint or (preset == "tiny" and path.is_file()):
         if not path.is_file():
             raise FileNotFoundError(f"--checkpoint: file not found: {path}")
         model, cfg = fusion.FCTFG.load(path, device)
         print(f"infer.py: weights from {path}")
         return model, dict(cfg), True
     torch.manual_seed(seed)
-    print(f"infer.py: NOTE: no trained checkpoint ({DEFAULT_CHECKPOINT.relative_to(HERE)} is missing): "
+    why = f"{DEFAULT_CHECKPOINT.relative_to(HERE)} is missing" if preset == "tiny" else "the shipped one is tiny"
+    print(f"infer.py: NOTE: no trained checkpoint ({why}): "
           f"using UNTRAINED {preset!r} weights (random init, seed {seed}). The video only shows that the "
           f"pipeline runs; train one with `python train.py --stage fctfg ...` and pass --checkpoint.")
     return fusion.FCTFG(preset).to(device).eval(), dict(model=preset), False
@@ -566,7 +567,7 @@ def parse_args(argv=None):
     ap.add_argument("--pose-from", help="video for head pose (default --driving)")
     ap.add_argument("--eyes-from", help="video for blinks and gaze (default --driving)")
     ap.add_argument("--expression-from", help="video for brows/expression (default --driving)")
-    ap.add_argument("--canonical", action="store_true", help="write G(E_can(z_d)) of every driving frame (Fig. 5b)")
+    ap.add_argument("--canonical", action="store_true", help="write the face crops G(E_can(z_d)) of every driving frame (Fig. 5b)")
     ap.add_argument("--no-paste", action="store_true", help="write the generated face crop, not the pasted frame")
     ap.add_argument("--no-mark", action="store_true", help="drop the visible 'AI-generated' mark (the metadata tag stays)")
     ap.add_argument("--no-detect", action="store_true", help="inputs are face crops: centre square, no dlib")
@@ -615,8 +616,12 @@ def run(args):
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
     amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out: {out} is a folder; give a file name such as {out / 'out.mp4'}")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out: folder does not exist: {out.parent}")
+    if args.fps is not None and args.driving is None:
+        raise ValueError("--fps resamples a driving video: it needs --driving (the procedural clip is 25 fps)")
     if args.seconds <= 0 or args.hyper_steps < 0 or (args.fps is not None and args.fps <= 0):
         raise ValueError("--seconds and --fps must be > 0 and --hyper-steps >= 0")
     for flag in ("source", "driving", "audio", "pose_from", "eyes_from", "expression_from"):
@@ -734,19 +739,22 @@ def run(args):
                 stages=dict(timer.t), trained=trained, threads=torch.get_num_threads(), device=str(device))
 
 
-def bench(seconds=4.0, device=None, bf16=False):
-    """End-to-end speed of the tiny pipeline on procedural FILE inputs (so decoding is real): a 64 px
-    driving mp4 with audio and a 128 px source png, --no-detect. fps excludes model loading and the
+def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None):
+    """End-to-end speed of the pipeline on procedural FILE inputs (so decoding is real): a driving mp4
+    with audio at the model size and a source png (max(128, size) px), --no-detect, untrained `preset`
+    weights unless the shipped checkpoint exists (tiny only). fps excludes model loading and the
     one-time source inversion (reported apart). Detection is timed separately on 256 px frames because
     dlib does not find the cartoon faces (a real run probes 1 frame in 5 after the first 2 s)."""
     with tempfile.TemporaryDirectory() as d:
-        src, frames, wav = procedural_inputs(64, seconds)
+        import stylegan2
+        src, frames, wav = procedural_inputs(stylegan2.PRESETS[preset]["size"], seconds)
         Image.fromarray(src).save(f"{d}/src.png")
         data.write_video(f"{d}/drive.mp4", np.stack(list(frames)), data.FPS, wav)
         argv = ["--source", f"{d}/src.png", "--driving", f"{d}/drive.mp4", "--out", f"{d}/out.mp4",
-                "--no-detect", "--quiet"] + (["--device", device] if device else []) + (["--bf16"] if bf16 else [])
+                "--no-detect", "--quiet", "--preset", preset] + (["--device", device] if device else []) + \
+               (["--bf16"] if bf16 else []) + (["--batch", str(batch)] if batch else [])
         st = run(parse_args(argv))
-    print(f"bench: {st['frames']} frames tiny on {st['device']} ({st['threads']} threads): "
+    print(f"bench: {st['frames']} frames {preset} on {st['device']} ({st['threads']} threads): "
           f"{st['e2e_fps']:.1f} fps end to end (source inversion {st['source_inversion_s'] * 1000:.0f} ms, "
           f"model load {st['stages'].get('load', 0) * 1000:.0f} ms, not included)")
     parts = ["decode", "crop", "encode", "fuse", "G", "write"]
@@ -774,7 +782,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.bench:
-            bench(args.seconds if args.seconds != 3.0 else 4.0, args.device, args.bf16)
+            bench(args.seconds if args.seconds != 3.0 else 4.0, args.device, args.bf16, args.preset, args.batch)
         else:
             run(args)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:

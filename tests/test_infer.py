@@ -317,6 +317,8 @@ def _bad_files(d, files):
         (["--source", src, "--driving", drv, "--checkpoint", d / "junk.pt"], "not a loadable checkpoint"),
         (["--source", src, "--driving", drv, "--checkpoint", d / "none.pt"], "--checkpoint: file not found"),
         (["--source", src, "--driving", drv, "--pose-from", d / "none.mp4"], "--pose-from: file not found"),
+        (["--source", src, "--driving", drv, "--out", d], "is a folder"),
+        (["--source", src, "--fps", "30"], "--fps resamples a driving video"),
     ]
 
 
@@ -325,7 +327,7 @@ def test_bad_inputs_fail_cleanly(files, tmp_path, capsys):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     for argv, msg in cases:
-        rc, _, err = _run(argv + ["--out", out_dir / "o.mp4", "--no-detect", "--quiet"], capsys)
+        rc, _, err = _run(["--out", out_dir / "o.mp4"] + argv + ["--no-detect", "--quiet"], capsys)
         assert rc != 0, (argv, err)
         assert msg in err, (msg, err)
         assert err.strip().count("\n") == 0 and err.startswith("infer.py: error:"), err
