@@ -102,7 +102,7 @@ def make_identity(seed):
         parting=u(-1, 1), iris=tuple(r.choice([[0.35, 0.2, 0.08], [0.2, 0.35, 0.55], [0.25, 0.4, 0.2],
                                                [0.15, 0.1, 0.05]])),
         eye_dx=u(0.3, 0.38), eye_y=u(0.12, 0.2), eye_rx=u(0.11, 0.14), eye_ry=u(0.06, 0.075),
-        nose=(u(0.07, 0.1), u(0.09, 0.14)), mouth_w=u(0.15, 0.21), mouth_y=u(-0.5, -0.42),
+        nose=(u(0.07, 0.1), u(0.09, 0.14)), mouth_w=u(0.2, 0.27), mouth_y=u(-0.5, -0.42),
         lips=tuple(np.clip(skin * np.array([0.95, 0.6, 0.6]) + [0.08, 0, 0], 0, 1)),
         shirt=tuple(u(0.05, 0.95, 3)), bg=(tuple(u(0.1, 0.9, 3)), tuple(u(0.1, 0.9, 3))),
         bg_pattern=int(r.integers(3)), bg_freq=u(2, 7), bg_angle=u(0, np.pi),
@@ -341,12 +341,21 @@ HEAD_Y = 0.1                  # head centre sits above the image centre, leaving
 LIGHT = np.array([-0.35, 0.45, 0.82]) / np.linalg.norm([-0.35, 0.45, 0.82])  # world light direction
 
 
+# Mouth proportions in face units (face radius = 1). Deliberately larger than a real mouth: at 64 px
+# the lips must span several pixels when open, or lip sync is invisible to the tiny SyncNet.
+LIP_H = 0.04        # outer half-height of the closed lips
+OPEN_LIP_H = 0.11   # extra outer half-height at full opening
+OPEN_INNER_H = 0.13  # inner (dark) half-height at full opening (< LIP_H + OPEN_LIP_H: lips stay visible)
+JAW_DROP = 0.11     # the mouth centre moves down by this much at full opening; = OPEN_LIP_H, so the
+                    # upper lip stays put and only the lower lip and jaw move, as in real speech
+
+
 def _mouth_geom(ident, m):
     """Mouth shape for one frame: centre height, outer half-width/height, inner half-width/height."""
     mw = ident.mouth_w * (1 + 0.2 * m["mouth_width"])
     op = float(np.clip(m["mouth_open"], 0, 1))
-    my = ident.mouth_y - 0.05 * op              # the jaw drops: the mouth centre moves down as it opens
-    return my, mw, 0.035 + 0.08 * op, 0.8 * mw, 0.085 * op
+    my = ident.mouth_y - JAW_DROP * op          # the jaw drops: the mouth centre moves down as it opens
+    return my, mw, LIP_H + OPEN_LIP_H * op, 0.8 * mw, OPEN_INNER_H * op
 
 
 def render(ident, motion, size=64, ss=None, return_masks=False):

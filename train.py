@@ -384,10 +384,12 @@ class ClipWindows(torch.utils.data.Dataset):
         if self.source:  # x_s: another frame of the same clip (self-reenactment, Sec. 4.1.1 protocol)
             out["source"] = s["frames"][int(g.integers(len(s["frames"])))].float() / 127.5 - 1
         if self.off_sync:
-            in_sync = self.n_starts == 1 or g.random() < 0.5
-            t_audio = t
-            while not in_sync and t_audio == t:
-                t_audio = int(g.integers(self.n_starts))
+            # Negatives take audio from a window that does not overlap this one (|shift| >= W frames)
+            # when the clip is long enough: overlapping windows share most of their sound, and such
+            # near-duplicates only teach the expert that sync is undecidable.
+            far = [u for u in range(self.n_starts) if abs(u - t) >= W] or [u for u in range(self.n_starts) if u != t]
+            in_sync = not far or g.random() < 0.5
+            t_audio = t if in_sync else far[int(g.integers(len(far)))]
             out["mel_expert"] = s["mel"][t_audio]   # [1, 80, 16]: Wav2Lip's one mel window per 5 frames
             out["y"] = torch.tensor(1.0 if in_sync else 0.0)
         return out

@@ -96,9 +96,9 @@ def test_mouth_opening_touches_only_the_mouth_and_is_monotone(seed):
             assert len(rows) > 0
             assert rows.min() > nose_row, "mouth opening changed pixels above the nose"
             # hand-derived band at yaw 0: face-space v maps to image y = HEAD_Y + v b (orthographic);
-            # the lips span mouth_y - 0.05 op -/+ (0.035 + 0.08 op) (the jaw drops as the mouth opens)
-            v_lo = ident.mouth_y - 0.05 * op - (0.035 + 0.08 * op)
-            v_hi = ident.mouth_y + 0.035
+            # the lips span mouth_y - JAW_DROP op -/+ (LIP_H + OPEN_LIP_H op) (the jaw drops as it opens)
+            v_lo = ident.mouth_y - data.JAW_DROP * op - (data.LIP_H + data.OPEN_LIP_H * op)
+            v_hi = ident.mouth_y + data.LIP_H
             row = lambda vv: (1 - data.HEAD_Y - vv * ident.head[1]) * SIZE / 2
             assert rows.min() + 1.5 >= row(v_hi) and rows.max() + 0.5 <= row(v_lo) + 1.5
             # half-width of the widest lips (mouth_width 0) in px, plus an anti-aliasing margin
