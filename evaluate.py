@@ -12,18 +12,33 @@ LSE-D / LSE-C [42] SyncNet v2 of syncnet_python              -> lse, sync_scores
           its MFCC front-end (python_speech_features)        -> mfcc
           its network and published weights                 -> SyncNetV2, load_syncnet_v2
 Throughput of all of the above vs the test oracles           -> bench_metrics (python evaluate.py --bench)
+Sec. 4.2.3 protocol (PC-AVS): frame 0 = identity, the clip's
+          frames drive pose/expression, its audio the lips   -> evaluate_clip, run_model, evaluate (CLI)
+Table 1 layout + the paper's numbers beside ours             -> PAPER_TABLE1, format_table
+Baselines: copy the source frame; G(E_inv(x_d)) (upper bound) -> run_model(method=...)
+Controllability on procedural data (no paper reports it): cross-identity reenactment vs the renderer's
+          ground truth, per-attribute errors from a motion probe -> MotionProbe, train_probe, attribute_errors
+Fig. 5b / Fig. 6: canonical images of every frame of a clip  -> run_model(canonical=True), canon_* numbers
+
+Run:  python evaluate.py --checkpoint runs/fctfg/last.pt --data synthetic --out eval/ [--syncnet E.pt]
+      python evaluate.py --checkpoint CKPT --data /prepared/vox --syncnet-v2 syncnet_v2.model --out eval/
+      python evaluate.py --train-probe --out probe.pt ;  ... --protocol cross --probe probe.pt
+      python evaluate.py --baseline copy_source|encoder_recon ...     python evaluate.py --bench
 
 Conventions in one place (details next to the code):
 - Images are [B, C, H, W] RGB tensors, either uint8 or float in 0..data_range; a video is just B=T.
 - Metric values are per image ([B]); averaging over frames / videos is the protocol's job.
 - All maths runs on the input's device and dtype (float64 inputs give oracle-level agreement).
-Not here: the PC-AVS test protocol, baselines and CLI of issue 9 (added later by the lead), the
-Wav2Lip mel front-end and SyncNet_color expert used for training (audio.py / sync.py), training."""
+Not here: the Wav2Lip mel front-end and the SyncNet_color expert used for training (audio.py), the
+networks evaluated (fusion.py), data and its renderer (data.py), training (train.py)."""
+import argparse
 import importlib.util
+import json
 import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -604,10 +619,678 @@ def bench_metrics(n=16, size=224, device="cpu"):
 
 
 # =================================================================================================
-# Protocol (Sec. 4.2.3, PC-AVS) and evaluation CLI: issue 9, written by the lead (not this section).
+# The motion probe: a small CNN that reads the renderer's parameters back from a procedural frame
 # =================================================================================================
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--bench"]:
-        bench_metrics(device="cuda" if torch.cuda.is_available() else "cpu")
+# Why: the procedural set (data.py) knows the exact pose / blink / gaze / mouth of every frame it
+# renders, but nothing knows them for a *generated* frame: dlib finds no face in cartoon heads, and no
+# pose estimator was trained on them. So we train one: a regressor from rendered frames to the 12
+# motion parameters and the 4 mouth landmarks, with the renderer's values as labels. Its held-out
+# error (stored in its checkpoint, printed with every result that uses it) is the resolution of every
+# number it produces; generated frames are a different distribution from rendered ones, which adds
+# an error it cannot measure on itself.
+PROBE_SIZE = 64                               # frames are resized to this side before the probe
+PROBE_MOUTH = (9, 10, 11, 12)                 # data.LANDMARK_NAMES: mouth_l, mouth_r, mouth_top, mouth_bottom
+N_MOTION = 12                                 # data.MOTION_KEYS
+ATTRIBUTES = {                                # reported attribute: (MOTION_KEYS columns, unit scale, unit)
+    "yaw": ((0,), 180 / math.pi, "deg"), "pitch": ((1,), 180 / math.pi, "deg"),
+    "roll": ((2,), 180 / math.pi, "deg"),
+    "blink": ((5, 6), 1.0, "0..1"),           # mean over both eyes
+    "gaze": ((7, 8), 1.0, "-1..1"),           # mean over x and y
+    "mouth_open": ((10,), 1.0, "0..1"),
+}
+
+
+class MotionProbe(nn.Module):
+    """[B, 3, H, W] frames in [-1, 1] -> [B, 20]: the 12 motion parameters (data.MOTION_KEYS units)
+    then (x, y) of the 4 mouth landmarks as fractions of the image side. Four stride-2 3x3 convs with
+    BatchNorm (64 -> 4 px) and a 2-layer head; outputs are de-standardised with the training targets' mean/std,
+    stored as buffers so the checkpoint alone reproduces the predictions."""
+
+    def __init__(self,
+            width=32,   # channels of the first conv (then 2x, 3x, 4x)
+            hidden=256, # width of the fully connected layer
+        ):
+        super().__init__()
+        c = (3, width, 2 * width, 3 * width, 4 * width)
+        layers = []
+        for i in range(4):                                                     # 32, 16, 8, 4 px
+            layers += [nn.Conv2d(c[i], c[i + 1], 3, stride=2, padding=1), nn.BatchNorm2d(c[i + 1]), nn.LeakyReLU(0.2)]
+        self.features = nn.Sequential(*layers)                                 # [B, 4w, 4, 4]
+        self.head = nn.Sequential(nn.Linear(4 * width * 16, hidden), nn.LeakyReLU(0.2),
+                                  nn.Linear(hidden, N_MOTION + 2 * len(PROBE_MOUTH)))
+        self.register_buffer("mean", torch.zeros(N_MOTION + 2 * len(PROBE_MOUTH)))
+        self.register_buffer("std", torch.ones(N_MOTION + 2 * len(PROBE_MOUTH)))
+
+    def forward_standardised(self, x):
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"MotionProbe wants [B, 3, H, W] frames in [-1, 1], got {tuple(x.shape)}")
+        if x.shape[-2:] != (PROBE_SIZE, PROBE_SIZE):
+            x = F.interpolate(x, size=(PROBE_SIZE, PROBE_SIZE), mode="bilinear", align_corners=False, antialias=True)
+        return self.head(self.features(x).flatten(1))
+
+    def forward(self, x):
+        return self.forward_standardised(x) * self.std + self.mean              # [B, 20]
+
+
+def probe_target(ident, motion_row):
+    """Label of one rendered frame: motion [12] ++ mouth landmarks [4 x (x, y)] / image side -> [20]."""
+    import data
+    xy, _ = data.landmarks(ident, motion_row, PROBE_SIZE)
+    return np.concatenate([np.asarray(motion_row, np.float64), (xy[list(PROBE_MOUTH)] / PROBE_SIZE).reshape(-1)])
+
+
+def probe_dataset(split, n, seed=0, ss=None):
+    """n rendered 64 px frames with labels -> (frames uint8 [n, 3, 64, 64], targets float32 [n, 20]).
+    ss: the renderer's supersampling (None = data.py's default, 3 at 64 px; training uses 2, which is
+    ~2x cheaper and, box-averaged like 3, nearly the same picture; the held-out set uses the default).
+    Identities and motion come from data.py's own generators (train or test ranges, so the held-out
+    set has unseen people), 8 random rows of each 48-frame motion clip, one person per clip. Blinks are rare in real motion
+    (~0.3/s), so for 40 % of the frames the lids are redrawn uniformly (15 % of those one eye only):
+    otherwise the probe could score well by always answering 'open'."""
+    import data
+    ids = data.TRAIN_IDS if split == "train" else data.TEST_IDS
+    base = 0 if split == "train" else 1 << 40
+    r = np.random.default_rng((seed, 0 if split == "train" else 1))
+    frames, targets = [], []
+    for k in range(n):
+        if k % 8 == 0:  # 8 frames per (person, motion clip): the background and the speech track are
+            # the slow parts of rendering and are computed once per person / clip
+            motion, _ = data.make_motion(base + int(r.integers(1 << 30)), 48)
+            ident = data.make_identity(ids[int(r.integers(min(len(ids), 100_000)))])
+        row = motion[int(r.integers(48))].astype(np.float64)
+        if r.random() < 0.4:
+            b = r.uniform(0, 1)
+            row[5:7] = (b, b) if r.random() > 0.15 else ((b, 0.0) if r.random() < 0.5 else (0.0, b))
+        frames.append(data.render(ident, row, PROBE_SIZE, ss=ss))
+        targets.append(probe_target(ident, row))
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(targets)).float()
+
+
+def _unit(x_uint8):
+    return x_uint8.float() / 127.5 - 1  # uint8 frames -> [-1, 1]
+
+
+def attribute_errors(pred, target):
+    """Mean absolute error per ATTRIBUTES entry (in its unit) and the mouth LMD at 224 px
+    (lmd_points convention) between [N, 20] probe-layout rows -> dict of floats."""
+    pred, target = pred.double(), target.double()
+    out = {name: float((pred[:, list(cols)] - target[:, list(cols)]).abs().mean() * scale)
+           for name, (cols, scale, _) in ATTRIBUTES.items()}
+    P = len(PROBE_MOUTH)
+    out["lmd"] = float(lmd_points(pred[:, N_MOTION:].reshape(-1, P, 2) * LMD_SIZE,
+                                  target[:, N_MOTION:].reshape(-1, P, 2) * LMD_SIZE).mean())
+    return out
+
+
+def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr=2e-3, seed=0, log=print):
+    """Train MotionProbe on rendered frames (MSE on standardised targets, Adam, cosine decay) and save
+    {'kind': 'motion_probe', 'state_dict', 'width', 'hidden', 'heldout', 'heldout_mean_predictor',
+    'heldout_mse', 'train_mse' and their values before training (*_init), 'n_train', 'steps'} atomically. Held-out = test-split identities and motion. Returns the checkpoint
+    dict. The default (20000 frames, 1500 steps) takes ~2-3 min on one busy CPU core; with fewer
+    frames it memorises them (at 6000 frames: yaw error 2.8 deg on seen frames, 11 deg on unseen)."""
+    torch.manual_seed(seed)
+    t0 = time.time()
+    x, y = probe_dataset("train", n_train, seed, ss=2)
+    xh, yh = probe_dataset("test", n_heldout, seed)
+    log(f"probe: rendered {n_train} + {n_heldout} frames in {time.time() - t0:.1f} s")
+    probe = MotionProbe()
+    probe.mean.copy_(y.mean(0))
+    probe.std.copy_(y.std(0).clamp_min(1e-3))  # a constant column would otherwise divide by 0
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(seed)
+    yz, yhz = (y - probe.mean) / probe.std, (yh - probe.mean) / probe.std
+
+    def mse(x, yz):  # mean squared error in standardised units: 1.0 = the 'always the mean' guess
+        with torch.no_grad():
+            return float(torch.cat([F.mse_loss(probe.forward_standardised(_unit(c)), t, reduction="none")
+                                    for c, t in zip(x.split(256), yz.split(256))]).mean())
+
+    probe.eval()
+    mse_init = dict(heldout_mse_init=mse(xh, yhz), train_mse_init=mse(x[:512], yz[:512]))
+    probe.train()
+    for step in range(steps):
+        idx = torch.randint(n_train, (batch,), generator=g)
+        loss = F.mse_loss(probe.forward_standardised(_unit(x[idx])), yz[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % max(1, steps // 5) == 0:
+            log(f"probe: step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
+    probe.eval()
+    with torch.no_grad():
+        pred = torch.cat([probe(_unit(c)) for c in xh.split(256)])
+    ck = {"kind": "motion_probe", "width": 32, "hidden": 256, "n_train": n_train, "steps": steps,
+          "state_dict": probe.state_dict(),
+          "heldout": attribute_errors(pred, yh), "heldout_mse": mse(xh, yhz), "train_mse": mse(x[:512], yz[:512]), **mse_init,
+          "heldout_mean_predictor": attribute_errors(probe.mean.expand_as(yh), yh)}  # context: 'knows nothing'
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    torch.save(ck, tmp)
+    os.replace(tmp, out_path)
+    log("probe: held-out error " + _fmt_attrs(ck["heldout"]) + f" | mean predictor " +
+        _fmt_attrs(ck["heldout_mean_predictor"]) + f" | saved {out_path}")
+    return ck
+
+
+def load_probe(path, device="cpu"):
+    """-> (MotionProbe in eval mode, its held-out error dict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"motion probe not found: {path} (train one: python evaluate.py --train-probe --out {path})")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip / unpickling errors come in many types: one clear message
+        raise ValueError(f"{path}: not a loadable probe checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or ck.get("kind") != "motion_probe":
+        raise ValueError(f"{path}: not a motion-probe checkpoint (written by python evaluate.py --train-probe)")
+    probe = MotionProbe(ck["width"], ck["hidden"])
+    probe.load_state_dict(ck["state_dict"], strict=True)
+    return probe.to(device).eval(), ck["heldout"]
+
+
+def _fmt_attrs(e):
+    return " ".join(f"{k} {v:.3g}{'°' if k in ('yaw', 'pitch', 'roll') else ''}" for k, v in e.items())
+
+
+def lmd_points(lm_gen, lm_gt):
+    """lmd_from_landmarks for any number of points P: [T, P, 2] x2 -> [T] (same convention: each set
+    centred on its own centroid, per-point Euclidean distance, mean over the P points). The procedural
+    renderer has 4 mouth points (corners, inner upper and lower lip), not dlib's 20."""
+    lm_gen, lm_gt = torch.as_tensor(lm_gen, dtype=torch.float64), torch.as_tensor(lm_gt, dtype=torch.float64)
+    if lm_gen.shape != lm_gt.shape or lm_gen.ndim != 3 or lm_gen.shape[-1] != 2:
+        raise ValueError(f"landmarks must be equal [T, P, 2], got {tuple(lm_gen.shape)} and {tuple(lm_gt.shape)}")
+    c_gen = lm_gen - lm_gen.mean(1, keepdim=True)
+    c_gt = lm_gt - lm_gt.mean(1, keepdim=True)
+    return (c_gen - c_gt).norm(dim=-1).mean(-1)
+
+
+# =================================================================================================
+# Protocol (Sec. 4.2.3, PC-AVS) and the controllability benchmark on procedural data
+# =================================================================================================
+# pcavs: x_s = frame 0 of the clip; x_d = all its frames (pose/expression); x_a = its audio (lips);
+#        scored on frames 1..T-1 against the clip itself (frame 0 is the input, not a result).
+# cross: x_s = frame 0 of clip i (identity A); x_d, x_a = clip j (identity B, j = i+1); ground truth =
+#        the renderer's picture of A with B's motion (data.SyntheticTalkingFaces.cross), all T frames.
+# Averaging: metric per frame -> mean per clip -> mean over clips (LSE: per clip, as syncnet_python).
+# Frames are scored as a saved video would hold them: clamped to [-1, 1] and rounded to uint8.
+PAPER_TABLE1 = {  # Table 1 of the paper: SSIM, MS-SSIM, PSNR, LMD, LSE-C (None = '-' in the paper)
+    "voxceleb2": {"Wav2Lip": (0.58, None, 20.63, 2.65, 8.66), "MakeItTalk": (0.55, 0.45, 16.94, 3.28, 3.83),
+                  "Audio2Head": (0.51, 0.40, 15.98, 3.58, 5.79), "PC-AVS": (0.57, 0.60, 17.37, 2.25, 5.82),
+                  "FC-TFG (paper)": (0.69, 0.77, 21.22, 1.58, 8.46)},
+    "mead": {"Wav2Lip": (0.85, None, 26.15, 3.11, 7.25), "MakeItTalk": (0.78, 0.78, 23.6, 3.55, 4.35),
+             "Audio2Head": (0.67, 0.59, 19.57, 4.85, 5.38), "PC-AVS": (0.66, 0.7, 19.95, 2.93, 5.19),
+             "FC-TFG (paper)": (0.84, 0.89, 26.19, 2.46, 5.51)},
+}
+
+
+def to_255(x):
+    """Generator range [-1, 1] -> float32 0..255 on the uint8 grid (what a saved video holds)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
+
+
+def load_model(checkpoint, preset="tiny", window=5, device="cpu", seed=0):
+    """'untrained' -> a freshly initialised FCTFG(preset) (seeded) with temporal window `window`;
+    otherwise fusion.FCTFG.load(checkpoint). -> (model, cfg)."""
+    import fusion
+    if checkpoint == "untrained":
+        torch.manual_seed(seed)
+        model = fusion.FCTFG(preset)
+        model.fusion.temporal.window = window or None
+        return model.to(device).eval(), dict(model=preset, window=window, hyper_steps=0)
+    model, cfg = fusion.FCTFG.load(checkpoint, device)
+    return model, dict(cfg)
+
+
+@torch.no_grad()
+def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, canonical=False):
+    """One clip through FC-TFG (or a baseline built from its parts). x_s [3, H, W], x_d [T, 3, H, W]
+    in [-1, 1], mel [T, 1, 80, 16] -> dict(x_g [T, 3, H, W], canon [T, 3, H, W] or None,
+    z_sc_spread float).
+
+    The clip goes through in chunks of whole temporal windows (Sec. 4.4.2: windows do not overlap), so
+    chunking changes nothing; window None = the whole clip in one call.
+      model         Eq. (1)-(2) + temporal fusion, rendered with the source's HyperStyle deltas
+      encoder_recon G(E_inv(x_d)) with the same deltas: what the latent route gives when z_s->d is the
+                    driving frame's own code, i.e. the upper bound of FC-TFG's reconstruction
+      copy_source   handled by the caller (no network)
+    canonical=True also renders G(E_can(E_inv(x_d,t))) for every frame t (Fig. 5b: every frame of one
+    video taken to canonical space), without deltas (each frame is its own 'source')."""
+    z_s, deltas = model.encode_source(x_s[None], hyper_steps)                   # [1, L, C]
+    T = x_d.shape[0]
+    win = model.fusion.temporal.window
+    step = T if win is None else win * max(1, chunk // win)
+    x_g, canon, z_sc_all = [], [], []
+    for t0 in range(0, T, step):
+        xd, m = x_d[t0:t0 + step][None], mel[t0:t0 + step][None]                 # [1, n, ...]
+        if method == "encoder_recon":
+            z_d = model.E_inv(xd[0])[None]                                       # [1, n, L, C]
+            ws = z_d
+        elif method == "model":
+            z_d, z_a = model.encode_driving(xd, m)
+            codes = model.fusion(z_s, z_d, z_a)
+            ws = codes["z_sd"]
+            z_sc_all.append(codes["z_sc"][0])
+        else:
+            raise ValueError(f"run_model: method must be 'model' or 'encoder_recon', got {method!r}")
+        x_g.append(model.render(ws, deltas)[0])
+        if canonical:
+            canon.append(model.G.synthesis(model.fusion.E_can(z_d[0])))
+    spread = float(torch.cat(z_sc_all).std(0).max()) if len(z_sc_all) and T > 1 else None
+    return dict(x_g=torch.cat(x_g), canon=torch.cat(canon) if canonical else None, z_sc_spread=spread)
+
+
+@torch.no_grad()
+def lse_expert(frames, mel, expert, vshift=SYNC_VSHIFT):
+    """LSE-D / LSE-C with OUR lip-sync expert (audio.SyncNet trained by `train.py --stage syncnet`),
+    scored with syncnet_python's offset search (lse_from_embeddings). frames [T, 3, H, W] in [-1, 1],
+    mel [T, 1, 80, 16]; window i = frames i..i+4 with frame i's mel window (audio.mel_windows' and
+    the expert's own pairing), i = 0..T-5. Embeddings are unit vectors (distances in [0, 2]), so the
+    scale differs from SyncNet v2's: these numbers rank our own runs and are NOT comparable with the
+    paper's LSE-C."""
+    import audio
+    n = expert.n_frames
+    if frames.shape[0] < n:
+        raise ValueError(f"the sync expert needs at least {n} frames, got {frames.shape[0]}")
+    dev = next(expert.parameters()).device
+    starts = range(frames.shape[0] - n + 1)
+    clips = torch.stack([frames[i:i + n] for i in starts]).to(dev)            # [W, 5, 3, H, W]
+    face = audio.expert_window(clips.float(), size=expert.face_hw[1])          # [W, 15, H/2, W]
+    v = expert.embed_face(face)
+    a = expert.embed_audio(mel[:len(starts)].to(dev).float())                  # [W, C]
+    return lse_from_embeddings(v.double(), a.double(), vshift)
+
+
+def load_sync_expert(path, device="cpu"):
+    """Our syncnet-stage checkpoint (or a Wav2Lip lipsync_expert.pth), frozen; see train.load_syncnet_for_loss."""
+    from train import load_checkpoint, load_syncnet_for_loss
+    ck = load_checkpoint(path)
+    return load_syncnet_for_loss(path, ck.get("cfg", {}).get("model", "paper") if "syncnet" in ck else "paper", device)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(xs)) if xs else None
+
+
+@torch.no_grad()
+def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
+    """All metrics of one clip -> (record dict, frames for the example video).
+    sample: a data.py sample (frames [T,3,H,W] in [-1,1], audio, mel, optional motion) = the DRIVING
+    clip; x_s: source frame (default: its frame 0, the PC-AVS protocol); gt: ground-truth sample
+    (default: the clip itself) and which frames are scored (pcavs: 1..T-1, cross: all)."""
+    tools = tools or {}
+    frames, mel = sample["frames"], sample["mel"]
+    cross = gt is not None
+    gt = gt if cross else sample
+    x_s = frames[0] if x_s is None else x_s
+    T = frames.shape[0]
+    if method == "copy_source":
+        out = dict(x_g=x_s[None].expand(T, -1, -1, -1), canon=None, z_sc_spread=None)
     else:
-        raise SystemExit("usage: python evaluate.py --bench   (the evaluation protocol CLI is not written yet)")
+        out = run_model(model, x_s, frames, mel, method, tools.get("hyper_steps", 0), tools.get("chunk", 40),
+                        canonical=method == "model")
+    scored = slice(0, T) if cross else slice(1, T)
+    g255, t255 = to_255(out["x_g"][scored]), to_255(gt["frames"][scored])
+    rec = dict(n_frames=T, n_scored=int(g255.shape[0]))
+    rec["ssim"] = float(ssim(g255, t255).mean())
+    side = min(g255.shape[-2:])
+    rec["ms_ssim"] = float(ms_ssim(g255, t255).mean()) if side > (SSIM_WIN - 1) * 2 ** 4 else None
+    p = psnr(g255, t255)
+    rec["psnr"], rec["n_psnr_inf"] = float(p.mean()), int(torch.isinf(p).sum())
+    probe = tools.get("probe")
+    if probe is not None:
+        dev = next(probe.parameters()).device
+        pg = torch.cat([probe(c.to(dev) / 127.5 - 1) for c in g255.split(64)]).cpu()  # as saved frames
+        pt = torch.cat([probe(c.to(dev) / 127.5 - 1) for c in t255.split(64)]).cpu()
+        P = len(PROBE_MOUTH)
+        # LMD: the same detector (the probe) on both sides, like dlib on both sides for real video.
+        rec["lmd"] = float(lmd_points(pg[:, N_MOTION:].reshape(-1, P, 2) * LMD_SIZE,
+                                      pt[:, N_MOTION:].reshape(-1, P, 2) * LMD_SIZE).mean())
+        if "motion" in gt:  # procedural: the true parameters are known
+            import data
+            ident = data.make_identity(int(gt["identity_seed"]))
+            truth = torch.from_numpy(np.stack([probe_target(ident, m.numpy()) for m in gt["motion"][scored]])).float()
+            rec["attr"] = attribute_errors(pg, truth)           # generated frames vs truth
+            rec["attr_floor"] = attribute_errors(pt, truth)     # the probe on the true frames: its floor here
+            rec["lmd_vs_renderer"] = rec["attr"].pop("lmd")     # probe(gen) vs renderer landmarks
+            rec["attr_floor"].pop("lmd")
+    elif tools.get("landmarker") is not None:
+        r = lmd(g255, t255, tools["landmarker"])
+        rec["lmd"] = None if math.isnan(r["lmd"]) else r["lmd"]
+        rec.update(lmd_n_used=r["n_used"], lmd_missing_gen=r["n_missing_gen"], lmd_missing_gt=r["n_missing_gt"])
+    expert = tools.get("syncnet")
+    if expert is not None and T >= expert.n_frames:
+        s = lse_expert(out["x_g"], mel, expert)
+        r = lse_expert(frames, mel, expert)  # the driving clip itself: what 'in sync' scores here
+        rec.update(lse_d_ours=s["lse_d"], lse_c_ours=s["lse_c"], lse_offset_ours=s["offset"],
+                   lse_d_ours_real=r["lse_d"], lse_c_ours_real=r["lse_c"])
+    v2 = tools.get("syncnet_v2")
+    if v2 is not None and T > SYNC_FRAMES:
+        s = sync_scores(to_255(out["x_g"]), sample["audio"], v2)
+        r = sync_scores(to_255(frames), sample["audio"], v2)
+        rec.update(lse_d_v2=s["lse_d"], lse_c_v2=s["lse_c"], lse_offset_v2=s["offset"],
+                   lse_d_v2_real=r["lse_d"], lse_c_v2_real=r["lse_c"])
+    if out["z_sc_spread"] is not None:
+        rec["z_sc_spread"] = out["z_sc_spread"]    # std over t of z_s->c: 0 by construction (Sec. 3.1)
+    if out["canon"] is not None and T > 1:
+        c01, d01 = (out["canon"].clamp(-1, 1) + 1) / 2, (frames + 1) / 2
+        rec["canon_var"] = float(c01.var(0).mean())    # Fig. 5b: pixel variance over the clip, [0,1]^2
+        rec["drive_var"] = float(d01.var(0).mean())    # the same for the driving frames themselves
+        if probe is not None:
+            dev = next(probe.parameters()).device
+            pc = torch.cat([probe(to_255(c).to(dev) / 127.5 - 1) for c in out["canon"].split(64)]).cpu()
+            pd = torch.cat([probe(to_255(c).to(dev) / 127.5 - 1) for c in frames.split(64)]).cpu()
+            deg = 180 / math.pi
+            rec["canon_pose_std"] = float(pc[:, :3].std(0).mean() * deg)   # Fig. 6: pose spread, degrees
+            rec["drive_pose_std"] = float(pd[:, :3].std(0).mean() * deg)
+    return rec, dict(source=x_s, driving=frames, gt=gt["frames"], gen=out["x_g"], audio=sample["audio"])
+
+
+def _strip_nonfinite(v):
+    """JSON has no inf/NaN: write them as the strings 'inf', '-inf', 'nan' (read back with float())."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _strip_nonfinite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strip_nonfinite(x) for x in v]
+    return v
+
+
+def _restore_nonfinite(v):
+    if isinstance(v, str) and v in ("inf", "-inf", "nan"):
+        return float(v)
+    if isinstance(v, dict):
+        return {k: _restore_nonfinite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_restore_nonfinite(x) for x in v]
+    return v
+
+
+def _write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def read_done(path):
+    """Per-clip JSON lines -> {clip index: record}. A torn last line (killed mid-write) is ignored."""
+    done = {}
+    if os.path.isfile(path):
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    rec = _restore_nonfinite(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+                done[rec["clip"]] = rec
+    return done
+
+
+def summarize(records):
+    """Mean over clips of every per-clip number (None where no clip has it)."""
+    keys = [k for k in records[0] if k not in ("clip", "pair", "identity", "attr", "attr_floor", "seconds")] if records else []
+    out = {k: _mean([r.get(k) for r in records]) for k in keys}
+    for group in ("attr", "attr_floor"):
+        rows = [r[group] for r in records if group in r]
+        if rows:
+            out[group] = {k: _mean([r[k] for r in rows]) for k in rows[0]}
+    out["n_clips"] = len(records)
+    out["n_psnr_inf"] = int(sum(r.get("n_psnr_inf", 0) for r in records))
+    return out
+
+
+def _cell(v, fmt="{:.3f}"):
+    if v is None:
+        return "-"
+    return "inf" if v == math.inf else fmt.format(v)
+
+
+def format_table(summary, run, notes):
+    """Markdown table(s) shaped like Table 1 (and the controllability table for --protocol cross)."""
+    lines = []
+    sync_col = "lse_c_v2" if summary.get("lse_c_v2") is not None else "lse_c_ours"
+    sync_d = sync_col.replace("lse_c", "lse_d")
+    mark = "" if sync_col == "lse_c_v2" else "†"
+    name = run["method_label"]
+    if run["protocol"] == "pcavs":
+        lines += [f"| Method | SSIM ↑ | MS-SSIM ↑ | PSNR ↑ | LMD ↓ | LSE-C{mark} ↑ | LSE-D{mark} ↓ |",
+                  "|---|---|---|---|---|---|---|"]
+        s = summary
+        lines.append(f"| {name} | {_cell(s.get('ssim'))} | {_cell(s.get('ms_ssim'))} | {_cell(s.get('psnr'), '{:.2f}')} | "
+                     f"{_cell(s.get('lmd'), '{:.2f}')} | {_cell(s.get(sync_col), '{:.2f}')} | {_cell(s.get(sync_d), '{:.2f}')} |")
+        if s.get(sync_col + "_real") is not None:
+            lines.append(f"| real frames (sync reference) | | | | | {_cell(s.get(sync_col + '_real'), '{:.2f}')} | "
+                         f"{_cell(s.get(sync_d + '_real'), '{:.2f}')} |")
+        if run.get("paper_table"):
+            for meth, vals in PAPER_TABLE1[run["paper_table"]].items():
+                lines.append(f"| {meth} [paper, {run['paper_table']}] | " +
+                             " | ".join(_cell(v, "{:.2f}") for v in vals) + " | |")
+    else:
+        a, f = summary.get("attr") or {}, summary.get("attr_floor") or {}
+        units = {k: u for k, (_, _, u) in ATTRIBUTES.items()}
+        heads = " | ".join(f"{k} err ({units[k]}) ↓" for k in ATTRIBUTES)
+        lines += [f"| Method | SSIM ↑ | PSNR ↑ | {heads} | LMD ↓ | LSE-C{mark} ↑ |",
+                  "|---|---|---|" + "---|" * len(ATTRIBUTES) + "---|---|"]
+        lines.append(f"| {name} | {_cell(summary.get('ssim'))} | {_cell(summary.get('psnr'), '{:.2f}')} | " +
+                     " | ".join(_cell(a.get(k), "{:.3g}") for k in ATTRIBUTES) +
+                     f" | {_cell(summary.get('lmd'), '{:.2f}')} | {_cell(summary.get(sync_col), '{:.2f}')} |")
+        if f:
+            lines.append("| probe on ground truth (its floor) | | | " + " | ".join(_cell(f.get(k), "{:.3g}") for k in ATTRIBUTES)
+                         + " | | |")
+        if summary.get("canon_var") is not None:
+            notes.append(f"canonical space (Fig. 5b): pixel variance over a clip of G(E_can(E_inv(x_d,t))) = "
+                         f"{summary['canon_var']:.5f} vs {summary['drive_var']:.5f} for the driving frames "
+                         f"(ratio {summary['canon_var'] / max(summary['drive_var'], 1e-12):.3f}; < 1 = motion removed)")
+        if summary.get("canon_pose_std") is not None:
+            notes.append(f"canonical pose spread (Fig. 6): probe yaw/pitch/roll std {summary['canon_pose_std']:.2f}° "
+                         f"vs {summary['drive_pose_std']:.2f}° for the driving frames")
+    if summary.get("z_sc_spread") is not None:
+        notes.append(f"z_s->c spread over a clip (std over t, max over entries): {summary['z_sc_spread']:.3g} "
+                     f"(0 by construction: E_can sees only x_s, Sec. 3.1)")
+    return "\n".join(lines)
+
+
+def _side_by_side(panels):
+    """List of [T, 3, H, W] in [-1, 1] -> uint8 [T, H, n W, 3]."""
+    T = max(p.shape[0] for p in panels)
+    ps = [to_255(p if p.shape[0] == T else p[:1].expand(T, -1, -1, -1)) for p in panels]
+    return torch.cat(ps, -1).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="FC-TFG evaluation: Table 1 metrics under the PC-AVS protocol "
+                                 "(Sec. 4.2.3), baselines, and controllability on procedural data")
+    ap.add_argument("--checkpoint", help="train.py fctfg checkpoint, or 'untrained' (random tiny weights)")
+    ap.add_argument("--data", default="synthetic", help="'synthetic' (procedural test split) or a folder prepared by data.py")
+    ap.add_argument("--protocol", default="pcavs", choices=("pcavs", "cross"))
+    ap.add_argument("--baseline", default=None, choices=("copy_source", "encoder_recon"))
+    ap.add_argument("--n_clips", type=int, default=20)
+    ap.add_argument("--clip_frames", type=int, default=32, help="synthetic clip length T (25 fps)")
+    ap.add_argument("--out", default=None, help="results folder (evaluation) or probe file (--train-probe)")
+    ap.add_argument("--syncnet", help="our lip-sync expert (train.py --stage syncnet checkpoint) for LSE-D/C")
+    ap.add_argument("--syncnet-v2", dest="syncnet_v2", help="syncnet_python's syncnet_v2.model for LSE-D/C")
+    ap.add_argument("--probe", help="motion probe from --train-probe (LMD and attribute errors on procedural data)")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--hyper_steps", type=int, default=None, help="HyperStyle steps on x_s (default: the checkpoint's)")
+    ap.add_argument("--preset", default="tiny", help="architecture of --checkpoint untrained")
+    ap.add_argument("--window", type=int, default=5, help="temporal window of --checkpoint untrained")
+    ap.add_argument("--chunk", type=int, default=40, help="frames per forward pass (rounded down to whole windows)")
+    ap.add_argument("--examples", type=int, default=2, help="side-by-side example videos to save")
+    ap.add_argument("--paper_table", default="auto", choices=("auto", "voxceleb2", "mead", "none"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-probe", dest="train_probe", action="store_true", help="train the motion probe, save to --out")
+    ap.add_argument("--probe_frames", type=int, default=20000)
+    ap.add_argument("--probe_steps", type=int, default=1500)
+    ap.add_argument("--bench", action="store_true", help="metric throughput vs the oracles")
+    return ap.parse_args(argv)
+
+
+def evaluate(args):
+    """The evaluation run behind the CLI; returns the summary dict. Errors raise ValueError /
+    FileNotFoundError (main turns them into one line)."""
+    import data
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    method = args.baseline or "model"
+    if args.out is None:
+        raise ValueError("--out DIR is required (results, per-clip log, example videos)")
+    if args.n_clips < 1:
+        raise ValueError(f"--n_clips must be >= 1, got {args.n_clips}")
+    if args.checkpoint is None and method != "copy_source":
+        raise ValueError("--checkpoint CKPT (or 'untrained') is required unless --baseline copy_source")
+    model, cfg = (None, {})
+    if args.checkpoint is not None and method != "copy_source":
+        model, cfg = load_model(args.checkpoint, args.preset, args.window, device, args.seed)
+    hyper_steps = args.hyper_steps if args.hyper_steps is not None else int(cfg.get("hyper_steps", 0))
+    size = model.G.size if model is not None else int(cfg.get("size", 64))
+    synthetic = args.data == "synthetic"
+    if synthetic:
+        n_ids = max(args.n_clips, 2)  # cross needs a second person even for one clip
+        ds = data.SyntheticTalkingFaces("test", n_identities=n_ids, clips_per_identity=1,
+                                        n_frames=args.clip_frames, size=size)
+        n = args.n_clips
+    else:
+        if args.protocol == "cross":
+            raise ValueError("--protocol cross needs the renderer's ground truth: use --data synthetic")
+        ds = data.VideoFolderDataset(args.data, n_frames=None, random_window=False)
+        n = min(args.n_clips, len(ds))
+    tools = dict(hyper_steps=hyper_steps, chunk=args.chunk)
+    notes = []
+    if args.syncnet:
+        tools["syncnet"] = load_sync_expert(args.syncnet, device)
+        notes.append("† LSE with OUR lip-sync expert (audio.SyncNet from train.py --stage syncnet, unit-norm "
+                     "embeddings, syncnet_python's ±15 offset search): not syncnet_python's SyncNet v2, so NOT "
+                     "comparable with the paper's LSE-C")
+    if args.syncnet_v2:
+        tools["syncnet_v2"] = load_syncnet_v2(args.syncnet_v2, device)
+        notes.append("LSE with SyncNet v2 (syncnet_python weights), whole frames resized to 224 (Wav2Lip's "
+                     "scores_LSE variant, no face-track crop, no JPEG round trip)")
+    if not args.syncnet and not args.syncnet_v2:
+        notes.append("LSE-C/LSE-D: '-' (pass --syncnet OUR_EXPERT.pt or --syncnet-v2 syncnet_v2.model)")
+    if args.probe:
+        tools["probe"], held = load_probe(args.probe, device)
+        notes.append(f"LMD and attributes from the motion probe {args.probe} (CNN trained on rendered frames with the "
+                     f"renderer's labels); its held-out error on rendered frames: {_fmt_attrs(held)} (LMD in px at "
+                     f"224, 4 mouth points): differences below that are not resolved")
+        notes.append("LMD = probe on generated vs probe on ground-truth frames (one detector on both sides, as dlib "
+                     "on real video); lmd_vs_renderer in results.json compares with the renderer's own landmarks")
+    elif synthetic:
+        notes.append("LMD: '-': dlib finds no face in procedural frames and we have no other landmark detector "
+                     "for them; pass --probe (train one with python evaluate.py --train-probe --out probe.pt)")
+    else:
+        try:
+            tools["landmarker"] = DlibLandmarker()
+            notes.append("LMD: dlib 68-point mouth (48-67), RAD-NeRF convention (centred, mean over 20 points, px at 224)")
+        except (ImportError, FileNotFoundError) as e:
+            notes.append(f"LMD: '-' ({e})")
+    notes.append("SSIM/MS-SSIM/PSNR on uint8-rounded RGB frames (data_range 255, SSIM mean over channels), per "
+                 "frame -> per clip -> mean over clips; pcavs scores frames 1..T-1, cross all frames")
+    paper = None
+    if not synthetic and args.paper_table != "none":
+        paper = args.paper_table if args.paper_table != "auto" else ("mead" if "mead" in args.data.lower() else "voxceleb2")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = dict(protocol=args.protocol, method=method, checkpoint=args.checkpoint, data=args.data,
+               clip_frames=args.clip_frames if synthetic else None, size=size, hyper_steps=hyper_steps,
+               syncnet=args.syncnet, syncnet_v2=args.syncnet_v2, probe=args.probe, seed=args.seed,
+               window=(model.fusion.temporal.window if model is not None else None))
+    run_file = out / "run.json"
+    if run_file.is_file():
+        old = json.loads(run_file.read_text())
+        diff = sorted(k for k in run if old.get(k) != run[k])
+        if diff:
+            raise ValueError(f"{out} holds clips of a different evaluation (differs in {diff}); use another --out")
+    else:
+        _write_atomic(run_file, json.dumps(run, indent=1))
+    log_path = out / "clips.jsonl"
+    done = read_done(log_path)
+    todo = [i for i in range(n) if i not in done]
+    if len(todo) < n:
+        print(f"resuming: {n - len(todo)} of {n} clips already done in {log_path}, skipping them")
+    label = {"model": f"FC-TFG ({'untrained ' + args.preset if args.checkpoint == 'untrained' else 'ours'})",
+             "copy_source": "baseline: copy source frame", "encoder_recon": "baseline: G(E_inv(x_d)) (upper bound)"}[method]
+    t0, n_frames_done = time.time(), 0
+    with open(log_path, "a") as log_fh:
+        for k, i in enumerate(todo):
+            tc = time.time()
+            if args.protocol == "cross":
+                j = (i + 1) % len(ds)
+                src, drv, gt = ds[i], ds[j], ds.cross(i, j)
+                rec, ex = evaluate_clip(_to(drv, device), method, model, x_s=src["frames"][0].to(device),
+                                        gt=_to(gt, device), tools=tools)
+                rec["pair"] = [i, j]
+            else:
+                sample = ds[i]
+                if model is not None and sample["frames"].shape[-1] != size:
+                    raise ValueError(f"clip {i} is {sample['frames'].shape[-1]} px but the model renders {size} px")
+                rec, ex = evaluate_clip(_to(sample, device), method, model, tools=tools)
+            rec["clip"], rec["seconds"] = i, time.time() - tc
+            log_fh.write(json.dumps(_strip_nonfinite(rec)) + "\n")
+            log_fh.flush()
+            os.fsync(log_fh.fileno())
+            done[i] = rec
+            if i < args.examples:
+                _save_example(out / "examples" / f"clip{i:04d}.mp4", ex, args.protocol)
+            n_frames_done += rec["n_frames"]
+            el = time.time() - t0
+            print(f"[{k + 1:4d}/{len(todo)}] clip {i} | ssim {rec['ssim']:.3f} psnr {_cell(rec['psnr'], '{:.2f}')} | "
+                  f"{n_frames_done / el:.1f} frames/s | ETA {el / (k + 1) * (len(todo) - k - 1):.0f} s", flush=True)
+    records = [done[i] for i in range(n)]
+    summary = summarize(records)
+    if summary.get("ms_ssim") is None:
+        notes.append(f"MS-SSIM: '-': 5 scales of an 11x11 window need sides > 160 px; frames are {size} px")
+    run["method_label"], run["paper_table"] = label, paper
+    table = format_table(summary, run, notes)
+    header = (f"FC-TFG evaluation | protocol {args.protocol} | data {args.data} ({n} clips, {size} px) | "
+              f"method {label} | checkpoint {args.checkpoint} | hyper_steps {hyper_steps}")
+    print(header + "\n" + table + "\n" + "\n".join("- " + s for s in notes))
+    _write_atomic(out / "results.json", json.dumps(_strip_nonfinite(
+        dict(run=run, summary=summary, notes=notes, clips=records)), indent=1))
+    _write_atomic(out / "results.md", f"# {header}\n\n{table}\n\n" + "\n".join("- " + s for s in notes) + "\n")
+    return summary
+
+
+def _to(sample, device):
+    return {k: v.to(device) if torch.is_tensor(v) and k != "motion" else v for k, v in sample.items()}
+
+
+_WARNED_AV = []
+
+
+def _save_example(path, ex, protocol):
+    """Side-by-side mp4 with the driving audio: source | driving (cross only) | ground truth | generated.
+    Skipped with one note when PyAV is missing."""
+    import data
+    panels = [ex["source"][None], ex["driving"], ex["gt"], ex["gen"]] if protocol == "cross" else \
+        [ex["source"][None], ex["gt"], ex["gen"]]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data.write_video(path, _side_by_side(panels), audio=ex["audio"].cpu().numpy())
+    except ImportError as e:
+        if not _WARNED_AV:
+            print(f"note: example videos skipped ({e})")
+            _WARNED_AV.append(True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.bench:
+            bench_metrics(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        elif args.train_probe:
+            if not args.out:
+                raise ValueError("--train-probe needs --out FILE.pt")
+            train_probe(args.out, n_train=args.probe_frames, steps=args.probe_steps, seed=args.seed)
+        else:
+            evaluate(args)
+    except (ValueError, FileNotFoundError) as e:
+        msg = " ".join(str(e).split())  # one line, even when torch's own message spans several
+        print(f"error: {msg if len(msg) < 400 else msg[:400] + ' ...'}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

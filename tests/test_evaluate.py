@@ -461,3 +461,242 @@ def test_lmd_real_dlib_on_a_photo():
     assert float(out["per_frame"][1]) < 2.0        # translation is removed up to detector jitter (224 px units)
     mouth_c = lm[0].mean(0)                        # the mouth sits in the lower middle of the face
     assert 100 < float(mouth_c[0]) < 170 and 60 < float(mouth_c[1]) < 160, mouth_c
+
+
+# =================================================================================================
+# Protocol, baselines, probe and CLI (issue 9, second half)
+# =================================================================================================
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import data
+
+
+@pytest.fixture(scope="module")
+def probe_ckpt(tmp_path_factory):
+    """A tiny motion probe (160 frames, 80 steps, ~5 s): enough to test the plumbing and that
+    training moves the held-out error, not a useful probe."""
+    path = tmp_path_factory.mktemp("probe") / "probe.pt"
+    ck = ev.train_probe(str(path), n_train=160, n_heldout=48, steps=80, batch=32, log=lambda *a: None)
+    return path, ck
+
+
+@pytest.fixture(scope="module")
+def syncnet_ckpt(tmp_path_factory):
+    """Random-weight tiny expert in train.py's syncnet-stage checkpoint layout."""
+    import audio
+    path = tmp_path_factory.mktemp("sync") / "syncnet.pt"
+    torch.manual_seed(1)
+    net = audio.SyncNet(**audio.PRESETS["tiny"])
+    torch.save({"stage": "syncnet", "cfg": {"model": "tiny"}, "syncnet": net.state_dict()}, path)
+    return path
+
+
+def _run(argv, capsys):
+    rc = ev.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _results(d):
+    return json.loads((Path(d) / "results.json").read_text())
+
+
+def _psnr_np(a, b):
+    """Oracle: numpy float64 PSNR of two uint8 HxWx3 frames."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def _uint8(frames):
+    """[T, 3, H, W] in [-1, 1] -> uint8 [T, H, W, 3] (exact for rendered procedural frames)."""
+    return ((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_lmd_points_matches_20_point_version_and_hand_case():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(4, 20, 2)) * 10, rng.normal(size=(4, 20, 2)) * 10
+    torch.testing.assert_close(ev.lmd_points(a, b), ev.lmd_from_landmarks(a, b), rtol=0, atol=1e-12)
+    # 4 points, one moved by (3, 4) (length 5): the centroid moves by d/4, so that point is off by 3/4*5
+    # and the three others by 1/4*5: mean (3.75 + 3 * 1.25) / 4 = 1.875
+    gt = torch.tensor([[[0.0, 0], [10, 0], [5, -3], [5, 3]]])
+    gen = gt.clone()
+    gen[0, 1] += torch.tensor([3.0, 4.0])
+    assert float(ev.lmd_points(gen, gt)[0]) == pytest.approx(1.875, abs=1e-12)
+    assert float(ev.lmd_points(gt + 7, gt)[0]) == 0  # translation removed
+    with pytest.raises(ValueError, match="landmarks"):
+        ev.lmd_points(gt, gt[:, :3])
+
+
+def test_attribute_errors_hand_values():
+    target = torch.zeros(3, 20, dtype=torch.float64)
+    target[:, 12:] = torch.tensor([0.4, 0.6, 0.6, 0.6, 0.5, 0.55, 0.5, 0.65], dtype=torch.float64)  # 4 mouth points
+    pred = target.clone()
+    pred[:, 0] += 0.1                     # yaw off by 0.1 rad = 5.7296 deg
+    pred[:, 5] += 0.4                     # one eye's blink off by 0.4 -> mean over both eyes 0.2
+    pred[:, 12:] += 0.25                  # all mouth points shifted together: LMD 0 (translation removed)
+    e = ev.attribute_errors(pred, target)
+    assert e["yaw"] == pytest.approx(0.1 * 180 / math.pi, rel=1e-6)
+    assert e["blink"] == pytest.approx(0.2, rel=1e-6)
+    assert e["pitch"] == e["roll"] == e["gaze"] == e["mouth_open"] == 0
+    assert e["lmd"] == pytest.approx(0, abs=1e-6)
+
+
+def test_probe_training_lowers_heldout_error_and_roundtrip(probe_ckpt, tmp_path):
+    path, ck = probe_ckpt
+    # standardised MSE (1.0 = always guessing the mean), untrained net vs after 80 steps: clearly lower
+    # on its training frames, and lower on unseen people too (160 frames generalise only a little)
+    assert ck["train_mse"] < 0.7 * ck["train_mse_init"], (ck["train_mse"], ck["train_mse_init"])
+    assert ck["heldout_mse"] < ck["heldout_mse_init"], (ck["heldout_mse"], ck["heldout_mse_init"])
+    assert set(ck["heldout"]) == set(ev.ATTRIBUTES) | {"lmd"} and all(math.isfinite(v) for v in ck["heldout"].values())
+    probe, held = ev.load_probe(str(path))
+    assert held == ck["heldout"] and not probe.training
+    x, y = ev.probe_dataset("test", 8, seed=5)
+    pred = probe(ev._unit(x))
+    assert pred.shape == (8, 20) and torch.isfinite(pred).all()
+    # labels are the renderer's own numbers: motion row + mouth landmarks / 64
+    ident = data.make_identity(data.TEST_IDS[0])
+    motion, _ = data.make_motion(7, 3)
+    xy, _ = data.landmarks(ident, motion[1], 64)
+    t = ev.probe_target(ident, motion[1])
+    np.testing.assert_allclose(t[:12], motion[1], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(t[12:].reshape(4, 2) * 64, xy[[9, 10, 11, 12]], rtol=0, atol=1e-4)
+    bad = tmp_path / "bad.pt"
+    torch.save({"kind": "something else"}, bad)
+    with pytest.raises(ValueError, match="motion-probe"):
+        ev.load_probe(str(bad))
+    with pytest.raises(FileNotFoundError, match="train-probe"):
+        ev.load_probe(str(tmp_path / "missing.pt"))
+
+
+def test_untrained_model_renders_source_recon_and_chunking_is_exact():
+    model, cfg = ev.load_model("untrained", "tiny", window=3)
+    ds = data.SyntheticTalkingFaces("test", n_identities=1, clips_per_identity=1, n_frames=7, size=64)
+    s = ds[0]
+    x_s, x_d, mel = s["frames"][0], s["frames"], s["mel"]
+    # E_can and E_m start as identity / zero and the temporal conv as identity (fusion.py): every frame
+    # of an untrained model is G(E_inv(x_s)), the encoder reconstruction of the source.
+    out = ev.run_model(model, x_s, x_d, mel, "model", chunk=3)
+    with torch.no_grad():
+        recon = model.G.synthesis(model.E_inv(x_s[None]))
+    torch.testing.assert_close(out["x_g"], recon.expand(7, -1, -1, -1), rtol=0, atol=1e-5)
+    assert out["z_sc_spread"] == 0 and out["canon"] is None
+    rec = ev.run_model(model, x_s, x_s[None].expand(7, -1, -1, -1), mel, "encoder_recon")["x_g"]
+    torch.testing.assert_close(rec, out["x_g"], rtol=0, atol=1e-5)
+    # Perturb the fusion so windows matter; chunks of whole windows must equal FCTFG.forward on the
+    # whole clip (TemporalFusion cuts it into the same windows itself), a chunk of 2 windows too.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        ref = model(x_s[None], x_d[None], mel[None])["x_g"][0]
+    for chunk in (3, 6, 100):
+        torch.testing.assert_close(ev.run_model(model, x_s, x_d, mel, "model", chunk=chunk)["x_g"], ref,
+                                   rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="method"):
+        ev.run_model(model, x_s, x_d, mel, "copy_source")
+
+
+def test_copy_source_static_clip_is_perfect():
+    T = 6
+    frame = torch.rand(3, 64, 64) * 2 - 1
+    sample = dict(frames=frame[None].expand(T, -1, -1, -1).clone(), mel=torch.zeros(T, 1, 80, 16),
+                  audio=torch.zeros(T * 640))
+    rec, _ = ev.evaluate_clip(sample, "copy_source")
+    assert rec["ssim"] == pytest.approx(1.0, abs=1e-6) and rec["psnr"] == math.inf
+    assert rec["n_psnr_inf"] == T - 1 and rec["n_scored"] == T - 1 and rec["ms_ssim"] is None
+    s = ev.summarize([dict(rec, clip=0)])
+    assert s["psnr"] == math.inf and s["n_psnr_inf"] == T - 1
+    assert json.loads(json.dumps(ev._strip_nonfinite(s)))["psnr"] == "inf"
+    assert ev._restore_nonfinite(json.loads(json.dumps(ev._strip_nonfinite(s))))["psnr"] == math.inf
+
+
+def test_copy_source_cli_matches_hand_computation(tmp_path, capsys):
+    sk = pytest.importorskip("skimage.metrics")
+    rc, out, _ = _run(["--baseline", "copy_source", "--n_clips", 1, "--clip_frames", 6, "--out", tmp_path / "p",
+                       "--examples", 0], capsys)
+    assert rc == 0 and "baseline: copy source frame" in out
+    clip = _results(tmp_path / "p")["clips"][0]
+    f = _uint8(data.SyntheticTalkingFaces("test", n_identities=2, clips_per_identity=1, n_frames=6, size=64)[0]["frames"])
+    # PC-AVS protocol: frame 0 is the source, frames 1..5 are scored; per-frame values then the mean
+    assert clip["psnr"] == pytest.approx(np.mean([_psnr_np(f[0], f[t]) for t in range(1, 6)]), abs=1e-9)
+    want = np.mean([sk.structural_similarity(f[0], f[t], gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                             data_range=255, channel_axis=2) for t in range(1, 6)])
+    assert clip["ssim"] == pytest.approx(want, abs=1e-5)
+    # cross protocol: source = frame 0 of clip 0 (person A), ground truth = A with clip 1's motion, all frames
+    rc, out, _ = _run(["--baseline", "copy_source", "--protocol", "cross", "--n_clips", 1, "--clip_frames", 6,
+                       "--out", tmp_path / "c", "--examples", 0], capsys)
+    assert rc == 0
+    clip = _results(tmp_path / "c")["clips"][0]
+    ds = data.SyntheticTalkingFaces("test", n_identities=2, clips_per_identity=1, n_frames=6, size=64)
+    src, gt = _uint8(ds[0]["frames"])[0], _uint8(ds.cross(0, 1)["frames"])
+    assert clip["pair"] == [0, 1]
+    assert clip["psnr"] == pytest.approx(np.mean([_psnr_np(src, g) for g in gt]), abs=1e-9)
+
+
+def test_cli_end_to_end_untrained_tiny(tmp_path, capsys, probe_ckpt, syncnet_ckpt):
+    d = tmp_path / "run"
+    rc, out, err = _run(["--checkpoint", "untrained", "--n_clips", 2, "--clip_frames", 10, "--out", d,
+                         "--syncnet", syncnet_ckpt, "--probe", probe_ckpt[0], "--examples", 1], capsys)
+    assert rc == 0, err
+    assert "| Method | SSIM" in out and "FC-TFG (untrained tiny)" in out and "frames/s" in out and "ETA" in out
+    res = _results(d)
+    s = res["summary"]
+    for k in ("ssim", "psnr", "lmd", "lse_c_ours", "lse_d_ours", "lse_c_ours_real", "canon_var", "drive_var"):
+        assert isinstance(s[k], float) and math.isfinite(s[k]), (k, s[k])
+    assert s["ms_ssim"] is None and s["n_clips"] == 2 and s["z_sc_spread"] == 0
+    assert len(res["clips"]) == 2 and all(math.isfinite(v) for v in s["attr"].values())
+    assert any("NOT comparable" in n for n in res["notes"]) and any("held-out error" in n for n in res["notes"])
+    md = (d / "results.md").read_text()
+    assert "| FC-TFG (untrained tiny) |" in md and "MS-SSIM: '-'" in md
+    assert not list(d.glob("*.tmp*"))  # atomic writes leave no temporaries
+    if importlib.util.find_spec("av") is not None:
+        frames, _, audio, _ = data.read_video(d / "examples" / "clip0000.mp4", need_audio=True)
+        assert frames.shape == (10, 64, 3 * 64, 3)  # source | ground truth | generated
+        assert not (d / "examples" / "clip0001.mp4").exists()
+
+
+def test_cli_cross_protocol_controllability(tmp_path, capsys, probe_ckpt):
+    rc, out, err = _run(["--checkpoint", "untrained", "--protocol", "cross", "--n_clips", 2, "--clip_frames", 6,
+                         "--out", tmp_path, "--probe", probe_ckpt[0], "--examples", 0], capsys)
+    assert rc == 0, err
+    assert "yaw err (deg)" in out and "probe on ground truth (its floor)" in out and "Fig. 5b" in out
+    s = _results(tmp_path)["summary"]
+    for group in ("attr", "attr_floor"):
+        assert set(s[group]) == set(ev.ATTRIBUTES) and all(math.isfinite(v) for v in s[group].values())
+    for k in ("canon_var", "drive_var", "canon_pose_std", "drive_pose_std", "lmd", "lmd_vs_renderer"):
+        assert math.isfinite(s[k]), k
+    assert [c["pair"] for c in _results(tmp_path)["clips"]] == [[0, 1], [1, 0]]
+
+
+def test_cli_resumes_over_clips(tmp_path, capsys):
+    args = ["--baseline", "copy_source", "--clip_frames", 6, "--out", tmp_path, "--examples", 0]
+    assert _run(args + ["--n_clips", 2], capsys)[0] == 0
+    first = (tmp_path / "clips.jsonl").read_text().splitlines()
+    rc, out, _ = _run(args + ["--n_clips", 3], capsys)
+    assert rc == 0 and "2 of 3 clips already done" in out and out.count("] clip ") == 1
+    lines = (tmp_path / "clips.jsonl").read_text().splitlines()
+    assert lines[:2] == first and len(lines) == 3  # done clips untouched, one new clip
+    assert _results(tmp_path)["summary"]["n_clips"] == 3
+    # a torn last line (killed mid-write) is ignored and that clip recomputed
+    (tmp_path / "clips.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
+    rc, out, _ = _run(args + ["--n_clips", 3], capsys)
+    assert rc == 0 and out.count("] clip ") == 1
+    # a different evaluation in the same folder is refused
+    rc, _, err = _run(args + ["--n_clips", 3, "--protocol", "cross"], capsys)
+    assert rc == 2 and "different evaluation" in err
+
+
+def test_cli_bad_checkpoint_one_line_error(tmp_path, capsys, syncnet_ckpt):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    for ck, msg in [(garbage, "not a loadable checkpoint"), (tmp_path / "missing.pt", "not found"),
+                    (syncnet_ckpt, "not an FC-TFG checkpoint")]:
+        rc, out, err = _run(["--checkpoint", ck, "--out", tmp_path / "o", "--n_clips", 1], capsys)
+        assert rc == 2 and msg in err and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    # and as a real process: non-zero exit status, no traceback
+    p = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(garbage), "--out", str(tmp_path / "o")],
+                       cwd=Path(ev.__file__).parent, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error:"), p.stderr
