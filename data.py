@@ -344,16 +344,18 @@ LIGHT = np.array([-0.35, 0.45, 0.82]) / np.linalg.norm([-0.35, 0.45, 0.82])  # w
 # Mouth proportions in face units (face radius = 1). Deliberately larger than a real mouth: at 64 px
 # the lips must span several pixels when open, or lip sync is invisible to the tiny SyncNet.
 LIP_H = 0.04        # outer half-height of the closed lips
-OPEN_LIP_H = 0.11   # extra outer half-height at full opening
-OPEN_INNER_H = 0.13  # inner (dark) half-height at full opening (< LIP_H + OPEN_LIP_H: lips stay visible)
-JAW_DROP = 0.11     # the mouth centre moves down by this much at full opening; = OPEN_LIP_H, so the
+OPEN_LIP_H = 0.15   # extra outer half-height at full opening
+OPEN_INNER_H = 0.17  # inner (dark) half-height at full opening (< LIP_H + OPEN_LIP_H: lips stay visible)
+JAW_DROP = 0.15     # the mouth centre moves down by this much at full opening; = OPEN_LIP_H, so the
                     # upper lip stays put and only the lower lip and jaw move, as in real speech
 
 
 def _mouth_geom(ident, m):
     """Mouth shape for one frame: centre height, outer half-width/height, inner half-width/height."""
     mw = ident.mouth_w * (1 + 0.2 * m["mouth_width"])
-    op = float(np.clip(m["mouth_open"], 0, 1))
+    # sqrt: typical speech openings are 0.1-0.4; the square root makes them 0.3-0.6 of the full
+    # opening, i.e. a few pixels at 64 px instead of one (monotone, 0 and 1 unchanged)
+    op = float(np.sqrt(np.clip(m["mouth_open"], 0, 1)))
     my = ident.mouth_y - JAW_DROP * op          # the jaw drops: the mouth centre moves down as it opens
     return my, mw, LIP_H + OPEN_LIP_H * op, 0.8 * mw, OPEN_INNER_H * op
 

@@ -97,7 +97,8 @@ def test_mouth_opening_touches_only_the_mouth_and_is_monotone(seed):
             assert rows.min() > nose_row, "mouth opening changed pixels above the nose"
             # hand-derived band at yaw 0: face-space v maps to image y = HEAD_Y + v b (orthographic);
             # the lips span mouth_y - JAW_DROP op -/+ (LIP_H + OPEN_LIP_H op) (the jaw drops as it opens)
-            v_lo = ident.mouth_y - data.JAW_DROP * op - (data.LIP_H + data.OPEN_LIP_H * op)
+            o = np.sqrt(op)  # rendered opening
+            v_lo = ident.mouth_y - data.JAW_DROP * o - (data.LIP_H + data.OPEN_LIP_H * o)
             v_hi = ident.mouth_y + data.LIP_H
             row = lambda vv: (1 - data.HEAD_Y - vv * ident.head[1]) * SIZE / 2
             assert rows.min() + 1.5 >= row(v_hi) and rows.max() + 0.5 <= row(v_lo) + 1.5
