@@ -55,7 +55,8 @@ PRESETS = {
         temporal="conv",          # Temporal Fusion: conv | lstm | none  (Table 3)
         disc="image",             # FC-TFG discriminator: image | video   (Table 3)
         ortho="hadamard_abs",     # Eq. (3) mode: hadamard_abs | signed | squared | cosine | none (Table 4)
-        hyper_steps=1,            # HyperStyle refinements of the source frame inside the FC-TFG stage
+        hyper_steps=1,            # HyperStyle refinement steps (inversion stage training, FC-TFG source)
+        hyper_from=0.5,           # inversion stage: fraction of steps for pSp before HyperStyle trains
         mbstd_group=4,            # minibatch-stddev group of D (must divide the frames D sees)
     ),
     "paper": dict(
@@ -65,7 +66,7 @@ PRESETS = {
         ema_kimg=10.0,
         n_identities=5994, clips_per_identity=10, clip_frames=32, window=5,
         frame_pool=0, log_every=100, sample_every=5000, ckpt_every=5000, workers=4, amp="bf16",
-        temporal="conv", disc="image", ortho="hadamard_abs", hyper_steps=3, mbstd_group=4,
+        temporal="conv", disc="image", ortho="hadamard_abs", hyper_steps=3, hyper_from=0.5, mbstd_group=4,
     ),
 }
 STAGES = ("stylegan2", "syncnet", "inversion", "fctfg")
@@ -87,8 +88,8 @@ def parse_args(argv=None):
     ap.add_argument("--inject_nan", type=int, default=None, help=argparse.SUPPRESS)  # tests: NaN at step N
     ap.add_argument("--syncnet", help="FC-TFG stage: lip-sync expert (our syncnet stage or a Wav2Lip "
                     "lipsync_expert.pth); without it L_sync (Eq. 4) is off")
-    ap.add_argument("--arcface", help="FC-TFG stage: InsightFace IR-SE50 weights; without them L_id (Eq. 5) is off")
-    ap.add_argument("--vgg", help="FC-TFG stage: torchvision-layout VGG19 weights; without them Eq. (7) is off")
+    ap.add_argument("--arcface", help="inversion/FC-TFG: InsightFace IR-SE50 weights; without them L_id (Eq. 5) is off")
+    ap.add_argument("--vgg", help="inversion/FC-TFG: torchvision-layout VGG19 weights; without them Eq. (7) is off")
     for k, v in PRESETS[known.preset].items():
         ap.add_argument(f"--{k}", type=type(v), default=v)
     args = ap.parse_args(argv)
@@ -451,9 +452,9 @@ def load_stage_models(path, names):
 
 
 class InversionStage:
-    """Stage 3 (Sec. 4.1.2): pSp encoder E_inv trained to invert the frozen G (MSE; + ArcFace identity
-    and perceptual terms when their pre-trained weights are available), and HyperStyle trained on top
-    of the detached pSp codes, both every step (HyperStyle sees an improving encoder)."""
+    """Stage 3 (Sec. 4.1.2): first the pSp encoder E_inv is trained to invert the frozen G, then
+    HyperStyle is trained on the frozen encoder's codes (inversion.psp_loss / hyperstyle_loss: MSE,
+    plus the identity and perceptual terms when their pre-trained weights are given)."""
     models = ("e_inv", "hyper", "g_ema", "d")
     extra_state = ()
 
@@ -473,6 +474,10 @@ class InversionStage:
         self.e_inv = inversion.PSPEncoder(**p["psp"]).to(device)
         self.e_inv.set_latent_avg(latent_avg)
         self.hyper = inversion.HyperStyle(inversion.layer_shapes(self.g), **p["hyperstyle"]).to(device)
+        import losses
+        self.e_id = inversion.load_arcface(args.arcface).to(device) if args.arcface else None
+        vgg = losses.load_vgg19(args.vgg).to(device).eval().requires_grad_(False) if args.vgg else None
+        self.perceptual = (lambda a, b: losses.perceptual_loss(vgg, a, b)) if vgg is not None else None
         lr = cfg["lr_inversion"]
         self.opt_e = torch.optim.Adam(self.e_inv.parameters(), lr=lr)
         self.opt_h = torch.optim.Adam(self.hyper.parameters(), lr=lr)
@@ -482,18 +487,26 @@ class InversionStage:
         return FramePool(clips, self.cfg["frame_pool"], self.cfg["seed"])
 
     def step(self, k, micro, world, autocast):
-        self.e_inv.train(), self.hyper.train()
-        self.opt_e.zero_grad(set_to_none=True), self.opt_h.zero_grad(set_to_none=True)
+        """Steps before hyper_from * max_steps train the pSp encoder alone (HyperStyle's recipe starts
+        from a converged encoder); later steps freeze it and train HyperStyle on its codes."""
+        psp_phase = k < self.cfg["hyper_from"] * self.cfg["max_steps"]
+        net, opt = (self.e_inv, self.opt_e) if psp_phase else (self.hyper, self.opt_h)
+        self.e_inv.train(psp_phase), self.hyper.train(not psp_phase)
+        opt.zero_grad(set_to_none=True)
         for mb in micro:
             x = mb["image"]
             with autocast():
-                loss_e, parts = self.inv.psp_loss(self.e_inv, self.g, x)
-                loss_h, parts_h, _ = self.inv.hyperstyle_loss(self.hyper, self.g, x, self.e_inv(x).detach(),
-                                                              steps=1)
-            ((loss_e + loss_h) / len(micro)).backward()
-        average_gradients(list(self.e_inv.parameters()) + list(self.hyper.parameters()), world)
-        self.opt_e.step(), self.opt_h.step()
-        return {"loss_psp": loss_e, "loss_hyperstyle": loss_h}
+                if psp_phase:
+                    loss, parts = self.inv.psp_loss(self.e_inv, self.g, x, self.e_id, self.perceptual)
+                else:
+                    with torch.no_grad():
+                        ws = self.e_inv(x)
+                    loss, parts, _ = self.inv.hyperstyle_loss(self.hyper, self.g, x, ws, self.cfg["hyper_steps"],
+                                                              self.e_id, self.perceptual)
+            (loss / len(micro)).backward()
+        average_gradients(list(net.parameters()), world)
+        opt.step()
+        return {"loss_psp" if psp_phase else "loss_hyperstyle": loss, **{f"{k2}": v for k2, v in parts.items()}}
 
     @torch.no_grad()
     def samples(self, batch, seed):

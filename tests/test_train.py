@@ -189,3 +189,12 @@ def test_torchrun_training_keeps_ranks_identical(tmp_path):
     assert "2 process(es)" in r.stdout and "2 ranks hold identical parameters" in r.stdout
     ck = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     assert ck["world"] == 2 and len(ck["rng"]) == 2 and ck["step"] == 2
+
+
+def test_gradient_accumulation_consumes_accum_micro_batches(tmp_path, monkeypatch):
+    """--accum K draws K distinct micro-batches per optimiser step (indices step*K .. step*K+K-1)."""
+    seen = []
+    orig = train.Batches.get
+    monkeypatch.setattr(train.Batches, "get", lambda self, k: seen.append(k) or orig(self, k))
+    ck = run("stylegan2", tmp_path, 2, "--accum", "2", "--batch", "2")
+    assert ck["step"] == 2 and seen == [0, 1, 2, 3]
