@@ -8,10 +8,21 @@ cd "$(dirname "$0")"
 OUT=${1:-runs/repro}
 SEED=${SEED:-0}
 COMMON="--preset tiny --device cpu --seed $SEED --n_identities 200 --clips_per_identity 5 --clip_frames 16"
-python train.py --stage syncnet   $COMMON --out "$OUT/syncnet"   --max_steps 600  --batch 16 --sample_every 0
+python train.py --stage syncnet   $COMMON --out "$OUT/syncnet"   --max_steps 1500 --batch 16 --sample_every 0
 python train.py --stage stylegan2 $COMMON --out "$OUT/stylegan2" --max_steps 2000 --batch 8 --frame_pool 2048
 python train.py --stage inversion $COMMON --out "$OUT/inversion" --max_steps 800  --batch 8 --frame_pool 2048 \
     --init "$OUT/stylegan2/last.pt"
 python train.py --stage fctfg     $COMMON --out "$OUT/fctfg"     --max_steps 800  --batch 4 \
     --init "$OUT/inversion/last.pt" --syncnet "$OUT/syncnet/last.pt"
-echo "done: $OUT/fctfg/last.pt"
+# The shipped default of infer.py: generator-side weights only, stored in fp16 (load_state_dict casts back).
+mkdir -p checkpoints
+python - "$OUT/fctfg/last.pt" checkpoints/fctfg_tiny.pt <<'PY'
+import os, sys, torch
+ck = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+slim = {"stage": "fctfg", "step": ck["step"], "cfg": ck["cfg"],
+        "fctfg": {k: v.half() if v.is_floating_point() else v for k, v in ck["fctfg"].items()}}
+torch.save(slim, sys.argv[2] + ".tmp")
+os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+print(f"wrote {sys.argv[2]} ({os.path.getsize(sys.argv[2]) / 2**20:.1f} MiB)")
+PY
+echo "done: $OUT/fctfg/last.pt -> checkpoints/fctfg_tiny.pt"
