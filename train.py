@@ -30,6 +30,7 @@ import random
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,9 @@ PRESETS = {
         ema_kimg=1.0,             # EMA half-life in thousands of images (10 in the paper's recipe)
         n_identities=200, clips_per_identity=5, clip_frames=16, window=5,
         frame_pool=512,           # procedural frames rendered once and reused (0: render every batch)
-        log_every=10, sample_every=200, ckpt_every=200, workers=0, amp="none",
+        log_every=10, sample_every=200, ckpt_every=200,
+        workers=0,                # background threads assembling the next step's batch (0: none)
+        amp="none",
         temporal="conv",          # Temporal Fusion: conv | lstm | none  (Table 3)
         disc="image",             # FC-TFG discriminator: image | video   (Table 3)
         ortho="hadamard_abs",     # Eq. (3) mode: hadamard_abs | signed | squared | cosine | none (Table 4)
@@ -691,7 +694,6 @@ def train(argv=None):
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
-
     start = 0
     last = out / "last.pt"
     if args.resume and last.is_file():
@@ -748,11 +750,24 @@ def train(argv=None):
             print(stage.note)
     log_file = open(out / "log.jsonl", "a") if is_main else None
     t0, n_img = time.time(), 0
+    # Batches are assembled (rendered / decoded) by `workers` background threads one step ahead, so
+    # the next step's data is ready when this step's maths finishes. 0 = in the training thread.
+    pool = ThreadPoolExecutor(cfg["workers"]) if cfg["workers"] > 0 else None
+    ahead = {}
+
+    def fetch(k):
+        if pool is None:
+            return [data.get(k * acc + a) for a in range(acc)]
+        for j in (k, k + 1):
+            if j not in ahead and j < cfg["max_steps"]:
+                ahead[j] = [pool.submit(data.get, j * acc + a) for a in range(acc)]
+        return [f.result() for f in ahead.pop(k)]
+
     step = start
     try:
         for step in range(start, cfg["max_steps"]):
-            micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in data.get(step * acc + a).items()}
-                     for a in range(acc)]
+            micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_cpu.items()}
+                     for batch_cpu in fetch(step)]
             try:
                 logs = stage.step(step, micro, world, autocast)
             except torch.cuda.OutOfMemoryError:
@@ -787,6 +802,8 @@ def train(argv=None):
             print(f"error: {e}", file=sys.stderr)
         return 3
     finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
         if log_file:

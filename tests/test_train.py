@@ -198,3 +198,11 @@ def test_gradient_accumulation_consumes_accum_micro_batches(tmp_path, monkeypatc
     monkeypatch.setattr(train.Batches, "get", lambda self, k: seen.append(k) or orig(self, k))
     ck = run("stylegan2", tmp_path, 2, "--accum", "2", "--batch", "2")
     assert ck["step"] == 2 and seen == [0, 1, 2, 3]
+
+
+def test_background_workers_give_the_same_training(tmp_path):
+    """Prefetching batches in threads changes when data is made, not what is trained on."""
+    a = run("stylegan2", tmp_path / "a", 2)
+    b = run("stylegan2", tmp_path / "b", 2, "--workers", "2")
+    for name in ("g", "d", "g_ema"):
+        assert_same_state(a[name], b[name])
