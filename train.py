@@ -578,7 +578,9 @@ class FCTFGStage:
                 img_d = stylegan2.Discriminator.from_preset(cfg["model"])
                 img_d.load_state_dict(ck["d"])
                 self.d.init_from_image_discriminator(img_d)
-        pretrained = [m.G, m.E_inv, m.H]
+        # Pre-trained in the paper: G, E_inv (HyperStyle with pSp) and E_a ("a pre-trained audio
+        # encoder introduced in [7]", Sec. 4.1.2); all are fine-tuned unless --freeze_pretrained.
+        pretrained = [m.G, m.E_inv, m.H, m.E_a]
         self.frozen = args.freeze_pretrained
         if args.freeze_pretrained:  # Sec. 4.1.2 fine-tunes them; this flag is the frozen ablation
             for net in pretrained:
@@ -604,7 +606,7 @@ class FCTFGStage:
         cfg, L, m, D = self.cfg, self.losses, self.fctfg, self.d
         m.train()
         if self.frozen:  # frozen networks keep their BatchNorm statistics
-            for net in (m.G, m.E_inv, m.H):
+            for net in (m.G, m.E_inv, m.H, m.E_a):
                 net.eval()
         outs = []
         # --- D step (Eq. 8), on detached generations ---
