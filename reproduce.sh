@@ -19,8 +19,14 @@ mkdir -p checkpoints
 python - "$OUT/fctfg/last.pt" checkpoints/fctfg_tiny.pt <<'PY'
 import os, sys, torch
 ck = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+halves = {}  # HyperStyle's shared hypernetwork sits under several keys: convert (and store) it once
+def half(v):
+    if not v.is_floating_point():
+        return v
+    key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+    return halves.setdefault(key, v.half())
 slim = {"stage": "fctfg", "step": ck["step"], "cfg": ck["cfg"],
-        "fctfg": {k: v.half() if v.is_floating_point() else v for k, v in ck["fctfg"].items()}}
+        "fctfg": {k: half(v) for k, v in ck["fctfg"].items()}}
 torch.save(slim, sys.argv[2] + ".tmp")
 os.replace(sys.argv[2] + ".tmp", sys.argv[2])
 print(f"wrote {sys.argv[2]} ({os.path.getsize(sys.argv[2]) / 2**20:.1f} MiB)")
