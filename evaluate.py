@@ -902,9 +902,9 @@ def lse_expert(frames, mel, expert, vshift=SYNC_VSHIFT):
 
 def load_sync_expert(path, device="cpu"):
     """Our syncnet-stage checkpoint (or a Wav2Lip lipsync_expert.pth), frozen; see train.load_syncnet_for_loss."""
-    from train import load_checkpoint, load_syncnet_for_loss
-    ck = load_checkpoint(path)
-    return load_syncnet_for_loss(path, ck.get("cfg", {}).get("model", "paper") if "syncnet" in ck else "paper", device)
+    from train import load_syncnet_for_loss
+    # our checkpoints carry their own preset (cfg["model"]); "paper" applies to Wav2Lip's file only
+    return load_syncnet_for_loss(path, "paper", device)
 
 
 def _mean(xs):

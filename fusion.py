@@ -419,8 +419,7 @@ class FCTFG(nn.Module):
     @classmethod
     def load(cls, path, device="cpu"):
         """Rebuild from a train.py fctfg checkpoint ({'stage': 'fctfg', 'cfg': ..., 'fctfg': state})."""
-        from train import load_checkpoint
-        ck = load_checkpoint(path)
+        ck = stylegan2.load_checkpoint(path)
         if ck.get("stage") != "fctfg" or "fctfg" not in ck:
             raise ValueError(f"{path}: not an FC-TFG checkpoint (stage {ck.get('stage')!r})")
         cfg = ck["cfg"]

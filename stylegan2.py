@@ -765,7 +765,7 @@ def path_length_penalty(img, ws, mean_path_length, decay=0.01):
 # Checkpoint loading (rosinality / pSp layouts), safe: weights_only=True
 # ====================================================================================================
 
-def _safe_torch_load(path):
+def load_checkpoint(path):
     """torch.load with weights_only=True. rosinality training checkpoints pickle their argparse
     Namespace under `args`; we allow-list exactly that class (it holds plain values) and nothing else."""
     path = Path(path)
@@ -775,7 +775,7 @@ def _safe_torch_load(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling/zip errors come in many types; report them as one clear error
-        raise ValueError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from None
 
 
 def _generator_config(sd):
@@ -807,7 +807,7 @@ def load_stylegan2(path, device="cpu"):
     - a pSp/HyperStyle checkpoint {state_dict with 'decoder.*' keys, latent_avg, opts},
     - our own train.py checkpoints, which use the same keys.
     Fixed noise buffers (noises.*) may be missing in old files; they then keep their random init."""
-    ckpt = _safe_torch_load(path)
+    ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     g_sd = ckpt.get("g_ema") or ckpt.get("g")

@@ -239,14 +239,8 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
 
 
-def load_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip/unpickling errors come in many types: report them as one clear error
-        raise ValueError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from None
+# weights_only=True with one clear error (FileNotFoundError / ValueError) for a missing or corrupt file
+load_checkpoint = stylegan2.load_checkpoint
 
 
 # ====================================================================================================
@@ -444,6 +438,16 @@ class SyncNetStage:
 # Stage 3: inversion (pSp encoder, then HyperStyle) on the frozen StyleGAN2 of stage 1
 # ====================================================================================================
 
+def load_judges(args, device):
+    """The frozen pre-trained networks of Eq. (5) and (7): ArcFace E_id and VGG19, or None where
+    --arcface / --vgg is not given (a randomly initialised judge would only add noise)."""
+    import inversion
+    import losses
+    e_id = inversion.load_arcface(args.arcface).to(device) if args.arcface else None
+    vgg = losses.load_vgg19(args.vgg).to(device).eval().requires_grad_(False) if args.vgg else None
+    return e_id, vgg
+
+
 def load_stage_models(path, names):
     """State dicts `names` from a train.py checkpoint (clear error if the file lacks them)."""
     ck = load_checkpoint(path)
@@ -478,8 +482,7 @@ class InversionStage:
         self.e_inv.set_latent_avg(latent_avg)
         self.hyper = inversion.HyperStyle(inversion.layer_shapes(self.g), **p["hyperstyle"]).to(device)
         import losses
-        self.e_id = inversion.load_arcface(args.arcface).to(device) if args.arcface else None
-        vgg = losses.load_vgg19(args.vgg).to(device).eval().requires_grad_(False) if args.vgg else None
+        self.e_id, vgg = load_judges(args, device)
         self.perceptual = (lambda a, b: losses.perceptual_loss(vgg, a, b)) if vgg is not None else None
         lr = cfg["lr_inversion"]
         self.opt_e = torch.optim.Adam(self.e_inv.parameters(), lr=lr)
@@ -548,19 +551,17 @@ class FCTFGStage:
 
     def __init__(self, cfg, device, args):
         import fusion
-        import inversion
         import losses
         self.cfg, self.losses = cfg, losses
         if cfg["ortho"] not in ("hadamard_abs", "signed", "squared", "cosine", "none"):
             raise SystemExit(f"error: --ortho {cfg['ortho']!r} is not a mode of losses.orthogonality_loss")
         self.fctfg = fusion.FCTFG(cfg["model"], temporal=cfg["temporal"], window=cfg["window"]).to(device)
         m = self.fctfg
+        p = stylegan2.PRESETS[cfg["model"]]
         if cfg["disc"] == "video":
-            p = stylegan2.PRESETS[cfg["model"]]
             self.d = fusion.VideoDiscriminator(p["size"], cfg["window"], p["channel_multiplier"], p["channels"],
                                                stddev_group=cfg["mbstd_group"]).to(device)
         elif cfg["disc"] == "image":
-            p = stylegan2.PRESETS[cfg["model"]]
             self.d = stylegan2.Discriminator(p["size"], p["channel_multiplier"], p["channels"],
                                              stddev_group=cfg["mbstd_group"]).to(device)
         else:
@@ -586,8 +587,7 @@ class FCTFGStage:
             for net in pretrained:
                 net.requires_grad_(False)
         self.syncnet = load_syncnet_for_loss(args.syncnet, cfg["model"], device) if args.syncnet else None
-        self.e_id = inversion.load_arcface(args.arcface).to(device) if args.arcface else None
-        self.vgg = losses.load_vgg19(args.vgg).to(device).eval().requires_grad_(False) if args.vgg else None
+        self.e_id, self.vgg = load_judges(args, device)
         self.off = [n for n, net in (("sync", self.syncnet), ("id", self.e_id), ("lpips", self.vgg)) if net is None]
         self.params_g = [p for p in m.parameters() if p.requires_grad]
         self.opt_g = torch.optim.Adam(self.params_g, lr=cfg["lr_fctfg"])   # Sec. 4.1.2: Adam, 1e-4
