@@ -95,9 +95,11 @@ def make_identity(seed):
     hair = np.array([u(0.05, 0.6), 0, 0]); hair[1] = hair[0] * u(0.55, 0.9); hair[2] = hair[1] * u(0.4, 0.9)
     if r.random() < 0.12:
         hair = np.full(3, u(0.55, 0.85))  # grey/white hair
-    a = u(0.42, 0.5)
+    # Head size: FOMM / VoxCeleb crops (Sec. 4.1.1) are face-dominated, the face spans ~2/3 of the
+    # width; with a smaller head the mouth is a few pixels at 64 px and lip sync is not learnable.
+    a = u(0.56, 0.64)
     return Identity(
-        seed=int(seed), head=(a, u(0.54, 0.62), 0.9 * a), skin=tuple(np.clip(skin, 0, 1)),
+        seed=int(seed), head=(a, u(0.70, 0.78), 0.9 * a), skin=tuple(np.clip(skin, 0, 1)),
         hair=tuple(hair), hair_style=int(r.choice(3, p=[0.15, 0.5, 0.35])), hairline=u(0.42, 0.58),
         parting=u(-1, 1), iris=tuple(r.choice([[0.35, 0.2, 0.08], [0.2, 0.35, 0.55], [0.25, 0.4, 0.2],
                                                [0.15, 0.1, 0.05]])),
@@ -240,9 +242,13 @@ def synth_audio(track, n_frames, seed=0):
 
 
 def _smooth_noise(r, T, sigma, scale):
-    """Smooth random trajectory: white noise low-passed by a Gaussian (sigma frames), unit std * scale."""
+    """Smooth random trajectory: white noise low-passed by a Gaussian (sigma frames), std `scale`.
+
+    Normalised by the filter's stationary std, 1 / sqrt(2 sqrt(pi) sigma), not by the clip's own std:
+    a clip shorter than the correlation length has a tiny sample std, and dividing by it blew a
+    0.25 rad yaw up to several radians (heads seen from behind)."""
     x = gaussian_filter1d(r.standard_normal(T + 6 * int(sigma)), sigma, mode="nearest")[3 * int(sigma):][:T]
-    return scale * x / (x.std() + 1e-8) if T > 1 else scale * x
+    return scale * x * math.sqrt(2 * math.sqrt(math.pi) * sigma)
 
 
 def make_motion(seed, n_frames):
@@ -337,7 +343,7 @@ def _motion_dict(motion):
     return dict(zip(MOTION_KEYS, v.tolist()))
 
 
-HEAD_Y = 0.1                  # head centre sits above the image centre, leaving room for shoulders
+HEAD_Y = 0.05                 # head centre sits above the image centre, leaving room for the neck
 LIGHT = np.array([-0.35, 0.45, 0.82]) / np.linalg.norm([-0.35, 0.45, 0.82])  # world light direction
 
 
