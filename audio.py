@@ -482,6 +482,21 @@ def loss_expert_bce(p, y, eps=1e-7):
     return F.binary_cross_entropy(p, y.to(p.dtype))
 
 
+def loss_expert_nce(a, v, temperature=0.1):
+    """Contrastive alternative to loss_expert_bce (the tiny recipe's; see train.SyncNetStage).
+
+    a, v: [N, C] unit embeddings of N in-sync (audio, face) pairs. Row i of a @ v.T / temperature holds
+    pair i's cosine and its N-1 mismatches; cross-entropy picks the diagonal in both directions
+    (audio -> face and face -> audio), as CLIP does. Needs N >= 2 (0 returned otherwise)."""
+    if a.shape != v.shape or a.ndim != 2:
+        raise ValueError(f"a and v must both be [N, C], got {tuple(a.shape)} and {tuple(v.shape)}")
+    if a.shape[0] < 2:
+        return (a * v).sum() * 0.0  # no negatives in this batch: a zero loss that keeps the graph
+    logits = a @ v.T / temperature
+    target = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
 def expert_window(frames, size=None, bgr=False):
     """Turn 5 consecutive generated/real frames into the expert's input.
 

@@ -859,7 +859,7 @@ def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, can
     T = x_d.shape[0]
     win = model.fusion.temporal.window
     step = T if win is None else win * max(1, chunk // win)
-    x_g, canon, z_sc_all = [], [], []
+    x_g, canon, z_sc_all, ws_all = [], [], [], []
     for t0 in range(0, T, step):
         xd, m = x_d[t0:t0 + step][None], mel[t0:t0 + step][None]                 # [1, n, ...]
         if method == "encoder_recon":
@@ -873,13 +873,32 @@ def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, can
         else:
             raise ValueError(f"run_model: method must be 'model' or 'encoder_recon', got {method!r}")
         x_g.append(model.render(ws, deltas)[0])
+        ws_all.append(ws[0])
         if canonical:
             canon.append(model.G.synthesis(model.fusion.E_can(z_d[0])))
     spread = float(torch.cat(z_sc_all).std(0).max()) if len(z_sc_all) and T > 1 else None
-    return dict(x_g=torch.cat(x_g), canon=torch.cat(canon) if canonical else None, z_sc_spread=spread)
+    return dict(x_g=torch.cat(x_g), canon=torch.cat(canon) if canonical else None, z_sc_spread=spread,
+                ws=torch.cat(ws_all) if ws_all else None, window=win)
 
 
 @torch.no_grad()
+def flicker(x, window):
+    """Table 3's flicker measure: mean |x_{t+1} - x_t| over frame pairs that straddle a temporal-window
+    border vs pairs inside one window. x [T, ...] (frames or W+ codes, any float range), window = the
+    fusion window W: windows are [0, W), [W, 2W), ..., so the pair (t, t+1) is a border pair when
+    (t + 1) % W == 0. -> dict(border, inside, ratio = border / inside) (None where a kind is absent).
+    A model whose windows are fused independently jumps at borders (ratio > 1); for real frames the
+    ratio is ~1, which is the reference to compare with."""
+    T = x.shape[0]
+    if window is None or T < 2:
+        return dict(border=None, inside=None, ratio=None)
+    step = (x[1:].double() - x[:-1].double()).abs().flatten(1).mean(1)           # [T-1]
+    at_border = (torch.arange(1, T) % window) == 0
+    b = float(step[at_border].mean()) if at_border.any() else None
+    i = float(step[~at_border].mean()) if (~at_border).any() else None
+    return dict(border=b, inside=i, ratio=b / i if b is not None and i else None)
+
+
 def lse_expert(frames, mel, expert, vshift=SYNC_VSHIFT):
     """LSE-D / LSE-C with OUR lip-sync expert (audio.SyncNet trained by `train.py --stage syncnet`),
     scored with syncnet_python's offset search (lse_from_embeddings). frames [T, 3, H, W] in [-1, 1],
@@ -970,6 +989,11 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
         r = sync_scores(to_255(frames), sample["audio"], v2)
         rec.update(lse_d_v2=s["lse_d"], lse_c_v2=s["lse_c"], lse_offset_v2=s["offset"],
                    lse_d_v2_real=r["lse_d"], lse_c_v2_real=r["lse_c"])
+    if out.get("ws") is not None and out.get("window"):   # Table 3: jumps at temporal-window borders
+        W = out["window"]
+        for name, seq in (("px", to_255(out["x_g"])), ("w", out["ws"]), ("px_gt", to_255(gt["frames"]))):
+            f = flicker(seq, W)
+            rec[f"flicker_{name}_border"], rec[f"flicker_{name}_inside"] = f["border"], f["inside"]
     if out["z_sc_spread"] is not None:
         rec["z_sc_spread"] = out["z_sc_spread"]    # std over t of z_s->c: 0 by construction (Sec. 3.1)
     if out["canon"] is not None and T > 1:

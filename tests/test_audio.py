@@ -524,3 +524,21 @@ def test_tiny_expert_learns_a_toy_sync_task(one_thread):
     with torch.no_grad():
         held = audio.loss_expert_bce(net.cosine(*held_out[:2]), held_out[2]).item()
     assert held < 0.3, held
+
+
+def test_expert_nce_loss_hand_values_and_gradient():
+    """Two orthogonal matched pairs: logits diag 1/t, off-diagonal 0, so each row's CE is
+    log(1 + e^{-1/t}); swapping the faces makes the diagonal the mismatch and the loss larger."""
+    a = torch.eye(2, 4, dtype=torch.float64)
+    t = 0.1
+    expect = math.log(1 + math.exp(-1 / t))
+    assert float(audio.loss_expert_nce(a, a.clone(), t)) == pytest.approx(expect, rel=1e-12)
+    assert float(audio.loss_expert_nce(a, a.flip(0), t)) == pytest.approx(math.log(1 + math.exp(1 / t)), rel=1e-12)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    unit = lambda u: torch.nn.functional.normalize(u, dim=1)
+    assert torch.autograd.gradcheck(lambda p, q: audio.loss_expert_nce(unit(p), unit(q)), (x, y))
+    one = audio.loss_expert_nce(unit(x[:1]), unit(y[:1]))
+    assert float(one) == 0 and one.requires_grad       # no negatives: zero, graph kept
+    with pytest.raises(ValueError, match="both be"):
+        audio.loss_expert_nce(a, a[:, :3])

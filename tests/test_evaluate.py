@@ -700,3 +700,17 @@ def test_cli_bad_checkpoint_one_line_error(tmp_path, capsys, syncnet_ckpt):
     p = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(garbage), "--out", str(tmp_path / "o")],
                        cwd=Path(ev.__file__).parent, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error:"), p.stderr
+
+
+def test_flicker_separates_window_borders_hand_values():
+    """Window 3 over T=7: pairs (2,3) and (5,6) straddle borders. A sequence that only jumps at borders
+    has inside change 0; a ramp has equal change everywhere (ratio 1)."""
+    jumps = torch.tensor([0, 0, 0, 5, 5, 5, 9], dtype=torch.float64)[:, None]
+    f = ev.flicker(jumps, 3)
+    assert f["border"] == pytest.approx((5 + 4) / 2) and f["inside"] == 0 and f["ratio"] is None
+    ramp = torch.arange(7, dtype=torch.float64)[:, None, None] * torch.ones(1, 2, 2)
+    f = ev.flicker(ramp, 3)
+    assert f["border"] == pytest.approx(1) and f["inside"] == pytest.approx(1) and f["ratio"] == pytest.approx(1)
+    assert ev.flicker(ramp, None)["ratio"] is None and ev.flicker(ramp[:1], 3)["border"] is None
+    f = ev.flicker(ramp[:3], 5)                    # one window: no border pair at all
+    assert f["border"] is None and f["inside"] == pytest.approx(1)

@@ -54,6 +54,33 @@ def test_ema_half_life_and_buffers():
         assert torch.equal(be, bm)
 
 
+def test_recon_weight_trains_an_encoder_that_the_inversion_stage_starts_from(tmp_path):
+    ck = run("stylegan2", tmp_path / "sg", 2)
+    log = [json.loads(l) for l in (tmp_path / "sg" / "log.jsonl").read_text().splitlines()]
+    assert "e_inv" in ck and "opt_e" in ck and all(l["recon_l1"] > 0 for l in log)
+    args, cfg = train.parse_args(["--stage", "inversion", "--init", str(tmp_path / "sg" / "last.pt")])
+    st = train.InversionStage(cfg, torch.device("cpu"), args)
+    assert_same_state(st.e_inv.state_dict(), ck["e_inv"])
+    plain = run("stylegan2", tmp_path / "plain", 1, "--recon_weight", "0")   # the paper's plain GAN
+    assert "e_inv" not in plain and "opt_e" not in plain
+
+
+@pytest.mark.parametrize("loss", ["nce", "bce"])
+def test_syncnet_stage_losses_log_pair_auc(tmp_path, loss):
+    run("syncnet", tmp_path, 2, "--expert_loss", loss, "--batch", "8")
+    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(l["loss_sync_expert"] > 0 and (0 <= l["auc"] <= 1 or l["auc"] != l["auc"]) for l in log)
+    with pytest.raises(SystemExit, match="expert_loss"):
+        train.train(["--stage", "syncnet", "--expert_loss", "hinge", "--out", str(tmp_path / "x"), *SMALL])
+
+
+def test_pair_auc_hand_values():
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert float(train.pair_auc(torch.tensor([0.9, 0.1, 0.8, 0.2]), y)) == 1.0
+    assert float(train.pair_auc(torch.tensor([0.1, 0.9, 0.8, 0.2]), y)) == 0.25  # only 0.8 > 0.2 of 4 pairs
+    assert torch.isnan(train.pair_auc(torch.tensor([0.3, 0.4]), torch.ones(2)))
+
+
 @pytest.mark.slow
 def test_all_stages_chain(tmp_path):
     """stylegan2 -> inversion -> fctfg (with the syncnet stage's expert), each a few steps."""

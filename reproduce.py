@@ -1,0 +1,190 @@
+"""reproduce.py: the helpers of the reproduction study (reproduce.sh): export the shipped checkpoint,
+draw the paper's figures on procedural test identities, and collect the tables of RESULTS.md.
+
+  export SRC DST            fp16 generator-side copy of an fctfg checkpoint (what infer.py ships with)
+  figures CKPT OUT          Fig. 5 (canonical space: inputs vs G(E_can(E_inv(x)))) and a Fig. 4-style
+                            cross-identity strip (source | driving | ground truth | generated)
+  plot LOG PNG              loss curves of one train.py log.jsonl (train.plot_losses)
+  tables RUNS               Table 1 / 3 / 4 analogues from the evaluate.py results under RUNS (markdown)
+
+Paper map: Fig. 4 (reenactment comparison), Fig. 5 (canonical space), Fig. 6 (pose spread of the
+canonical space, reported in the tables as canon_pose_std), Tables 1, 3 and 4 (Sec. 4.2-4.4).
+Everything runs on the procedural TEST split (data.TEST_IDS), which no training stage sees.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import stylegan2
+
+
+def export(src, dst):
+    """Keep what infer.py needs (the FCTFG state dict, cfg, step) in float16; the discriminator and the
+    optimiser states stay behind. HyperStyle's shared hypernetwork appears under several keys that
+    share storage: convert (and store) each storage once, or the file doubles."""
+    ck = stylegan2.load_checkpoint(src)
+    if ck.get("stage") != "fctfg":
+        raise ValueError(f"{src} is a {ck.get('stage')!r} checkpoint; export needs an fctfg one")
+    halves = {}
+
+    def half(v):
+        if not v.is_floating_point():
+            return v
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        return halves.setdefault(key, v.half())
+
+    slim = {"stage": "fctfg", "step": ck["step"], "cfg": ck["cfg"],
+            "fctfg": {k: half(v) for k, v in ck["fctfg"].items()}}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    torch.save(slim, tmp)
+    os.replace(tmp, dst)
+    return dst.stat().st_size
+
+
+@torch.no_grad()
+def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30), seed=0):
+    """Fig. 5 and a Fig. 4-style strip on procedural test identities. -> list of written PNG paths."""
+    import data
+    import evaluate
+    import fusion
+    model, cfg = fusion.FCTFG.load(ckpt, "cpu")
+    size = model.G.size
+    ds = data.SyntheticTalkingFaces("test", n_identities=n, clips_per_identity=1,
+                                    n_frames=max(frames) + 1, size=size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    # Fig. 5a: one frame of each of n people (all with their own pose) and its canonical image
+    x = torch.stack([ds[i]["frames"][frames[i % len(frames)]] for i in range(n)])
+    z = model.E_inv(x)
+    canon = model.G.synthesis(model.fusion.E_can(z), noise_mode="const")
+    recon = model.G.synthesis(z, noise_mode="const")
+    p = out / "fig5_canonical_space.png"
+    stylegan2.save_image_grid(torch.cat([x, recon, canon]), p, nrow=n)
+    written.append(p)
+    # Fig. 5b: every listed frame of ONE clip, and each one taken to canonical space
+    clip = ds[0]["frames"][list(frames)]
+    canon_t = model.G.synthesis(model.fusion.E_can(model.E_inv(clip)), noise_mode="const")
+    p = out / "fig5b_one_video_canonical.png"
+    stylegan2.save_image_grid(torch.cat([clip, canon_t]), p, nrow=len(frames))
+    written.append(p)
+    # Fig. 4-style: person A (source frame 0) driven by person B's clip (pose, eyes, audio)
+    hs = int(cfg.get("hyper_steps", 1))
+    rows = []
+    for a, b in ((0, 1), (2, 3)):
+        src, drv, gt = ds[a], ds[b], ds.cross(a, b)
+        gen = evaluate.run_model(model, src["frames"][0], drv["frames"], drv["mel"], "model", hs)["x_g"]
+        sel = list(frames)
+        rows += [torch.cat([src["frames"][:1], drv["frames"][sel]]),
+                 torch.cat([src["frames"][:1], gt["frames"][sel]]),
+                 torch.cat([src["frames"][:1], gen[sel]])]
+    p = out / "fig4_cross_identity.png"
+    stylegan2.save_image_grid(torch.cat(rows), p, nrow=len(frames) + 1)
+    written.append(p)
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables: read evaluate.py's results.json files (RUNS/eval/<name>/results.json)
+# ----------------------------------------------------------------------------------------------------
+
+def _load(runs, name):
+    p = Path(runs) / "eval" / name / "results.json"
+    return json.loads(p.read_text())["summary"] if p.is_file() else None
+
+
+def _f(v, fmt="{:.3f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def _ratio(s, kind):
+    b, i = s.get(f"flicker_{kind}_border"), s.get(f"flicker_{kind}_inside")
+    return None if b is None or not i else b / i
+
+
+def tables(runs):
+    """Markdown of the three tables from whatever evaluations exist under RUNS/eval."""
+    lines = ["### Table 1 analogue (procedural test identities, 64 px)", "",
+             "| protocol | method | SSIM ↑ | PSNR ↑ | LMD ↓ | LSE-C (ours) ↑ | LSE-D (ours) ↓ |",
+             "|---|---|---|---|---|---|---|"]
+    for proto in ("cross", "pcavs"):
+        for name, label in (("model", "FC-TFG (ours)"), ("copy_source", "copy source"),
+                            ("encoder_recon", "G(E_inv(x_d)) (upper bound)")):
+            s = _load(runs, f"{proto}_{name}")
+            if s:
+                lines.append(f"| {proto} | {label} | {_f(s.get('ssim'))} | {_f(s.get('psnr'), '{:.2f}')} | "
+                             f"{_f(s.get('lmd'), '{:.2f}')} | {_f(s.get('lse_c_ours'))} | {_f(s.get('lse_d_ours'))} |")
+        s = _load(runs, f"{proto}_model")
+        if s and s.get("lse_c_ours_real") is not None:
+            lines.append(f"| {proto} | real driving frames (sync reference) | | | | "
+                         f"{_f(s['lse_c_ours_real'])} | {_f(s['lse_d_ours_real'])} |")
+    lines += ["", "### Table 3 analogue (temporal layer x discriminator; cross protocol)", "",
+              "| temporal | D | SSIM ↑ | PSNR ↑ | LSE-C (ours) ↑ | flicker px border/inside | flicker w border/inside | "
+              "GT px border/inside |", "|---|---|---|---|---|---|---|---|"]
+    for temporal in ("conv", "lstm"):
+        for disc in ("image", "video"):
+            s = _load(runs, f"abl_{temporal}_{disc}_hadamard_abs")
+            if s:
+                lines.append(f"| {temporal} | {disc} | {_f(s.get('ssim'))} | {_f(s.get('psnr'), '{:.2f}')} | "
+                             f"{_f(s.get('lse_c_ours'))} | {_f(_ratio(s, 'px'))} | {_f(_ratio(s, 'w'))} | "
+                             f"{_f(_ratio(s, 'px_gt'))} |")
+    lines += ["", "### Table 4 analogue (orthogonality loss; cross protocol)", "",
+              "| L_ortho | SSIM ↑ | PSNR ↑ | LMD ↓ | LSE-C (ours) ↑ | canonical pose std (deg) ↓ | "
+              "driving pose std (deg) |", "|---|---|---|---|---|---|---|"]
+    for ortho in ("hadamard_abs", "none", "cosine", "signed"):
+        s = _load(runs, f"abl_conv_image_{ortho}")
+        if s:
+            lines.append(f"| {ortho} | {_f(s.get('ssim'))} | {_f(s.get('psnr'), '{:.2f}')} | "
+                         f"{_f(s.get('lmd'), '{:.2f}')} | {_f(s.get('lse_c_ours'))} | "
+                         f"{_f(s.get('canon_pose_std'), '{:.2f}')} | {_f(s.get('drive_pose_std'), '{:.2f}')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export")
+    e.add_argument("src")
+    e.add_argument("dst")
+    f = sub.add_parser("figures")
+    f.add_argument("checkpoint")
+    f.add_argument("out")
+    pl = sub.add_parser("plot")
+    pl.add_argument("log")
+    pl.add_argument("png")
+    t = sub.add_parser("tables")
+    t.add_argument("runs")
+    t.add_argument("--out", help="also write the markdown here")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "export":
+            print(f"wrote {args.dst} ({export(args.src, args.dst) / 2 ** 20:.1f} MiB)")
+        elif args.cmd == "figures":
+            for p in figures(args.checkpoint, args.out):
+                print(f"wrote {p}")
+        elif args.cmd == "plot":
+            import train
+            if not train.plot_losses(args.log, args.png):
+                raise ValueError(f"{args.log} has no loss values to plot")
+            print(f"wrote {args.png}")
+        else:
+            md = tables(args.runs)
+            print(md)
+            if args.out:
+                tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
+                tmp.write_text(md)
+                os.replace(tmp, args.out)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

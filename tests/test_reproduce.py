@@ -1,0 +1,76 @@
+"""Tests for the reproduction recipe: reproduce.sh end to end in its SMOKE mode (every stage, export,
+every evaluation, figures and tables), and the pieces it relies on (export, loss plots, tables)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fusion
+import reproduce
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plot_losses_draws_one_panel_per_quantity(tmp_path):
+    log = tmp_path / "log.jsonl"
+    rows = [{"step": k, "time": 0.0, "img_per_s": 5.0, "loss_d": 1.0 / k, "rec": float(k % 3)} for k in range(1, 30)]
+    rows[5]["rec"] = float("nan")                       # a non-finite value is skipped, not drawn
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert train.plot_losses(log, tmp_path / "loss.png") == 2   # step/time/img_per_s are not losses
+    im = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB"))
+    assert im.shape == (170, 640, 3)
+    blue = (im[..., 2] > 150) & (im[..., 0] < 80)       # the running-mean curve is drawn in each panel
+    assert blue[:, :320].any() and blue[:, 320:].any()
+    log.write_text("")
+    assert train.plot_losses(log, tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
+
+
+def test_tables_with_no_results_are_headers_only(tmp_path):
+    md = reproduce.tables(tmp_path)
+    assert "Table 1" in md and "Table 3" in md and "Table 4" in md
+    assert "FC-TFG (ours)" not in md                    # no row without a results.json
+
+
+def test_export_rejects_other_stages(tmp_path, capsys):
+    torch.save({"stage": "syncnet", "step": 1}, tmp_path / "s.pt")
+    assert reproduce.main(["export", str(tmp_path / "s.pt"), str(tmp_path / "o.pt")]) == 2
+    assert "needs an fctfg one" in capsys.readouterr().err and not (tmp_path / "o.pt").exists()
+
+
+@pytest.mark.slow
+def test_smoke_recipe_end_to_end(tmp_path):
+    """SMOKE=1 bash reproduce.sh: a few steps per stage, then every evaluation; the exported checkpoint
+    is what infer.py and evaluate.py accept."""
+    out, export = tmp_path / "run", tmp_path / "ckpt" / "fctfg_tiny.pt"
+    env = dict(os.environ, SMOKE="1", EXPORT=str(export), OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", str(ROOT / "reproduce.sh"), str(out)], env=env, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in ("syncnet", "stylegan2", "inversion", "fctfg"):
+        assert (out / stage / "loss.png").is_file() and list((out / stage / "samples").glob("*.png")), stage
+    full = torch.load(out / "fctfg" / "last.pt", map_location="cpu", weights_only=True)
+    slim = torch.load(export, map_location="cpu", weights_only=True)
+    assert set(slim) == {"stage", "step", "cfg", "fctfg"} and slim["fctfg"].keys() == full["fctfg"].keys()
+    assert all(v.dtype == torch.float16 for v in slim["fctfg"].values() if v.is_floating_point())
+    assert export.stat().st_size < 0.6 * (out / "fctfg" / "last.pt").stat().st_size
+    model, _ = fusion.FCTFG.load(export, "cpu")          # loads, casts back to float32
+    assert next(model.parameters()).dtype == torch.float32
+    for name in ("cross_model", "cross_copy_source", "cross_encoder_recon", "pcavs_model", "abl_lstm_video_hadamard_abs",
+                 "abl_conv_image_signed"):
+        s = json.loads((out / "eval" / name / "results.json").read_text())["summary"]
+        assert s["n_clips"] == 2 and 0 < s["ssim"] <= 1, name
+    tables = (out / "tables.md").read_text()
+    assert "| cross | FC-TFG (ours) |" in tables and "| lstm | video |" in tables and "| signed |" in tables
+    for fig in ("fig5_canonical_space.png", "fig5b_one_video_canonical.png", "fig4_cross_identity.png"):
+        assert (out / "figures" / fig).is_file()
+    r = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--checkpoint", str(export), "--seconds", "0.4",
+                        "--out", str(tmp_path / "o.mp4")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and (tmp_path / "o.mp4").is_file(), r.stderr
+    assert "UNTRAINED" not in r.stdout
