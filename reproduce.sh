@@ -22,7 +22,7 @@ if [ "${SMOKE:-0}" = 1 ]; then   # every stage and every evaluation, a few steps
     N_IDS=8; SYNC=4; SG2=4; INV=4; FCTFG=4; ABL=2; CLIPS=2; FRAMES=10; PROBE="--probe_frames 64 --probe_steps 3"
     POOL=32; EVERY=2
 else
-    N_IDS=200; SYNC=600; SG2=1500; INV=500; FCTFG=600; ABL=200; CLIPS=20; FRAMES=32
+    N_IDS=200; SYNC=600; SG2=2000; INV=500; FCTFG=600; ABL=150; CLIPS=20; FRAMES=32
     PROBE="--probe_frames 12000 --probe_steps 800"; POOL=2048; EVERY=100
 fi
 COMMON="--preset tiny --device cpu --seed $SEED --n_identities $N_IDS --clips_per_identity 5 --clip_frames 16"
