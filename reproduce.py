@@ -6,6 +6,7 @@ draw the paper's figures on procedural test identities, and collect the tables o
                             cross-identity strip (source | driving | ground truth | generated)
   plot LOG PNG              loss curves of one train.py log.jsonl (train.plot_losses)
   tables RUNS               Table 1 / 3 / 4 analogues from the evaluate.py results under RUNS (markdown)
+  cost [--preset paper]     FLOPs per training sample of every stage (the paper-scale cost estimate)
 
 Paper map: Fig. 4 (reenactment comparison), Fig. 5 (canonical space), Fig. 6 (pose spread of the
 canonical space, reported in the tables as canon_pose_std), Tables 1, 3 and 4 (Sec. 4.2-4.4).
@@ -91,6 +92,70 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30), seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Cost of the paper-scale recipe: FLOPs of one real training step of each stage, counted by torch
+# ----------------------------------------------------------------------------------------------------
+
+def _fake_batch(stage_name, cfg, B):
+    """Random inputs of the shape each stage's step() receives (values do not change the FLOPs)."""
+    S, W = cfg["size"], cfg["window"]
+    if stage_name in ("stylegan2", "inversion"):
+        return {"image": torch.rand(B, 3, S, S) * 2 - 1}
+    if stage_name == "syncnet":
+        return {"frames": torch.rand(B, 5, 3, S, S) * 2 - 1, "mel_expert": torch.randn(B, 1, 80, 16),
+                "y": torch.tensor([1.0, 0.0] * (B // 2) + [1.0] * (B % 2))}
+    return {"frames": torch.rand(B, W, 3, S, S) * 2 - 1, "mel": torch.randn(B, W, 1, 80, 16),
+            "source": torch.rand(B, 3, S, S) * 2 - 1}
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kwargs):
+    """FLOPs of aten.convolution_backward that respect groups: each of grad_input and grad_weight costs
+    what the forward conv costs, 2 * (output or input elements) * (weight elements per output channel).
+    torch's own formula drops `groups` for grad_weight, which overcounts the grouped (batch-as-groups)
+    modulated convs of StyleGAN2 by a factor of the batch size (measured: 1.76 vs 0.71 GFLOP per
+    image at batch 4 vs 1)."""
+    import math
+    per_out = math.prod(w_shape[1:])                     # (C_in / groups) * kh * kw, or C_out/groups for transposed
+    fwd = 2 * math.prod(x_shape if transposed else grad_out_shape) * per_out
+    return fwd * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def step_flops(stage_name, preset="paper", batch=2, **overrides):
+    """FLOPs of one optimiser step of train.py's `stage_name` stage per training sample (image for
+    stylegan2/inversion, 5-frame window for syncnet/fctfg), counted with torch.utils.flop_counter on
+    CPU (convolutions and matmuls: >99 % of the work). The step counted is step 1, one without the
+    lazy R1 / path-length terms (their autograd.grad does not run under the counter's module hooks;
+    amortised over 16 and 4 steps they add roughly 10-20 %). Pre-trained judges that need downloaded weights (ArcFace,
+    VGG19, the lip-sync expert) are not in the count: L_id, L_LPIPS and L_sync add their forward and
+    input-gradient passes on top. Returns (flops per sample, seconds per sample on this CPU)."""
+    import time
+    from torch.utils.flop_counter import FlopCounterMode
+    import train
+    args, cfg = train.parse_args(["--preset", preset, "--stage", stage_name, "--batch", str(batch),
+                                  *[a for k, v in overrides.items() for a in (f"--{k}", str(v))]])
+    torch.manual_seed(0)
+    stage = train.STAGE_CLASSES[stage_name](cfg, torch.device("cpu"), args)
+    mb = _fake_batch(stage_name, cfg, batch)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
+    t = time.perf_counter()
+    with counter:
+        stage.step(1, [mb], 1, lambda: torch.autocast("cpu", enabled=False))
+    return counter.get_total_flops() / batch, (time.perf_counter() - t) / batch
+
+
+def cost(preset="paper", log=print):
+    """FLOPs per sample of every stage at `preset` -> dict name -> (flops, cpu seconds per sample)."""
+    out = {}
+    for name, stage, kw in (("syncnet", "syncnet", {}), ("stylegan2 (no R1/PL step)", "stylegan2", {}),
+                            ("pSp", "inversion", {}), ("HyperStyle", "inversion", {"hyper_from": 0.0}),
+                            ("fctfg", "fctfg", {})):
+        batch = 4 if stage in ("stylegan2", "fctfg") else 2   # D's minibatch-stddev group is 4
+        out[name] = step_flops(stage, preset, batch=batch, **kw)
+        log(f"{name:28s} {out[name][0] / 1e9:10.1f} GFLOP per sample | {out[name][1]:.2f} s per sample on this CPU")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
 # Tables: read evaluate.py's results.json files (RUNS/eval/<name>/results.json)
 # ----------------------------------------------------------------------------------------------------
 
@@ -158,6 +223,8 @@ def main(argv=None):
     pl = sub.add_parser("plot")
     pl.add_argument("log")
     pl.add_argument("png")
+    c = sub.add_parser("cost")
+    c.add_argument("--preset", default="paper")
     t = sub.add_parser("tables")
     t.add_argument("runs")
     t.add_argument("--out", help="also write the markdown here")
@@ -168,6 +235,8 @@ def main(argv=None):
         elif args.cmd == "figures":
             for p in figures(args.checkpoint, args.out):
                 print(f"wrote {p}")
+        elif args.cmd == "cost":
+            cost(args.preset)
         elif args.cmd == "plot":
             import train
             if not train.plot_losses(args.log, args.png):

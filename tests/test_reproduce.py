@@ -74,3 +74,33 @@ def test_smoke_recipe_end_to_end(tmp_path):
                         "--out", str(tmp_path / "o.mp4")], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and (tmp_path / "o.mp4").is_file(), r.stderr
     assert "UNTRAINED" not in r.stdout
+
+
+@pytest.mark.slow
+def test_step_flops_are_per_sample():
+    """The cost estimate's FLOPs are per training sample: the same at batch 2 and 4 (the only
+    batch-size-independent work is tiny, < 2 %), for an image stage and a window stage."""
+    for stage in ("syncnet", "inversion"):
+        f2, _ = reproduce.step_flops(stage, "tiny", batch=2)
+        f4, _ = reproduce.step_flops(stage, "tiny", batch=4)
+        assert f2 > 1e6 and abs(f2 / f4 - 1) < 0.02, stage
+
+
+def test_grouped_conv_backward_flops_match_torch_where_torch_is_right():
+    """Without groups (batch 1) our convolution_backward formula equals torch's own; with the batch as
+    groups (batch 4) ours stays at the per-sample value while torch's grows with the batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import stylegan2
+    torch.manual_seed(0)
+    G = stylegan2.Generator(16, style_dim=8, n_mlp=1, channels={4: 8, 8: 8, 16: 4})
+
+    def count(B, custom):
+        ws = torch.randn(B, G.n_latent, G.style_dim, requires_grad=True)
+        mapping = {torch.ops.aten.convolution_backward: reproduce._conv_backward_flops} if custom else {}
+        c = FlopCounterMode(display=False, custom_mapping=mapping)
+        with c:
+            G.synthesis(ws, noise_mode="const").sum().backward()
+        return c.get_flop_counts()["Global"][torch.ops.aten.convolution_backward] / B
+
+    assert count(1, True) == count(1, False) > 0
+    assert count(4, True) == count(1, True) < count(4, False)
