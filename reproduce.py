@@ -168,6 +168,10 @@ def _f(v, fmt="{:.3f}"):
     return "-" if v is None else fmt.format(v)
 
 
+def _div(a, b):
+    return None if a is None or not b else a / b
+
+
 def _ratio(s, kind):
     b, i = s.get(f"flicker_{kind}_border"), s.get(f"flicker_{kind}_inside")
     return None if b is None or not i else b / i
@@ -176,18 +180,20 @@ def _ratio(s, kind):
 def tables(runs):
     """Markdown of the three tables from whatever evaluations exist under RUNS/eval."""
     lines = ["### Table 1 analogue (procedural test identities, 64 px)", "",
-             "| protocol | method | SSIM ↑ | PSNR ↑ | LMD ↓ | LSE-C (ours) ↑ | LSE-D (ours) ↓ |",
-             "|---|---|---|---|---|---|---|"]
+             "| protocol | method | SSIM ↑ | PSNR ↑ | LMD vs renderer ↓ | LMD probe ↓ | LSE-C (ours) ↑ | LSE-D (ours) ↓ |",
+             "|---|---|---|---|---|---|---|---|"]
     for proto in ("cross", "pcavs"):
-        for name, label in (("model", "FC-TFG (ours)"), ("copy_source", "copy source"),
-                            ("encoder_recon", "G(E_inv(x_d)) (upper bound)")):
+        recon = ("G(E_inv(x_d)) (FC-TFG's upper bound)" if proto == "pcavs" else
+                 "G(E_inv(x_d)) (the DRIVER's face: identity test)")
+        for name, label in (("model", "FC-TFG (ours)"), ("copy_source", "copy source"), ("encoder_recon", recon)):
             s = _load(runs, f"{proto}_{name}")
             if s:
                 lines.append(f"| {proto} | {label} | {_f(s.get('ssim'))} | {_f(s.get('psnr'), '{:.2f}')} | "
-                             f"{_f(s.get('lmd'), '{:.2f}')} | {_f(s.get('lse_c_ours'))} | {_f(s.get('lse_d_ours'))} |")
+                             f"{_f(s.get('lmd_vs_renderer'), '{:.2f}')} | {_f(s.get('lmd'), '{:.2f}')} | "
+                             f"{_f(s.get('lse_c_ours'))} | {_f(s.get('lse_d_ours'))} |")
         s = _load(runs, f"{proto}_model")
         if s and s.get("lse_c_ours_real") is not None:
-            lines.append(f"| {proto} | real driving frames (sync reference) | | | | "
+            lines.append(f"| {proto} | real driving frames (sync reference) | | | | | "
                          f"{_f(s['lse_c_ours_real'])} | {_f(s['lse_d_ours_real'])} |")
     lines += ["", "### Table 3 analogue (temporal layer x discriminator; cross protocol)", "",
               "| temporal | D | SSIM ↑ | PSNR ↑ | LSE-C (ours) ↑ | flicker px border/inside | flicker w border/inside | "
@@ -200,14 +206,15 @@ def tables(runs):
                              f"{_f(s.get('lse_c_ours'))} | {_f(_ratio(s, 'px'))} | {_f(_ratio(s, 'w'))} | "
                              f"{_f(_ratio(s, 'px_gt'))} |")
     lines += ["", "### Table 4 analogue (orthogonality loss; cross protocol)", "",
-              "| L_ortho | SSIM ↑ | PSNR ↑ | LMD ↓ | LSE-C (ours) ↑ | canonical pose std (deg) ↓ | "
-              "driving pose std (deg) |", "|---|---|---|---|---|---|---|"]
+              "| L_ortho | SSIM ↑ | PSNR ↑ | LMD vs renderer ↓ | LSE-C (ours) ↑ | canonical pose std (deg) ↓ | "
+              "driving pose std (deg) | canonical pixel var / driving |", "|---|---|---|---|---|---|---|---|"]
     for ortho in ("hadamard_abs", "none", "cosine", "signed"):
         s = _load(runs, f"abl_conv_image_{ortho}")
         if s:
             lines.append(f"| {ortho} | {_f(s.get('ssim'))} | {_f(s.get('psnr'), '{:.2f}')} | "
-                         f"{_f(s.get('lmd'), '{:.2f}')} | {_f(s.get('lse_c_ours'))} | "
-                         f"{_f(s.get('canon_pose_std'), '{:.2f}')} | {_f(s.get('drive_pose_std'), '{:.2f}')} |")
+                         f"{_f(s.get('lmd_vs_renderer'), '{:.2f}')} | {_f(s.get('lse_c_ours'))} | "
+                         f"{_f(s.get('canon_pose_std'), '{:.2f}')} | {_f(s.get('drive_pose_std'), '{:.2f}')} | "
+                         f"{_f(_div(s.get('canon_var'), s.get('drive_var')))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@
 #   ABLATIONS=0                                 skip the Table 3 / 4 runs
 #   EXPORT=path.pt                              where the shipped fp16 checkpoint goes
 #                                               (default checkpoints/fctfg_tiny.pt, infer.py's default)
+#   FIGS=dir                                    where the PNGs of RESULTS.md go (default results/)
 # Paper scale (VoxCeleb2 prepared by `python data.py prepare`, 8 GPUs): the same four train.py commands
 # with `torchrun --nproc_per_node 8 train.py ... --preset paper --data /path/to/prepared` and without the
 # step / size overrides below; see README "Training at paper scale" for the measured cost.
@@ -18,9 +19,10 @@ OUT=${1:-runs/repro}
 SEED=${SEED:-0}
 EXPORT=${EXPORT:-checkpoints/fctfg_tiny.pt}
 ABLATIONS=${ABLATIONS:-1}
+FIGS=${FIGS:-results}      # PNGs for RESULTS.md (the smoke run keeps its own under OUT)
 if [ "${SMOKE:-0}" = 1 ]; then   # every stage and every evaluation, a few steps each
     N_IDS=8; SYNC=4; SG2=4; INV=4; FCTFG=4; ABL=2; CLIPS=2; FRAMES=10; PROBE="--probe_frames 64 --probe_steps 3"
-    POOL=32; EVERY=2
+    POOL=32; EVERY=2; FIGS=$OUT/results
 else
     N_IDS=200; SYNC=600; SG2=2000; INV=500; FCTFG=600; ABL=150; CLIPS=20; FRAMES=32
     PROBE="--probe_frames 12000 --probe_steps 800"; POOL=2048; EVERY=100
@@ -76,4 +78,11 @@ if [ "$ABLATIONS" = 1 ]; then
     done
 fi
 python reproduce.py tables "$OUT" --out "$OUT/tables.md"
+# The figures RESULTS.md shows: every stage's loss curves and last sample grid, and the paper figures
+mkdir -p "$FIGS"
+for stage in syncnet stylegan2 inversion fctfg; do
+    cp "$OUT/$stage/loss.png" "$FIGS/${stage}_loss.png"
+    cp "$(ls "$OUT/$stage/samples/"*.png | tail -n 1)" "$FIGS/${stage}_samples.png"
+done
+cp "$OUT/figures/"*.png "$FIGS/"
 stamp "done: $OUT/fctfg/last.pt -> $EXPORT; tables in $OUT/tables.md"
