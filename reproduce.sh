@@ -4,7 +4,7 @@
 # expert, StyleGAN2, inversion (pSp + HyperStyle), FC-TFG. Every number is a seed or a step count;
 # rerunning gives the same weights (single process, same torch build).
 #
-# Usage: bash reproduce.sh [OUT_DIR]            (default runs/repro; ~60 min on 2 cores)
+# Usage: bash reproduce.sh [OUT_DIR]            (default runs/repro; ~52 min on 2 cores + ~40 min ablations)
 #   SMOKE=1 bash reproduce.sh /tmp/smoke        a few steps per stage (CI's test of the recipe)
 #   ABLATIONS=0                                 skip the Table 3 / 4 runs
 #   EXPORT=path.pt                              where the shipped fp16 checkpoint goes
@@ -24,7 +24,7 @@ if [ "${SMOKE:-0}" = 1 ]; then   # every stage and every evaluation, a few steps
     N_IDS=8; SYNC=4; SG2=4; INV=4; FCTFG=4; ABL=2; CLIPS=2; FRAMES=10; PROBE="--probe_frames 64 --probe_steps 3"
     POOL=32; EVERY=2; FIGS=$OUT/results
 else
-    N_IDS=200; SYNC=600; SG2=2000; INV=500; FCTFG=600; ABL=150; CLIPS=20; FRAMES=32
+    N_IDS=200; SYNC=600; SG2=3000; INV=500; FCTFG=300; ABL=150; CLIPS=20; FRAMES=32
     PROBE="--probe_frames 12000 --probe_steps 800"; POOL=2048; EVERY=100
 fi
 COMMON="--preset tiny --device cpu --seed $SEED --n_identities $N_IDS --clips_per_identity 5 --clip_frames 16"
