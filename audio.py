@@ -23,7 +23,6 @@ SyncNet v2 (metrics), dataset windows of frames (data.py), face detection/croppi
 import functools
 import math
 import os
-import pickle
 import warnings
 
 import numpy as np
@@ -529,12 +528,11 @@ def _read_state_dict(path):
 
     Wav2Lip saves {'state_dict', 'optimizer', 'global_step', 'global_epoch'}; a bare state dict works too.
     """
+    from stylegan2 import load_checkpoint  # the project's one safe reader (weights_only=True)
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        ckpt = load_checkpoint(path)  # FileNotFoundError passes through as it is
+    except ValueError as err:  # any unpickling failure: random bytes can raise IndexError, KeyError, ...
         raise ValueError(f"cannot read checkpoint {path}: {err}") from None
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
