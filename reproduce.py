@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import stylegan2
+from evaluate import _cell as _f  # a table cell: '-' for a missing number (evaluate.py's tables use it too)
 
 
 def export(src, dst):
@@ -162,10 +163,6 @@ def cost(preset="paper", log=print):
 def _load(runs, name):
     p = Path(runs) / "eval" / name / "results.json"
     return json.loads(p.read_text())["summary"] if p.is_file() else None
-
-
-def _f(v, fmt="{:.3f}"):
-    return "-" if v is None else fmt.format(v)
 
 
 def _div(a, b):
