@@ -157,15 +157,21 @@ class MotionEncoder(nn.Module):
                  A=512,                         # width of the audio code z_a (Wav2Lip encoder: 512)
                  layers=(1, 2, 3, 4, 7, 8, 9, 10),  # w indices with their own MLP (Sec. 4.1.2)
                  audio_layers=(7, 8),           # subset of `layers` that also sees z_a (Sec. 4.1.2)
-                 hidden=512):                   # MLP width; the paper does not give it
+                 hidden=512,                    # MLP width; the paper does not give it
+                 zero_init=True):               # last layer zero (z_c->d = 0 at start); see below
         super().__init__()
         self.L, self.C, self.A = L, C, A
         self.layers, self.audio_layers = _check_layers(L, layers, audio_layers)
         self.mlps = nn.ModuleDict({
             str(l): _mlp(C + (A if l in self.audio_layers else 0), hidden, C, 3) for l in self.layers})
-        for m in self.mlps.values():
-            nn.init.zeros_(m[-1].weight)
-            nn.init.zeros_(m[-1].bias)
+        # zero_init=False keeps PyTorch's default init: z_c->d starts small and random. Zero init sits
+        # in the dead zone of Eq. (3)'s |z_s->c ⊙ z_c->d|: at z_c->d = 0 that term is an L1 pull of
+        # strength |z_s->c| per element, and the reconstruction gradient of a still-blurry decoder is
+        # weaker, so the motion code never leaves 0 (measured; RESULTS.md, "motion collapse").
+        if zero_init:
+            for m in self.mlps.values():
+                nn.init.zeros_(m[-1].weight)
+                nn.init.zeros_(m[-1].bias)
 
     def forward(self, z_d, z_a):
         """z_d [B, T, L, C], z_a [B, T, A] -> z_c->d [B, T, L, C]."""
@@ -282,12 +288,13 @@ class LatentFusion(nn.Module):
                  temporal="conv",               # Temporal Fusion: "conv" | "lstm" | "none" (Table 3)
                  kernel_size=3,                 # temporal conv taps (not in the paper)
                  window=None,                   # temporal window in frames; None = the whole T axis
-                 canonical_skip=True):          # E_can residual + zero init (see CanonicalEncoder)
+                 canonical_skip=True,           # E_can residual + zero init (see CanonicalEncoder)
+                 motion_zero_init=True):        # E_m's last layer zero at start (see MotionEncoder)
         super().__init__()
         self.L, self.C, self.A = L, C, A
         self.layers, self.audio_layers = _check_layers(L, layers, audio_layers)
         self.E_can = CanonicalEncoder(L, C, self.layers, hidden, skip=canonical_skip)
-        self.E_m = MotionEncoder(L, C, A, self.layers, self.audio_layers, hidden)
+        self.E_m = MotionEncoder(L, C, A, self.layers, self.audio_layers, hidden, zero_init=motion_zero_init)
         self.temporal = TemporalFusion(len(self.layers), C, temporal, kernel_size, window)
         self.register_buffer("_idx", torch.tensor(self.layers), persistent=False)
 

@@ -152,6 +152,21 @@ def reconstruction_loss(x_g, x_d):
     return (x_g - x_d).abs().mean()
 
 
+def latent_reconstruction_loss(z_sd, z_d, layers):
+    """NOT in the paper (a tiny-scale aid, train.py --latent_weight; 0 in the paper preset): in
+    self-reenactment the driving frame's own code z_d = E_inv(x_d) is a target for z_s->d as well, so
+    mean |z_s->d - z_d| over the manipulated w indices `layers`. It hands E_m the motion signal
+    directly instead of through a decoder too blurry to show a few degrees of head turn. It does not
+    teach E_m to copy the driver's identity: source and driver are the same person, so with z = identity
+    + motion (additively) the best E_m(z_d) is the driver's motion relative to the average pose and
+    the identity part cancels. z_sd, z_d: [B, T, L, C]."""
+    if z_sd.shape != z_d.shape or z_sd.ndim != 4:
+        raise ValueError(f"latent_reconstruction_loss: want two equal [B, T, L, C] shapes, got "
+                         f"{tuple(z_sd.shape)} and {tuple(z_d.shape)}")
+    idx = torch.as_tensor(list(layers), device=z_sd.device)
+    return (z_sd.index_select(2, idx) - z_d.index_select(2, idx)).abs().mean()
+
+
 # ====================================================================================================
 # Eq. (7): perceptual loss on VGG19
 # ====================================================================================================

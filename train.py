@@ -63,6 +63,10 @@ PRESETS = {
         mbstd_group=4,            # minibatch-stddev group of D (must divide the frames D sees)
         recon_weight=10.0,        # stylegan2 stage: L1 of G(E_inv(x)) vs x, E_inv trained jointly (tiny only)
         expert_loss="nce",        # syncnet stage: nce | bce (Wav2Lip's); see SyncNetStage
+        gan_every=1,              # stylegan2 stage: D step + adversarial term every N steps (StyleGAN2Stage)
+        latent_weight=0.0,        # fctfg stage: weight of losses.latent_reconstruction_loss (not in Eq. 9)
+        source_from="identity",   # fctfg stage: x_s from the same clip | any clip of the person (ClipWindows)
+        motion_init="default",    # fctfg stage: E_m's last layer zero | default (fusion.MotionEncoder)
     ),
     "paper": dict(
         model="paper", size=256, batch=4, accum=1, max_steps=800_000, seed=0,
@@ -74,6 +78,9 @@ PRESETS = {
         temporal="conv", disc="image", ortho="hadamard_abs", hyper_steps=3, hyper_from=0.5, mbstd_group=4,
         recon_weight=0.0,         # the paper's StyleGAN2 is a plain GAN (see StyleGAN2Stage)
         expert_loss="bce",        # Wav2Lip's expert loss
+        gan_every=1, latent_weight=0.0,
+        source_from="clip",       # a prepared clip is one video: x_s from anywhere in it
+        motion_init="default",
     ),
 }
 STAGES = ("stylegan2", "syncnet", "inversion", "fctfg")
@@ -337,15 +344,10 @@ class StyleGAN2Stage:
     def dataset(self, clips):
         return FramePool(clips, self.cfg["frame_pool"], self.cfg["seed"])  # single frames
 
-    def step(self, k, micro, world, autocast):
-        """One D step and one G step. `micro`: this rank's micro-batches (gradient accumulation);
-        gradients are summed over them, then averaged over ranks. Returns losses for logging."""
+    def _d_step(self, k, micro, world, autocast, zdim, dev):
+        """D: softplus(D(fake)) + softplus(-D(real)), the non-saturating loss of Eq. (8), lazy R1."""
         cfg, G, D = self.cfg, self.g, self.d
-        n_acc, zdim = len(micro), G.style_dim
-        dev = micro[0]["image"].device
-        logs = {}
-
-        # --- D: softplus(D(fake)) + softplus(-D(real)), the non-saturating loss of Eq. (8) ---
+        n_acc, logs = len(micro), {}
         G.requires_grad_(False), D.requires_grad_(True)
         self.opt_d.zero_grad(set_to_none=True)
         for mb in micro:
@@ -363,6 +365,24 @@ class StyleGAN2Stage:
         average_gradients(list(D.parameters()), world)
         self.opt_d.step()
         logs["loss_d"] = loss_d
+        return logs
+
+    def step(self, k, micro, world, autocast):
+        """One D step and one G step. `micro`: this rank's micro-batches (gradient accumulation);
+        gradients are summed over them, then averaged over ranks. Returns losses for logging."""
+        cfg, G, D = self.cfg, self.g, self.d
+        n_acc, zdim = len(micro), G.style_dim
+        dev = micro[0]["image"].device
+        logs = {}
+
+        # gan_every > 1 (tiny recipe only; needs recon_weight > 0): the D step and G's adversarial term
+        # run on every gan_every-th step, the other steps train E and G by reconstruction alone. At this
+        # scale the GAN terms cost ~2/3 of a step and do not make G's random samples faces within a CPU
+        # budget, while every reconstruction step raises the fidelity that FC-TFG inherits.
+        every = cfg["gan_every"] if cfg["gan_every"] > 1 and self.e_inv is not None else 1
+        gan = k % every == 0
+        if gan:  # R1 counts D steps, so its lazy interval (and scaling) means the same for any gan_every
+            logs.update(self._d_step(k // every, micro, world, autocast, zdim, dev))
 
         # --- G: softplus(-D(G(z))) (+ the tiny preset's reconstruction term) ---
         G.requires_grad_(True), D.requires_grad_(False)
@@ -373,13 +393,15 @@ class StyleGAN2Stage:
         for mb in micro:
             B = mb["image"].shape[0]
             with autocast():
-                fake = G.sample(torch.randn(B, zdim, device=dev), mixing_prob=cfg["mixing"])
-                loss_g = F.softplus(-D(fake)).mean()
+                loss_g = mb["image"].new_zeros(())
+                if gan:
+                    fake = G.sample(torch.randn(B, zdim, device=dev), mixing_prob=cfg["mixing"])
+                    loss_g = F.softplus(-D(fake)).mean()
                 if self.e_inv is not None:
                     rec = F.l1_loss(G.synthesis(self.e_inv(mb["image"]), noise_mode="const"), mb["image"])
                     loss_g = loss_g + cfg["recon_weight"] * rec
                     logs["recon_l1"] = rec
-            if cfg["pl_every"] and k % cfg["pl_every"] == 0:
+            if gan and cfg["pl_every"] and k % cfg["pl_every"] == 0:
                 ws = G.sample_ws(torch.randn(max(1, B // cfg["pl_batch_shrink"]), zdim, device=dev),
                                  cfg["mixing"])
                 img = G.synthesis(ws, noise_mode="random")
@@ -424,8 +446,13 @@ class ClipWindows(torch.utils.data.Dataset):
     the same pairing) carry the audio of a different window of the same clip: the negatives of the
     lip-sync expert. Rendered clips are kept in memory as uint8 (`cache` clips at most)."""
 
-    def __init__(self, clips, window, seed=0, off_sync=False, source=False, cache=4096):
+    def __init__(self, clips, window, seed=0, off_sync=False, source=False, cache=4096, source_from="clip"):
         self.clips, self.window, self.seed, self.off_sync, self.source = clips, window, seed, off_sync, source
+        if source_from not in ("clip", "identity"):
+            raise ValueError(f"source_from must be 'clip' or 'identity', got {source_from!r}")
+        # "identity": x_s from any clip of the same person (needs clips grouped by person, as
+        # data.SyntheticTalkingFaces numbers them: clip c is person c // clips_per_identity)
+        self.per_id = getattr(clips, "clips_per_identity", 1) if source_from == "identity" else 1
         n_frames = getattr(clips, "n_frames", None) or window
         self.n_starts = n_frames - window + 1
         if self.n_starts < 1:
@@ -453,8 +480,14 @@ class ClipWindows(torch.utils.data.Dataset):
                "mel": s["mel"][t:t + W],                              # [W, 1, 80, 16]: window per frame
                "identity": torch.tensor(s["identity"])}
         g = np.random.default_rng((self.seed, j))
-        if self.source:  # x_s: another frame of the same clip (self-reenactment, Sec. 4.1.1 protocol)
-            out["source"] = s["frames"][int(g.integers(len(s["frames"])))].float() / 127.5 - 1
+        if self.source:
+            # x_s: a frame of the same person (self-reenactment, Sec. 4.1.1). The paper draws it from the
+            # same VoxCeleb video, seconds away from x_d; a 16-frame procedural clip spans 0.64 s, so
+            # its frames barely differ and "copy the source" is almost optimal (the motion collapse of
+            # RESULTS.md). source_from="identity" takes it from any clip of the same person instead:
+            # the same face, a different pose, gaze, blink and mouth.
+            src = s if self.per_id == 1 else self.clip(c - c % self.per_id + int(g.integers(self.per_id)))
+            out["source"] = src["frames"][int(g.integers(len(src["frames"])))].float() / 127.5 - 1
         if self.off_sync:
             # Negatives take audio from a window that does not overlap this one (|shift| >= W frames)
             # when the clip is long enough: overlapping windows share most of their sound, and such
@@ -656,7 +689,10 @@ class FCTFGStage:
         self.cfg, self.losses = cfg, losses
         if cfg["ortho"] not in ("hadamard_abs", "signed", "squared", "cosine", "none"):
             raise SystemExit(f"error: --ortho {cfg['ortho']!r} is not a mode of losses.orthogonality_loss")
-        self.fctfg = fusion.FCTFG(cfg["model"], temporal=cfg["temporal"], window=cfg["window"]).to(device)
+        if cfg["motion_init"] not in ("zero", "default"):
+            raise SystemExit(f"error: --motion_init must be 'zero' or 'default', got {cfg['motion_init']!r}")
+        self.fctfg = fusion.FCTFG(cfg["model"], temporal=cfg["temporal"], window=cfg["window"],
+                                  motion_zero_init=cfg["motion_init"] == "zero").to(device)
         m = self.fctfg
         p = stylegan2.PRESETS[cfg["model"]]
         if cfg["disc"] == "video":
@@ -698,7 +734,8 @@ class FCTFGStage:
 
     def dataset(self, clips):
         self.frames_per_sample = self.cfg["window"]
-        return ClipWindows(clips, self.cfg["window"], self.cfg["seed"], source=True)
+        return ClipWindows(clips, self.cfg["window"], self.cfg["seed"], source=True,
+                           source_from=self.cfg["source_from"])
 
     def _d(self, x):  # image D sees every frame; video D sees the T frames stacked on channels
         return self.d(x) if self.cfg["disc"] == "video" else self.d(x.flatten(0, 1))
@@ -746,10 +783,21 @@ class FCTFGStage:
                     "gan": L.gan_loss_g(self._d(x_g)),
                 }
                 total, parts = L.total_loss(terms)
+                if cfg["latent_weight"] > 0:  # tiny-scale aid, not in Eq. (9): losses.latent_reconstruction_loss
+                    lat = L.latent_reconstruction_loss(out["z_sd"], out["z_d"].detach(), m.fusion.layers)
+                    total = total + cfg["latent_weight"] * lat
+                    parts["latent"] = float(lat)
             (total / len(micro)).backward()
         average_gradients(self.params_g, world)
         self.opt_g.step()
         logs.update({k2: v for k2, v in parts.items()})
+        # Motion-collapse watch (RESULTS.md): how far the codes move per frame (0 = a static copy of
+        # the source), next to the same for the driving frames' own codes, and the motion code's size.
+        z = outs[0]["z_sd"].detach()
+        logs["dw"] = (z[:, 1:] - z[:, :-1]).abs().mean() if z.shape[1] > 1 else z.new_zeros(())
+        zd = outs[0]["z_d"].detach()
+        logs["dw_drv"] = (zd[:, 1:] - zd[:, :-1]).abs().mean() if zd.shape[1] > 1 else zd.new_zeros(())
+        logs["z_cd"] = outs[0]["z_cd"].detach().abs().mean()
         self.last = (micro[0], outs[0])
         return logs
 

@@ -162,6 +162,20 @@ def test_fresh_network_reproduces_the_source(temporal):
     torch.testing.assert_close(out["z_sd"], z_s[:, None].expand_as(z_d), rtol=0, atol=1e-12)
 
 
+def test_motion_zero_init_false_starts_with_a_driving_dependent_motion_code():
+    torch.manual_seed(0)
+    F_ = small_fusion(motion_zero_init=False)
+    z_s, z_d, z_a = codes()
+    out = F_(z_s, z_d, z_a)
+    moved = (out["z_cd"] != 0).any(-1)                      # [B, T, L]: which w vectors got motion
+    assert moved[..., list(F_.layers)].all() and not moved[..., [l for l in range(F_.L) if l not in F_.layers]].any()
+    z_d2 = z_d.clone()
+    z_d2[:, 1] += 1.0                                       # another driving frame 1: only its code changes
+    out2 = F_(z_s, z_d2, z_a)
+    assert not torch.allclose(out2["z_cd"][:, 1], out["z_cd"][:, 1])
+    torch.testing.assert_close(out2["z_cd"][:, 0], out["z_cd"][:, 0])
+
+
 def test_gradients_reach_every_parameter():
     F_ = randomize_(small_fusion())
     z_s, z_d, z_a = codes()

@@ -390,6 +390,21 @@ def test_lambda_defaults_are_the_papers():
     assert LAMBDA == dict(ortho=1, sync=0.1, id=0.5, rec=1, lpips=1, gan=0.1)
 
 
+def test_latent_reconstruction_loss_hand_values_gradient_and_errors():
+    z_d = torch.zeros(1, 2, 3, 4, dtype=torch.float64)
+    z_d[:, :, 0] = 5.0                                      # layer 0 differs by 5, layer 2 by 1
+    z_d[:, :, 2] = -1.0
+    z = torch.zeros_like(z_d, requires_grad=True)
+    assert float(losses.latent_reconstruction_loss(z, z_d, (2,))) == 1.0
+    assert float(losses.latent_reconstruction_loss(z, z_d, (0, 2))) == 3.0          # mean of 5 and 1
+    assert float(losses.latent_reconstruction_loss(z, z_d, (1,))) == 0.0            # untouched layer
+    y = torch.randn(1, 2, 3, 4, dtype=torch.float64)                               # away from |x| kinks
+    x = (y + 0.5 * torch.sign(torch.randn_like(y))).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: losses.latent_reconstruction_loss(a, y, (0, 2)), (x,))
+    with pytest.raises(ValueError, match="latent_reconstruction_loss"):
+        losses.latent_reconstruction_loss(z, z_d[:, :1], (0,))
+
+
 def test_total_loss_is_the_weighted_sum_and_logs_every_term():
     vals = dict(ortho=0.3, sync=0.7, id=0.2, rec=0.05, lpips=0.4, gan=1.3)
     terms = {k: torch.tensor(v, requires_grad=True) for k, v in vals.items()}

@@ -65,6 +65,62 @@ def test_recon_weight_trains_an_encoder_that_the_inversion_stage_starts_from(tmp
     assert "e_inv" not in plain and "opt_e" not in plain
 
 
+def test_gan_every_runs_d_only_on_gan_steps(tmp_path):
+    # steps 0, 1, 2 with gan_every 4: only step 0 trains D (and G's adversarial term); 1 and 2 are
+    # reconstruction steps, so D after 3 steps equals D after 1 step while G and E keep moving
+    one = run("stylegan2", tmp_path / "a", 1, "--gan_every", "4", "--pl_every", "0")
+    three = run("stylegan2", tmp_path / "b", 3, "--gan_every", "4", "--pl_every", "0")
+    assert_same_state(one["d"], three["d"])
+    assert any(not torch.equal(one["g"][k], three["g"][k]) for k in one["g"])
+    log = [json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert "loss_d" in log[0] and "r1" in log[0] and not any("loss_d" in l for l in log[1:])
+    assert all(l["recon_l1"] > 0 for l in log)
+    # without the reconstruction term there is nothing else to train G with: every step is a GAN step
+    plain = run("stylegan2", tmp_path / "c", 2, "--gan_every", "4", "--recon_weight", "0", "--pl_every", "0")
+    log = [json.loads(l) for l in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    assert all("loss_d" in l for l in log) and "e_inv" not in plain
+
+
+class _NumberedClips:
+    """Clip c = 4 frames whose pixels all equal c / 100: a source frame says which clip it came from."""
+    clips_per_identity = 3
+    n_frames = 4
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, c):
+        return {"frames": torch.full((4, 3, 2, 2), c / 100), "mel": torch.zeros(4, 1, 80, 16),
+                "identity": c // 3}
+
+
+def test_clip_windows_source_from_the_same_clip_or_the_same_person():
+    clips = _NumberedClips()
+    for mode in ("clip", "identity"):
+        ds = train.ClipWindows(clips, 2, seed=0, source=True, source_from=mode)
+        src = [round(float(ds[j]["source"][0, 0, 0]) * 100) for j in range(len(ds))]
+        own = [j // ds.n_starts for j in range(len(ds))]
+        assert all(s // 3 == c // 3 for s, c in zip(src, own))          # always the same person
+        if mode == "clip":
+            assert src == own
+        else:                                                          # and not only the same clip
+            assert sum(s != c for s, c in zip(src, own)) > len(ds) // 3
+    with pytest.raises(ValueError, match="source_from"):
+        train.ClipWindows(clips, 2, source=True, source_from="video")
+
+
+def test_fctfg_stage_logs_motion_and_the_latent_term(tmp_path):
+    ck = run("fctfg", tmp_path, 2, "--hyper_steps", "0", "--latent_weight", "1", "--freeze_pretrained")
+    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(l["latent"] > 0 and l["dw"] >= 0 and l["dw_drv"] > 0 and l["z_cd"] > 0 for l in log)
+    # motion_init default: E_m's output is not 0 at the start (z_cd > 0 above); zero keeps it at 0
+    run("fctfg", tmp_path / "z", 1, "--hyper_steps", "0", "--motion_init", "zero", "--ortho", "none")
+    log = [json.loads(l) for l in (tmp_path / "z" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["z_cd"] == 0 and "latent" not in log[0]
+    with pytest.raises(SystemExit, match="motion_init"):
+        train.train(["--stage", "fctfg", "--motion_init", "small", "--out", str(tmp_path / "x"), *SMALL])
+
+
 @pytest.mark.parametrize("loss", ["nce", "bce"])
 def test_syncnet_stage_losses_log_pair_auc(tmp_path, loss):
     run("syncnet", tmp_path, 2, "--expert_loss", loss, "--batch", "8")
