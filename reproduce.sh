@@ -4,7 +4,7 @@
 # expert, StyleGAN2, inversion (pSp + HyperStyle), FC-TFG. Every number is a seed or a step count;
 # rerunning gives the same weights (single process, same torch build).
 #
-# Usage: bash reproduce.sh [OUT_DIR]            (default runs/repro; ~50 min on 2 cores + ~30 min ablations)
+# Usage: bash reproduce.sh [OUT_DIR]            (default runs/repro; ~55 min on 2 cores + ~30 min ablations)
 #   SMOKE=1 bash reproduce.sh /tmp/smoke        a few steps per stage (CI's test of the recipe)
 #   ABLATIONS=0                                 skip the Table 3 / 4 runs
 #   EXPORT=path.pt                              where the shipped fp16 checkpoint goes
@@ -67,11 +67,13 @@ python reproduce.py export "$OUT/fctfg/last.pt" "$EXPORT"
 stamp "evaluation"
 [ -f "$OUT/probe.pt" ] || python evaluate.py --train-probe --out "$OUT/probe.pt" $PROBE
 EVAL="--data synthetic --n_clips $CLIPS --clip_frames $FRAMES --syncnet $OUT/syncnet/last.pt --probe $OUT/probe.pt --examples 1"
+# each evaluation is skipped when its results.json exists (a resumed recipe does not redo them)
+evaluate() { local out=$1; shift; [ -f "$out/results.json" ] || python evaluate.py $EVAL --out "$out" "$@"; }
 for proto in cross pcavs; do
-    python evaluate.py $EVAL --protocol $proto --checkpoint "$OUT/fctfg/last.pt" --out "$OUT/eval/${proto}_model"
-    python evaluate.py $EVAL --protocol $proto --baseline copy_source --out "$OUT/eval/${proto}_copy_source"
-    python evaluate.py $EVAL --protocol $proto --checkpoint "$OUT/fctfg/last.pt" --baseline encoder_recon \
-        --out "$OUT/eval/${proto}_encoder_recon"
+    evaluate "$OUT/eval/${proto}_model" --protocol $proto --checkpoint "$OUT/fctfg/last.pt"
+    evaluate "$OUT/eval/${proto}_copy_source" --protocol $proto --baseline copy_source
+    evaluate "$OUT/eval/${proto}_encoder_recon" --protocol $proto --checkpoint "$OUT/fctfg/last.pt" \
+        --baseline encoder_recon
 done
 python reproduce.py figures "$OUT/fctfg/last.pt" "$OUT/figures"
 
@@ -86,7 +88,7 @@ if [ "$ABLATIONS" = 1 ]; then
         [ -f "$OUT/$name/last.pt" ] || python train.py --stage fctfg $COMMON $FC --out "$OUT/$name" --max_steps $ABL \
             --batch 4 --temporal "$1" --disc "$2" --ortho "$3" \
             --init "$OUT/inversion/last.pt" --syncnet "$OUT/syncnet/last.pt"
-        python evaluate.py $EVAL --protocol cross --checkpoint "$OUT/$name/last.pt" --out "$OUT/eval/$name"
+        evaluate "$OUT/eval/$name" --protocol cross --checkpoint "$OUT/$name/last.pt"
     done
 fi
 python reproduce.py tables "$OUT" --out "$OUT/tables.md"

@@ -97,7 +97,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="runs/default", help="checkpoints, log.jsonl, samples/")
     ap.add_argument("--init", help="checkpoint of the previous stage")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    ap.add_argument("--freeze_pretrained", action="store_true", help="FC-TFG stage: keep G/E_inv/E_a fixed")
+    ap.add_argument("--freeze_pretrained", action="store_true", help="FC-TFG stage: keep G/E_inv/HyperStyle fixed")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--inject_nan", type=int, default=None, help=argparse.SUPPRESS)  # tests: NaN at step N
     ap.add_argument("--syncnet", help="FC-TFG stage: lip-sync expert (our syncnet stage or a Wav2Lip "
@@ -717,12 +717,13 @@ class FCTFGStage:
                 img_d.load_state_dict(ck["d"])
                 self.d.init_from_image_discriminator(img_d)
         # Pre-trained in the paper: G, E_inv (HyperStyle with pSp) and E_a ("a pre-trained audio
-        # encoder introduced in [7]", Sec. 4.1.2); all are fine-tuned unless --freeze_pretrained.
-        pretrained = [m.G, m.E_inv, m.H, m.E_a]
-        self.frozen = args.freeze_pretrained
-        if args.freeze_pretrained:  # Sec. 4.1.2 fine-tunes them; this flag is the frozen ablation
-            for net in pretrained:
-                net.requires_grad_(False)
+        # encoder introduced in [7]", Sec. 4.1.2); all are fine-tuned unless --freeze_pretrained, which
+        # freezes the ones this stage was given weights for: G, E_inv and HyperStyle from --init. E_a has
+        # no pre-training stage here (Wav2Lip trains its audio encoder with its generator), so it
+        # always trains: a frozen random E_a would hand E_m fixed random audio features.
+        self.frozen_nets = [m.G, m.E_inv, m.H] if args.freeze_pretrained else []
+        for net in self.frozen_nets:  # Sec. 4.1.2 fine-tunes them; the flag is the frozen variant
+            net.requires_grad_(False)
         self.syncnet = load_syncnet_for_loss(args.syncnet, cfg["model"], device) if args.syncnet else None
         self.e_id, self.vgg = load_judges(args, device)
         self.off = [n for n, net in (("sync", self.syncnet), ("id", self.e_id), ("lpips", self.vgg)) if net is None]
@@ -743,9 +744,8 @@ class FCTFGStage:
     def step(self, k, micro, world, autocast):
         cfg, L, m, D = self.cfg, self.losses, self.fctfg, self.d
         m.train()
-        if self.frozen:  # frozen networks keep their BatchNorm statistics
-            for net in (m.G, m.E_inv, m.H, m.E_a):
-                net.eval()
+        for net in self.frozen_nets:  # frozen networks keep their BatchNorm statistics
+            net.eval()
         outs = []
         # --- D step (Eq. 8), on detached generations ---
         D.requires_grad_(True)

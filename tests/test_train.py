@@ -113,6 +113,11 @@ def test_fctfg_stage_logs_motion_and_the_latent_term(tmp_path):
     ck = run("fctfg", tmp_path, 2, "--hyper_steps", "0", "--latent_weight", "1", "--freeze_pretrained")
     log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(l["latent"] > 0 and l["dw"] >= 0 and l["dw_drv"] > 0 and l["z_cd"] > 0 for l in log)
+    # --freeze_pretrained keeps G, E_inv, HyperStyle (what --init gives) but trains E_a, which has no
+    # pre-training stage here: between step 1 and step 2 only the trained networks move
+    one = run("fctfg", tmp_path / "one", 1, "--hyper_steps", "0", "--latent_weight", "1", "--freeze_pretrained")
+    moved = {k.split(".")[0] for k in ck["fctfg"] if not torch.equal(ck["fctfg"][k], one["fctfg"][k])}
+    assert "E_a" in moved and "fusion" in moved and not moved & {"G", "E_inv", "H"}
     # motion_init default: E_m's output is not 0 at the start (z_cd > 0 above); zero keeps it at 0
     run("fctfg", tmp_path / "z", 1, "--hyper_steps", "0", "--motion_init", "zero", "--ortho", "none")
     log = [json.loads(l) for l in (tmp_path / "z" / "log.jsonl").read_text().splitlines()]
