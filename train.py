@@ -64,6 +64,7 @@ PRESETS = {
         recon_weight=10.0,        # stylegan2 stage: L1 of G(E_inv(x)) vs x, E_inv trained jointly (tiny only)
         expert_loss="nce",        # syncnet stage: nce | bce (Wav2Lip's); see SyncNetStage
         gan_every=1,              # stylegan2 stage: D step + adversarial term every N steps (StyleGAN2Stage)
+        feature_weight=0.0,       # stylegan2 stage: extra L1 weight on eyes and mouth (FramePool)
         latent_weight=0.0,        # fctfg stage: weight of losses.latent_reconstruction_loss (not in Eq. 9)
         source_from="identity",   # fctfg stage: x_s from the same clip | any clip of the person (ClipWindows)
         motion_init="default",    # fctfg stage: E_m's last layer zero | default (fusion.MotionEncoder)
@@ -78,7 +79,7 @@ PRESETS = {
         temporal="conv", disc="image", ortho="hadamard_abs", hyper_steps=3, hyper_from=0.5, mbstd_group=4,
         recon_weight=0.0,         # the paper's StyleGAN2 is a plain GAN (see StyleGAN2Stage)
         expert_loss="bce",        # Wav2Lip's expert loss
-        gan_every=1, latent_weight=0.0,
+        gan_every=1, latent_weight=0.0, feature_weight=0.0,
         source_from="clip",       # a prepared clip is one video: x_s from anywhere in it
         motion_init="default",
     ),
@@ -177,14 +178,19 @@ class FramePool(torch.utils.data.Dataset):
     """Single frames for the image stages (StyleGAN2, inversion). For the procedural data, item j is
     frame t_j of clip i_j, rendered on demand (only that frame, not the clip) or, with pool > 0, a
     fixed pool rendered once: rendering is the CPU bottleneck of the tiny preset. Real data: the middle
-    frame of clip j."""
+    frame of clip j.
+    feature_weight > 0 (procedural data only): items also carry a per-pixel weight [1, H, W] for the
+    reconstruction loss, 1 + feature_weight on the eyes and mouth (the renderer's masks grown by one
+    pixel), 1 elsewhere: at 64 px those features are a few pixels, and an unweighted L1 erases them."""
 
-    def __init__(self, clips, pool=0, seed=0):
+    def __init__(self, clips, pool=0, seed=0, feature_weight=0.0):
         import data
         self.clips, self.synthetic = clips, isinstance(clips, data.SyntheticTalkingFaces)
+        self.feature_weight = float(feature_weight) if self.synthetic else 0.0
         self.frames = None
         if self.synthetic and pool:
-            self.frames = torch.stack([self._render(j, seed) for j in range(pool)])
+            items = [self._render(j, seed) for j in range(pool)]
+            self.frames = {k: torch.stack([it[k] for it in items]) for k in items[0]}
         self.seed = seed
 
     def _render(self, j, seed):
@@ -192,17 +198,24 @@ class FramePool(torch.utils.data.Dataset):
         g = np.random.default_rng((seed, j))
         i = int(g.integers(len(self.clips)))
         motion, _ = data.make_motion(self.clips.motion_seed(i), self.clips.n_frames)
-        img = data.render(self.clips.identity(i), motion[int(g.integers(len(motion)))], self.clips.size)
-        return torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1  # [3, H, W] in [-1, 1]
+        mk = motion[int(g.integers(len(motion)))]
+        if not self.feature_weight:
+            img = data.render(self.clips.identity(i), mk, self.clips.size)
+            return {"image": torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1}  # [3, H, W] in [-1, 1]
+        img, masks = data.render(self.clips.identity(i), mk, self.clips.size, return_masks=True)
+        feat = torch.from_numpy(masks["eye_l"] | masks["eye_r"] | masks["mouth"]).float()[None, None]
+        feat = F.max_pool2d(feat, 3, stride=1, padding=1)[0]                     # grown by one pixel
+        return {"image": torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1,
+                "weight": 1 + self.feature_weight * feat}                         # [1, H, W]
 
     def __len__(self):
-        return len(self.frames) if self.frames is not None else len(self.clips)
+        return len(self.frames["image"]) if self.frames is not None else len(self.clips)
 
     def __getitem__(self, j):
         if self.frames is not None:
-            return {"image": self.frames[j]}
+            return {k: v[j] for k, v in self.frames.items()}
         if self.synthetic:
-            return {"image": self._render(j, self.seed)}
+            return self._render(j, self.seed)
         frames = self.clips[j]["frames"]
         return {"image": frames[len(frames) // 2]}
 
@@ -342,7 +355,7 @@ class StyleGAN2Stage:
         self.extra_state = ("pl_mean",)
 
     def dataset(self, clips):
-        return FramePool(clips, self.cfg["frame_pool"], self.cfg["seed"])  # single frames
+        return FramePool(clips, self.cfg["frame_pool"], self.cfg["seed"], self.cfg["feature_weight"])
 
     def _d_step(self, k, micro, world, autocast, zdim, dev):
         """D: softplus(D(fake)) + softplus(-D(real)), the non-saturating loss of Eq. (8), lazy R1."""
@@ -398,7 +411,8 @@ class StyleGAN2Stage:
                     fake = G.sample(torch.randn(B, zdim, device=dev), mixing_prob=cfg["mixing"])
                     loss_g = F.softplus(-D(fake)).mean()
                 if self.e_inv is not None:
-                    rec = F.l1_loss(G.synthesis(self.e_inv(mb["image"]), noise_mode="const"), mb["image"])
+                    err = (G.synthesis(self.e_inv(mb["image"]), noise_mode="const") - mb["image"]).abs()
+                    rec = (err * mb["weight"]).mean() if "weight" in mb else err.mean()  # FramePool
                     loss_g = loss_g + cfg["recon_weight"] * rec
                     logs["recon_l1"] = rec
             if gan and cfg["pl_every"] and k % cfg["pl_every"] == 0:

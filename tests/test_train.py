@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +80,27 @@ def test_gan_every_runs_d_only_on_gan_steps(tmp_path):
     plain = run("stylegan2", tmp_path / "c", 2, "--gan_every", "4", "--recon_weight", "0", "--pl_every", "0")
     log = [json.loads(l) for l in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     assert all("loss_d" in l for l in log) and "e_inv" not in plain
+
+
+def test_frame_pool_feature_weight_marks_eyes_and_mouth(tmp_path):
+    import data
+    ds = data.SyntheticTalkingFaces("train", n_identities=2, clips_per_identity=2, n_frames=8)
+    plain, weighted = train.FramePool(ds, 4, 0), train.FramePool(ds, 4, 0, feature_weight=10.0)
+    assert set(plain[0]) == {"image"} and torch.equal(plain[2]["image"], weighted[2]["image"])
+    # the same frame re-rendered with its masks: weight 11 exactly on the grown eye/mouth masks
+    g = np.random.default_rng((0, 2))
+    i = int(g.integers(len(ds)))
+    motion, _ = data.make_motion(ds.motion_seed(i), ds.n_frames)
+    _, masks = data.render(ds.identity(i), motion[int(g.integers(len(motion)))], 64, return_masks=True)
+    feat = masks["eye_l"] | masks["eye_r"] | masks["mouth"]
+    grown = feat.copy()
+    for dy in (-1, 0, 1):                    # a 3x3 dilation written out with numpy, not max_pool2d
+        for dx in (-1, 0, 1):
+            grown |= np.roll(np.roll(np.pad(feat, 1), dy, 0), dx, 1)[1:-1, 1:-1]
+    w = weighted[2]["weight"][0].numpy()
+    assert w.shape == (64, 64) and set(np.unique(w)) == {1.0, 11.0}
+    assert np.array_equal(w == 11.0, grown) and 0 < grown.mean() < 0.1
+    run("stylegan2", tmp_path, 1, "--feature_weight", "10", "--gan_every", "4")   # the stage takes it
 
 
 class _NumberedClips:
