@@ -48,11 +48,12 @@ stamp "syncnet"
 python train.py --stage syncnet   $COMMON --out "$OUT/syncnet"   --max_steps $SYNC  --batch 32
 # 2. StyleGAN2 (Sec. 4.1.2), with the tiny recipe's jointly trained encoder (recon_weight; see
 #    train.StyleGAN2Stage), no path-length term (it costs a third of the step and an autoencoded
-#    W+ does not need it), and the GAN terms on every 4th step (2.25x more reconstruction steps per
-#    minute: 29.5 vs 13.1 images/s)
+#    W+ does not need it), the GAN terms on every 4th step (2.25x more reconstruction steps per
+#    minute: 29.5 vs 13.1 images/s), and 11x the L1 weight on eyes and mouth (without it this decoder
+#    learned featureless faces; train.FramePool)
 stamp "stylegan2"
 python train.py --stage stylegan2 $COMMON $IMG --out "$OUT/stylegan2" --max_steps $SG2 --batch 8 \
-    --recon_weight 10 --pl_every 0 --gan_every 4
+    --recon_weight 10 --pl_every 0 --gan_every 4 --feature_weight 10
 # 3. Inversion: pSp encoder on the frozen G (first half), then HyperStyle (second half)
 stamp "inversion"
 python train.py --stage inversion $COMMON $IMG --out "$OUT/inversion" --max_steps $INV --batch 8 \
