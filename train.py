@@ -99,6 +99,8 @@ def parse_args(argv=None):
     ap.add_argument("--init", help="checkpoint of the previous stage")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     ap.add_argument("--freeze_pretrained", action="store_true", help="FC-TFG stage: keep G/E_inv/HyperStyle fixed")
+    ap.add_argument("--freeze_audio", action="store_true", help="FC-TFG stage: keep the audio encoder E_a fixed "
+                    "too (a pre-trained one; its BatchNorm then uses running statistics)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--inject_nan", type=int, default=None, help=argparse.SUPPRESS)  # tests: NaN at step N
     ap.add_argument("--syncnet", help="FC-TFG stage: lip-sync expert (our syncnet stage or a Wav2Lip "
@@ -735,7 +737,8 @@ class FCTFGStage:
         # freezes the ones this stage was given weights for: G, E_inv and HyperStyle from --init. E_a has
         # no pre-training stage here (Wav2Lip trains its audio encoder with its generator), so it
         # always trains: a frozen random E_a would hand E_m fixed random audio features.
-        self.frozen_nets = [m.G, m.E_inv, m.H] if args.freeze_pretrained else []
+        self.frozen_nets = (([m.G, m.E_inv, m.H] if args.freeze_pretrained else [])
+                            + ([m.E_a] if args.freeze_audio else []))
         for net in self.frozen_nets:  # Sec. 4.1.2 fine-tunes them; the flag is the frozen variant
             net.requires_grad_(False)
         self.syncnet = load_syncnet_for_loss(args.syncnet, cfg["model"], device) if args.syncnet else None
