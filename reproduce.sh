@@ -35,8 +35,8 @@ COMMON="$COMMON --resume"
 # The image stages see one frame each of IMG_IDS people (a fixed pool of POOL frames): with the 200
 # people of the clip stages the decoder reconstructed training faces 2 dB better than new ones.
 IMG="--n_identities $IMG_IDS --frame_pool $POOL"
-# FC-TFG at this scale (RESULTS.md, "what made the motion move"): G, E_inv, HyperStyle and E_a stay
-# frozen (fine-tuning them at batch 4 cost 1.3 dB of reconstruction in 100 steps), and the
+# FC-TFG at this scale (RESULTS.md, "what made the motion move"): G, E_inv and HyperStyle stay frozen
+# (fine-tuning them at batch 4 cost 1.3 dB of reconstruction in 100 steps; E_a trains), and the
 # self-reenactment target's own code is a second target (losses.latent_reconstruction_loss).
 # The preset's defaults do the rest: x_s from another clip of the same person, E_m not zero-initialised.
 FC="--freeze_pretrained --latent_weight 1"

@@ -200,15 +200,15 @@ class FramePool(torch.utils.data.Dataset):
         g = np.random.default_rng((seed, j))
         i = int(g.integers(len(self.clips)))
         motion, _ = data.make_motion(self.clips.motion_seed(i), self.clips.n_frames)
-        mk = motion[int(g.integers(len(motion)))]
-        if not self.feature_weight:
-            img = data.render(self.clips.identity(i), mk, self.clips.size)
-            return {"image": torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1}  # [3, H, W] in [-1, 1]
-        img, masks = data.render(self.clips.identity(i), mk, self.clips.size, return_masks=True)
-        feat = torch.from_numpy(masks["eye_l"] | masks["eye_r"] | masks["mouth"]).float()[None, None]
-        feat = F.max_pool2d(feat, 3, stride=1, padding=1)[0]                     # grown by one pixel
-        return {"image": torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1,
-                "weight": 1 + self.feature_weight * feat}                         # [1, H, W]
+        out = data.render(self.clips.identity(i), motion[int(g.integers(len(motion)))], self.clips.size,
+                          return_masks=bool(self.feature_weight))
+        img, masks = out if self.feature_weight else (out, None)
+        item = {"image": torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1}  # [3, H, W] in [-1, 1]
+        if masks is not None:
+            feat = torch.from_numpy(masks["eye_l"] | masks["eye_r"] | masks["mouth"]).float()[None, None]
+            feat = F.max_pool2d(feat, 3, stride=1, padding=1)[0]                 # grown by one pixel
+            item["weight"] = 1 + self.feature_weight * feat                      # [1, H, W]
+        return item
 
     def __len__(self):
         return len(self.frames["image"]) if self.frames is not None else len(self.clips)
