@@ -21,10 +21,10 @@ EXPORT=${EXPORT:-checkpoints/fctfg_tiny.pt}
 ABLATIONS=${ABLATIONS:-1}
 FIGS=${FIGS:-results}      # PNGs for RESULTS.md (the smoke run keeps its own under OUT)
 if [ "${SMOKE:-0}" = 1 ]; then   # every stage and every evaluation, a few steps each
-    N_IDS=8; IMG_IDS=16; SYNC=4; SG2=4; INV=4; FCTFG=4; ABL=2; CLIPS=2; FRAMES=10
+    N_IDS=8; IMG_IDS=16; SYNC=4; SG2=4; RAMP=2; INV=4; FCTFG=4; ABL=2; CLIPS=2; FRAMES=10
     PROBE="--probe_frames 64 --probe_steps 3"; POOL=32; EVERY=2; FIGS=$OUT/results
 else
-    N_IDS=200; IMG_IDS=2000; SYNC=600; SG2=5000; INV=500; FCTFG=600; ABL=150; CLIPS=20; FRAMES=32
+    N_IDS=200; IMG_IDS=2000; SYNC=600; SG2=5800; RAMP=800; INV=500; FCTFG=600; ABL=150; CLIPS=20; FRAMES=32
     PROBE="--probe_frames 12000 --probe_steps 800"; POOL=4096; EVERY=100
 fi
 COMMON="--preset tiny --device cpu --seed $SEED --n_identities $N_IDS --clips_per_identity 5 --clip_frames 16"
@@ -53,7 +53,7 @@ python train.py --stage syncnet   $COMMON --out "$OUT/syncnet"   --max_steps $SY
 #    learned featureless faces; train.FramePool)
 stamp "stylegan2"
 python train.py --stage stylegan2 $COMMON $IMG --out "$OUT/stylegan2" --max_steps $SG2 --batch 8 \
-    --recon_weight 10 --pl_every 0 --gan_every 4 --feature_weight 10
+    --recon_weight 10 --pl_every 0 --gan_every 4 --feature_weight 10 --lr_rampdown $RAMP
 # 3. Inversion: pSp encoder on the frozen G (first half), then HyperStyle (second half)
 stamp "inversion"
 python train.py --stage inversion $COMMON $IMG --out "$OUT/inversion" --max_steps $INV --batch 8 \

@@ -58,12 +58,14 @@ PRESETS = {
         temporal="conv",          # Temporal Fusion: conv | lstm | none  (Table 3)
         disc="image",             # FC-TFG discriminator: image | video   (Table 3)
         ortho="hadamard_abs",     # Eq. (3) mode: hadamard_abs | signed | squared | cosine | none (Table 4)
+        ortho_center="mean",      # Eq. (3) on z_s->c minus the running mean of z_s ("none": raw codes)
         hyper_steps=1,            # HyperStyle refinement steps (inversion stage training, FC-TFG source)
         hyper_from=0.5,           # inversion stage: fraction of steps for pSp before HyperStyle trains
         mbstd_group=4,            # minibatch-stddev group of D (must divide the frames D sees)
         recon_weight=10.0,        # stylegan2 stage: L1 of G(E_inv(x)) vs x, E_inv trained jointly (tiny only)
         expert_loss="nce",        # syncnet stage: nce | bce (Wav2Lip's); see SyncNetStage
         gan_every=1,              # stylegan2 stage: D step + adversarial term every N steps (StyleGAN2Stage)
+        lr_rampdown=0,            # every stage: lr falls to 0 along a half cosine over the last N steps
         feature_weight=0.0,       # stylegan2 stage: extra L1 weight on eyes and mouth (FramePool)
         latent_weight=0.0,        # fctfg stage: weight of losses.latent_reconstruction_loss (not in Eq. 9)
         source_from="identity",   # fctfg stage: x_s from the same clip | any clip of the person (ClipWindows)
@@ -76,10 +78,10 @@ PRESETS = {
         ema_kimg=10.0,
         n_identities=5994, clips_per_identity=10, clip_frames=32, window=5,
         frame_pool=0, log_every=100, sample_every=5000, ckpt_every=5000, workers=4, amp="bf16",
-        temporal="conv", disc="image", ortho="hadamard_abs", hyper_steps=3, hyper_from=0.5, mbstd_group=4,
+        temporal="conv", disc="image", ortho="hadamard_abs", ortho_center="none", hyper_steps=3, hyper_from=0.5, mbstd_group=4,
         recon_weight=0.0,         # the paper's StyleGAN2 is a plain GAN (see StyleGAN2Stage)
         expert_loss="bce",        # Wav2Lip's expert loss
-        gan_every=1, latent_weight=0.0, feature_weight=0.0,
+        gan_every=1, latent_weight=0.0, feature_weight=0.0, lr_rampdown=0,
         source_from="clip",       # a prepared clip is one video: x_s from anywhere in it
         motion_init="default",
     ),
@@ -312,6 +314,25 @@ def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
 # ====================================================================================================
 # Stage 1: StyleGAN2 (non-saturating loss, lazy R1 / path length, EMA, style mixing; spec §7)
 # ====================================================================================================
+
+def lr_factor(step, max_steps, rampdown):
+    """Multiplier of every optimiser's lr at `step`: 1, then a half cosine from 1 down to 0 over the
+    last `rampdown` steps (0: constant lr, the paper's recipe). Tiny recipe only: at a constant 2e-3
+    with beta1 = 0 the jointly trained decoder hovers around its optimum; 800 steps at a tenth of the
+    lr took it from 24.3 to 25.3 dB on held-out frames (RESULTS.md). The steps before the ramp do not
+    depend on it, so a finished run can be extended with a ramp and --resume."""
+    if rampdown <= 0 or step < max_steps - rampdown:
+        return 1.0
+    t = (step - (max_steps - rampdown)) / rampdown
+    return 0.5 + 0.5 * math.cos(math.pi * t)
+
+
+def set_lr(optimizers, factor):
+    # base_lr is stored in the param group, so it travels with the optimiser's state_dict (--resume)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+
 
 def accumulate_ema(ema, model, beta):
     """ema <- beta*ema + (1-beta)*model for parameters; buffers (fixed noise maps) are copied."""
@@ -696,8 +717,9 @@ class FCTFGStage:
     Terms whose pre-trained network is not given (--syncnet, --arcface, --vgg) are left out and said
     so at start-up: a random ArcFace/VGG would only add noise."""
     models = ("fctfg", "d")
-    extra_state = ()
+    extra_state = ("z_mean",)
     grid_nrow = 4  # sample grid: one row per kind (see samples)
+    z_mean_beta = 0.99  # running mean of the source codes z_s for --ortho_center mean (~100-step memory)
 
     def __init__(self, cfg, device, args):
         import fusion
@@ -705,6 +727,8 @@ class FCTFGStage:
         self.cfg, self.losses = cfg, losses
         if cfg["ortho"] not in ("hadamard_abs", "signed", "squared", "cosine", "none"):
             raise SystemExit(f"error: --ortho {cfg['ortho']!r} is not a mode of losses.orthogonality_loss")
+        if cfg["ortho_center"] not in ("mean", "none"):
+            raise SystemExit(f"error: --ortho_center must be 'mean' or 'none', got {cfg['ortho_center']!r}")
         if cfg["motion_init"] not in ("zero", "default"):
             raise SystemExit(f"error: --motion_init must be 'zero' or 'default', got {cfg['motion_init']!r}")
         self.fctfg = fusion.FCTFG(cfg["model"], temporal=cfg["temporal"], window=cfg["window"],
@@ -749,6 +773,8 @@ class FCTFGStage:
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg["lr_fctfg"])
         self.optimizers = {"opt_g": self.opt_g, "opt_d": self.opt_d}
         self.note = f"loss terms off (no pre-trained weights given): {self.off}" if self.off else ""
+        # Eq. (3)'s reference code (losses.orthogonality_loss, `center`): NaN until the first batch
+        self.z_mean = torch.full((m.fusion.L, m.fusion.C), float("nan"), device=device)
 
     def dataset(self, clips):
         self.frames_per_sample = self.cfg["window"]
@@ -783,6 +809,17 @@ class FCTFGStage:
         self.opt_d.step()
         logs["loss_d"] = loss_d
 
+        center = None
+        if cfg["ortho_center"] == "mean":  # running mean of z_s over all ranks' sources (a constant here)
+            with torch.no_grad():
+                zm = torch.stack([o["z_s"].detach().float().mean(0) for o in outs]).mean(0)
+                if world > 1:
+                    dist.all_reduce(zm)
+                    zm /= world
+                b = self.z_mean_beta if torch.isfinite(self.z_mean).all() else 0.0
+                self.z_mean = b * self.z_mean.nan_to_num() + (1 - b) * zm
+            center = self.z_mean
+
         # --- G step: Eq. (9) ---
         D.requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
@@ -791,7 +828,8 @@ class FCTFGStage:
             with autocast():
                 terms = {
                     "ortho": None if cfg["ortho"] == "none" else
-                    L.orthogonality_loss(out["z_sc"], out["z_cd"], cfg["ortho"], layers=m.fusion.layers),
+                    L.orthogonality_loss(out["z_sc"], out["z_cd"], cfg["ortho"], layers=m.fusion.layers,
+                                         center=center),
                     "sync": L.sync_loss(self.syncnet, x_g, mb["mel"], size=self.syncnet.face_hw[1])
                     if self.syncnet is not None and x_g.shape[1] % self.syncnet.n_frames == 0 else None,
                     "id": L.identity_loss(self.e_id, x_g, x_d) if self.e_id is not None else None,
@@ -803,7 +841,7 @@ class FCTFGStage:
                 if cfg["latent_weight"] > 0:  # tiny-scale aid, not in Eq. (9): losses.latent_reconstruction_loss
                     lat = L.latent_reconstruction_loss(out["z_sd"], out["z_d"].detach(), m.fusion.layers)
                     total = total + cfg["latent_weight"] * lat
-                    parts["latent"] = float(lat)
+                    parts["latent"] = float(lat.detach())
             (total / len(micro)).backward()
         average_gradients(self.params_g, world)
         self.opt_g.step()
@@ -936,6 +974,8 @@ def train(argv=None):
         for step in range(start, cfg["max_steps"]):
             micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_cpu.items()}
                      for batch_cpu in fetch(step)]
+            if cfg["lr_rampdown"]:
+                set_lr(stage.optimizers.values(), lr_factor(step, cfg["max_steps"], cfg["lr_rampdown"]))
             try:
                 logs = stage.step(step, micro, world, autocast)
             except torch.cuda.OutOfMemoryError:

@@ -140,12 +140,24 @@ def test_fctfg_stage_logs_motion_and_the_latent_term(tmp_path):
     one = run("fctfg", tmp_path / "one", 1, "--hyper_steps", "0", "--latent_weight", "1", "--freeze_pretrained")
     moved = {k.split(".")[0] for k in ck["fctfg"] if not torch.equal(ck["fctfg"][k], one["fctfg"][k])}
     assert "E_a" in moved and "fusion" in moved and not moved & {"G", "E_inv", "H"}
+    # Eq. (3) on centred codes (tiny default): the reference is the running mean of z_s, saved for resume;
+    # after one step it is that step's mean source code, so |z_s - mean| is smaller than |z_s|
+    zm = one["extra"]["z_mean"]
+    assert zm.shape == (10, 128) and torch.isfinite(zm).all() and not torch.equal(zm, ck["extra"]["z_mean"])
+    raw = run("fctfg", tmp_path / "raw", 1, "--hyper_steps", "0", "--latent_weight", "1", "--freeze_pretrained",
+              "--ortho_center", "none")
+    log_c = json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[0])
+    log_r = json.loads((tmp_path / "raw" / "log.jsonl").read_text().splitlines()[0])
+    assert log_c["rec"] == log_r["rec"] and 0 < log_c["ortho"] < log_r["ortho"]
+    assert "z_mean" in raw["extra"]
     # motion_init default: E_m's output is not 0 at the start (z_cd > 0 above); zero keeps it at 0
     run("fctfg", tmp_path / "z", 1, "--hyper_steps", "0", "--motion_init", "zero", "--ortho", "none")
     log = [json.loads(l) for l in (tmp_path / "z" / "log.jsonl").read_text().splitlines()]
     assert log[0]["z_cd"] == 0 and "latent" not in log[0]
     with pytest.raises(SystemExit, match="motion_init"):
         train.train(["--stage", "fctfg", "--motion_init", "small", "--out", str(tmp_path / "x"), *SMALL])
+    with pytest.raises(SystemExit, match="ortho_center"):
+        train.train(["--stage", "fctfg", "--ortho_center", "median", "--out", str(tmp_path / "x"), *SMALL])
 
 
 @pytest.mark.parametrize("loss", ["nce", "bce"])
@@ -202,6 +214,33 @@ def test_resume_equals_uninterrupted(tmp_path):
     for name in ("g", "d", "g_ema"):
         assert_same_state(full[name], resumed[name])
     assert torch.equal(full["extra"]["pl_mean"], resumed["extra"]["pl_mean"])
+
+
+def test_lr_factor_hand_values():
+    f = train.lr_factor
+    assert f(99, 100, 0) == 1.0                        # 0: constant lr
+    assert f(59, 100, 40) == 1.0 and f(60, 100, 40) == 1.0  # ramp starts at max_steps - rampdown
+    assert f(80, 100, 40) == pytest.approx(0.5)        # half-way down the half cosine
+    assert f(90, 100, 40) == pytest.approx((1 + np.cos(np.pi * 0.75)) / 2)
+    assert 0 < f(99, 100, 40) < 0.01                   # last step: almost 0
+
+
+def test_lr_rampdown_sets_every_optimiser_and_extends_a_finished_run(tmp_path):
+    """The ramp only touches the last steps, so a finished constant-lr run extended by --resume with
+    a ramp equals a run that had the ramp from the start; the saved lr is base x factor(last step)."""
+    ramp = ("--lr_rampdown", "2")
+    full = run("stylegan2", tmp_path / "a", 4, *ramp)
+    run("stylegan2", tmp_path / "b", 2)                    # constant lr, like a finished earlier run
+    extended = run("stylegan2", tmp_path / "b", 4, "--resume", *ramp)
+    for name in ("g", "d", "g_ema", "e_inv"):
+        assert_same_state(full[name], extended[name])
+    plain = run("stylegan2", tmp_path / "c", 4)
+    assert not torch.equal(plain["g"]["style.1.weight"], full["g"]["style.1.weight"])
+    for opt in ("opt_g", "opt_d", "opt_e"):
+        for g in full[opt]["param_groups"]:
+            assert g["lr"] == pytest.approx(g["base_lr"] * train.lr_factor(3, 4, 2))
+    cfg = train.PRESETS["tiny"]
+    assert full["opt_e"]["param_groups"][0]["base_lr"] == pytest.approx(cfg["lr_inversion"])
 
 
 @pytest.mark.slow
