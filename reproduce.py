@@ -174,8 +174,9 @@ def _ratio(s, kind):
     return None if b is None or not i else b / i
 
 
-def tables(runs):
-    """Markdown of the three tables from whatever evaluations exist under RUNS/eval."""
+def tables(runs, ortho="none"):
+    """Markdown of the three tables from whatever evaluations exist under RUNS/eval. `ortho`: the L_ortho
+    mode of the Table 3 runs (the recipe's own, so that Table 3 varies the temporal layer and D only)."""
     lines = ["### Table 1 analogue (procedural test identities, 64 px)", "",
              "| protocol | method | SSIM ↑ | PSNR ↑ | LMD vs renderer ↓ | LMD probe ↓ | LSE-C (ours) ↑ | LSE-D (ours) ↓ |",
              "|---|---|---|---|---|---|---|---|"]
@@ -192,12 +193,12 @@ def tables(runs):
         if s and s.get("lse_c_ours_real") is not None:
             lines.append(f"| {proto} | real driving frames (sync reference) | | | | | "
                          f"{_f(s['lse_c_ours_real'])} | {_f(s['lse_d_ours_real'])} |")
-    lines += ["", "### Table 3 analogue (temporal layer x discriminator; cross protocol)", "",
+    lines += ["", f"### Table 3 analogue (temporal layer x discriminator, L_ortho {ortho}; cross protocol)", "",
               "| temporal | D | SSIM ↑ | PSNR ↑ | LSE-C (ours) ↑ | flicker px border/inside | flicker w border/inside | "
               "GT px border/inside |", "|---|---|---|---|---|---|---|---|"]
     for temporal in ("conv", "lstm"):
         for disc in ("image", "video"):
-            s = _load(runs, f"abl_{temporal}_{disc}_hadamard_abs")
+            s = _load(runs, f"abl_{temporal}_{disc}_{ortho}")
             if s:
                 lines.append(f"| {temporal} | {disc} | {_f(s.get('ssim'))} | {_f(s.get('psnr'), '{:.2f}')} | "
                              f"{_f(s.get('lse_c_ours'))} | {_f(_ratio(s, 'px'))} | {_f(_ratio(s, 'w'))} | "
@@ -232,6 +233,7 @@ def main(argv=None):
     t = sub.add_parser("tables")
     t.add_argument("runs")
     t.add_argument("--out", help="also write the markdown here")
+    t.add_argument("--ortho", default="none", help="L_ortho mode of the Table 3 runs (abl_<temporal>_<D>_<ortho>)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "export":
@@ -247,7 +249,7 @@ def main(argv=None):
                 raise ValueError(f"{args.log} has no loss values to plot")
             print(f"wrote {args.png}")
         else:
-            md = tables(args.runs)
+            md = tables(args.runs, args.ortho)
             print(md)
             if args.out:
                 tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")

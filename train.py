@@ -58,7 +58,8 @@ PRESETS = {
         temporal="conv",          # Temporal Fusion: conv | lstm | none  (Table 3)
         disc="image",             # FC-TFG discriminator: image | video   (Table 3)
         ortho="hadamard_abs",     # Eq. (3) mode: hadamard_abs | signed | squared | cosine | none (Table 4)
-        ortho_center="mean",      # Eq. (3) on z_s->c minus the running mean of z_s ("none": raw codes)
+        ortho_weight=1.0,         # λ_ortho of Eq. (9) (the paper's 1; losses.LAMBDA)
+        ortho_center="none",      # Eq. (3) on z_s->c minus the running mean of z_s ("none": raw codes)
         hyper_steps=1,            # HyperStyle refinement steps (inversion stage training, FC-TFG source)
         hyper_from=0.5,           # inversion stage: fraction of steps for pSp before HyperStyle trains
         mbstd_group=4,            # minibatch-stddev group of D (must divide the frames D sees)
@@ -78,7 +79,8 @@ PRESETS = {
         ema_kimg=10.0,
         n_identities=5994, clips_per_identity=10, clip_frames=32, window=5,
         frame_pool=0, log_every=100, sample_every=5000, ckpt_every=5000, workers=4, amp="bf16",
-        temporal="conv", disc="image", ortho="hadamard_abs", ortho_center="none", hyper_steps=3, hyper_from=0.5, mbstd_group=4,
+        temporal="conv", disc="image", ortho="hadamard_abs", ortho_center="none", ortho_weight=1.0,
+        hyper_steps=3, hyper_from=0.5, mbstd_group=4,
         recon_weight=0.0,         # the paper's StyleGAN2 is a plain GAN (see StyleGAN2Stage)
         expert_loss="bce",        # Wav2Lip's expert loss
         gan_every=1, latent_weight=0.0, feature_weight=0.0, lr_rampdown=0,
@@ -837,7 +839,7 @@ class FCTFGStage:
                     "lpips": L.perceptual_loss(self.vgg, x_g, x_d) if self.vgg is not None else None,
                     "gan": L.gan_loss_g(self._d(x_g)),
                 }
-                total, parts = L.total_loss(terms)
+                total, parts = L.total_loss(terms, {"ortho": cfg["ortho_weight"]})
                 if cfg["latent_weight"] > 0:  # tiny-scale aid, not in Eq. (9): losses.latent_reconstruction_loss
                     lat = L.latent_reconstruction_loss(out["z_sd"], out["z_d"].detach(), m.fusion.layers)
                     total = total + cfg["latent_weight"] * lat

@@ -132,24 +132,29 @@ def test_clip_windows_source_from_the_same_clip_or_the_same_person():
 
 
 def test_fctfg_stage_logs_motion_and_the_latent_term(tmp_path):
-    ck = run("fctfg", tmp_path, 2, "--hyper_steps", "0", "--latent_weight", "1", "--freeze_pretrained")
+    flags = ("--hyper_steps", "0", "--latent_weight", "1", "--freeze_pretrained", "--ortho_center", "mean")
+    ck = run("fctfg", tmp_path, 2, *flags)
     log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(l["latent"] > 0 and l["dw"] >= 0 and l["dw_drv"] > 0 and l["z_cd"] > 0 for l in log)
     # --freeze_pretrained keeps G, E_inv, HyperStyle (what --init gives) but trains E_a, which has no
     # pre-training stage here: between step 1 and step 2 only the trained networks move
-    one = run("fctfg", tmp_path / "one", 1, "--hyper_steps", "0", "--latent_weight", "1", "--freeze_pretrained")
+    one = run("fctfg", tmp_path / "one", 1, *flags)
     moved = {k.split(".")[0] for k in ck["fctfg"] if not torch.equal(ck["fctfg"][k], one["fctfg"][k])}
     assert "E_a" in moved and "fusion" in moved and not moved & {"G", "E_inv", "H"}
-    # Eq. (3) on centred codes (tiny default): the reference is the running mean of z_s, saved for resume;
-    # after one step it is that step's mean source code, so |z_s - mean| is smaller than |z_s|
+    # --ortho_center mean: Eq. (3) on centred codes; the reference is the running mean of z_s, saved for
+    # resume; after one step it is that step's mean source code, so |z_s - mean| is smaller than |z_s|
     zm = one["extra"]["z_mean"]
     assert zm.shape == (10, 128) and torch.isfinite(zm).all() and not torch.equal(zm, ck["extra"]["z_mean"])
-    raw = run("fctfg", tmp_path / "raw", 1, "--hyper_steps", "0", "--latent_weight", "1", "--freeze_pretrained",
-              "--ortho_center", "none")
+    raw = run("fctfg", tmp_path / "raw", 1, *flags[:-1], "none")        # raw codes, the paper's reading
     log_c = json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[0])
     log_r = json.loads((tmp_path / "raw" / "log.jsonl").read_text().splitlines()[0])
     assert log_c["rec"] == log_r["rec"] and 0 < log_c["ortho"] < log_r["ortho"]
-    assert "z_mean" in raw["extra"]
+    assert torch.isnan(raw["extra"]["z_mean"]).all()                      # not tracked when unused
+    # --ortho_weight scales λ_ortho of Eq. (9) only: same ortho value, total lower by 0.9 x ortho
+    w = run("fctfg", tmp_path / "w", 1, *flags[:-1], "none", "--ortho_weight", "0.1")
+    log_w = json.loads((tmp_path / "w" / "log.jsonl").read_text().splitlines()[0])
+    assert log_w["ortho"] == pytest.approx(log_r["ortho"])
+    assert log_r["total"] - log_w["total"] == pytest.approx(0.9 * log_r["ortho"], rel=1e-4)
     # motion_init default: E_m's output is not 0 at the start (z_cd > 0 above); zero keeps it at 0
     run("fctfg", tmp_path / "z", 1, "--hyper_steps", "0", "--motion_init", "zero", "--ortho", "none")
     log = [json.loads(l) for l in (tmp_path / "z" / "log.jsonl").read_text().splitlines()]
