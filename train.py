@@ -881,9 +881,15 @@ class StopTraining(Exception):
 
 def train(argv=None):
     args, cfg = parse_args(argv)
+    out = Path(args.out)
+    if args.resume and (out / "last.pt").is_file():  # a finished stage: skip building its dataset too
+        done = load_checkpoint(out / "last.pt")
+        if done.get("stage") == args.stage and done.get("step", 0) >= cfg["max_steps"]:
+            print(f"{out / 'last.pt'} is already at step {done['step']} (--max_steps {cfg['max_steps']}): "
+                  f"nothing to do")
+            return 0
     rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
-    out = Path(args.out)
     torch.manual_seed(cfg["seed"])  # the same seed everywhere: every rank builds identical networks
     try:
         stage = STAGE_CLASSES[args.stage](cfg, device, args)

@@ -221,6 +221,17 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert torch.equal(full["extra"]["pl_mean"], resumed["extra"]["pl_mean"])
 
 
+def test_resume_of_a_finished_stage_returns_before_building_its_data(tmp_path, monkeypatch, capsys):
+    run("stylegan2", tmp_path, 2)
+    def no_data(*a, **k):
+        raise AssertionError("a finished stage built its dataset")
+    monkeypatch.setattr(train, "make_clip_dataset", no_data)
+    run("stylegan2", tmp_path, 2, "--resume")
+    assert "nothing to do" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="built its dataset"):  # a longer run does need the data
+        run("stylegan2", tmp_path, 3, "--resume")
+
+
 def test_lr_factor_hand_values():
     f = train.lr_factor
     assert f(99, 100, 0) == 1.0                        # 0: constant lr
