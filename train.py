@@ -314,12 +314,12 @@ def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
 
 
 # ====================================================================================================
-# Stage 1: StyleGAN2 (non-saturating loss, lazy R1 / path length, EMA, style mixing; spec §7)
+# Learning-rate schedule (any stage; off in both presets)
 # ====================================================================================================
 
 def lr_factor(step, max_steps, rampdown):
     """Multiplier of every optimiser's lr at `step`: 1, then a half cosine from 1 down to 0 over the
-    last `rampdown` steps (0: constant lr, the paper's recipe). Tiny recipe only: at a constant 2e-3
+    last `rampdown` steps (0: constant lr, the paper's recipe). The tiny recipe's StyleGAN2 stage: at 2e-3
     with beta1 = 0 the jointly trained decoder hovers around its optimum; 800 steps at a tenth of the
     lr took it from 24.3 to 25.3 dB on held-out frames (RESULTS.md). The steps before the ramp do not
     depend on it, so a finished run can be extended with a ramp and --resume."""
@@ -335,6 +335,10 @@ def set_lr(optimizers, factor):
         for group in opt.param_groups:
             group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
 
+
+# ====================================================================================================
+# Stage 1: StyleGAN2 (non-saturating loss, lazy R1 / path length, EMA, style mixing; spec §7)
+# ====================================================================================================
 
 def accumulate_ema(ema, model, beta):
     """ema <- beta*ema + (1-beta)*model for parameters; buffers (fixed noise maps) are copied."""
@@ -918,8 +922,9 @@ def train(argv=None):
             getattr(stage, name).load_state_dict(ck[name])
         for name, opt in stage.optimizers.items():
             opt.load_state_dict(ck[name])
-        for name in stage.extra_state:
-            setattr(stage, name, ck["extra"][name].to(device))
+        for name in stage.extra_state:  # a checkpoint older than a piece of state keeps its fresh value
+            if name in ck["extra"]:
+                setattr(stage, name, ck["extra"][name].to(device))
         set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
         start = ck["step"]
         if is_main:
