@@ -886,12 +886,11 @@ class StopTraining(Exception):
 def train(argv=None):
     args, cfg = parse_args(argv)
     out = Path(args.out)
-    if args.resume and (out / "last.pt").is_file():  # a finished stage: skip building its dataset too
-        done = load_checkpoint(out / "last.pt")
-        if done.get("stage") == args.stage and done.get("step", 0) >= cfg["max_steps"]:
-            print(f"{out / 'last.pt'} is already at step {done['step']} (--max_steps {cfg['max_steps']}): "
-                  f"nothing to do")
-            return 0
+    last = out / "last.pt"
+    ck = load_checkpoint(last) if args.resume and last.is_file() else None  # what --resume continues
+    if ck is not None and ck.get("stage") == args.stage and ck.get("step", 0) >= cfg["max_steps"]:
+        print(f"{last} is already at step {ck['step']} (--max_steps {cfg['max_steps']}): nothing to do")
+        return 0  # a finished stage: return before building its dataset
     rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
     torch.manual_seed(cfg["seed"])  # the same seed everywhere: every rank builds identical networks
@@ -913,9 +912,7 @@ def train(argv=None):
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
     start = 0
-    last = out / "last.pt"
-    if args.resume and last.is_file():
-        ck = load_checkpoint(last)
+    if ck is not None:
         if ck.get("stage") != args.stage:
             raise SystemExit(f"error: {last} is a {ck.get('stage')!r} checkpoint, not {args.stage!r}")
         for name in stage.models:
