@@ -61,7 +61,7 @@ python train.py --stage stylegan2 $COMMON $IMG --out "$OUT/stylegan2" --max_step
 stamp "inversion"
 python train.py --stage inversion $COMMON $IMG --out "$OUT/inversion" --max_steps $INV --batch 8 \
     --init "$OUT/stylegan2/last.pt"
-# 4. FC-TFG (Sec. 3): E_can, E_m, temporal fusion, Eq. (3)-(9), pre-trained parts fine-tuned
+# 4. FC-TFG (Sec. 3): E_can, E_m, temporal fusion, Eq. (4)-(9) with the settings in FC above
 stamp "fctfg"
 python train.py --stage fctfg     $COMMON $FC --ortho $ORTHO --out "$OUT/fctfg" --max_steps $FCTFG --batch 4 \
     --init "$OUT/inversion/last.pt" --syncnet "$OUT/syncnet/last.pt"

@@ -379,8 +379,9 @@ def test_torchrun_fctfg_equals_single_process_with_the_same_global_batch(tmp_pat
     of a batch: the frozen networks (E_a too, --freeze_audio) are in eval mode (no batch statistics) and D's
     minibatch-stddev group is 1; the trained parts (E_can, E_m, temporal conv, D) see identical data
     (each rank's DistributedSampler shard of the step) and the all-reduce averages their gradients."""
+    # --ortho_center mean: the running mean of z_s is all-reduced, so it is the global batch's mean too
     flags = ["--stage", "fctfg", "--max_steps", "2", *SMALL, "--freeze_pretrained", "--freeze_audio",
-             "--mbstd_group", "1",
+             "--mbstd_group", "1", "--ortho_center", "mean",
              "--hyper_steps", "0", "--ckpt_every", "2"]
     r = _torchrun([str(ROOT / "train.py"), *flags, "--batch", "2", "--out", str(tmp_path / "ddp")], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -397,3 +398,4 @@ def test_torchrun_fctfg_equals_single_process_with_the_same_global_batch(tmp_pat
     # weight by a whole step, which the first check catches.
     assert float((diffs > 1e-7).double().mean()) < 1e-4, float((diffs > 1e-7).double().mean())
     assert float(diffs.max()) < 3e-5, float(diffs.max())
+    assert torch.allclose(ddp["extra"]["z_mean"], one["extra"]["z_mean"], atol=1e-5)
