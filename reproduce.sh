@@ -21,10 +21,10 @@ EXPORT=${EXPORT:-checkpoints/fctfg_tiny.pt}
 ABLATIONS=${ABLATIONS:-1}
 FIGS=${FIGS:-results}      # PNGs for RESULTS.md (the smoke run keeps its own under OUT)
 if [ "${SMOKE:-0}" = 1 ]; then   # every stage and every evaluation, a few steps each
-    N_IDS=8; IMG_IDS=16; SYNC=4; SG2=4; RAMP=2; INV=4; FCTFG=4; ABL=2; CLIPS=2; FRAMES=10
+    N_IDS=8; IMG_IDS=16; SYNC=4; SG2=4; RAMP=2; FEAT=2; INV=4; FCTFG=4; ABL=2; CLIPS=2; FRAMES=10
     PROBE="--probe_frames 64 --probe_steps 3"; POOL=32; EVERY=2; FIGS=$OUT/results
 else
-    N_IDS=200; IMG_IDS=2000; SYNC=600; SG2=5800; RAMP=800; INV=500; FCTFG=600; ABL=150; CLIPS=20; FRAMES=32
+    N_IDS=200; IMG_IDS=2000; SYNC=600; SG2=5800; RAMP=800; FEAT=1200; INV=500; FCTFG=600; ABL=150; CLIPS=20; FRAMES=32
     PROBE="--probe_frames 12000 --probe_steps 800"; POOL=4096; EVERY=100
 fi
 COMMON="--preset tiny --device cpu --seed $SEED --n_identities $N_IDS --clips_per_identity 5 --clip_frames 16"
@@ -57,10 +57,19 @@ python train.py --stage syncnet   $COMMON --out "$OUT/syncnet"   --max_steps $SY
 stamp "stylegan2"
 python train.py --stage stylegan2 $COMMON $IMG --out "$OUT/stylegan2" --max_steps $SG2 --batch 8 \
     --recon_weight 10 --pl_every 0 --gan_every 4 --feature_weight 10 --lr_rampdown $RAMP
+# 2b. Feature phase: the same stage continued for FEAT steps (a copy of its checkpoint, --resume) with
+#    101x the L1 weight on eyes and mouth and a second lr ramp. After phase 2a the decoder draws heads
+#    without mouths or eyes; the heavier weight makes it draw open mouths (RESULTS.md, session 5).
+#    Starting with this weight is untested: the first phase learns head, hair and pose first.
+stamp "stylegan2_features"
+mkdir -p "$OUT/stylegan2_features"
+[ -f "$OUT/stylegan2_features/last.pt" ] || cp "$OUT/stylegan2/last.pt" "$OUT/stylegan2_features/last.pt"
+python train.py --stage stylegan2 $COMMON $IMG --out "$OUT/stylegan2_features" --max_steps $(( SG2 + FEAT )) \
+    --batch 8 --recon_weight 10 --pl_every 0 --gan_every 4 --feature_weight 100 --lr_rampdown $FEAT
 # 3. Inversion: pSp encoder on the frozen G (first half), then HyperStyle (second half)
 stamp "inversion"
 python train.py --stage inversion $COMMON $IMG --out "$OUT/inversion" --max_steps $INV --batch 8 \
-    --init "$OUT/stylegan2/last.pt"
+    --init "$OUT/stylegan2_features/last.pt"
 # 4. FC-TFG (Sec. 3): E_can, E_m, temporal fusion, Eq. (4)-(9) with the settings in FC above
 stamp "fctfg"
 python train.py --stage fctfg     $COMMON $FC --ortho $ORTHO --out "$OUT/fctfg" --max_steps $FCTFG --batch 4 \
@@ -100,7 +109,7 @@ fi
 python reproduce.py tables "$OUT" --ortho $ORTHO --out "$OUT/tables.md"
 # The figures RESULTS.md shows: every stage's loss curves and last sample grid, and the paper figures
 mkdir -p "$FIGS"
-for stage in syncnet stylegan2 inversion fctfg; do
+for stage in syncnet stylegan2 stylegan2_features inversion fctfg; do
     cp "$OUT/$stage/loss.png" "$FIGS/${stage}_loss.png"
     cp "$(ls "$OUT/$stage/samples/"*.png | tail -n 1)" "$FIGS/${stage}_samples.png"
 done

@@ -53,8 +53,12 @@ def test_smoke_recipe_end_to_end(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "reproduce.sh"), str(out)], env=env, capture_output=True, text=True,
                        timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for stage in ("syncnet", "stylegan2", "inversion", "fctfg"):
+    for stage in ("syncnet", "stylegan2", "stylegan2_features", "inversion", "fctfg"):
         assert (out / stage / "loss.png").is_file() and list((out / stage / "samples").glob("*.png")), stage
+    # the feature phase continues the decoder (steps 5..6 of the smoke run), it does not restart it
+    steps = [json.loads(line)["step"] for line in (out / "stylegan2_features" / "log.jsonl").read_text().splitlines()]
+    assert steps and min(steps) > 4 and max(steps) == 6, steps
+    assert torch.load(out / "stylegan2_features" / "last.pt", map_location="cpu", weights_only=True)["step"] == 6
     full = torch.load(out / "fctfg" / "last.pt", map_location="cpu", weights_only=True)
     slim = torch.load(export, map_location="cpu", weights_only=True)
     assert set(slim) == {"stage", "step", "cfg", "fctfg"} and slim["fctfg"].keys() == full["fctfg"].keys()
