@@ -194,14 +194,14 @@ def tables(runs, ortho="none"):
             lines.append(f"| {proto} | real driving frames (sync reference) | | | | | "
                          f"{_f(s['lse_c_ours_real'])} | {_f(s['lse_d_ours_real'])} |")
     lines += ["", f"### Table 3 analogue (temporal layer x discriminator, L_ortho {ortho}; cross protocol)", "",
-              "| temporal | D | SSIM ↑ | PSNR ↑ | LSE-C (ours) ↑ | flicker px border/inside | flicker w border/inside | "
-              "GT px border/inside |", "|---|---|---|---|---|---|---|---|"]
+              "| temporal | D | SSIM ↑ | PSNR ↑ | LMD vs renderer ↓ | LSE-C (ours) ↑ | flicker px border/inside | "
+              "flicker w border/inside | GT px border/inside |", "|---|---|---|---|---|---|---|---|---|"]
     for temporal in ("conv", "lstm"):
         for disc in ("image", "video"):
             s = _load(runs, f"abl_{temporal}_{disc}_{ortho}")
             if s:
                 lines.append(f"| {temporal} | {disc} | {_f(s.get('ssim'))} | {_f(s.get('psnr'), '{:.2f}')} | "
-                             f"{_f(s.get('lse_c_ours'))} | {_f(_ratio(s, 'px'))} | {_f(_ratio(s, 'w'))} | "
+                             f"{_f(s.get('lmd_vs_renderer'), '{:.2f}')} | {_f(s.get('lse_c_ours'))} | {_f(_ratio(s, 'px'))} | {_f(_ratio(s, 'w'))} | "
                              f"{_f(_ratio(s, 'px_gt'))} |")
     lines += ["", "### Table 4 analogue (orthogonality loss; cross protocol)", "",
               "| L_ortho | SSIM ↑ | PSNR ↑ | LMD vs renderer ↓ | LSE-C (ours) ↑ | canonical pose std (deg) ↓ | "

@@ -38,6 +38,18 @@ def test_tables_with_no_results_are_headers_only(tmp_path):
     assert "FC-TFG (ours)" not in md                    # no row without a results.json
 
 
+def test_table3_row_reads_its_evaluation(tmp_path):
+    d = tmp_path / "eval" / "abl_lstm_video_none"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"summary": {
+        "ssim": 0.5, "psnr": 20.0, "lmd_vs_renderer": 3.456, "lse_c_ours": 0.1,
+        "flicker_px_border": 3.0, "flicker_px_inside": 2.0}}))
+    md = reproduce.tables(tmp_path, ortho="none")
+    row = [line for line in md.splitlines() if line.startswith("| lstm | video")]
+    assert row == ["| lstm | video | 0.500 | 20.00 | 3.46 | 0.100 | 1.500 | - | - |"], row
+    assert "| lstm | video" not in reproduce.tables(tmp_path, ortho="cosine")   # another L_ortho: no row
+
+
 def test_export_rejects_other_stages(tmp_path, capsys):
     torch.save({"stage": "syncnet", "step": 1}, tmp_path / "s.pt")
     assert reproduce.main(["export", str(tmp_path / "s.pt"), str(tmp_path / "o.pt")]) == 2
