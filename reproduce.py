@@ -201,8 +201,8 @@ def tables(runs, ortho="none"):
             s = _load(runs, f"abl_{temporal}_{disc}_{ortho}")
             if s:
                 lines.append(f"| {temporal} | {disc} | {_f(s.get('ssim'))} | {_f(s.get('psnr'), '{:.2f}')} | "
-                             f"{_f(s.get('lmd_vs_renderer'), '{:.2f}')} | {_f(s.get('lse_c_ours'))} | {_f(_ratio(s, 'px'))} | {_f(_ratio(s, 'w'))} | "
-                             f"{_f(_ratio(s, 'px_gt'))} |")
+                             f"{_f(s.get('lmd_vs_renderer'), '{:.2f}')} | {_f(s.get('lse_c_ours'))} | "
+                             f"{_f(_ratio(s, 'px'))} | {_f(_ratio(s, 'w'))} | {_f(_ratio(s, 'px_gt'))} |")
     lines += ["", "### Table 4 analogue (orthogonality loss; cross protocol)", "",
               "| L_ortho | SSIM ↑ | PSNR ↑ | LMD vs renderer ↓ | LSE-C (ours) ↑ | canonical pose std (deg) ↓ | "
               "driving pose std (deg) | canonical pixel var / driving |", "|---|---|---|---|---|---|---|---|"]

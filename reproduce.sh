@@ -55,8 +55,9 @@ python train.py --stage syncnet   $COMMON --out "$OUT/syncnet"   --max_steps $SY
 #    minute: 29.5 vs 13.1 images/s), 11x the L1 weight on eyes and mouth (train.FramePool), and every
 #    lr ramped down to 0 over the last RAMP steps (+0.9 dB on held-out frames; train.lr_factor)
 stamp "stylegan2"
-python train.py --stage stylegan2 $COMMON $IMG --out "$OUT/stylegan2" --max_steps $SG2 --batch 8 \
-    --recon_weight 10 --pl_every 0 --gan_every 4 --feature_weight 10 --lr_rampdown $RAMP
+SG2_FLAGS="--batch 8 --recon_weight 10 --pl_every 0 --gan_every 4"
+python train.py --stage stylegan2 $COMMON $IMG $SG2_FLAGS --out "$OUT/stylegan2" --max_steps $SG2 \
+    --feature_weight 10 --lr_rampdown $RAMP
 # 2b. Feature phase: the same stage continued for FEAT steps (a copy of its checkpoint, --resume) with
 #    101x the L1 weight on eyes and mouth and a second lr ramp. After phase 2a the decoder draws heads
 #    without mouths or eyes; the heavier weight makes it draw open mouths (RESULTS.md, session 5).
@@ -64,8 +65,8 @@ python train.py --stage stylegan2 $COMMON $IMG --out "$OUT/stylegan2" --max_step
 stamp "stylegan2_features"
 mkdir -p "$OUT/stylegan2_features"
 [ -f "$OUT/stylegan2_features/last.pt" ] || cp "$OUT/stylegan2/last.pt" "$OUT/stylegan2_features/last.pt"
-python train.py --stage stylegan2 $COMMON $IMG --out "$OUT/stylegan2_features" --max_steps $(( SG2 + FEAT )) \
-    --batch 8 --recon_weight 10 --pl_every 0 --gan_every 4 --feature_weight 100 --lr_rampdown $FEAT
+python train.py --stage stylegan2 $COMMON $IMG $SG2_FLAGS --out "$OUT/stylegan2_features" \
+    --max_steps $(( SG2 + FEAT )) --feature_weight 100 --lr_rampdown $FEAT
 # 3. Inversion: pSp encoder on the frozen G (first half), then HyperStyle (second half)
 stamp "inversion"
 python train.py --stage inversion $COMMON $IMG --out "$OUT/inversion" --max_steps $INV --batch 8 \
