@@ -4,7 +4,7 @@
 # expert, StyleGAN2, inversion (pSp + HyperStyle), FC-TFG. Every number is a seed or a step count;
 # rerunning gives the same weights (single process, same torch build).
 #
-# Usage: bash reproduce.sh [OUT_DIR]            (default runs/repro; ~58 min on 2 cores + ~30 min ablations)
+# Usage: bash reproduce.sh [OUT_DIR]            (default runs/repro; ~58 min on 2 cores + ~25 min ablations)
 #   SMOKE=1 bash reproduce.sh /tmp/smoke        a few steps per stage (CI's test of the recipe)
 #   ABLATIONS=0                                 skip the Table 3 / 4 runs
 #   EXPORT=path.pt                              where the shipped fp16 checkpoint goes
