@@ -53,6 +53,7 @@ TRAIN_IDS = range(0, 1_000_000)            # identity seeds of the training spli
 TEST_IDS = range(1_000_000, 1_100_000)     # disjoint identity seeds of the test split
 _MOTION_BASE = {"train": 0, "test": 1 << 40}  # motion seeds are disjoint as well
 _TAG_IDENTITY, _TAG_MOTION, _TAG_SPEECH = 101, 202, 303  # separate RNG streams per purpose
+BLINK_RATE = 1.0              # blinks per second in make_motion
 
 
 # ===================================================================================================
@@ -60,30 +61,28 @@ _TAG_IDENTITY, _TAG_MOTION, _TAG_SPEECH = 101, 202, 303  # separate RNG streams 
 # ===================================================================================================
 @dataclasses.dataclass(frozen=True)
 class Identity:
+    """One person. The face is designed for a 64 px decoder (issue 18, RESULTS.md "the tiny world"):
+    every feature a motion parameter moves is large and high-contrast (eyes ~10 x 7 px with a dark
+    iris that travels ~5 px, brows ~2 px thick that rise ~3 px, a wide mouth), and the nuisance
+    factors a tiny decoder would spend its capacity on are gone (no glasses, beards, long hair or
+    patterned backgrounds). Identity lives in colours, head shape and feature layout."""
     seed: int
     head: tuple        # ellipsoid semi-axes (a, b, c) in half-image units: width, height, depth
     skin: tuple        # RGB in 0..1
-    hair: tuple        # RGB
-    hair_style: int    # 0 bald/short crop, 1 cap of hair, 2 cap + long hair behind the head
+    hair: tuple        # RGB (also the brows, darkened)
     hairline: float    # v (face-space height) where the scalp starts; higher = more forehead
     parting: float     # -1..1 asymmetry of the hairline
-    iris: tuple        # RGB of the iris
+    iris: tuple        # RGB of the iris (always dark: the iris must stand out against the sclera)
     eye_dx: float      # half eye spacing (face-space u)
     eye_y: float       # eye height (face-space v)
-    eye_rx: float      # eye opening half-width
-    eye_ry: float      # eye opening half-height
+    eye_rx: float      # eye opening half-width (u)
+    eye_ry: float      # eye opening half-height (v)
     nose: tuple        # (half-width, half-height) of the nose shading
     mouth_w: float     # mouth half-width at rest
     mouth_y: float     # mouth height (face-space v, negative = below centre)
     lips: tuple        # RGB
     shirt: tuple       # RGB
-    bg: tuple          # two RGB colours of the background
-    bg_pattern: int    # 0 vertical gradient, 1 stripes, 2 soft blobs
-    bg_freq: float     # spatial frequency of the pattern: low (0.6-1.5 waves per image), i.e. a soft,
-                       # out-of-focus background; sharp stripes cost a tiny StyleGAN2 most of its
-                       # capacity (measured: autoencoder L1 0.17 vs 0.135 at 350 steps)
-    bg_angle: float    # orientation of the stripes (radians)
-    accessory: int     # 0 none, 1 glasses, 2 beard
+    bg: tuple          # two RGB colours of a soft vertical background gradient (top, bottom)
 
 
 def make_identity(seed):
@@ -97,20 +96,16 @@ def make_identity(seed):
     hair = np.array([u(0.05, 0.6), 0, 0]); hair[1] = hair[0] * u(0.55, 0.9); hair[2] = hair[1] * u(0.4, 0.9)
     if r.random() < 0.12:
         hair = np.full(3, u(0.55, 0.85))  # grey/white hair
-    # Head size: FOMM / VoxCeleb crops (Sec. 4.1.1) are face-dominated, the face spans ~2/3 of the
-    # width; with a smaller head the mouth is a few pixels at 64 px and lip sync is not learnable.
-    a = u(0.56, 0.64)
+    # Head size: FOMM / VoxCeleb crops (Sec. 4.1.1) are face-dominated, the face spans ~2/3 of the width.
+    a = u(0.58, 0.66)
+    iris = np.array(r.choice([[0.35, 0.2, 0.08], [0.15, 0.3, 0.5], [0.2, 0.35, 0.15], [0.15, 0.1, 0.05]]))
     return Identity(
-        seed=int(seed), head=(a, u(0.70, 0.78), 0.9 * a), skin=tuple(np.clip(skin, 0, 1)),
-        hair=tuple(hair), hair_style=int(r.choice(3, p=[0.15, 0.5, 0.35])), hairline=u(0.42, 0.58),
-        parting=u(-1, 1), iris=tuple(r.choice([[0.35, 0.2, 0.08], [0.2, 0.35, 0.55], [0.25, 0.4, 0.2],
-                                               [0.15, 0.1, 0.05]])),
-        eye_dx=u(0.3, 0.38), eye_y=u(0.12, 0.2), eye_rx=u(0.11, 0.14), eye_ry=u(0.06, 0.075),
-        nose=(u(0.07, 0.1), u(0.09, 0.14)), mouth_w=u(0.2, 0.27), mouth_y=u(-0.5, -0.42),
-        lips=tuple(np.clip(skin * np.array([0.95, 0.6, 0.6]) + [0.08, 0, 0], 0, 1)),
-        shirt=tuple(u(0.05, 0.95, 3)), bg=(tuple(u(0.1, 0.9, 3)), tuple(u(0.1, 0.9, 3))),
-        bg_pattern=int(r.integers(3)), bg_freq=u(0.6, 1.5), bg_angle=u(0, np.pi),
-        accessory=int(r.choice(3, p=[0.6, 0.25, 0.15])))
+        seed=int(seed), head=(a, u(0.72, 0.80), 0.9 * a), skin=tuple(np.clip(skin, 0, 1)),
+        hair=tuple(hair), hairline=u(0.62, 0.74), parting=u(-1, 1), iris=tuple(iris * u(0.7, 1.0)),
+        eye_dx=u(0.36, 0.42), eye_y=u(0.08, 0.14), eye_rx=u(0.22, 0.26), eye_ry=u(0.15, 0.18),
+        nose=(u(0.07, 0.1), u(0.09, 0.14)), mouth_w=u(0.28, 0.34), mouth_y=u(-0.5, -0.42),
+        lips=tuple(np.clip(skin * np.array([0.9, 0.5, 0.5]) + [0.08, 0, 0], 0, 1)),
+        shirt=tuple(u(0.05, 0.95, 3)), bg=(tuple(u(0.1, 0.9, 3)), tuple(u(0.1, 0.9, 3))))
 
 
 # ===================================================================================================
@@ -270,9 +265,10 @@ def make_motion(seed, n_frames):
     for key, sigma, scale in [("yaw", 10, 0.25), ("pitch", 10, 0.12), ("roll", 12, 0.08),
                               ("tx", 14, 0.04), ("ty", 14, 0.03)]:
         m[:, col[key]] = _smooth_noise(r, T, sigma, scale)
-    # Blinks: Poisson events (~0.3 per second), each a 5-7 frame close-open profile; 15 % are winks.
+    # Blinks: Poisson events (~1 per second, more often than people blink: each attribute must be
+    # seen often in 16-frame training clips), each a 5-7 frame close-open profile; 15 % are winks.
     blink = np.zeros((T, 2))
-    for start in np.flatnonzero(r.random(T) < 0.3 / FPS):
+    for start in np.flatnonzero(r.random(T) < BLINK_RATE / FPS):
         L = int(r.integers(5, 8))
         prof = np.sin(np.pi * (np.arange(L) + 0.5) / L) ** 0.7 * r.uniform(0.7, 1.0)
         eyes = [int(r.integers(2))] if r.random() < 0.15 else [0, 1]
@@ -280,13 +276,14 @@ def make_motion(seed, n_frames):
         for e in eyes:
             blink[seg, e] = np.maximum(blink[seg, e], prof[: seg.stop - seg.start])
     m[:, col["blink_l"]], m[:, col["blink_r"]] = blink[:, 0], blink[:, 1]
-    # Gaze: fixations held 0.4-2 s, joined by fast (2-frame) saccades.
+    # Gaze: fixations held 0.3-1.2 s, joined by fast (2-frame) saccades over most of the eye.
     gz = np.zeros((T, 2)); k = 0
     while k < T:
-        gz[k:] = r.uniform(-0.8, 0.8, 2); k += int(r.integers(10, 50))
+        gz[k:] = r.uniform(-0.9, 0.9, 2); k += int(r.integers(8, 30))
     m[:, col["gaze_x"]] = gaussian_filter1d(gz[:, 0], 1.0, mode="nearest")
-    m[:, col["gaze_y"]] = gaussian_filter1d(gz[:, 1], 1.0, mode="nearest") * 0.6
-    m[:, col["brow"]] = np.clip(0.3 + _smooth_noise(r, T, 12, 0.25), 0, 1)
+    m[:, col["gaze_y"]] = gaussian_filter1d(gz[:, 1], 1.0, mode="nearest") * 0.8
+    # Brows: a slow raise/lower over the whole 0..1 range
+    m[:, col["brow"]] = np.clip(0.4 + _smooth_noise(r, T, 8, 0.35), 0, 1)
     track = speech_track(seed, T)
     m[:, col["mouth_open"]], m[:, col["mouth_width"]] = mouth_from_track(track, T)
     return m.astype(np.float32), synth_audio(track, T, seed)
@@ -306,16 +303,12 @@ def _grid(S):
 
 @functools.lru_cache(maxsize=64)
 def _background(ident, S):
-    """Static background of an identity (it never moves, as in a tripod shot).  -> float32 [S, S, 3]."""
+    """Static background of an identity (it never moves, as in a tripod shot): a soft vertical
+    gradient between its two colours.  -> float32 [S, S, 3]."""
     X, Y = _grid(S)
     c1, c2 = np.array(ident.bg, dtype=np.float32)
-    if ident.bg_pattern == 0:
-        s = 0.5 + 0.5 * Y
-    elif ident.bg_pattern == 1:
-        s = 0.5 + 0.5 * np.sin(ident.bg_freq * np.pi * (X * np.cos(ident.bg_angle) + Y * np.sin(ident.bg_angle)))
-    else:
-        s = 0.5 + 0.25 * (np.sin(ident.bg_freq * 2.1 * X + 1.3) * np.cos(ident.bg_freq * 1.7 * Y) + np.sin(ident.bg_freq * (X + Y)))
-    out = c1 * (1 - s[..., None]) + c2 * s[..., None]
+    s = (0.5 + 0.5 * Y)[..., None]                                       # 1 at the top, 0 at the bottom
+    out = c1 * s + c2 * (1 - s)
     out.setflags(write=False)
     return out
 
@@ -358,6 +351,16 @@ JAW_DROP = 0.15     # the mouth centre moves down by this much at full opening; 
                     # upper lip stays put and only the lower lip and jaw move, as in real speech
 
 
+# Eyes and brows (face units). Large on purpose (issue 18): at 64 px the eye is ~10 x 7 px, the iris
+# ~5 px across and travels ~+-2.5 px with the gaze, a brow is ~2 px thick and rises ~3 px.
+GAZE_U = 0.5        # iris centre travel at gaze_x = +-1, in eye half-widths
+GAZE_V = 0.3        # ... at gaze_y = +-1, in eye half-heights
+IRIS_R = 0.72       # iris radius in eye half-heights (the pupil has half of it)
+BROW_GAP = 0.06     # brow centre above the top of the eye at brow = 0 (v units)
+BROW_RAISE = 0.14   # extra height at brow = 1
+BROW_H = 0.045      # brow half-thickness
+
+
 def _mouth_geom(ident, m):
     """Mouth shape for one frame: centre height, outer half-width/height, inner half-width/height."""
     mw = ident.mouth_w * (1 + 0.2 * m["mouth_width"])
@@ -373,10 +376,10 @@ def render(ident, motion, size=64, ss=None, return_masks=False):
 
     How: each pixel casts an orthographic ray at an ellipsoid head rotated by (yaw, pitch, roll); the
     hit point, mapped back to the unit sphere, gives face-space coordinates (u, v) where eyes, brows,
-    nose, mouth, hair and glasses are simple implicit shapes. Pose therefore foreshortens features and
+    nose, mouth and hair are simple implicit shapes. Pose therefore foreshortens features and
     moves the silhouette like a 3-D head. Rendering happens at size*ss and is box-averaged down
     (supersampled anti-aliasing). return_masks=True also returns bool [H, W] masks
-    {head, face, hair, eye_l, eye_r, mouth} (coverage > 1/2) for tests and region losses.
+    {head, face, hair, eye_l, eye_r, brow_l, brow_r, mouth} (coverage > 1/2) for tests and region losses.
     Speed: head pixels get a small integer label per layer (painter's order) and one palette lookup at
     the end, which is ~3x cheaper in numpy than assigning RGB triples layer by layer.
     """
@@ -390,16 +393,12 @@ def render(ident, motion, size=64, ss=None, return_masks=False):
     a, b, c = ident.head
     cx, cy = m["tx"], m["ty"] + HEAD_Y
     skin_c, hair_c = np.array(ident.skin, np.float32), np.array(ident.hair, np.float32)
-    # ---- long hair behind the head, neck and torso: image-plane shapes that follow tx / ty / roll
-    dx, dy = X - np.float32(cx), Y - np.float32(cy)
-    cr, sr = math.cos(m["roll"]), math.sin(m["roll"])
-    if ident.hair_style == 2:
-        hx, hy = cr * dx + sr * dy, -sr * dx + cr * dy                  # head-aligned 2-D coordinates
-        img[((hx / (1.25 * a)) ** 2 + ((hy + 0.25 * b) / (1.2 * b)) ** 2 < 1) & (hy > -1.3 * b)] = 0.8 * hair_c
+    # ---- neck and torso: image-plane shapes that follow tx / ty
     img[(np.abs(X - 0.8 * cx) < 0.42 * a) & (Y < cy - 0.5 * b)] = 0.75 * skin_c           # neck
     img[((X - 0.5 * cx) / 0.9) ** 2 + ((Y + 1.3) / 0.5) ** 2 < 1] = ident.shirt            # shoulders
     # ---- everything below lives inside the head's bounding square (radius = largest semi-axis):
     # a window view of the canvas, so the work scales with the head's area, not the image's
+    dx, dy = X - np.float32(cx), Y - np.float32(cy)
     rad = max(a, b, c) * 1.02
     r0, r1 = np.searchsorted(-Y[:, 0], [-(cy + rad), -(cy - rad)])
     c0, c1 = np.searchsorted(X[0], [cx - rad, cx + rad])
@@ -418,28 +417,25 @@ def render(ident, motion, size=64, ss=None, return_masks=False):
     tt = (-Bq + np.sqrt(np.maximum(disc, 0))) / (2 * A)                 # the hit nearest the viewer
     u, v, w = q[0] + tt * d[0], q[1] + tt * d[1], q[2] + tt * d[2]      # hit point on the unit sphere
     # ---- face-space shapes (u right, v up, w out of the face), painted as labels in painter's order
-    pal = [skin_c, hair_c, 0.88 * skin_c, 0.45 * skin_c, 0.7 * hair_c + 0.05, ident.lips, (0.25, 0.08, 0.08),
-           (0.2, 0.04, 0.05), (0.92, 0.9, 0.85), (0.95, 0.95, 0.93), ident.iris, (0.02, 0.02, 0.02),
-           (0.12, 0.08, 0.07), 0.6 * hair_c, (0.1, 0.1, 0.12)]
-    SKIN, HAIR, NOSE, NOSTRIL, BEARD, LIPS, LIPLINE, INNER, TEETH, SCLERA, IRIS, PUPIL, LASH, BROW, FRAME = range(15)
+    pal = [skin_c, hair_c, 0.88 * skin_c, 0.45 * skin_c, ident.lips, (0.25, 0.08, 0.08),
+           (0.2, 0.04, 0.05), (0.92, 0.9, 0.85), (0.97, 0.97, 0.95), ident.iris, (0.02, 0.02, 0.02),
+           0.78 * skin_c, (0.08, 0.05, 0.05), 0.35 * hair_c + 0.02]
+    SKIN, HAIR, NOSE, NOSTRIL, LIPS, LIPLINE, INNER, TEETH, SCLERA, IRIS, PUPIL, LID, LASH, BROW = range(14)
     lab = np.zeros(head.shape, np.uint8)                                # SKIN everywhere to start
     put = lambda mask, k: np.copyto(lab, k, where=mask)
     front = head & (w > 0)
-    hair = head & (ident.hair_style > 0) & ((v > ident.hairline + 0.15 * u * u - 0.06 * ident.parting * u)
-                                            | (w < -0.2 + 0.4 * v))
+    hair = head & ((v > ident.hairline + 0.15 * u * u - 0.06 * ident.parting * u) | (w < -0.2 + 0.4 * v))
     put(hair, HAIR)
     f = front & ~hair                                                   # where features may appear
     nw, nh = ident.nose
-    nose_y = 0.5 * (ident.eye_y + ident.mouth_y) + 0.02
+    nose_y = 0.5 * (ident.eye_y + ident.mouth_y) - 0.02
     put(f & ((u / nw) ** 2 + ((v - nose_y) / nh) ** 2 < 1), NOSE)
     for side in (-1, 1):
         put(f & (((u - side * 0.45 * nw) / (0.22 * nw)) ** 2 + ((v - nose_y + 0.7 * nh) / (0.18 * nh)) ** 2 < 1), NOSTRIL)
     my, mw, mry, iw, iry = _mouth_geom(ident, m)
     lips = f & ((u / mw) ** 2 + ((v - my) / mry) ** 2 < 1)
-    if ident.accessory == 2:                                            # beard around the mouth and chin
-        put(f & (v < my + mry + 0.04) & (np.abs(u) < 0.75), BEARD)
     put(lips, LIPS)
-    put(f & (np.abs(v - my) < 0.008) & (np.abs(u) < iw), LIPLINE)       # where the lips meet
+    put(f & (np.abs(v - my) < 0.012) & (np.abs(u) < iw), LIPLINE)       # where the lips meet
     if iry > 1e-4:
         inner = f & ((u / iw) ** 2 + ((v - my) / iry) ** 2 < 1)
         put(inner, INNER)
@@ -451,21 +447,18 @@ def render(ident, motion, size=64, ss=None, return_masks=False):
         eye = f & (eu * eu + ev * ev < 1)
         lid = 1 - 2 * float(np.clip(m["blink_" + key], 0, 1))          # lid edge in ev units (1 open, -1 shut)
         seen = eye & (ev < lid)
+        put(eye, LID)                                                   # the closed part: a darker lid
         put(seen, SCLERA)
-        gu = ex + 0.45 * ident.eye_rx * m["gaze_x"]
-        gv = ident.eye_y + 0.4 * ident.eye_ry * m["gaze_y"]
-        rr = ((u - gu) ** 2 + (v - gv) ** 2) * (1 / (0.75 * ident.eye_ry) ** 2)
+        gu = ex + GAZE_U * ident.eye_rx * m["gaze_x"]                   # the iris travels with the gaze
+        gv = ident.eye_y + GAZE_V * ident.eye_ry * m["gaze_y"]
+        rr = ((u - gu) ** 2 + (v - gv) ** 2) * (1 / (IRIS_R * ident.eye_ry) ** 2)
         put(seen & (rr < 1), IRIS)
-        put(seen & (rr < 0.16), PUPIL)
-        put(eye & (np.abs(ev - lid) < 0.22), LASH)                      # lash line at the lid edge
-        by = ident.eye_y + ident.eye_ry + 0.07 + 0.07 * m["brow"]
-        put(f & (np.abs(v - by - 0.03 * (1 - eu * eu)) < 0.022) & (np.abs(eu) < 1.15), BROW)
-        if ident.accessory == 1:                                        # glasses: a ring around each eye
-            g = (eu * (1 / 1.6)) ** 2 + (ev * (1 / 2.4)) ** 2
-            put(f & (g > 1) & (g < 1.3), FRAME)
-        masks["eye_" + key] = eye
-    if ident.accessory == 1:                                            # the bridge of the glasses
-        put(f & (np.abs(v - ident.eye_y) < 0.015) & (np.abs(u) < ident.eye_dx - 1.5 * ident.eye_rx), FRAME)
+        put(seen & (rr < 0.25), PUPIL)
+        put(eye & (np.abs(ev - lid) < 0.2), LASH)                       # lash line at the lid edge
+        by = ident.eye_y + ident.eye_ry + BROW_GAP + BROW_RAISE * m["brow"]
+        brow = f & (np.abs(v - by - 0.03 * (1 - eu * eu)) < BROW_H) & (np.abs(eu) < 1.15)
+        put(brow, BROW)
+        masks["eye_" + key], masks["brow_" + key] = eye, brow
     # ---- Lambert shading; the ellipsoid normal is grad sum (Q_i / s_i)^2 ~ (u / a, v / b, w / c)
     Ll = (Rm.T @ LIGHT).tolist()                                        # light direction in head space
     un, vn, wn = u[head] * (1 / a), v[head] * (1 / b), w[head] * (1 / c)
@@ -497,12 +490,12 @@ def landmarks(ident, motion, size=64):
     """
     m = _motion_dict(motion)
     my, mw, _, _, iry = _mouth_geom(ident, m)
-    brow_v = ident.eye_y + ident.eye_ry + 0.07 + 0.07 * m["brow"] + 0.03  # arch top, as in render
+    brow_v = ident.eye_y + ident.eye_ry + BROW_GAP + BROW_RAISE * m["brow"] + 0.03  # arch top, as in render
     lid = lambda k: ident.eye_y + ident.eye_ry * (1 - 2 * float(np.clip(m["blink_" + k], 0, 1)))
     dx = ident.eye_dx
     uv = np.array([(-dx, ident.eye_y), (dx, ident.eye_y), (-dx, lid("l")), (dx, lid("r")),
                    (-dx, ident.eye_y - ident.eye_ry), (dx, ident.eye_y - ident.eye_ry),
-                   (-dx, brow_v), (dx, brow_v), (0, 0.5 * (ident.eye_y + ident.mouth_y) + 0.02),
+                   (-dx, brow_v), (dx, brow_v), (0, 0.5 * (ident.eye_y + ident.mouth_y) - 0.02),
                    (-mw, my), (mw, my), (0, my + iry), (0, my - iry), (0, -0.92)])
     w = np.sqrt(np.clip(1 - (uv ** 2).sum(1), 0, None))
     Q = np.stack([uv[:, 0], uv[:, 1], w], 1) * np.array(ident.head)    # on the ellipsoid, head space
@@ -542,9 +535,10 @@ def bench_render(sizes=(64, 256), n=20):
 # ===================================================================================================
 # 4. Torch datasets (one sample format for procedural and real clips)
 # ===================================================================================================
-def _sample(frames, audio, identity, extra):
-    """Shared sample format: frames float32 [T, 3, H, W] in [-1, 1] (G's range), audio float32 [640 T],
-    mel float32 [T, 1, 80, 16] (audio.mel_windows of the whole clip), identity int."""
+def clip_sample(frames, audio, identity=0, extra=None):
+    """Shared sample format from uint8 frames [T, H, W, 3] and audio float32 [640 T]: frames float32
+    [T, 3, H, W] in [-1, 1] (G's range), audio, mel float32 [T, 1, 80, 16] (audio.mel_windows of the
+    whole clip), identity int, plus the entries of `extra`."""
     import audio as audio_mod  # lazy: audio.py pulls in its networks; only samples need the mel
     T = len(frames)
     if len(audio) != T * SPF:
@@ -553,7 +547,7 @@ def _sample(frames, audio, identity, extra):
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
     out = dict(frames=x, audio=torch.from_numpy(np.asarray(audio, dtype=np.float32)),
                mel=torch.from_numpy(np.asarray(mel, dtype=np.float32)), identity=int(identity))
-    out.update(extra)
+    out.update(extra or {})
     return out
 
 
@@ -621,7 +615,7 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
                 with open(tmp, "wb") as fh:
                     np.savez(fh, frames=frames, motion=motion, audio=audio)
                 os.replace(tmp, cached)
-        return _sample(frames, audio, self._check(i) // self.clips_per_identity,
+        return clip_sample(frames, audio, self._check(i) // self.clips_per_identity,
                        dict(identity_seed=ident.seed, motion_seed=ms, motion=torch.from_numpy(motion)))
 
 
@@ -1047,7 +1041,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         K = min(len(frames), len(audio) // SPF)   # H.264 keeps all frames; guard anyway
         T = self.n_frames or K
         s = int(np.random.randint(0, K - T + 1)) if self.random_window else 0
-        return _sample(frames[s:s + T], audio[s * SPF:(s + T) * SPF],
+        return clip_sample(frames[s:s + T], audio[s * SPF:(s + T) * SPF],
                        self.identities.index(rec["identity"]), dict(path=str(stem), start=s))
 
 

@@ -375,7 +375,7 @@ class Timer:
 
 
 def to_tensor(frames, device):
-    """uint8 [n, H, W, 3] -> float [n, 3, H, W] in [-1, 1] (the range of G and of data._sample)."""
+    """uint8 [n, H, W, 3] -> float [n, 3, H, W] in [-1, 1] (the range of G and of data.clip_sample)."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 

@@ -186,7 +186,7 @@ class FramePool(torch.utils.data.Dataset):
     fixed pool rendered once: rendering is the CPU bottleneck of the tiny preset. Real data: the middle
     frame of clip j.
     feature_weight > 0 (procedural data only): items also carry a per-pixel weight [1, H, W] for the
-    reconstruction loss, 1 + feature_weight on the eyes and mouth (the renderer's masks grown by one
+    reconstruction loss, 1 + feature_weight on the eyes, brows and mouth (the renderer's masks grown by one
     pixel), 1 elsewhere: at 64 px those features are a few pixels, and an unweighted L1 erases them."""
 
     def __init__(self, clips, pool=0, seed=0, feature_weight=0.0):
@@ -209,7 +209,8 @@ class FramePool(torch.utils.data.Dataset):
         img, masks = out if self.feature_weight else (out, None)
         item = {"image": torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1}  # [3, H, W] in [-1, 1]
         if masks is not None:
-            feat = torch.from_numpy(masks["eye_l"] | masks["eye_r"] | masks["mouth"]).float()[None, None]
+            feat = masks["eye_l"] | masks["eye_r"] | masks["brow_l"] | masks["brow_r"] | masks["mouth"]
+            feat = torch.from_numpy(feat).float()[None, None]
             feat = F.max_pool2d(feat, 3, stride=1, padding=1)[0]                 # grown by one pixel
             item["weight"] = 1 + self.feature_weight * feat                      # [1, H, W]
         return item

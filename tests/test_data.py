@@ -69,9 +69,9 @@ def test_blink_touches_only_its_own_eye_and_closes_it(seed):
             half_h = ident.eye_ry * ident.head[1] * SIZE / 2 + 1.5
             assert np.all(np.abs(cols + 0.5 - ex) <= half_w), "blink changed pixels outside the eye"
             assert np.all(np.abs(rows + 0.5 - ey) <= half_h), "blink changed pixels outside the eye"
-            if not pose:  # frontal: the eye is on its own half of the image, above the head centre
+            if not pose:  # frontal: the eye is on its own half of the image, above the nose
                 assert np.all(np.sign(cols + 0.5 - SIZE / 2) == sign)
-                assert rows.max() < SIZE / 2 - data.HEAD_Y * SIZE / 2
+                assert rows.max() < xy[data.LANDMARK_NAMES.index("nose"), 1]
     # closed eye: no white sclera pixels left in the box of either eye
     shut = data.render(ident, {"blink_l": 1, "blink_r": 1}, SIZE, ss=4)
     open_ = data.render(ident, {}, SIZE, ss=4)

@@ -714,3 +714,68 @@ def test_flicker_separates_window_borders_hand_values():
     assert ev.flicker(ramp, None)["ratio"] is None and ev.flicker(ramp[:1], 3)["border"] is None
     f = ev.flicker(ramp[:3], 5)                    # one window: no border pair at all
     assert f["border"] is None and f["inside"] == pytest.approx(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# attribute transfer (issue 18)
+# ---------------------------------------------------------------------------------------------------
+def test_transfer_correlation_against_numpy_and_hand_cases():
+    """Oracle: np.corrcoef of the pooled, per-pixel-centred luminance on the moving pixels, computed
+    here from the definition; plus the cases the score exists for: a copy scores 0, the reference 1,
+    its photographic negative -1, and a brighter copy of the motion still 1 (correlation, not error)."""
+    g = torch.Generator().manual_seed(0)
+    T, H, W = 8, 6, 5
+    ref = torch.full((T, 3, H, W), 100.0)
+    ref[:, :, :3, :2] += torch.rand(T, 1, 3, 2, generator=g) * 80        # 6 moving pixels, same in RGB
+    gen = ref + torch.randn(T, 3, H, W, generator=g) * 20
+    corr, n = ev.transfer_correlation(gen, ref)
+    assert n == 6
+    luma = lambda x: (x.double() * torch.tensor(ev.LUMA, dtype=torch.float64).view(1, 3, 1, 1)).sum(1).numpy()
+    gl, rl = luma(gen)[:, :3, :2], luma(ref)[:, :3, :2]
+    gc, rc = (gl - gl.mean(0)).ravel(), (rl - rl.mean(0)).ravel()       # per-pixel centring, then pooled
+    assert corr == pytest.approx(float(np.corrcoef(np.r_[gc, -gc], np.r_[rc, -rc])[0, 1]), abs=1e-12)
+    assert ev.transfer_correlation(ref, ref)[0] == pytest.approx(1, abs=1e-12)
+    assert ev.transfer_correlation(255 - ref, ref)[0] == pytest.approx(-1, abs=1e-12)
+    assert ev.transfer_correlation(1.5 * ref, ref)[0] == pytest.approx(1, abs=1e-12)
+    assert ev.transfer_correlation(ref[:1].expand(T, -1, -1, -1), ref)[0] == 0   # a still image
+    assert ev.transfer_correlation(ref, torch.full_like(ref, 7.0)) == (None, 0)   # nothing moves
+
+
+@pytest.mark.parametrize("attr", ev.ATTR_TESTS)
+def test_attribute_motion_moves_one_attribute(attr):
+    K = {k: i for i, k in enumerate(data.MOTION_KEYS)}
+    own = {"yaw": ["yaw"], "pitch": ["pitch"], "blink": ["blink_l", "blink_r"], "gaze": ["gaze_x", "gaze_y"],
+           "brow": ["brow"], "lips": ["mouth_open", "mouth_width"]}[attr]
+    drive, full, audio = ev.attribute_motion(attr, 3, 32)
+    assert drive.shape == full.shape == (32, 12) and audio.shape == (32 * data.SPF,)
+    others = [i for k, i in K.items() if k not in own]
+    assert not np.any(full[:, others]) and not np.any(drive[:, others])  # everything else neutral (0)
+    assert all(np.ptp(full[:, K[k]]) > 0.25 for k in own[:1])            # the attribute really moves
+    if attr == "lips":  # the driving frames keep the mouth shut; the audio and the ground truth speak
+        assert not np.any(drive) and np.abs(audio).max() > 0.1
+        assert np.corrcoef(full[:, K["mouth_open"]], np.abs(audio).reshape(32, -1).mean(1))[0, 1] > 0.5
+    else:
+        np.testing.assert_array_equal(drive, full)
+        assert not np.any(audio)                                         # silent
+    np.testing.assert_array_equal(ev.attribute_motion(attr, 3, 32)[1], full)   # deterministic
+    assert not np.array_equal(ev.attribute_motion(attr, 4, 32)[1], full)       # seed-dependent
+    with pytest.raises(ValueError, match="attribute"):
+        ev.attribute_motion("smile", 0)
+
+
+def test_attribute_table_rows_and_cli(tmp_path, capsys, probe_ckpt):
+    """Copy-source is exactly 0 on every attribute; the driver's own codes of an untrained model are
+    rendered through the model, so their rows are finite; the CLI prints and saves the table."""
+    rc, out, err = _run(["--checkpoint", "untrained", "--protocol", "attributes", "--n_clips", 1,
+                         "--clip_frames", 12, "--attr_split", "tune", "--out", tmp_path, "--probe", probe_ckpt[0]],
+                        capsys)
+    assert rc == 0, err
+    assert "blink corr" in out and "copy source" in out and "driver's own codes" in out
+    res = _results(tmp_path)["attributes"]
+    assert set(res) == {"model", "copy_source", "encoder_recon"} and set(res["model"]) == set(ev.ATTR_TESTS)
+    assert all(res["copy_source"][a]["corr"] == 0 for a in ev.ATTR_TESTS)
+    for row in res.values():
+        for a in ev.ATTR_TESTS:
+            assert -1 <= row[a]["corr"] <= 1 and math.isfinite(row[a]["psnr"]) and math.isfinite(row[a]["err"])
+    rc, _, err = _run(["--protocol", "attributes", "--baseline", "copy_source", "--out", tmp_path / "b"], capsys)
+    assert rc == 2 and err.startswith("error:")
