@@ -430,7 +430,9 @@ class FCTFG(nn.Module):
         if ck.get("stage") != "fctfg" or "fctfg" not in ck:
             raise ValueError(f"{path}: not an FC-TFG checkpoint (stage {ck.get('stage')!r})")
         cfg = ck["cfg"]
-        model = cls(cfg["model"], temporal=cfg["temporal"], window=cfg["window"] or None)
+        # checkpoints from before the --canonical flag used the residual E_can
+        model = cls(cfg["model"], temporal=cfg["temporal"], window=cfg["window"] or None,
+                    canonical_skip=cfg.get("canonical", "residual") == "residual")
         try:
             model.load_state_dict(ck["fctfg"])
         except RuntimeError as e:

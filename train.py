@@ -71,6 +71,7 @@ PRESETS = {
         latent_weight=0.0,        # fctfg stage: weight of losses.latent_reconstruction_loss (not in Eq. 9)
         source_from="identity",   # fctfg stage: x_s from the same clip | any clip of the person (ClipWindows)
         motion_init="default",    # fctfg stage: E_m's last layer zero | default (fusion.MotionEncoder)
+        canonical="plain",        # fctfg stage: E_can a plain 2-layer MLP (Sec. 3.1) | residual (identity at init)
     ),
     "paper": dict(
         model="paper", size=256, batch=4, accum=1, max_steps=800_000, seed=0,
@@ -85,7 +86,7 @@ PRESETS = {
         expert_loss="bce",        # Wav2Lip's expert loss
         gan_every=1, latent_weight=0.0, feature_weight=0.0, lr_rampdown=0,
         source_from="clip",       # a prepared clip is one video: x_s from anywhere in it
-        motion_init="default",
+        motion_init="default", canonical="plain",
     ),
 }
 STAGES = ("stylegan2", "syncnet", "inversion", "fctfg")
@@ -738,8 +739,11 @@ class FCTFGStage:
             raise SystemExit(f"error: --ortho_center must be 'mean' or 'none', got {cfg['ortho_center']!r}")
         if cfg["motion_init"] not in ("zero", "default"):
             raise SystemExit(f"error: --motion_init must be 'zero' or 'default', got {cfg['motion_init']!r}")
+        if cfg["canonical"] not in ("plain", "residual"):
+            raise SystemExit(f"error: --canonical must be 'plain' or 'residual', got {cfg['canonical']!r}")
         self.fctfg = fusion.FCTFG(cfg["model"], temporal=cfg["temporal"], window=cfg["window"],
-                                  motion_zero_init=cfg["motion_init"] == "zero").to(device)
+                                  motion_zero_init=cfg["motion_init"] == "zero",
+                                  canonical_skip=cfg["canonical"] == "residual").to(device)
         m = self.fctfg
         p = stylegan2.PRESETS[cfg["model"]]
         if cfg["disc"] == "video":
