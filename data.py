@@ -621,6 +621,15 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
                        dict(identity_seed=ident.seed, motion_seed=ms, motion=torch.from_numpy(motion)))
 
 
+def mouth_swapped(motion, donor):
+    """motion [T, 12] with mouth_open / mouth_width taken from `donor` [T, 12] (the FC-TFG stage's
+    driving frames under --drive_mouth swap: their mouth says nothing about the audio)."""
+    out = np.array(motion, dtype=np.float32, copy=True)
+    cols = [MOTION_KEYS.index("mouth_open"), MOTION_KEYS.index("mouth_width")]
+    out[:, cols] = np.asarray(donor, dtype=np.float32)[:, cols]
+    return out
+
+
 def split_reference(sample):
     """PC-AVS protocol (Sec. 4.2.3): the first frame is the identity reference x_s; all frames drive
     (pose/expression x_d) and are the ground truth; the clip's own audio drives the lips (x_a = mel)."""

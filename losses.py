@@ -35,7 +35,7 @@ ORTHO_MODES = ("hadamard_abs", "signed", "squared", "cosine", None)  # None = Ta
 # Eq. (3): orthogonality between the canonical code and the motion code
 # ====================================================================================================
 
-def orthogonality_loss(z_sc, z_cd, mode="hadamard_abs", layers=None, center=None):
+def orthogonality_loss(z_sc, z_cd, mode="hadamard_abs", layers=None):
     """Eq. (3), Sec. 3.3.1. z_sc, z_cd [..., L, C] (e.g. [B, T, L, C]) -> scalar.
 
     The printed formula is L = (1/N) Σ_c z_sc[c] * z_cd[c], N = C channels. Taken literally ("signed")
@@ -55,24 +55,16 @@ def orthogonality_loss(z_sc, z_cd, mode="hadamard_abs", layers=None, center=None
     frames) and over the w indices in `layers` (None = all L). Pass fusion's `layers`: untouched layers
     have z_cd = 0 and would only dilute the mean by n/L.
 
-    center ([L, C] or None; the paper is silent, so None = the literal reading): a reference code
-    subtracted from z_sc first, so the product asks whether a channel is *used* by both codes, i.e.
-    whether the canonical code departs from the average face there. W codes are not centred: in our
-    tiny encoder the mean code over frames is larger than its spread (|mean| 2.8 vs std 1.5 per
-    channel), so on raw codes |z_sc ⊙ z_cd| ~ |mean| |z_cd| is mostly a plain L1 pull of the motion
-    code towards 0 in every channel, the "motion collapse" of RESULTS.md. train.py passes a running
-    mean of z_s (--ortho_center mean).
+    Raw codes, as printed: W codes are not centred (in our tiny encoder the mean code is larger than
+    its spread), so with an E_can that stays near the identity map |z_sc ⊙ z_cd| ~ |mean| |z_cd| is
+    mostly an L1 pull of the motion code towards 0; the paper's plain-MLP E_can (fusion.py) is free to
+    leave channels at 0 instead (RESULTS.md, Table 4).
     """
     if mode not in ORTHO_MODES:
         raise ValueError(f"orthogonality_loss: mode must be one of {ORTHO_MODES}, got {mode!r}")
     if z_sc.shape != z_cd.shape or z_sc.ndim < 2:
         raise ValueError(f"orthogonality_loss: z_sc and z_cd must have the same [..., L, C] shape, got "
                          f"{tuple(z_sc.shape)} and {tuple(z_cd.shape)}")
-    if center is not None:
-        if center.shape != z_sc.shape[-2:]:
-            raise ValueError(f"orthogonality_loss: center must be [L, C] = {tuple(z_sc.shape[-2:])}, "
-                             f"got {tuple(center.shape)}")
-        z_sc = z_sc - center
     if layers is not None:
         idx = torch.as_tensor(list(layers), device=z_sc.device, dtype=torch.long)
         z_sc, z_cd = z_sc.index_select(-2, idx), z_cd.index_select(-2, idx)

@@ -59,7 +59,6 @@ PRESETS = {
         disc="image",             # FC-TFG discriminator: image | video   (Table 3)
         ortho="hadamard_abs",     # Eq. (3) mode: hadamard_abs | signed | squared | cosine | none (Table 4)
         ortho_weight=1.0,         # λ_ortho of Eq. (9) (the paper's 1; losses.LAMBDA)
-        ortho_center="none",      # Eq. (3) on z_s->c minus the running mean of z_s ("none": raw codes)
         hyper_steps=1,            # HyperStyle refinement steps (inversion stage training, FC-TFG source)
         hyper_from=0.5,           # inversion stage: fraction of steps for pSp before HyperStyle trains
         mbstd_group=4,            # minibatch-stddev group of D (must divide the frames D sees)
@@ -72,6 +71,7 @@ PRESETS = {
         source_from="identity",   # fctfg stage: x_s from the same clip | any clip of the person (ClipWindows)
         motion_init="default",    # fctfg stage: E_m's last layer zero | default (fusion.MotionEncoder)
         canonical="plain",        # fctfg stage: E_can a plain 2-layer MLP (Sec. 3.1) | residual (identity at init)
+        drive_mouth="swap",       # fctfg stage: driving frames keep their own mouth | get another clip's (ClipWindows)
     ),
     "paper": dict(
         model="paper", size=256, batch=4, accum=1, max_steps=800_000, seed=0,
@@ -80,13 +80,13 @@ PRESETS = {
         ema_kimg=10.0,
         n_identities=5994, clips_per_identity=10, clip_frames=32, window=5,
         frame_pool=0, log_every=100, sample_every=5000, ckpt_every=5000, workers=4, amp="bf16",
-        temporal="conv", disc="image", ortho="hadamard_abs", ortho_center="none", ortho_weight=1.0,
+        temporal="conv", disc="image", ortho="hadamard_abs", ortho_weight=1.0,
         hyper_steps=3, hyper_from=0.5, mbstd_group=4,
         recon_weight=0.0,         # the paper's StyleGAN2 is a plain GAN (see StyleGAN2Stage)
         expert_loss="bce",        # Wav2Lip's expert loss
         gan_every=1, latent_weight=0.0, feature_weight=0.0, lr_rampdown=0,
         source_from="clip",       # a prepared clip is one video: x_s from anywhere in it
-        motion_init="default", canonical="plain",
+        motion_init="default", canonical="plain", drive_mouth="own",
     ),
 }
 STAGES = ("stylegan2", "syncnet", "inversion", "fctfg")
@@ -491,8 +491,16 @@ class ClipWindows(torch.utils.data.Dataset):
     the same pairing) carry the audio of a different window of the same clip: the negatives of the
     lip-sync expert. Rendered clips are kept in memory as uint8 (`cache` clips at most)."""
 
-    def __init__(self, clips, window, seed=0, off_sync=False, source=False, cache=4096, source_from="clip"):
+    def __init__(self, clips, window, seed=0, off_sync=False, source=False, cache=4096, source_from="clip",
+                 drive_mouth="own"):
         self.clips, self.window, self.seed, self.off_sync, self.source = clips, window, seed, off_sync, source
+        if drive_mouth not in ("own", "swap"):
+            raise ValueError(f"drive_mouth must be 'own' or 'swap', got {drive_mouth!r}")
+        import data
+        if drive_mouth == "swap" and not isinstance(clips, data.SyntheticTalkingFaces):
+            raise ValueError("--drive_mouth swap re-renders the driving frames: procedural data only "
+                             "(use --drive_mouth own with --data PATH)")
+        self.drive_mouth = drive_mouth
         if source_from not in ("clip", "identity"):
             raise ValueError(f"source_from must be 'clip' or 'identity', got {source_from!r}")
         # "identity": x_s from any clip of the same person (needs clips grouped by person, as
@@ -512,6 +520,19 @@ class ClipWindows(torch.utils.data.Dataset):
             s = self.clips[c]
             frames = ((s["frames"] + 1) * 127.5).round().to(torch.uint8)  # exact: frames are uint8-rendered
             item = {"frames": frames, "mel": s["mel"], "identity": s["identity"]}
+            if self.drive_mouth == "swap":
+                # Tiny-scale deviation (RESULTS.md): the driving frames E_m sees get the mouth of another
+                # clip (seeded per clip), the targets keep their own. In self-reenactment the driving
+                # frame's mouth always agrees with the audio and is far easier to read than the mel, so
+                # E_m would take the lips from the video and ignore x_a; with unrelated mouths in x_d the
+                # lips can only come from the audio, as Fig. 1 asks (lips from the audio source).
+                import data
+                g = np.random.default_rng((self.seed, 7, c))
+                donor = (c + 1 + int(g.integers(len(self.clips) - 1))) % len(self.clips) if len(self.clips) > 1 else c
+                donor_motion, _ = data.make_motion(self.clips.motion_seed(donor), self.clips.n_frames)
+                motion = data.mouth_swapped(s["motion"].numpy(), donor_motion)
+                drive = data.render_clip(self.clips.identity(c), motion, self.clips.size, self.clips.ss)
+                item["drive"] = torch.from_numpy(drive).permute(0, 3, 1, 2).contiguous()
             if len(self._cache) < self._cache_size:
                 self._cache[c] = item
             return item
@@ -522,6 +543,7 @@ class ClipWindows(torch.utils.data.Dataset):
         s = self.clip(c)
         W = self.window
         out = {"frames": s["frames"][t:t + W].float() / 127.5 - 1,   # [W, 3, H, W] in [-1, 1]
+               "drive": s.get("drive", s["frames"])[t:t + W].float() / 127.5 - 1,  # what E_m sees
                "mel": s["mel"][t:t + W],                              # [W, 1, 80, 16]: window per frame
                "identity": torch.tensor(s["identity"])}
         g = np.random.default_rng((self.seed, j))
@@ -725,9 +747,8 @@ class FCTFGStage:
     Terms whose pre-trained network is not given (--syncnet, --arcface, --vgg) are left out and said
     so at start-up: a random ArcFace/VGG would only add noise."""
     models = ("fctfg", "d")
-    extra_state = ("z_mean",)
+    extra_state = ()
     grid_nrow = 4  # sample grid: one row per kind (see samples)
-    z_mean_beta = 0.99  # running mean of the source codes z_s for --ortho_center mean (~100-step memory)
 
     def __init__(self, cfg, device, args):
         import fusion
@@ -735,8 +756,6 @@ class FCTFGStage:
         self.cfg, self.losses = cfg, losses
         if cfg["ortho"] not in ("hadamard_abs", "signed", "squared", "cosine", "none"):
             raise SystemExit(f"error: --ortho {cfg['ortho']!r} is not a mode of losses.orthogonality_loss")
-        if cfg["ortho_center"] not in ("mean", "none"):
-            raise SystemExit(f"error: --ortho_center must be 'mean' or 'none', got {cfg['ortho_center']!r}")
         if cfg["motion_init"] not in ("zero", "default"):
             raise SystemExit(f"error: --motion_init must be 'zero' or 'default', got {cfg['motion_init']!r}")
         if cfg["canonical"] not in ("plain", "residual"):
@@ -784,13 +803,16 @@ class FCTFGStage:
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg["lr_fctfg"])
         self.optimizers = {"opt_g": self.opt_g, "opt_d": self.opt_d}
         self.note = f"loss terms off (no pre-trained weights given): {self.off}" if self.off else ""
-        # Eq. (3)'s reference code (losses.orthogonality_loss, `center`): NaN until the first batch
-        self.z_mean = torch.full((m.fusion.L, m.fusion.C), float("nan"), device=device)
 
     def dataset(self, clips):
         self.frames_per_sample = self.cfg["window"]
         return ClipWindows(clips, self.cfg["window"], self.cfg["seed"], source=True,
-                           source_from=self.cfg["source_from"])
+                           source_from=self.cfg["source_from"], drive_mouth=self.cfg["drive_mouth"])
+
+    @torch.no_grad()
+    def _codes(self, x):
+        """E_inv of frames [B, T, 3, H, W] -> [B, T, L, C] (the latent target of swapped-mouth windows)."""
+        return self.fctfg.E_inv(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
     def _d(self, x):  # image D sees every frame; video D sees the T frames stacked on channels
         return self.d(x) if self.cfg["disc"] == "video" else self.d(x.flatten(0, 1))
@@ -807,7 +829,7 @@ class FCTFGStage:
         logs = {}
         for mb in micro:
             with autocast():
-                out = m(mb["source"], mb["frames"], mb["mel"], hyper_steps=cfg["hyper_steps"])
+                out = m(mb["source"], mb["drive"], mb["mel"], hyper_steps=cfg["hyper_steps"])
                 loss_d = L.gan_loss_d(self._d(mb["frames"]), self._d(out["x_g"].detach()))
             if cfg["r1_every"] and k % cfg["r1_every"] == 0:
                 real = mb["frames"].detach().requires_grad_(True)
@@ -820,16 +842,6 @@ class FCTFGStage:
         self.opt_d.step()
         logs["loss_d"] = loss_d
 
-        center = None
-        if cfg["ortho_center"] == "mean":  # running mean of z_s over all ranks' sources (a constant here)
-            with torch.no_grad():
-                zm = torch.stack([o["z_s"].detach().float().mean(0) for o in outs]).mean(0)
-                if world > 1:
-                    dist.all_reduce(zm)
-                    zm /= world
-                b = self.z_mean_beta if torch.isfinite(self.z_mean).all() else 0.0
-                self.z_mean = b * self.z_mean.nan_to_num() + (1 - b) * zm
-            center = self.z_mean
 
         # --- G step: Eq. (9) ---
         D.requires_grad_(False)
@@ -839,8 +851,7 @@ class FCTFGStage:
             with autocast():
                 terms = {
                     "ortho": None if cfg["ortho"] == "none" else
-                    L.orthogonality_loss(out["z_sc"], out["z_cd"], cfg["ortho"], layers=m.fusion.layers,
-                                         center=center),
+                    L.orthogonality_loss(out["z_sc"], out["z_cd"], cfg["ortho"], layers=m.fusion.layers),
                     "sync": L.sync_loss(self.syncnet, x_g, mb["mel"], size=self.syncnet.face_hw[1])
                     if self.syncnet is not None and x_g.shape[1] % self.syncnet.n_frames == 0 else None,
                     "id": L.identity_loss(self.e_id, x_g, x_d) if self.e_id is not None else None,
@@ -850,7 +861,10 @@ class FCTFGStage:
                 }
                 total, parts = L.total_loss(terms, {"ortho": cfg["ortho_weight"]})
                 if cfg["latent_weight"] > 0:  # tiny-scale aid, not in Eq. (9): losses.latent_reconstruction_loss
-                    lat = L.latent_reconstruction_loss(out["z_sd"], out["z_d"].detach(), m.fusion.layers)
+                    # the target is the code of the TARGET frames (not of the driving input, whose mouth
+                    # may come from another clip: --drive_mouth swap)
+                    z_t = out["z_d"] if cfg["drive_mouth"] == "own" else self._codes(mb["frames"])
+                    lat = L.latent_reconstruction_loss(out["z_sd"], z_t.detach(), m.fusion.layers)
                     total = total + cfg["latent_weight"] * lat
                     parts["latent"] = float(lat.detach())
             (total / len(micro)).backward()
