@@ -54,6 +54,7 @@ TEST_IDS = range(1_000_000, 1_100_000)     # disjoint identity seeds of the test
 _MOTION_BASE = {"train": 0, "test": 1 << 40}  # motion seeds are disjoint as well
 _TAG_IDENTITY, _TAG_MOTION, _TAG_SPEECH = 101, 202, 303  # separate RNG streams per purpose
 BLINK_RATE = 1.0              # blinks per second in make_motion
+_TAG_ATTRIBUTE = 404          # RNG stream of the scripted attribute clips
 
 
 # ===================================================================================================
@@ -289,6 +290,68 @@ def make_motion(seed, n_frames):
     track = speech_track(seed, T)
     m[:, col["mouth_open"]], m[:, col["mouth_width"]] = mouth_from_track(track, T)
     return m.astype(np.float32), synth_audio(track, T, seed)
+
+
+# Scripted clips that move ONE attribute each (evaluate.py's attribute-transfer table, infer.py's demo)
+ATTRIBUTE_CLIPS = ("yaw", "pitch", "blink", "gaze", "brow", "lips")
+
+
+def attribute_motion(attr, seed, T=32):
+    """One attribute clip. -> (drive [T, 12], full [T, 12], audio float32 [640 T]): `drive` is what the
+    driving frames show, `full` what the ground truth shows; they differ only for "lips", whose
+    driving frames keep a closed mouth while the audio (and the ground truth) speak. Everything else
+    stays at the neutral 0 of MOTION_KEYS; amplitudes match make_motion's ranges. Used by evaluate.py's
+    attribute-transfer table and by demo_motion (infer.py's default clip)."""
+    if attr not in ATTRIBUTE_CLIPS:
+        raise ValueError(f"attribute must be one of {ATTRIBUTE_CLIPS}, got {attr!r}")
+    r = np.random.default_rng((_TAG_ATTRIBUTE, ATTRIBUTE_CLIPS.index(attr), int(seed)))
+    col = {k: i for i, k in enumerate(MOTION_KEYS)}
+    t = np.arange(T) / T
+    full = np.zeros((T, len(MOTION_KEYS)))
+    audio = np.zeros(T * SPF, np.float32)                               # silence
+    phase = r.uniform(0, 2 * np.pi)
+    if attr in ("yaw", "pitch"):                                        # head turns / nods back and forth
+        full[:, col[attr]] = (0.3 if attr == "yaw" else 0.15) * np.sin(2 * np.pi * 1.5 * t + phase)
+    elif attr == "blink":                                               # 3 blinks of both eyes (fewer
+        starts = np.arange(1, max(T - 6, 2), 7)[:4]                     # in a short clip)
+        for start in r.choice(starts, min(3, len(starts)), replace=False):
+            L = 6
+            prof = np.sin(np.pi * (np.arange(L) + 0.5) / L) ** 0.7
+            full[start:start + L, col["blink_l"]] = full[start:start + L, col["blink_r"]] = prof
+    elif attr == "gaze":                                                # saccades between fixations
+        k = 0
+        while k < T:
+            full[k:, col["gaze_x"]], full[k:, col["gaze_y"]] = r.uniform(-0.9, 0.9), r.uniform(-0.7, 0.7)
+            k += int(r.integers(6, 11))
+    elif attr == "brow":                                                # a full raise and back
+        full[:, col["brow"]] = 0.5 - 0.5 * np.cos(2 * np.pi * t * r.choice([1.0, 1.5]) + r.uniform(-0.3, 0.3))
+    else:                                                               # lips: speech from the audio only
+        track = speech_track(int(seed), T)
+        full[:, col["mouth_open"]], full[:, col["mouth_width"]] = mouth_from_track(track, T)
+        audio = synth_audio(track, T, int(seed))
+    drive = full.copy()
+    if attr == "lips":
+        drive[:, [col["mouth_open"], col["mouth_width"]]] = 0.0
+    return drive.astype(np.float32), full.astype(np.float32), audio
+
+
+def demo_motion(n_frames, seed=0):
+    """infer.py's default driving clip: every controllable attribute in turn (head turn, nod, blinks,
+    gaze, brow raise; one attribute_motion clip each, n_frames / 5 frames long), while one speech track
+    drives the mouth and the audio the whole time.  -> (motion float32 [T, 12], audio float32 [640 T])."""
+    T = int(n_frames)
+    if T < 10:
+        raise ValueError(f"demo_motion needs at least 10 frames, got {T}")
+    bounds = np.linspace(0, T, 6).round().astype(int)
+    motion = np.zeros((T, len(MOTION_KEYS)), np.float32)
+    for k, attr in enumerate(ATTRIBUTE_CLIPS[:5]):
+        seg = slice(bounds[k], bounds[k + 1])
+        _, full, _ = attribute_motion(attr, seed, seg.stop - seg.start)
+        motion[seg] = full
+    track = speech_track(int(seed), T)
+    cols = [MOTION_KEYS.index("mouth_open"), MOTION_KEYS.index("mouth_width")]
+    motion[:, cols[0]], motion[:, cols[1]] = mouth_from_track(track, T)
+    return motion, synth_audio(track, T, int(seed))
 
 
 # ===================================================================================================

@@ -45,6 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+
 # =================================================================================================
 # SSIM / MS-SSIM / PSNR (Sec. 4.2.1, refs [56], [57])
 # =================================================================================================
@@ -1022,51 +1024,12 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
 # with the same motion. Score: the temporal correlation between generated and ground-truth luminance,
 # pooled over the pixels the attribute moves in the ground truth (each pixel's temporal mean removed
 # first): 1 = the attribute is reproduced, 0 = a still image (copy-source), < 0 = moves the wrong way.
-ATTR_TESTS = ("yaw", "pitch", "blink", "gaze", "brow", "lips")
+ATTR_TESTS = data.ATTRIBUTE_CLIPS   # the scripted one-attribute clips (data.attribute_motion)
 ATTR_PROBE = dict(yaw="yaw", pitch="pitch", blink="blink", gaze="gaze", brow="brow", lips="mouth_open")
 ATTR_SPLITS = {"tune": 0, "report": 50_000}  # offsets into data.TEST_IDS and the attribute motion seeds:
                                              # settings are chosen on "tune", RESULTS.md reports "report"
 ATTR_MOVE_THR = 4.0   # grey levels: a pixel moves when its ground-truth luminance std over the clip
                       # exceeds this (uint8 rounding alone gives ~0.3)
-
-
-def attribute_motion(attr, seed, T=32):
-    """One attribute clip. -> (drive [T, 12], full [T, 12], audio float32 [640 T]): `drive` is what the
-    driving frames show, `full` what the ground truth shows; they differ only for "lips", whose
-    driving frames keep a closed mouth while the audio (and the ground truth) speak. Everything else
-    stays at the neutral 0 of data.MOTION_KEYS; amplitudes match data.make_motion's ranges."""
-    import data
-    if attr not in ATTR_TESTS:
-        raise ValueError(f"attribute must be one of {ATTR_TESTS}, got {attr!r}")
-    r = np.random.default_rng((404, ATTR_TESTS.index(attr), int(seed)))
-    col = {k: i for i, k in enumerate(data.MOTION_KEYS)}
-    t = np.arange(T) / T
-    full = np.zeros((T, len(data.MOTION_KEYS)))
-    audio = np.zeros(T * data.SPF, np.float32)                          # silence
-    phase = r.uniform(0, 2 * np.pi)
-    if attr in ("yaw", "pitch"):                                        # head turns / nods back and forth
-        full[:, col[attr]] = (0.3 if attr == "yaw" else 0.15) * np.sin(2 * np.pi * 1.5 * t + phase)
-    elif attr == "blink":                                               # 3 blinks of both eyes (fewer
-        starts = np.arange(1, max(T - 6, 2), 7)[:4]                     # in a short clip)
-        for start in r.choice(starts, min(3, len(starts)), replace=False):
-            L = 6
-            prof = np.sin(np.pi * (np.arange(L) + 0.5) / L) ** 0.7
-            full[start:start + L, col["blink_l"]] = full[start:start + L, col["blink_r"]] = prof
-    elif attr == "gaze":                                                # saccades between fixations
-        k = 0
-        while k < T:
-            full[k:, col["gaze_x"]], full[k:, col["gaze_y"]] = r.uniform(-0.9, 0.9), r.uniform(-0.7, 0.7)
-            k += int(r.integers(6, 11))
-    elif attr == "brow":                                                # a full raise and back
-        full[:, col["brow"]] = 0.5 - 0.5 * np.cos(2 * np.pi * t * r.choice([1.0, 1.5]) + r.uniform(-0.3, 0.3))
-    else:                                                               # lips: speech from the audio only
-        track = data.speech_track(int(seed), T)
-        full[:, col["mouth_open"]], full[:, col["mouth_width"]] = data.mouth_from_track(track, T)
-        audio = data.synth_audio(track, T, int(seed))
-    drive = full.copy()
-    if attr == "lips":
-        drive[:, [col["mouth_open"], col["mouth_width"]]] = 0.0
-    return drive.astype(np.float32), full.astype(np.float32), audio
 
 
 def _luma(x255):
@@ -1119,7 +1082,7 @@ def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hype
         x_s = data.clip_sample(data.render(A, neutral, size)[None], np.zeros(data.SPF, np.float32))["frames"][0]
         b_s = data.clip_sample(data.render(B, neutral, size)[None], np.zeros(data.SPF, np.float32))["frames"][0]
         for a in attrs:
-            drive, full, audio = attribute_motion(a, base + k, T)
+            drive, full, audio = data.attribute_motion(a, base + k, T)
             x_d = data.clip_sample(data.render_clip(B, drive, size), audio)
             gt = data.clip_sample(data.render_clip(A, full, size), audio)["frames"]
             b_full = data.clip_sample(data.render_clip(B, full, size), audio)["frames"]

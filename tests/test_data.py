@@ -466,3 +466,38 @@ def test_disk_cache_returns_the_same_sample(tmp_path):
     for key in ("frames", "audio", "mel", "motion"):
         torch.testing.assert_close(first[key], plain[key], rtol=0, atol=0)
         torch.testing.assert_close(second[key], plain[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attr", data.ATTRIBUTE_CLIPS)
+def test_attribute_motion_moves_one_attribute(attr):
+    own = {"yaw": ["yaw"], "pitch": ["pitch"], "blink": ["blink_l", "blink_r"], "gaze": ["gaze_x", "gaze_y"],
+           "brow": ["brow"], "lips": ["mouth_open", "mouth_width"]}[attr]
+    drive, full, audio = data.attribute_motion(attr, 3, 32)
+    assert drive.shape == full.shape == (32, 12) and audio.shape == (32 * data.SPF,)
+    others = [i for k, i in K.items() if k not in own]
+    assert not np.any(full[:, others]) and not np.any(drive[:, others])  # everything else neutral (0)
+    assert all(np.ptp(full[:, K[k]]) > 0.25 for k in own[:1])            # the attribute really moves
+    if attr == "lips":  # the driving frames keep the mouth shut; the audio and the ground truth speak
+        assert not np.any(drive) and np.abs(audio).max() > 0.1
+        assert np.corrcoef(full[:, K["mouth_open"]], np.abs(audio).reshape(32, -1).mean(1))[0, 1] > 0.5
+    else:
+        np.testing.assert_array_equal(drive, full)
+        assert not np.any(audio)                                         # silent
+    np.testing.assert_array_equal(data.attribute_motion(attr, 3, 32)[1], full)   # deterministic
+    assert not np.array_equal(data.attribute_motion(attr, 4, 32)[1], full)       # seed-dependent
+    with pytest.raises(ValueError, match="attribute"):
+        data.attribute_motion("smile", 0)
+
+
+def test_demo_motion_performs_every_attribute_in_turn_while_speaking():
+    motion, audio = data.demo_motion(100, seed=2)
+    assert motion.shape == (100, 12) and audio.shape == (100 * data.SPF,)
+    seg = lambda k: motion[20 * k:20 * (k + 1)]
+    for k, cols in enumerate([["yaw"], ["pitch"], ["blink_l", "blink_r"], ["gaze_x", "gaze_y"], ["brow"]]):
+        own = [K[c] for c in cols]
+        assert np.ptp(seg(k)[:, own[0]]) > 0.25, cols                      # moves in its own segment ...
+        rest = np.delete(np.arange(100), np.arange(20 * k, 20 * (k + 1)))
+        assert not np.any(motion[rest][:, own]), cols                       # ... and nowhere else
+    assert np.ptp(motion[:, K["mouth_open"]]) > 0.3 and np.abs(audio).max() > 0.1   # speech throughout
+    with pytest.raises(ValueError, match="10 frames"):
+        data.demo_motion(5)
