@@ -313,9 +313,9 @@ def attribute_motion(attr, seed, T=32):
     if attr in ("yaw", "pitch"):                                        # head turns / nods back and forth
         full[:, col[attr]] = (0.3 if attr == "yaw" else 0.15) * np.sin(2 * np.pi * 1.5 * t + phase)
     elif attr == "blink":                                               # 3 blinks of both eyes (fewer
-        starts = np.arange(1, max(T - 6, 2), 7)[:4]                     # in a short clip)
+        L = min(6, T)                                                   # in a short clip)
+        starts = np.arange(T - L + 1)[1::7][:4] if T > L else np.zeros(1, int)
         for start in r.choice(starts, min(3, len(starts)), replace=False):
-            L = 6
             prof = np.sin(np.pi * (np.arange(L) + 0.5) / L) ** 0.7
             full[start:start + L, col["blink_l"]] = full[start:start + L, col["blink_r"]] = prof
     elif attr == "gaze":                                                # saccades between fixations

@@ -425,7 +425,8 @@ class FCTFG(nn.Module):
 
     @classmethod
     def load(cls, path, device="cpu"):
-        """Rebuild from a train.py fctfg checkpoint ({'stage': 'fctfg', 'cfg': ..., 'fctfg': state})."""
+        """Rebuild from a train.py fctfg checkpoint ({'stage': 'fctfg', 'cfg': ..., 'fctfg': state}).
+        -> (model in eval mode, cfg with the checkpoint's 'run' dict of non-preset flags, e.g. 'data')."""
         ck = stylegan2.load_checkpoint(path)
         if ck.get("stage") != "fctfg" or "fctfg" not in ck:
             raise ValueError(f"{path}: not an FC-TFG checkpoint (stage {ck.get('stage')!r})")
@@ -437,4 +438,4 @@ class FCTFG(nn.Module):
             model.load_state_dict(ck["fctfg"])
         except RuntimeError as e:
             raise ValueError(f"{path}: weights do not fit the {cfg['model']!r} FC-TFG ({e})") from None
-        return model.to(device).eval(), cfg
+        return model.to(device).eval(), {**cfg, "run": ck.get("run", {})}  # run: train.py's other flags

@@ -15,6 +15,7 @@ Paper map (../shared/paper.md):
 Run:  python infer.py                     procedural source, driving clip and speech -> out.mp4
       python infer.py --source face.jpg --driving drive.mp4 [--audio speech.wav] --out out.mp4
       python infer.py --source face.jpg --driving a.mp4 --eyes-from b.mp4 --pose-from c.mp4
+      python infer.py --sheet sheet.png   ... and a contact sheet: driving crops over generated faces
       python infer.py --bench             end-to-end fps and where the time goes
 
 Choices the paper leaves open (ours, stated here once):
@@ -390,9 +391,10 @@ class Driver:
     Codes are cached per driving frame (never the pixels) so that output frames past the end of the
     clip can revisit earlier ones (driving_index). Frames are read only as far as they are needed."""
 
-    def __init__(self, frames, crop, E_inv, mode, timer, amp):
+    def __init__(self, frames, crop, E_inv, mode, timer, amp, keep_crops=False):
         self.it, self.crop, self.E_inv, self.mode, self.timer, self.amp = iter(frames), crop, E_inv, mode, timer, amp
         self.cache, self.done = [], False
+        self.crops = [] if keep_crops else None   # --sheet: the driving crops, to show beside the output
 
     def _read(self, n):
         imgs = []
@@ -405,11 +407,17 @@ class Driver:
             with self.timer("crop"):
                 imgs.append(self.crop(f))
         if imgs:
+            if self.crops is not None:
+                self.crops += imgs
             dev = next(self.E_inv.parameters()).device
             with self.timer("encode"), self.amp():
                 self.cache += list(self.E_inv(to_tensor(np.stack(imgs), dev)).float())  # Eq. (2): E_inv(x_d)
         if not self.cache:
             raise ValueError("driving video gave no frames")
+
+    def crop_at(self, k):
+        """The driving crop shown at output frame k (after codes() has read that far)."""
+        return self.crops[driving_index(k, len(self.crops), self.mode) if self.done else k]
 
     def codes(self, ks):
         """z_d of output frames ks (ascending ints) -> [len(ks), L, C]."""
@@ -467,6 +475,26 @@ def animate(model, z_s, deltas, drivers, mel, n_frames, fps, batch, timer=None, 
             # same numbers, 2-3x slower on CPU). Canonical images of other people get no source deltas.
             y = G.synthesis(codes["z_sd"][0], weight_deltas=None if canonical else deltas)
         yield k0, to_uint8(y), codes
+
+
+def contact_sheet(path, source, driving, output, labels=("driving", "output")):
+    """PNG: row 1 the driving crops, row 2 the generated faces at the same output frames, the source
+    image at the left of row 2 (uint8 [S, S, 3] each; lists of equal length). Written atomically."""
+    S = max(128, output[0].shape[0])                 # small faces are enlarged (nearest) to be seen
+    fit = lambda im: np.asarray(Image.fromarray(im).resize((S, S), Image.NEAREST if im.shape[0] < S else Image.LANCZOS))
+    pad, top = 4, 14
+    W = (len(output) + 1) * (S + pad) + pad
+    sheet = Image.new("RGB", (W, 2 * (S + top) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (name, row) in enumerate(zip(labels, (driving, output))):
+        y = r * (S + top) + top
+        draw.text((pad, y - top + 1), name if r else f"{name} (source at left of the next row)", fill="black")
+        for c, im in enumerate([source if r else None] + list(row)):
+            if im is not None:
+                sheet.paste(Image.fromarray(fit(im)), (pad + c * (S + pad), y))
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    sheet.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 # ====================================================================================================
@@ -544,11 +572,12 @@ def load_model(checkpoint, preset, device, seed=0):
 
 def procedural_inputs(size, seconds, seed=0):
     """The default inputs, all from data.py's test split: a neutral still of test identity 0 as the
-    source (max(128, size) px), a driving clip of test identity 1 with motion clip 1 and that clip's
-    synthesised speech.  -> (source uint8 [s, s, 3], driving frame generator at `size` px, audio [640 K])."""
-    K = max(1, round(seconds * data.FPS))
+    source (max(128, size) px), and test identity 1 performing data.demo_motion (a head turn, a nod,
+    blinks, gaze shifts and a brow raise in turn, speaking the whole time) with that speech as audio.
+    -> (source uint8 [s, s, 3], driving frame generator at `size` px, audio [640 K])."""
+    K = max(10, round(seconds * data.FPS))
     ds = data.SyntheticTalkingFaces("test", n_identities=2, clips_per_identity=1, n_frames=K, size=size)
-    motion, wav = data.make_motion(ds.motion_seed(1) + seed, K)
+    motion, wav = data.demo_motion(K, seed)
     src = data.render(ds.identity(0), np.zeros(len(data.MOTION_KEYS), np.float32), max(128, size))
     ident = ds.identity(1)
     return src, (data.render(ident, m, size) for m in motion), wav
@@ -569,6 +598,9 @@ def parse_args(argv=None):
     ap.add_argument("--expression-from", help="video for brows/expression (default --driving)")
     ap.add_argument("--canonical", action="store_true", help="write the face crops G(E_can(z_d)) of every driving frame (Fig. 5b)")
     ap.add_argument("--no-paste", action="store_true", help="write the generated face crop, not the pasted frame")
+    ap.add_argument("--sheet", help="also write a contact sheet PNG: driving crops over generated faces, "
+                                    "--sheet-frames frames spread over the clip")
+    ap.add_argument("--sheet-frames", type=int, default=12, help="columns of --sheet")
     ap.add_argument("--no-mark", action="store_true", help="drop the visible 'AI-generated' mark (the metadata tag stays)")
     ap.add_argument("--no-detect", action="store_true", help="inputs are face crops: centre square, no dlib")
     ap.add_argument("--extend", default="bounce", choices=EXTEND_MODES, help="driving shorter than the audio")
@@ -581,7 +613,7 @@ def parse_args(argv=None):
     amp = ap.add_mutually_exclusive_group()
     amp.add_argument("--fp16", action="store_true", help="float16 autocast (meant for CUDA; slow on CPU)")
     amp.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA or CPU)")
-    ap.add_argument("--seconds", type=float, default=3.0, help="length of the procedural default")
+    ap.add_argument("--seconds", type=float, default=6.0, help="length of the procedural default (data.demo_motion)")
     ap.add_argument("--seed", type=int, default=0, help="seed of untrained weights and procedural motion")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--bench", action="store_true", help="time the procedural default end to end and exit")
@@ -620,6 +652,10 @@ def run(args):
         raise ValueError(f"--out: {out} is a folder; give a file name such as {out / 'out.mp4'}")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out: folder does not exist: {out.parent}")
+    if args.sheet and (not Path(args.sheet).parent.is_dir() or Path(args.sheet).is_dir()):
+        raise FileNotFoundError(f"--sheet: not a file in an existing folder: {args.sheet}")
+    if args.sheet_frames < 1:
+        raise ValueError(f"--sheet-frames must be >= 1, got {args.sheet_frames}")
     if args.fps is not None and args.driving is None:
         raise ValueError("--fps resamples a driving video: it needs --driving (the procedural clip is 25 fps)")
     if args.seconds <= 0 or args.hyper_steps < 0 or (args.fps is not None and args.fps <= 0):
@@ -634,6 +670,10 @@ def run(args):
     with timer("load"):
         model, cfg, trained = load_model(args.checkpoint, args.preset, device, args.seed)
     S = model.G.size
+    if trained and cfg.get("run", {}).get("data") == "synthetic" and (args.source or args.driving):
+        print("infer.py: NOTE: this checkpoint was trained on procedural faces only (data.py's tiny world); "
+              "on real photos and videos it cannot draw a face. Real faces need the paper preset trained on "
+              "VoxCeleb2 (README, 'Training').", file=sys.stderr)
     win = args.window or cfg.get("window") or 5
     model.fusion.temporal.window = win                     # non-overlapping windows (Sec. 4.4.2)
     batch = args.batch or (100 if device.type == "cuda" else 20)
@@ -704,7 +744,8 @@ def run(args):
         if p not in shared:
             frames = videos[p].frames(fps) if p is not None else proc[1]
             crop = crops[p] if p is not None else crop_fn(None, S, (S, S))
-            shared[p] = Driver(frames, crop, model.E_inv, args.extend, timer, amp)
+            shared[p] = Driver(frames, crop, model.E_inv, args.extend, timer, amp,
+                               keep_crops=bool(args.sheet) and g == "pose")
         drivers[g] = shared[p]
     paste = None if (args.no_paste or args.canonical) else PasteBack(src_img, src_box)
     H, W = (S, S) if paste is None else src_img.shape[:2]
@@ -715,11 +756,18 @@ def run(args):
           f"{S} px on {device}{' ' + str(dtype).split('.')[-1] if dtype else ''}, window {win}, batch {batch}",
           file=sys.stderr)
     progress = Progress(K, args.quiet)
+    sheet_ks = sorted(set(np.linspace(0, K - 1, max(1, args.sheet_frames)).round().astype(int).tolist()))
+    sheet_drive, sheet_out = [], []
     t0 = time.perf_counter()
     writer = VideoWriter(out, W, H, fps, wav)
     try:
         for k0, faces, _ in animate(model, z_s, deltas, drivers, audio.melspectrogram(wav), K, fps, batch,
                                     timer, args.canonical, amp):
+            if args.sheet:
+                for i, face in enumerate(faces):
+                    if k0 + i in sheet_ks:
+                        sheet_out.append(face.copy())
+                        sheet_drive.append(drivers["pose"].crop_at(k0 + i))
             with timer("write"):
                 for i, face in enumerate(faces):
                     frame = paste(face) if paste is not None else face.copy()
@@ -733,6 +781,9 @@ def run(args):
         writer.abort()
         raise
     wall = time.perf_counter() - t0
+    if args.sheet:
+        contact_sheet(args.sheet, src_crop[0], sheet_drive, sheet_out)
+        print(f"wrote {Path(args.sheet).resolve()} (contact sheet, {len(sheet_out)} frames)")
     print(f"wrote {out.resolve()} ({K} frames, {K / fps:.2f} s, {W}x{H}, "
           f"{'trained' if trained else 'UNTRAINED'} weights)")
     return dict(frames=K, fps=fps, seconds_loop=wall, e2e_fps=K / wall, source_inversion_s=t_inv,
@@ -782,7 +833,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.bench:
-            bench(args.seconds if args.seconds != 3.0 else 4.0, args.device, args.bf16, args.preset, args.batch)
+            bench(args.seconds if args.seconds != 6.0 else 4.0, args.device, args.bf16, args.preset, args.batch)
         else:
             run(args)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:

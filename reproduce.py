@@ -39,7 +39,7 @@ def export(src, dst):
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
         return halves.setdefault(key, v.half())
 
-    slim = {"stage": "fctfg", "step": ck["step"], "cfg": ck["cfg"],
+    slim = {"stage": "fctfg", "step": ck["step"], "cfg": ck["cfg"], "run": ck.get("run", {}),
             "fctfg": {k: half(v) for k, v in ck["fctfg"].items()}}
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

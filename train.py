@@ -961,7 +961,11 @@ def train(argv=None):
                 print(f"checkpoint at step {step}: {world} ranks hold identical parameters")
         if not is_main:
             return
-        state = {"stage": args.stage, "step": step, "cfg": dict(cfg), "world": world, "rng": rngs,
+        # every run flag that is not a preset key, so a checkpoint says how it was made (infer.py reads
+        # run["data"] to warn when a procedural-only model is given a real photo)
+        run = {k: getattr(args, k) for k in ("data", "init", "freeze_pretrained", "freeze_audio", "syncnet",
+                                             "arcface", "vgg", "preset")}
+        state = {"stage": args.stage, "step": step, "cfg": dict(cfg), "run": run, "world": world, "rng": rngs,
                  "extra": {n: getattr(stage, n).detach().cpu() for n in stage.extra_state}}
         for name in stage.models:
             state[name] = {k: v.detach().cpu() for k, v in getattr(stage, name).state_dict().items()}

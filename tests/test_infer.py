@@ -251,6 +251,34 @@ def test_cli_end_to_end_procedural_files(files, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["o.mp4", "o2.mp4"]                   # no temporary left
 
 
+def test_contact_sheet_and_procedural_checkpoint_note(files, tmp_path, capsys):
+    """--sheet: driving crops over generated faces at --sheet-frames frames (cells enlarged to 128 px);
+    a checkpoint whose run says it was trained on procedural data warns when given real files."""
+    torch.manual_seed(0)
+    model = fusion.FCTFG("tiny")
+    cfg = dict(model="tiny", temporal="conv", window=5, canonical="plain", hyper_steps=0)
+    torch.save({"stage": "fctfg", "step": 1, "cfg": cfg, "run": {"data": "synthetic"},
+                "fctfg": model.state_dict()}, tmp_path / "proc.pt")
+    rc, so, err = _run(["--source", files / "src.png", "--driving", files / "drive.mp4", "--no-detect", "--quiet",
+                        "--checkpoint", tmp_path / "proc.pt", "--out", tmp_path / "o.mp4",
+                        "--sheet", tmp_path / "s.png", "--sheet-frames", "4"], capsys)
+    assert rc == 0, err
+    assert "trained on procedural faces only" in err and "contact sheet, 4 frames" in so
+    sheet = np.asarray(Image.open(tmp_path / "s.png"))
+    assert sheet.shape == (2 * (128 + 14) + 4, 5 * (128 + 4) + 4, 3)
+    # row 2, column 1 is the source (enlarged 2x nearest); row 1, column 1 stays blank
+    src = np.asarray(Image.open(files / "src.png").resize((64, 64), Image.LANCZOS))
+    cell = lambda r, c: sheet[r * 142 + 14: r * 142 + 142, 4 + c * 132: 4 + c * 132 + 128]
+    assert (cell(0, 0) == 255).all() and np.abs(cell(1, 0)[::2, ::2].astype(int) - src).mean() < 3
+    # the driving crops of the first and last sheet frame are the first and last frames of the clip
+    first = data.read_video(files / "drive.mp4")[0][0]
+    assert np.abs(cell(0, 1)[::2, ::2].astype(int) - first).mean() < 1e-9
+    # the procedural default (no files) does not warn
+    rc, so, err = _run(["--checkpoint", tmp_path / "proc.pt", "--out", tmp_path / "d.mp4", "--seconds", "0.4",
+                        "--quiet"], capsys)
+    assert rc == 0 and "procedural faces only" not in err
+
+
 def test_cli_driving_audio_canonical_bf16_odd_la_source(files, tmp_path, capsys):
     la = np.zeros((97, 131, 2), np.uint8); la[..., 0] = 120; la[..., 1] = 255
     Image.fromarray(la, "LA").save(tmp_path / "la.png")
@@ -319,6 +347,8 @@ def _bad_files(d, files):
         (["--source", src, "--driving", drv, "--pose-from", d / "none.mp4"], "--pose-from: file not found"),
         (["--source", src, "--driving", drv, "--out", d], "is a folder"),
         (["--source", src, "--fps", "30"], "--fps resamples a driving video"),
+        (["--source", src, "--driving", drv, "--sheet", d / "missing" / "s.png"], "--sheet"),
+        (["--source", src, "--driving", drv, "--sheet", d / "s.png", "--sheet-frames", "0"], "--sheet-frames"),
     ]
 
 
