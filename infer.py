@@ -605,7 +605,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-detect", action="store_true", help="inputs are face crops: centre square, no dlib")
     ap.add_argument("--extend", default="bounce", choices=EXTEND_MODES, help="driving shorter than the audio")
     ap.add_argument("--fps", type=float, help="output frame rate (default: the driving video's; 25 procedural)")
-    ap.add_argument("--hyper-steps", type=int, default=5, help="HyperStyle refinement steps on the source (0: pSp only)")
+    ap.add_argument("--hyper-steps", type=int, help="HyperStyle refinement steps on the source (0: pSp only; "
+                                                    "default: the number the checkpoint was trained with)")
     ap.add_argument("--window", type=int, help="temporal fusion window (default: the checkpoint's, else 5)")
     ap.add_argument("--batch", type=int, help="frames per generator batch, rounded to whole windows "
                                               "(default 20 on CPU, 100 on CUDA)")
@@ -658,7 +659,7 @@ def run(args):
         raise ValueError(f"--sheet-frames must be >= 1, got {args.sheet_frames}")
     if args.fps is not None and args.driving is None:
         raise ValueError("--fps resamples a driving video: it needs --driving (the procedural clip is 25 fps)")
-    if args.seconds <= 0 or args.hyper_steps < 0 or (args.fps is not None and args.fps <= 0):
+    if args.seconds <= 0 or (args.hyper_steps or 0) < 0 or (args.fps is not None and args.fps <= 0):
         raise ValueError("--seconds and --fps must be > 0 and --hyper-steps >= 0")
     for flag in ("source", "driving", "audio", "pose_from", "eyes_from", "expression_from"):
         p = getattr(args, flag)
@@ -735,7 +736,8 @@ def run(args):
     # ---- one-time source inversion (Sec. 3: z_s = E_inv(x_s), HyperStyle deltas)
     t_inv = time.perf_counter()
     with torch.no_grad():
-        z_s, deltas = model.encode_source(to_tensor(src_crop, device), args.hyper_steps)
+        hyper = args.hyper_steps if args.hyper_steps is not None else int(cfg.get("hyper_steps", 0))
+        z_s, deltas = model.encode_source(to_tensor(src_crop, device), hyper)
     t_inv = time.perf_counter() - t_inv
 
     # ---- drivers and output geometry

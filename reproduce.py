@@ -174,12 +174,35 @@ def _ratio(s, kind):
     return None if b is None or not i else b / i
 
 
-def tables(runs, ortho="none"):
-    """Markdown of the three tables from whatever evaluations exist under RUNS/eval. `ortho`: the L_ortho
-    mode of the Table 3 runs (the recipe's own, so that Table 3 varies the temporal layer and D only)."""
-    lines = ["### Table 1 analogue (procedural test identities, 64 px)", "",
-             "| protocol | method | SSIM ↑ | PSNR ↑ | LMD vs renderer ↓ | LMD probe ↓ | LSE-C (ours) ↑ | LSE-D (ours) ↓ |",
-             "|---|---|---|---|---|---|---|---|"]
+ATTR_COLS = ("yaw", "pitch", "blink", "gaze", "brow", "lips")  # evaluate.ATTR_TESTS
+
+
+def _attr(runs, name):
+    p = Path(runs) / "eval" / name / "results.json"
+    return json.loads(p.read_text())["attributes"] if p.is_file() else None
+
+
+def ablations(runs):
+    """The recipe's ablation list (reproduce.sh writes RUNS/ablations.tsv): [(name, tables, label)]."""
+    p = Path(runs) / "ablations.tsv"
+    if not p.is_file():
+        return []
+    rows = [line.split("\t") for line in p.read_text().splitlines() if line.strip()]
+    return [(r[0], r[1].split(","), r[2]) for r in rows]
+
+
+def tables(runs):
+    """Markdown of every table from whatever evaluations exist under RUNS/eval: the attribute-transfer
+    table first, Table 1, then the ablations (Tables 3 and 4 and one row per tiny-scale deviation),
+    each ablation row with the attribute correlations beside the cross-protocol metrics."""
+    from evaluate import format_attribute_table
+    lines = []
+    res = _attr(runs, "attributes_model")
+    if res:
+        lines += ["### Attribute transfer (held-out people, 'report' split)", "", format_attribute_table(res), ""]
+    lines += ["### Table 1 analogue (procedural test identities, 64 px)", "",
+              "| protocol | method | SSIM ↑ | PSNR ↑ | LMD vs renderer ↓ | LMD probe ↓ | LSE-C (ours) ↑ | LSE-D (ours) ↓ |",
+              "|---|---|---|---|---|---|---|---|"]
     for proto in ("cross", "pcavs"):
         recon = ("G(E_inv(x_d)) (FC-TFG's upper bound)" if proto == "pcavs" else
                  "G(E_inv(x_d)) (the DRIVER's face: identity test)")
@@ -193,26 +216,24 @@ def tables(runs, ortho="none"):
         if s and s.get("lse_c_ours_real") is not None:
             lines.append(f"| {proto} | real driving frames (sync reference) | | | | | "
                          f"{_f(s['lse_c_ours_real'])} | {_f(s['lse_d_ours_real'])} |")
-    lines += ["", f"### Table 3 analogue (temporal layer x discriminator, L_ortho {ortho}; cross protocol)", "",
-              "| temporal | D | SSIM ↑ | PSNR ↑ | LMD vs renderer ↓ | LSE-C (ours) ↑ | flicker px border/inside | "
-              "flicker w border/inside | GT px border/inside |", "|---|---|---|---|---|---|---|---|---|"]
-    for temporal in ("conv", "lstm"):
-        for disc in ("image", "video"):
-            s = _load(runs, f"abl_{temporal}_{disc}_{ortho}")
-            if s:
-                lines.append(f"| {temporal} | {disc} | {_f(s.get('ssim'))} | {_f(s.get('psnr'), '{:.2f}')} | "
-                             f"{_f(s.get('lmd_vs_renderer'), '{:.2f}')} | {_f(s.get('lse_c_ours'))} | "
-                             f"{_f(_ratio(s, 'px'))} | {_f(_ratio(s, 'w'))} | {_f(_ratio(s, 'px_gt'))} |")
-    lines += ["", "### Table 4 analogue (orthogonality loss; cross protocol)", "",
-              "| L_ortho | SSIM ↑ | PSNR ↑ | LMD vs renderer ↓ | LSE-C (ours) ↑ | canonical pose std (deg) ↓ | "
-              "driving pose std (deg) | canonical pixel var / driving |", "|---|---|---|---|---|---|---|---|"]
-    for ortho in ("hadamard_abs", "none", "cosine", "signed"):
-        s = _load(runs, f"abl_conv_image_{ortho}")
-        if s:
-            lines.append(f"| {ortho} | {_f(s.get('ssim'))} | {_f(s.get('psnr'), '{:.2f}')} | "
+    titles = {"3": "Table 3 analogue (temporal layer x discriminator)",
+              "4": "Table 4 analogue (orthogonality loss; plain and residual E_can)",
+              "dev": "Tiny-scale deviations (each one undone)"}
+    head = ("| run | " + " | ".join(f"{a} corr ↑" for a in ATTR_COLS) + " | SSIM ↑ | PSNR ↑ | LMD vs renderer ↓ | "
+            "LSE-C (ours) ↑ | flicker px border/inside | canonical pose std (deg) ↓ |")
+    abl = ablations(runs)
+    for key, title in titles.items():
+        rows = [(n, label) for n, tabs, label in abl if key in tabs]
+        if not rows:
+            continue
+        lines += ["", f"### {title}; ablation runs, cross protocol + attribute table", "", head,
+                  "|---|" + "---|" * (len(ATTR_COLS) + 6)]
+        for name, label in rows:
+            s, a = _load(runs, f"abl_{name}") or {}, _attr(runs, f"abl_{name}_attr") or {}
+            corr = [_f((a.get("model", {}).get(c) or {}).get("corr"), "{:.2f}") for c in ATTR_COLS]
+            lines.append(f"| {label} | " + " | ".join(corr) + f" | {_f(s.get('ssim'))} | {_f(s.get('psnr'), '{:.2f}')} | "
                          f"{_f(s.get('lmd_vs_renderer'), '{:.2f}')} | {_f(s.get('lse_c_ours'))} | "
-                         f"{_f(s.get('canon_pose_std'), '{:.2f}')} | {_f(s.get('drive_pose_std'), '{:.2f}')} | "
-                         f"{_f(_div(s.get('canon_var'), s.get('drive_var')))} |")
+                         f"{_f(_ratio(s, 'px'))} | {_f(s.get('canon_pose_std'), '{:.2f}')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -233,7 +254,6 @@ def main(argv=None):
     t = sub.add_parser("tables")
     t.add_argument("runs")
     t.add_argument("--out", help="also write the markdown here")
-    t.add_argument("--ortho", default="none", help="L_ortho mode of the Table 3 runs (abl_<temporal>_<D>_<ortho>)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "export":
@@ -249,7 +269,7 @@ def main(argv=None):
                 raise ValueError(f"{args.log} has no loss values to plot")
             print(f"wrote {args.png}")
         else:
-            md = tables(args.runs, args.ortho)
+            md = tables(args.runs)
             print(md)
             if args.out:
                 tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")

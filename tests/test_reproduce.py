@@ -34,20 +34,29 @@ def test_plot_losses_draws_one_panel_per_quantity(tmp_path):
 
 def test_tables_with_no_results_are_headers_only(tmp_path):
     md = reproduce.tables(tmp_path)
-    assert "Table 1" in md and "Table 3" in md and "Table 4" in md
-    assert "FC-TFG (ours)" not in md                    # no row without a results.json
+    assert "Table 1" in md and "FC-TFG (ours)" not in md   # no row without a results.json
+    assert "Attribute transfer" not in md and "Table 3" not in md   # no ablation list: no ablation tables
 
 
-def test_table3_row_reads_its_evaluation(tmp_path):
-    d = tmp_path / "eval" / "abl_lstm_video_none"
+def test_ablation_rows_read_their_evaluations(tmp_path):
+    """A row of the ablation list lands in every table it names, with the attribute correlations of its
+    attribute evaluation and the cross-protocol numbers of its cross evaluation."""
+    (tmp_path / "ablations.tsv").write_text("lstm_video\t3,4\tLSTM, video D\t--temporal lstm\n"
+                                            "no_latent\tdev\tno latent target\t--latent_weight 0\n")
+    d = tmp_path / "eval" / "abl_lstm_video"
     d.mkdir(parents=True)
     (d / "results.json").write_text(json.dumps({"summary": {
         "ssim": 0.5, "psnr": 20.0, "lmd_vs_renderer": 3.456, "lse_c_ours": 0.1,
-        "flicker_px_border": 3.0, "flicker_px_inside": 2.0}}))
-    md = reproduce.tables(tmp_path, ortho="none")
-    row = [line for line in md.splitlines() if line.startswith("| lstm | video")]
-    assert row == ["| lstm | video | 0.500 | 20.00 | 3.46 | 0.100 | 1.500 | - | - |"], row
-    assert "| lstm | video" not in reproduce.tables(tmp_path, ortho="cosine")   # another L_ortho: no row
+        "flicker_px_border": 3.0, "flicker_px_inside": 2.0, "canon_pose_std": 1.234}}))
+    d = tmp_path / "eval" / "abl_lstm_video_attr"
+    d.mkdir(parents=True)
+    attrs = {a: {"corr": 0.1 * i, "psnr": 20.0, "err": None} for i, a in enumerate(reproduce.ATTR_COLS)}
+    (d / "results.json").write_text(json.dumps({"attributes": {"model": attrs}}))
+    md = reproduce.tables(tmp_path)
+    row = "| LSTM, video D | 0.00 | 0.10 | 0.20 | 0.30 | 0.40 | 0.50 | 0.500 | 20.00 | 3.46 | 0.100 | 1.500 | 1.23 |"
+    assert md.count(row) == 2                                          # in Table 3 and in Table 4
+    assert "| no latent target | - | - | - | - | - | - | - | - | - | - | - | - |" in md   # not evaluated yet
+    assert "Tiny-scale deviations" in md
 
 
 def test_export_rejects_other_stages(tmp_path, capsys):
@@ -65,26 +74,31 @@ def test_smoke_recipe_end_to_end(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "reproduce.sh"), str(out)], env=env, capture_output=True, text=True,
                        timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for stage in ("syncnet", "stylegan2", "stylegan2_features", "inversion", "fctfg"):
+    for stage in ("syncnet", "stylegan2", "inversion", "fctfg"):
         assert (out / stage / "loss.png").is_file() and list((out / stage / "samples").glob("*.png")), stage
-    # the feature phase continues the decoder (steps 5..6 of the smoke run), it does not restart it
-    steps = [json.loads(line)["step"] for line in (out / "stylegan2_features" / "log.jsonl").read_text().splitlines()]
-    assert steps and min(steps) > 4 and max(steps) == 6, steps
-    assert torch.load(out / "stylegan2_features" / "last.pt", map_location="cpu", weights_only=True)["step"] == 6
     full = torch.load(out / "fctfg" / "last.pt", map_location="cpu", weights_only=True)
     slim = torch.load(export, map_location="cpu", weights_only=True)
-    assert set(slim) == {"stage", "step", "cfg", "fctfg"} and slim["fctfg"].keys() == full["fctfg"].keys()
+    assert set(slim) == {"stage", "step", "cfg", "run", "fctfg"} and slim["fctfg"].keys() == full["fctfg"].keys()
+    assert slim["run"]["data"] == "synthetic" and slim["run"]["freeze_pretrained"]
     assert all(v.dtype == torch.float16 for v in slim["fctfg"].values() if v.is_floating_point())
     assert export.stat().st_size < 0.6 * (out / "fctfg" / "last.pt").stat().st_size
     model, _ = fusion.FCTFG.load(export, "cpu")          # loads, casts back to float32
     assert next(model.parameters()).dtype == torch.float32
-    # Table 3 runs use the recipe's L_ortho (none), Table 4 runs vary it
-    for name in ("cross_model", "cross_copy_source", "cross_encoder_recon", "pcavs_model", "abl_lstm_video_none",
-                 "abl_conv_image_hadamard_abs", "abl_conv_image_signed"):
+    for name in ("cross_model", "cross_copy_source", "cross_encoder_recon", "pcavs_model", "abl_lstm_video",
+                 "abl_ortho_signed", "abl_finetune"):
         s = json.loads((out / "eval" / name / "results.json").read_text())["summary"]
         assert s["n_clips"] == 2 and 0 < s["ssim"] <= 1, name
+    for name in ["attributes_model"] + [f"abl_{n}_attr" for n in ("conv_image", "lstm_video", "ortho_signed",
+                                                                    "no_latent", "finetune")]:
+        a = json.loads((out / "eval" / name / "results.json").read_text())["attributes"]
+        assert a["copy_source"]["blink"]["corr"] == 0, name
+    # the fine-tuning row trains G too; every other row keeps it frozen
+    fine = torch.load(out / "abl_finetune" / "last.pt", map_location="cpu", weights_only=True)
+    frozen = torch.load(out / "abl_no_latent" / "last.pt", map_location="cpu", weights_only=True)
+    assert not fine["run"]["freeze_pretrained"] and frozen["run"]["freeze_pretrained"]
     tables = (out / "tables.md").read_text()
-    assert "| cross | FC-TFG (ours) |" in tables and "| lstm | video |" in tables and "| signed |" in tables
+    assert "| cross | FC-TFG (ours) |" in tables and "| LSTM, video D |" in tables and "blink corr" in tables
+    assert (out / "figures" / "demo.mp4").is_file() and (out / "figures" / "demo_sheet.png").is_file()
     for fig in ("fig5_canonical_space.png", "fig5b_one_video_canonical.png", "fig4_cross_identity.png"):
         assert (out / "figures" / fig).is_file()
     r = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--checkpoint", str(export), "--seconds", "0.4",
