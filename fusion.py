@@ -31,9 +31,14 @@ Tiny preset (64 px, 10 codes), derived by resolution in paper_layers(size):
   * the detail group (paper w7-w10: the size/4 and size/2 blocks, mouth/eyes/expression) keeps the
     same RELATIVE resolution, because those parts cover a fixed fraction of the face.
   At 256 px this gives back exactly {1,2,3,4,7,8,9,10} with audio {7,8}; at 64 px it gives
-  {1,2,3,4,5,6} (8, 16, 32 px blocks) with audio {3,4} (the 16 px block = size/4). Untouched at 64 px:
-  w0 (4 px const conv), w7, w8 (64 px, the finest texture), w9 (last ToRGB) -- as in the paper, the
-  finest layers keep the source code and so the source's texture.
+  {1,2,3,4,5,6} (8, 16, 32 px blocks) with audio {3,4} (the 16 px block = size/4).
+  The tiny preset adds w0 (the 4 px const conv): in our trained 64 px decoder the head's yaw lives
+  largely there (rendering the driver's own codes with the source's w0 drops the yaw correlation of
+  the attribute table from 0.88 to 0.57; pitch, eyes, brows, lips are unaffected; RESULTS.md), so
+  with w0 untouched no model could turn the head. It is the 1-based reading's first layer; train.py
+  --layers sets any list (an ablation row runs paper_layers(64)). Untouched at 64 px: w7, w8 (64 px,
+  the finest texture), w9 (last ToRGB) -- as in the paper, the finest layers keep the source code and
+  so the source's texture.
 
 Not here: the losses of Eq. 3-9 (losses.py), the decoder G and image D (stylegan2.py), E_inv
 (inversion.py), E_a (audio.py), the training loop (train.py).
@@ -50,7 +55,7 @@ import stylegan2
 PRESETS = {
     "paper": dict(L=14, C=512, A=512, layers=(1, 2, 3, 4, 7, 8, 9, 10), audio_layers=(7, 8),
                   hidden=512, temporal="conv", kernel_size=3, window=None),
-    "tiny": dict(L=10, C=128, A=128, layers=(1, 2, 3, 4, 5, 6), audio_layers=(3, 4),
+    "tiny": dict(L=10, C=128, A=128, layers=(0, 1, 2, 3, 4, 5, 6), audio_layers=(3, 4),
                  hidden=128, temporal="conv", kernel_size=3, window=None),
 }
 TEMPORAL_MODES = ("conv", "lstm", "none")  # Table 3 rows: 1D conv (ours), LSTM, no temporal layer
@@ -75,6 +80,14 @@ def paper_layers(size):
     detail = w_indices_at(size // 4) + w_indices_at(size // 2)     # mouth, eyes (relative)
     audio = w_indices_at(size // 4)
     return tuple(sorted(set(coarse + detail))), tuple(audio)
+
+
+def parse_layers(text):
+    """'0,1,2' -> (0, 1, 2): the --layers flag of train.py (manipulated w indices, Sec. 4.1.2)."""
+    try:
+        return tuple(int(k) for k in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"layers must be comma-separated w indices such as '1,2,3,4', got {text!r}") from None
 
 
 def _mlp(d_in, d_hidden, d_out, n_layers):
@@ -431,9 +444,10 @@ class FCTFG(nn.Module):
         if ck.get("stage") != "fctfg" or "fctfg" not in ck:
             raise ValueError(f"{path}: not an FC-TFG checkpoint (stage {ck.get('stage')!r})")
         cfg = ck["cfg"]
-        # checkpoints from before the --canonical flag used the residual E_can
+        # checkpoints from before the --canonical / --layers flags used the residual E_can and w1-w6
+        layers = parse_layers(cfg["layers"]) if cfg.get("layers") else (1, 2, 3, 4, 5, 6)
         model = cls(cfg["model"], temporal=cfg["temporal"], window=cfg["window"] or None,
-                    canonical_skip=cfg.get("canonical", "residual") == "residual")
+                    canonical_skip=cfg.get("canonical", "residual") == "residual", layers=layers)
         try:
             model.load_state_dict(ck["fctfg"])
         except RuntimeError as e:

@@ -51,7 +51,9 @@ def export(src, dst):
 
 @torch.no_grad()
 def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30), seed=0):
-    """Fig. 5 and a Fig. 4-style strip on procedural test identities. -> list of written PNG paths."""
+    """Fig. 5, a Fig. 4-style strip and the attribute-transfer sheet on procedural test identities.
+    -> list of written PNG paths."""
+    import numpy as np
     import data
     import evaluate
     import fusion
@@ -88,6 +90,24 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30), seed=0):
                  torch.cat([src["frames"][:1], gen[sel]])]
     p = out / "fig4_cross_identity.png"
     stylegan2.save_image_grid(torch.cat(rows), p, nrow=len(frames) + 1)
+    written.append(p)
+    # The attribute-transfer table as pictures: for each attribute, the driving clip of person B (only
+    # that attribute moves; lips: B's mouth stays shut, the audio speaks), the ground truth (A doing it)
+    # and FC-TFG (A's neutral still + B's clip + the audio); the first two people of the 'report' split
+    base = evaluate.ATTR_SPLITS["report"]
+    A, B = (data.make_identity(data.TEST_IDS[base + k]) for k in (0, 1))
+    x_s = data.clip_sample(data.render(A, np.zeros(len(data.MOTION_KEYS), np.float32), size)[None],
+                           np.zeros(data.SPF, np.float32))["frames"][0]
+    T, rows = 32, []
+    sel = list(range(0, T, 3))
+    for attr in data.ATTRIBUTE_CLIPS:
+        drive, full, audio = data.attribute_motion(attr, base, T)
+        x_d = data.clip_sample(data.render_clip(B, drive, size), audio)
+        gt = data.clip_sample(data.render_clip(A, full, size), audio)["frames"]
+        gen = evaluate.run_model(model, x_s, x_d["frames"], x_d["mel"], "model", hs)["x_g"]
+        rows += [x_d["frames"][sel], gt[sel], gen[sel]]
+    p = out / "fig_attributes.png"
+    stylegan2.save_image_grid(torch.cat(rows), p, nrow=len(sel))
     written.append(p)
     return written
 
@@ -228,7 +248,9 @@ def tables(runs):
             continue
         lines += ["", f"### {title}; ablation runs, cross protocol + attribute table", "", head,
                   "|---|" + "---|" * (len(ATTR_COLS) + 6)]
-        for name, label in rows:
+        seeds = [(n + sfx, label + note) for n, label in rows
+                 for sfx, note in (("", ""), ("_s1", ", seed 1")) if not sfx or _load(runs, f"abl_{n}{sfx}")]
+        for name, label in seeds:
             s, a = _load(runs, f"abl_{name}") or {}, _attr(runs, f"abl_{name}_attr") or {}
             corr = [_f((a.get("model", {}).get(c) or {}).get("corr"), "{:.2f}") for c in ATTR_COLS]
             lines.append(f"| {label} | " + " | ".join(corr) + f" | {_f(s.get('ssim'))} | {_f(s.get('psnr'), '{:.2f}')} | "

@@ -72,6 +72,7 @@ PRESETS = {
         motion_init="default",    # fctfg stage: E_m's last layer zero | default (fusion.MotionEncoder)
         canonical="plain",        # fctfg stage: E_can a plain 2-layer MLP (Sec. 3.1) | residual (identity at init)
         drive_mouth="swap",       # fctfg stage: driving frames keep their own mouth | get another clip's (ClipWindows)
+        layers="0,1,2,3,4,5,6",   # fctfg stage: manipulated w indices (Sec. 4.1.2; fusion.paper_layers(64) + w0)
     ),
     "paper": dict(
         model="paper", size=256, batch=4, accum=1, max_steps=800_000, seed=0,
@@ -86,7 +87,7 @@ PRESETS = {
         expert_loss="bce",        # Wav2Lip's expert loss
         gan_every=1, latent_weight=0.0, feature_weight=0.0, lr_rampdown=0,
         source_from="clip",       # a prepared clip is one video: x_s from anywhere in it
-        motion_init="default", canonical="plain", drive_mouth="own",
+        motion_init="default", canonical="plain", drive_mouth="own", layers="1,2,3,4,7,8,9,10",
     ),
 }
 STAGES = ("stylegan2", "syncnet", "inversion", "fctfg")
@@ -760,9 +761,13 @@ class FCTFGStage:
             raise SystemExit(f"error: --motion_init must be 'zero' or 'default', got {cfg['motion_init']!r}")
         if cfg["canonical"] not in ("plain", "residual"):
             raise SystemExit(f"error: --canonical must be 'plain' or 'residual', got {cfg['canonical']!r}")
-        self.fctfg = fusion.FCTFG(cfg["model"], temporal=cfg["temporal"], window=cfg["window"],
-                                  motion_zero_init=cfg["motion_init"] == "zero",
-                                  canonical_skip=cfg["canonical"] == "residual").to(device)
+        try:
+            self.fctfg = fusion.FCTFG(cfg["model"], temporal=cfg["temporal"], window=cfg["window"],
+                                      motion_zero_init=cfg["motion_init"] == "zero",
+                                      canonical_skip=cfg["canonical"] == "residual",
+                                      layers=fusion.parse_layers(cfg["layers"])).to(device)
+        except ValueError as e:
+            raise SystemExit(f"error: --layers {cfg['layers']}: {e}") from None
         m = self.fctfg
         p = stylegan2.PRESETS[cfg["model"]]
         if cfg["disc"] == "video":

@@ -53,7 +53,15 @@ def test_paper_layers_reproduce_the_paper_and_derive_tiny():
     assert fusion.PRESETS["paper"]["audio_layers"] == PAPER_AUDIO
     layers, audio = fusion.paper_layers(64)
     assert (layers, audio) == ((1, 2, 3, 4, 5, 6), (3, 4))
-    assert fusion.PRESETS["tiny"]["layers"] == layers and fusion.PRESETS["tiny"]["audio_layers"] == audio
+    # the tiny preset adds w0 (the 4 px conv, where our decoder keeps the yaw; fusion docstring), and
+    # train.py's tiny default says the same (its checkpoints record it)
+    assert fusion.PRESETS["tiny"]["layers"] == (0,) + layers and fusion.PRESETS["tiny"]["audio_layers"] == audio
+    import train
+    for name in ("tiny", "paper"):
+        assert fusion.parse_layers(train.PRESETS[name]["layers"]) == fusion.PRESETS[name]["layers"]
+    assert fusion.parse_layers("1, 2") == (1, 2)
+    with pytest.raises(ValueError, match="comma-separated"):
+        fusion.parse_layers("1;2")
     # every manipulated index is a real w index of the tiny generator (10 codes)
     assert max(layers) < stylegan2.Generator(**stylegan2.PRESETS["tiny"]).n_latent == fusion.PRESETS["tiny"]["L"]
     with pytest.raises(ValueError):

@@ -68,7 +68,7 @@ def test_routing_groups_hand_values():
     paper = infer.routing_groups(256, *fusion.paper_layers(256))
     assert paper == dict(pose=(1, 2), expression=(3, 4, 7, 8), eyes=(9, 10))
     p = fusion.PRESETS["tiny"]
-    assert infer.routing_groups(64, p["layers"], p["audio_layers"]) == dict(pose=(1, 2), expression=(3, 4), eyes=(5, 6))
+    assert infer.routing_groups(64, p["layers"], p["audio_layers"]) == dict(pose=(0, 1, 2), expression=(3, 4), eyes=(5, 6))
     # the groups partition the manipulated layers
     assert sorted(sum(paper.values(), ())) == sorted(fusion.paper_layers(256)[0])
 
