@@ -93,8 +93,8 @@ def routing_groups(size, layers, audio_layers):
     this split only uses StyleGAN's coarse-to-fine layout (the w-index map in stylegan2.Generator):
       pose       = the 4 px conv (w0, manipulated in the tiny preset) and the 8 px block (w1, w2): head
                    rotation and global layout are decided there;
-      eyes       = the size/2 block (w9, w10 at 256 px; w5, w6 at 64 px) minus audio layers: blinks and
-                   gaze are small, high-frequency details;
+      eyes       = the size/2 block (w9, w10 at 256 px; w5, w6 at 64 px): blinks and gaze are small,
+                   high-frequency details;
       expression = every other manipulated layer (16 px block: brows, smile; and the visual half
                    z_d of the audio layers, whose other half z_a comes from the audio).
     Paper size: pose (1, 2), expression (3, 4, 7, 8), eyes (9, 10); tiny: (0, 1, 2), (3, 4), (5, 6).
@@ -102,7 +102,7 @@ def routing_groups(size, layers, audio_layers):
     video can leak a little. Untouched layers carry the source code and do not depend on any video."""
     layers, audio_layers = set(layers), set(audio_layers)
     pose = layers & ({0} | set(fusion.w_indices_at(8)))   # w0, the 4 px conv, where manipulated (tiny)
-    eyes = (layers & set(fusion.w_indices_at(size // 2))) - audio_layers - pose
+    eyes = (layers & set(fusion.w_indices_at(size // 2))) - pose
     expression = layers - pose - eyes
     return {k: tuple(sorted(v)) for k, v in dict(pose=pose, expression=expression, eyes=eyes).items()}
 

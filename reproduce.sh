@@ -38,7 +38,8 @@ IMG="--n_identities $IMG_IDS --frame_pool $POOL"
 # FC-TFG at this scale (RESULTS.md, "Deviations"; each one is an ablation row below): Eq. (9) with
 # Eq. (3) as |z_s->c ⊙ z_c->d| and the paper's plain 2-layer MLP E_can (the tiny preset's defaults,
 # like the driving frames with another clip's mouth, --drive_mouth swap); G, E_inv and HyperStyle
-# frozen (fine-tuning them at batch 4 damaged them); the target frame's own code as a second target
+# frozen (fine-tuning them at batch 4 damaged them); w0 manipulated too (--layers, the tiny preset's
+# default: our decoder keeps the yaw there); the target frame's own code as a second target
 # (losses.latent_reconstruction_loss); Adam's lr 1e-3 instead of the paper's 1e-4 (1000 steps, not
 # hundreds of thousands).
 ORTHO=hadamard_abs
@@ -107,6 +108,7 @@ no_latent	dev	no latent target	--latent_weight 0
 drive_own	dev	driving frames keep their own mouth	--drive_mouth own
 source_clip	dev	x_s from the same clip	--source_from clip
 lr_1e-4	dev	the paper's lr 1e-4	--lr_fctfg 1e-4
+layers_w1	dev	w0 from the source (fusion.paper_layers(64))	--layers 1,2,3,4,5,6
 finetune	dev	G, E_inv, HyperStyle fine-tuned (the paper)	finetune
 EOF
 # the smoke run trains a few representative rows only (CI time); the others are listed, not run

@@ -73,6 +73,8 @@ PRESETS = {
         canonical="plain",        # fctfg stage: E_can a plain 2-layer MLP (Sec. 3.1) | residual (identity at init)
         drive_mouth="swap",       # fctfg stage: driving frames keep their own mouth | get another clip's (ClipWindows)
         layers="0,1,2,3,4,5,6",   # fctfg stage: manipulated w indices (Sec. 4.1.2; fusion.paper_layers(64) + w0)
+        audio_layers="0,1,2,3,4,5,6",  # fctfg stage: the w indices whose E_m also sees z_a (Sec. 4.1.2: 2 layers;
+                                  # tiny: all manipulated ones, our decoder spreads the mouth over them)
     ),
     "paper": dict(
         model="paper", size=256, batch=4, accum=1, max_steps=800_000, seed=0,
@@ -88,6 +90,7 @@ PRESETS = {
         gan_every=1, latent_weight=0.0, feature_weight=0.0, lr_rampdown=0,
         source_from="clip",       # a prepared clip is one video: x_s from anywhere in it
         motion_init="default", canonical="plain", drive_mouth="own", layers="1,2,3,4,7,8,9,10",
+        audio_layers="7,8",
     ),
 }
 STAGES = ("stylegan2", "syncnet", "inversion", "fctfg")
@@ -765,9 +768,10 @@ class FCTFGStage:
             self.fctfg = fusion.FCTFG(cfg["model"], temporal=cfg["temporal"], window=cfg["window"],
                                       motion_zero_init=cfg["motion_init"] == "zero",
                                       canonical_skip=cfg["canonical"] == "residual",
-                                      layers=fusion.parse_layers(cfg["layers"])).to(device)
+                                      layers=fusion.parse_layers(cfg["layers"]),
+                                      audio_layers=fusion.parse_layers(cfg["audio_layers"])).to(device)
         except ValueError as e:
-            raise SystemExit(f"error: --layers {cfg['layers']}: {e}") from None
+            raise SystemExit(f"error: --layers {cfg['layers']} --audio_layers {cfg['audio_layers']}: {e}") from None
         m = self.fctfg
         p = stylegan2.PRESETS[cfg["model"]]
         if cfg["disc"] == "video":

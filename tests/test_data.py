@@ -125,7 +125,7 @@ def test_mouth_width_and_gaze_and_brow_stay_in_their_regions():
 def test_pose_geometry_is_identity_independent(seed):
     """Roll and translation measured on rendered masks equal the motion values for every identity."""
     ident = data.make_identity(seed)
-    roll, tx, ty = 0.2, 0.25, -0.15
+    roll, tx, ty = 0.2, 0.1, -0.06   # small shifts: the face-filling head must stay inside the frame
     _, m0 = data.render(ident, {}, SIZE, ss=4, return_masks=True)
     _, m1 = data.render(ident, {"roll": roll, "tx": tx, "ty": ty}, SIZE, ss=4, return_masks=True)
     cen = lambda mk: np.array([np.nonzero(mk)[1].mean() + 0.5, np.nonzero(mk)[0].mean() + 0.5])

@@ -55,10 +55,12 @@ def test_paper_layers_reproduce_the_paper_and_derive_tiny():
     assert (layers, audio) == ((1, 2, 3, 4, 5, 6), (3, 4))
     # the tiny preset adds w0 (the 4 px conv, where our decoder keeps the yaw; fusion docstring), and
     # train.py's tiny default says the same (its checkpoints record it)
-    assert fusion.PRESETS["tiny"]["layers"] == (0,) + layers and fusion.PRESETS["tiny"]["audio_layers"] == audio
+    # and the audio to every manipulated layer (our decoder spreads the mouth over them)
+    assert fusion.PRESETS["tiny"]["layers"] == (0,) + layers == fusion.PRESETS["tiny"]["audio_layers"]
     import train
     for name in ("tiny", "paper"):
-        assert fusion.parse_layers(train.PRESETS[name]["layers"]) == fusion.PRESETS[name]["layers"]
+        for key in ("layers", "audio_layers"):
+            assert fusion.parse_layers(train.PRESETS[name][key]) == fusion.PRESETS[name][key]
     assert fusion.parse_layers("1, 2") == (1, 2)
     with pytest.raises(ValueError, match="comma-separated"):
         fusion.parse_layers("1;2")

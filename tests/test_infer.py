@@ -256,7 +256,8 @@ def test_contact_sheet_and_procedural_checkpoint_note(files, tmp_path, capsys):
     a checkpoint whose run says it was trained on procedural data warns when given real files."""
     torch.manual_seed(0)
     model = fusion.FCTFG("tiny")
-    cfg = dict(model="tiny", temporal="conv", window=5, canonical="plain", hyper_steps=0)
+    cfg = dict(model="tiny", temporal="conv", window=5, canonical="plain", hyper_steps=0,
+               layers="0,1,2,3,4,5,6", audio_layers="0,1,2,3,4,5,6")
     torch.save({"stage": "fctfg", "step": 1, "cfg": cfg, "run": {"data": "synthetic"},
                 "fctfg": model.state_dict()}, tmp_path / "proc.pt")
     rc, so, err = _run(["--source", files / "src.png", "--driving", files / "drive.mp4", "--no-detect", "--quiet",
@@ -403,7 +404,7 @@ def test_default_run_in_clean_folder(tmp_path):
     assert ("UNTRAINED" in r.stdout) != (infer.DEFAULT_CHECKPOINT.is_file())   # says which weights it used
     assert f"wrote {tmp_path / 'out.mp4'}" in r.stdout
     frames, fps, wav, _, meta = _decode(tmp_path / "out.mp4")
-    assert len(frames) == 75 and fps == 25 and meta["comment"].startswith("synthetic")
+    assert len(frames) == 150 and fps == 25 and meta["comment"].startswith("synthetic")   # data.demo_motion, 6 s
     r = subprocess.run([sys.executable, str(REPO / "infer.py"), "--source", "missing.png"], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip() == "infer.py: error: --source: file not found: missing.png"
