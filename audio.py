@@ -6,7 +6,7 @@ Sec. 4.1.2 "FFT window 800, hop 200, 80 Mel filter banks"        -> mel_filterba
                                                                     melspectrogram_torch (batched, GPU)
 audio <-> video frame alignment (Wav2Lip, 80 mel columns/s)      -> mel_windows
 Sec. 4.1.2 "pre-trained audio encoder introduced in [7]" (E_a)   -> AudioEncoder, load_audio_encoder
-Sec. 3.3.2 / Eq. (4) SyncNet f_a, f_v for L_sync = 1 - cos(.,.)  -> SyncNet, load_syncnet, expert_window
+Sec. 3.3.2 / Eq. (4) SyncNet f_a, f_v for L_sync = 1 - cos(.,.)  -> SyncNet, load_expert, expert_window
 Training the expert itself (Wav2Lip's BCE on the cosine)         -> loss_expert_bce
 
 Which SyncNet? The paper uses "a modified SyncNet introduced in [22]" (StyleTalker). StyleTalker has no
@@ -570,6 +570,24 @@ def load_audio_encoder(path, preset="paper"):
         raise ValueError(f"{path}: no '{prefix}*' keys; is this a Wav2Lip generator checkpoint? "
                          f"first keys: {list(sd)[:5]}")
     return _load_exact(AudioEncoder(**AUDIO_ENCODER_PRESETS[preset]), sub, f"load_audio_encoder({path})")
+
+
+def load_expert(path, preset="paper", device="cpu"):
+    """The frozen lip-sync expert of Eq. (4) and of LSE with our expert: a train.py syncnet-stage
+    checkpoint ({'stage': 'syncnet', 'cfg', 'syncnet'}; its own preset) or a published Wav2Lip
+    lipsync_expert.pth (`preset` sizes it). `input_bgr` says which colour order it was trained on:
+    Wav2Lip's expert saw OpenCV BGR crops, ours RGB; expert_window(..., bgr=net.input_bgr) feeds it
+    its own order (losses.sync_loss, evaluate.lse_expert)."""
+    from stylegan2 import load_checkpoint
+    ck = load_checkpoint(path)
+    if isinstance(ck, dict) and "syncnet" in ck:
+        net = SyncNet(**PRESETS[ck["cfg"]["model"]])
+        net.load_state_dict(ck["syncnet"])
+        net.input_bgr = False
+    else:
+        net = load_syncnet(path, preset)
+        net.input_bgr = True
+    return net.to(device).eval().requires_grad_(False)
 
 
 def load_syncnet(path, preset="paper", freeze=True):

@@ -916,17 +916,11 @@ def lse_expert(frames, mel, expert, vshift=SYNC_VSHIFT):
     dev = next(expert.parameters()).device
     starts = range(frames.shape[0] - n + 1)
     clips = torch.stack([frames[i:i + n] for i in starts]).to(dev)            # [W, 5, 3, H, W]
-    face = audio.expert_window(clips.float(), size=expert.face_hw[1])          # [W, 15, H/2, W]
+    face = audio.expert_window(clips.float(), size=expert.face_hw[1],           # [W, 15, H/2, W], in the
+                               bgr=getattr(expert, "input_bgr", False))         # expert's colour order
     v = expert.embed_face(face)
     a = expert.embed_audio(mel[:len(starts)].to(dev).float())                  # [W, C]
     return lse_from_embeddings(v.double(), a.double(), vshift)
-
-
-def load_sync_expert(path, device="cpu"):
-    """Our syncnet-stage checkpoint (or a Wav2Lip lipsync_expert.pth), frozen; see train.load_syncnet_for_loss."""
-    from train import load_syncnet_for_loss
-    # our checkpoints carry their own preset (cfg["model"]); "paper" applies to Wav2Lip's file only
-    return load_syncnet_for_loss(path, "paper", device)
 
 
 def _mean(xs):
@@ -1308,7 +1302,9 @@ def evaluate(args):
     tools = dict(hyper_steps=hyper_steps, chunk=args.chunk)
     notes = []
     if args.syncnet:
-        tools["syncnet"] = load_sync_expert(args.syncnet, device)
+        import audio
+        # our checkpoints carry their own preset; "paper" sizes a Wav2Lip lipsync_expert.pth
+        tools["syncnet"] = audio.load_expert(args.syncnet, "paper", device)
         notes.append("† LSE with OUR lip-sync expert (audio.SyncNet from train.py --stage syncnet, unit-norm "
                      "embeddings, syncnet_python's ±15 offset search): not syncnet_python's SyncNet v2, so NOT "
                      "comparable with the paper's LSE-C")

@@ -244,6 +244,7 @@ class VideoFrames:
             raise ValueError(f"{name}: {path} contains no video frames")
         self.shape = first[1].shape
         self.fps = self.src_fps or data.FPS
+        self.still = c.format.name.endswith("_pipe") or c.format.name.startswith("image2")  # png/jpg/...
 
     @contextlib.contextmanager
     def _open(self):
@@ -694,6 +695,10 @@ def run(args):
                 expression="--expression-from" if args.expression_from else "--driving",
                 eyes="--eyes-from" if args.eyes_from else "--driving")
     videos = {p: VideoFrames(p, flag[g]) for g, p in paths.items() if p is not None}
+    for p, v in videos.items():
+        if v.still:
+            print(f"infer.py: NOTE: {v.name} {p} is a still image: it is used as a one-frame video, so "
+                  f"what it drives stays still (give a video for motion)", file=sys.stderr)
     main_video = videos.get(args.driving)
     fps = float(args.fps or (main_video.fps if main_video else data.FPS))
     if args.audio:

@@ -114,6 +114,8 @@ def parse_args(argv=None):
     ap.add_argument("--inject_nan", type=int, default=None, help=argparse.SUPPRESS)  # tests: NaN at step N
     ap.add_argument("--syncnet", help="FC-TFG stage: lip-sync expert (our syncnet stage or a Wav2Lip "
                     "lipsync_expert.pth); without it L_sync (Eq. 4) is off")
+    ap.add_argument("--audio_encoder", help="FC-TFG stage: a Wav2Lip generator checkpoint (wav2lip.pth); its "
+                    "audio_encoder.* weights start E_a (Sec. 4.1.2, 'a pre-trained audio encoder introduced in [7]')")
     ap.add_argument("--arcface", help="inversion/FC-TFG: InsightFace IR-SE50 weights; without them L_id (Eq. 5) is off")
     ap.add_argument("--vgg", help="inversion/FC-TFG: torchvision-layout VGG19 weights; without them Eq. (7) is off")
     for k, v in PRESETS[known.preset].items():
@@ -731,18 +733,6 @@ class InversionStage:
 # Stage 4: FC-TFG (Sec. 3): E_can, E_m, Temporal Fusion trained with Eq. (3)-(9); the rest fine-tuned
 # ====================================================================================================
 
-def load_syncnet_for_loss(path, preset, device):
-    """The frozen expert of Eq. (4): our syncnet-stage checkpoint, or a Wav2Lip lipsync_expert.pth."""
-    import audio
-    ck = load_checkpoint(path)
-    if "syncnet" in ck:
-        net = audio.SyncNet(**audio.PRESETS[ck["cfg"]["model"]])
-        net.load_state_dict(ck["syncnet"])
-    else:
-        net = audio.load_syncnet(path, preset)
-    return net.to(device).eval().requires_grad_(False)
-
-
 class FCTFGStage:
     """Stage 4. Per step, on windows of T frames (x_d) with a source frame x_s of the same clip and
     the audio windows of every frame (x_a):
@@ -804,7 +794,10 @@ class FCTFGStage:
                             + ([m.E_a] if args.freeze_audio else []))
         for net in self.frozen_nets:  # Sec. 4.1.2 fine-tunes them; the flag is the frozen variant
             net.requires_grad_(False)
-        self.syncnet = load_syncnet_for_loss(args.syncnet, cfg["model"], device) if args.syncnet else None
+        import audio
+        self.syncnet = audio.load_expert(args.syncnet, cfg["model"], device) if args.syncnet else None
+        if args.audio_encoder:  # Sec. 4.1.2: "a pre-trained audio encoder introduced in [7]" (Wav2Lip's)
+            m.E_a.load_state_dict(audio.load_audio_encoder(args.audio_encoder, cfg["model"]).state_dict())
         self.e_id, self.vgg = load_judges(args, device)
         self.off = [n for n, net in (("sync", self.syncnet), ("id", self.e_id), ("lpips", self.vgg)) if net is None]
         self.params_g = [p for p in m.parameters() if p.requires_grad]
@@ -861,7 +854,8 @@ class FCTFGStage:
                 terms = {
                     "ortho": None if cfg["ortho"] == "none" else
                     L.orthogonality_loss(out["z_sc"], out["z_cd"], cfg["ortho"], layers=m.fusion.layers),
-                    "sync": L.sync_loss(self.syncnet, x_g, mb["mel"], size=self.syncnet.face_hw[1])
+                    "sync": L.sync_loss(self.syncnet, x_g, mb["mel"], size=self.syncnet.face_hw[1],
+                                        bgr=self.syncnet.input_bgr)
                     if self.syncnet is not None and x_g.shape[1] % self.syncnet.n_frames == 0 else None,
                     "id": L.identity_loss(self.e_id, x_g, x_d) if self.e_id is not None else None,
                     "rec": L.reconstruction_loss(x_g, x_d),
@@ -973,7 +967,7 @@ def train(argv=None):
         # every run flag that is not a preset key, so a checkpoint says how it was made (infer.py reads
         # run["data"] to warn when a procedural-only model is given a real photo)
         run = {k: getattr(args, k) for k in ("data", "init", "freeze_pretrained", "freeze_audio", "syncnet",
-                                             "arcface", "vgg", "preset")}
+                                             "audio_encoder", "arcface", "vgg", "preset")}
         state = {"stage": args.stage, "step": step, "cfg": dict(cfg), "run": run, "world": world, "rng": rngs,
                  "extra": {n: getattr(stage, n).detach().cpu() for n in stage.extra_state}}
         for name in stage.models:

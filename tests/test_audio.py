@@ -365,6 +365,31 @@ def test_load_syncnet_from_published_layout(tmp_path):
     audio.load_syncnet(tmp_path / "bare.pth")
 
 
+def test_load_expert_knows_its_colour_order_and_sync_loss_feeds_it(tmp_path):
+    """A published Wav2Lip expert (random weights, the published key layout) is read as BGR, our own
+    syncnet-stage checkpoint as RGB; L_sync (Eq. 4) on RGB frames with a BGR expert equals L_sync of
+    the channel-reversed frames with bgr off (oracle: the flip written out here)."""
+    import losses
+    g = torch.Generator().manual_seed(0)
+    sd = {**published_state_dict("face_encoder", SYNC_FACE, g), **published_state_dict("audio_encoder", SYNC_AUDIO, g)}
+    save_wav2lip_ckpt(tmp_path / "lipsync_expert.pth", sd)
+    w2l = audio.load_expert(tmp_path / "lipsync_expert.pth", "paper")
+    assert w2l.input_bgr and not w2l.training and not any(p.requires_grad for p in w2l.parameters())
+    for k, v in w2l.state_dict().items():
+        torch.testing.assert_close(v, sd[k], rtol=0, atol=0)
+    torch.manual_seed(0)
+    ours = audio.SyncNet(**audio.PRESETS["tiny"])
+    torch.save({"stage": "syncnet", "cfg": {"model": "tiny"}, "syncnet": ours.state_dict()}, tmp_path / "ours.pt")
+    mine = audio.load_expert(tmp_path / "ours.pt", "paper")        # its own preset wins
+    assert mine.input_bgr is False and mine.face_hw == (32, 64)
+    x_g = torch.rand(2, 5, 3, 96, 96) * 2 - 1
+    mel = torch.randn(2, 5, 1, 80, 16)
+    a = losses.sync_loss(w2l.double(), x_g.double(), mel.double(), size=96, bgr=True)
+    b = losses.sync_loss(w2l.double(), x_g.double().flip(2), mel.double(), size=96, bgr=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert not torch.allclose(a, losses.sync_loss(w2l.double(), x_g.double(), mel.double(), size=96, bgr=False))
+
+
 def test_load_audio_encoder_from_generator_ckpt(tmp_path):
     g = torch.Generator().manual_seed(1)
     sd = published_state_dict("audio_encoder", W2L_AUDIO, g)

@@ -274,6 +274,11 @@ def test_contact_sheet_and_procedural_checkpoint_note(files, tmp_path, capsys):
     # the driving crops of the first and last sheet frame are the first and last frames of the clip
     first = data.read_video(files / "drive.mp4")[0][0]
     assert np.abs(cell(0, 1)[::2, ::2].astype(int) - first).mean() < 1e-9
+    # a still image as --driving: used as a one-frame video, and said so
+    rc, so, err = _run(["--source", files / "src.png", "--driving", files / "src.png", "--audio", files / "speech.wav",
+                        "--no-detect", "--quiet", "--out", tmp_path / "still.mp4"], capsys)
+    assert rc == 0 and "is a still image: it is used as a one-frame video" in err
+    assert len(data.read_video(tmp_path / "still.mp4")[0]) == K_AUDIO
     # the procedural default (no files) does not warn
     rc, so, err = _run(["--checkpoint", tmp_path / "proc.pt", "--out", tmp_path / "d.mp4", "--seconds", "0.4",
                         "--quiet"], capsys)
@@ -334,6 +339,10 @@ def _bad_files(d, files):
         c.mux(st.encode(None))
     torch.save({"stage": "stylegan2", "cfg": {"model": "tiny"}, "G": {}}, d / "g.pt")
     (d / "junk.pt").write_bytes(b"junk")
+    bad = np.zeros(16000, np.float32)
+    bad[100], bad[200] = np.nan, np.inf
+    import soundfile
+    soundfile.write(d / "nan.wav", bad, 16000, subtype="FLOAT")                # float wav holding NaN/Inf
     src, drv, wav = files / "src.png", files / "drive.mp4", files / "speech.wav"
     return [  # (argv, expected message part)
         (["--source", d / "nope.jpg", "--driving", drv], "--source: file not found"),
@@ -349,6 +358,7 @@ def _bad_files(d, files):
         (["--source", src, "--driving", drv, "--out", d], "is a folder"),
         (["--source", src, "--fps", "30"], "--fps resamples a driving video"),
         (["--source", src, "--driving", drv, "--sheet", d / "missing" / "s.png"], "--sheet"),
+        (["--source", src, "--driving", drv, "--audio", d / "nan.wav"], "NaN or Inf"),
         (["--source", src, "--driving", drv, "--sheet", d / "s.png", "--sheet-frames", "0"], "--sheet-frames"),
     ]
 

@@ -158,6 +158,26 @@ def test_fctfg_stage_logs_motion_and_the_latent_term(tmp_path):
         train.train(["--stage", "fctfg", "--motion_init", "small", "--out", str(tmp_path / "x"), *SMALL])
 
 
+def test_fctfg_audio_encoder_flag_loads_wav2lip_weights_into_E_a(tmp_path):
+    """--audio_encoder: E_a starts from a Wav2Lip generator checkpoint's audio_encoder.* (random weights
+    in that key layout, module. prefix and all), and the checkpoint records the flag."""
+    import audio
+    torch.manual_seed(3)
+    enc = audio.AudioEncoder(**audio.AUDIO_ENCODER_PRESETS["tiny"])
+    sd = {"module.audio_encoder." + k: v for k, v in enc.state_dict().items()}
+    sd["module.output_block.1.weight"] = torch.randn(3, 32, 1, 1)          # the rest of the generator: ignored
+    torch.save({"state_dict": sd, "optimizer": None, "global_step": 0}, tmp_path / "wav2lip.pth")
+    args, cfg = train.parse_args(["--stage", "fctfg", "--audio_encoder", str(tmp_path / "wav2lip.pth"), *SMALL])
+    stage = train.FCTFGStage(cfg, torch.device("cpu"), args)
+    assert_same_state(stage.fctfg.E_a.state_dict(), enc.state_dict())
+    ck = run("fctfg", tmp_path / "f", 1, "--hyper_steps", "0", "--audio_encoder", str(tmp_path / "wav2lip.pth"))
+    assert ck["run"]["audio_encoder"] == str(tmp_path / "wav2lip.pth")
+    with pytest.raises(ValueError, match="audio_encoder"):
+        torch.save({"state_dict": {"x.weight": torch.zeros(1)}}, tmp_path / "other.pth")
+        train.FCTFGStage(cfg, torch.device("cpu"), train.parse_args(
+            ["--stage", "fctfg", "--audio_encoder", str(tmp_path / "other.pth"), *SMALL])[0])
+
+
 @pytest.mark.parametrize("loss", ["nce", "bce"])
 def test_syncnet_stage_losses_log_pair_auc(tmp_path, loss):
     run("syncnet", tmp_path, 2, "--expert_loss", loss, "--batch", "8")
