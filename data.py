@@ -665,23 +665,40 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
     def cross(self, i, j):
         """Identity of clip i, motion + audio of clip j: cross-identity reenactment ground truth."""
         ident, ms = self.identity(i), self.motion_seed(j)
-        cached = None
-        if self.cache_dir is not None:  # the key holds everything the pixels depend on
-            cached = self.cache_dir / f"id{ident.seed}_m{ms}_T{self.n_frames}_s{self.size}x{self.ss or 0}.npz"
-        if cached is not None and cached.exists():
-            with np.load(cached) as z:
-                frames, motion, audio = z["frames"], z["motion"], z["audio"]
-        else:
+
+        def make():
             motion, audio = make_motion(ms, self.n_frames)
-            frames = render_clip(ident, motion, self.size, self.ss)
-            if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                tmp = _tmp_path(cached)
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, frames=frames, motion=motion, audio=audio)
-                os.replace(tmp, cached)
-        return clip_sample(frames, audio, self._check(i) // self.clips_per_identity,
-                       dict(identity_seed=ident.seed, motion_seed=ms, motion=torch.from_numpy(motion)))
+            return dict(frames=render_clip(ident, motion, self.size, self.ss), motion=motion, audio=audio)
+
+        z = self._cached(f"id{ident.seed}_m{ms}", make)
+        return clip_sample(z["frames"], z["audio"], self._check(i) // self.clips_per_identity,
+                           dict(identity_seed=ident.seed, motion_seed=ms, motion=torch.from_numpy(z["motion"])))
+
+    def mouth_of(self, i, j):
+        """Frames of clip i with the mouth (mouth_open, mouth_width) of clip j's motion: uint8
+        [T, H, W, 3] (train.py's --drive_mouth swap: driving frames whose mouth says nothing about
+        the audio)."""
+        ident, ms, donor = self.identity(i), self.motion_seed(i), self.motion_seed(j)
+
+        def make():
+            motion = mouth_swapped(make_motion(ms, self.n_frames)[0], make_motion(donor, self.n_frames)[0])
+            return dict(frames=render_clip(ident, motion, self.size, self.ss))
+
+        return self._cached(f"id{ident.seed}_m{ms}_mouth{donor}", make)["frames"]
+
+    def _cached(self, stem, make):
+        """make() -> dict of arrays, stored once as cache_dir/<stem>_T.._s..npz (the key holds everything
+        the pixels depend on) and read back on later calls; without a cache_dir make() every time."""
+        if self.cache_dir is None:
+            return make()
+        path = self.cache_dir / f"{stem}_T{self.n_frames}_s{self.size}x{self.ss or 0}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        out = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda fh: np.savez(fh, **out))
+        return out
 
 
 def mouth_swapped(motion, donor):
@@ -714,6 +731,19 @@ def _tmp_path(path):
     """Temporary name in the same folder with the same suffix (the container format follows it)."""
     path = Path(path)
     return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+
+
+def write_atomic(path, write):
+    """write(binary file handle) into a temporary file beside `path`, then rename it into place: readers
+    (and a run killed mid-write) see the old file or the new one, never half of one."""
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_wav(path, audio, sr=SR):

@@ -32,6 +32,7 @@ else
 fi
 COMMON="--preset tiny --device cpu --seed $SEED --n_identities $N_IDS --clips_per_identity 5 --clip_frames 16"
 COMMON="$COMMON --sample_every $EVERY --ckpt_every $EVERY --log_every $(( EVERY < 10 ? 1 : 10 )) --resume"
+COMMON="$COMMON --cache_dir $OUT/clip_cache"   # the clip stages render their 1000 clips once, not per run
 # The image stages see one frame each of IMG_IDS people (a fixed pool of POOL frames): with the 200
 # people of the clip stages the decoder reconstructed training faces 2 dB better than new ones.
 IMG="--n_identities $IMG_IDS --frame_pool $POOL"

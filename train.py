@@ -106,6 +106,8 @@ def parse_args(argv=None):
     ap.add_argument("--data", default="synthetic", help="'synthetic' or a folder prepared by data.py")
     ap.add_argument("--out", default="runs/default", help="checkpoints, log.jsonl, samples/")
     ap.add_argument("--init", help="checkpoint of the previous stage")
+    ap.add_argument("--cache_dir", help="procedural data: render each clip once into this folder and reuse it "
+                    "in later runs (speed only: the pixels are identical; the recipe's ablations share one)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     ap.add_argument("--freeze_pretrained", action="store_true", help="FC-TFG stage: keep G/E_inv/HyperStyle fixed")
     ap.add_argument("--freeze_audio", action="store_true", help="FC-TFG stage: keep the audio encoder E_a fixed "
@@ -234,12 +236,12 @@ class FramePool(torch.utils.data.Dataset):
         return {"image": frames[len(frames) // 2]}
 
 
-def make_clip_dataset(cfg, data_arg, split="train"):
+def make_clip_dataset(cfg, data_arg, split="train", cache_dir=None):
     import data
     if data_arg == "synthetic":
         return data.SyntheticTalkingFaces(split, n_identities=cfg["n_identities"],
                                           clips_per_identity=cfg["clips_per_identity"],
-                                          n_frames=cfg["clip_frames"], size=cfg["size"])
+                                          n_frames=cfg["clip_frames"], size=cfg["size"], cache_dir=cache_dir)
     root = Path(data_arg)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {data_arg}: no such folder (prepare one with `python data.py prepare`)")
@@ -532,13 +534,9 @@ class ClipWindows(torch.utils.data.Dataset):
                 # frame's mouth always agrees with the audio and is far easier to read than the mel, so
                 # E_m would take the lips from the video and ignore x_a; with unrelated mouths in x_d the
                 # lips can only come from the audio, as Fig. 1 asks (lips from the audio source).
-                import data
                 g = np.random.default_rng((self.seed, 7, c))
                 donor = (c + 1 + int(g.integers(len(self.clips) - 1))) % len(self.clips) if len(self.clips) > 1 else c
-                donor_motion, _ = data.make_motion(self.clips.motion_seed(donor), self.clips.n_frames)
-                motion = data.mouth_swapped(s["motion"].numpy(), donor_motion)
-                drive = data.render_clip(self.clips.identity(c), motion, self.clips.size, self.clips.ss)
-                item["drive"] = torch.from_numpy(drive).permute(0, 3, 1, 2).contiguous()
+                item["drive"] = torch.from_numpy(self.clips.mouth_of(c, donor)).permute(0, 3, 1, 2).contiguous()
             if len(self._cache) < self._cache_size:
                 self._cache[c] = item
             return item
@@ -918,7 +916,8 @@ def train(argv=None):
     torch.manual_seed(cfg["seed"])  # the same seed everywhere: every rank builds identical networks
     try:
         stage = STAGE_CLASSES[args.stage](cfg, device, args)
-        data = Batches(stage.dataset(make_clip_dataset(cfg, args.data)), cfg["batch"], rank, world, cfg["seed"])
+        data = Batches(stage.dataset(make_clip_dataset(cfg, args.data, cache_dir=args.cache_dir)), cfg["batch"],
+                       rank, world, cfg["seed"])
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -468,6 +468,26 @@ def test_disk_cache_returns_the_same_sample(tmp_path):
         torch.testing.assert_close(second[key], plain[key], rtol=0, atol=0)
 
 
+def test_mouth_of_renders_another_clips_mouth_and_caches_it(tmp_path):
+    kw = dict(n_identities=2, clips_per_identity=2, n_frames=24, size=32)
+    ds = data.SyntheticTalkingFaces("train", **kw)
+    own, donor = data.make_motion(ds.motion_seed(1), 24)[0], data.make_motion(ds.motion_seed(3), 24)[0]
+    swapped = own.copy()
+    swapped[:, [K["mouth_open"], K["mouth_width"]]] = donor[:, [K["mouth_open"], K["mouth_width"]]]
+    np.testing.assert_array_equal(data.mouth_swapped(own, donor), swapped)
+    want = data.render_clip(ds.identity(1), swapped, 32)
+    np.testing.assert_array_equal(ds.mouth_of(1, 3), want)                 # identity and motion of 1, mouth of 3
+    assert not np.array_equal(want, _uint8(ds[1]["frames"]))                # the mouth really differs
+    cached = data.SyntheticTalkingFaces("train", cache_dir=tmp_path, **kw)
+    np.testing.assert_array_equal(cached.mouth_of(1, 3), want)
+    np.testing.assert_array_equal(cached.mouth_of(1, 3), want)             # read back from the cache
+    assert len(list(tmp_path.glob("*mouth*.npz"))) == 1 and not list(tmp_path.glob(".*"))  # no temporaries
+
+
+def _uint8(frames):
+    return ((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 @pytest.mark.parametrize("attr", data.ATTRIBUTE_CLIPS)
 def test_attribute_motion_moves_one_attribute(attr):
     own = {"yaw": ["yaw"], "pitch": ["pitch"], "blink": ["blink_l", "blink_r"], "gaze": ["gaze_x", "gaze_y"],
