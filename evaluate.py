@@ -846,42 +846,28 @@ def load_model(checkpoint, preset="tiny", window=5, device="cpu", seed=0):
 
 @torch.no_grad()
 def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, canonical=False):
-    """One clip through FC-TFG (or a baseline built from its parts). x_s [3, H, W], x_d [T, 3, H, W]
-    in [-1, 1], mel [T, 1, 80, 16] -> dict(x_g [T, 3, H, W], canon [T, 3, H, W] or None,
-    z_sc_spread float).
-
-    The clip goes through in chunks of whole temporal windows (Sec. 4.4.2: windows do not overlap), so
-    chunking changes nothing; window None = the whole clip in one call.
+    """One clip through FC-TFG (fusion.FCTFG.generate) or a baseline built from its parts.
+    x_s [3, H, W], x_d [T, 3, H, W] in [-1, 1], mel [T, 1, 80, 16] -> dict(x_g [T, 3, H, W],
+    canon [T, 3, H, W] or None, z_sc_spread float or None, ws [T, L, C], window).
       model         Eq. (1)-(2) + temporal fusion, rendered with the source's HyperStyle deltas
       encoder_recon G(E_inv(x_d)) with the same deltas: what the latent route gives when z_s->d is the
                     driving frame's own code, i.e. the upper bound of FC-TFG's reconstruction
       copy_source   handled by the caller (no network)
     canonical=True also renders G(E_can(E_inv(x_d,t))) for every frame t (Fig. 5b: every frame of one
     video taken to canonical space), without deltas (each frame is its own 'source')."""
-    z_s, deltas = model.encode_source(x_s[None], hyper_steps)                   # [1, L, C]
-    T = x_d.shape[0]
     win = model.fusion.temporal.window
-    step = T if win is None else win * max(1, chunk // win)
-    x_g, canon, z_sc_all, ws_all = [], [], [], []
-    for t0 in range(0, T, step):
-        xd, m = x_d[t0:t0 + step][None], mel[t0:t0 + step][None]                 # [1, n, ...]
-        if method == "encoder_recon":
-            z_d = model.E_inv(xd[0])[None]                                       # [1, n, L, C]
-            ws = z_d
-        elif method == "model":
-            z_d, z_a = model.encode_driving(xd, m)
-            codes = model.fusion(z_s, z_d, z_a)
-            ws = codes["z_sd"]
-            z_sc_all.append(codes["z_sc"][0])
-        else:
-            raise ValueError(f"run_model: method must be 'model' or 'encoder_recon', got {method!r}")
-        x_g.append(model.render(ws, deltas)[0])
-        ws_all.append(ws[0])
-        if canonical:
-            canon.append(model.G.synthesis(model.fusion.E_can(z_d[0])))
-    spread = float(torch.cat(z_sc_all).std(0).max()) if len(z_sc_all) and T > 1 else None
-    return dict(x_g=torch.cat(x_g), canon=torch.cat(canon) if canonical else None, z_sc_spread=spread,
-                ws=torch.cat(ws_all) if ws_all else None, window=win)
+    if method == "model":
+        out = model.generate(x_s, x_d, mel, hyper_steps, chunk)
+        z_d, ws = out["z_d"], out["z_sd"]
+        spread = float(out["z_sc"].std(0).max()) if x_d.shape[0] > 1 else None
+    elif method == "encoder_recon":
+        _, deltas = model.encode_source(x_s[None], hyper_steps)
+        z_d = ws = model.E_inv(x_d)
+        out, spread = dict(x_g=model.render(ws[None], deltas)[0]), None
+    else:
+        raise ValueError(f"run_model: method must be 'model' or 'encoder_recon', got {method!r}")
+    canon = model.canonical(z_d) if canonical else None
+    return dict(x_g=out["x_g"], canon=canon, z_sc_spread=spread, ws=ws, window=win)
 
 
 @torch.no_grad()

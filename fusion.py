@@ -419,26 +419,48 @@ class FCTFG(nn.Module):
                                           steps=hyper_steps)
         return z_s, deltas
 
-    def encode_driving(self, x_d, mel):
-        """x_d [B, T, 3, H, W], mel [B, T, 1, 80, 16] -> z_d [B, T, L, C], z_a [B, T, A]."""
-        B, T = x_d.shape[:2]
-        z_d = self.E_inv(x_d.flatten(0, 1)).unflatten(0, (B, T))  # Eq. (2): E_inv(x_d)
-        z_a = self.E_a(mel.flatten(0, 1)).unflatten(0, (B, T))    # Eq. (2): E_a(x_a)
-        return z_d, z_a
-
     def render(self, ws, deltas):
-        """ws [B, T, L, C] with per-source deltas (entries [B, O, I, k, k] or None) -> [B, T, 3, H, W]."""
+        """ws [B, T, L, C] with per-source deltas (entries [B, O, I, k, k] or None) -> [B, T, 3, H, W].
+        One source (B = 1): its deltas broadcast over the T frames; several: repeated per frame."""
         B, T = ws.shape[:2]
-        rep = [None if d is None else d.repeat_interleave(T, 0) for d in deltas]
+        rep = [None if d is None else d if B == 1 else d.repeat_interleave(T, 0) for d in deltas]
         return self.G.synthesis(ws.flatten(0, 1), weight_deltas=rep).unflatten(0, (B, T))
+
+    def decode(self, z_s, deltas, z_d, x_a):
+        """Fig. 3 after the visual encoder, for whole temporal windows: z_s [B, L, C] and the source's
+        deltas, driving codes z_d [B, T, L, C] = E_inv(x_d) and mel windows x_a [B, T, 1, 80, 16] ->
+        dict(x_g [B, T, 3, H, W], z_a, z_sc, z_cd, z_sd_raw, z_sd). Every caller (training, evaluation,
+        inference, figures) goes through here."""
+        B, T = z_d.shape[:2]
+        z_a = self.E_a(x_a.flatten(0, 1)).unflatten(0, (B, T))          # Eq. (2): E_a(x_a)
+        codes = self.fusion(z_s, z_d, z_a)                               # Eq. (1)-(2), temporal fusion
+        return dict(x_g=self.render(codes["z_sd"], deltas), z_a=z_a, **codes)
 
     def forward(self, x_s, x_d, mel, hyper_steps=0):
         """x_s [B, 3, H, W], x_d [B, T, 3, H, W], mel [B, T, 1, 80, 16] ->
         dict(x_g [B, T, 3, H, W], z_s, z_d, z_a, z_sc, z_cd, z_sd_raw, z_sd, deltas)."""
         z_s, deltas = self.encode_source(x_s, hyper_steps)
-        z_d, z_a = self.encode_driving(x_d, mel)
-        codes = self.fusion(z_s, z_d, z_a)
-        return dict(x_g=self.render(codes["z_sd"], deltas), z_s=z_s, z_d=z_d, z_a=z_a, deltas=deltas, **codes)
+        z_d = self.E_inv(x_d.flatten(0, 1)).unflatten(0, x_d.shape[:2])   # Eq. (2): E_inv(x_d)
+        return dict(z_s=z_s, z_d=z_d, deltas=deltas, **self.decode(z_s, deltas, z_d, mel))
+
+    def generate(self, x_s, x_d, mel, hyper_steps=0, chunk=40):
+        """One clip: x_s [3, H, W], x_d [T, 3, H, W], mel [T, 1, 80, 16] -> dict(x_g [T, 3, H, W],
+        z_d, z_sc, z_sd [T, L, C]). The source is inverted once; the clip then goes through decode in
+        chunks of whole temporal windows (Sec. 4.4.2: windows do not overlap), so chunking changes
+        nothing; window None = the whole clip in one call."""
+        z_s, deltas = self.encode_source(x_s[None], hyper_steps)
+        win = self.fusion.temporal.window
+        step = x_d.shape[0] if win is None else win * max(1, chunk // win)
+        outs = []
+        for t0 in range(0, x_d.shape[0], step):
+            z_d = self.E_inv(x_d[t0:t0 + step])[None]
+            outs.append(dict(z_d=z_d, **self.decode(z_s, deltas, z_d, mel[t0:t0 + step][None])))
+        return {k: torch.cat([o[k][0] for o in outs]) for k in ("x_g", "z_d", "z_sc", "z_sd")}
+
+    def canonical(self, z, deltas=None):
+        """Fig. 5: the canonical image G(E_can(z)) of codes z [N, L, C] (deltas: the source's, or None
+        for codes of other frames or people) -> [N, 3, H, W]."""
+        return self.G.synthesis(self.fusion.E_can(z), weight_deltas=deltas)
 
     @classmethod
     def load(cls, path, device="cpu"):

@@ -361,7 +361,7 @@ def crop_fn(box, size, shape):
 # ====================================================================================================
 
 class Timer:
-    """Accumulated wall time per pipeline stage; `with timer("G"): ...`. Synchronises CUDA for honesty."""
+    """Accumulated wall time per pipeline stage; `with timer("generate"): ...`. Synchronises CUDA for honesty."""
 
     def __init__(self, device=torch.device("cpu")):
         self.t, self.cuda = {}, device.type == "cuda"
@@ -449,33 +449,20 @@ def animate(model, z_s, deltas, drivers, mel, n_frames, fps, batch, timer=None, 
     win = model.fusion.temporal.window
     if win is None or batch % win:
         raise ValueError(f"batch {batch} must be a multiple of the temporal window {win}")
-    G, F = model.G, model.fusion
-    groups = routing_groups(G.size, F.layers, F.audio_layers)
-    starts = audio.window_starts(n_frames, fps)            # first mel column of each frame's window
-    need = int(starts[-1]) + audio.MEL_STEP - mel.shape[1]
-    if need > 0:                                             # frames past the audio hear silence (as mel_windows)
-        mel = np.pad(mel, ((0, 0), (0, need)), constant_values=audio.SILENCE)
-    dev = z_s.device
+    groups = routing_groups(model.G.size, model.fusion.layers, model.fusion.audio_layers)
+    windows = torch.from_numpy(audio.mel_windows(mel, n_frames, fps)).to(z_s.device)  # [K, 1, 80, 16]
     unique = {id(d): d for d in drivers.values()}
     for k0 in range(0, n_frames, batch):
         ks = list(range(k0, min(k0 + batch, n_frames)))
         per = {i: d.codes(ks) for i, d in unique.items()}   # each video decoded/encoded once
         z_d = route({g: per[id(d)] for g, d in drivers.items()}, groups)[None]  # [1, n, L, C]
-        with timer("encode"), amp():
-            idx = starts[ks][:, None] + np.arange(audio.MEL_STEP)               # [n, 16]
-            x_a = torch.from_numpy(np.ascontiguousarray(mel[:, idx].transpose(1, 0, 2)[:, None])).to(dev)
-            z_a = model.E_a(x_a.float()).float()[None]                          # Eq. (2): [1, n, A]
-        with timer("fuse"), amp():
-            if canonical:
-                z = F.E_can(z_d[0]).float()[None]                              # Fig. 5(b): [1, n, L, C]
-                codes = dict(z_d=z_d, z_a=z_a, z_sc=z, z_sd=z)
-            else:
-                codes = {k: v.float() for k, v in F(z_s, z_d, z_a).items()}     # Eq. (1) + temporal fusion
-                codes.update(z_d=z_d, z_a=z_a)
-        with timer("G"), amp():
-            # One source: its [1, O, I, k, k] deltas broadcast over the batch (FCTFG.render repeats them,
-            # same numbers, 2-3x slower on CPU). Canonical images of other people get no source deltas.
-            y = G.synthesis(codes["z_sd"][0], weight_deltas=None if canonical else deltas)
+        with timer("generate"), amp():
+            if canonical:   # Fig. 5(b): each driving frame taken to canonical space, no source deltas
+                y = model.canonical(z_d[0])
+                codes = dict(z_d=z_d)
+            else:           # Fig. 3: Eq. (1)-(2), temporal fusion, G with the source's deltas
+                codes = {k: v.float() for k, v in model.decode(z_s, deltas, z_d, windows[k0:k0 + len(ks)][None]).items()}
+                y, codes["z_d"] = codes.pop("x_g")[0], z_d
         yield k0, to_uint8(y), codes
 
 
@@ -816,7 +803,7 @@ def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None):
     print(f"bench: {st['frames']} frames {preset} on {st['device']} ({st['threads']} threads): "
           f"{st['e2e_fps']:.1f} fps end to end (source inversion {st['source_inversion_s'] * 1000:.0f} ms, "
           f"model load {st['stages'].get('load', 0) * 1000:.0f} ms, not included)")
-    parts = ["decode", "crop", "encode", "fuse", "G", "write"]
+    parts = ["decode", "crop", "encode", "generate", "write"]   # generate = E_a + fusion + G (FCTFG.decode)
     total = sum(st["stages"].get(k, 0) for k in parts)
     for k in parts:
         v = st["stages"].get(k, 0.0)

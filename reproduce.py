@@ -67,14 +67,13 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30), seed=0):
     # Fig. 5a: one frame of each of n people (all with their own pose) and its canonical image
     x = torch.stack([ds[i]["frames"][frames[i % len(frames)]] for i in range(n)])
     z = model.E_inv(x)
-    canon = model.G.synthesis(model.fusion.E_can(z), noise_mode="const")
-    recon = model.G.synthesis(z, noise_mode="const")
+    canon, recon = model.canonical(z), model.G.synthesis(z)
     p = out / "fig5_canonical_space.png"
     stylegan2.save_image_grid(torch.cat([x, recon, canon]), p, nrow=n)
     written.append(p)
     # Fig. 5b: every listed frame of ONE clip, and each one taken to canonical space
     clip = ds[0]["frames"][list(frames)]
-    canon_t = model.G.synthesis(model.fusion.E_can(model.E_inv(clip)), noise_mode="const")
+    canon_t = model.canonical(model.E_inv(clip))
     p = out / "fig5b_one_video_canonical.png"
     stylegan2.save_image_grid(torch.cat([clip, canon_t]), p, nrow=len(frames))
     written.append(p)

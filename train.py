@@ -887,8 +887,8 @@ class FCTFGStage:
         """Rows: source x_s | driving x_d (frame 0) | generated x_g | canonical G(z_s->c) (Fig. 5)."""
         mb, out = self.last
         n = min(4, mb["frames"].shape[0])
-        canon = self.fctfg.render(out["z_sc"][:n, :1], [None if d is None else d[:n] for d in out["deltas"]])
-        return torch.cat([mb["source"][:n], mb["frames"][:n, 0], out["x_g"][:n, 0].detach(), canon[:, 0]])
+        canon = self.fctfg.canonical(out["z_s"][:n], [None if d is None else d[:n] for d in out["deltas"]])
+        return torch.cat([mb["source"][:n], mb["frames"][:n, 0], out["x_g"][:n, 0].detach(), canon])
 
 
 STAGE_CLASSES = {"stylegan2": StyleGAN2Stage, "syncnet": SyncNetStage, "inversion": InversionStage,
