@@ -540,25 +540,6 @@ def _read_state_dict(path):
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
 
 
-def _load_exact(model, sd, what):
-    """Load `sd` into `model`; every key must match by name and shape, except BatchNorm's
-    `num_batches_tracked` counters, which some published key lists lack (Wav2Lip#247) and which do not
-    affect the forward pass (momentum is fixed)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{what}: checkpoint does not match the network.\n"
-                         f"  missing ({len(missing)}): {missing[:8]}\n"
-                         f"  unexpected ({len(unexpected)}): {unexpected[:8]}\n"
-                         f"  wrong shape ({len(wrong)}): {wrong[:8]}")
-    full = {k: sd.get(k, own[k]) for k in own}  # fill absent counters with the model's own zeros
-    model.load_state_dict(full, strict=True)
-    return model
-
-
 def load_audio_encoder(path, preset="paper"):
     """E_a from a Wav2Lip generator checkpoint (wav2lip.pth / wav2lip_gan.pth): only the keys
     `audio_encoder.*` are taken, everything else (face encoder, decoder) is ignored on purpose.
@@ -569,7 +550,8 @@ def load_audio_encoder(path, preset="paper"):
     if not sub:
         raise ValueError(f"{path}: no '{prefix}*' keys; is this a Wav2Lip generator checkpoint? "
                          f"first keys: {list(sd)[:5]}")
-    return _load_exact(AudioEncoder(**AUDIO_ENCODER_PRESETS[preset]), sub, f"load_audio_encoder({path})")
+    from stylegan2 import load_strict  # the project's one strict loader
+    return load_strict(AudioEncoder(**AUDIO_ENCODER_PRESETS[preset]), sub, f"load_audio_encoder({path})")
 
 
 def load_expert(path, preset="paper", device="cpu"):
@@ -594,7 +576,8 @@ def load_syncnet(path, preset="paper", freeze=True):
     """The lip-sync expert from a Wav2Lip expert checkpoint (lipsync_expert.pth). All keys must match.
     freeze=True returns it in eval mode without gradients, as used for L_sync (Eq. 4): the loss then
     moves only the generator, never the judge."""
-    model = _load_exact(SyncNet(**PRESETS[preset]), _read_state_dict(path), f"load_syncnet({path})")
+    from stylegan2 import load_strict
+    model = load_strict(SyncNet(**PRESETS[preset]), _read_state_dict(path), f"load_syncnet({path})")
     if freeze:
         model.eval().requires_grad_(False)
     return model

@@ -36,6 +36,8 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter1d
 from scipy.signal import butter, sosfilt
 
+from stylegan2 import write_atomic  # the project's one atomic writer
+
 FPS = 25                      # video frame rate of every clip (Wav2Lip / PC-AVS convention)
 SR = 16000                    # audio sample rate (Sec. 4.1.2)
 SPF = SR // FPS               # 640 audio samples per video frame
@@ -697,7 +699,7 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
                 return {k: z[k] for k in z.files}
         out = make()
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda fh: np.savez(fh, **out))
+        write_atomic(path, lambda tmp: np.savez(tmp, **out))
         return out
 
 
@@ -727,37 +729,12 @@ def _require_av():
     return av
 
 
-def _tmp_path(path):
-    """Temporary name in the same folder with the same suffix (the container format follows it)."""
-    path = Path(path)
-    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-
-
-def write_atomic(path, write):
-    """write(binary file handle) into a temporary file beside `path`, then rename it into place: readers
-    (and a run killed mid-write) see the old file or the new one, never half of one."""
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_wav(path, audio, sr=SR):
     """Write mono float audio as 16-bit PCM wav, atomically (temporary name, then rename)."""
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim != 1 or not np.all(np.isfinite(audio)):
         raise ValueError(f"audio must be a finite 1-D array, got shape {audio.shape}")
-    tmp = _tmp_path(path)
-    try:
-        sf.write(tmp, audio, int(sr), subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, lambda tmp: sf.write(tmp, audio, int(sr), subtype="PCM_16", format="WAV"))
 
 
 def read_wav(path):
@@ -789,9 +766,9 @@ def write_video(path, frames, fps=FPS, audio=None, sr=SR, crf=18):
         if audio.ndim != 1 or not np.all(np.isfinite(audio)):
             raise ValueError(f"audio must be a finite 1-D array, got shape {audio.shape}")
     rate = Fraction(fps).limit_denominator(1001)
-    tmp = _tmp_path(path)
-    try:
-        with av.open(str(tmp), mode="w", format="mp4") as out:
+
+    def write(tmp):
+        with av.open(tmp, mode="w", format="mp4") as out:
             vs = out.add_stream("libx264", rate=rate)
             vs.width, vs.height, vs.pix_fmt = W, H, "yuv420p"
             vs.options = {"crf": str(crf)}
@@ -814,10 +791,7 @@ def write_video(path, frames, fps=FPS, audio=None, sr=SR, crf=18):
             out.mux(vs.encode(None))
             if audio is not None:
                 out.mux(ast.encode(None))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, write)
 
 
 def nearest_frame_indices(times, fps, duration):
@@ -1052,9 +1026,7 @@ def prepare_one(src, dst_stem, size=256, detector=None, min_frames=64, min_face=
 
 
 def _write_json(path, record):
-    tmp = _tmp_path(path)
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
 
 
 def prepare(src_dir, dst_dir, size=256, detector=None, min_frames=64, min_face=64, strict=False, log=print,

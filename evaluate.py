@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import stylegan2
 
 # =================================================================================================
 # SSIM / MS-SSIM / PSNR (Sec. 4.2.1, refs [56], [57])
@@ -340,21 +341,10 @@ def load_syncnet_v2(path, device="cpu"):
     Returns the network in eval mode (BatchNorm uses the stored running statistics)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SyncNet v2 weights not found: {path}")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = stylegan2.load_checkpoint(path, "SyncNet v2 checkpoint")
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path}: expected a plain state dict of tensors (the syncnet_v2.model layout)")
-    net = SyncNetV2()
-    own = net.state_dict()
-    unexpected = sorted(k for k in sd if k not in own)
-    missing = sorted(k for k in own if k not in sd and not k.endswith("num_batches_tracked"))
-    wrong = sorted(f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                   for k, v in sd.items() if k in own and v.shape != own[k].shape)
-    if unexpected or missing or wrong:
-        raise ValueError(f"{path} does not match the SyncNet v2 layout: unexpected keys {unexpected[:5]}, "
-                         f"missing keys {missing[:5]}, wrong shapes {wrong[:5]}")
-    missing_ok, _ = net.load_state_dict(sd, strict=False)
-    assert all(k.endswith("num_batches_tracked") for k in missing_ok), missing_ok
-    return net.to(device).eval()
+    return stylegan2.load_strict(SyncNetV2(), sd, f"{path} (the SyncNet v2 layout)").to(device).eval()
 
 
 def lse_from_embeddings(v, a, vshift=SYNC_VSHIFT):
@@ -768,9 +758,7 @@ def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr
           "state_dict": probe.state_dict(),
           "heldout": attribute_errors(pred, yh), "heldout_mse": mse(xh, yhz), "train_mse": mse(x[:512], yz[:512]), **mse_init,
           "heldout_mean_predictor": attribute_errors(probe.mean.expand_as(yh), yh)}  # context: 'knows nothing'
-    tmp = f"{out_path}.tmp{os.getpid()}"
-    torch.save(ck, tmp)
-    os.replace(tmp, out_path)
+    stylegan2.save_checkpoint(out_path, ck)
     log("probe: held-out error " + _fmt_attrs(ck["heldout"]) + f" | mean predictor " +
         _fmt_attrs(ck["heldout_mean_predictor"]) + f" | saved {out_path}")
     return ck
@@ -780,10 +768,7 @@ def load_probe(path, device="cpu"):
     """-> (MotionProbe in eval mode, its held-out error dict)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"motion probe not found: {path} (train one: python evaluate.py --train-probe --out {path})")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip / unpickling errors come in many types: one clear message
-        raise ValueError(f"{path}: not a loadable probe checkpoint ({type(e).__name__}: {e})") from None
+    ck = stylegan2.load_checkpoint(path, "probe checkpoint")
     if not isinstance(ck, dict) or ck.get("kind") != "motion_probe":
         raise ValueError(f"{path}: not a motion-probe checkpoint (written by python evaluate.py --train-probe)")
     probe = MotionProbe(ck["width"], ck["hidden"])
@@ -1132,10 +1117,7 @@ def _restore_nonfinite(v):
 
 
 def _write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    stylegan2.write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_done(path):

@@ -55,6 +55,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 import audio
 import data
 import fusion
+import stylegan2
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = HERE / "checkpoints" / "fctfg_tiny.pt"  # shipped tiny model (when it exists)
@@ -481,9 +482,7 @@ def contact_sheet(path, source, driving, output, labels=("driving", "output")):
         for c, im in enumerate([source if r else None] + list(row)):
             if im is not None:
                 sheet.paste(Image.fromarray(fit(im)), (pad + c * (S + pad), y))
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    stylegan2.write_atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
 # ====================================================================================================
@@ -496,7 +495,7 @@ class VideoWriter:
 
     def __init__(self, path, width, height, fps, wav, sr=data.SR, metadata=METADATA, crf=18):
         av = data._require_av()
-        self.path, self.tmp = Path(path), data._tmp_path(path)
+        self.path, self.tmp = Path(path), stylegan2.temp_path(path)
         self.rate = Fraction(fps).limit_denominator(1001)
         self.wav, self.sr, self.k, self.apos = wav, int(sr), 0, 0
         self.out = av.open(str(self.tmp), mode="w", format="mp4")
@@ -792,7 +791,6 @@ def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None):
     one-time source inversion (reported apart). Detection is timed separately on 256 px frames because
     dlib does not find the cartoon faces (a real run probes 1 frame in 5 after the first 2 s)."""
     with tempfile.TemporaryDirectory() as d:
-        import stylegan2
         src, frames, wav = procedural_inputs(stylegan2.PRESETS[preset]["size"], seconds)
         Image.fromarray(src).save(f"{d}/src.png")
         data.write_video(f"{d}/drive.mp4", np.stack(list(frames)), data.FPS, wav)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import stylegan2
 from stylegan2 import EqualLinear  # equalised-lr linear (keys weight [out, in], bias [out]) as pSp/HyperStyle use
 
 # Constructor kwargs of the three networks, per preset. `paper` reproduces the published sizes (pSp and
@@ -473,34 +474,14 @@ def hyperstyle_loss(H, G, x, ws, steps=5, E_id=None, perceptual=None):
 # ---------------------------------------------------------------------------------------------------
 
 def _read(path, what):
-    """torch.load with weights_only=True, turning every failure into one readable error."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors have many types; re-raise as one clear message
-        raise ValueError(f"{path} is not a readable PyTorch {what} checkpoint ({type(e).__name__}: {e})") from e
+    return stylegan2.load_checkpoint(path, f"{what} checkpoint")
 
 
 def _strip(sd, prefix):
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def _load_strict(module, sd, what, allow_missing=("num_batches_tracked",)):
-    """load_state_dict(strict) with a message that names the offending keys and shapes. Keys ending
-    in an entry of allow_missing may be absent: BatchNorm's num_batches_tracked is missing from files
-    saved by old PyTorch versions and is unused in eval mode (momentum is set)."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith(tuple(allow_missing))]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{what} checkpoint does not match the network: {len(missing)} missing keys "
-                         f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
-                         f"{len(wrong)} shape mismatches {wrong[:5]}")
-    module.load_state_dict(sd, strict=False)  # strictness checked above (allow_missing aside)
+_load_strict = stylegan2.load_strict  # the project's one strict loader
 
 
 def load_arcface(path, **cfg):

@@ -245,30 +245,19 @@ def load_vgg19(path_or_sd, taps=(3, 8, 17, 26, 35)):
     """A torchvision-layout VGG19 state dict (file path or dict, e.g. torchvision's vgg19-dcbb9e9d.pth)
     -> frozen VGG19Features. Loads every `features.{i}.weight/bias` strictly; the classifier (`classifier.*`)
     is the one expected extra and is ignored. torch.load with weights_only=True (tensors only)."""
+    import stylegan2  # the project's one checkpoint reader and strict loader
     if isinstance(path_or_sd, (str, os.PathLike)):
-        if not os.path.isfile(path_or_sd):
-            raise FileNotFoundError(f"load_vgg19: no such file {path_or_sd}")
-        sd = torch.load(path_or_sd, map_location="cpu", weights_only=True)
+        sd = stylegan2.load_checkpoint(path_or_sd, "VGG19 checkpoint")
     else:
         sd = path_or_sd
     if not isinstance(sd, dict):
         raise ValueError(f"load_vgg19: expected a state dict, got {type(sd).__name__}")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    feats = {k: v for k, v in sd.items() if k.startswith("features.")}
     other = sorted(k for k in sd if not k.startswith("features.") and not k.startswith("classifier."))
     if other:
         raise ValueError(f"load_vgg19: not a torchvision VGG19 state dict; unexpected keys {other[:5]}")
-    model = VGG19Features(base=64, taps=taps)
-    own = model.state_dict()
-    wrong = [f"{k}: {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in feats.items()
-             if k in own and v.shape != own[k].shape]
-    if wrong:
-        raise ValueError(f"load_vgg19: shape mismatch (not VGG19 cfg E?): {wrong[:3]}")
-    missing, unexpected = model.load_state_dict(feats, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"load_vgg19: not a torchvision VGG19 (cfg E) state dict; missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    return model
+    feats = {k: v for k, v in sd.items() if k.startswith("features.")}   # classifier.*: the one ignored part
+    return stylegan2.load_strict(VGG19Features(base=64, taps=taps), feats, "load_vgg19 (torchvision VGG19, cfg E)")
 
 
 def perceptual_loss(vgg, x_g, x_d, mode="lpips"):

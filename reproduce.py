@@ -43,9 +43,7 @@ def export(src, dst):
             "fctfg": {k: half(v) for k, v in ck["fctfg"].items()}}
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    torch.save(slim, tmp)
-    os.replace(tmp, dst)
+    stylegan2.save_checkpoint(dst, slim)
     return dst.stat().st_size
 
 
@@ -293,9 +291,7 @@ def main(argv=None):
             md = tables(args.runs)
             print(md)
             if args.out:
-                tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
-                tmp.write_text(md)
-                os.replace(tmp, args.out)
+                stylegan2.write_atomic(args.out, lambda tmp: Path(tmp).write_text(md))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

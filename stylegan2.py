@@ -762,20 +762,64 @@ def path_length_penalty(img, ws, mean_path_length, decay=0.01):
 
 
 # ====================================================================================================
-# Checkpoint loading (rosinality / pSp layouts), safe: weights_only=True
+# Files: the one checkpoint reader, strict loader and atomic writer that every module of the project
+# uses (this file is the bottom of the import graph, so it is their home)
 # ====================================================================================================
 
-def load_checkpoint(path):
-    """torch.load with weights_only=True. rosinality training checkpoints pickle their argparse
-    Namespace under `args`; we allow-list exactly that class (it holds plain values) and nothing else."""
+def load_checkpoint(path, what="checkpoint"):
+    """torch.load with weights_only=True (tensors, dicts, lists, numbers, strings only), and one clear
+    FileNotFoundError / ValueError for a missing or unreadable file. rosinality training checkpoints
+    pickle their argparse Namespace under `args`; we allow-list exactly that class (it holds plain
+    values) and nothing else."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling/zip errors come in many types; report them as one clear error
-        raise ValueError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a loadable {what} ({type(e).__name__}: {e})") from None
+
+
+def load_strict(module, sd, what, may_lack=("num_batches_tracked",)):
+    """module.load_state_dict(sd) where every key must match by name and shape, with one ValueError
+    that names the offending keys. Keys ending in an entry of `may_lack` may be absent (BatchNorm's
+    num_batches_tracked counters: missing from files of old PyTorch versions and published key lists,
+    Wav2Lip#247; unused in eval mode); they keep the module's own value. -> module."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith(tuple(may_lack))]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{what}: checkpoint does not match the network: {len(missing)} missing keys "
+                         f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
+                         f"{len(wrong)} shape mismatches {wrong[:5]}")
+    module.load_state_dict({k: sd.get(k, own[k]) for k in own}, strict=True)
+    return module
+
+
+def temp_path(path):
+    """A temporary name beside `path` with the same suffix (writers that pick the format from it)."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+
+
+def write_atomic(path, write):
+    """write(temporary path) then rename it onto `path`: readers, and a run killed mid-write, see the
+    old file or the new one, never half of one. The temporary file is removed if write() fails."""
+    tmp = temp_path(path)
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(path, obj):
+    """torch.save, atomically (write_atomic); load_checkpoint reads it back."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _generator_config(sd):
@@ -845,10 +889,8 @@ def save_image_grid(images, path, nrow=None):
     for i in range(N):
         r, c = divmod(i, nrow)
         grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(np.ascontiguousarray(grid.permute(1, 2, 0).numpy())).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    grid = np.ascontiguousarray(grid.permute(1, 2, 0).numpy())
+    write_atomic(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
 
 
 # ====================================================================================================

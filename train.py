@@ -272,11 +272,7 @@ def _literal_tuple(text):
     return ast.literal_eval(text)
 
 
-def save_checkpoint(path, state):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
+save_checkpoint = stylegan2.save_checkpoint  # atomic torch.save
 
 
 # weights_only=True with one clear error (FileNotFoundError / ValueError) for a missing or corrupt file
@@ -317,9 +313,7 @@ def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
         draw.text((ox + 2, oy + H - 30), f"{lo:.3g}", fill=(90, 90, 90))
         draw.text((ox + 40, oy + H - 16), f"step {int(steps[0])}", fill=(90, 90, 90))
         draw.text((ox + W - 70, oy + H - 16), f"{int(steps[-1])}", fill=(90, 90, 90))
-    tmp = Path(png_path).with_name(Path(png_path).name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, png_path)
+    stylegan2.write_atomic(png_path, lambda tmp: img.save(tmp, format="PNG"))
     return len(keys)
 
 

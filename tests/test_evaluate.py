@@ -297,7 +297,7 @@ def test_load_syncnet_v2_roundtrip_and_errors(tmp_path):
         ev.load_syncnet_v2(str(tmp_path / "missing.model"))
     bad = dict(sd, **{"netfcaud.3.weight": torch.zeros(512, 512)})
     torch.save(bad, tmp_path / "shape.model")
-    with pytest.raises(ValueError, match="wrong shapes"):
+    with pytest.raises(ValueError, match="shape mismatches"):
         ev.load_syncnet_v2(str(tmp_path / "shape.model"))
     torch.save({"state_dict": sd}, tmp_path / "wrapped.model")
     with pytest.raises(ValueError, match="plain state dict"):

@@ -489,10 +489,10 @@ def test_loaders_refuse_missing_junk_and_wrong_network(tmp_path):
         I.load_arcface(tmp_path / "nope.pth")
     (tmp_path / "junk.pt").write_bytes(b"this is not a checkpoint")
     for load in (I.load_arcface, I.load_psp):
-        with pytest.raises(ValueError, match="not a readable"):
+        with pytest.raises(ValueError, match="not a loadable"):
             load(tmp_path / "junk.pt")
     torch.save({"x": nn.Linear(2, 2)}, tmp_path / "pickled_module.pt")  # weights_only refuses modules
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match="not a loadable"):
         I.load_arcface(tmp_path / "pickled_module.pt")
     arc = random_sd(arcface_keys(**ARC_TINY))
     torch.save(arc, tmp_path / "arc.pth")
