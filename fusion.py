@@ -123,16 +123,18 @@ class CanonicalEncoder(nn.Module):
     """E_can (Sec. 3.1): per manipulated w index l, an independent 2-layer MLP C -> hidden -> C.
     Layers outside `layers` pass z_s through unchanged (the decoder then renders them from the source).
 
-    skip=True (our choice, the paper only says "2-layer MLP"): z_s->c = z_s + MLP(z_s) with the MLP's
-    last layer zero-initialised, so training starts from "canonical = source" (the inversion's own
-    reconstruction) instead of from a random code the pre-trained decoder has never seen."""
+    skip=False (the paper: "a 2-layer MLP"): z_s->c = MLP(z_s). skip=True (train.py --canonical
+    residual, an ablation row): z_s->c = z_s + MLP(z_s) with the MLP's last layer zero-initialised, so
+    training starts from "canonical = source". That keeps z_s->c dense and far from zero, and then
+    Eq. (3)'s |z_s->c ⊙ z_c->d| is an L1 pull of the motion code to 0 instead of a channel split
+    (RESULTS.md, Table 4)."""
 
     def __init__(self,
                  L=14,                          # number of w vectors of the generator
                  C=512,                         # width of one w vector
                  layers=(1, 2, 3, 4, 7, 8, 9, 10),  # w indices with their own MLP (Sec. 4.1.2)
                  hidden=512,                    # MLP width; the paper does not give it
-                 skip=True):                    # residual form, identity at init (see docstring)
+                 skip=False):                   # residual form, identity at init (see docstring)
         super().__init__()
         self.L, self.C, self.skip = L, C, skip
         self.layers, _ = _check_layers(L, layers, ())
@@ -163,10 +165,7 @@ class CanonicalEncoder(nn.Module):
 class MotionEncoder(nn.Module):
     """E_m (Eq. 2): per manipulated w index l, an independent 3-layer MLP. Its input is the driving code
     z_d[:, :, l] alone, or z_a ⊕ z_d[:, :, l] (channel concat, audio first as written in Eq. 2) in the
-    audio layers. Untouched layers get z_c->d = 0, so Eq. (1) leaves them equal to z_s.
-
-    The last layer is zero-initialised (our choice): z_c->d = 0 at the start, i.e. the generator first
-    reproduces the canonical (= source) frame and motion is learned on top of it."""
+    audio layers. Untouched layers get z_c->d = 0, so Eq. (1) leaves them equal to z_s."""
 
     def __init__(self,
                  L=14,                          # number of w vectors
@@ -174,21 +173,16 @@ class MotionEncoder(nn.Module):
                  A=512,                         # width of the audio code z_a (Wav2Lip encoder: 512)
                  layers=(1, 2, 3, 4, 7, 8, 9, 10),  # w indices with their own MLP (Sec. 4.1.2)
                  audio_layers=(7, 8),           # subset of `layers` that also sees z_a (Sec. 4.1.2)
-                 hidden=512,                    # MLP width; the paper does not give it
-                 zero_init=True):               # last layer zero (z_c->d = 0 at start); see below
+                 hidden=512):                   # MLP width; the paper does not give it
         super().__init__()
         self.L, self.C, self.A = L, C, A
         self.layers, self.audio_layers = _check_layers(L, layers, audio_layers)
         self.mlps = nn.ModuleDict({
             str(l): _mlp(C + (A if l in self.audio_layers else 0), hidden, C, 3) for l in self.layers})
-        # zero_init=False keeps PyTorch's default init: z_c->d starts small and random. Zero init sits
-        # in the dead zone of Eq. (3)'s |z_s->c ⊙ z_c->d|: at z_c->d = 0 that term is an L1 pull of
-        # strength |z_s->c| per element, and the reconstruction gradient of a still-blurry decoder is
-        # weaker, so the motion code never leaves 0 (measured; RESULTS.md, "motion collapse").
-        if zero_init:
-            for m in self.mlps.values():
-                nn.init.zeros_(m[-1].weight)
-                nn.init.zeros_(m[-1].bias)
+        # PyTorch's default init (the paper does not say): z_c->d starts small and random. A zero-init
+        # last layer would sit in the dead zone of Eq. (3)'s |z_s->c ⊙ z_c->d|: at z_c->d = 0 that term
+        # is an L1 pull of strength |z_s->c| per element, stronger than the reconstruction gradient of
+        # a still-blurry decoder, so the motion code never left 0 (measured; RESULTS.md, "motion collapse").
 
     def forward(self, z_d, z_a):
         """z_d [B, T, L, C], z_a [B, T, A] -> z_c->d [B, T, L, C]."""
@@ -305,13 +299,12 @@ class LatentFusion(nn.Module):
                  temporal="conv",               # Temporal Fusion: "conv" | "lstm" | "none" (Table 3)
                  kernel_size=3,                 # temporal conv taps (not in the paper)
                  window=None,                   # temporal window in frames; None = the whole T axis
-                 canonical_skip=True,           # E_can residual + zero init (see CanonicalEncoder)
-                 motion_zero_init=True):        # E_m's last layer zero at start (see MotionEncoder)
+                 canonical_skip=False):         # E_can residual + zero init (see CanonicalEncoder)
         super().__init__()
         self.L, self.C, self.A = L, C, A
         self.layers, self.audio_layers = _check_layers(L, layers, audio_layers)
         self.E_can = CanonicalEncoder(L, C, self.layers, hidden, skip=canonical_skip)
-        self.E_m = MotionEncoder(L, C, A, self.layers, self.audio_layers, hidden, zero_init=motion_zero_init)
+        self.E_m = MotionEncoder(L, C, A, self.layers, self.audio_layers, hidden)
         self.temporal = TemporalFusion(len(self.layers), C, temporal, kernel_size, window)
         self.register_buffer("_idx", torch.tensor(self.layers), persistent=False)
 

@@ -69,7 +69,6 @@ PRESETS = {
         feature_weight=0.0,       # stylegan2 stage: extra L1 weight on eyes and mouth (FramePool)
         latent_weight=0.0,        # fctfg stage: weight of losses.latent_reconstruction_loss (not in Eq. 9)
         source_from="identity",   # fctfg stage: x_s from the same clip | any clip of the person (ClipWindows)
-        motion_init="default",    # fctfg stage: E_m's last layer zero | default (fusion.MotionEncoder)
         canonical="plain",        # fctfg stage: E_can a plain 2-layer MLP (Sec. 3.1) | residual (identity at init)
         drive_mouth="swap",       # fctfg stage: driving frames keep their own mouth | get another clip's (ClipWindows)
         layers="0,1,2,3,4,5,6",   # fctfg stage: manipulated w indices (Sec. 4.1.2; fusion.paper_layers(64) + w0)
@@ -89,7 +88,7 @@ PRESETS = {
         expert_loss="bce",        # Wav2Lip's expert loss
         gan_every=1, latent_weight=0.0, feature_weight=0.0, lr_rampdown=0,
         source_from="clip",       # a prepared clip is one video: x_s from anywhere in it
-        motion_init="default", canonical="plain", drive_mouth="own", layers="1,2,3,4,7,8,9,10",
+        canonical="plain", drive_mouth="own", layers="1,2,3,4,7,8,9,10",
         audio_layers="7,8",
     ),
 }
@@ -742,13 +741,10 @@ class FCTFGStage:
         self.cfg, self.losses = cfg, losses
         if cfg["ortho"] not in ("hadamard_abs", "signed", "squared", "cosine", "none"):
             raise SystemExit(f"error: --ortho {cfg['ortho']!r} is not a mode of losses.orthogonality_loss")
-        if cfg["motion_init"] not in ("zero", "default"):
-            raise SystemExit(f"error: --motion_init must be 'zero' or 'default', got {cfg['motion_init']!r}")
         if cfg["canonical"] not in ("plain", "residual"):
             raise SystemExit(f"error: --canonical must be 'plain' or 'residual', got {cfg['canonical']!r}")
         try:
             self.fctfg = fusion.FCTFG(cfg["model"], temporal=cfg["temporal"], window=cfg["window"],
-                                      motion_zero_init=cfg["motion_init"] == "zero",
                                       canonical_skip=cfg["canonical"] == "residual",
                                       layers=fusion.parse_layers(cfg["layers"]),
                                       audio_layers=fusion.parse_layers(cfg["audio_layers"])).to(device)

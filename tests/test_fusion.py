@@ -87,15 +87,21 @@ def lrelu(x):
     return torch.where(x > 0, x, 0.2 * x)
 
 
-def test_canonical_encoder_is_a_per_layer_2_layer_mlp_with_skip():
-    E = randomize_(CanonicalEncoder(L=14, C=6, layers=PAPER_LAYERS, hidden=7).double())
+@pytest.mark.parametrize("skip", [False, True])
+def test_canonical_encoder_is_a_per_layer_2_layer_mlp(skip):
+    """skip=False: the paper's plain MLP(z); skip=True (--canonical residual): z + MLP(z), and the
+    identity map at init (zero last layer)."""
+    E = CanonicalEncoder(L=14, C=6, layers=PAPER_LAYERS, hidden=7, skip=skip).double()
     z_s = torch.randn(3, 14, 6, dtype=torch.float64)
+    if skip:
+        torch.testing.assert_close(E(z_s), z_s, rtol=0, atol=0)
+    E = randomize_(E)
     out = E(z_s)
     for l in range(14):
         if l in PAPER_LAYERS:
             m = E.mlps[str(l)]
             W1, b1, W2, b2 = m[0].weight, m[0].bias, m[2].weight, m[2].bias
-            want = z_s[:, l] + lrelu(z_s[:, l] @ W1.T + b1) @ W2.T + b2   # z + MLP(z), Sec. 3.1
+            want = (z_s[:, l] if skip else 0) + lrelu(z_s[:, l] @ W1.T + b1) @ W2.T + b2   # Sec. 3.1
         else:
             want = z_s[:, l]
         torch.testing.assert_close(out[:, l], want)
@@ -164,17 +170,19 @@ def test_untouched_layers_keep_the_source_code_and_eq1_holds(temporal):
 
 
 @pytest.mark.parametrize("temporal", ["conv", "lstm", "none"])
-def test_fresh_network_reproduces_the_source(temporal):
-    # zero-init E_m, identity-init E_can (skip) and Temporal Fusion: training starts from G(z_s)
+def test_fresh_temporal_fusion_is_the_identity(temporal):
+    # Temporal Fusion starts as the identity (conv: centre tap I; LSTM: zero residual), so a fresh
+    # network renders exactly Eq. (1), z_s->d = z_s->c + z_c->d
     F_ = small_fusion(temporal=temporal)
     z_s, z_d, z_a = codes()
     out = F_(z_s, z_d, z_a)
-    torch.testing.assert_close(out["z_sd"], z_s[:, None].expand_as(z_d), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out["z_sd"], out["z_sd_raw"], rtol=0, atol=1e-12)
 
 
-def test_motion_zero_init_false_starts_with_a_driving_dependent_motion_code():
+def test_fresh_motion_code_depends_on_the_driving_frame():
+    # PyTorch's default init (not zero: Eq. (3)'s dead zone at z_c->d = 0, MotionEncoder)
     torch.manual_seed(0)
-    F_ = small_fusion(motion_zero_init=False)
+    F_ = small_fusion()
     z_s, z_d, z_a = codes()
     out = F_(z_s, z_d, z_a)
     moved = (out["z_cd"] != 0).any(-1)                      # [B, T, L]: which w vectors got motion

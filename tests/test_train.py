@@ -150,12 +150,8 @@ def test_fctfg_stage_logs_motion_and_the_latent_term(tmp_path):
     # so their difference is known to within a few eps32 * |total|, not to a relative 1e-4 of itself
     tol = 8 * 2.0 ** -23 * max(abs(log_r["total"]), abs(log_w["total"]))
     assert log_r["total"] - log_w["total"] == pytest.approx(0.9 * log_r["ortho"], rel=1e-6, abs=tol)
-    # motion_init default: E_m's output is not 0 at the start (z_cd > 0 above); zero keeps it at 0
-    run("fctfg", tmp_path / "z", 1, "--hyper_steps", "0", "--motion_init", "zero", "--ortho", "none")
-    log = [json.loads(l) for l in (tmp_path / "z" / "log.jsonl").read_text().splitlines()]
-    assert log[0]["z_cd"] == 0 and "latent" not in log[0]
-    with pytest.raises(SystemExit, match="motion_init"):
-        train.train(["--stage", "fctfg", "--motion_init", "small", "--out", str(tmp_path / "x"), *SMALL])
+    with pytest.raises(SystemExit, match="canonical"):
+        train.train(["--stage", "fctfg", "--canonical", "deep", "--out", str(tmp_path / "x"), *SMALL])
 
 
 def test_fctfg_audio_encoder_flag_loads_wav2lip_weights_into_E_a(tmp_path):
