@@ -1089,17 +1089,25 @@ class VideoFolderDataset(torch.utils.data.Dataset):
     """Clips written by `prepare` (JSON status ok + mp4 + wav), in the procedural set's sample format
     (frames, audio, mel, identity; no `motion`: real clips have no motion ground truth).
     n_frames=None returns whole clips; an int returns a window of that length (random start when
-    random_window, else the first frames). Identity = index of the JSON's `identity` in sorted order."""
+    random_window, else the first frames). Identity = index of the JSON's `identity` in sorted order.
+    only: the clips to keep (paths with or without suffix, e.g. mead_clip_list(root) for the paper's
+    MEAD test set); every one must be prepared."""
 
-    def __init__(self, root, n_frames=None, random_window=True):
+    def __init__(self, root, n_frames=None, random_window=True, only=None):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"prepared data folder not found: {root}")
+        keep = None if only is None else {Path(p).with_suffix("") for p in only}   # e.g. mead_clip_list(root)
         self.items = []
         for p in sorted(root.rglob("*.json")):
             rec = json.loads(p.read_text())
+            if keep is not None and p.with_suffix("") not in keep:
+                continue
             if rec.get("status") == "ok" and (n_frames is None or rec["n_frames"] >= n_frames):
                 self.items.append((p.with_suffix(""), rec))
+        if keep is not None and len(self.items) != len(keep):
+            raise ValueError(f"{len(keep) - len(self.items)} of the {len(keep)} listed clips are not prepared "
+                             f"(status 'ok') under {root}")
         if not self.items:
             raise ValueError(f"no prepared clips (JSON with status 'ok') under {root}")
         self.identities = sorted({rec["identity"] for _, rec in self.items})
@@ -1128,18 +1136,21 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="FC-TFG data: prepare real videos, benchmark or preview the procedural set")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="crop/resample a folder of videos (FOMM-style)")
-    p.add_argument("src"); p.add_argument("dst")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--min-frames", type=int, default=64)
+    p.add_argument("src", help="folder of source videos (VoxCeleb2 / MEAD layout, Sec. 4.1.1)")
+    p.add_argument("dst", help="output folder: mp4 + wav + JSON per clip, mirroring the source paths")
+    p.add_argument("--size", type=int, default=256, help="output side in pixels (the paper's 256)")
+    p.add_argument("--min-frames", type=int, default=64, help="skip clips shorter than this (25 fps frames)")
     p.add_argument("--min-face", type=int, default=64, help="minimum tube box side in source pixels")
     p.add_argument("--strict", action="store_true", help="FOMM parity: reject boxes leaving the frame")
     p.add_argument("--glob", default="**/*", help='files to take, e.g. "*/video/front/**/*.mp4" (MEAD)')
     b = sub.add_parser("bench", help="rendering speed in frames/s")
-    b.add_argument("--frames", type=int, default=20)
+    b.add_argument("--frames", type=int, default=20, help="frames to render per size")
     v = sub.add_parser("preview", help="write one procedural clip as mp4")
-    v.add_argument("out"); v.add_argument("--identity", type=int, default=0)
-    v.add_argument("--motion", type=int, default=0); v.add_argument("--size", type=int, default=256)
-    v.add_argument("--frames", type=int, default=100)
+    v.add_argument("out", help="mp4 to write")
+    v.add_argument("--identity", type=int, default=0, help="identity seed (data.TRAIN_IDS / TEST_IDS)")
+    v.add_argument("--motion", type=int, default=0, help="motion seed")
+    v.add_argument("--size", type=int, default=256, help="side in pixels")
+    v.add_argument("--frames", type=int, default=100, help="clip length (25 fps)")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         prepare(a.src, a.dst, a.size, None, a.min_frames, a.min_face, a.strict, glob=a.glob)

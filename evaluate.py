@@ -1215,8 +1215,11 @@ def parse_args(argv=None):
                          "attributes: one attribute at a time (issue 18's transfer table, procedural data)")
     ap.add_argument("--attr_split", default="report", choices=sorted(ATTR_SPLITS),
                     help="--protocol attributes: people and motions to use (tune on 'tune', report 'report')")
-    ap.add_argument("--baseline", default=None, choices=("copy_source", "encoder_recon"))
-    ap.add_argument("--n_clips", type=int, default=20)
+    ap.add_argument("--baseline", default=None, choices=("copy_source", "encoder_recon"),
+                    help="score a baseline instead of FC-TFG: the source frame copied, or G(E_inv(x_d))")
+    ap.add_argument("--n_clips", type=int, default=20, help="clips (pairs for --protocol attributes) to score")
+    ap.add_argument("--mead", action="store_true", help="--data is a prepared MEAD folder: score the paper's "
+                    "MEAD test set (Sec. 4.1.1: 5 speakers x 8 emotions x 5 frontal clips, data.mead_clip_list)")
     ap.add_argument("--clip_frames", type=int, default=32, help="synthetic clip length T (25 fps)")
     ap.add_argument("--out", default=None, help="results folder (evaluation) or probe file (--train-probe)")
     ap.add_argument("--syncnet", help="our lip-sync expert (train.py --stage syncnet checkpoint) for LSE-D/C")
@@ -1228,11 +1231,12 @@ def parse_args(argv=None):
     ap.add_argument("--window", type=int, default=5, help="temporal window of --checkpoint untrained")
     ap.add_argument("--chunk", type=int, default=40, help="frames per forward pass (rounded down to whole windows)")
     ap.add_argument("--examples", type=int, default=2, help="side-by-side example videos to save")
-    ap.add_argument("--paper_table", default="auto", choices=("auto", "voxceleb2", "mead", "none"))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--paper_table", default="auto", choices=("auto", "voxceleb2", "mead", "none"),
+                    help="Table 1 rows of the paper printed beside ours on real data (auto: from --data / --mead)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of an untrained model and of the probe's training")
     ap.add_argument("--train-probe", dest="train_probe", action="store_true", help="train the motion probe, save to --out")
-    ap.add_argument("--probe_frames", type=int, default=20000)
-    ap.add_argument("--probe_steps", type=int, default=1500)
+    ap.add_argument("--probe_frames", type=int, default=20000, help="--train-probe: rendered training frames")
+    ap.add_argument("--probe_steps", type=int, default=1500, help="--train-probe: optimiser steps")
     ap.add_argument("--bench", action="store_true", help="metric throughput vs the oracles")
     return ap.parse_args(argv)
 
@@ -1245,6 +1249,8 @@ def evaluate(args):
     method = args.baseline or "model"
     if args.out is None:
         raise ValueError("--out DIR is required (results, per-clip log, example videos)")
+    if args.mead and args.data == "synthetic":
+        raise ValueError("--mead selects clips of a prepared MEAD folder: pass it as --data")
     if args.n_clips < 1:
         raise ValueError(f"--n_clips must be >= 1, got {args.n_clips}")
     if args.checkpoint is None and method != "copy_source":
@@ -1265,8 +1271,9 @@ def evaluate(args):
     else:
         if args.protocol == "cross":
             raise ValueError("--protocol cross needs the renderer's ground truth: use --data synthetic")
-        ds = data.VideoFolderDataset(args.data, n_frames=None, random_window=False)
-        n = min(args.n_clips, len(ds))
+        only = data.mead_clip_list(args.data) if args.mead else None
+        ds = data.VideoFolderDataset(args.data, n_frames=None, random_window=False, only=only)
+        n = len(ds) if args.mead else min(args.n_clips, len(ds))
     tools = dict(hyper_steps=hyper_steps, chunk=args.chunk)
     notes = []
     if args.syncnet:
@@ -1302,13 +1309,14 @@ def evaluate(args):
                  "frame -> per clip -> mean over clips; pcavs scores frames 1..T-1, cross all frames")
     paper = None
     if not synthetic and args.paper_table != "none":
-        paper = args.paper_table if args.paper_table != "auto" else ("mead" if "mead" in args.data.lower() else "voxceleb2")
+        paper = args.paper_table if args.paper_table != "auto" else \
+            ("mead" if args.mead or "mead" in args.data.lower() else "voxceleb2")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = dict(protocol=args.protocol, method=method, checkpoint=args.checkpoint, data=args.data,
                clip_frames=args.clip_frames if synthetic else None, size=size, hyper_steps=hyper_steps,
-               syncnet=args.syncnet, syncnet_v2=args.syncnet_v2, probe=args.probe, seed=args.seed,
+               syncnet=args.syncnet, syncnet_v2=args.syncnet_v2, probe=args.probe, seed=args.seed, mead=args.mead,
                window=(model.fusion.temporal.window if model is not None else None))
     run_file = out / "run.json"
     if run_file.is_file():

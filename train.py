@@ -41,56 +41,83 @@ import torch.nn.functional as F
 import stylegan2
 
 # ----------------------------------------------------------------------------------------------------
-# Presets: plain dicts. Every key is also a command-line flag (--key value) of the same type.
-# `model` names the architecture preset used by every module (stylegan2.PRESETS, fusion.PRESETS, ...).
+# Presets: plain dicts. Every key is also a command-line flag (--key value) of the same type, explained
+# in HELP. `model` names the architecture preset of every module (stylegan2.PRESETS, fusion.PRESETS, ...).
+# "tiny-scale deviation": a choice of the CPU reproduction, not the paper's; RESULTS.md measures it.
 PRESETS = {
     "tiny": dict(
         model="tiny", size=64, batch=8, accum=1, max_steps=2000, seed=0,
-        lr=0.002,                 # StyleGAN2 Adam lr (spec §7); FC-TFG uses lr_fctfg (Sec. 4.1.2)
-        lr_fctfg=1e-4, lr_syncnet=1e-3, lr_inversion=1e-3,
-        r1_gamma=1.0, r1_every=16, pl_weight=2.0, pl_every=4, pl_batch_shrink=2, mixing=0.9,
-        ema_kimg=1.0,             # EMA half-life in thousands of images (10 in the paper's recipe)
-        n_identities=200, clips_per_identity=5, clip_frames=16, window=5,
-        frame_pool=512,           # procedural frames rendered once and reused (0: render every batch)
-        log_every=10, sample_every=200, ckpt_every=200,
-        workers=0,                # background threads assembling the next step's batch (0: none)
-        amp="none",
-        temporal="conv",          # Temporal Fusion: conv | lstm | none  (Table 3)
-        disc="image",             # FC-TFG discriminator: image | video   (Table 3)
-        ortho="hadamard_abs",     # Eq. (3) mode: hadamard_abs | signed | squared | cosine | none (Table 4)
-        ortho_weight=1.0,         # λ_ortho of Eq. (9) (the paper's 1; losses.LAMBDA)
-        hyper_steps=1,            # HyperStyle refinement steps (inversion stage training, FC-TFG source)
-        hyper_from=0.5,           # inversion stage: fraction of steps for pSp before HyperStyle trains
-        mbstd_group=4,            # minibatch-stddev group of D (must divide the frames D sees)
-        recon_weight=10.0,        # stylegan2 stage: L1 of G(E_inv(x)) vs x, E_inv trained jointly (tiny only)
-        expert_loss="nce",        # syncnet stage: nce | bce (Wav2Lip's); see SyncNetStage
-        gan_every=1,              # stylegan2 stage: D step + adversarial term every N steps (StyleGAN2Stage)
-        lr_rampdown=0,            # every stage: lr falls to 0 along a half cosine over the last N steps
-        feature_weight=0.0,       # stylegan2 stage: extra L1 weight on eyes and mouth (FramePool)
-        latent_weight=0.0,        # fctfg stage: weight of losses.latent_reconstruction_loss (not in Eq. 9)
-        source_from="identity",   # fctfg stage: x_s from the same clip | any clip of the person (ClipWindows)
-        canonical="plain",        # fctfg stage: E_can a plain 2-layer MLP (Sec. 3.1) | residual (identity at init)
-        drive_mouth="swap",       # fctfg stage: driving frames keep their own mouth | get another clip's (ClipWindows)
-        layers="0,1,2,3,4,5,6",   # fctfg stage: manipulated w indices (Sec. 4.1.2; fusion.paper_layers(64) + w0)
-        audio_layers="0,1,2,3,4,5,6",  # fctfg stage: the w indices whose E_m also sees z_a (Sec. 4.1.2: 2 layers;
-                                  # tiny: all manipulated ones, our decoder spreads the mouth over them)
+        lr=0.002, lr_fctfg=1e-4, lr_syncnet=1e-3, lr_inversion=1e-3,
+        r1_gamma=1.0, r1_every=16, pl_weight=2.0, pl_every=4, pl_batch_shrink=2, mixing=0.9, ema_kimg=1.0,
+        n_identities=200, clips_per_identity=5, clip_frames=16, window=5, frame_pool=512,
+        log_every=10, sample_every=200, ckpt_every=200, workers=0, amp="none",
+        temporal="conv", disc="image", ortho="hadamard_abs", ortho_weight=1.0,
+        hyper_steps=1, hyper_from=0.5, mbstd_group=4, recon_weight=10.0, expert_loss="nce",
+        gan_every=1, lr_rampdown=0, feature_weight=0.0, latent_weight=0.0,
+        source_from="identity", canonical="plain", drive_mouth="swap",
+        layers="0,1,2,3,4,5,6", audio_layers="0,1,2,3,4,5,6",
     ),
     "paper": dict(
         model="paper", size=256, batch=4, accum=1, max_steps=800_000, seed=0,
         lr=0.002, lr_fctfg=1e-4, lr_syncnet=1e-4, lr_inversion=1e-4,
-        r1_gamma=10.0, r1_every=16, pl_weight=2.0, pl_every=4, pl_batch_shrink=2, mixing=0.9,
-        ema_kimg=10.0,
-        n_identities=5994, clips_per_identity=10, clip_frames=32, window=5,
-        frame_pool=0, log_every=100, sample_every=5000, ckpt_every=5000, workers=4, amp="bf16",
+        r1_gamma=10.0, r1_every=16, pl_weight=2.0, pl_every=4, pl_batch_shrink=2, mixing=0.9, ema_kimg=10.0,
+        n_identities=5994, clips_per_identity=10, clip_frames=32, window=5, frame_pool=0,
+        log_every=100, sample_every=5000, ckpt_every=5000, workers=4, amp="bf16",
         temporal="conv", disc="image", ortho="hadamard_abs", ortho_weight=1.0,
-        hyper_steps=3, hyper_from=0.5, mbstd_group=4,
-        recon_weight=0.0,         # the paper's StyleGAN2 is a plain GAN (see StyleGAN2Stage)
-        expert_loss="bce",        # Wav2Lip's expert loss
-        gan_every=1, latent_weight=0.0, feature_weight=0.0, lr_rampdown=0,
-        source_from="clip",       # a prepared clip is one video: x_s from anywhere in it
-        canonical="plain", drive_mouth="own", layers="1,2,3,4,7,8,9,10",
-        audio_layers="7,8",
+        hyper_steps=3, hyper_from=0.5, mbstd_group=4, recon_weight=0.0, expert_loss="bce",
+        gan_every=1, lr_rampdown=0, feature_weight=0.0, latent_weight=0.0,
+        source_from="clip", canonical="plain", drive_mouth="own",
+        layers="1,2,3,4,7,8,9,10", audio_layers="7,8",
     ),
+}
+TINY = "tiny-scale deviation, see RESULTS.md"
+HELP = {
+    "model": "architecture preset of every network (tiny | paper)",
+    "size": "image side in pixels (paper: 256, Sec. 4.1.2)",
+    "batch": "per-process batch: images (image stages) or windows of `window` frames (clip stages)",
+    "accum": "gradient-accumulation micro-batches per step (same effective batch on fewer GPUs)",
+    "max_steps": "optimiser steps of the stage",
+    "seed": "seed of initialisation and data order",
+    "lr": "StyleGAN2 stage: Adam lr of G and D (StyleGAN2's 0.002)",
+    "lr_fctfg": "FC-TFG stage: Adam lr (Sec. 4.1.2: 1e-4)",
+    "lr_syncnet": "syncnet stage: Adam lr of the lip-sync expert (Wav2Lip: 1e-4)",
+    "lr_inversion": "inversion stage (and the jointly trained encoder of --recon_weight): Adam lr",
+    "r1_gamma": "R1 weight of the D step (Eq. 8's regulariser, StyleGAN2 App. C)",
+    "r1_every": "lazy R1: every N D steps (0: off)",
+    "pl_weight": "StyleGAN2 stage: path-length regularisation weight",
+    "pl_every": "StyleGAN2 stage: lazy path length every N G steps (0: off)",
+    "pl_batch_shrink": "StyleGAN2 stage: path-length batch = batch / N",
+    "mixing": "StyleGAN2 stage: style-mixing probability",
+    "ema_kimg": "StyleGAN2 stage: G_ema half-life in thousands of images (10 in StyleGAN2's recipe)",
+    "n_identities": "procedural data: people in the training split (VoxCeleb2: 5,994, Sec. 4.1.1)",
+    "clips_per_identity": "procedural data: clips per person",
+    "clip_frames": "frames per clip (25 fps)",
+    "window": "temporal-fusion window in frames, non-overlapping (Sec. 4.4.2)",
+    "frame_pool": "image stages: procedural frames rendered once and reused (0: render every batch)",
+    "log_every": "steps between log lines",
+    "sample_every": "steps between sample grids (0: none)",
+    "ckpt_every": "steps between checkpoints",
+    "workers": "background threads assembling the next step's batch (0: none)",
+    "amp": "bf16 autocast on GPUs (none | bf16)",
+    "temporal": "FC-TFG temporal fusion (Table 3): conv (the paper's) | lstm | none",
+    "disc": "FC-TFG discriminator (Table 3): image (the paper's) | video",
+    "ortho": "Eq. (3) form (Table 4): hadamard_abs | signed | squared | cosine | none",
+    "ortho_weight": "λ_ortho of Eq. (9) (the paper's 1)",
+    "hyper_steps": "HyperStyle refinement steps (inversion stage training; FC-TFG's source inversion)",
+    "hyper_from": "inversion stage: fraction of the steps that train pSp before HyperStyle trains",
+    "mbstd_group": "D's minibatch-stddev group (a divisor of the images D sees per call)",
+    "recon_weight": f"StyleGAN2 stage: L1 of G(E_inv(x)) vs x with E_inv trained jointly ({TINY})",
+    "expert_loss": f"syncnet stage: bce (Wav2Lip's) | nce (InfoNCE; {TINY})",
+    "gan_every": f"StyleGAN2 stage with --recon_weight: D step and adversarial term every N steps ({TINY})",
+    "lr_rampdown": f"every stage: lr falls to 0 along a half cosine over the last N steps ({TINY})",
+    "feature_weight": f"StyleGAN2 stage: extra L1 weight on eyes, brows and mouth ({TINY})",
+    "latent_weight": f"FC-TFG stage: weight of |z_s->d - E_inv(x_d)|, not in Eq. (9) ({TINY})",
+    "source_from": f"FC-TFG stage: x_s from the same clip (clip) | any clip of the person (identity; {TINY})",
+    "canonical": "FC-TFG stage: E_can a plain 2-layer MLP (Sec. 3.1) | residual (identity at init; an ablation)",
+    "drive_mouth": f"FC-TFG stage: driving frames keep their own mouth | swap: another clip's ({TINY})",
+    "layers": "FC-TFG stage: manipulated w indices (Sec. 4.1.2; tiny adds w0, see fusion.py)",
+    "audio_layers": "FC-TFG stage: manipulated w indices whose E_m also sees z_a (Sec. 4.1.2: 7, 8; "
+                    f"tiny: all, {TINY})",
 }
 STAGES = ("stylegan2", "syncnet", "inversion", "fctfg")
 
@@ -98,10 +125,11 @@ STAGES = ("stylegan2", "syncnet", "inversion", "fctfg")
 def parse_args(argv=None):
     """--preset picks a dict from PRESETS; every key of it can then be overridden as --key value."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    pre.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                     help="defaults of every flag below: tiny (CPU reproduction) | paper (Sec. 4.1.2)")
     known, _ = pre.parse_known_args(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
-    ap.add_argument("--stage", default="stylegan2", choices=STAGES)
+    ap.add_argument("--stage", default="stylegan2", choices=STAGES, help="training stage, in paper order (Sec. 4.1.2)")
     ap.add_argument("--data", default="synthetic", help="'synthetic' or a folder prepared by data.py")
     ap.add_argument("--out", default="runs/default", help="checkpoints, log.jsonl, samples/")
     ap.add_argument("--init", help="checkpoint of the previous stage")
@@ -120,7 +148,7 @@ def parse_args(argv=None):
     ap.add_argument("--arcface", help="inversion/FC-TFG: InsightFace IR-SE50 weights; without them L_id (Eq. 5) is off")
     ap.add_argument("--vgg", help="inversion/FC-TFG: torchvision-layout VGG19 weights; without them Eq. (7) is off")
     for k, v in PRESETS[known.preset].items():
-        ap.add_argument(f"--{k}", type=type(v), default=v)
+        ap.add_argument(f"--{k}", type=type(v), default=v, help=f"{HELP[k]} (default {v})")
     args = ap.parse_args(argv)
     cfg = {k: getattr(args, k) for k in PRESETS[known.preset]}
     return args, cfg
@@ -374,6 +402,9 @@ class StyleGAN2Stage:
         # (16 kimg gave colour blobs). So the pSp encoder is trained *with* G here, G(E(x)) ~ x by L1,
         # next to the usual GAN loss: G becomes a decoder whose W+ space already holds the training
         # faces, and the inversion stage starts from this encoder. The GAN terms are unchanged.
+        if cfg["gan_every"] > 1 and cfg["recon_weight"] <= 0:
+            raise SystemExit("error: --gan_every > 1 only thins the GAN terms of the reconstruction recipe; "
+                             "it needs --recon_weight > 0 (a plain GAN step always has them)")
         self.e_inv = None
         if cfg["recon_weight"] > 0:
             import inversion
@@ -424,7 +455,7 @@ class StyleGAN2Stage:
         # run on every gan_every-th step, the other steps train E and G by reconstruction alone. At this
         # scale the GAN terms cost ~2/3 of a step and do not make G's random samples faces within a CPU
         # budget, while every reconstruction step raises the fidelity that FC-TFG inherits.
-        every = cfg["gan_every"] if cfg["gan_every"] > 1 and self.e_inv is not None else 1
+        every = max(1, cfg["gan_every"])
         gan = k % every == 0
         if gan:  # R1 counts D steps, so its lazy interval (and scaling) means the same for any gan_every
             logs.update(self._d_step(k // every, micro, world, autocast, zdim, dev))

@@ -27,3 +27,31 @@ def cuda_ok():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def cli_actions():
+    """cli_actions(fn, argv) -> the argparse actions (options and positionals, every sub-parser's too)
+    that fn builds before it parses argv; parse_args is stubbed out, so nothing runs."""
+    import argparse
+    from unittest import mock
+
+    def collect(fn, argv):
+        seen = []
+        orig = argparse.ArgumentParser.add_argument
+
+        def record(self, *a, **kw):
+            act = orig(self, *a, **kw)
+            if act.help is not argparse.SUPPRESS and "-h" not in act.option_strings:
+                seen.append(act)
+            return act
+
+        with mock.patch.object(argparse.ArgumentParser, "add_argument", record), \
+                mock.patch.object(argparse.ArgumentParser, "parse_args", side_effect=SystemExit):
+            try:
+                fn(argv)
+            except SystemExit:
+                pass
+        assert seen, "no options were recorded"
+        return seen
+    return collect

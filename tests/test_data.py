@@ -322,6 +322,15 @@ def test_mead_clip_list_on_a_fake_tree(tmp_path):
     assert len(clips) == 200 and clips == data.mead_clip_list(tmp_path)
     assert len({c.parts[-6] for c in clips}) == 5
     assert all((c.parts[-2] == "level_1") == (c.parts[-3] == "neutral") for c in clips)
+    # a prepared folder mirrors the source paths (mp4 + wav + JSON): VideoFolderDataset(only=...) keeps
+    # exactly the listed clips (evaluate.py --mead), and refuses a list with unprepared clips
+    for c in tmp_path.rglob("*.mp4"):
+        c.with_suffix(".json").write_text(json.dumps({"status": "ok", "n_frames": 50, "identity": c.parts[-6]}))
+    ds = data.VideoFolderDataset(tmp_path, only=clips)
+    assert len(ds) == 200 and {stem for stem, _ in ds.items} == {c.with_suffix("") for c in clips}
+    clips[0].with_suffix(".json").write_text(json.dumps({"status": "no face"}))
+    with pytest.raises(ValueError, match="1 of the 200 listed clips are not prepared"):
+        data.VideoFolderDataset(tmp_path, only=clips)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -521,3 +530,9 @@ def test_demo_motion_performs_every_attribute_in_turn_while_speaking():
     assert np.ptp(motion[:, K["mouth_open"]]) > 0.3 and np.abs(audio).max() > 0.1   # speech throughout
     with pytest.raises(ValueError, match="10 frames"):
         data.demo_motion(5)
+
+
+def test_every_cli_flag_says_what_it_does(cli_actions):
+    """Every option of data.py's command line has help text (issue 20); train, evaluate and infer have
+    the same test in their own files."""
+    assert all(a.help for a in cli_actions(data.main, ["bench"]))

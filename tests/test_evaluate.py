@@ -762,3 +762,9 @@ def test_attribute_table_rows_and_cli(tmp_path, capsys, probe_ckpt):
             assert -1 <= row[a]["corr"] <= 1 and math.isfinite(row[a]["psnr"]) and math.isfinite(row[a]["err"])
     rc, _, err = _run(["--protocol", "attributes", "--baseline", "copy_source", "--out", tmp_path / "b"], capsys)
     assert rc == 2 and err.startswith("error:")
+
+
+def test_every_cli_flag_says_what_it_does(cli_actions):
+    """Every option of evaluate.py's command line has help text (issue 20)."""
+    missing = [a.option_strings or a.dest for a in cli_actions(ev.parse_args, []) if not a.help]
+    assert not missing, missing

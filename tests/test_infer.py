@@ -419,3 +419,9 @@ def test_default_run_in_clean_folder(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip() == "infer.py: error: --source: file not found: missing.png"
     assert sorted(os.listdir(tmp_path)) == ["out.mp4"]
+
+
+def test_every_cli_flag_says_what_it_does(cli_actions):
+    """Every option of infer.py's command line has help text (issue 20)."""
+    missing = [a.option_strings or a.dest for a in cli_actions(infer.parse_args, []) if not a.help]
+    assert not missing, missing

@@ -101,6 +101,9 @@ def test_frame_pool_feature_weight_marks_eyes_brows_and_mouth(tmp_path):
     assert w.shape == (64, 64) and set(np.unique(w)) == {1.0, 11.0}
     assert np.array_equal(w == 11.0, grown) and 0 < grown.mean() < 0.25
     run("stylegan2", tmp_path, 1, "--feature_weight", "10", "--gan_every", "4")   # the stage takes it
+    with pytest.raises(SystemExit, match="needs --recon_weight"):                  # no silent no-op
+        train.train(["--stage", "stylegan2", "--gan_every", "4", "--recon_weight", "0", "--out",
+                     str(tmp_path / "x"), *SMALL])
 
 
 class _NumberedClips:
@@ -408,3 +411,9 @@ def test_torchrun_fctfg_equals_single_process_with_the_same_global_batch(tmp_pat
     # shows ~10^4 times more.
     ddp, wrong = off(load("ddp")), off(load("half"))
     assert ddp < 1e-4 and wrong > 30 * max(ddp, 1e-6), (ddp, wrong)
+
+
+def test_every_cli_flag_says_what_it_does(cli_actions):
+    """Every option of train.py's command line has help text (issue 20)."""
+    missing = [a.option_strings or a.dest for a in cli_actions(train.parse_args, ["--stage", "fctfg"]) if not a.help]
+    assert not missing, missing
