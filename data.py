@@ -296,6 +296,8 @@ def make_motion(seed, n_frames):
 
 # Scripted clips that move ONE attribute each (evaluate.py's attribute-transfer table, infer.py's demo)
 ATTRIBUTE_CLIPS = ("yaw", "pitch", "blink", "gaze", "brow", "lips")
+ATTRIBUTE_SPLITS = {"tune": 0, "report": 50_000}  # offsets into TEST_IDS and the attribute motion seeds:
+                                                  # settings are chosen on "tune", RESULTS.md reports "report"
 
 
 def attribute_motion(attr, seed, T=32):
@@ -721,7 +723,7 @@ def split_reference(sample):
 # ===================================================================================================
 # 5. Video / audio I/O (PyAV optional, soundfile required)
 # ===================================================================================================
-def _require_av():
+def require_av():
     try:
         import av  # optional: decoding/encoding mp4 needs FFmpeg through PyAV
     except ImportError:
@@ -754,7 +756,7 @@ def write_video(path, frames, fps=FPS, audio=None, sr=SR, crf=18):
     H and W must be even (yuv420p halves the chroma planes). Audio is encoded in 1024-sample AAC frames
     interleaved with the video so long clips need no muxer buffering.
     """
-    av = _require_av()
+    av = require_av()
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"frames must be uint8 [T, H, W, 3] with T > 0, got {frames.dtype} {frames.shape}")
@@ -815,7 +817,7 @@ def read_video(path, fps=None, sr=None, need_audio=False):
     given it is padded/trimmed to exactly T * sr / fps samples. Encoder priming of AAC is handled by the
     mp4 edit list, which FFmpeg honours.
     """
-    av = _require_av()
+    av = require_av()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video file not found: {path}")
     imgs, times, chunks, a_start, rate = [], [], [], None, None

@@ -991,8 +991,7 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
 # first): 1 = the attribute is reproduced, 0 = a still image (copy-source), < 0 = moves the wrong way.
 ATTR_TESTS = data.ATTRIBUTE_CLIPS   # the scripted one-attribute clips (data.attribute_motion)
 ATTR_PROBE = dict(yaw="yaw", pitch="pitch", blink="blink", gaze="gaze", brow="brow", lips="mouth_open")
-ATTR_SPLITS = {"tune": 0, "report": 50_000}  # offsets into data.TEST_IDS and the attribute motion seeds:
-                                             # settings are chosen on "tune", RESULTS.md reports "report"
+ATTR_SPLITS = data.ATTRIBUTE_SPLITS  # people and motions: tune on "tune", report "report"
 ATTR_MOVE_THR = 4.0   # grey levels: a pixel moves when its ground-truth luminance std over the clip
                       # exceeds this (uint8 rounding alone gives ~0.3)
 

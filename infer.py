@@ -229,7 +229,7 @@ class VideoFrames:
     decodes its first frame, so a bad file fails here, before anything is written."""
 
     def __init__(self, path, name="--driving"):
-        self.av = data._require_av()
+        self.av = data.require_av()
         self.path, self.name = str(path), name
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"{name}: file not found: {path}")
@@ -494,7 +494,7 @@ class VideoWriter:
     Written under a temporary name in the same folder; close() renames it (atomic), abort() deletes it."""
 
     def __init__(self, path, width, height, fps, wav, sr=data.SR, metadata=METADATA, crf=18):
-        av = data._require_av()
+        av = data.require_av()
         self.path, self.tmp = Path(path), stylegan2.temp_path(path)
         self.rate = Fraction(fps).limit_denominator(1001)
         self.wav, self.sr, self.k, self.apos = wav, int(sr), 0, 0
@@ -510,7 +510,7 @@ class VideoWriter:
             raise
 
     def write(self, frame, last=False):
-        av = data._require_av()
+        av = data.require_av()
         vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
         vf.pts, vf.time_base = self.k, 1 / self.rate
         self.out.mux(self.vs.encode(vf))

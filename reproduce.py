@@ -2,10 +2,11 @@
 draw the paper's figures on procedural test identities, and collect the tables of RESULTS.md.
 
   export SRC DST            fp16 generator-side copy of an fctfg checkpoint (what infer.py ships with)
-  figures CKPT OUT          Fig. 5 (canonical space: inputs vs G(E_can(E_inv(x)))) and a Fig. 4-style
-                            cross-identity strip (source | driving | ground truth | generated)
-  plot LOG PNG              loss curves of one train.py log.jsonl (train.plot_losses)
-  tables RUNS               Table 1 / 3 / 4 analogues from the evaluate.py results under RUNS (markdown)
+  figures CKPT OUT          Fig. 5 (canonical space: inputs vs G(E_can(E_inv(x)))), a Fig. 4-style
+                            cross-identity strip (source | driving | ground truth | generated) and the
+                            attribute-transfer sheet (one attribute per row triple)
+  tables RUNS               the attribute table and Table 1 / 3 / 4 analogues from the evaluate.py
+                            results under RUNS (markdown)
   cost [--preset paper]     FLOPs per training sample of every stage (the paper-scale cost estimate)
 
 Paper map: Fig. 4 (reenactment comparison), Fig. 5 (canonical space), Fig. 6 (pose spread of the
@@ -21,7 +22,12 @@ from pathlib import Path
 import torch
 
 import stylegan2
-from evaluate import _cell as _f  # a table cell: '-' for a missing number (evaluate.py's tables use it too)
+import data
+
+
+def _f(v, fmt="{:.3f}"):
+    """A table cell: '-' for a missing number."""
+    return "-" if v is None else fmt.format(v)
 
 
 def export(src, dst):
@@ -53,7 +59,6 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30), seed=0):
     -> list of written PNG paths."""
     import numpy as np
     import data
-    import evaluate
     import fusion
     model, cfg = fusion.FCTFG.load(ckpt, "cpu")
     size = model.G.size
@@ -80,7 +85,7 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30), seed=0):
     rows = []
     for a, b in ((0, 1), (2, 3)):
         src, drv, gt = ds[a], ds[b], ds.cross(a, b)
-        gen = evaluate.run_model(model, src["frames"][0], drv["frames"], drv["mel"], "model", hs)["x_g"]
+        gen = model.generate(src["frames"][0], drv["frames"], drv["mel"], hs)["x_g"]
         sel = list(frames)
         rows += [torch.cat([src["frames"][:1], drv["frames"][sel]]),
                  torch.cat([src["frames"][:1], gt["frames"][sel]]),
@@ -91,7 +96,7 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30), seed=0):
     # The attribute-transfer table as pictures: for each attribute, the driving clip of person B (only
     # that attribute moves; lips: B's mouth stays shut, the audio speaks), the ground truth (A doing it)
     # and FC-TFG (A's neutral still + B's clip + the audio); the first two people of the 'report' split
-    base = evaluate.ATTR_SPLITS["report"]
+    base = data.ATTRIBUTE_SPLITS["report"]
     A, B = (data.make_identity(data.TEST_IDS[base + k]) for k in (0, 1))
     x_s = data.clip_sample(data.render(A, np.zeros(len(data.MOTION_KEYS), np.float32), size)[None],
                            np.zeros(data.SPF, np.float32))["frames"][0]
@@ -101,7 +106,7 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30), seed=0):
         drive, full, audio = data.attribute_motion(attr, base, T)
         x_d = data.clip_sample(data.render_clip(B, drive, size), audio)
         gt = data.clip_sample(data.render_clip(A, full, size), audio)["frames"]
-        gen = evaluate.run_model(model, x_s, x_d["frames"], x_d["mel"], "model", hs)["x_g"]
+        gen = model.generate(x_s, x_d["frames"], x_d["mel"], hs)["x_g"]
         rows += [x_d["frames"][sel], gt[sel], gen[sel]]
     p = out / "fig_attributes.png"
     stylegan2.save_image_grid(torch.cat(rows), p, nrow=len(sel))
@@ -191,7 +196,7 @@ def _ratio(s, kind):
     return None if b is None or not i else b / i
 
 
-ATTR_COLS = ("yaw", "pitch", "blink", "gaze", "brow", "lips")  # evaluate.ATTR_TESTS
+ATTR_COLS = data.ATTRIBUTE_CLIPS
 
 
 def _attr(runs, name):
@@ -212,11 +217,11 @@ def tables(runs):
     """Markdown of every table from whatever evaluations exist under RUNS/eval: the attribute-transfer
     table first, Table 1, then the ablations (Tables 3 and 4 and one row per tiny-scale deviation),
     each ablation row with the attribute correlations beside the cross-protocol metrics."""
-    from evaluate import format_attribute_table
     lines = []
-    res = _attr(runs, "attributes_model")
-    if res:
-        lines += ["### Attribute transfer (held-out people, 'report' split)", "", format_attribute_table(res), ""]
+    md = Path(runs) / "eval" / "attributes_model" / "results.md"   # evaluate.py wrote the table there
+    if md.is_file():
+        table = [line for line in md.read_text().splitlines() if line.startswith("|")]
+        lines += ["### Attribute transfer (held-out people, 'report' split)", "", *table, ""]
     lines += ["### Table 1 analogue (procedural test identities, 64 px)", "",
               "| protocol | method | SSIM ↑ | PSNR ↑ | LMD vs renderer ↓ | LMD probe ↓ | LSE-C (ours) ↑ | LSE-D (ours) ↓ |",
               "|---|---|---|---|---|---|---|---|"]
@@ -259,19 +264,16 @@ def tables(runs):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export")
-    e.add_argument("src")
-    e.add_argument("dst")
-    f = sub.add_parser("figures")
-    f.add_argument("checkpoint")
-    f.add_argument("out")
-    pl = sub.add_parser("plot")
-    pl.add_argument("log")
-    pl.add_argument("png")
-    c = sub.add_parser("cost")
-    c.add_argument("--preset", default="paper")
-    t = sub.add_parser("tables")
-    t.add_argument("runs")
+    e = sub.add_parser("export", help="fp16 generator-side copy of an fctfg checkpoint (infer.py's default)")
+    e.add_argument("src", help="train.py fctfg checkpoint")
+    e.add_argument("dst", help="where the slim copy goes")
+    f = sub.add_parser("figures", help="Fig. 4 / Fig. 5 analogues and the attribute-transfer sheet")
+    f.add_argument("checkpoint", help="train.py fctfg checkpoint")
+    f.add_argument("out", help="folder for the PNGs")
+    c = sub.add_parser("cost", help="FLOPs per training sample of every stage (Sec. 4.1.2 at paper scale)")
+    c.add_argument("--preset", default="paper", help="train.py preset to count")
+    t = sub.add_parser("tables", help="markdown of every table from RUNS/eval/*/results.json")
+    t.add_argument("runs", help="the reproduce.sh output folder")
     t.add_argument("--out", help="also write the markdown here")
     args = ap.parse_args(argv)
     try:
@@ -282,11 +284,6 @@ def main(argv=None):
                 print(f"wrote {p}")
         elif args.cmd == "cost":
             cost(args.preset)
-        elif args.cmd == "plot":
-            import train
-            if not train.plot_losses(args.log, args.png):
-                raise ValueError(f"{args.log} has no loss values to plot")
-            print(f"wrote {args.png}")
         else:
             md = tables(args.runs)
             print(md)

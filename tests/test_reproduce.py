@@ -135,3 +135,9 @@ def test_grouped_conv_backward_flops_match_torch_where_torch_is_right():
 
     assert count(1, True) == count(1, False) > 0
     assert count(4, True) == count(1, True) < count(4, False)
+
+
+def test_every_cli_flag_says_what_it_does(cli_actions):
+    """Every option of reproduce.py's command line has help text (issue 20)."""
+    missing = [a.option_strings or a.dest for a in cli_actions(reproduce.main, ["tables", "x"]) if not a.help]
+    assert not missing, missing
