@@ -628,6 +628,9 @@ class SyncNetStage:
         self.optimizers = {"opt": self.opt}
         if cfg["expert_loss"] not in ("bce", "nce"):
             raise SystemExit(f"error: --expert_loss must be 'bce' or 'nce', got {cfg['expert_loss']!r}")
+        if cfg["batch"] < 2:  # BatchNorm normalises over the batch; one sample has no statistics
+            raise SystemExit(f"error: the syncnet stage needs --batch >= 2 per process (its BatchNorm layers "
+                             f"need two samples), got {cfg['batch']}")
 
     def dataset(self, clips):
         self.frames_per_sample = self.syncnet.n_frames
@@ -783,18 +786,21 @@ class FCTFGStage:
             raise SystemExit(f"error: --layers {cfg['layers']} --audio_layers {cfg['audio_layers']}: {e}") from None
         m = self.fctfg
         p = stylegan2.PRESETS[cfg["model"]]
+        if cfg["disc"] not in ("image", "video"):
+            raise SystemExit(f"error: --disc must be 'image' or 'video', got {cfg['disc']!r}")
+        # D's minibatch-stddev groups must divide the images it sees per call (batch x window for the
+        # image D): the largest divisor not above --mbstd_group, said when it is smaller (batch 1 of
+        # 5-frame windows: group 1)
+        n_d = cfg["batch"] * (1 if cfg["disc"] == "video" else cfg["window"])
+        group = max(g for g in range(1, min(n_d, cfg["mbstd_group"]) + 1) if n_d % g == 0)
+        self.note = "" if group == min(n_d, cfg["mbstd_group"]) else \
+            f"D's minibatch-stddev group: {group} (divides the {n_d} images per D call; --mbstd_group {cfg['mbstd_group']})"
         if cfg["disc"] == "video":
             self.d = fusion.VideoDiscriminator(p["size"], cfg["window"], p["channel_multiplier"], p["channels"],
-                                               stddev_group=cfg["mbstd_group"]).to(device)
-        elif cfg["disc"] == "image":
-            self.d = stylegan2.Discriminator(p["size"], p["channel_multiplier"], p["channels"],
-                                             stddev_group=cfg["mbstd_group"]).to(device)
+                                               stddev_group=group).to(device)
         else:
-            raise SystemExit(f"error: --disc must be 'image' or 'video', got {cfg['disc']!r}")
-        n_d = cfg["batch"] * (1 if cfg["disc"] == "video" else cfg["window"])  # images per D call
-        if n_d % min(n_d, cfg["mbstd_group"]):
-            raise SystemExit(f"error: D sees {n_d} images per call (batch {cfg['batch']} x window "
-                             f"{cfg['window']}), not divisible by --mbstd_group {cfg['mbstd_group']}")
+            self.d = stylegan2.Discriminator(p["size"], p["channel_multiplier"], p["channels"],
+                                             stddev_group=group).to(device)
         if args.init:  # inversion-stage checkpoint: G (g_ema), D, E_inv, HyperStyle
             ck = load_stage_models(args.init, ["g_ema", "d", "e_inv", "hyper"])
             m.G.load_state_dict(ck["g_ema"]), m.E_inv.load_state_dict(ck["e_inv"]), m.H.load_state_dict(ck["hyper"])
@@ -823,7 +829,8 @@ class FCTFGStage:
         self.opt_g = torch.optim.Adam(self.params_g, lr=cfg["lr_fctfg"])   # Sec. 4.1.2: Adam, 1e-4
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg["lr_fctfg"])
         self.optimizers = {"opt_g": self.opt_g, "opt_d": self.opt_d}
-        self.note = f"loss terms off (no pre-trained weights given): {self.off}" if self.off else ""
+        if self.off:
+            self.note = "; ".join(n for n in (self.note, f"loss terms off (no pre-trained weights given): {self.off}") if n)
 
     def dataset(self, clips):
         self.frames_per_sample = self.cfg["window"]

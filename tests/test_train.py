@@ -177,6 +177,15 @@ def test_fctfg_audio_encoder_flag_loads_wav2lip_weights_into_E_a(tmp_path):
             ["--stage", "fctfg", "--audio_encoder", str(tmp_path / "other.pth"), *SMALL])[0])
 
 
+def test_impossible_batch_settings_get_one_line_or_a_valid_default(tmp_path, capsys):
+    """syncnet at batch 1: one clear error (BatchNorm needs two samples); FC-TFG at batch 1: the image D
+    sees 5 frames, which --mbstd_group 4 does not divide, so the largest divisor (1) is used and said."""
+    with pytest.raises(SystemExit, match="batch >= 2"):
+        train.train(["--stage", "syncnet", "--out", str(tmp_path / "s"), *SMALL, "--batch", "1"])
+    run("fctfg", tmp_path / "f", 1, "--hyper_steps", "0", "--batch", "1")
+    assert "minibatch-stddev group: 1" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("loss", ["nce", "bce"])
 def test_syncnet_stage_losses_log_pair_auc(tmp_path, loss):
     run("syncnet", tmp_path, 2, "--expert_loss", loss, "--batch", "8")
