@@ -679,16 +679,31 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
                            dict(identity_seed=ident.seed, motion_seed=ms, motion=torch.from_numpy(z["motion"])))
 
     def mouth_of(self, i, j):
-        """Frames of clip i with the mouth (mouth_open, mouth_width) of clip j's motion: uint8
-        [T, H, W, 3] (train.py's --drive_mouth swap: driving frames whose mouth says nothing about
-        the audio)."""
-        ident, ms, donor = self.identity(i), self.motion_seed(i), self.motion_seed(j)
+        """Frames of clip i with the mouth (mouth_open, mouth_width) of clip j's motion, or closed when
+        j is None: uint8 [T, H, W, 3] (train.py's --drive_mouth swap / closed: driving frames whose
+        mouth says nothing about the audio)."""
+        ident, ms = self.identity(i), self.motion_seed(i)
+        donor = None if j is None else self.motion_seed(j)
 
         def make():
-            motion = mouth_swapped(make_motion(ms, self.n_frames)[0], make_motion(donor, self.n_frames)[0])
+            own = make_motion(ms, self.n_frames)[0]
+            motion = mouth_swapped(own, np.zeros_like(own) if donor is None else make_motion(donor, self.n_frames)[0])
             return dict(frames=render_clip(ident, motion, self.size, self.ss))
 
-        return self._cached(f"id{ident.seed}_m{ms}_mouth{donor}", make)["frames"]
+        return self._cached(f"id{ident.seed}_m{ms}_mouth{'closed' if donor is None else donor}", make)["frames"]
+
+    def feature_masks(self, i):
+        """Where clip i's eyes, brows and mouth are, frame by frame: bool [T, H, W] (render's masks;
+        the per-pixel weight of train.py's --feature_weight)."""
+        ident, ms = self.identity(i), self.motion_seed(i)
+
+        def make():
+            motion = make_motion(ms, self.n_frames)[0]
+            masks = [render(ident, mk, self.size, self.ss, return_masks=True)[1] for mk in motion]
+            keys = ("eye_l", "eye_r", "brow_l", "brow_r", "mouth")
+            return dict(masks=np.stack([np.logical_or.reduce([m[k] for k in keys]) for m in masks]))
+
+        return self._cached(f"id{ident.seed}_m{ms}_features", make)["masks"]
 
     def _cached(self, stem, make):
         """make() -> dict of arrays, stored once as cache_dir/<stem>_T.._s..npz (the key holds everything

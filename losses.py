@@ -149,12 +149,15 @@ def identity_loss(E_id, x_g, x_d):
 # Eq. (6): pixel L1
 # ====================================================================================================
 
-def reconstruction_loss(x_g, x_d):
+def reconstruction_loss(x_g, x_d, weight=None):
     """Eq. (6), Sec. 3.3.4: L_rec = ||x_g - x_d||_1, reduced as the MEAN absolute difference over every
-    pixel, channel and frame (a sum would make λ4 depend on the resolution)."""
+    pixel, channel and frame (a sum would make λ4 depend on the resolution). weight (tiny-scale
+    deviation, train.py --feature_weight): a per-pixel factor broadcast against x_g ([..., 1, H, W]),
+    1 + w on the eyes, brows and mouth of procedural frames, so those few pixels are not averaged away."""
     if x_g.shape != x_d.shape:
         raise ValueError(f"reconstruction_loss: shapes differ, {tuple(x_g.shape)} vs {tuple(x_d.shape)}")
-    return (x_g - x_d).abs().mean()
+    err = (x_g - x_d).abs()
+    return err.mean() if weight is None else (err * weight).mean()
 
 
 def latent_reconstruction_loss(z_sd, z_d, layers):

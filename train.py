@@ -51,7 +51,7 @@ PRESETS = {
         r1_gamma=1.0, r1_every=16, pl_weight=2.0, pl_every=4, pl_batch_shrink=2, mixing=0.9, ema_kimg=1.0,
         n_identities=200, clips_per_identity=5, clip_frames=16, window=5, frame_pool=512,
         log_every=10, sample_every=200, ckpt_every=200, workers=0, amp="none",
-        temporal="conv", disc="image", ortho="hadamard_abs", ortho_weight=1.0,
+        temporal="conv", disc="image", ortho="hadamard_abs", ortho_weight=1.0, sync_weight=0.1,
         hyper_steps=1, hyper_from=0.5, mbstd_group=4, recon_weight=10.0, expert_loss="nce",
         gan_every=1, lr_rampdown=0, feature_weight=0.0, latent_weight=0.0,
         source_from="identity", canonical="plain", drive_mouth="swap",
@@ -63,7 +63,7 @@ PRESETS = {
         r1_gamma=10.0, r1_every=16, pl_weight=2.0, pl_every=4, pl_batch_shrink=2, mixing=0.9, ema_kimg=10.0,
         n_identities=5994, clips_per_identity=10, clip_frames=32, window=5, frame_pool=0,
         log_every=100, sample_every=5000, ckpt_every=5000, workers=4, amp="bf16",
-        temporal="conv", disc="image", ortho="hadamard_abs", ortho_weight=1.0,
+        temporal="conv", disc="image", ortho="hadamard_abs", ortho_weight=1.0, sync_weight=0.1,
         hyper_steps=3, hyper_from=0.5, mbstd_group=4, recon_weight=0.0, expert_loss="bce",
         gan_every=1, lr_rampdown=0, feature_weight=0.0, latent_weight=0.0,
         source_from="clip", canonical="plain", drive_mouth="own",
@@ -103,6 +103,7 @@ HELP = {
     "disc": "FC-TFG discriminator (Table 3): image (the paper's) | video",
     "ortho": "Eq. (3) form (Table 4): hadamard_abs | signed | squared | cosine | none",
     "ortho_weight": "λ_ortho of Eq. (9) (the paper's 1)",
+    "sync_weight": "λ_sync of Eq. (9) (the paper's 0.1)",
     "hyper_steps": "HyperStyle refinement steps (inversion stage training; FC-TFG's source inversion)",
     "hyper_from": "inversion stage: fraction of the steps that train pSp before HyperStyle trains",
     "mbstd_group": "D's minibatch-stddev group (a divisor of the images D sees per call)",
@@ -110,7 +111,7 @@ HELP = {
     "expert_loss": f"syncnet stage: bce (Wav2Lip's) | nce (InfoNCE; {TINY})",
     "gan_every": f"StyleGAN2 stage with --recon_weight: D step and adversarial term every N steps ({TINY})",
     "lr_rampdown": f"every stage: lr falls to 0 along a half cosine over the last N steps ({TINY})",
-    "feature_weight": f"StyleGAN2 stage: extra L1 weight on eyes, brows and mouth ({TINY})",
+    "feature_weight": f"StyleGAN2 and FC-TFG stages: extra L1 weight on eyes, brows and mouth ({TINY})",
     "latent_weight": f"FC-TFG stage: weight of |z_s->d - E_inv(x_d)|, not in Eq. (9) ({TINY})",
     "source_from": f"FC-TFG stage: x_s from the same clip (clip) | any clip of the person (identity; {TINY})",
     "canonical": "FC-TFG stage: E_can a plain 2-layer MLP (Sec. 3.1) | residual (identity at init; an ablation)",
@@ -216,6 +217,15 @@ class Batches:
                 else [s[key] for s in samples] for key in samples[0]}
 
 
+def feature_weight_map(masks, weight):
+    """bool feature masks [..., H, W] -> per-pixel L1 weight [..., 1, H, W]: 1 + weight on the masks
+    grown by one pixel (3x3 dilation), 1 elsewhere (--feature_weight, a tiny-scale deviation)."""
+    m = torch.as_tensor(masks).float()
+    lead = m.shape[:-2]
+    grown = F.max_pool2d(m.reshape(-1, 1, *m.shape[-2:]), 3, stride=1, padding=1)
+    return (1 + weight * grown).reshape(*lead, 1, *m.shape[-2:])
+
+
 class FramePool(torch.utils.data.Dataset):
     """Single frames for the image stages (StyleGAN2, inversion). For the procedural data, item j is
     frame t_j of clip i_j, rendered on demand (only that frame, not the clip) or, with pool > 0, a
@@ -246,9 +256,7 @@ class FramePool(torch.utils.data.Dataset):
         item = {"image": torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1}  # [3, H, W] in [-1, 1]
         if masks is not None:
             feat = masks["eye_l"] | masks["eye_r"] | masks["brow_l"] | masks["brow_r"] | masks["mouth"]
-            feat = torch.from_numpy(feat).float()[None, None]
-            feat = F.max_pool2d(feat, 3, stride=1, padding=1)[0]                 # grown by one pixel
-            item["weight"] = 1 + self.feature_weight * feat                      # [1, H, W]
+            item["weight"] = feature_weight_map(feat, self.feature_weight)        # [1, H, W]
         return item
 
     def __len__(self):
@@ -524,15 +532,18 @@ class ClipWindows(torch.utils.data.Dataset):
     lip-sync expert. Rendered clips are kept in memory as uint8 (`cache` clips at most)."""
 
     def __init__(self, clips, window, seed=0, off_sync=False, source=False, cache=4096, source_from="clip",
-                 drive_mouth="own"):
+                 drive_mouth="own", feature_weight=0.0):
         self.clips, self.window, self.seed, self.off_sync, self.source = clips, window, seed, off_sync, source
-        if drive_mouth not in ("own", "swap"):
-            raise ValueError(f"drive_mouth must be 'own' or 'swap', got {drive_mouth!r}")
+        if drive_mouth not in ("own", "swap", "closed"):
+            raise ValueError(f"drive_mouth must be 'own', 'swap' or 'closed', got {drive_mouth!r}")
         import data
-        if drive_mouth == "swap" and not isinstance(clips, data.SyntheticTalkingFaces):
+        if drive_mouth != "own" and not isinstance(clips, data.SyntheticTalkingFaces):
             raise ValueError("--drive_mouth swap re-renders the driving frames: procedural data only "
                              "(use --drive_mouth own with --data PATH)")
         self.drive_mouth = drive_mouth
+        if feature_weight and not isinstance(clips, data.SyntheticTalkingFaces):
+            raise ValueError("--feature_weight needs the renderer's masks: procedural data only")
+        self.feature_weight = float(feature_weight)
         if source_from not in ("clip", "identity"):
             raise ValueError(f"source_from must be 'clip' or 'identity', got {source_from!r}")
         # "identity": x_s from any clip of the same person (needs clips grouped by person, as
@@ -552,7 +563,7 @@ class ClipWindows(torch.utils.data.Dataset):
             s = self.clips[c]
             frames = ((s["frames"] + 1) * 127.5).round().to(torch.uint8)  # exact: frames are uint8-rendered
             item = {"frames": frames, "mel": s["mel"], "identity": s["identity"]}
-            if self.drive_mouth == "swap":
+            if self.drive_mouth != "own":
                 # Tiny-scale deviation (RESULTS.md): the driving frames E_m sees get the mouth of another
                 # clip (seeded per clip), the targets keep their own. In self-reenactment the driving
                 # frame's mouth always agrees with the audio and is far easier to read than the mel, so
@@ -560,7 +571,10 @@ class ClipWindows(torch.utils.data.Dataset):
                 # lips can only come from the audio, as Fig. 1 asks (lips from the audio source).
                 g = np.random.default_rng((self.seed, 7, c))
                 donor = (c + 1 + int(g.integers(len(self.clips) - 1))) % len(self.clips) if len(self.clips) > 1 else c
+                donor = None if self.drive_mouth == "closed" else donor
                 item["drive"] = torch.from_numpy(self.clips.mouth_of(c, donor)).permute(0, 3, 1, 2).contiguous()
+            if self.feature_weight:
+                item["features"] = torch.from_numpy(self.clips.feature_masks(c))     # bool [T, H, W]
             if len(self._cache) < self._cache_size:
                 self._cache[c] = item
             return item
@@ -574,6 +588,8 @@ class ClipWindows(torch.utils.data.Dataset):
                "drive": s.get("drive", s["frames"])[t:t + W].float() / 127.5 - 1,  # what E_m sees
                "mel": s["mel"][t:t + W],                              # [W, 1, 80, 16]: window per frame
                "identity": torch.tensor(s["identity"])}
+        if "features" in s:
+            out["weight"] = feature_weight_map(s["features"][t:t + W], self.feature_weight)  # [W, 1, H, W]
         g = np.random.default_rng((self.seed, j))
         if self.source:
             # x_s: a frame of the same person (self-reenactment, Sec. 4.1.1). The paper draws it from the
@@ -835,7 +851,8 @@ class FCTFGStage:
     def dataset(self, clips):
         self.frames_per_sample = self.cfg["window"]
         return ClipWindows(clips, self.cfg["window"], self.cfg["seed"], source=True,
-                           source_from=self.cfg["source_from"], drive_mouth=self.cfg["drive_mouth"])
+                           source_from=self.cfg["source_from"], drive_mouth=self.cfg["drive_mouth"],
+                           feature_weight=self.cfg["feature_weight"])
 
     @torch.no_grad()
     def _codes(self, x):
@@ -884,11 +901,11 @@ class FCTFGStage:
                                         bgr=self.syncnet.input_bgr)
                     if self.syncnet is not None and x_g.shape[1] % self.syncnet.n_frames == 0 else None,
                     "id": L.identity_loss(self.e_id, x_g, x_d) if self.e_id is not None else None,
-                    "rec": L.reconstruction_loss(x_g, x_d),
+                    "rec": L.reconstruction_loss(x_g, x_d, mb.get("weight")),
                     "lpips": L.perceptual_loss(self.vgg, x_g, x_d) if self.vgg is not None else None,
                     "gan": L.gan_loss_g(self._d(x_g)),
                 }
-                total, parts = L.total_loss(terms, {"ortho": cfg["ortho_weight"]})
+                total, parts = L.total_loss(terms, {"ortho": cfg["ortho_weight"], "sync": cfg["sync_weight"]})
                 if cfg["latent_weight"] > 0:  # tiny-scale aid, not in Eq. (9): losses.latent_reconstruction_loss
                     # the target is the code of the TARGET frames (not of the driving input, whose mouth
                     # may come from another clip: --drive_mouth swap)

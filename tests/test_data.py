@@ -491,6 +491,9 @@ def test_mouth_of_renders_another_clips_mouth_and_caches_it(tmp_path):
     np.testing.assert_array_equal(cached.mouth_of(1, 3), want)
     np.testing.assert_array_equal(cached.mouth_of(1, 3), want)             # read back from the cache
     assert len(list(tmp_path.glob("*mouth*.npz"))) == 1 and not list(tmp_path.glob(".*"))  # no temporaries
+    closed = own.copy()                                                    # j = None: the mouth shut
+    closed[:, [K["mouth_open"], K["mouth_width"]]] = 0
+    np.testing.assert_array_equal(cached.mouth_of(1, None), data.render_clip(ds.identity(1), closed, 32))
 
 
 def _uint8(frames):

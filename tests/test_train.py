@@ -106,6 +106,26 @@ def test_frame_pool_feature_weight_marks_eyes_brows_and_mouth(tmp_path):
                      str(tmp_path / "x"), *SMALL])
 
 
+def test_clip_windows_feature_weight_marks_each_frames_features(tmp_path):
+    """FC-TFG stage --feature_weight: every frame of a window gets 1 + w on ITS OWN grown eye/brow/mouth
+    masks (the renderer's, frame by frame), and the stage trains with it."""
+    import data
+    ds = data.SyntheticTalkingFaces("train", n_identities=2, clips_per_identity=2, n_frames=8)
+    win = train.ClipWindows(ds, 5, source=True, feature_weight=10.0)
+    item = win[2 * win.n_starts + 1]                                       # clip 2, frames 1..5
+    motion, _ = data.make_motion(ds.motion_seed(2), 8)
+    for t in range(5):
+        _, m = data.render(ds.identity(2), motion[1 + t], 64, return_masks=True)
+        feat = m["eye_l"] | m["eye_r"] | m["brow_l"] | m["brow_r"] | m["mouth"]
+        grown = feat.copy()
+        for dy in (-1, 0, 1):                    # a 3x3 dilation written out with numpy
+            for dx in (-1, 0, 1):
+                grown |= np.roll(np.roll(np.pad(feat, 1), dy, 0), dx, 1)[1:-1, 1:-1]
+        np.testing.assert_array_equal(item["weight"][t, 0].numpy(), np.where(grown, 11.0, 1.0))
+    assert "weight" not in train.ClipWindows(ds, 5, source=True)[0]
+    run("fctfg", tmp_path, 1, "--hyper_steps", "0", "--feature_weight", "10")
+
+
 class _NumberedClips:
     """Clip c = 4 frames whose pixels all equal c / 100: a source frame says which clip it came from."""
     clips_per_identity = 3
