@@ -85,10 +85,10 @@ def test_smoke_recipe_end_to_end(tmp_path):
     model, _ = fusion.FCTFG.load(export, "cpu")          # loads, casts back to float32
     assert next(model.parameters()).dtype == torch.float32
     for name in ("cross_model", "cross_copy_source", "cross_encoder_recon", "pcavs_model", "abl_lstm_video",
-                 "abl_ortho_signed", "abl_finetune"):
+                 "abl_residual_ecan", "abl_finetune"):
         s = json.loads((out / "eval" / name / "results.json").read_text())["summary"]
         assert s["n_clips"] == 2 and 0 < s["ssim"] <= 1, name
-    for name in ["attributes_model"] + [f"abl_{n}_attr" for n in ("conv_image", "lstm_video", "ortho_signed",
+    for name in ["attributes_model"] + [f"abl_{n}_attr" for n in ("conv_image", "lstm_video", "residual_ecan",
                                                                     "no_latent", "finetune")]:
         a = json.loads((out / "eval" / name / "results.json").read_text())["attributes"]
         assert a["copy_source"]["blink"]["corr"] == 0, name
