@@ -1105,12 +1105,12 @@ def mead_clip_list(root, n_speakers=5, n_clips=5, seed=0):
 class VideoFolderDataset(torch.utils.data.Dataset):
     """Clips written by `prepare` (JSON status ok + mp4 + wav), in the procedural set's sample format
     (frames, audio, mel, identity; no `motion`: real clips have no motion ground truth).
-    n_frames=None returns whole clips; an int returns a window of that length (random start when
-    random_window, else the first frames). Identity = index of the JSON's `identity` in sorted order.
+    n_frames=None returns whole clips; an int returns a window of that length (a start drawn once per
+    clip from `seed` when random_window, else the first frames). Identity = index of the JSON's `identity` in sorted order.
     only: the clips to keep (paths with or without suffix, e.g. mead_clip_list(root) for the paper's
     MEAD test set); every one must be prepared."""
 
-    def __init__(self, root, n_frames=None, random_window=True, only=None):
+    def __init__(self, root, n_frames=None, random_window=True, only=None, seed=0):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"prepared data folder not found: {root}")
@@ -1128,7 +1128,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         if not self.items:
             raise ValueError(f"no prepared clips (JSON with status 'ok') under {root}")
         self.identities = sorted({rec["identity"] for _, rec in self.items})
-        self.n_frames, self.random_window = n_frames, random_window
+        self.n_frames, self.random_window, self.seed = n_frames, random_window, int(seed)
 
     def __len__(self):
         return len(self.items)
@@ -1141,7 +1141,10 @@ class VideoFolderDataset(torch.utils.data.Dataset):
             raise ValueError(f"{stem}.wav is {sr} Hz, expected {SR}")
         K = min(len(frames), len(audio) // SPF)   # H.264 keeps all frames; guard anyway
         T = self.n_frames or K
-        s = int(np.random.randint(0, K - T + 1)) if self.random_window else 0
+        # the window of clip i is drawn once from (seed, i), not from a global RNG: item i is a pure
+        # function of i, so a resumed run, prefetching threads and train.ClipWindows' cache all see
+        # the same frames (exact resume)
+        s = int(np.random.default_rng((self.seed, i)).integers(0, K - T + 1)) if self.random_window else 0
         return clip_sample(frames[s:s + T], audio[s * SPF:(s + T) * SPF],
                        self.identities.index(rec["identity"]), dict(path=str(stem), start=s))
 

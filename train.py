@@ -280,7 +280,7 @@ def make_clip_dataset(cfg, data_arg, split="train", cache_dir=None):
     root = Path(data_arg)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {data_arg}: no such folder (prepare one with `python data.py prepare`)")
-    return data.VideoFolderDataset(root, n_frames=cfg["clip_frames"])
+    return data.VideoFolderDataset(root, n_frames=cfg["clip_frames"], seed=cfg["seed"])
 
 
 # ====================================================================================================
