@@ -253,7 +253,9 @@ def tables(runs):
         seeds = [(n + sfx, label + note) for n, label in rows
                  for sfx, note in (("", ""), ("_s1", ", seed 1")) if not sfx or _load(runs, f"abl_{n}{sfx}")]
         for name, label in seeds:
-            s, a = _load(runs, f"abl_{name}") or {}, _attr(runs, f"abl_{name}_attr") or {}
+            # the "recipe" row is the main run (reproduce.sh trains it once, as fctfg/)
+            cross, attr = ("cross_model", "attributes_model") if name == "recipe" else (f"abl_{name}", f"abl_{name}_attr")
+            s, a = _load(runs, cross) or {}, _attr(runs, attr) or {}
             corr = [_f((a.get("model", {}).get(c) or {}).get("corr"), "{:.2f}") for c in ATTR_COLS]
             lines.append(f"| {label} | " + " | ".join(corr) + f" | {_f(s.get('ssim'))} | {_f(s.get('psnr'), '{:.2f}')} | "
                          f"{_f(s.get('lmd_vs_renderer'), '{:.2f}')} | {_f(s.get('lse_c_ours'))} | "

@@ -88,8 +88,8 @@ def test_smoke_recipe_end_to_end(tmp_path):
                  "abl_residual_ecan", "abl_finetune"):
         s = json.loads((out / "eval" / name / "results.json").read_text())["summary"]
         assert s["n_clips"] == 2 and 0 < s["ssim"] <= 1, name
-    for name in ["attributes_model"] + [f"abl_{n}_attr" for n in ("conv_image", "lstm_video", "residual_ecan",
-                                                                    "no_latent", "finetune")]:
+    for name in ["attributes_model"] + [f"abl_{n}_attr" for n in ("lstm_video", "residual_ecan", "no_latent",
+                                                                    "finetune")]:
         a = json.loads((out / "eval" / name / "results.json").read_text())["attributes"]
         assert a["copy_source"]["blink"]["corr"] == 0, name
     # the fine-tuning row trains G too; every other row keeps it frozen
@@ -98,6 +98,8 @@ def test_smoke_recipe_end_to_end(tmp_path):
     assert not fine["run"]["freeze_pretrained"] and frozen["run"]["freeze_pretrained"]
     tables = (out / "tables.md").read_text()
     assert "| cross | FC-TFG (ours) |" in tables and "| LSTM, video D |" in tables and "blink corr" in tables
+    row = [line for line in tables.splitlines() if line.startswith("| recipe (conv, image D, hadamard_abs")]
+    assert len(row) == 2 and " - |" not in row[0].split("|", 2)[2][:8]   # the main run's row, in Tables 3 and 4
     assert (out / "figures" / "demo.mp4").is_file() and (out / "figures" / "demo_sheet.png").is_file()
     for fig in ("fig5_canonical_space.png", "fig5b_one_video_canonical.png", "fig4_cross_identity.png"):
         assert (out / "figures" / fig).is_file()
