@@ -948,6 +948,83 @@ class StopTraining(Exception):
     pass
 
 
+class Prefetch:
+    """prefetch(k) -> the micro-batches of step k. With workers > 0, background threads assemble
+    (render / decode) step k+1 while step k trains; every batch is a pure function of its index
+    (Batches), so threads change when data is made, never what it is."""
+
+    def __init__(self, data, accum, workers, max_steps):
+        self.data, self.accum, self.max_steps = data, accum, max_steps
+        self.pool = ThreadPoolExecutor(workers) if workers > 0 else None
+        self.ahead = {}
+
+    def __call__(self, k):
+        if self.pool is None:
+            return [self.data.get(k * self.accum + a) for a in range(self.accum)]
+        for j in (k, k + 1):
+            if j not in self.ahead and j < self.max_steps:
+                self.ahead[j] = [self.pool.submit(self.data.get, j * self.accum + a) for a in range(self.accum)]
+        return [f.result() for f in self.ahead.pop(k)]
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def log_step(log_file, step, vals, rate, eta_s):
+    """One line of log.jsonl and of the console: the step's losses, throughput and ETA."""
+    log_file.write(json.dumps({"step": step, "time": time.time(), "img_per_s": rate, **vals}) + "\n")
+    log_file.flush()
+    print(f"step {step:7d} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+          + f" | {rate:.1f} img/s | ETA {eta_s / 60:.1f} min", flush=True)
+
+
+def resume(stage, ck, stage_name, rank, device):
+    """Load a --resume checkpoint into `stage` (networks, optimisers, extra state, this rank's RNG
+    streams). -> the step to continue from."""
+    if ck.get("stage") != stage_name:
+        raise SystemExit(f"error: the --resume checkpoint is a {ck.get('stage')!r} checkpoint, not {stage_name!r}")
+    for name in stage.models:
+        getattr(stage, name).load_state_dict(ck[name])
+    for name, opt in stage.optimizers.items():
+        opt.load_state_dict(ck[name])
+    for name in stage.extra_state:  # a checkpoint older than a piece of state keeps its fresh value
+        if name in ck["extra"]:
+            setattr(stage, name, ck["extra"][name].to(device))
+    set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+    return ck["step"]
+
+
+def save_state(path, stage, args, cfg, step, rank, world):
+    """Write everything --resume needs (atomic): networks, optimisers, extra state, every rank's RNG
+    streams, the preset config and the run's other flags. With several ranks, also check that the
+    explicit all-reduce kept the replicas identical (cheap, once per checkpoint)."""
+    rngs = [rng_state()]
+    if world > 1:  # gather every rank's RNG state so a resumed run continues all of them
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state())
+        sums = [None] * world
+        dist.all_gather_object(sums, [float(p.double().sum()) for n in stage.models
+                                      for p in getattr(stage, n).parameters()])
+        if any(s_ != sums[0] for s_ in sums):
+            raise StopTraining(f"ranks diverged at step {step}: parameters differ between processes")
+        if rank == 0:
+            print(f"checkpoint at step {step}: {world} ranks hold identical parameters")
+    if rank != 0:
+        return
+    # every run flag that is not a preset key, so a checkpoint says how it was made (infer.py reads
+    # run["data"] to warn when a procedural-only model is given a real photo)
+    run = {k: getattr(args, k) for k in ("data", "init", "freeze_pretrained", "freeze_audio", "syncnet",
+                                         "audio_encoder", "arcface", "vgg", "preset")}
+    state = {"stage": args.stage, "step": step, "cfg": dict(cfg), "run": run, "world": world, "rng": rngs,
+             "extra": {n: getattr(stage, n).detach().cpu() for n in stage.extra_state}}
+    for name in stage.models:
+        state[name] = {k: v.detach().cpu() for k, v in getattr(stage, name).state_dict().items()}
+    for name, opt in stage.optimizers.items():
+        state[name] = opt.state_dict()
+    save_checkpoint(path, state)
+
+
 def train(argv=None):
     args, cfg = parse_args(argv)
     out = Path(args.out)
@@ -973,52 +1050,12 @@ def train(argv=None):
     if cfg["amp"] not in ("none", "bf16"):
         raise SystemExit(f"error: --amp must be 'none' or 'bf16', got {cfg['amp']!r}")
     use_amp = cfg["amp"] == "bf16" and device.type == "cuda"  # bf16 autocast on GPUs only
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
-
-    start = 0
-    if ck is not None:
-        if ck.get("stage") != args.stage:
-            raise SystemExit(f"error: {last} is a {ck.get('stage')!r} checkpoint, not {args.stage!r}")
-        for name in stage.models:
-            getattr(stage, name).load_state_dict(ck[name])
-        for name, opt in stage.optimizers.items():
-            opt.load_state_dict(ck[name])
-        for name in stage.extra_state:  # a checkpoint older than a piece of state keeps its fresh value
-            if name in ck["extra"]:
-                setattr(stage, name, ck["extra"][name].to(device))
-        set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
-        start = ck["step"]
-        if is_main:
-            print(f"resumed from {last} at step {start}")
-
-    def checkpoint(step):
-        rngs = [rng_state()]
-        if world > 1:  # gather every rank's RNG state so a resumed run continues all of them
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-            # The explicit all-reduce keeps replicas identical; verify it (cheap, once per checkpoint).
-            sums = [None] * world
-            dist.all_gather_object(sums, [float(p.double().sum()) for n in stage.models
-                                          for p in getattr(stage, n).parameters()])
-            if any(s_ != sums[0] for s_ in sums):
-                raise StopTraining(f"ranks diverged at step {step}: parameters differ between processes")
-            if is_main:
-                print(f"checkpoint at step {step}: {world} ranks hold identical parameters")
-        if not is_main:
-            return
-        # every run flag that is not a preset key, so a checkpoint says how it was made (infer.py reads
-        # run["data"] to warn when a procedural-only model is given a real photo)
-        run = {k: getattr(args, k) for k in ("data", "init", "freeze_pretrained", "freeze_audio", "syncnet",
-                                             "audio_encoder", "arcface", "vgg", "preset")}
-        state = {"stage": args.stage, "step": step, "cfg": dict(cfg), "run": run, "world": world, "rng": rngs,
-                 "extra": {n: getattr(stage, n).detach().cpu() for n in stage.extra_state}}
-        for name in stage.models:
-            state[name] = {k: v.detach().cpu() for k, v in getattr(stage, name).state_dict().items()}
-        for name, opt in stage.optimizers.items():
-            state[name] = opt.state_dict()
-        save_checkpoint(last, state)
+    start = 0 if ck is None else resume(stage, ck, args.stage, rank, device)
+    if ck is not None and is_main:
+        print(f"resumed from {last} at step {start}")
+    checkpoint = lambda step: save_state(last, stage, args, cfg, step, rank, world)
 
     stop = {"signal": None}
 
@@ -1036,24 +1073,13 @@ def train(argv=None):
             print(stage.note)
     log_file = open(out / "log.jsonl", "a") if is_main else None
     t0, n_img = time.time(), 0
-    # Batches are assembled (rendered / decoded) by `workers` background threads one step ahead, so
-    # the next step's data is ready when this step's maths finishes. 0 = in the training thread.
-    pool = ThreadPoolExecutor(cfg["workers"]) if cfg["workers"] > 0 else None
-    ahead = {}
-
-    def fetch(k):
-        if pool is None:
-            return [data.get(k * acc + a) for a in range(acc)]
-        for j in (k, k + 1):
-            if j not in ahead and j < cfg["max_steps"]:
-                ahead[j] = [pool.submit(data.get, j * acc + a) for a in range(acc)]
-        return [f.result() for f in ahead.pop(k)]
+    prefetch = Prefetch(data, acc, cfg["workers"], cfg["max_steps"])
 
     step = start
     try:
         for step in range(start, cfg["max_steps"]):
             micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_cpu.items()}
-                     for batch_cpu in fetch(step)]
+                     for batch_cpu in prefetch(step)]
             if cfg["lr_rampdown"]:
                 set_lr(stage.optimizers.values(), lr_factor(step, cfg["max_steps"], cfg["lr_rampdown"]))
             try:
@@ -1071,12 +1097,8 @@ def train(argv=None):
             n_img += cfg["batch"] * acc * world * getattr(stage, "frames_per_sample", 1)
             done = step + 1
             if is_main and (done % cfg["log_every"] == 0 or done == cfg["max_steps"]):
-                rate = n_img / (time.time() - t0)
-                eta = (cfg["max_steps"] - done) * (time.time() - t0) / (done - start)
-                log_file.write(json.dumps({"step": done, "time": time.time(), "img_per_s": rate, **vals}) + "\n")
-                log_file.flush()
-                print(f"step {done:7d} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
-                      + f" | {rate:.1f} img/s | ETA {eta / 60:.1f} min", flush=True)
+                log_step(log_file, done, vals, n_img / (time.time() - t0),
+                         (cfg["max_steps"] - done) * (time.time() - t0) / (done - start))
             if is_main and cfg["sample_every"] and done % cfg["sample_every"] == 0:
                 stylegan2.save_image_grid(stage.samples(batch, cfg["seed"]), out / "samples" / f"{done:07d}.png",
                                           nrow=getattr(stage, "grid_nrow", None))
@@ -1095,8 +1117,7 @@ def train(argv=None):
             log_file.flush()
             plot_losses(out / "log.jsonl", out / "loss.png")  # the run's loss curves, one PNG
     finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        prefetch.close()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
         if log_file:

@@ -76,8 +76,11 @@ def test_gan_every_runs_d_only_on_gan_steps(tmp_path):
     log = [json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert "loss_d" in log[0] and "r1" in log[0] and not any("loss_d" in l for l in log[1:])
     assert all(l["recon_l1"] > 0 for l in log)
-    # without the reconstruction term there is nothing else to train G with: every step is a GAN step
-    plain = run("stylegan2", tmp_path / "c", 2, "--gan_every", "4", "--recon_weight", "0", "--pl_every", "0")
+    # without the reconstruction term there is nothing else to train G with: --gan_every would do
+    # nothing, so it is refused (one line), and the plain GAN has a D step on every step
+    with pytest.raises(SystemExit, match="needs --recon_weight"):
+        run("stylegan2", tmp_path / "c", 2, "--gan_every", "4", "--recon_weight", "0", "--pl_every", "0")
+    plain = run("stylegan2", tmp_path / "c", 2, "--recon_weight", "0", "--pl_every", "0")
     log = [json.loads(l) for l in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     assert all("loss_d" in l for l in log) and "e_inv" not in plain
 
