@@ -659,10 +659,6 @@ def run(args):
     with timer("load"):
         model, cfg, trained = load_model(args.checkpoint, args.preset, device, args.seed)
     S = model.G.size
-    if trained and cfg.get("run", {}).get("data") == "synthetic" and (args.source or args.driving):
-        print("infer.py: NOTE: this checkpoint was trained on procedural faces only (data.py's tiny world); "
-              "on real photos and videos it cannot draw a face. Real faces need the paper preset trained on "
-              "VoxCeleb2 (README, 'Training').", file=sys.stderr)
     win = args.window or cfg.get("window") or 5
     model.fusion.temporal.window = win                     # non-overlapping windows (Sec. 4.4.2)
     batch = args.batch or (100 if device.type == "cuda" else 20)
@@ -746,6 +742,11 @@ def run(args):
     overlay = None if args.no_mark else mark_overlay(H, W)
 
     # ---- generate and write, batch by batch
+    # (said only now, once every input has been read: a bad input stays a one-line error)
+    if trained and cfg.get("run", {}).get("data") == "synthetic" and (args.source or args.driving):
+        print("infer.py: NOTE: this checkpoint was trained on procedural faces only (data.py's tiny world); "
+              "on real photos and videos it cannot draw a face. Real faces need the paper preset trained on "
+              "VoxCeleb2 (README, 'Training').", file=sys.stderr)
     print(f"infer.py: {K} frames ({K / fps:.2f} s at {fps:g} fps), {W}x{H}, model {cfg.get('model')} "
           f"{S} px on {device}{' ' + str(dtype).split('.')[-1] if dtype else ''}, window {win}, batch {batch}",
           file=sys.stderr)
