@@ -440,6 +440,67 @@ def _mouth_geom(ident, m):
     return my, mw, LIP_H + OPEN_LIP_H * op, 0.8 * mw, OPEN_INNER_H * op
 
 
+def _ray_head(ident, m, dx, dy):
+    """Orthographic rays (one per pixel of the head's window, offsets dx, dy from the head centre) against
+    the ellipsoid head rotated by (yaw, pitch, roll). -> (rotation [3, 3], hit mask, u, v, w): the hit
+    nearest the viewer mapped back to the unit sphere (face space: u right, v up, w out of the face)."""
+    a, b, c = ident.head
+    # Q = R^T (P - centre), P = (x, y, t), t -> viewer
+    Rm = _rotation(m["yaw"], m["pitch"], m["roll"])
+    R = Rm.tolist()                                                     # python floats keep arrays float32
+    d = [R[2][i] / s_i for i, s_i in enumerate((a, b, c))]              # ray direction (R^T e_z) / s
+    q = [(R[0][i] * dx + R[1][i] * dy) / s_i for i, s_i in enumerate((a, b, c))]  # ray origin at t=0, / s
+    A = d[0] ** 2 + d[1] ** 2 + d[2] ** 2
+    Bq = 2 * (q[0] * d[0] + q[1] * d[1] + q[2] * d[2])
+    Cq = q[0] ** 2 + q[1] ** 2 + q[2] ** 2 - 1
+    disc = Bq * Bq - 4 * A * Cq
+    head = disc >= 0
+    tt = (-Bq + np.sqrt(np.maximum(disc, 0))) / (2 * A)                 # the hit nearest the viewer
+    u, v, w = q[0] + tt * d[0], q[1] + tt * d[1], q[2] + tt * d[2]      # hit point on the unit sphere
+    return Rm, head, u, v, w
+
+
+def _paint_face(ident, m, f, u, v, put):
+    """Paint nose, mouth, eyes (lid, sclera, iris travelling with the gaze, pupil, lash) and brows as
+    labels where `f` (front of the face, not hair) holds; put(mask, label). -> masks of the lips, eyes
+    and brows. Label numbers: the palette order in render()."""
+    NOSE, NOSTRIL, LIPS, LIPLINE, INNER, TEETH, SCLERA, IRIS, PUPIL, LID, LASH, BROW = range(2, 14)
+    nw, nh = ident.nose
+    nose_y = 0.5 * (ident.eye_y + ident.mouth_y) - 0.02
+    put(f & ((u / nw) ** 2 + ((v - nose_y) / nh) ** 2 < 1), NOSE)
+    for side in (-1, 1):
+        put(f & (((u - side * 0.45 * nw) / (0.22 * nw)) ** 2 + ((v - nose_y + 0.7 * nh) / (0.18 * nh)) ** 2 < 1), NOSTRIL)
+    my, mw, mry, iw, iry = _mouth_geom(ident, m)
+    lips = f & ((u / mw) ** 2 + ((v - my) / mry) ** 2 < 1)
+    put(lips, LIPS)
+    put(f & (np.abs(v - my) < 0.012) & (np.abs(u) < iw), LIPLINE)       # where the lips meet
+    if iry > 1e-4:
+        inner = f & ((u / iw) ** 2 + ((v - my) / iry) ** 2 < 1)
+        put(inner, INNER)
+        put(inner & (v > my + 0.45 * iry), TEETH)                        # upper teeth
+    masks = {}
+    for side, key in ((-1, "l"), (1, "r")):
+        ex = side * ident.eye_dx
+        eu, ev = (u - ex) / ident.eye_rx, (v - ident.eye_y) / ident.eye_ry
+        eye = f & (eu * eu + ev * ev < 1)
+        lid = 1 - 2 * float(np.clip(m["blink_" + key], 0, 1))          # lid edge in ev units (1 open, -1 shut)
+        seen = eye & (ev < lid)
+        put(eye, LID)                                                   # the closed part: a darker lid
+        put(seen, SCLERA)
+        gu = ex + GAZE_U * ident.eye_rx * m["gaze_x"]                   # the iris travels with the gaze
+        gv = ident.eye_y + GAZE_V * ident.eye_ry * m["gaze_y"]
+        rr = ((u - gu) ** 2 + (v - gv) ** 2) * (1 / (IRIS_R * ident.eye_ry) ** 2)
+        put(seen & (rr < 1), IRIS)
+        put(seen & (rr < 0.25), PUPIL)
+        put(eye & (np.abs(ev - lid) < 0.2), LASH)                       # lash line at the lid edge
+        by = ident.eye_y + ident.eye_ry + BROW_GAP + BROW_RAISE * m["brow"]
+        brow = f & (np.abs(v - by - 0.03 * (1 - eu * eu)) < BROW_H) & (np.abs(eu) < 1.15)
+        put(brow, BROW)
+        masks["eye_" + key], masks["brow_" + key] = eye, brow
+    masks["mouth"] = lips
+    return masks
+
+
 def render(ident, motion, size=64, ss=None, return_masks=False):
     """Render one frame of `ident` with one frame of `motion` (dict or [12] vector).  -> uint8 [H, W, 3].
 
@@ -473,61 +534,19 @@ def render(ident, motion, size=64, ss=None, return_masks=False):
     c0, c1 = np.searchsorted(X[0], [cx - rad, cx + rad])
     win = (slice(r0, r1), slice(c0, c1))
     dx, dy = dx[win], dy[win]
-    # ---- ray / ellipsoid intersection in head space: Q = R^T (P - centre), P = (x, y, t), t -> viewer
-    Rm = _rotation(m["yaw"], m["pitch"], m["roll"])
-    R = Rm.tolist()                                                     # python floats keep arrays float32
-    d = [R[2][i] / s_i for i, s_i in enumerate((a, b, c))]              # ray direction (R^T e_z) / s
-    q = [(R[0][i] * dx + R[1][i] * dy) / s_i for i, s_i in enumerate((a, b, c))]  # ray origin at t=0, / s
-    A = d[0] ** 2 + d[1] ** 2 + d[2] ** 2
-    Bq = 2 * (q[0] * d[0] + q[1] * d[1] + q[2] * d[2])
-    Cq = q[0] ** 2 + q[1] ** 2 + q[2] ** 2 - 1
-    disc = Bq * Bq - 4 * A * Cq
-    head = disc >= 0
-    tt = (-Bq + np.sqrt(np.maximum(disc, 0))) / (2 * A)                 # the hit nearest the viewer
-    u, v, w = q[0] + tt * d[0], q[1] + tt * d[1], q[2] + tt * d[2]      # hit point on the unit sphere
+    Rm, head, u, v, w = _ray_head(ident, m, dx, dy)
     # ---- face-space shapes (u right, v up, w out of the face), painted as labels in painter's order
     pal = [skin_c, hair_c, 0.88 * skin_c, 0.45 * skin_c, ident.lips, (0.25, 0.08, 0.08),
            (0.2, 0.04, 0.05), (0.92, 0.9, 0.85), (0.97, 0.97, 0.95), ident.iris, (0.02, 0.02, 0.02),
            0.78 * skin_c, (0.08, 0.05, 0.05), 0.35 * hair_c + 0.02]
-    SKIN, HAIR, NOSE, NOSTRIL, LIPS, LIPLINE, INNER, TEETH, SCLERA, IRIS, PUPIL, LID, LASH, BROW = range(14)
+    SKIN, HAIR = 0, 1                                                   # the rest: _paint_face
     lab = np.zeros(head.shape, np.uint8)                                # SKIN everywhere to start
     put = lambda mask, k: np.copyto(lab, k, where=mask)
     front = head & (w > 0)
     hair = head & ((v > ident.hairline + 0.15 * u * u - 0.06 * ident.parting * u) | (w < -0.2 + 0.4 * v))
     put(hair, HAIR)
     f = front & ~hair                                                   # where features may appear
-    nw, nh = ident.nose
-    nose_y = 0.5 * (ident.eye_y + ident.mouth_y) - 0.02
-    put(f & ((u / nw) ** 2 + ((v - nose_y) / nh) ** 2 < 1), NOSE)
-    for side in (-1, 1):
-        put(f & (((u - side * 0.45 * nw) / (0.22 * nw)) ** 2 + ((v - nose_y + 0.7 * nh) / (0.18 * nh)) ** 2 < 1), NOSTRIL)
-    my, mw, mry, iw, iry = _mouth_geom(ident, m)
-    lips = f & ((u / mw) ** 2 + ((v - my) / mry) ** 2 < 1)
-    put(lips, LIPS)
-    put(f & (np.abs(v - my) < 0.012) & (np.abs(u) < iw), LIPLINE)       # where the lips meet
-    if iry > 1e-4:
-        inner = f & ((u / iw) ** 2 + ((v - my) / iry) ** 2 < 1)
-        put(inner, INNER)
-        put(inner & (v > my + 0.45 * iry), TEETH)                        # upper teeth
-    masks = {}
-    for side, key in ((-1, "l"), (1, "r")):
-        ex = side * ident.eye_dx
-        eu, ev = (u - ex) / ident.eye_rx, (v - ident.eye_y) / ident.eye_ry
-        eye = f & (eu * eu + ev * ev < 1)
-        lid = 1 - 2 * float(np.clip(m["blink_" + key], 0, 1))          # lid edge in ev units (1 open, -1 shut)
-        seen = eye & (ev < lid)
-        put(eye, LID)                                                   # the closed part: a darker lid
-        put(seen, SCLERA)
-        gu = ex + GAZE_U * ident.eye_rx * m["gaze_x"]                   # the iris travels with the gaze
-        gv = ident.eye_y + GAZE_V * ident.eye_ry * m["gaze_y"]
-        rr = ((u - gu) ** 2 + (v - gv) ** 2) * (1 / (IRIS_R * ident.eye_ry) ** 2)
-        put(seen & (rr < 1), IRIS)
-        put(seen & (rr < 0.25), PUPIL)
-        put(eye & (np.abs(ev - lid) < 0.2), LASH)                       # lash line at the lid edge
-        by = ident.eye_y + ident.eye_ry + BROW_GAP + BROW_RAISE * m["brow"]
-        brow = f & (np.abs(v - by - 0.03 * (1 - eu * eu)) < BROW_H) & (np.abs(eu) < 1.15)
-        put(brow, BROW)
-        masks["eye_" + key], masks["brow_" + key] = eye, brow
+    masks = _paint_face(ident, m, f, u, v, put)
     # ---- Lambert shading; the ellipsoid normal is grad sum (Q_i / s_i)^2 ~ (u / a, v / b, w / c)
     Ll = (Rm.T @ LIGHT).tolist()                                        # light direction in head space
     un, vn, wn = u[head] * (1 / a), v[head] * (1 / b), w[head] * (1 / c)
@@ -538,7 +557,7 @@ def render(ident, motion, size=64, ss=None, return_masks=False):
     out = np.clip(out * 255 + 0.5, 0, 255).astype(np.uint8)
     if not return_masks:
         return out
-    masks.update(head=head, face=f, hair=hair, mouth=lips)
+    masks.update(head=head, face=f, hair=hair)
     full = {}
     for k, mk in masks.items():                                         # window -> full canvas
         full[k] = np.zeros((S, S), bool)

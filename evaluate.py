@@ -667,7 +667,6 @@ class MotionProbe(nn.Module):
 
 def probe_target(ident, motion_row):
     """Label of one rendered frame: motion [12] ++ mouth landmarks [4 x (x, y)] / image side -> [20]."""
-    import data
     xy, _ = data.landmarks(ident, motion_row, PROBE_SIZE)
     return np.concatenate([np.asarray(motion_row, np.float64), (xy[list(PROBE_MOUTH)] / PROBE_SIZE).reshape(-1)])
 
@@ -680,7 +679,6 @@ def probe_dataset(split, n, seed=0, ss=None):
     set has unseen people), 8 random rows of each 48-frame motion clip, one person per clip. Blinks are rare in real motion
     (~0.3/s), so for 40 % of the frames the lids are redrawn uniformly (15 % of those one eye only):
     otherwise the probe could score well by always answering 'open'."""
-    import data
     ids = data.TRAIN_IDS if split == "train" else data.TEST_IDS
     base = 0 if split == "train" else 1 << 40
     r = np.random.default_rng((seed, 0 if split == "train" else 1))
@@ -934,7 +932,6 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
         rec["lmd"] = float(lmd_points(pg[:, N_MOTION:].reshape(-1, P, 2) * LMD_SIZE,
                                       pt[:, N_MOTION:].reshape(-1, P, 2) * LMD_SIZE).mean())
         if "motion" in gt:  # procedural: the true parameters are known
-            import data
             ident = data.make_identity(int(gt["identity_seed"]))
             truth = torch.from_numpy(np.stack([probe_target(ident, m.numpy()) for m in gt["motion"][scored]])).float()
             rec["attr"] = attribute_errors(pg, truth)           # generated frames vs truth
@@ -1031,7 +1028,6 @@ def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hype
                     (the identity test: it draws B)
     -> {row: {attr: dict(corr, psnr, err)}} means over pairs; err = probe error on the attribute's
     parameter (data.MOTION_KEYS units, degrees for pose) where a probe is given."""
-    import data
     if split not in ATTR_SPLITS:
         raise ValueError(f"split must be one of {sorted(ATTR_SPLITS)}, got {split!r}")
     size, dev = model.G.size, next(model.parameters()).device
@@ -1240,39 +1236,24 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def evaluate(args):
-    """The evaluation run behind the CLI; returns the summary dict. Errors raise ValueError /
-    FileNotFoundError (main turns them into one line)."""
-    import data
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    method = args.baseline or "model"
-    if args.out is None:
-        raise ValueError("--out DIR is required (results, per-clip log, example videos)")
-    if args.mead and args.data == "synthetic":
-        raise ValueError("--mead selects clips of a prepared MEAD folder: pass it as --data")
-    if args.n_clips < 1:
-        raise ValueError(f"--n_clips must be >= 1, got {args.n_clips}")
-    if args.checkpoint is None and method != "copy_source":
-        raise ValueError("--checkpoint CKPT (or 'untrained') is required unless --baseline copy_source")
-    model, cfg = (None, {})
-    if args.checkpoint is not None and method != "copy_source":
-        model, cfg = load_model(args.checkpoint, args.preset, args.window, device, args.seed)
-    hyper_steps = args.hyper_steps if args.hyper_steps is not None else int(cfg.get("hyper_steps", 0))
-    if args.protocol == "attributes":
-        return evaluate_attributes(args, model, hyper_steps, device)
-    size = model.G.size if model is not None else int(cfg.get("size", 64))
-    synthetic = args.data == "synthetic"
-    if synthetic:
+def clip_set(args, size):
+    """The clips to score: held-out procedural people (synthetic), a prepared folder, or its MEAD test
+    list (Sec. 4.1.1). -> (dataset, number of clips)."""
+    if args.data == "synthetic":
         n_ids = max(args.n_clips, 2)  # cross needs a second person even for one clip
         ds = data.SyntheticTalkingFaces("test", n_identities=n_ids, clips_per_identity=1,
                                         n_frames=args.clip_frames, size=size)
-        n = args.n_clips
-    else:
-        if args.protocol == "cross":
-            raise ValueError("--protocol cross needs the renderer's ground truth: use --data synthetic")
-        only = data.mead_clip_list(args.data) if args.mead else None
-        ds = data.VideoFolderDataset(args.data, n_frames=None, random_window=False, only=only)
-        n = len(ds) if args.mead else min(args.n_clips, len(ds))
+        return ds, args.n_clips
+    if args.protocol == "cross":
+        raise ValueError("--protocol cross needs the renderer's ground truth: use --data synthetic")
+    only = data.mead_clip_list(args.data) if args.mead else None
+    ds = data.VideoFolderDataset(args.data, n_frames=None, random_window=False, only=only)
+    return ds, (len(ds) if args.mead else min(args.n_clips, len(ds)))
+
+
+def load_tools(args, synthetic, hyper_steps, device):
+    """The scorers the flags ask for (lip-sync experts, landmark probe or dlib) and the table's notes on
+    each. -> (tools dict for evaluate_clip, notes)."""
     tools = dict(hyper_steps=hyper_steps, chunk=args.chunk)
     notes = []
     if args.syncnet:
@@ -1306,32 +1287,17 @@ def evaluate(args):
             notes.append(f"LMD: '-' ({e})")
     notes.append("SSIM/MS-SSIM/PSNR on uint8-rounded RGB frames (data_range 255, SSIM mean over channels), per "
                  "frame -> per clip -> mean over clips; pcavs scores frames 1..T-1, cross all frames")
-    paper = None
-    if not synthetic and args.paper_table != "none":
-        paper = args.paper_table if args.paper_table != "auto" else \
-            ("mead" if args.mead or "mead" in args.data.lower() else "voxceleb2")
+    return tools, notes
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run = dict(protocol=args.protocol, method=method, checkpoint=args.checkpoint, data=args.data,
-               clip_frames=args.clip_frames if synthetic else None, size=size, hyper_steps=hyper_steps,
-               syncnet=args.syncnet, syncnet_v2=args.syncnet_v2, probe=args.probe, seed=args.seed, mead=args.mead,
-               window=(model.fusion.temporal.window if model is not None else None))
-    run_file = out / "run.json"
-    if run_file.is_file():
-        old = json.loads(run_file.read_text())
-        diff = sorted(k for k in run if old.get(k) != run[k])
-        if diff:
-            raise ValueError(f"{out} holds clips of a different evaluation (differs in {diff}); use another --out")
-    else:
-        _write_atomic(run_file, json.dumps(run, indent=1))
+
+def run_clips(args, ds, n, method, model, size, tools, out, device):
+    """Score clips 0..n-1, one JSON line each in out/clips.jsonl (fsynced: a killed run resumes where it
+    stopped). -> {clip index: record}."""
     log_path = out / "clips.jsonl"
     done = read_done(log_path)
     todo = [i for i in range(n) if i not in done]
     if len(todo) < n:
         print(f"resuming: {n - len(todo)} of {n} clips already done in {log_path}, skipping them")
-    label = {"model": f"FC-TFG ({'untrained ' + args.preset if args.checkpoint == 'untrained' else 'ours'})",
-             "copy_source": "baseline: copy source frame", "encoder_recon": "baseline: G(E_inv(x_d)) (upper bound)"}[method]
     t0, n_frames_done = time.time(), 0
     with open(log_path, "a") as log_fh:
         for k, i in enumerate(todo):
@@ -1358,6 +1324,61 @@ def evaluate(args):
             el = time.time() - t0
             print(f"[{k + 1:4d}/{len(todo)}] clip {i} | ssim {rec['ssim']:.3f} psnr {_cell(rec['psnr'], '{:.2f}')} | "
                   f"{n_frames_done / el:.1f} frames/s | ETA {el / (k + 1) * (len(todo) - k - 1):.0f} s", flush=True)
+    return done
+
+
+def write_results(out, header, table, notes, payload):
+    """Print the table and write results.json (payload) and results.md (header, table, notes)."""
+    print(header + "\n" + table + "\n" + "\n".join("- " + s for s in notes))
+    _write_atomic(out / "results.json", json.dumps(_strip_nonfinite(payload), indent=1))
+    _write_atomic(out / "results.md", f"# {header}\n\n{table}\n\n" + "\n".join("- " + s for s in notes) + "\n")
+
+
+def evaluate(args):
+    """The evaluation run behind the CLI; returns the summary dict. Errors raise ValueError /
+    FileNotFoundError (main turns them into one line)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    method = args.baseline or "model"
+    if args.out is None:
+        raise ValueError("--out DIR is required (results, per-clip log, example videos)")
+    if args.mead and args.data == "synthetic":
+        raise ValueError("--mead selects clips of a prepared MEAD folder: pass it as --data")
+    if args.n_clips < 1:
+        raise ValueError(f"--n_clips must be >= 1, got {args.n_clips}")
+    if args.checkpoint is None and method != "copy_source":
+        raise ValueError("--checkpoint CKPT (or 'untrained') is required unless --baseline copy_source")
+    model, cfg = (None, {})
+    if args.checkpoint is not None and method != "copy_source":
+        model, cfg = load_model(args.checkpoint, args.preset, args.window, device, args.seed)
+    hyper_steps = args.hyper_steps if args.hyper_steps is not None else int(cfg.get("hyper_steps", 0))
+    if args.protocol == "attributes":
+        return evaluate_attributes(args, model, hyper_steps, device)
+    size = model.G.size if model is not None else int(cfg.get("size", 64))
+    synthetic = args.data == "synthetic"
+    ds, n = clip_set(args, size)
+    tools, notes = load_tools(args, synthetic, hyper_steps, device)
+    paper = None
+    if not synthetic and args.paper_table != "none":
+        paper = args.paper_table if args.paper_table != "auto" else \
+            ("mead" if args.mead or "mead" in args.data.lower() else "voxceleb2")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = dict(protocol=args.protocol, method=method, checkpoint=args.checkpoint, data=args.data,
+               clip_frames=args.clip_frames if synthetic else None, size=size, hyper_steps=hyper_steps,
+               syncnet=args.syncnet, syncnet_v2=args.syncnet_v2, probe=args.probe, seed=args.seed, mead=args.mead,
+               window=(model.fusion.temporal.window if model is not None else None))
+    run_file = out / "run.json"
+    if run_file.is_file():
+        old = json.loads(run_file.read_text())
+        diff = sorted(k for k in run if old.get(k) != run[k])
+        if diff:
+            raise ValueError(f"{out} holds clips of a different evaluation (differs in {diff}); use another --out")
+    else:
+        _write_atomic(run_file, json.dumps(run, indent=1))
+    label = {"model": f"FC-TFG ({'untrained ' + args.preset if args.checkpoint == 'untrained' else 'ours'})",
+             "copy_source": "baseline: copy source frame", "encoder_recon": "baseline: G(E_inv(x_d)) (upper bound)"}[method]
+    done = run_clips(args, ds, n, method, model, size, tools, out, device)
     records = [done[i] for i in range(n)]
     summary = summarize(records)
     if summary.get("ms_ssim") is None:
@@ -1366,10 +1387,7 @@ def evaluate(args):
     table = format_table(summary, run, notes)
     header = (f"FC-TFG evaluation | protocol {args.protocol} | data {args.data} ({n} clips, {size} px) | "
               f"method {label} | checkpoint {args.checkpoint} | hyper_steps {hyper_steps}")
-    print(header + "\n" + table + "\n" + "\n".join("- " + s for s in notes))
-    _write_atomic(out / "results.json", json.dumps(_strip_nonfinite(
-        dict(run=run, summary=summary, notes=notes, clips=records)), indent=1))
-    _write_atomic(out / "results.md", f"# {header}\n\n{table}\n\n" + "\n".join("- " + s for s in notes) + "\n")
+    write_results(out, header, table, notes, dict(run=run, summary=summary, notes=notes, clips=records))
     return summary
 
 
@@ -1393,14 +1411,11 @@ def evaluate_attributes(args, model, hyper_steps, device):
         notes.append(f"err = motion probe on the generated frames vs the true parameter ({args.probe}; held-out "
                      f"error on rendered frames {_fmt_attrs(held)})")
     header = f"FC-TFG attribute transfer | checkpoint {args.checkpoint} | hyper_steps {hyper_steps}"
-    print(header + "\n" + table + "\n" + "\n".join("- " + n for n in notes))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = dict(protocol="attributes", checkpoint=args.checkpoint, split=args.attr_split, n_pairs=args.n_clips,
                clip_frames=args.clip_frames, probe=args.probe, hyper_steps=hyper_steps)
-    _write_atomic(out / "results.json", json.dumps(_strip_nonfinite(dict(run=run, attributes=res, notes=notes)),
-                                                   indent=1))
-    _write_atomic(out / "results.md", f"# {header}\n\n{table}\n\n" + "\n".join("- " + n for n in notes) + "\n")
+    write_results(out, header, table, notes, dict(run=run, attributes=res, notes=notes))
     return res
 
 
@@ -1414,7 +1429,6 @@ _WARNED_AV = []
 def _save_example(path, ex, protocol):
     """Side-by-side mp4 with the driving audio: source | driving (cross only) | ground truth | generated.
     Skipped with one note when PyAV is missing."""
-    import data
     panels = [ex["source"][None], ex["driving"], ex["gt"], ex["gen"]] if protocol == "cross" else \
         [ex["source"][None], ex["gt"], ex["gen"]]
     try:

@@ -628,9 +628,8 @@ class Progress:
               end="\n" if not self.tty or done >= self.total else "", file=sys.stderr, flush=True)
 
 
-def run(args):
-    """The whole job for parsed args. -> stats dict. Every input is checked before the output is opened."""
-    # ---- device, precision, output path
+def check_args(args):
+    """Every check that needs no file contents, before anything is loaded. -> (device, dtype, amp, out)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
@@ -653,20 +652,12 @@ def run(args):
         p = getattr(args, flag)
         if p is not None and not os.path.isfile(p):
             raise FileNotFoundError(f"--{flag.replace('_', '-')}: file not found: {p}")
-    timer = Timer(device)
+    return device, dtype, amp, out
 
-    # ---- model
-    with timer("load"):
-        model, cfg, trained = load_model(args.checkpoint, args.preset, device, args.seed)
-    S = model.G.size
-    win = args.window or cfg.get("window") or 5
-    model.fusion.temporal.window = win                     # non-overlapping windows (Sec. 4.4.2)
-    batch = args.batch or (100 if device.type == "cuda" else 20)
-    batch = max(1, round(batch / win)) * win
-    detector = pick_detector(args.no_detect) if any(
-        getattr(args, f) for f in ("source", "driving", "pose_from", "eyes_from", "expression_from")) else None
 
-    # ---- inputs (all probed now; decoding of the driving videos happens while generating)
+def read_inputs(args, S):
+    """Source image, driving videos (probed, not decoded), audio cut to K frames.
+    -> (src_img, videos {path: VideoFrames}, paths {group: path}, proc, fps, wav, K)."""
     proc = None
     if args.source is None or args.driving is None:
         proc = procedural_inputs(S, args.seconds, args.seed)
@@ -702,8 +693,12 @@ def run(args):
     K = max(1, round(len(wav) * fps / data.SR))
     n_samples = round(K * data.SR / fps)                   # exactly K frames of audio
     wav = np.pad(wav, (0, max(0, n_samples - len(wav))))[:n_samples].astype(np.float32)
+    return src_img, videos, paths, proc, fps, wav, K
 
-    # ---- faces: source box, one box per driving video (detection pass before any output)
+
+def find_faces(args, src_img, videos, detector, S, fps, timer):
+    """The source's face box and one crop function per driving video (the whole detection pass runs
+    before any output is opened). -> (src_crop (1, S, S, 3), src_box, crops {path: fn})."""
     if args.source is None:
         src_box = (0, 0, src_img.shape[1], src_img.shape[0])        # procedural: already a face crop
     elif detector is None:
@@ -720,6 +715,28 @@ def run(args):
     for p, v in videos.items():
         box = None if detector is None else track_box(v.frames(fps), detector, f"{v.name} {p}", timer)
         crops[p] = crop_fn(box, S, v.shape)
+    return src_crop, src_box, crops
+
+
+def run(args):
+    """The whole job for parsed args. -> stats dict. Every input is checked before the output is opened."""
+    device, dtype, amp, out = check_args(args)
+    timer = Timer(device)
+
+    # ---- model
+    with timer("load"):
+        model, cfg, trained = load_model(args.checkpoint, args.preset, device, args.seed)
+    S = model.G.size
+    win = args.window or cfg.get("window") or 5
+    model.fusion.temporal.window = win                     # non-overlapping windows (Sec. 4.4.2)
+    batch = args.batch or (100 if device.type == "cuda" else 20)
+    batch = max(1, round(batch / win)) * win
+    detector = pick_detector(args.no_detect) if any(
+        getattr(args, f) for f in ("source", "driving", "pose_from", "eyes_from", "expression_from")) else None
+
+    # ---- inputs and faces (all probed now; the driving videos are decoded while generating)
+    src_img, videos, paths, proc, fps, wav, K = read_inputs(args, S)
+    src_crop, src_box, crops = find_faces(args, src_img, videos, detector, S, fps, timer)
 
     # ---- one-time source inversion (Sec. 3: z_s = E_inv(x_s), HyperStyle deltas)
     t_inv = time.perf_counter()

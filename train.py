@@ -152,6 +152,8 @@ def parse_args(argv=None):
         ap.add_argument(f"--{k}", type=type(v), default=v, help=f"{HELP[k]} (default {v})")
     args = ap.parse_args(argv)
     cfg = {k: getattr(args, k) for k in PRESETS[known.preset]}
+    if cfg["amp"] not in ("none", "bf16"):
+        ap.error(f"--amp must be 'none' or 'bf16', got {cfg['amp']!r}")
     return args, cfg
 
 
@@ -971,6 +973,34 @@ class Prefetch:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+class Signals:
+    """Catches SIGTERM / SIGINT while training: .signal holds the last one (None before), so the loop
+    can finish its step and save; restore() puts the previous handlers back."""
+
+    def __init__(self):
+        self.signal = None
+        self.old = {sig: signal.signal(sig, self._catch) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _catch(self, signum, frame):
+        self.signal = signum
+
+    def restore(self):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+def finite_values(logs, step, last, nan=False):
+    """The step's logged terms as floats; a non-finite one stops the run (the last checkpoint stays
+    good). nan=True: the test hook that makes a loss diverge."""
+    vals = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
+    if nan:
+        vals["injected"] = float("nan")
+    bad = [k for k, v in vals.items() if not math.isfinite(v)]
+    if bad:
+        raise StopTraining(f"non-finite loss {bad} at step {step}; last good checkpoint: {last}")
+    return vals
+
+
 def log_step(log_file, step, vals, rate, eta_s):
     """One line of log.jsonl and of the console: the step's losses, throughput and ETA."""
     log_file.write(json.dumps({"step": step, "time": time.time(), "img_per_s": rate, **vals}) + "\n")
@@ -1047,8 +1077,6 @@ def train(argv=None):
     np.random.seed(cfg["seed"] + rank)
     random.seed(cfg["seed"] + rank)
     acc = cfg["accum"]
-    if cfg["amp"] not in ("none", "bf16"):
-        raise SystemExit(f"error: --amp must be 'none' or 'bf16', got {cfg['amp']!r}")
     use_amp = cfg["amp"] == "bf16" and device.type == "cuda"  # bf16 autocast on GPUs only
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
@@ -1057,13 +1085,7 @@ def train(argv=None):
         print(f"resumed from {last} at step {start}")
     checkpoint = lambda step: save_state(last, stage, args, cfg, step, rank, world)
 
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):  # finish the current step, save, exit
-        stop["signal"] = signum
-
-    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-
+    stop = Signals()  # SIGTERM / SIGINT: finish the current step, save, exit
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "samples").mkdir(exist_ok=True)
@@ -1088,12 +1110,7 @@ def train(argv=None):
                 raise StopTraining(f"out of GPU memory at batch {cfg['batch']}: lower --batch and raise "
                                    f"--accum to keep the same effective batch") from None
             batch = micro[0]
-            vals = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
-            if args.inject_nan is not None and step == args.inject_nan:
-                vals["injected"] = float("nan")  # test hook: what a diverged loss looks like
-            bad = [k for k, v in vals.items() if not math.isfinite(v)]
-            if bad:
-                raise StopTraining(f"non-finite loss {bad} at step {step}; last good checkpoint: {last}")
+            vals = finite_values(logs, step, last, nan=args.inject_nan == step)
             n_img += cfg["batch"] * acc * world * getattr(stage, "frames_per_sample", 1)
             done = step + 1
             if is_main and (done % cfg["log_every"] == 0 or done == cfg["max_steps"]):
@@ -1102,11 +1119,11 @@ def train(argv=None):
             if is_main and cfg["sample_every"] and done % cfg["sample_every"] == 0:
                 stylegan2.save_image_grid(stage.samples(batch, cfg["seed"]), out / "samples" / f"{done:07d}.png",
                                           nrow=getattr(stage, "grid_nrow", None))
-            if done % cfg["ckpt_every"] == 0 or done == cfg["max_steps"] or stop["signal"]:
+            if done % cfg["ckpt_every"] == 0 or done == cfg["max_steps"] or stop.signal:
                 checkpoint(done)
-            if stop["signal"]:
+            if stop.signal:
                 if is_main:
-                    print(f"signal {stop['signal']}: saved {last} at step {done}, exiting")
+                    print(f"signal {stop.signal}: saved {last} at step {done}, exiting")
                 break
     except StopTraining as e:
         if is_main:
@@ -1118,8 +1135,7 @@ def train(argv=None):
             plot_losses(out / "log.jsonl", out / "loss.png")  # the run's loss curves, one PNG
     finally:
         prefetch.close()
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
+        stop.restore()
         if log_file:
             log_file.close()
         if world > 1:
