@@ -409,7 +409,7 @@ class FCTFG(nn.Module):
         """x_s [B, 3, H, W] -> (z_s [B, L, C], weight deltas list). hyper_steps = 0: pSp codes only."""
         import inversion
         z_s, deltas, _ = inversion.invert(self.G, x_s, self.E_inv, self.H if hyper_steps else None,
-                                          steps=hyper_steps)
+                                          steps=hyper_steps, recon=False)
         return z_s, deltas
 
     def render(self, ws, deltas):

@@ -152,6 +152,7 @@ class PSPEncoder(nn.Module):
         if not 0 < split[0] < split[1] < n_latent:
             raise ValueError(f"split {split} does not leave three non-empty groups in {n_latent} codes")
         self.size, self.n_latent, self.style_dim, self.split = size, n_latent, style_dim, tuple(split)
+        self.checkpointing = False  # activation checkpointing per IR-SE unit (stylegan2.checkpointed())
         self.input_layer, self.body = ir_se_layers(units, widths)
         self.taps = (units[0] + units[1] - 1, sum(units[:3]) - 1, sum(units) - 1)  # c1, c2, c3 unit indices
         f = widths[3]
@@ -179,7 +180,7 @@ class PSPEncoder(nn.Module):
             raise ValueError(f"PSPEncoder expects [B, 3, {self.size}, {self.size}], got {tuple(x.shape)}")
         h = self.input_layer(x)
         for i, unit in enumerate(self.body):
-            h = unit(h)
+            h = stylegan2.checkpointed(unit, h, on=self.checkpointing)
             if i == self.taps[0]:
                 c1 = h  # [B, widths[1], H/4, W/4]
             elif i == self.taps[1]:
@@ -323,6 +324,7 @@ class HyperStyle(nn.Module):
                 body.append(BasicBlock(in_c, out_c, stride=2 if (i == 0 and stage > 0) else 1))
                 in_c = out_c
         self.body = nn.Sequential(*body)
+        self.checkpointing = False  # activation checkpointing per ResNet block (stylegan2.checkpointed())
         feat_c, spatial = widths[3], size // 16
         self.shared_shape = tuned[0]
         O, I, k = self.shared_shape
@@ -342,15 +344,21 @@ class HyperStyle(nn.Module):
             raise ValueError(f"HyperStyle expects x and y_hat of shape [B, 3, {self.size}, {self.size}], "
                              f"got {tuple(x.shape)} and {tuple(y_hat.shape)}")
         h = self.relu(self.bn1(self.conv1(torch.cat([x, y_hat], 1))))  # [B, widths[0], H/2, W/2]
-        feat = self.body(h)                                             # [B, widths[3], H/16, W/16]
+        feat = h
+        for block in self.body:                                         # -> [B, widths[3], H/16, W/16]
+            feat = stylegan2.checkpointed(block, feat, on=self.checkpointing)
         return [None if head is None else head(feat) for head in self.refinement_blocks]
 
     def step(self, G, x, ws, deltas, y_hat, noise_mode="const"):
         """One iteration (spec §3.1): Delta^{t+1} = Delta^t + H([x, y_hat^t]),  y_hat^{t+1} = G(w; W (1 + Delta^{t+1})).
         deltas is the running sum (a list of None at t = 0). Returns (deltas, y_hat)."""
-        new = self(x, y_hat)
-        deltas = [n if d is None else (d if n is None else d + n) for d, n in zip(deltas, new)]
+        deltas = self.add(deltas, self(x, y_hat))
         return deltas, G.synthesis(ws, noise_mode=noise_mode, weight_deltas=deltas)
+
+    @staticmethod
+    def add(deltas, new):
+        """Running sum of per-layer deltas (None = no offset for that layer yet)."""
+        return [n if d is None else (d if n is None else d + n) for d, n in zip(deltas, new)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,6 +388,7 @@ class IdentityEncoder(nn.Module):
         if face_size % 16:
             raise ValueError(f"face_size must be a multiple of 16, got {face_size}")
         self.face_size = face_size
+        self.checkpointing = False  # activation checkpointing per IR-SE unit (stylegan2.checkpointed())
         self.input_layer, self.body = ir_se_layers(units, widths)
         s = face_size // 16
         self.output_layer = nn.Sequential(
@@ -398,7 +407,10 @@ class IdentityEncoder(nn.Module):
         r0, r1, c0, c1 = ID_CROP_256
         x = x[:, :, round(r0 * H / 256):round(r1 * H / 256), round(c0 * W / 256):round(c1 * W / 256)]
         x = F.adaptive_avg_pool2d(x, self.face_size)           # [B, 3, 112, 112]
-        f = self.output_layer(self.body(self.input_layer(x)))  # [B, E]
+        h = self.input_layer(x)
+        for unit in self.body:  # the judge is frozen, but Eq. (5)'s gradient flows through it to x
+            h = stylegan2.checkpointed(unit, h, on=self.checkpointing)
+        f = self.output_layer(h)                               # [B, E]
         return F.normalize(f, dim=1)
 
 
@@ -406,7 +418,7 @@ class IdentityEncoder(nn.Module):
 # 5. invert() and the inversion-stage losses
 # ---------------------------------------------------------------------------------------------------
 
-def invert(G, x, E_inv, H=None, steps=5, noise_mode="const"):
+def invert(G, x, E_inv, H=None, steps=5, noise_mode="const", recon=True):
     """The one call other modules use: x [B, 3, H, W] -> (ws [B, L, C], weight_deltas, recon [B, 3, H, W]).
 
     weight_deltas has one entry per G.modulated_convs() (None for ToRGB and for untuned layers), ready
@@ -416,16 +428,26 @@ def invert(G, x, E_inv, H=None, steps=5, noise_mode="const"):
       - encoder codes only (H=None or steps=0; weight_deltas is all None): for the *driving* frames,
         where FC-TFG only needs the codes z_d = E_inv(x_d) (Eq. 2) and speed matters (one pass per frame).
     No torch.no_grad here: the paper fine-tunes the pretrained networks (Sec. 4.1.2); wrap the call if
-    you want it frozen."""
+    you want it frozen. recon=False returns None for recon and skips its render (FCTFG.encode_source
+    needs only the codes and deltas)."""
     ws = E_inv(x)                                           # [B, L, C]
     if ws.shape[1] != G.n_latent:
         raise ValueError(f"encoder gives {ws.shape[1]} codes but the generator takes {G.n_latent}")
     deltas = [None] * len(G.modulated_convs())
-    recon = G.synthesis(ws, noise_mode=noise_mode)          # y_hat^0: plain encoder inversion
-    if H is not None:
-        for _ in range(steps):
-            deltas, recon = H.step(G, x, ws, deltas, recon, noise_mode=noise_mode)
-    return ws, deltas, recon
+    steps = steps if H is not None else 0
+    if steps == 0:
+        return ws, deltas, (G.synthesis(ws, noise_mode=noise_mode) if recon else None)
+    # The renders y_hat^t that H looks at are inputs, not outputs: HyperStyle's training detaches them
+    # between iterations (hyperstyle_loss), so they need no graph here either; gradients reach H, E_inv
+    # and G through the summed deltas and the final render.
+    with torch.no_grad():
+        y_hat = G.synthesis(ws, noise_mode=noise_mode)      # y_hat^0: plain encoder inversion
+    for t in range(steps):
+        deltas = H.add(deltas, H(x, y_hat))
+        if t < steps - 1:
+            with torch.no_grad():
+                y_hat = G.synthesis(ws, noise_mode=noise_mode, weight_deltas=deltas)
+    return ws, deltas, (G.synthesis(ws, noise_mode=noise_mode, weight_deltas=deltas) if recon else None)
 
 
 LAMBDA_INV = dict(l2=1.0, lpips=0.8, id=0.1)  # pSp and HyperStyle face recipe (spec §2.4, §3.5)

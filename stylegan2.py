@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,6 +270,54 @@ def _upfirdn2d_cuda_kernel(x, f, up, down, pad):
 
 def _bias_act_cuda_kernel(x, b, ref, grad, alpha, gain):
     return cuda_ops().bias_act(x.contiguous(), b, ref, grad, alpha, gain)
+
+
+# ====================================================================================================
+# Activation checkpointing (memory, not in the paper; Chen et al. 2016, "Training Deep Nets with
+# Sublinear Memory Cost")
+# ====================================================================================================
+# A block run through checkpointed() keeps only its inputs for backward and runs its forward again
+# when the gradient reaches it: about one more forward of compute for dropping every activation inside
+# the block. The paper preset's fine-tuned FC-TFG step needs it (BENCHMARKS.md, "Paper-preset memory").
+# One trap: a BatchNorm in train mode would update its running statistics a second time during the
+# recomputation, so the recomputation runs with momentum 0 (statistics unchanged) and its batch counter
+# is put back. Gradients are those of the plain forward (tests/test_stylegan2.py, float64).
+
+def checkpointed(block, *args, on=True):
+    """block(*args), keeping only args for backward when `on` and autograd records; else a plain call.
+    block: an nn.Module (its train-mode BatchNorms are recomputed without a second statistics update)
+    or a function without BatchNorm (e.g. one resolution of G.synthesis)."""
+    if not (on and torch.is_grad_enabled()):
+        return block(*args)
+    bns = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] \
+        if isinstance(block, nn.Module) else []
+    calls = [0]
+
+    def run(*a):
+        calls[0] += 1
+        live = [m for m in bns if m.training] if calls[0] > 1 else []  # the recomputation
+        kept = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+                for m in live]
+        for m in live:
+            m.momentum = 0.0                      # running = (1 - 0) running + 0 batch: unchanged
+        try:
+            return block(*a)
+        finally:
+            for m, (mom, n) in zip(live, kept):
+                m.momentum = mom
+                if n is not None:
+                    m.num_batches_tracked.copy_(n)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
+def use_checkpointing(modules, on=True):
+    """Switch checkpointed() on or off in every block-structured network inside `modules` (G, D,
+    PSPEncoder, HyperStyle, IdentityEncoder carry a .checkpointing attribute). -> how many were set."""
+    nets = [m for net in modules for m in net.modules() if hasattr(m, "checkpointing")]
+    for m in nets:
+        m.checkpointing = on
+    return len(nets)
 
 
 # ====================================================================================================
@@ -528,6 +577,7 @@ class Generator(nn.Module):
             raise ValueError(f"Generator: channels lacks resolutions {missing}")
         ch = self.channels
         self.n_latent = 2 * log_size - 2       # 14 at 256 px, 10 at 64 px
+        self.checkpointing = False  # activation checkpointing per resolution (checkpointed(); memory only)
         self.num_layers = 2 * (log_size - 2) + 1  # styled convs (= noise maps): 13 at 256 px
 
         self.style = mapping_network(style_dim, n_mlp, lr_mlp)
@@ -637,9 +687,15 @@ class Generator(nn.Module):
         skip = self.to_rgb1(x, ws[:, 1], delta=deltas[1])
         for i, to_rgb in enumerate(self.to_rgbs):
             up, conv = self.convs[2 * i], self.convs[2 * i + 1]
-            x = up(x, ws[:, 2 * i + 1], self._noise(2 * i + 1, B, noise_mode, dev, dt), deltas[2 + 3 * i])
-            x = conv(x, ws[:, 2 * i + 2], self._noise(2 * i + 2, B, noise_mode, dev, dt), deltas[3 + 3 * i])
-            skip = to_rgb(x, ws[:, 2 * i + 3], skip, delta=deltas[4 + 3 * i])
+            n1, n2 = self._noise(2 * i + 1, B, noise_mode, dev, dt), self._noise(2 * i + 2, B, noise_mode, dev, dt)
+            d1, d2, d3 = deltas[2 + 3 * i:5 + 3 * i]
+
+            def block(x, skip, w1, w2, w3, up=up, conv=conv, to_rgb=to_rgb, n1=n1, n2=n2, d1=d1, d2=d2, d3=d3):
+                x = conv(up(x, w1, n1, d1), w2, n2, d2)        # one resolution: up-conv, conv, ToRGB
+                return x, to_rgb(x, w3, skip, delta=d3)
+
+            x, skip = checkpointed(block, x, skip, ws[:, 2 * i + 1], ws[:, 2 * i + 2], ws[:, 2 * i + 3],
+                                   on=self.checkpointing)
         return skip
 
     def forward(self, ws, noise_mode="const", weight_deltas=None):
@@ -713,6 +769,7 @@ class Discriminator(nn.Module):
             raise ValueError(f"Discriminator: size must be a power of two >= 8, got {size}")
         ch = dict(channels) if channels else default_channels(size, channel_multiplier)
         self.size, self.in_channels, self.stddev_group = size, in_channels, stddev_group
+        self.checkpointing = False  # activation checkpointing per block (checkpointed(); memory only)
         blocks = [ConvLayer(in_channels, ch[size], 1)]
         in_ch = ch[size]
         for r in range(log_size, 2, -1):
@@ -733,7 +790,9 @@ class Discriminator(nn.Module):
         if x.ndim != 4 or x.shape[1:] != (self.in_channels, self.size, self.size):
             raise ValueError(f"Discriminator: want [B, {self.in_channels}, {self.size}, {self.size}], "
                              f"got {tuple(x.shape)}")
-        out = self.convs(x)
+        out = x
+        for block in self.convs:
+            out = checkpointed(block, out, on=self.checkpointing)
         out = minibatch_stddev(out, self.stddev_group)
         out = self.final_conv(out)
         return self.final_linear(out.flatten(1))

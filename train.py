@@ -55,7 +55,7 @@ PRESETS = {
         hyper_steps=1, hyper_from=0.5, mbstd_group=4, recon_weight=10.0, expert_loss="nce",
         gan_every=1, lr_rampdown=0, feature_weight=0.0, latent_weight=0.0,
         source_from="identity", canonical="plain", drive_mouth="swap",
-        layers="0,1,2,3,4,5,6", audio_layers="0,1,2,3,4,5,6",
+        layers="0,1,2,3,4,5,6", audio_layers="0,1,2,3,4,5,6", grad_ckpt=0,
     ),
     "paper": dict(
         model="paper", size=256, batch=4, accum=1, max_steps=800_000, seed=0,
@@ -67,7 +67,7 @@ PRESETS = {
         hyper_steps=3, hyper_from=0.5, mbstd_group=4, recon_weight=0.0, expert_loss="bce",
         gan_every=1, lr_rampdown=0, feature_weight=0.0, latent_weight=0.0,
         source_from="clip", canonical="plain", drive_mouth="own",
-        layers="1,2,3,4,7,8,9,10", audio_layers="7,8",
+        layers="1,2,3,4,7,8,9,10", audio_layers="7,8", grad_ckpt=1,
     ),
 }
 TINY = "tiny-scale deviation, see RESULTS.md"
@@ -117,6 +117,9 @@ HELP = {
     "canonical": "FC-TFG stage: E_can a plain 2-layer MLP (Sec. 3.1) | residual (identity at init; an ablation)",
     "drive_mouth": f"FC-TFG stage: driving frames keep their own mouth | swap: another clip's ({TINY})",
     "layers": "FC-TFG stage: manipulated w indices (Sec. 4.1.2; tiny adds w0, see fusion.py)",
+    "grad_ckpt": "1: activation checkpointing of the G, D, E_inv, HyperStyle and ArcFace blocks, recomputed in "
+                 "backward (memory for ~1/3 more compute; not in the paper: it lets the paper preset's fine-tuned "
+                 "FC-TFG step fit, BENCHMARKS.md); 0: off",
     "audio_layers": "FC-TFG stage: manipulated w indices whose E_m also sees z_a (Sec. 4.1.2: 7, 8; "
                     f"tiny: all, {TINY})",
 }
@@ -322,7 +325,7 @@ def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
     spike does not flatten the curve. Returns the number of panels (0 = nothing to plot, no file)."""
     from PIL import Image, ImageDraw
     rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    keys = [k for k in (rows[0] if rows else {}) if k not in ("step", "time", "img_per_s")]
+    keys = [k for k in (rows[0] if rows else {}) if k not in ("step", "time", "img_per_s", "peak_mem_gb")]
     if not keys:
         return 0
     W, H = panel
@@ -1001,12 +1004,21 @@ def finite_values(logs, step, last, nan=False):
     return vals
 
 
-def log_step(log_file, step, vals, rate, eta_s):
-    """One line of log.jsonl and of the console: the step's losses, throughput and ETA."""
-    log_file.write(json.dumps({"step": step, "time": time.time(), "img_per_s": rate, **vals}) + "\n")
+def peak_memory_gb(device):
+    """Peak memory so far: torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20     # Linux reports KiB
+
+
+def log_step(log_file, step, vals, rate, eta_s, mem_gb):
+    """One line of log.jsonl and of the console: the step's losses, throughput, peak memory and ETA."""
+    log_file.write(json.dumps({"step": step, "time": time.time(), "img_per_s": rate, "peak_mem_gb": mem_gb,
+                               **vals}) + "\n")
     log_file.flush()
     print(f"step {step:7d} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
-          + f" | {rate:.1f} img/s | ETA {eta_s / 60:.1f} min", flush=True)
+          + f" | {rate:.1f} img/s | peak mem {mem_gb:.1f} GiB | ETA {eta_s / 60:.1f} min", flush=True)
 
 
 def resume(stage, ck, stage_name, rank, device):
@@ -1068,6 +1080,8 @@ def train(argv=None):
     torch.manual_seed(cfg["seed"])  # the same seed everywhere: every rank builds identical networks
     try:
         stage = STAGE_CLASSES[args.stage](cfg, device, args)
+        stylegan2.use_checkpointing([v for v in vars(stage).values() if isinstance(v, torch.nn.Module)],
+                                    bool(cfg["grad_ckpt"]))
         data = Batches(stage.dataset(make_clip_dataset(cfg, args.data, cache_dir=args.cache_dir)), cfg["batch"],
                        rank, world, cfg["seed"])
     except (FileNotFoundError, ValueError) as e:
@@ -1115,7 +1129,7 @@ def train(argv=None):
             done = step + 1
             if is_main and (done % cfg["log_every"] == 0 or done == cfg["max_steps"]):
                 log_step(log_file, done, vals, n_img / (time.time() - t0),
-                         (cfg["max_steps"] - done) * (time.time() - t0) / (done - start))
+                         (cfg["max_steps"] - done) * (time.time() - t0) / (done - start), peak_memory_gb(device))
             if is_main and cfg["sample_every"] and done % cfg["sample_every"] == 0:
                 stylegan2.save_image_grid(stage.samples(batch, cfg["seed"]), out / "samples" / f"{done:07d}.png",
                                           nrow=getattr(stage, "grid_nrow", None))

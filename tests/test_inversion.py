@@ -330,6 +330,61 @@ def test_invert_accumulates_the_running_sum_of_deltas():
     assert not torch.allclose(y2, y0)  # the deltas do change the image
 
 
+def test_invert_gradients_flow_through_the_deltas_not_through_the_renders_h_looks_at():
+    """Fine-tuning through invert (FC-TFG, Sec. 4.1.2): the renders y_hat^t fed to H are detached, as
+    in HyperStyle's own training; the oracle is the unrolled loop with explicit .detach()."""
+    torch.manual_seed(0)
+    G, E, H = micro()
+    G, E, H = G.double(), E.double(), H.double().eval()
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64) * 2 - 1
+    nets = list(G.parameters()) + list(E.parameters()) + list(H.parameters())
+
+    def grads(loss):
+        return torch.autograd.grad(loss, nets, allow_unused=True)
+
+    ws, deltas, recon = I.invert(G, x, E, H, steps=2)
+    got = grads(recon.square().mean())
+    w = E(x)
+    d1 = H(x, G.synthesis(w).detach())
+    d2 = [None if a is None else a + b for a, b in zip(d1, H(x, G.synthesis(w, weight_deltas=d1).detach()))]
+    want = grads(G.synthesis(w, weight_deltas=d2).square().mean())
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert I.invert(G, x, E, H, steps=2, recon=False)[2] is None
+
+
+def test_checkpointing_keeps_gradients_and_batchnorm_statistics_of_psp_and_hyperstyle():
+    """Train-mode BatchNorm in a checkpointed block would update its running statistics twice (forward
+    and recomputation); stylegan2.checkpointed recomputes with momentum 0. Same gradients, same buffers."""
+    torch.manual_seed(0)
+    G, E, H = micro()
+    G, E, H = G.double(), E.double(), H.double().train()
+    E.train()
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64) * 2 - 1
+    out = {}
+    for on in (False, True):
+        E.load_state_dict(E0) if on else None
+        H.load_state_dict(H0) if on else None
+        if not on:
+            E0 = {k: v.clone() for k, v in E.state_dict().items()}
+            H0 = {k: v.clone() for k, v in H.state_dict().items()}
+        E.checkpointing = H.checkpointing = on
+        E.zero_grad(), H.zero_grad()
+        ws, deltas, recon = I.invert(G, x, E, H, steps=2)
+        recon.square().mean().backward()
+        out[on] = ({n: p.grad.clone() for n, p in [*E.named_parameters(), *H.named_parameters()]},
+                   {k: v.clone() for k, v in [*E.state_dict().items(), *H.state_dict().items()]})
+    for k, g in out[False][0].items():
+        torch.testing.assert_close(out[True][0][k], g, rtol=1e-10, atol=1e-12)
+    for k, b in out[False][1].items():
+        torch.testing.assert_close(out[True][1][k], b, rtol=1e-12, atol=0)
+    # one statistics update per real call: E once, H once per refinement step (2)
+    counts = {int(v) for k, v in out[True][1].items() if k.endswith("num_batches_tracked")}
+    assert counts == {1, 2}, counts
+
+
 def test_invert_rejects_generator_with_other_code_count():
     G = stylegan2.Generator(size=32, style_dim=32, n_mlp=1, channels={4: 8, 8: 8, 16: 8, 32: 8})
     E = I.PSPEncoder(size=64, n_latent=10, style_dim=32, units=(1, 1, 1, 1), widths=(8, 8, 16, 16))

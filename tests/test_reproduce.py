@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_plot_losses_draws_one_panel_per_quantity(tmp_path):
     log = tmp_path / "log.jsonl"
-    rows = [{"step": k, "time": 0.0, "img_per_s": 5.0, "loss_d": 1.0 / k, "rec": float(k % 3)} for k in range(1, 30)]
+    rows = [{"step": k, "time": 0.0, "img_per_s": 5.0, "peak_mem_gb": 1.0, "loss_d": 1.0 / k, "rec": float(k % 3)} for k in range(1, 30)]
     rows[5]["rec"] = float("nan")                       # a non-finite value is skipped, not drawn
     log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert train.plot_losses(log, tmp_path / "loss.png") == 2   # step/time/img_per_s are not losses

@@ -247,6 +247,19 @@ def test_all_stages_chain(tmp_path):
     assert out["x_g"].shape == (1, 5, 3, 64, 64)
 
 
+def test_grad_ckpt_trains_the_same_weights(tmp_path):
+    """--grad_ckpt 1 (memory only) fine-tunes every network (G, E_inv, HyperStyle with BatchNorm, E_a, D
+    with R1) to bit-identical weights and buffers: the recomputation repeats the same float32 ops in
+    the same order, and its BatchNorms do not update their statistics twice."""
+    args = ("--hyper_steps", "1", "--r1_every", "1")
+    plain = run("fctfg", tmp_path / "a", 2, *args)
+    ckpt = run("fctfg", tmp_path / "b", 2, *args, "--grad_ckpt", "1")
+    for net in ("fctfg", "d"):
+        assert_same_state(plain[net], ckpt[net])
+    assert not all(torch.equal(v, run("fctfg", tmp_path / "c", 1, *args)["fctfg"][k])
+                   for k, v in plain["fctfg"].items())                  # the 2 steps did move the weights
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [["--temporal", "lstm", "--disc", "video", "--ortho", "cosine"],
                                      ["--temporal", "none", "--ortho", "none", "--freeze_pretrained"]])
