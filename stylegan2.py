@@ -27,6 +27,7 @@ Not here: training loops and EMA (train.py), the GAN/identity losses of Eq. 4-9 
 inversion encoders (inversion.py).
 """
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -283,30 +284,40 @@ def _bias_act_cuda_kernel(x, b, ref, grad, alpha, gain):
 # recomputation, so the recomputation runs with momentum 0 (statistics unchanged) and its batch counter
 # is put back. Gradients are those of the plain forward (tests/test_stylegan2.py, float64).
 
+@contextlib.contextmanager
+def batchnorm_stats_frozen(module):
+    """Inside: train-mode BatchNorms of `module` normalise with batch statistics as usual but leave their
+    running statistics and batch counters as they were (momentum 0: running = 1 * running + 0 * batch).
+    For a forward that repeats one already counted (a checkpoint's recomputation, a re-run forward)."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] \
+        if isinstance(module, nn.Module) else []
+    kept = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+            for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (mom, n) in zip(bns, kept):
+            m.momentum = mom
+            if n is not None:
+                m.num_batches_tracked.copy_(n)
+
+
 def checkpointed(block, *args, on=True):
     """block(*args), keeping only args for backward when `on` and autograd records; else a plain call.
     block: an nn.Module (its train-mode BatchNorms are recomputed without a second statistics update)
     or a function without BatchNorm (e.g. one resolution of G.synthesis)."""
     if not (on and torch.is_grad_enabled()):
         return block(*args)
-    bns = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] \
-        if isinstance(block, nn.Module) else []
     calls = [0]
 
     def run(*a):
         calls[0] += 1
-        live = [m for m in bns if m.training] if calls[0] > 1 else []  # the recomputation
-        kept = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-                for m in live]
-        for m in live:
-            m.momentum = 0.0                      # running = (1 - 0) running + 0 batch: unchanged
-        try:
+        if calls[0] == 1:
             return block(*a)
-        finally:
-            for m, (mom, n) in zip(live, kept):
-                m.momentum = mom
-                if n is not None:
-                    m.num_batches_tracked.copy_(n)
+        with batchnorm_stats_frozen(block):                       # the recomputation
+            return block(*a)
 
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
@@ -998,15 +1009,16 @@ def bench(presets=("tiny", "paper"), batch=4, iters=3, device="cpu", impls=("ref
     return rows
 
 
-def bench_upfirdn2d(device="cuda", iters=50):
-    """Pure vs CUDA upfirdn2d for the generator's x2 upsample on a [16, 512, 64, 64] tensor."""
+def bench_ops(device="cuda", iters=50):
+    """Pure vs CUDA: upfirdn2d for G's x2 upsample and bias_act (bias + lrelu) on [16, 512, 64, 64]."""
     x = torch.randn(16, 512, 64, 64, device=device)
-    f = make_kernel(gain=4).to(device)
+    f, b = make_kernel(gain=4).to(device), torch.randn(512, device=device)
     sync = torch.cuda.synchronize
-    t_ref = _timeit(lambda: upfirdn2d(x, f, up=2, pad=(2, 1, 2, 1), impl="ref"), iters, sync)
-    t_cuda = _timeit(lambda: upfirdn2d(x, f, up=2, pad=(2, 1, 2, 1), impl="cuda"), iters, sync)
-    print(f"upfirdn2d up2 [16,512,64,64]: ref {t_ref * 1e3:.2f} ms, cuda {t_cuda * 1e3:.2f} ms, "
-          f"ratio {t_ref / t_cuda:.2f}x")
+    for name, op in (("upfirdn2d up2", lambda impl: upfirdn2d(x, f, up=2, pad=(2, 1, 2, 1), impl=impl)),
+                     ("bias_act lrelu", lambda impl: bias_act(x, b, impl=impl))):
+        t_ref, t_cuda = _timeit(lambda: op("ref"), iters, sync), _timeit(lambda: op("cuda"), iters, sync)
+        print(f"{name} [16,512,64,64]: ref {t_ref * 1e3:.2f} ms, cuda {t_cuda * 1e3:.2f} ms, "
+              f"ratio {t_ref / t_cuda:.2f}x", flush=True)
 
 
 def main(argv=None):
@@ -1024,7 +1036,7 @@ def main(argv=None):
         impls = ("ref", "cuda") if a.device.startswith("cuda") else ("ref",)
         bench(device=a.device, impls=impls)
         if a.device.startswith("cuda"):
-            bench_upfirdn2d(a.device)
+            bench_ops(a.device)
         return 0
     torch.manual_seed(a.seed)
     if a.checkpoint:

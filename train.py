@@ -873,13 +873,19 @@ class FCTFGStage:
         for net in self.frozen_nets:  # frozen networks keep their BatchNorm statistics
             net.eval()
         outs = []
+        # One micro-batch: its forward (with graph) serves the D step and then the G step. Several
+        # (--accum): the D step generates without a graph and each G step redoes its own forward (BatchNorm
+        # statistics counted once), so only one micro-batch's activations live at a time.
+        keep = len(micro) == 1
+        forward = lambda mb: m(mb["source"], mb["drive"], mb["mel"], hyper_steps=cfg["hyper_steps"])
         # --- D step (Eq. 8), on detached generations ---
         D.requires_grad_(True)
         self.opt_d.zero_grad(set_to_none=True)
         logs = {}
         for mb in micro:
+            with autocast(), torch.set_grad_enabled(keep):
+                out = forward(mb)
             with autocast():
-                out = m(mb["source"], mb["drive"], mb["mel"], hyper_steps=cfg["hyper_steps"])
                 loss_d = L.gan_loss_d(self._d(mb["frames"]), self._d(out["x_g"].detach()))
             if cfg["r1_every"] and k % cfg["r1_every"] == 0:
                 real = mb["frames"].detach().requires_grad_(True)
@@ -887,7 +893,7 @@ class FCTFGStage:
                 r1 = stylegan2.r1_penalty(logits, real)
                 loss_d = loss_d + cfg["r1_gamma"] / 2 * r1 * cfg["r1_every"] + 0 * logits.sum()
             (loss_d / len(micro)).backward()
-            outs.append(out)
+            outs.append(out if keep else None)
         average_gradients(list(D.parameters()), world)
         self.opt_d.step()
         logs["loss_d"] = loss_d
@@ -897,6 +903,10 @@ class FCTFGStage:
         D.requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
         for mb, out in zip(micro, outs):
+            if out is None:
+                with autocast(), stylegan2.batchnorm_stats_frozen(m):
+                    out = forward(mb)
+                outs[0] = outs[0] or out                                 # for the logs and samples
             x_g, x_d = out["x_g"], mb["frames"]
             with autocast():
                 terms = {
@@ -1004,6 +1014,41 @@ def finite_values(logs, step, last, nan=False):
     return vals
 
 
+# Activation memory per sample (GiB; an FC-TFG sample is one window of 5 frames plus its source),
+# measured on a CPU in fp32 as the peak-RSS slope between --batch 1 and 2 (BENCHMARKS.md, "Paper-preset
+# memory"). Used only for the warning below; bf16 on a GPU needs about half.
+ACTIVATION_GB = {("paper", "fctfg", 1): 0.0}
+
+
+def memory_check(stage, stage_name, cfg, device):
+    """Before the first step: fp32 weights of every network, gradients and Adam's two moments of those
+    that train, plus ACTIVATION_GB x batch where measured, against what the device has free.
+    -> the line to print (with a WARNING when the estimate does not fit)."""
+    params = {id(p): p for v in vars(stage).values() if isinstance(v, torch.nn.Module) for p in v.parameters()}
+    n_train = sum(p.numel() for p in params.values() if p.requires_grad)
+    n_all = sum(p.numel() for p in params.values())
+    fixed = (4 * n_all + 12 * n_train) / 2 ** 30                  # weights; grads + Adam m, v of trained
+    act = ACTIVATION_GB.get((cfg["model"], stage_name, cfg["grad_ckpt"]))
+    est = fixed + (act or 0.0) * cfg["batch"]        # --accum: micro-batches run one at a time
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] / 2 ** 30
+    else:
+        try:
+            meminfo = dict(l.split(":", 1) for l in Path("/proc/meminfo").read_text().splitlines())
+            free = int(meminfo["MemAvailable"].split()[0]) / 2 ** 20
+        except (OSError, KeyError, ValueError):
+            free = None
+    line = (f"memory estimate: {fixed:.1f} GiB weights, gradients and Adam moments ({n_train / 1e6:.1f} M of "
+            f"{n_all / 1e6:.1f} M parameters train)"
+            + (f" + {act:.2f} GiB activations x batch {cfg['batch']}" if act else " + activations (not measured for this setting)")
+            + f" = {est:.1f} GiB" + (f"; {free:.1f} GiB available on {device.type}" if free is not None else ""))
+    if free is not None and est > free:
+        line += ("\nWARNING: this will not fit: the run will be killed for memory (CPU) or stop with out of "
+                 "memory (GPU). Lower --batch (--accum keeps the effective batch), set --grad_ckpt 1, or "
+                 "--freeze_pretrained (FC-TFG).")
+    return line
+
+
 def peak_memory_gb(device):
     """Peak memory so far: torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on a CPU."""
     if device.type == "cuda":
@@ -1107,6 +1152,8 @@ def train(argv=None):
               f"batch {cfg['batch']} x {acc} x {world} | steps {start}..{cfg['max_steps']} | out {out}")
         if getattr(stage, "note", ""):
             print(stage.note)
+        if cfg["model"] == "paper" or device.type == "cuda":
+            print(memory_check(stage, args.stage, cfg, device))
     log_file = open(out / "log.jsonl", "a") if is_main else None
     t0, n_img = time.time(), 0
     prefetch = Prefetch(data, acc, cfg["workers"], cfg["max_steps"])

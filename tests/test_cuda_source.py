@@ -348,3 +348,13 @@ def test_nvcc_compiles_the_extension(tmp_path):
         assert "PyInit_fctfg_ops" in syms                  # the Python module entry point
         for name in ("upfirdn2d_naive_kernel", "upfirdn2d_tiled_kernel", "bias_act_kernel"):
             assert name in syms, f"kernel {name} was not instantiated"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_gpu_check_script_refuses_in_one_line_without_a_gpu(tmp_path):
+    """gpu_check.sh on a machine without CUDA: one clear line, non-zero exit, before building anything."""
+    script = CU_FILE.parent / "gpu_check.sh"
+    r = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "no CUDA GPU visible to torch" in r.stdout + r.stderr
+    assert "CUDA ops built" not in r.stdout

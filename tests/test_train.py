@@ -494,9 +494,40 @@ def test_torchrun_fctfg_equals_single_process_with_the_same_global_batch(tmp_pat
     # shows ~10^4 times more.
     ddp, wrong = off(load("ddp")), off(load("half"))
     assert ddp < 1e-4 and wrong > 30 * max(ddp, 1e-6), (ddp, wrong)
+    # --accum 2 x batch 2: the same global batch, each G step redoing its micro-batch's forward
+    assert train.train([*flags, "--batch", "2", "--accum", "2", "--out", str(tmp_path / "accum")]) == 0
+    assert off(load("accum")) < 1e-4, off(load("accum"))
 
 
 def test_every_cli_flag_says_what_it_does(cli_actions):
     """Every option of train.py's command line has help text (issue 20)."""
     missing = [a.option_strings or a.dest for a in cli_actions(train.parse_args, ["--stage", "fctfg"]) if not a.help]
     assert not missing, missing
+
+
+@pytest.mark.slow
+def test_paper_preset_one_step_of_every_stage(tmp_path):
+    """Issue 19: one step of each stage at the paper preset (256 px, 14 codes, every network at its
+    published size), the smallest batch each allows, in a subprocess (FC-TFG fine-tunes ~600 M
+    parameters: ~11 GiB peak on a CPU with --grad_ckpt 1, BENCHMARKS.md): the loss is finite, the
+    checkpoint loads and holds the paper's networks, and the log line reports peak memory."""
+    small = ["--device", "cpu", "--max_steps", "1", "--workers", "0", "--log_every", "1", "--sample_every", "0",
+             "--ckpt_every", "1", "--n_identities", "2", "--clips_per_identity", "1", "--clip_frames", "8",
+             "--frame_pool", "4"]
+    stages = [("stylegan2", ["--batch", "2"]), ("syncnet", ["--batch", "2"]),
+              ("inversion", ["--batch", "1", "--init", str(tmp_path / "stylegan2" / "last.pt")]),
+              ("fctfg", ["--batch", "1", "--hyper_steps", "1", "--init", str(tmp_path / "inversion" / "last.pt")])]
+    for stage, extra in stages:
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--stage", stage, "--preset", "paper",
+                            "--out", str(tmp_path / stage), *small, *extra], capture_output=True, text=True,
+                           timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        assert r.returncode == 0, (stage, r.stderr[-3000:])
+        log = [json.loads(l) for l in (tmp_path / stage / "log.jsonl").read_text().splitlines()]
+        assert log[-1]["step"] == 1 and log[-1]["peak_mem_gb"] > 0
+        assert all(np.isfinite(v) for k, v in log[-1].items() if isinstance(v, float)), (stage, log[-1])
+        ck = train.load_checkpoint(tmp_path / stage / "last.pt")
+        assert ck["stage"] == stage and ck["step"] == 1 and ck["cfg"]["model"] == "paper"
+        assert "memory estimate" in r.stdout, r.stdout[-2000:]
+    import fusion
+    model, cfg = fusion.FCTFG.load(tmp_path / "fctfg" / "last.pt")
+    assert model.G.size == 256 and model.G.n_latent == 14 and cfg["grad_ckpt"] == 1
