@@ -414,10 +414,10 @@ class FCTFG(nn.Module):
 
     def render(self, ws, deltas):
         """ws [B, T, L, C] with per-source deltas (entries [B, O, I, k, k] or None) -> [B, T, 3, H, W].
-        One source (B = 1): its deltas broadcast over the T frames; several: repeated per frame."""
+        Each source's deltas serve its T frames by broadcasting inside the modulated convs (no per-frame
+        copies: at 256 px one copy of every tuned layer's delta is ~100 MB per frame)."""
         B, T = ws.shape[:2]
-        rep = [None if d is None else d if B == 1 else d.repeat_interleave(T, 0) for d in deltas]
-        return self.G.synthesis(ws.flatten(0, 1), weight_deltas=rep).unflatten(0, (B, T))
+        return self.G.synthesis(ws.flatten(0, 1), weight_deltas=deltas).unflatten(0, (B, T))
 
     def decode(self, z_s, deltas, z_d, x_a):
         """Fig. 3 after the visual encoder, for whole temporal windows: z_s [B, L, C] and the source's

@@ -462,11 +462,19 @@ class ModulatedConv2d(nn.Module):
                 f"demodulate={self.demodulate}, upsample={self.upsample}")
 
     def styled_weight(self, style, delta=None):
-        """Per-sample weights W'' [B, O, I, k, k] for styles [B, C] (Eq. 1 and 3)."""
+        """Per-sample weights W'' [B, O, I, k, k] for styles [B, C] (Eq. 1 and 3). delta [D, O, I, k, k]
+        with D = 1, B, or a divisor of B: one delta per group of B / D consecutive samples (FC-TFG: one
+        source's deltas for all T frames of its window), broadcast, never copied per sample."""
         B = style.shape[0]
         s = self.modulation(style)                                   # [B, I]
         w = self.weight if delta is None else self.weight * (1 + delta)   # HyperStyle: W * (1 + delta)
-        w = self.scale * w * s.view(B, 1, -1, 1, 1)                  # [B, O, I, k, k]
+        D = w.shape[0]
+        if D in (1, B):
+            w = self.scale * w * s.view(B, 1, -1, 1, 1)              # [B, O, I, k, k]
+        elif B % D == 0:
+            w = (self.scale * w[:, None] * s.view(D, B // D, 1, -1, 1, 1)).flatten(0, 1)
+        else:
+            raise ValueError(f"weight delta batch {D} does not divide the input batch {B}")
         if self.demodulate:
             d = torch.rsqrt(w.pow(2).sum([2, 3, 4]) + 1e-8)          # [B, O]
             w = w * d.view(B, self.out_channel, 1, 1, 1)
@@ -478,8 +486,8 @@ class ModulatedConv2d(nn.Module):
         assert I == self.in_channel, (x.shape, self.in_channel)
         k, O = self.kernel_size, self.out_channel
         w = self.styled_weight(style, delta)
-        if w.shape[0] != B:  # a delta with a batch dimension larger than the styles'
-            raise ValueError(f"weight delta batch {w.shape[0]} does not match input batch {B}")
+        if w.shape[0] != B:  # styles for another batch than x
+            raise ValueError(f"style batch {w.shape[0]} does not match input batch {B}")
         x = x.reshape(1, B * I, H, W)  # fold the batch into channels: one group per sample
         if self.upsample:
             # conv_transpose2d wants weights [in, out/groups, k, k]: swap O and I within each sample.

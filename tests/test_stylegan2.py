@@ -347,6 +347,20 @@ def test_nonzero_delta_changes_only_its_layer_onward(small_G):
     assert not torch.allclose(base[j], edit[j])
 
 
+def test_per_source_deltas_broadcast_over_consecutive_samples_like_explicit_copies():
+    """FC-TFG renders T frames per source with that source's HyperStyle deltas: a delta batch D dividing
+    the sample batch B applies delta[j] to samples j*B/D .. (j+1)*B/D-1; the oracle copies it per sample."""
+    torch.manual_seed(0)
+    for up in (False, True):
+        conv = sg.ModulatedConv2d(4, 6, 3, 8, upsample=up).double()
+        x, style = torch.randn(6, 4, 8, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+        delta = 0.2 * torch.randn(2, 6, 4, 3, 3, dtype=torch.float64)
+        torch.testing.assert_close(conv(x, style, delta), conv(x, style, delta.repeat_interleave(3, 0)),
+                                   rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="does not divide"):
+        conv(x, style, 0.2 * torch.randn(4, 6, 4, 3, 3, dtype=torch.float64))
+
+
 def test_uniform_delta_cancels_under_demodulation_but_scales_torgb(small_G):
     """Hand-derived: demodulation divides out a uniform weight scale (1+c); ToRGB does not demodulate,
     so a uniform delta on the last ToRGB scales its contribution to the image by exactly (1+c)."""
