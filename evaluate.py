@@ -1067,7 +1067,14 @@ def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hype
                     acc[row][a]["err"].append(float((pred[:, list(cols)] - truth[:, list(cols)]).abs().mean() * scale))
         log(f"attributes: pair {k + 1}/{n_pairs} | {time.time() - t0:.0f} s | "
             f"ETA {(time.time() - t0) / (k + 1) * (n_pairs - k - 1):.0f} s")
-    return {row: {a: {m: _mean(v) for m, v in d.items()} for a, d in per.items()} for row, per in acc.items()}
+    return {row: {a: {**{m: _mean(v) for m, v in d.items()}, "corr_se": _se(d["corr"])} for a, d in per.items()}
+            for row, per in acc.items()}
+
+
+def _se(xs):
+    """Standard error of the mean over pairs (sample std / sqrt(n)); None below two values."""
+    xs = [x for x in xs if x is not None]
+    return float(np.std(xs, ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else None
 
 
 ATTR_ROW_LABELS = {"model": "FC-TFG (ours)", "copy_source": "copy source",
@@ -1075,7 +1082,8 @@ ATTR_ROW_LABELS = {"model": "FC-TFG (ours)", "copy_source": "copy source",
 
 
 def format_attribute_table(res, label=None):
-    """Markdown: correlation per attribute, then the probe's error per attribute, then mean PSNR vs A."""
+    """Markdown: correlation per attribute (± its standard error over the pairs where there are two or
+    more), then the probe's error per attribute, then mean PSNR vs A."""
     attrs = list(next(iter(res.values())))
     units = {a: ATTRIBUTES[ATTR_PROBE[a]][2] for a in attrs}
     head = (" | ".join(f"{a} corr ↑" for a in attrs) + " | " +
@@ -1084,7 +1092,9 @@ def format_attribute_table(res, label=None):
     for row, per in res.items():
         name = label if (row == "model" and label) else ATTR_ROW_LABELS[row]
         psnrs = [per[a]["psnr"] for a in attrs if per[a]["psnr"] is not None]
-        lines.append(f"| {name} | " + " | ".join(_cell(per[a]["corr"], "{:.2f}") for a in attrs) + " | " +
+        corr = [_cell(per[a]["corr"], "{:.2f}") + (f" ± {per[a]['corr_se']:.2f}" if per[a].get("corr_se") else "")
+                for a in attrs]
+        lines.append(f"| {name} | " + " | ".join(corr) + " | " +
                      " | ".join(_cell(per[a]["err"], "{:.3g}") for a in attrs) +
                      f" | {_cell(float(np.mean(psnrs)) if psnrs else None, '{:.2f}')} |")
     return "\n".join(lines)

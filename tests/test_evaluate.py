@@ -764,6 +764,15 @@ def test_attribute_table_rows_and_cli(tmp_path, capsys, probe_ckpt):
     assert rc == 2 and err.startswith("error:")
 
 
+def test_attribute_standard_error_over_pairs_and_its_cell():
+    """corr_se = sample std / sqrt(n) over the pairs (hand values); the table writes it beside the mean."""
+    assert ev._se([0.2, 0.4, 0.9]) == pytest.approx(float(np.std([0.2, 0.4, 0.9], ddof=1)) / math.sqrt(3))
+    assert ev._se([0.5]) is None and ev._se([]) is None
+    row = {a: {"corr": 0.5, "corr_se": 0.04, "psnr": 20.0, "err": 0.1} for a in ev.ATTR_TESTS}
+    table = ev.format_attribute_table({"model": row})
+    assert "0.50 ± 0.04" in table and table.count("±") == len(ev.ATTR_TESTS)
+
+
 def test_every_cli_flag_says_what_it_does(cli_actions):
     """Every option of evaluate.py's command line has help text (issue 20)."""
     missing = [a.option_strings or a.dest for a in cli_actions(ev.parse_args, []) if not a.help]
