@@ -191,6 +191,35 @@ def average_gradients(params, world):
         offset += g.numel()
 
 
+def batchnorm_across_ranks(stage, world, device):
+    """BatchNorm under several ranks (E_a, pSp, HyperStyle, the expert have it): on GPUs every stage
+    network's BatchNorm becomes SyncBatchNorm (statistics over the global batch, as one process would
+    compute them); gloo on CPUs has no SyncBatchNorm, so there the running statistics are averaged
+    after each step instead (ranks stay identical; the normalisation uses each rank's shard). The
+    parameters stay the same objects, so the optimisers need no rebuild. -> the step hook (or None)."""
+    if world == 1:
+        return None
+    if device.type == "cuda":
+        for name in stage.models:
+            setattr(stage, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(stage, name)))
+        return None
+    bns = [m for name in stage.models for m in getattr(stage, name).modules()
+           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return None
+
+    def average():
+        flat = torch.cat([t.reshape(-1) for m in bns for t in (m.running_mean, m.running_var)])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for m in bns:
+            for t in (m.running_mean, m.running_var):
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+    return average
+
+
 # ====================================================================================================
 # Data: deterministic, step-indexed batches (exact resume, disjoint shards per rank)
 # ====================================================================================================
@@ -1091,12 +1120,12 @@ def save_state(path, stage, args, cfg, step, rank, world):
         rngs = [None] * world
         dist.all_gather_object(rngs, rng_state())
         sums = [None] * world
-        dist.all_gather_object(sums, [float(p.double().sum()) for n in stage.models
-                                      for p in getattr(stage, n).parameters()])
+        dist.all_gather_object(sums, [float(t.double().sum()) for n in stage.models
+                                      for t in getattr(stage, n).state_dict().values() if t.is_floating_point()])
         if any(s_ != sums[0] for s_ in sums):
-            raise StopTraining(f"ranks diverged at step {step}: parameters differ between processes")
+            raise StopTraining(f"ranks diverged at step {step}: parameters or buffers differ between processes")
         if rank == 0:
-            print(f"checkpoint at step {step}: {world} ranks hold identical parameters")
+            print(f"checkpoint at step {step}: {world} ranks hold identical parameters and buffers")
     if rank != 0:
         return
     # every run flag that is not a preset key, so a checkpoint says how it was made (infer.py reads
@@ -1127,6 +1156,7 @@ def train(argv=None):
         stage = STAGE_CLASSES[args.stage](cfg, device, args)
         stylegan2.use_checkpointing([v for v in vars(stage).values() if isinstance(v, torch.nn.Module)],
                                     bool(cfg["grad_ckpt"]))
+        sync_bn = batchnorm_across_ranks(stage, world, device)
         data = Batches(stage.dataset(make_clip_dataset(cfg, args.data, cache_dir=args.cache_dir)), cfg["batch"],
                        rank, world, cfg["seed"])
     except (FileNotFoundError, ValueError) as e:
@@ -1167,6 +1197,8 @@ def train(argv=None):
                 set_lr(stage.optimizers.values(), lr_factor(step, cfg["max_steps"], cfg["lr_rampdown"]))
             try:
                 logs = stage.step(step, micro, world, autocast)
+                if sync_bn is not None:
+                    sync_bn()
             except torch.cuda.OutOfMemoryError:
                 raise StopTraining(f"out of GPU memory at batch {cfg['batch']}: lower --batch and raise "
                                    f"--accum to keep the same effective batch") from None

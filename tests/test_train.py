@@ -494,6 +494,15 @@ def test_torchrun_fctfg_equals_single_process_with_the_same_global_batch(tmp_pat
     # shows ~10^4 times more.
     ddp, wrong = off(load("ddp")), off(load("half"))
     assert ddp < 1e-4 and wrong > 30 * max(ddp, 1e-6), (ddp, wrong)
+    # E_a trainable (the paper's fine-tuned configuration): its BatchNorm statistics are per-rank on gloo,
+    # so they are averaged after every step; the checkpoint's cross-rank check covers buffers too and
+    # stops the run if they differ (it does without the averaging)
+    live = [f for f in flags if f != "--freeze_audio"]
+    r = _torchrun([str(ROOT / "train.py"), *live, "--batch", "2", "--out", str(tmp_path / "ddp_ea")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 ranks hold identical parameters and buffers" in r.stdout
+    means = [v for k, v in load("ddp_ea")["fctfg"].items() if k.startswith("E_a.") and k.endswith("running_mean")]
+    assert means and any(m.abs().sum() > 0 for m in means)      # E_a trained in train mode: statistics moved
     # --accum 2 x batch 2: the same global batch, each G step redoing its micro-batch's forward
     assert train.train([*flags, "--batch", "2", "--accum", "2", "--out", str(tmp_path / "accum")]) == 0
     assert off(load("accum")) < 1e-4, off(load("accum"))
