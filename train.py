@@ -1044,9 +1044,9 @@ def finite_values(logs, step, last, nan=False):
 
 
 # Activation memory per sample (GiB; an FC-TFG sample is one window of 5 frames plus its source),
-# measured on a CPU in fp32 as the peak-RSS slope between --batch 1 and 2 (BENCHMARKS.md, "Paper-preset
-# memory"). Used only for the warning below; bf16 on a GPU needs about half.
-ACTIVATION_GB = {("paper", "fctfg", 1): 0.0}
+# measured on a CPU in fp32 as the peak-RSS slope between --batch 1 and 2 of a fine-tuned step with R1
+# (BENCHMARKS.md, "Paper-preset memory": 10.5 and 15.2 GiB). Used only for the estimate below.
+ACTIVATION_GB = {("paper", "fctfg", 1): 4.7}
 
 
 def memory_check(stage, stage_name, cfg, device):
