@@ -704,8 +704,10 @@ class SyncNetStage:
         average_gradients(list(self.syncnet.parameters()), world)
         self.opt.step()
         # AUC: how often an in-sync pair scores above a shifted one (0.5 = chance); threshold-free,
-        # so it means the same under both losses (NCE does not calibrate cos to P(sync) = 0.5)
-        return {"loss_sync_expert": loss, "auc": torch.stack(auc).nanmean()}
+        # so it means the same under both losses (NCE does not calibrate cos to P(sync) = 0.5); a batch
+        # whose pairs are all in sync (or all shifted, likely at batch 2) has none: not logged then
+        auc = torch.stack(auc).nanmean()
+        return {"loss_sync_expert": loss, **({"auc": auc} if torch.isfinite(auc) else {})}
 
     @torch.no_grad()
     def samples(self, batch, seed):

@@ -534,9 +534,11 @@ def test_paper_preset_one_step_of_every_stage(tmp_path):
         log = [json.loads(l) for l in (tmp_path / stage / "log.jsonl").read_text().splitlines()]
         assert log[-1]["step"] == 1 and log[-1]["peak_mem_gb"] > 0
         assert all(np.isfinite(v) for k, v in log[-1].items() if isinstance(v, float)), (stage, log[-1])
-        ck = train.load_checkpoint(tmp_path / stage / "last.pt")
+        # mmap: the checkpoints hold ~600 M parameters with their Adam moments; read only what is checked
+        ck = torch.load(tmp_path / stage / "last.pt", weights_only=True, mmap=True)
         assert ck["stage"] == stage and ck["step"] == 1 and ck["cfg"]["model"] == "paper"
         assert "memory estimate" in r.stdout, r.stdout[-2000:]
-    import fusion
-    model, cfg = fusion.FCTFG.load(tmp_path / "fctfg" / "last.pt")
-    assert model.G.size == 256 and model.G.n_latent == 14 and cfg["grad_ckpt"] == 1
+    assert ck["cfg"]["grad_ckpt"] == 1 and ck["fctfg"]["G.input.input"].shape == (1, 512, 4, 4)
+    unique = {v.untyped_storage().data_ptr(): v.numel() for k, v in ck["fctfg"].items()   # HyperStyle's shared
+              if k.startswith(("G.", "E_inv.", "H.")) and v.is_floating_point()}       # hypernet: one storage
+    assert 550e6 < sum(unique.values()) < 560e6, sum(unique.values())   # G 30.0 M + E_inv 209.5 M + H 313.0 M
