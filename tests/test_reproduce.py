@@ -98,7 +98,7 @@ def test_smoke_recipe_end_to_end(tmp_path):
     assert not fine["run"]["freeze_pretrained"] and frozen["run"]["freeze_pretrained"]
     tables = (out / "tables.md").read_text()
     assert "| cross | FC-TFG (ours) |" in tables and "| LSTM, video D |" in tables and "blink corr" in tables
-    row = [line for line in tables.splitlines() if line.startswith("| recipe (conv, image D, hadamard_abs")]
+    row = [line for line in tables.splitlines() if line.startswith("| recipe (conv, image D, cosine, plain E_can)")]
     assert len(row) == 2 and " - |" not in row[0].split("|", 2)[2][:8]   # the main run's row, in Tables 3 and 4
     assert (out / "figures" / "demo.mp4").is_file() and (out / "figures" / "demo_sheet.png").is_file()
     for fig in ("fig5_canonical_space.png", "fig5b_one_video_canonical.png", "fig4_cross_identity.png"):
