@@ -176,19 +176,23 @@ def setup_distributed(device_arg):
     return rank, world, device
 
 
-def average_gradients(params, world):
-    """All-reduce the gradients of `params` and divide by the world size: afterwards every rank holds
-    the gradient of the mean loss over the GLOBAL batch. One flat buffer = one collective call."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world == 1 or not grads:
+def all_reduce_mean(tensors, world):
+    """Replace each tensor, in place, by its mean over the ranks. One flat buffer = one collective call."""
+    if world == 1 or not tensors:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= world
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def average_gradients(params, world):
+    """All-reduce the gradients of `params` and divide by the world size: afterwards every rank holds
+    the gradient of the mean loss over the GLOBAL batch."""
+    all_reduce_mean([p.grad for p in params if p.grad is not None], world)
 
 
 def batchnorm_across_ranks(stage, world, device):
@@ -203,21 +207,10 @@ def batchnorm_across_ranks(stage, world, device):
         for name in stage.models:
             setattr(stage, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(stage, name)))
         return None
-    bns = [m for name in stage.models for m in getattr(stage, name).modules()
-           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return None
-
-    def average():
-        flat = torch.cat([t.reshape(-1) for m in bns for t in (m.running_mean, m.running_var)])
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for m in bns:
-            for t in (m.running_mean, m.running_var):
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
-    return average
+    stats = [t for name in stage.models for m in getattr(stage, name).modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             for t in (m.running_mean, m.running_var)]
+    return (lambda: all_reduce_mean(stats, world)) if stats else None
 
 
 # ====================================================================================================
@@ -937,7 +930,8 @@ class FCTFGStage:
             if out is None:
                 with autocast(), stylegan2.batchnorm_stats_frozen(m):
                     out = forward(mb)
-                outs[0] = outs[0] or out                                 # for the logs and samples
+                if outs[0] is None:                                      # for the logs and samples
+                    outs[0] = out
             x_g, x_d = out["x_g"], mb["frames"]
             with autocast():
                 terms = {
@@ -1051,11 +1045,16 @@ def finite_values(logs, step, last, nan=False):
 ACTIVATION_GB = {("paper", "fctfg", 1): 4.7}
 
 
+def stage_networks(stage):
+    """Every network a stage holds (trained, frozen and judges): its nn.Module attributes."""
+    return [v for v in vars(stage).values() if isinstance(v, torch.nn.Module)]
+
+
 def memory_check(stage, stage_name, cfg, device):
     """Before the first step: fp32 weights of every network, gradients and Adam's two moments of those
     that train, plus ACTIVATION_GB x batch where measured, against what the device has free.
     -> the line to print (with a WARNING when the estimate does not fit)."""
-    params = {id(p): p for v in vars(stage).values() if isinstance(v, torch.nn.Module) for p in v.parameters()}
+    params = {id(p): p for net in stage_networks(stage) for p in net.parameters()}
     n_train = sum(p.numel() for p in params.values() if p.requires_grad)
     n_all = sum(p.numel() for p in params.values())
     fixed = (4 * n_all + 12 * n_train) / 2 ** 30                  # weights; grads + Adam m, v of trained
@@ -1156,8 +1155,7 @@ def train(argv=None):
     torch.manual_seed(cfg["seed"])  # the same seed everywhere: every rank builds identical networks
     try:
         stage = STAGE_CLASSES[args.stage](cfg, device, args)
-        stylegan2.use_checkpointing([v for v in vars(stage).values() if isinstance(v, torch.nn.Module)],
-                                    bool(cfg["grad_ckpt"]))
+        stylegan2.use_checkpointing(stage_networks(stage), bool(cfg["grad_ckpt"]))
         sync_bn = batchnorm_across_ranks(stage, world, device)
         data = Batches(stage.dataset(make_clip_dataset(cfg, args.data, cache_dir=args.cache_dir)), cfg["batch"],
                        rank, world, cfg["seed"])
