@@ -43,7 +43,8 @@ IMG="--n_identities $IMG_IDS --frame_pool $POOL"
 # (--drive_mouth swap: the lips must come from the audio), x_s from another clip of the person. Here:
 # G, E_inv and HyperStyle frozen (fine-tuning them at batch 4 damaged them); the target frame's own
 # code as a second target (losses.latent_reconstruction_loss; without it the motion collapses); Eq. (6)
-# weighted 11x on eyes, brows and mouth (lips correlation 0.41 -> 0.59 in 200 steps); Adam's lr 1e-3
+# weighted 11x on eyes, brows and mouth (lips 0.41 -> 0.59 on the tune people with hadamard_abs; 0.49 -> 0.57
+# on the report people with cosine, within one seed's noise: RESULTS.md); Adam's lr 1e-3
 # instead of the paper's 1e-4 and 200 steps, not hundreds of thousands: chosen on the 'tune' people,
 # where the lips correlation fell with longer training (0.59 at 200 steps, 0.53 at 500, 0.28 at 1000)
 # while the other attributes stayed put (RESULTS.md). Eq. (3) in its cosine form (losses.orthogonality_loss;
