@@ -46,6 +46,7 @@ REF_LEVEL_DB = 20.0     # subtracted from the dB value before normalising
 MAX_ABS_VALUE = 4.0     # symmetric normalisation target range [-4, 4]
 AMP_FLOOR = 1e-5        # magnitudes below this are clipped before log10 (= MIN_LEVEL_DB)
 FPS = 25                # video frame rate the Wav2Lip alignment was designed for
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640: frame k <-> samples [640k, 640k + 640) (the project's time base)
 MEL_STEP = 16           # mel columns per audio window = 16 / 80 s = 200 ms = 5 frames at 25 fps
 MELS_PER_SECOND = SAMPLE_RATE / HOP  # 80.0 columns per second of audio
 SILENCE = -MAX_ABS_VALUE  # the normalised value of a silent column (used for padding windows)

@@ -54,6 +54,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import audio
 import data
+import procedural
 import fusion
 import stylegan2
 
@@ -560,15 +561,15 @@ def load_model(checkpoint, preset, device, seed=0):
 
 def procedural_inputs(size, seconds, seed=0):
     """The default inputs, all from data.py's test split: a neutral still of test identity 0 as the
-    source (max(128, size) px), and test identity 1 performing data.demo_motion (a head turn, a nod,
+    source (max(128, size) px), and test identity 1 performing procedural.demo_motion (a head turn, a nod,
     blinks, gaze shifts and a brow raise in turn, speaking the whole time) with that speech as audio.
     -> (source uint8 [s, s, 3], driving frame generator at `size` px, audio [640 K])."""
     K = max(10, round(seconds * data.FPS))
     ds = data.SyntheticTalkingFaces("test", n_identities=2, clips_per_identity=1, n_frames=K, size=size)
-    motion, wav = data.demo_motion(K, seed)
-    src = data.render(ds.identity(0), np.zeros(len(data.MOTION_KEYS), np.float32), max(128, size))
+    motion, wav = procedural.demo_motion(K, seed)
+    src = procedural.render(ds.identity(0), np.zeros(len(procedural.MOTION_KEYS), np.float32), max(128, size))
     ident = ds.identity(1)
-    return src, (data.render(ident, m, size) for m in motion), wav
+    return src, (procedural.render(ident, m, size) for m in motion), wav
 
 
 def parse_args(argv=None):
@@ -602,7 +603,7 @@ def parse_args(argv=None):
     amp = ap.add_mutually_exclusive_group()
     amp.add_argument("--fp16", action="store_true", help="float16 autocast (meant for CUDA; slow on CPU)")
     amp.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA or CPU)")
-    ap.add_argument("--seconds", type=float, default=6.0, help="length of the procedural default (data.demo_motion)")
+    ap.add_argument("--seconds", type=float, default=6.0, help="length of the procedural default (procedural.demo_motion)")
     ap.add_argument("--seed", type=int, default=0, help="seed of untrained weights and procedural motion")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--bench", action="store_true", help="time the procedural default end to end and exit")
@@ -826,8 +827,8 @@ def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None):
         print(f"  {k:7s} {1000 * v / st['frames']:7.2f} ms/frame  {100 * v / max(total, 1e-9):5.1f} %")
     try:
         det = data.dlib_detector()
-        ident = data.make_identity(data.TEST_IDS[0])
-        img = data.render(ident, np.zeros(len(data.MOTION_KEYS), np.float32), 256)
+        ident = procedural.make_identity(procedural.TEST_IDS[0])
+        img = procedural.render(ident, np.zeros(len(procedural.MOTION_KEYS), np.float32), 256)
         t = time.perf_counter()
         for _ in range(10):
             det(img)

@@ -11,11 +11,10 @@ draw the paper's figures on procedural test identities, and collect the tables o
 
 Paper map: Fig. 4 (reenactment comparison), Fig. 5 (canonical space), Fig. 6 (pose spread of the
 canonical space, reported in the tables as canon_pose_std), Tables 1, 3 and 4 (Sec. 4.2-4.4).
-Everything runs on the procedural TEST split (data.TEST_IDS), which no training stage sees.
+Everything runs on the procedural TEST split (procedural.TEST_IDS), which no training stage sees.
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 import stylegan2
 import data
+import procedural
 
 
 def _f(v, fmt="{:.3f}"):
@@ -58,7 +58,6 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30), seed=0):
     """Fig. 5, a Fig. 4-style strip and the attribute-transfer sheet on procedural test identities.
     -> list of written PNG paths."""
     import numpy as np
-    import data
     import fusion
     model, cfg = fusion.FCTFG.load(ckpt, "cpu")
     size = model.G.size
@@ -96,16 +95,16 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30), seed=0):
     # The attribute-transfer table as pictures: for each attribute, the driving clip of person B (only
     # that attribute moves; lips: B's mouth stays shut, the audio speaks), the ground truth (A doing it)
     # and FC-TFG (A's neutral still + B's clip + the audio); the first two people of the 'report' split
-    base = data.ATTRIBUTE_SPLITS["report"]
-    A, B = (data.make_identity(data.TEST_IDS[base + k]) for k in (0, 1))
-    x_s = data.clip_sample(data.render(A, np.zeros(len(data.MOTION_KEYS), np.float32), size)[None],
+    base = procedural.ATTRIBUTE_SPLITS["report"]
+    A, B = (procedural.make_identity(procedural.TEST_IDS[base + k]) for k in (0, 1))
+    x_s = data.clip_sample(procedural.render(A, np.zeros(len(procedural.MOTION_KEYS), np.float32), size)[None],
                            np.zeros(data.SPF, np.float32))["frames"][0]
     T, rows = 32, []
     sel = list(range(0, T, 3))
-    for attr in data.ATTRIBUTE_CLIPS:
-        drive, full, audio = data.attribute_motion(attr, base, T)
-        x_d = data.clip_sample(data.render_clip(B, drive, size), audio)
-        gt = data.clip_sample(data.render_clip(A, full, size), audio)["frames"]
+    for attr in procedural.ATTRIBUTE_CLIPS:
+        drive, full, audio = procedural.attribute_motion(attr, base, T)
+        x_d = data.clip_sample(procedural.render_clip(B, drive, size), audio)
+        gt = data.clip_sample(procedural.render_clip(A, full, size), audio)["frames"]
         gen = model.generate(x_s, x_d["frames"], x_d["mel"], hs)["x_g"]
         rows += [x_d["frames"][sel], gt[sel], gen[sel]]
     p = out / "fig_attributes.png"
@@ -196,7 +195,7 @@ def _ratio(s, kind):
     return None if b is None or not i else b / i
 
 
-ATTR_COLS = data.ATTRIBUTE_CLIPS
+ATTR_COLS = procedural.ATTRIBUTE_CLIPS
 
 
 def _attr(runs, name):

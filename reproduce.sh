@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduction recipe: the whole FC-TFG pipeline on the procedural "tiny world" (data.py), tiny preset,
+# Reproduction recipe: the whole FC-TFG pipeline on the procedural "tiny world" (procedural.py), tiny preset,
 # 2 CPU cores, then every evaluation behind RESULTS.md. Stages in paper order (Sec. 4.1.2): lip-sync
 # expert, StyleGAN2, inversion (pSp + HyperStyle), FC-TFG. Every number is a seed or a step count;
 # rerunning gives the same weights (single process, same torch build and thread count).
@@ -62,7 +62,7 @@ stamp "syncnet"
 python train.py --stage syncnet   $COMMON --out "$OUT/syncnet"   --max_steps $SYNC  --batch 32
 # 2. StyleGAN2 (Sec. 4.1.2), with the tiny recipe's jointly trained encoder (recon_weight; see
 #    train.StyleGAN2Stage), no path-length term, the GAN terms on every 4th step, 101x the L1 weight on
-#    eyes, brows and mouth (train.FramePool; from the first step: with 11x the decoder drew no eyes by
+#    eyes, brows and mouth (data.FramePool; from the first step: with 11x the decoder drew no eyes by
 #    step 1500, with 101x it drew eyes, irises, brows and mouths by step 3000) and every lr ramped down
 #    to 0 over the last RAMP steps (train.lr_factor)
 stamp "stylegan2"
@@ -78,7 +78,7 @@ python train.py --stage fctfg $COMMON $FC $FREEZE --out "$OUT/fctfg" --max_steps
     --init "$OUT/inversion/last.pt" --syncnet "$OUT/syncnet/last.pt"
 python reproduce.py export "$OUT/fctfg/last.pt" "$EXPORT"
 
-# 5. Evaluation on held-out procedural identities (data.TEST_IDS)
+# 5. Evaluation on held-out procedural identities (procedural.TEST_IDS)
 stamp "evaluation"
 [ -f "$OUT/probe.pt" ] || python evaluate.py --train-probe --out "$OUT/probe.pt" $PROBE
 EVAL="--data synthetic --n_clips $CLIPS --clip_frames $FRAMES --syncnet $OUT/syncnet/last.pt --probe $OUT/probe.pt --examples 1"
@@ -94,7 +94,7 @@ for proto in cross pcavs; do                                       # Table 1 ana
         --baseline encoder_recon
 done
 python reproduce.py figures "$OUT/fctfg/last.pt" "$OUT/figures"
-# the demo: infer.py's default inputs (data.demo_motion: head turn, nod, blinks, gaze, brows, speech)
+# the demo: infer.py's default inputs (procedural.demo_motion: head turn, nod, blinks, gaze, brows, speech)
 python infer.py --checkpoint "$OUT/fctfg/last.pt" --seconds $DEMO --out "$OUT/figures/demo.mp4" \
     --sheet "$OUT/figures/demo_sheet.png" --quiet
 

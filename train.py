@@ -30,7 +30,6 @@ import random
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import data
 import stylegan2
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,103 +214,6 @@ def batchnorm_across_ranks(stage, world, device):
 
 
 # ====================================================================================================
-# Data: deterministic, step-indexed batches (exact resume, disjoint shards per rank)
-# ====================================================================================================
-
-class Batches:
-    """Indices for (step, micro-batch) come from DistributedSampler's permutation of the epoch, so a
-    resumed run sees exactly the batches an uninterrupted run would, and the ranks' shards of one
-    step together form the same global batch a single process with batch*world would draw."""
-
-    def __init__(self, dataset, batch, rank, world, seed):
-        self.ds, self.batch, self.rank, self.world = dataset, batch, rank, world
-        self.sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed,
-                                                           drop_last=True)
-        self.per_epoch = max(1, len(self.sampler) // batch)
-        self._epoch, self._order = None, None
-
-    def indices(self, k):
-        """Dataset indices of this rank's k-th batch."""
-        epoch, pos = divmod(k, self.per_epoch)
-        if epoch != self._epoch:
-            self.sampler.set_epoch(epoch)
-            self._epoch, self._order = epoch, list(self.sampler)
-        idx = self._order[pos * self.batch:(pos + 1) * self.batch]
-        return idx + self._order[:self.batch - len(idx)]  # dataset smaller than a batch: wrap
-
-    def get(self, k):
-        samples = [self.ds[i] for i in self.indices(k)]
-        return {key: torch.stack([s[key] for s in samples]) if torch.is_tensor(samples[0][key])
-                else [s[key] for s in samples] for key in samples[0]}
-
-
-def feature_weight_map(masks, weight):
-    """bool feature masks [..., H, W] -> per-pixel L1 weight [..., 1, H, W]: 1 + weight on the masks
-    grown by one pixel (3x3 dilation), 1 elsewhere (--feature_weight, a tiny-scale deviation)."""
-    m = torch.as_tensor(masks).float()
-    lead = m.shape[:-2]
-    grown = F.max_pool2d(m.reshape(-1, 1, *m.shape[-2:]), 3, stride=1, padding=1)
-    return (1 + weight * grown).reshape(*lead, 1, *m.shape[-2:])
-
-
-class FramePool(torch.utils.data.Dataset):
-    """Single frames for the image stages (StyleGAN2, inversion). For the procedural data, item j is
-    frame t_j of clip i_j, rendered on demand (only that frame, not the clip) or, with pool > 0, a
-    fixed pool rendered once: rendering is the CPU bottleneck of the tiny preset. Real data: the middle
-    frame of clip j.
-    feature_weight > 0 (procedural data only): items also carry a per-pixel weight [1, H, W] for the
-    reconstruction loss, 1 + feature_weight on the eyes, brows and mouth (the renderer's masks grown by one
-    pixel), 1 elsewhere: at 64 px those features are a few pixels, and an unweighted L1 erases them."""
-
-    def __init__(self, clips, pool=0, seed=0, feature_weight=0.0):
-        import data
-        self.clips, self.synthetic = clips, isinstance(clips, data.SyntheticTalkingFaces)
-        self.feature_weight = float(feature_weight) if self.synthetic else 0.0
-        self.frames = None
-        if self.synthetic and pool:
-            items = [self._render(j, seed) for j in range(pool)]
-            self.frames = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        self.seed = seed
-
-    def _render(self, j, seed):
-        import data
-        g = np.random.default_rng((seed, j))
-        i = int(g.integers(len(self.clips)))
-        motion, _ = data.make_motion(self.clips.motion_seed(i), self.clips.n_frames)
-        out = data.render(self.clips.identity(i), motion[int(g.integers(len(motion)))], self.clips.size,
-                          return_masks=bool(self.feature_weight))
-        img, masks = out if self.feature_weight else (out, None)
-        item = {"image": torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1}  # [3, H, W] in [-1, 1]
-        if masks is not None:
-            feat = masks["eye_l"] | masks["eye_r"] | masks["brow_l"] | masks["brow_r"] | masks["mouth"]
-            item["weight"] = feature_weight_map(feat, self.feature_weight)        # [1, H, W]
-        return item
-
-    def __len__(self):
-        return len(self.frames["image"]) if self.frames is not None else len(self.clips)
-
-    def __getitem__(self, j):
-        if self.frames is not None:
-            return {k: v[j] for k, v in self.frames.items()}
-        if self.synthetic:
-            return self._render(j, self.seed)
-        frames = self.clips[j]["frames"]
-        return {"image": frames[len(frames) // 2]}
-
-
-def make_clip_dataset(cfg, data_arg, split="train", cache_dir=None):
-    import data
-    if data_arg == "synthetic":
-        return data.SyntheticTalkingFaces(split, n_identities=cfg["n_identities"],
-                                          clips_per_identity=cfg["clips_per_identity"],
-                                          n_frames=cfg["clip_frames"], size=cfg["size"], cache_dir=cache_dir)
-    root = Path(data_arg)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data {data_arg}: no such folder (prepare one with `python data.py prepare`)")
-    return data.VideoFolderDataset(root, n_frames=cfg["clip_frames"], seed=cfg["seed"])
-
-
-# ====================================================================================================
 # Checkpoints: atomic, weights_only-loadable (tensors, dicts, lists, numbers, strings only)
 # ====================================================================================================
 
@@ -453,7 +356,7 @@ class StyleGAN2Stage:
         self.extra_state = ("pl_mean",)
 
     def dataset(self, clips):
-        return FramePool(clips, self.cfg["frame_pool"], self.cfg["seed"], self.cfg["feature_weight"])
+        return data.FramePool(clips, self.cfg["frame_pool"], self.cfg["seed"], self.cfg["feature_weight"])
 
     def _d_step(self, k, micro, world, autocast, zdim, dev):
         """D: softplus(D(fake)) + softplus(-D(real)), the non-saturating loss of Eq. (8), lazy R1."""
@@ -510,7 +413,7 @@ class StyleGAN2Stage:
                     loss_g = F.softplus(-D(fake)).mean()
                 if self.e_inv is not None:
                     err = (G.synthesis(self.e_inv(mb["image"]), noise_mode="const") - mb["image"]).abs()
-                    rec = (err * mb["weight"]).mean() if "weight" in mb else err.mean()  # FramePool
+                    rec = (err * mb["weight"]).mean() if "weight" in mb else err.mean()  # data.FramePool
                     loss_g = loss_g + cfg["recon_weight"] * rec
                     logs["recon_l1"] = rec
             if gan and cfg["pl_every"] and k % cfg["pl_every"] == 0:
@@ -545,97 +448,6 @@ class StyleGAN2Stage:
             return out
         x = batch["image"][:8]  # two more rows: real frames | their reconstructions G_ema(E(x))
         return torch.cat([out, x, self.g_ema.synthesis(self.e_inv.eval()(x), noise_mode="const")])
-
-
-# ====================================================================================================
-# Clip windows (SyncNet and FC-TFG stages)
-# ====================================================================================================
-
-class ClipWindows(torch.utils.data.Dataset):
-    """Item j = window of `window` consecutive frames of one clip, with the mel window of each frame.
-    Item j -> clip j // n_starts, first frame j % n_starts, so every window of every clip is an item.
-    With `off_sync`, half of the items (chosen by a seeded RNG per item, so the same item always gets
-    the same pairing) carry the audio of a different window of the same clip: the negatives of the
-    lip-sync expert. Rendered clips are kept in memory as uint8 (`cache` clips at most)."""
-
-    def __init__(self, clips, window, seed=0, off_sync=False, source=False, cache=4096, source_from="clip",
-                 drive_mouth="own", feature_weight=0.0):
-        self.clips, self.window, self.seed, self.off_sync, self.source = clips, window, seed, off_sync, source
-        if drive_mouth not in ("own", "swap", "closed"):
-            raise ValueError(f"drive_mouth must be 'own', 'swap' or 'closed', got {drive_mouth!r}")
-        import data
-        if drive_mouth != "own" and not isinstance(clips, data.SyntheticTalkingFaces):
-            raise ValueError("--drive_mouth swap re-renders the driving frames: procedural data only "
-                             "(use --drive_mouth own with --data PATH)")
-        self.drive_mouth = drive_mouth
-        if feature_weight and not isinstance(clips, data.SyntheticTalkingFaces):
-            raise ValueError("--feature_weight needs the renderer's masks: procedural data only")
-        self.feature_weight = float(feature_weight)
-        if source_from not in ("clip", "identity"):
-            raise ValueError(f"source_from must be 'clip' or 'identity', got {source_from!r}")
-        # "identity": x_s from any clip of the same person (needs clips grouped by person, as
-        # data.SyntheticTalkingFaces numbers them: clip c is person c // clips_per_identity)
-        self.per_id = getattr(clips, "clips_per_identity", 1) if source_from == "identity" else 1
-        n_frames = getattr(clips, "n_frames", None) or window
-        self.n_starts = n_frames - window + 1
-        if self.n_starts < 1:
-            raise ValueError(f"clips of {n_frames} frames are shorter than the window of {window}")
-        self._cache, self._cache_size = {}, cache
-
-    def __len__(self):
-        return len(self.clips) * self.n_starts
-
-    def clip(self, c):
-        if c not in self._cache:
-            s = self.clips[c]
-            frames = ((s["frames"] + 1) * 127.5).round().to(torch.uint8)  # exact: frames are uint8-rendered
-            item = {"frames": frames, "mel": s["mel"], "identity": s["identity"]}
-            if self.drive_mouth != "own":
-                # Tiny-scale deviation (RESULTS.md): the driving frames E_m sees get the mouth of another
-                # clip (seeded per clip), the targets keep their own. In self-reenactment the driving
-                # frame's mouth always agrees with the audio and is far easier to read than the mel, so
-                # E_m would take the lips from the video and ignore x_a; with unrelated mouths in x_d the
-                # lips can only come from the audio, as Fig. 1 asks (lips from the audio source).
-                g = np.random.default_rng((self.seed, 7, c))
-                donor = (c + 1 + int(g.integers(len(self.clips) - 1))) % len(self.clips) if len(self.clips) > 1 else c
-                donor = None if self.drive_mouth == "closed" else donor
-                item["drive"] = torch.from_numpy(self.clips.mouth_of(c, donor)).permute(0, 3, 1, 2).contiguous()
-            if self.feature_weight:
-                item["features"] = torch.from_numpy(self.clips.feature_masks(c))     # bool [T, H, W]
-            if len(self._cache) < self._cache_size:
-                self._cache[c] = item
-            return item
-        return self._cache[c]
-
-    def __getitem__(self, j):
-        c, t = divmod(j, self.n_starts)
-        s = self.clip(c)
-        W = self.window
-        out = {"frames": s["frames"][t:t + W].float() / 127.5 - 1,   # [W, 3, H, W] in [-1, 1]
-               "drive": s.get("drive", s["frames"])[t:t + W].float() / 127.5 - 1,  # what E_m sees
-               "mel": s["mel"][t:t + W],                              # [W, 1, 80, 16]: window per frame
-               "identity": torch.tensor(s["identity"])}
-        if "features" in s:
-            out["weight"] = feature_weight_map(s["features"][t:t + W], self.feature_weight)  # [W, 1, H, W]
-        g = np.random.default_rng((self.seed, j))
-        if self.source:
-            # x_s: a frame of the same person (self-reenactment, Sec. 4.1.1). The paper draws it from the
-            # same VoxCeleb video, seconds away from x_d; a 16-frame procedural clip spans 0.64 s, so
-            # its frames barely differ and "copy the source" is almost optimal (the motion collapse of
-            # RESULTS.md). source_from="identity" takes it from any clip of the same person instead:
-            # the same face, a different pose, gaze, blink and mouth.
-            src = s if self.per_id == 1 else self.clip(c - c % self.per_id + int(g.integers(self.per_id)))
-            out["source"] = src["frames"][int(g.integers(len(src["frames"])))].float() / 127.5 - 1
-        if self.off_sync:
-            # Negatives take audio from a window that does not overlap this one (|shift| >= W frames)
-            # when the clip is long enough: overlapping windows share most of their sound, and such
-            # near-duplicates only teach the expert that sync is undecidable.
-            far = [u for u in range(self.n_starts) if abs(u - t) >= W] or [u for u in range(self.n_starts) if u != t]
-            in_sync = not far or g.random() < 0.5
-            t_audio = t if in_sync else far[int(g.integers(len(far)))]
-            out["mel_expert"] = s["mel"][t_audio]   # [1, 80, 16]: Wav2Lip's one mel window per 5 frames
-            out["y"] = torch.tensor(1.0 if in_sync else 0.0)
-        return out
 
 
 # ====================================================================================================
@@ -677,7 +489,7 @@ class SyncNetStage:
 
     def dataset(self, clips):
         self.frames_per_sample = self.syncnet.n_frames
-        return ClipWindows(clips, self.syncnet.n_frames, self.cfg["seed"], off_sync=True)
+        return data.ClipWindows(clips, self.syncnet.n_frames, self.cfg["seed"], off_sync=True)
 
     def step(self, k, micro, world, autocast):
         self.syncnet.train()
@@ -766,7 +578,7 @@ class InversionStage:
         self.optimizers = {"opt_e": self.opt_e, "opt_h": self.opt_h}
 
     def dataset(self, clips):
-        return FramePool(clips, self.cfg["frame_pool"], self.cfg["seed"])
+        return data.FramePool(clips, self.cfg["frame_pool"], self.cfg["seed"])
 
     def step(self, k, micro, world, autocast):
         """Steps before hyper_from * max_steps train the pSp encoder alone (HyperStyle's recipe starts
@@ -879,7 +691,7 @@ class FCTFGStage:
 
     def dataset(self, clips):
         self.frames_per_sample = self.cfg["window"]
-        return ClipWindows(clips, self.cfg["window"], self.cfg["seed"], source=True,
+        return data.ClipWindows(clips, self.cfg["window"], self.cfg["seed"], source=True,
                            source_from=self.cfg["source_from"], drive_mouth=self.cfg["drive_mouth"],
                            feature_weight=self.cfg["feature_weight"])
 
@@ -986,29 +798,6 @@ STAGE_CLASSES = {"stylegan2": StyleGAN2Stage, "syncnet": SyncNetStage, "inversio
 
 class StopTraining(Exception):
     pass
-
-
-class Prefetch:
-    """prefetch(k) -> the micro-batches of step k. With workers > 0, background threads assemble
-    (render / decode) step k+1 while step k trains; every batch is a pure function of its index
-    (Batches), so threads change when data is made, never what it is."""
-
-    def __init__(self, data, accum, workers, max_steps):
-        self.data, self.accum, self.max_steps = data, accum, max_steps
-        self.pool = ThreadPoolExecutor(workers) if workers > 0 else None
-        self.ahead = {}
-
-    def __call__(self, k):
-        if self.pool is None:
-            return [self.data.get(k * self.accum + a) for a in range(self.accum)]
-        for j in (k, k + 1):
-            if j not in self.ahead and j < self.max_steps:
-                self.ahead[j] = [self.pool.submit(self.data.get, j * self.accum + a) for a in range(self.accum)]
-        return [f.result() for f in self.ahead.pop(k)]
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Signals:
@@ -1157,8 +946,8 @@ def train(argv=None):
         stage = STAGE_CLASSES[args.stage](cfg, device, args)
         stylegan2.use_checkpointing(stage_networks(stage), bool(cfg["grad_ckpt"]))
         sync_bn = batchnorm_across_ranks(stage, world, device)
-        data = Batches(stage.dataset(make_clip_dataset(cfg, args.data, cache_dir=args.cache_dir)), cfg["batch"],
-                       rank, world, cfg["seed"])
+        batches = data.Batches(stage.dataset(data.make_clip_dataset(cfg, args.data, cache_dir=args.cache_dir)),
+                               cfg["batch"], rank, world, cfg["seed"])
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1186,7 +975,7 @@ def train(argv=None):
             print(memory_check(stage, args.stage, cfg, device))
     log_file = open(out / "log.jsonl", "a") if is_main else None
     t0, n_img = time.time(), 0
-    prefetch = Prefetch(data, acc, cfg["workers"], cfg["max_steps"])
+    prefetch = data.Prefetch(batches, acc, cfg["workers"], cfg["max_steps"])
 
     step = start
     try:

@@ -14,6 +14,7 @@ from PIL import Image
 
 import audio
 import data
+import procedural
 import fusion
 import infer
 
@@ -37,9 +38,9 @@ def files(tmp_path_factory):
     src, frames, wav = infer.procedural_inputs(S, T_DRIVE / data.FPS)
     Image.fromarray(src).save(d / "src.png")
     data.write_video(d / "drive.mp4", np.stack(list(frames)), data.FPS, wav)
-    ident = data.make_identity(data.TEST_IDS[5])
-    motion, speech = data.make_motion(data.TEST_IDS[5], K_AUDIO)
-    data.write_video(d / "drive_silent.mp4", data.render_clip(ident, motion[:T_DRIVE], S), data.FPS)
+    ident = procedural.make_identity(procedural.TEST_IDS[5])
+    motion, speech = procedural.make_motion(procedural.TEST_IDS[5], K_AUDIO)
+    data.write_video(d / "drive_silent.mp4", procedural.render_clip(ident, motion[:T_DRIVE], S), data.FPS)
     data.write_wav(d / "speech.wav", np.concatenate([speech, speech[:200]]))  # 20 frames + 200 samples
     return d
 
@@ -149,8 +150,8 @@ def _random_model():
 
 
 def _clip(ident_seed, motion_seed, T):
-    motion, wav = data.make_motion(motion_seed, T)
-    return data.render_clip(data.make_identity(ident_seed), motion, S), wav
+    motion, wav = procedural.make_motion(motion_seed, T)
+    return procedural.render_clip(procedural.make_identity(ident_seed), motion, S), wav
 
 
 def _drivers(model, clips, extend="bounce"):
@@ -172,7 +173,7 @@ def _collect(model, z_s, deltas, drivers, mel, K, batch=10, **kw):
 def test_streamed_windows_equal_one_shot_forward():
     """13 frames in batches of 10 (two windows of 5, then 3) == FCTFG on the whole clip with window 5."""
     model = _random_model()
-    frames, wav = _clip(data.TEST_IDS[1], 7, 13)
+    frames, wav = _clip(procedural.TEST_IDS[1], 7, 13)
     x_s = infer.to_tensor(frames[:1], "cpu")
     mel = audio.melspectrogram(wav)
     with torch.no_grad():
@@ -194,8 +195,8 @@ def test_streamed_windows_equal_one_shot_forward():
 
 def test_changing_only_the_eyes_source_changes_only_eye_layers():
     model = _random_model()
-    a, wav = _clip(data.TEST_IDS[1], 11, 10)
-    b, _ = _clip(data.TEST_IDS[2], 12, 10)
+    a, wav = _clip(procedural.TEST_IDS[1], 11, 10)
+    b, _ = _clip(procedural.TEST_IDS[2], 12, 10)
     mel = audio.melspectrogram(wav)
     groups = infer.routing_groups(S, model.fusion.layers, model.fusion.audio_layers)
     eyes = list(groups["eyes"])
@@ -214,7 +215,7 @@ def test_changing_only_the_eyes_source_changes_only_eye_layers():
 
 def test_driver_extends_short_clip_by_bounce_hold_loop():
     model = _random_model()
-    a, _ = _clip(data.TEST_IDS[1], 3, 4)
+    a, _ = _clip(procedural.TEST_IDS[1], 3, 4)
     with torch.no_grad():
         ref = model.E_inv(infer.to_tensor(a, "cpu"))
         for mode in infer.EXTEND_MODES:
@@ -414,7 +415,7 @@ def test_default_run_in_clean_folder(tmp_path):
     assert ("UNTRAINED" in r.stdout) != (infer.DEFAULT_CHECKPOINT.is_file())   # says which weights it used
     assert f"wrote {tmp_path / 'out.mp4'}" in r.stdout
     frames, fps, wav, _, meta = _decode(tmp_path / "out.mp4")
-    assert len(frames) == 150 and fps == 25 and meta["comment"].startswith("synthetic")   # data.demo_motion, 6 s
+    assert len(frames) == 150 and fps == 25 and meta["comment"].startswith("synthetic")   # procedural.demo_motion, 6 s
     r = subprocess.run([sys.executable, str(REPO / "infer.py"), "--source", "missing.png"], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip() == "infer.py: error: --source: file not found: missing.png"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import stylegan2
 import train
 
@@ -86,15 +87,15 @@ def test_gan_every_runs_d_only_on_gan_steps(tmp_path):
 
 
 def test_frame_pool_feature_weight_marks_eyes_brows_and_mouth(tmp_path):
-    import data
+    import procedural
     ds = data.SyntheticTalkingFaces("train", n_identities=2, clips_per_identity=2, n_frames=8)
-    plain, weighted = train.FramePool(ds, 4, 0), train.FramePool(ds, 4, 0, feature_weight=10.0)
+    plain, weighted = data.FramePool(ds, 4, 0), data.FramePool(ds, 4, 0, feature_weight=10.0)
     assert set(plain[0]) == {"image"} and torch.equal(plain[2]["image"], weighted[2]["image"])
     # the same frame re-rendered with its masks: weight 11 exactly on the grown eye/brow/mouth masks
     g = np.random.default_rng((0, 2))
     i = int(g.integers(len(ds)))
-    motion, _ = data.make_motion(ds.motion_seed(i), ds.n_frames)
-    _, masks = data.render(ds.identity(i), motion[int(g.integers(len(motion)))], 64, return_masks=True)
+    motion, _ = procedural.make_motion(ds.motion_seed(i), ds.n_frames)
+    _, masks = procedural.render(ds.identity(i), motion[int(g.integers(len(motion)))], 64, return_masks=True)
     feat = masks["eye_l"] | masks["eye_r"] | masks["brow_l"] | masks["brow_r"] | masks["mouth"]
     grown = feat.copy()
     for dy in (-1, 0, 1):                    # a 3x3 dilation written out with numpy, not max_pool2d
@@ -112,20 +113,20 @@ def test_frame_pool_feature_weight_marks_eyes_brows_and_mouth(tmp_path):
 def test_clip_windows_feature_weight_marks_each_frames_features(tmp_path):
     """FC-TFG stage --feature_weight: every frame of a window gets 1 + w on ITS OWN grown eye/brow/mouth
     masks (the renderer's, frame by frame), and the stage trains with it."""
-    import data
+    import procedural
     ds = data.SyntheticTalkingFaces("train", n_identities=2, clips_per_identity=2, n_frames=8)
-    win = train.ClipWindows(ds, 5, source=True, feature_weight=10.0)
+    win = data.ClipWindows(ds, 5, source=True, feature_weight=10.0)
     item = win[2 * win.n_starts + 1]                                       # clip 2, frames 1..5
-    motion, _ = data.make_motion(ds.motion_seed(2), 8)
+    motion, _ = procedural.make_motion(ds.motion_seed(2), 8)
     for t in range(5):
-        _, m = data.render(ds.identity(2), motion[1 + t], 64, return_masks=True)
+        _, m = procedural.render(ds.identity(2), motion[1 + t], 64, return_masks=True)
         feat = m["eye_l"] | m["eye_r"] | m["brow_l"] | m["brow_r"] | m["mouth"]
         grown = feat.copy()
         for dy in (-1, 0, 1):                    # a 3x3 dilation written out with numpy
             for dx in (-1, 0, 1):
                 grown |= np.roll(np.roll(np.pad(feat, 1), dy, 0), dx, 1)[1:-1, 1:-1]
         np.testing.assert_array_equal(item["weight"][t, 0].numpy(), np.where(grown, 11.0, 1.0))
-    assert "weight" not in train.ClipWindows(ds, 5, source=True)[0]
+    assert "weight" not in data.ClipWindows(ds, 5, source=True)[0]
     run("fctfg", tmp_path, 1, "--hyper_steps", "0", "--feature_weight", "10")
 
 
@@ -145,7 +146,7 @@ class _NumberedClips:
 def test_clip_windows_source_from_the_same_clip_or_the_same_person():
     clips = _NumberedClips()
     for mode in ("clip", "identity"):
-        ds = train.ClipWindows(clips, 2, seed=0, source=True, source_from=mode)
+        ds = data.ClipWindows(clips, 2, seed=0, source=True, source_from=mode)
         src = [round(float(ds[j]["source"][0, 0, 0]) * 100) for j in range(len(ds))]
         own = [j // ds.n_starts for j in range(len(ds))]
         assert all(s // 3 == c // 3 for s, c in zip(src, own))          # always the same person
@@ -154,7 +155,7 @@ def test_clip_windows_source_from_the_same_clip_or_the_same_person():
         else:                                                          # and not only the same clip
             assert sum(s != c for s, c in zip(src, own)) > len(ds) // 3
     with pytest.raises(ValueError, match="source_from"):
-        train.ClipWindows(clips, 2, source=True, source_from="video")
+        data.ClipWindows(clips, 2, source=True, source_from="video")
 
 
 def test_fctfg_stage_logs_motion_and_the_latent_term(tmp_path):
@@ -284,12 +285,13 @@ def prepared_folder(tmp_path_factory):
     (faces pasted on grey frames, found by a grey-background detector)."""
     pytest.importorskip("av")
     import data
+    import procedural
     d = tmp_path_factory.mktemp("prepared")
     for p in range(2):
         for c in range(2):
-            motion, audio = data.make_motion(10 * p + c, 24)
+            motion, audio = procedural.make_motion(10 * p + c, 24)
             video = np.full((24, 96, 96, 3), 90, np.uint8)
-            video[:, 16:80, 16:80] = data.render_clip(data.make_identity(p), motion, 64)
+            video[:, 16:80, 16:80] = procedural.render_clip(procedural.make_identity(p), motion, 64)
             (d / "src" / f"id{p:05d}" / "yt").mkdir(parents=True, exist_ok=True)
             data.write_video(d / "src" / f"id{p:05d}" / "yt" / f"{c:05d}.mp4", video, 25, audio)
 
@@ -314,7 +316,7 @@ def test_resume_on_real_data_equals_uninterrupted(tmp_path, prepared_folder):
     for name in ("fctfg", "d"):
         assert_same_state(full[name], resumed[name])
     with pytest.raises(ValueError, match="procedural data only"):          # swap needs the renderer
-        train.ClipWindows(train.make_clip_dataset(train.PRESETS["tiny"], str(prepared_folder)), 5,
+        data.ClipWindows(data.make_clip_dataset(train.PRESETS["tiny"], str(prepared_folder)), 5,
                           source=True, drive_mouth="swap")
 
 
@@ -409,8 +411,8 @@ def _save(path, obj):
 
 def test_batches_shards_partition_the_global_batch():
     ds = list(range(40))
-    one = train.Batches(ds, 8, 0, 1, seed=3)
-    two = [train.Batches(ds, 4, r, 2, seed=3) for r in range(2)]
+    one = data.Batches(ds, 8, 0, 1, seed=3)
+    two = [data.Batches(ds, 4, r, 2, seed=3) for r in range(2)]
     for k in range(4):
         assert sorted(one.indices(k)) == sorted(two[0].indices(k) + two[1].indices(k))
         assert not set(two[0].indices(k)) & set(two[1].indices(k))
@@ -454,8 +456,8 @@ def test_torchrun_training_keeps_ranks_identical(tmp_path):
 def test_gradient_accumulation_consumes_accum_micro_batches(tmp_path, monkeypatch):
     """--accum K draws K distinct micro-batches per optimiser step (indices step*K .. step*K+K-1)."""
     seen = []
-    orig = train.Batches.get
-    monkeypatch.setattr(train.Batches, "get", lambda self, k: seen.append(k) or orig(self, k))
+    orig = data.Batches.get
+    monkeypatch.setattr(data.Batches, "get", lambda self, k: seen.append(k) or orig(self, k))
     ck = run("stylegan2", tmp_path, 2, "--accum", "2", "--batch", "2")
     assert ck["step"] == 2 and seen == [0, 1, 2, 3]
 
