@@ -38,31 +38,27 @@ import stylegan2
 # =================================================================================================
 # The motion probe: a small CNN that reads the renderer's parameters back from a procedural frame
 # =================================================================================================
-# Why: the procedural set (data.py) knows the exact pose / blink / gaze / mouth of every frame it
-# renders, but nothing knows them for a *generated* frame: dlib finds no face in cartoon heads, and no
-# pose estimator was trained on them. So we train one: a regressor from rendered frames to the 12
-# motion parameters and the 4 mouth landmarks, with the renderer's values as labels. Its held-out
-# error (stored in its checkpoint, printed with every result that uses it) is the resolution of every
-# number it produces; generated frames are a different distribution from rendered ones, which adds
-# an error it cannot measure on itself.
+# Why: the procedural set (data.py) knows the exact pose / blink / gaze / mouth of every frame it renders, but
+# nothing knows them for a *generated* frame: dlib finds no face in cartoon heads, and no pose estimator was
+# trained on them. So we train one: a regressor from rendered frames to the 12 motion parameters and the 4 mouth
+# landmarks, the renderer's values as labels. Its held-out error (in its checkpoint, printed with every result
+# that uses it) is the resolution of every number it produces; generated frames are a different distribution
+# from rendered ones, which adds an error it cannot measure on itself.
 PROBE_SIZE = 64                               # frames are resized to this side before the probe
 PROBE_MOUTH = (9, 10, 11, 12)                 # procedural.LANDMARK_NAMES: mouth_l, mouth_r, mouth_top, mouth_bottom
 N_MOTION = 12                                 # procedural.MOTION_KEYS
 ATTRIBUTES = {                                # reported attribute: (MOTION_KEYS columns, unit scale, unit)
-    "yaw": ((0,), 180 / math.pi, "deg"), "pitch": ((1,), 180 / math.pi, "deg"),
-    "roll": ((2,), 180 / math.pi, "deg"),
-    "blink": ((5, 6), 1.0, "0..1"),           # mean over both eyes
-    "gaze": ((7, 8), 1.0, "-1..1"),           # mean over x and y
-    "brow": ((9,), 1.0, "0..1"),
-    "mouth_open": ((10,), 1.0, "0..1"),
+    "yaw": ((0,), 180 / math.pi, "deg"), "pitch": ((1,), 180 / math.pi, "deg"), "roll": ((2,), 180 / math.pi, "deg"),
+    "blink": ((5, 6), 1.0, "0..1"), "gaze": ((7, 8), 1.0, "-1..1"),   # means over both eyes / over x and y
+    "brow": ((9,), 1.0, "0..1"), "mouth_open": ((10,), 1.0, "0..1"),
 }
 
 
 class MotionProbe(nn.Module):
-    """[B, 3, H, W] frames in [-1, 1] -> [B, 20]: the 12 motion parameters (procedural.MOTION_KEYS units)
-    then (x, y) of the 4 mouth landmarks as fractions of the image side. Four stride-2 3x3 convs with
-    BatchNorm (64 -> 4 px) and a 2-layer head; outputs are de-standardised with the training targets' mean/std,
-    stored as buffers so the checkpoint alone reproduces the predictions."""
+    """[B, 3, H, W] frames in [-1, 1] -> [B, 20]: the 12 motion parameters (procedural.MOTION_KEYS units), then
+    (x, y) of the 4 mouth landmarks as fractions of the image side. Four stride-2 3x3 convs with BatchNorm
+    (64 -> 4 px), a 2-layer head; outputs de-standardised with the training targets' mean/std, kept as
+    buffers so the checkpoint alone reproduces the predictions."""
 
     def __init__(self,
             width=32,   # channels of the first conv (then 2x, 3x, 4x)
@@ -98,19 +94,18 @@ def probe_target(ident, motion_row):
 
 def probe_dataset(split, n, seed=0, ss=None):
     """n rendered 64 px frames with labels -> (frames uint8 [n, 3, 64, 64], targets float32 [n, 20]).
-    ss: the renderer's supersampling (None = data.py's default, 3 at 64 px; training uses 2, which is
-    ~2x cheaper and, box-averaged like 3, nearly the same picture; the held-out set uses the default).
-    Identities and motion come from data.py's own generators (train or test ranges, so the held-out
-    set has unseen people), 8 random rows of each 48-frame motion clip, one person per clip. Blinks are rare in real motion
-    (~0.3/s), so for 40 % of the frames the lids are redrawn uniformly (15 % of those one eye only):
-    otherwise the probe could score well by always answering 'open'."""
+    ss: the renderer's supersampling (None = data.py's default, 3 at 64 px; training uses 2: ~2x cheaper and,
+    box-averaged like 3, nearly the same picture; the held-out set uses the default). Identities and motion
+    come from data.py's own generators (train or test ranges, so the held-out set has unseen people), 8 random
+    rows of each 48-frame motion clip, one person per clip. Blinks are rare in real motion (~0.3/s), so for
+    40 % of the frames the lids are redrawn uniformly (15 % of those one eye only): otherwise the probe could
+    score well by always answering 'open'."""
     ids = procedural.TRAIN_IDS if split == "train" else procedural.TEST_IDS
     base = 0 if split == "train" else 1 << 40
     r = np.random.default_rng((seed, 0 if split == "train" else 1))
     frames, targets = [], []
     for k in range(n):
-        if k % 8 == 0:  # 8 frames per (person, motion clip): the background and the speech track are
-            # the slow parts of rendering and are computed once per person / clip
+        if k % 8 == 0:  # 8 frames per (person, clip): the slow parts of rendering (background, speech track) once per clip
             motion, _ = procedural.make_motion(base + int(r.integers(1 << 30)), 48)
             ident = procedural.make_identity(ids[int(r.integers(min(len(ids), 100_000)))])
         row = motion[int(r.integers(48))].astype(np.float64)
@@ -126,24 +121,30 @@ def _unit(x_uint8):
     return x_uint8.float() / 127.5 - 1  # uint8 frames -> [-1, 1]
 
 
+@torch.no_grad()
+def _probe_frames(probe, x255, chunk=64):
+    """The probe on frames on the 0..255 grid (uint8, or to_255's floats: as saved) -> [N, 20] on the CPU."""
+    dev = next(probe.parameters()).device
+    return torch.cat([probe(_unit(c.to(dev))) for c in x255.split(chunk)]).cpu()
+
+
 def attribute_errors(pred, target):
     """Mean absolute error per ATTRIBUTES entry (in its unit) and the mouth LMD at 224 px
     (lmd_points convention) between [N, 20] probe-layout rows -> dict of floats."""
     pred, target = pred.double(), target.double()
     out = {name: float((pred[:, list(cols)] - target[:, list(cols)]).abs().mean() * scale)
            for name, (cols, scale, _) in ATTRIBUTES.items()}
-    P = len(PROBE_MOUTH)
-    out["lmd"] = float(metrics.lmd_points(pred[:, N_MOTION:].reshape(-1, P, 2) * metrics.LMD_SIZE,
-                                  target[:, N_MOTION:].reshape(-1, P, 2) * metrics.LMD_SIZE).mean())
+    mouth = [x[:, N_MOTION:].reshape(-1, len(PROBE_MOUTH), 2) * metrics.LMD_SIZE for x in (pred, target)]  # px at 224
+    out["lmd"] = float(metrics.lmd_points(*mouth).mean())
     return out
 
 
 def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr=2e-3, seed=0, log=print):
-    """Train MotionProbe on rendered frames (MSE on standardised targets, Adam, cosine decay) and save
-    {'kind': 'motion_probe', 'state_dict', 'width', 'hidden', 'heldout', 'heldout_mean_predictor',
-    'heldout_mse', 'train_mse' and their values before training (*_init), 'n_train', 'steps'} atomically. Held-out = test-split identities and motion. Returns the checkpoint
-    dict. The default (20000 frames, 1500 steps) takes ~2-3 min on one busy CPU core; with fewer
-    frames it memorises them (at 6000 frames: yaw error 2.8 deg on seen frames, 11 deg on unseen)."""
+    """Train MotionProbe on rendered frames (MSE on standardised targets, Adam, cosine decay) and save atomically
+    {'kind': 'motion_probe', 'state_dict', 'width', 'hidden', 'heldout', 'heldout_mean_predictor', 'heldout_mse',
+    'train_mse' and their values before training (*_init), 'n_train', 'steps'}; held-out = test-split identities
+    and motion. -> the checkpoint dict. The default (20000 frames, 1500 steps) takes ~2-3 min on one busy CPU
+    core; with fewer frames it memorises them (at 6000 frames: yaw error 2.8 deg on seen frames, 11 on unseen)."""
     torch.manual_seed(seed)
     t0 = time.time()
     x, y = probe_dataset("train", n_train, seed, ss=2)
@@ -161,7 +162,6 @@ def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr
         with torch.no_grad():
             return float(torch.cat([F.mse_loss(probe.forward_standardised(_unit(c)), t, reduction="none")
                                     for c, t in zip(x.split(256), yz.split(256))]).mean())
-
     probe.eval()
     mse_init = dict(heldout_mse_init=mse(xh, yhz), train_mse_init=mse(x[:512], yz[:512]))
     probe.train()
@@ -175,11 +175,9 @@ def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr
         if (step + 1) % max(1, steps // 5) == 0:
             log(f"probe: step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
     probe.eval()
-    with torch.no_grad():
-        pred = torch.cat([probe(_unit(c)) for c in xh.split(256)])
     ck = {"kind": "motion_probe", "width": 32, "hidden": 256, "n_train": n_train, "steps": steps,
-          "state_dict": probe.state_dict(),
-          "heldout": attribute_errors(pred, yh), "heldout_mse": mse(xh, yhz), "train_mse": mse(x[:512], yz[:512]), **mse_init,
+          "state_dict": probe.state_dict(), "heldout": attribute_errors(_probe_frames(probe, xh, 256), yh),
+          "heldout_mse": mse(xh, yhz), "train_mse": mse(x[:512], yz[:512]), **mse_init,
           "heldout_mean_predictor": attribute_errors(probe.mean.expand_as(yh), yh)}  # context: 'knows nothing'
     stylegan2.save_checkpoint(out_path, ck)
     log("probe: held-out error " + _fmt_attrs(ck["heldout"]) + " | mean predictor " +
@@ -206,12 +204,12 @@ def _fmt_attrs(e):
 # =================================================================================================
 # Protocol (Sec. 4.2.3, PC-AVS) and the controllability benchmark on procedural data
 # =================================================================================================
-# pcavs: x_s = frame 0 of the clip; x_d = all its frames (pose/expression); x_a = its audio (lips);
-#        scored on frames 1..T-1 against the clip itself (frame 0 is the input, not a result).
-# cross: x_s = frame 0 of clip i (identity A); x_d, x_a = clip j (identity B, j = i+1); ground truth =
-#        the renderer's picture of A with B's motion (data.SyntheticTalkingFaces.cross), all T frames.
-# Averaging: metric per frame -> mean per clip -> mean over clips (LSE: per clip, as syncnet_python).
-# Frames are scored as a saved video would hold them: clamped to [-1, 1] and rounded to uint8.
+# pcavs: x_s = frame 0 of the clip; x_d = all its frames (pose/expression); x_a = its audio (lips); scored on
+#        frames 1..T-1 against the clip itself (frame 0 is the input, not a result).
+# cross: x_s = frame 0 of clip i (identity A); x_d, x_a = clip j (identity B, j = i+1); ground truth = the
+#        renderer's picture of A with B's motion (data.SyntheticTalkingFaces.cross), all T frames.
+# Averaging: metric per frame -> mean per clip -> mean over clips (LSE: per clip, as syncnet_python). Frames
+# are scored as a saved video would hold them: clamped to [-1, 1] and rounded to uint8.
 PAPER_TABLE1 = {  # Table 1 of the paper: SSIM, MS-SSIM, PSNR, LMD, LSE-C (None = '-' in the paper)
     "voxceleb2": {"Wav2Lip": (0.58, None, 20.63, 2.65, 8.66), "MakeItTalk": (0.55, 0.45, 16.94, 3.28, 3.83),
                   "Audio2Head": (0.51, 0.40, 15.98, 3.58, 5.79), "PC-AVS": (0.57, 0.60, 17.37, 2.25, 5.82),
@@ -242,16 +240,15 @@ def load_model(checkpoint, preset="tiny", window=5, device="cpu", seed=0):
 
 @torch.no_grad()
 def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, canonical=False):
-    """One clip through FC-TFG (fusion.FCTFG.generate) or a baseline built from its parts.
-    x_s [3, H, W], x_d [T, 3, H, W] in [-1, 1], mel [T, 1, 80, 16] -> dict(x_g [T, 3, H, W],
-    canon [T, 3, H, W] or None, z_sc_spread float or None, ws [T, L, C], window).
+    """One clip through FC-TFG (fusion.FCTFG.generate) or a baseline built from its parts. x_s [3, H, W], x_d
+    [T, 3, H, W] in [-1, 1], mel [T, 1, 80, 16] -> dict(x_g, canon (or None) [T, 3, H, W], z_sc_spread float or
+    None, ws [T, L, C], window).
       model         Eq. (1)-(2) + temporal fusion, rendered with the source's HyperStyle deltas
       encoder_recon G(E_inv(x_d)) with the same deltas: what the latent route gives when z_s->d is the
                     driving frame's own code, i.e. the upper bound of FC-TFG's reconstruction
       copy_source   handled by the caller (no network)
-    canonical=True also renders G(E_can(E_inv(x_d,t))) for every frame t (Fig. 5b: every frame of one
-    video taken to canonical space), without deltas (each frame is its own 'source')."""
-    win = model.fusion.temporal.window
+    canonical=True also renders G(E_can(E_inv(x_d,t))) for every frame t (Fig. 5b: every frame of one video
+    taken to canonical space), without deltas (each frame is its own 'source')."""
     if method == "model":
         out = model.generate(x_s, x_d, mel, hyper_steps, chunk)
         z_d, ws = out["z_d"], out["z_sd"]
@@ -262,35 +259,32 @@ def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, can
         out, spread = dict(x_g=model.render(ws[None], deltas)[0]), None
     else:
         raise ValueError(f"run_model: method must be 'model' or 'encoder_recon', got {method!r}")
-    canon = model.canonical(z_d) if canonical else None
-    return dict(x_g=out["x_g"], canon=canon, z_sc_spread=spread, ws=ws, window=win)
+    return dict(x_g=out["x_g"], canon=model.canonical(z_d) if canonical else None, z_sc_spread=spread, ws=ws,
+                window=model.fusion.temporal.window)
 
 
 @torch.no_grad()
 def flicker(x, window):
-    """Table 3's flicker measure: mean |x_{t+1} - x_t| over frame pairs that straddle a temporal-window
-    border vs pairs inside one window. x [T, ...] (frames or W+ codes, any float range), window = the
-    fusion window W: windows are [0, W), [W, 2W), ..., so the pair (t, t+1) is a border pair when
-    (t + 1) % W == 0. -> dict(border, inside, ratio = border / inside) (None where a kind is absent).
-    A model whose windows are fused independently jumps at borders (ratio > 1); for real frames the
-    ratio is ~1, which is the reference to compare with."""
+    """Table 3's flicker measure: mean |x_{t+1} - x_t| over frame pairs that straddle a temporal-window border vs
+    pairs inside one window. x [T, ...] (frames or W+ codes, any float range), window = the fusion window W:
+    windows are [0, W), [W, 2W), ..., so the pair (t, t+1) is a border pair when (t + 1) % W == 0.
+    -> dict(border, inside, ratio = border / inside) (None where a kind is absent). A model whose windows are
+    fused independently jumps at borders (ratio > 1); for real frames the ratio is ~1, the reference."""
     T = x.shape[0]
     if window is None or T < 2:
         return dict(border=None, inside=None, ratio=None)
     step = (x[1:].double() - x[:-1].double()).abs().flatten(1).mean(1)           # [T-1]
     at_border = (torch.arange(1, T) % window) == 0
-    b = float(step[at_border].mean()) if at_border.any() else None
-    i = float(step[~at_border].mean()) if (~at_border).any() else None
+    b, i = (float(step[m].mean()) if m.any() else None for m in (at_border, ~at_border))
     return dict(border=b, inside=i, ratio=b / i if b is not None and i else None)
 
 
 def lse_expert(frames, mel, expert, vshift=metrics.SYNC_VSHIFT):
-    """LSE-D / LSE-C with OUR lip-sync expert (audio.SyncNet trained by `train.py --stage syncnet`),
-    scored with syncnet_python's offset search (lse_from_embeddings). frames [T, 3, H, W] in [-1, 1],
-    mel [T, 1, 80, 16]; window i = frames i..i+4 with frame i's mel window (audio.mel_windows' and
-    the expert's own pairing), i = 0..T-5. Embeddings are unit vectors (distances in [0, 2]), so the
-    scale differs from SyncNet v2's: these numbers rank our own runs and are NOT comparable with the
-    paper's LSE-C."""
+    """LSE-D / LSE-C with OUR lip-sync expert (audio.SyncNet trained by `train.py --stage syncnet`), scored with
+    syncnet_python's offset search (lse_from_embeddings). frames [T, 3, H, W] in [-1, 1], mel [T, 1, 80, 16];
+    window i = frames i..i+4 with frame i's mel window (audio.mel_windows' and the expert's own pairing),
+    i = 0..T-5. Embeddings are unit vectors (distances in [0, 2]), so the scale differs from SyncNet v2's:
+    these numbers rank our own runs and are NOT comparable with the paper's LSE-C."""
     import audio
     n = expert.n_frames
     if frames.shape[0] < n:
@@ -300,9 +294,8 @@ def lse_expert(frames, mel, expert, vshift=metrics.SYNC_VSHIFT):
     clips = torch.stack([frames[i:i + n] for i in starts]).to(dev)            # [W, 5, 3, H, W]
     face = audio.expert_window(clips.float(), size=expert.face_hw[1],           # [W, 15, H/2, W], in the
                                bgr=getattr(expert, "input_bgr", False))         # expert's colour order
-    v = expert.embed_face(face)
-    a = expert.embed_audio(mel[:len(starts)].to(dev).float())                  # [W, C]
-    return metrics.lse_from_embeddings(v.double(), a.double(), vshift)
+    a = expert.embed_audio(mel[:len(starts)].to(dev).float())                  # [W, C], as embed_face(face)
+    return metrics.lse_from_embeddings(expert.embed_face(face).double(), a.double(), vshift)
 
 
 def _mean(xs):
@@ -317,11 +310,9 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
     clip; x_s: source frame (default: its frame 0, the PC-AVS protocol); gt: ground-truth sample
     (default: the clip itself) and which frames are scored (pcavs: 1..T-1, cross: all)."""
     tools = tools or {}
-    frames, mel = sample["frames"], sample["mel"]
-    cross = gt is not None
-    gt = gt if cross else sample
+    frames, mel, T = sample["frames"], sample["mel"], sample["frames"].shape[0]
+    cross, gt = gt is not None, sample if gt is None else gt
     x_s = frames[0] if x_s is None else x_s
-    T = frames.shape[0]
     if method == "copy_source":
         out = dict(x_g=x_s[None].expand(T, -1, -1, -1), canon=None, z_sc_spread=None)
     else:
@@ -329,21 +320,15 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
                         canonical=method == "model")
     scored = slice(0, T) if cross else slice(1, T)
     g255, t255 = to_255(out["x_g"][scored]), to_255(gt["frames"][scored])
-    rec = dict(n_frames=T, n_scored=int(g255.shape[0]))
-    rec["ssim"] = float(metrics.ssim(g255, t255).mean())
-    side = min(g255.shape[-2:])
-    rec["ms_ssim"] = float(metrics.ms_ssim(g255, t255).mean()) if side > (metrics.SSIM_WIN - 1) * 2 ** 4 else None
     p = metrics.psnr(g255, t255)
-    rec["psnr"], rec["n_psnr_inf"] = float(p.mean()), int(torch.isinf(p).sum())
+    five_scales = min(g255.shape[-2:]) > (metrics.SSIM_WIN - 1) * 2 ** 4     # MS-SSIM's 5 scales fit
+    rec = dict(n_frames=T, n_scored=int(g255.shape[0]), ssim=float(metrics.ssim(g255, t255).mean()),
+               ms_ssim=float(metrics.ms_ssim(g255, t255).mean()) if five_scales else None,
+               psnr=float(p.mean()), n_psnr_inf=int(torch.isinf(p).sum()))
     probe = tools.get("probe")
     if probe is not None:
-        dev = next(probe.parameters()).device
-        pg = torch.cat([probe(c.to(dev) / 127.5 - 1) for c in g255.split(64)]).cpu()  # as saved frames
-        pt = torch.cat([probe(c.to(dev) / 127.5 - 1) for c in t255.split(64)]).cpu()
-        P = len(PROBE_MOUTH)
-        # LMD: the same detector (the probe) on both sides, like dlib on both sides for real video.
-        rec["lmd"] = float(metrics.lmd_points(pg[:, N_MOTION:].reshape(-1, P, 2) * metrics.LMD_SIZE,
-                                      pt[:, N_MOTION:].reshape(-1, P, 2) * metrics.LMD_SIZE).mean())
+        pg, pt = _probe_frames(probe, g255), _probe_frames(probe, t255)  # on the frames as saved
+        rec["lmd"] = attribute_errors(pg, pt)["lmd"]  # one detector (the probe) on both sides, as dlib on real video
         if "motion" in gt:  # procedural: the true parameters are known
             ident = procedural.make_identity(int(gt["identity_seed"]))
             truth = torch.from_numpy(np.stack([probe_target(ident, m.numpy()) for m in gt["motion"][scored]])).float()
@@ -355,22 +340,18 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
         r = metrics.lmd(g255, t255, tools["landmarker"])
         rec["lmd"] = None if math.isnan(r["lmd"]) else r["lmd"]
         rec.update(lmd_n_used=r["n_used"], lmd_missing_gen=r["n_missing_gen"], lmd_missing_gt=r["n_missing_gt"])
-    expert = tools.get("syncnet")
-    if expert is not None and T >= expert.n_frames:
-        s = lse_expert(out["x_g"], mel, expert)
-        r = lse_expert(frames, mel, expert)  # the driving clip itself: what 'in sync' scores here
-        rec.update(lse_d_ours=s["lse_d"], lse_c_ours=s["lse_c"], lse_offset_ours=s["offset"],
-                   lse_d_ours_real=r["lse_d"], lse_c_ours_real=r["lse_c"])
-    v2 = tools.get("syncnet_v2")
-    if v2 is not None and T > metrics.SYNC_FRAMES:
-        s = metrics.sync_scores(to_255(out["x_g"]), sample["audio"], v2)
-        r = metrics.sync_scores(to_255(frames), sample["audio"], v2)
-        rec.update(lse_d_v2=s["lse_d"], lse_c_v2=s["lse_c"], lse_offset_v2=s["offset"],
-                   lse_d_v2_real=r["lse_d"], lse_c_v2_real=r["lse_c"])
+    lse = []  # (key suffix, scorer) of the lip-sync experts given; the driving clip = what 'in sync' scores here
+    if tools.get("syncnet") is not None and T >= tools["syncnet"].n_frames:
+        lse.append(("ours", lambda x: lse_expert(x, mel, tools["syncnet"])))
+    if tools.get("syncnet_v2") is not None and T > metrics.SYNC_FRAMES:
+        lse.append(("v2", lambda x: metrics.sync_scores(to_255(x), sample["audio"], tools["syncnet_v2"])))
+    for tag, score in lse:
+        s, r = score(out["x_g"]), score(frames)
+        rec.update({f"lse_d_{tag}": s["lse_d"], f"lse_c_{tag}": s["lse_c"], f"lse_offset_{tag}": s["offset"],
+                    f"lse_d_{tag}_real": r["lse_d"], f"lse_c_{tag}_real": r["lse_c"]})
     if out.get("ws") is not None and out.get("window"):   # Table 3: jumps at temporal-window borders
-        W = out["window"]
         for name, seq in (("px", to_255(out["x_g"])), ("w", out["ws"]), ("px_gt", to_255(gt["frames"]))):
-            f = flicker(seq, W)
+            f = flicker(seq, out["window"])
             rec[f"flicker_{name}_border"], rec[f"flicker_{name}_inside"] = f["border"], f["inside"]
     if out["z_sc_spread"] is not None:
         rec["z_sc_spread"] = out["z_sc_spread"]    # std over t of z_s->c: 0 by construction (Sec. 3.1)
@@ -378,106 +359,85 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
         c01, d01 = (out["canon"].clamp(-1, 1) + 1) / 2, (frames + 1) / 2
         rec["canon_var"] = float(c01.var(0).mean())    # Fig. 5b: pixel variance over the clip, [0,1]^2
         rec["drive_var"] = float(d01.var(0).mean())    # the same for the driving frames themselves
-        if probe is not None:
-            dev = next(probe.parameters()).device
-            pc = torch.cat([probe(to_255(c).to(dev) / 127.5 - 1) for c in out["canon"].split(64)]).cpu()
-            pd = torch.cat([probe(to_255(c).to(dev) / 127.5 - 1) for c in frames.split(64)]).cpu()
-            deg = 180 / math.pi
-            rec["canon_pose_std"] = float(pc[:, :3].std(0).mean() * deg)   # Fig. 6: pose spread, degrees
-            rec["drive_pose_std"] = float(pd[:, :3].std(0).mean() * deg)
+        if probe is not None:                          # Fig. 6: pose spread (yaw, pitch, roll std), degrees
+            pc, pd = _probe_frames(probe, to_255(out["canon"])), _probe_frames(probe, to_255(frames))
+            rec["canon_pose_std"] = float(pc[:, :3].std(0).mean() * (180 / math.pi))
+            rec["drive_pose_std"] = float(pd[:, :3].std(0).mean() * (180 / math.pi))
     return rec, dict(source=x_s, driving=frames, gt=gt["frames"], gen=out["x_g"], audio=sample["audio"])
 
 
 # =================================================================================================
 # Attribute transfer (issue 18): does each controlled attribute move the generated face?
 # =================================================================================================
-# The paper's claim is full control: pose, blinks, gaze, brows and lips. Table 1's metrics average over
-# the whole face, where a still copy of the source already scores well, so they cannot show whether a
-# blink transfers. This test changes ONE attribute at a time: the driving clip of person B moves only
-# that attribute (silent audio), or, for the lips, B's frames stay neutral and synthesised speech
-# drives the mouth. The source is person A's neutral still; the ground truth is the renderer drawing A
-# with the same motion. Score: the temporal correlation between generated and ground-truth luminance,
-# pooled over the pixels the attribute moves in the ground truth (each pixel's temporal mean removed
+# The paper claims full control: pose, blinks, gaze, brows, lips. Table 1's metrics average over the whole face,
+# where a still copy of the source already scores well, so they cannot show whether a blink transfers. This test
+# changes ONE attribute at a time: person B's driving clip moves only that attribute (silent audio), or, for the
+# lips, B's frames stay neutral and synthesised speech drives the mouth. Source: person A's neutral still; ground
+# truth: the renderer drawing A with the same motion. Score: temporal correlation of generated and ground-truth
+# luminance, pooled over the pixels the attribute moves in the ground truth (each pixel's temporal mean removed
 # first): 1 = the attribute is reproduced, 0 = a still image (copy-source), < 0 = moves the wrong way.
 ATTR_TESTS = procedural.ATTRIBUTE_CLIPS   # the scripted one-attribute clips (procedural.attribute_motion)
 ATTR_PROBE = dict(yaw="yaw", pitch="pitch", blink="blink", gaze="gaze", brow="brow", lips="mouth_open")
 ATTR_SPLITS = procedural.ATTRIBUTE_SPLITS  # people and motions: tune on "tune", report "report"
-ATTR_MOVE_THR = 4.0   # grey levels: a pixel moves when its ground-truth luminance std over the clip
-                      # exceeds this (uint8 rounding alone gives ~0.3)
-
-
-def _luma(x255):
-    """[T, 3, H, W] on 0..255 -> float64 [T, H, W] (BT.601)."""
-    w = torch.tensor(metrics.LUMA, dtype=torch.float64, device=x255.device).view(1, 3, 1, 1)
-    return (x255.double() * w).sum(1)
+ATTR_MOVE_THR = 4.0  # moving pixel: ground-truth luminance std over the clip above this, grey levels (uint8 rounding: ~0.3)
 
 
 def transfer_correlation(gen255, ref255, thr=ATTR_MOVE_THR):
-    """Pooled temporal correlation over the pixels that move in `ref`: [T, 3, H, W] x2 on 0..255 ->
-    (corr, n_moving_pixels). Each pixel's temporal mean is removed from both clips, then
-    corr = sum(g' y') / sqrt(sum g'^2 sum y'^2) over moving pixels and frames; a clip that does not
-    move (g' = 0 everywhere) scores 0, not NaN. None when nothing moves in `ref`."""
-    g, y = _luma(gen255), _luma(ref255)
+    """Pooled temporal correlation over the pixels that move in `ref`: [T, 3, H, W] x2 on 0..255 -> (corr,
+    n_moving_pixels). Each pixel's temporal mean is removed from both clips, then corr = sum(g' y') /
+    sqrt(sum g'^2 sum y'^2) over moving pixels and frames; a clip that does not move (g' = 0 everywhere)
+    scores 0, not NaN. None when nothing moves in `ref`."""
+    w = torch.tensor(metrics.LUMA, dtype=torch.float64, device=ref255.device).view(1, 3, 1, 1)
+    g, y = (gen255.double() * w).sum(1), (ref255.double() * w).sum(1)   # BT.601 luminance [T, H, W]
     moving = y.std(0, unbiased=False) > thr                             # [H, W]
     if not moving.any():
         return None, 0
     g, y = g - g[0], y - y[0]           # first frame out first: a still clip then centres to exact zeros
-    g = (g - g.mean(0))[:, moving]
-    y = (y - y.mean(0))[:, moving]
+    g, y = (g - g.mean(0))[:, moving], (y - y.mean(0))[:, moving]
     den = float((g * g).sum() * (y * y).sum()) ** 0.5
     return (float((g * y).sum()) / den if den > 0 else 0.0), int(moving.sum())
 
 
 @torch.no_grad()
-def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hyper_steps=0,
-                       attrs=ATTR_TESTS, log=print):
-    """The attribute-transfer table. Pairs (A, B) = test people (k, k+1) from ATTR_SPLITS[split];
-    rows:
+def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hyper_steps=0, attrs=ATTR_TESTS, log=print):
+    """The attribute-transfer table. Pairs (A, B) = test people (k, k+1) from ATTR_SPLITS[split]; rows:
       model         FC-TFG(x_s = A neutral, x_d = B moving one attribute, x_a) vs A's ground truth
       copy_source   x_s repeated (0 by construction)
-      encoder_recon G(E_inv(x_d)), the driver's own codes, with the attribute fully in its frames
-                    (lips: B speaking), correlated with those frames: how much of the attribute
-                    E_inv + G carry at all (FC-TFG's ceiling); its PSNR is against A's ground truth
-                    (the identity test: it draws B)
-    -> {row: {attr: dict(corr, psnr, err)}} means over pairs; err = probe error on the attribute's
-    parameter (procedural.MOTION_KEYS units, degrees for pose) where a probe is given."""
+      encoder_recon G(E_inv(x_d)), the driver's own codes, with the attribute fully in its frames (lips: B
+                    speaking), correlated with those frames: how much of the attribute E_inv + G carry at all
+                    (FC-TFG's ceiling); its PSNR is against A's ground truth (the identity test: it draws B)
+    -> {row: {attr: dict(corr, psnr, err)}} means over pairs; err = probe error on the attribute's parameter
+    (procedural.MOTION_KEYS units, degrees for pose) where a probe is given."""
     if split not in ATTR_SPLITS:
         raise ValueError(f"split must be one of {sorted(ATTR_SPLITS)}, got {split!r}")
-    size, dev = model.G.size, next(model.parameters()).device
-    base = ATTR_SPLITS[split]
-    acc = {row: {a: {"corr": [], "psnr": [], "err": []} for a in attrs}
-           for row in ("model", "copy_source", "encoder_recon")}
+    size, dev, base = model.G.size, next(model.parameters()).device, ATTR_SPLITS[split]
+    neutral, silence = np.zeros((1, len(procedural.MOTION_KEYS)), np.float32), np.zeros(data.SPF, np.float32)
+
+    def clip(person, motion, audio):  # the renderer's frames of `person` -> a data.py sample
+        return data.clip_sample(procedural.render_clip(person, motion, size), audio)
+    acc = {row: {a: {"corr": [], "psnr": [], "err": []} for a in attrs} for row in ("model", "copy_source", "encoder_recon")}
     t0 = time.time()
     for k in range(n_pairs):
         A = procedural.make_identity(procedural.TEST_IDS[base + k])
         B = procedural.make_identity(procedural.TEST_IDS[base + (k + 1) % max(n_pairs, 2)])
-        neutral = np.zeros(len(procedural.MOTION_KEYS), np.float32)
-        x_s = data.clip_sample(procedural.render(A, neutral, size)[None], np.zeros(data.SPF, np.float32))["frames"][0]
-        b_s = data.clip_sample(procedural.render(B, neutral, size)[None], np.zeros(data.SPF, np.float32))["frames"][0]
+        x_s, b_s = (clip(p, neutral, silence)["frames"][0] for p in (A, B))
         for a in attrs:
             drive, full, audio = procedural.attribute_motion(a, base + k, T)
-            x_d = data.clip_sample(procedural.render_clip(B, drive, size), audio)
-            gt = data.clip_sample(procedural.render_clip(A, full, size), audio)["frames"]
-            b_full = data.clip_sample(procedural.render_clip(B, full, size), audio)["frames"]
-            gens = {
-                "model": (run_model(model, x_s.to(dev), x_d["frames"].to(dev), x_d["mel"].to(dev), "model",
-                                    hyper_steps)["x_g"], gt),
-                "copy_source": (x_s[None].expand(T, -1, -1, -1), gt),
-                "encoder_recon": (run_model(model, b_s.to(dev), b_full.to(dev), x_d["mel"].to(dev),
-                                            "encoder_recon", hyper_steps)["x_g"], b_full),
-            }
-            truth = torch.from_numpy(full)
+            x_d, gt, b_full = clip(B, drive, audio), clip(A, full, audio)["frames"], clip(B, full, audio)["frames"]
+            mel = x_d["mel"].to(dev)
+            gens = {"model": (run_model(model, x_s.to(dev), x_d["frames"].to(dev), mel, "model", hyper_steps)["x_g"], gt),
+                    "copy_source": (x_s[None].expand(T, -1, -1, -1), gt),
+                    "encoder_recon": (run_model(model, b_s.to(dev), b_full.to(dev), mel, "encoder_recon",
+                                                hyper_steps)["x_g"], b_full)}
+            cols, scale, _ = ATTRIBUTES[ATTR_PROBE[a]]   # the probe's reading of this attribute
+            truth = torch.from_numpy(full)[:, list(cols)]
             for row, (gen, ref) in gens.items():
-                g255 = to_255(gen.cpu())
-                corr, _ = transfer_correlation(g255, to_255(ref))
-                acc[row][a]["corr"].append(corr)
+                g255, d = to_255(gen.cpu()), acc[row][a]
+                d["corr"].append(transfer_correlation(g255, to_255(ref))[0])
                 mse = float((g255.double() - to_255(gt).double()).pow(2).mean())  # pooled over the clip:
-                acc[row][a]["psnr"].append(10 * math.log10(255 ** 2 / max(mse, 1e-10)))  # finite for copies
+                d["psnr"].append(10 * math.log10(255 ** 2 / max(mse, 1e-10)))      # finite for copies
                 if probe is not None:
-                    pdev = next(probe.parameters()).device
-                    pred = torch.cat([probe(c.to(pdev) / 127.5 - 1) for c in g255.split(64)]).cpu()
-                    cols, scale, _ = ATTRIBUTES[ATTR_PROBE[a]]
-                    acc[row][a]["err"].append(float((pred[:, list(cols)] - truth[:, list(cols)]).abs().mean() * scale))
+                    d["err"].append(float((_probe_frames(probe, g255)[:, list(cols)] - truth).abs().mean() * scale))
         log(f"attributes: pair {k + 1}/{n_pairs} | {time.time() - t0:.0f} s | "
             f"ETA {(time.time() - t0) / (k + 1) * (n_pairs - k - 1):.0f} s")
     return {row: {a: {**{m: _mean(v) for m, v in d.items()}, "corr_se": _se(d["corr"])} for a, d in per.items()}
@@ -498,9 +458,8 @@ def format_attribute_table(res, label=None):
     """Markdown: correlation per attribute (± its standard error over the pairs where there are two or
     more), then the probe's error per attribute, then mean PSNR vs A."""
     attrs = list(next(iter(res.values())))
-    units = {a: ATTRIBUTES[ATTR_PROBE[a]][2] for a in attrs}
     head = (" | ".join(f"{a} corr ↑" for a in attrs) + " | " +
-            " | ".join(f"{a} err ({units[a]}) ↓" for a in attrs) + " | PSNR vs A ↑ |")
+            " | ".join(f"{a} err ({ATTRIBUTES[ATTR_PROBE[a]][2]}) ↓" for a in attrs) + " | PSNR vs A ↑ |")
     lines = ["| method | " + head, "|---|" + "---|" * (2 * len(attrs) + 1)]
     for row, per in res.items():
         name = label if (row == "model" and label) else ATTR_ROW_LABELS[row]
@@ -513,25 +472,20 @@ def format_attribute_table(res, label=None):
     return "\n".join(lines)
 
 
+def _map_leaves(v, f):
+    """f applied to every value inside nested dicts and lists / tuples (tuples come back as lists)."""
+    if isinstance(v, dict):
+        return {k: _map_leaves(x, f) for k, x in v.items()}
+    return [_map_leaves(x, f) for x in v] if isinstance(v, (list, tuple)) else f(v)
+
+
 def _strip_nonfinite(v):
     """JSON has no inf/NaN: write them as the strings 'inf', '-inf', 'nan' (read back with float())."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {k: _strip_nonfinite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_strip_nonfinite(x) for x in v]
-    return v
+    return _map_leaves(v, lambda x: str(x) if isinstance(x, float) and not math.isfinite(x) else x)
 
 
 def _restore_nonfinite(v):
-    if isinstance(v, str) and v in ("inf", "-inf", "nan"):
-        return float(v)
-    if isinstance(v, dict):
-        return {k: _restore_nonfinite(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_restore_nonfinite(x) for x in v]
-    return v
+    return _map_leaves(v, lambda x: float(x) if isinstance(x, str) and x in ("inf", "-inf", "nan") else x)
 
 
 def _write_atomic(path, text):
@@ -541,14 +495,12 @@ def _write_atomic(path, text):
 def read_done(path):
     """Per-clip JSON lines -> {clip index: record}. A torn last line (killed mid-write) is ignored."""
     done = {}
-    if os.path.isfile(path):
-        with open(path) as fh:
-            for line in fh:
-                try:
-                    rec = _restore_nonfinite(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-                done[rec["clip"]] = rec
+    for line in (Path(path).read_text().splitlines() if os.path.isfile(path) else []):
+        try:
+            rec = _restore_nonfinite(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+        done[rec["clip"]] = rec
     return done
 
 
@@ -560,67 +512,51 @@ def summarize(records):
         rows = [r[group] for r in records if group in r]
         if rows:
             out[group] = {k: _mean([r[k] for r in rows]) for k in rows[0]}
-    out["n_clips"] = len(records)
-    out["n_psnr_inf"] = int(sum(r.get("n_psnr_inf", 0) for r in records))
+    out.update(n_clips=len(records), n_psnr_inf=int(sum(r.get("n_psnr_inf", 0) for r in records)))
     return out
 
 
 def _cell(v, fmt="{:.3f}"):
-    if v is None:
-        return "-"
-    return "inf" if v == math.inf else fmt.format(v)
+    return "-" if v is None else "inf" if v == math.inf else fmt.format(v)
 
 
 def format_table(summary, run, notes):
     """Markdown table(s) shaped like Table 1 (and the controllability table for --protocol cross)."""
-    lines = []
-    sync_col = "lse_c_v2" if summary.get("lse_c_v2") is not None else "lse_c_ours"
-    sync_d = sync_col.replace("lse_c", "lse_d")
-    mark = "" if sync_col == "lse_c_v2" else "†"
-    name = run["method_label"]
+    s, name = summary, run["method_label"]
+    sync_c = "lse_c_v2" if s.get("lse_c_v2") is not None else "lse_c_ours"
+    sync_d, mark = sync_c.replace("lse_c", "lse_d"), "" if sync_c == "lse_c_v2" else "†"
+
+    def cell(key, fmt="{:.2f}"):
+        return _cell(s.get(key), fmt)
     if run["protocol"] == "pcavs":
-        lines += [f"| Method | SSIM ↑ | MS-SSIM ↑ | PSNR ↑ | LMD ↓ | LSE-C{mark} ↑ | LSE-D{mark} ↓ |",
-                  "|---|---|---|---|---|---|---|"]
-        s = summary
-        lines.append(f"| {name} | {_cell(s.get('ssim'))} | {_cell(s.get('ms_ssim'))} | {_cell(s.get('psnr'), '{:.2f}')} | "
-                     f"{_cell(s.get('lmd'), '{:.2f}')} | {_cell(s.get(sync_col), '{:.2f}')} | {_cell(s.get(sync_d), '{:.2f}')} |")
-        if s.get(sync_col + "_real") is not None:
-            lines.append(f"| real frames (sync reference) | | | | | {_cell(s.get(sync_col + '_real'), '{:.2f}')} | "
-                         f"{_cell(s.get(sync_d + '_real'), '{:.2f}')} |")
-        if run.get("paper_table"):
-            for meth, vals in PAPER_TABLE1[run["paper_table"]].items():
-                lines.append(f"| {meth} [paper, {run['paper_table']}] | " +
-                             " | ".join(_cell(v, "{:.2f}") for v in vals) + " | |")
+        lines = [f"| Method | SSIM ↑ | MS-SSIM ↑ | PSNR ↑ | LMD ↓ | LSE-C{mark} ↑ | LSE-D{mark} ↓ |",
+                 "|---|---|---|---|---|---|---|",
+                 f"| {name} | {cell('ssim', '{:.3f}')} | {cell('ms_ssim', '{:.3f}')} | {cell('psnr')} | "
+                 f"{cell('lmd')} | {cell(sync_c)} | {cell(sync_d)} |"]
+        if s.get(sync_c + "_real") is not None:
+            lines.append(f"| real frames (sync reference) | | | | | {cell(sync_c + '_real')} | {cell(sync_d + '_real')} |")
+        for meth, vals in PAPER_TABLE1.get(run.get("paper_table"), {}).items():
+            lines.append(f"| {meth} [paper, {run['paper_table']}] | " + " | ".join(_cell(v, "{:.2f}") for v in vals) + " | |")
     else:
-        a, f = summary.get("attr") or {}, summary.get("attr_floor") or {}
-        units = {k: u for k, (_, _, u) in ATTRIBUTES.items()}
-        heads = " | ".join(f"{k} err ({units[k]}) ↓" for k in ATTRIBUTES)
-        lines += [f"| Method | SSIM ↑ | PSNR ↑ | {heads} | LMD ↓ | LSE-C{mark} ↑ |",
-                  "|---|---|---|" + "---|" * len(ATTRIBUTES) + "---|---|"]
-        lines.append(f"| {name} | {_cell(summary.get('ssim'))} | {_cell(summary.get('psnr'), '{:.2f}')} | " +
-                     " | ".join(_cell(a.get(k), "{:.3g}") for k in ATTRIBUTES) +
-                     f" | {_cell(summary.get('lmd'), '{:.2f}')} | {_cell(summary.get(sync_col), '{:.2f}')} |")
-        if f:
-            lines.append("| probe on ground truth (its floor) | | | " + " | ".join(_cell(f.get(k), "{:.3g}") for k in ATTRIBUTES)
-                         + " | | |")
-        if summary.get("canon_var") is not None:
+        def attrs(key):  # one cell per ATTRIBUTES entry of s[key]
+            return " | ".join(_cell((s.get(key) or {}).get(k), "{:.3g}") for k in ATTRIBUTES)
+        heads = " | ".join(f"{k} err ({unit}) ↓" for k, (_, _, unit) in ATTRIBUTES.items())
+        lines = [f"| Method | SSIM ↑ | PSNR ↑ | {heads} | LMD ↓ | LSE-C{mark} ↑ |",
+                 "|---|---|---|" + "---|" * len(ATTRIBUTES) + "---|---|",
+                 f"| {name} | {cell('ssim', '{:.3f}')} | {cell('psnr')} | {attrs('attr')} | {cell('lmd')} | {cell(sync_c)} |"]
+        if s.get("attr_floor"):
+            lines.append(f"| probe on ground truth (its floor) | | | {attrs('attr_floor')} | | |")
+        if s.get("canon_var") is not None:
             notes.append(f"canonical space (Fig. 5b): pixel variance over a clip of G(E_can(E_inv(x_d,t))) = "
-                         f"{summary['canon_var']:.5f} vs {summary['drive_var']:.5f} for the driving frames "
-                         f"(ratio {summary['canon_var'] / max(summary['drive_var'], 1e-12):.3f}; < 1 = motion removed)")
-        if summary.get("canon_pose_std") is not None:
-            notes.append(f"canonical pose spread (Fig. 6): probe yaw/pitch/roll std {summary['canon_pose_std']:.2f}° "
-                         f"vs {summary['drive_pose_std']:.2f}° for the driving frames")
-    if summary.get("z_sc_spread") is not None:
-        notes.append(f"z_s->c spread over a clip (std over t, max over entries): {summary['z_sc_spread']:.3g} "
+                         f"{s['canon_var']:.5f} vs {s['drive_var']:.5f} for the driving frames "
+                         f"(ratio {s['canon_var'] / max(s['drive_var'], 1e-12):.3f}; < 1 = motion removed)")
+        if s.get("canon_pose_std") is not None:
+            notes.append(f"canonical pose spread (Fig. 6): probe yaw/pitch/roll std {s['canon_pose_std']:.2f}° "
+                         f"vs {s['drive_pose_std']:.2f}° for the driving frames")
+    if s.get("z_sc_spread") is not None:
+        notes.append(f"z_s->c spread over a clip (std over t, max over entries): {s['z_sc_spread']:.3g} "
                      f"(0 by construction: E_can sees only x_s, Sec. 3.1)")
     return "\n".join(lines)
-
-
-def _side_by_side(panels):
-    """List of [T, 3, H, W] in [-1, 1] -> uint8 [T, H, n W, 3]."""
-    T = max(p.shape[0] for p in panels)
-    ps = [to_255(p if p.shape[0] == T else p[:1].expand(T, -1, -1, -1)) for p in panels]
-    return torch.cat(ps, -1).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
 
 
 def parse_args(argv=None):
@@ -662,11 +598,9 @@ def parse_args(argv=None):
 def clip_set(args, size):
     """The clips to score: held-out procedural people (synthetic), a prepared folder, or its MEAD test
     list (Sec. 4.1.1). -> (dataset, number of clips)."""
-    if args.data == "synthetic":
-        n_ids = max(args.n_clips, 2)  # cross needs a second person even for one clip
-        ds = data.SyntheticTalkingFaces("test", n_identities=n_ids, clips_per_identity=1,
-                                        n_frames=args.clip_frames, size=size)
-        return ds, args.n_clips
+    if args.data == "synthetic":  # two people at least: cross needs a second person even for one clip
+        return data.SyntheticTalkingFaces("test", n_identities=max(args.n_clips, 2), clips_per_identity=1,
+                                          n_frames=args.clip_frames, size=size), args.n_clips
     if args.protocol == "cross":
         raise ValueError("--protocol cross needs the renderer's ground truth: use --data synthetic")
     only = data.mead_clip_list(args.data) if args.mead else None
@@ -677,11 +611,9 @@ def clip_set(args, size):
 def load_tools(args, synthetic, hyper_steps, device):
     """The scorers the flags ask for (lip-sync experts, landmark probe or dlib) and the table's notes on
     each. -> (tools dict for evaluate_clip, notes)."""
-    tools = dict(hyper_steps=hyper_steps, chunk=args.chunk)
-    notes = []
+    tools, notes = dict(hyper_steps=hyper_steps, chunk=args.chunk), []
     if args.syncnet:
-        import audio
-        # our checkpoints carry their own preset; "paper" sizes a Wav2Lip lipsync_expert.pth
+        import audio  # "paper" below sizes a Wav2Lip lipsync_expert.pth; our checkpoints carry their own preset
         tools["syncnet"] = audio.load_expert(args.syncnet, "paper", device)
         notes.append("† LSE with OUR lip-sync expert (audio.SyncNet from train.py --stage syncnet, unit-norm "
                      "embeddings, syncnet_python's ±15 offset search): not syncnet_python's SyncNet v2, so NOT "
@@ -694,11 +626,11 @@ def load_tools(args, synthetic, hyper_steps, device):
         notes.append("LSE-C/LSE-D: '-' (pass --syncnet OUR_EXPERT.pt or --syncnet-v2 syncnet_v2.model)")
     if args.probe:
         tools["probe"], held = load_probe(args.probe, device)
-        notes.append(f"LMD and attributes from the motion probe {args.probe} (CNN trained on rendered frames with the "
-                     f"renderer's labels); its held-out error on rendered frames: {_fmt_attrs(held)} (LMD in px at "
-                     f"224, 4 mouth points): differences below that are not resolved")
-        notes.append("LMD = probe on generated vs probe on ground-truth frames (one detector on both sides, as dlib "
-                     "on real video); lmd_vs_renderer in results.json compares with the renderer's own landmarks")
+        notes += [f"LMD and attributes from the motion probe {args.probe} (CNN trained on rendered frames with the "
+                  f"renderer's labels); its held-out error on rendered frames: {_fmt_attrs(held)} (LMD in px at "
+                  f"224, 4 mouth points): differences below that are not resolved",
+                  "LMD = probe on generated vs probe on ground-truth frames (one detector on both sides, as dlib "
+                  "on real video); lmd_vs_renderer in results.json compares with the renderer's own landmarks"]
     elif synthetic:
         notes.append("LMD: '-': dlib finds no face in procedural frames and we have no other landmark detector "
                      "for them; pass --probe (train one with python evaluate.py --train-probe --out probe.pt)")
@@ -721,15 +653,14 @@ def run_clips(args, ds, n, method, model, size, tools, out, device):
     todo = [i for i in range(n) if i not in done]
     if len(todo) < n:
         print(f"resuming: {n - len(todo)} of {n} clips already done in {log_path}, skipping them")
-    t0, n_frames_done = time.time(), 0
+    t0, n_frames_done, videos = time.time(), 0, True   # videos: False once PyAV turned out missing
     with open(log_path, "a") as log_fh:
         for k, i in enumerate(todo):
             tc = time.time()
-            if args.protocol == "cross":
+            if args.protocol == "cross":  # A = clip i's person, driven by clip j
                 j = (i + 1) % len(ds)
-                src, drv, gt = ds[i], ds[j], ds.cross(i, j)
-                rec, ex = evaluate_clip(_to(drv, device), method, model, x_s=src["frames"][0].to(device),
-                                        gt=_to(gt, device), tools=tools)
+                rec, ex = evaluate_clip(_to(ds[j], device), method, model, x_s=ds[i]["frames"][0].to(device),
+                                        gt=_to(ds.cross(i, j), device), tools=tools)
                 rec["pair"] = [i, j]
             else:
                 sample = ds[i]
@@ -741,8 +672,8 @@ def run_clips(args, ds, n, method, model, size, tools, out, device):
             log_fh.flush()
             os.fsync(log_fh.fileno())
             done[i] = rec
-            if i < args.examples:
-                _save_example(out / "examples" / f"clip{i:04d}.mp4", ex, args.protocol)
+            if i < args.examples and videos:
+                videos = _save_example(out / "examples" / f"clip{i:04d}.mp4", ex, args.protocol)
             n_frames_done += rec["n_frames"]
             el = time.time() - t0
             print(f"[{k + 1:4d}/{len(todo)}] clip {i} | ssim {rec['ssim']:.3f} psnr {_cell(rec['psnr'], '{:.2f}')} | "
@@ -751,7 +682,8 @@ def run_clips(args, ds, n, method, model, size, tools, out, device):
 
 
 def write_results(out, header, table, notes, payload):
-    """Print the table and write results.json (payload) and results.md (header, table, notes)."""
+    """Print the table and write results.json (payload) and results.md (header, table, notes) into out/."""
+    out.mkdir(parents=True, exist_ok=True)
     print(header + "\n" + table + "\n" + "\n".join("- " + s for s in notes))
     _write_atomic(out / "results.json", json.dumps(_strip_nonfinite(payload), indent=1))
     _write_atomic(out / "results.md", f"# {header}\n\n{table}\n\n" + "\n".join("- " + s for s in notes) + "\n")
@@ -770,9 +702,8 @@ def evaluate(args):
         raise ValueError(f"--n_clips must be >= 1, got {args.n_clips}")
     if args.checkpoint is None and method != "copy_source":
         raise ValueError("--checkpoint CKPT (or 'untrained') is required unless --baseline copy_source")
-    model, cfg = (None, {})
-    if args.checkpoint is not None and method != "copy_source":
-        model, cfg = load_model(args.checkpoint, args.preset, args.window, device, args.seed)
+    model, cfg = (load_model(args.checkpoint, args.preset, args.window, device, args.seed)
+                  if args.checkpoint is not None and method != "copy_source" else (None, {}))
     hyper_steps = args.hyper_steps if args.hyper_steps is not None else int(cfg.get("hyper_steps", 0))
     if args.protocol == "attributes":
         return evaluate_attributes(args, model, hyper_steps, device)
@@ -780,11 +711,8 @@ def evaluate(args):
     synthetic = args.data == "synthetic"
     ds, n = clip_set(args, size)
     tools, notes = load_tools(args, synthetic, hyper_steps, device)
-    paper = None
-    if not synthetic and args.paper_table != "none":
-        paper = args.paper_table if args.paper_table != "auto" else \
-            ("mead" if args.mead or "mead" in args.data.lower() else "voxceleb2")
-
+    auto = "mead" if args.mead or "mead" in args.data.lower() else "voxceleb2"
+    paper = None if synthetic or args.paper_table == "none" else auto if args.paper_table == "auto" else args.paper_table
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = dict(protocol=args.protocol, method=method, checkpoint=args.checkpoint, data=args.data,
@@ -792,12 +720,11 @@ def evaluate(args):
                syncnet=args.syncnet, syncnet_v2=args.syncnet_v2, probe=args.probe, seed=args.seed, mead=args.mead,
                window=(model.fusion.temporal.window if model is not None else None))
     run_file = out / "run.json"
-    if run_file.is_file():
-        old = json.loads(run_file.read_text())
-        diff = sorted(k for k in run if old.get(k) != run[k])
-        if diff:
-            raise ValueError(f"{out} holds clips of a different evaluation (differs in {diff}); use another --out")
-    else:
+    old = json.loads(run_file.read_text()) if run_file.is_file() else None
+    diff = sorted(k for k in run if old is not None and old.get(k) != run[k])
+    if diff:
+        raise ValueError(f"{out} holds clips of a different evaluation (differs in {diff}); use another --out")
+    if old is None:
         _write_atomic(run_file, json.dumps(run, indent=1))
     label = {"model": f"FC-TFG ({'untrained ' + args.preset if args.checkpoint == 'untrained' else 'ours'})",
              "copy_source": "baseline: copy source frame", "encoder_recon": "baseline: G(E_inv(x_d)) (upper bound)"}[method]
@@ -807,9 +734,9 @@ def evaluate(args):
     if summary.get("ms_ssim") is None:
         notes.append(f"MS-SSIM: '-': 5 scales of an 11x11 window need sides > 160 px; frames are {size} px")
     run["method_label"], run["paper_table"] = label, paper
-    table = format_table(summary, run, notes)
     header = (f"FC-TFG evaluation | protocol {args.protocol} | data {args.data} ({n} clips, {size} px) | "
               f"method {label} | checkpoint {args.checkpoint} | hyper_steps {hyper_steps}")
+    table = format_table(summary, run, notes)
     write_results(out, header, table, notes, dict(run=run, summary=summary, notes=notes, clips=records))
     return summary
 
@@ -824,7 +751,6 @@ def evaluate_attributes(args, model, hyper_steps, device):
         raise ValueError("--protocol attributes needs the renderer's ground truth: use --data synthetic")
     probe, held = load_probe(args.probe, device) if args.probe else (None, None)
     res = attribute_transfer(model, args.n_clips, args.attr_split, args.clip_frames, probe, hyper_steps)
-    table = format_attribute_table(res)
     notes = [f"{args.n_clips} pairs (A, B) of held-out people, split '{args.attr_split}', {args.clip_frames} frames; "
              f"corr = temporal correlation of luminance with the reference over the pixels that move in it "
              f"(> {ATTR_MOVE_THR} grey levels std): 1 = reproduced, 0 = still",
@@ -834,33 +760,28 @@ def evaluate_attributes(args, model, hyper_steps, device):
         notes.append(f"err = motion probe on the generated frames vs the true parameter ({args.probe}; held-out "
                      f"error on rendered frames {_fmt_attrs(held)})")
     header = f"FC-TFG attribute transfer | checkpoint {args.checkpoint} | hyper_steps {hyper_steps}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     run = dict(protocol="attributes", checkpoint=args.checkpoint, split=args.attr_split, n_pairs=args.n_clips,
                clip_frames=args.clip_frames, probe=args.probe, hyper_steps=hyper_steps)
-    write_results(out, header, table, notes, dict(run=run, attributes=res, notes=notes))
+    write_results(Path(args.out), header, format_attribute_table(res), notes, dict(run=run, attributes=res, notes=notes))
     return res
 
 
-def _to(sample, device):
+def _to(sample, device):  # the motion labels stay on the CPU: probe_target reads them with numpy
     return {k: v.to(device) if torch.is_tensor(v) and k != "motion" else v for k, v in sample.items()}
 
 
-_WARNED_AV = []
-
-
 def _save_example(path, ex, protocol):
-    """Side-by-side mp4 with the driving audio: source | driving (cross only) | ground truth | generated.
-    Skipped with one note when PyAV is missing."""
-    panels = [ex["source"][None], ex["driving"], ex["gt"], ex["gen"]] if protocol == "cross" else \
-        [ex["source"][None], ex["gt"], ex["gen"]]
+    """Side-by-side mp4 with the driving audio: source (repeated) | driving (cross only) | ground truth |
+    generated, uint8 [T, H, n W, 3]. -> whether it was written: False, with one note, when PyAV is missing."""
+    panels = [ex["source"].expand_as(ex["gen"])] + ([ex["driving"]] if protocol == "cross" else []) + [ex["gt"], ex["gen"]]
+    video = torch.cat([to_255(p) for p in panels], -1).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data.write_video(path, _side_by_side(panels), audio=ex["audio"].cpu().numpy())
+        data.write_video(path, video, audio=ex["audio"].cpu().numpy())
+        return True
     except ImportError as e:
-        if not _WARNED_AV:
-            print(f"note: example videos skipped ({e})")
-            _WARNED_AV.append(True)
+        print(f"note: example videos skipped ({e})")
+        return False
 
 
 def main(argv=None):

@@ -20,7 +20,7 @@ T0=$(date +%s)
 stamp() { echo "==> [$(( $(date +%s) - T0 )) s] $*"; }
 
 stamp "1. build the CUDA ops and run the parity tests"
-python -c "import stylegan2; stylegan2.cuda_ops(); print('CUDA ops built')"
+python -c "import stylegan2_ops; assert stylegan2_ops.cuda_ops(); print('CUDA ops built')"
 python -m pytest -q -p no:cacheprovider -m cuda tests/
 
 stamp "2. CUDA vs pure: ops and a G+D step"

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import stylegan2
+import stylegan2_ops as ops
 from stylegan2 import EqualLinear  # equalised-lr linear (keys weight [out, in], bias [out]) as pSp/HyperStyle use
 
 # Constructor kwargs of the three networks, per preset. `paper` reproduces the published sizes (pSp and
@@ -152,7 +153,7 @@ class PSPEncoder(nn.Module):
         if not 0 < split[0] < split[1] < n_latent:
             raise ValueError(f"split {split} does not leave three non-empty groups in {n_latent} codes")
         self.size, self.n_latent, self.style_dim, self.split = size, n_latent, style_dim, tuple(split)
-        self.checkpointing = False  # activation checkpointing per IR-SE unit (stylegan2.checkpointed())
+        self.checkpointing = False  # activation checkpointing per IR-SE unit (ops.checkpointed())
         self.input_layer, self.body = ir_se_layers(units, widths)
         self.taps = (units[0] + units[1] - 1, sum(units[:3]) - 1, sum(units) - 1)  # c1, c2, c3 unit indices
         f = widths[3]
@@ -180,7 +181,7 @@ class PSPEncoder(nn.Module):
             raise ValueError(f"PSPEncoder expects [B, 3, {self.size}, {self.size}], got {tuple(x.shape)}")
         h = self.input_layer(x)
         for i, unit in enumerate(self.body):
-            h = stylegan2.checkpointed(unit, h, on=self.checkpointing)
+            h = ops.checkpointed(unit, h, on=self.checkpointing)
             if i == self.taps[0]:
                 c1 = h  # [B, widths[1], H/4, W/4]
             elif i == self.taps[1]:
@@ -324,7 +325,7 @@ class HyperStyle(nn.Module):
                 body.append(BasicBlock(in_c, out_c, stride=2 if (i == 0 and stage > 0) else 1))
                 in_c = out_c
         self.body = nn.Sequential(*body)
-        self.checkpointing = False  # activation checkpointing per ResNet block (stylegan2.checkpointed())
+        self.checkpointing = False  # activation checkpointing per ResNet block (ops.checkpointed())
         feat_c, spatial = widths[3], size // 16
         self.shared_shape = tuned[0]
         O, I, k = self.shared_shape
@@ -346,7 +347,7 @@ class HyperStyle(nn.Module):
         h = self.relu(self.bn1(self.conv1(torch.cat([x, y_hat], 1))))  # [B, widths[0], H/2, W/2]
         feat = h
         for block in self.body:                                         # -> [B, widths[3], H/16, W/16]
-            feat = stylegan2.checkpointed(block, feat, on=self.checkpointing)
+            feat = ops.checkpointed(block, feat, on=self.checkpointing)
         return [None if head is None else head(feat) for head in self.refinement_blocks]
 
     def step(self, G, x, ws, deltas, y_hat, noise_mode="const"):
@@ -388,7 +389,7 @@ class IdentityEncoder(nn.Module):
         if face_size % 16:
             raise ValueError(f"face_size must be a multiple of 16, got {face_size}")
         self.face_size = face_size
-        self.checkpointing = False  # activation checkpointing per IR-SE unit (stylegan2.checkpointed())
+        self.checkpointing = False  # activation checkpointing per IR-SE unit (ops.checkpointed())
         self.input_layer, self.body = ir_se_layers(units, widths)
         s = face_size // 16
         self.output_layer = nn.Sequential(
@@ -409,7 +410,7 @@ class IdentityEncoder(nn.Module):
         x = F.adaptive_avg_pool2d(x, self.face_size)           # [B, 3, 112, 112]
         h = self.input_layer(x)
         for unit in self.body:  # the judge is frozen, but Eq. (5)'s gradient flows through it to x
-            h = stylegan2.checkpointed(unit, h, on=self.checkpointing)
+            h = ops.checkpointed(unit, h, on=self.checkpointing)
         f = self.output_layer(h)                               # [B, E]
         return F.normalize(f, dim=1)
 

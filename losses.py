@@ -6,7 +6,7 @@ Paper map (../shared/paper.md):
   Eq. (5) L_id    = 1 - cos(E_id(x_g), E_id(x_d))   -> identity_loss  (ArcFace from inversion.py)
   Eq. (6) L_rec   = ||x_g - x_d||_1                 -> reconstruction_loss
   Eq. (7) L_LPIPS = (1/N_f) Σ_i ||φ_i(x_g) - φ_i(x_d)||  -> perceptual_loss on VGG19Features (φ = VGG19)
-  Eq. (8) non-saturating GAN, both sides            -> gan_loss_g, gan_loss_d (+ r1_penalty)
+  Eq. (8) non-saturating GAN, both sides            -> gan_loss_g, gan_loss_d (+ lazy_r1)
   Eq. (9) L_total = Σ λ_k L_k, λ = 1, .1, .5, 1, 1, .1 -> LAMBDA, total_loss
 
 The networks (SyncNet, ArcFace, D, VGG) are ARGUMENTS of the losses, so each loss can be tested with a
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stylegan2 import r1_penalty  # noqa: F401  (R1 for the D side of Eq. 8; defined once, in stylegan2.py)
+from stylegan2 import r1_penalty  # R1 for the D side of Eq. 8 (defined once, in stylegan2.py)
 
 # Eq. (9), Sec. 3.3.7: "λ1..λ6 are set to 1, 0.1, 0.5, 1, 1 and 0.1".
 LAMBDA = dict(ortho=1.0, sync=0.1, id=0.5, rec=1.0, lpips=1.0, gan=0.1)
@@ -315,6 +315,17 @@ def gan_loss_d(real_logits, fake_logits):
     """D side of Eq. (8): maximise log D(x_d) + log(1 - D(G(z))), i.e. minimise
     softplus(-D(x_d)) + softplus(D(x_g)), each averaged over its logits. Pass x_g detached."""
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def lazy_r1(D, real, gamma, every):
+    """The D step's R1 term of Eq. (8)'s regulariser, lazily every `every` D steps (StyleGAN2 Sec. 3.2):
+    -> (gamma / 2 * every * R1 + 0 * sum D(real), R1). The interval multiplies the weight so the
+    penalty's average pull is that of R1 on every step. The zero-weighted logits keep D's whole graph in
+    the loss (every parameter gets a gradient, also where R1 alone would leave one out). D: any callable."""
+    real = real.detach().requires_grad_(True)
+    logits = D(real)                     # in full precision: R1 squares gradients
+    r1 = r1_penalty(logits, real)
+    return gamma / 2 * r1 * every + 0 * logits.sum(), r1
 
 
 def gan_loss_g(fake_logits):

@@ -22,6 +22,7 @@ Not here: network definitions (stylegan2.py, inversion.py, audio.py, fusion.py),
 (losses.py), metrics (evaluate.py).
 """
 import argparse
+import ast
 import copy
 import json
 import math
@@ -35,10 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+import audio
 import data
+import fusion
+import inversion
+import losses
 import stylegan2
+import stylegan2_ops as ops
 
 # ----------------------------------------------------------------------------------------------------
 # Presets: plain dicts. Every key is also a command-line flag (--key value) of the same type, explained
@@ -123,6 +128,10 @@ HELP = {
     "audio_layers": "FC-TFG stage: manipulated w indices whose E_m also sees z_a (Sec. 4.1.2: 7, 8; "
                     f"tiny: all, {TINY})",
 }
+CHOICES = dict(  # the keys with a fixed set of values (argparse refuses others in one line)
+    amp=("none", "bf16"), temporal=("conv", "lstm", "none"), disc=("image", "video"),
+    ortho=("hadamard_abs", "signed", "squared", "cosine", "none"), expert_loss=("bce", "nce"),
+    source_from=("clip", "identity"), canonical=("plain", "residual"), drive_mouth=("own", "swap", "closed"))
 STAGES = ("stylegan2", "syncnet", "inversion", "fctfg")
 
 
@@ -152,11 +161,9 @@ def parse_args(argv=None):
     ap.add_argument("--arcface", help="inversion/FC-TFG: InsightFace IR-SE50 weights; without them L_id (Eq. 5) is off")
     ap.add_argument("--vgg", help="inversion/FC-TFG: torchvision-layout VGG19 weights; without them Eq. (7) is off")
     for k, v in PRESETS[known.preset].items():
-        ap.add_argument(f"--{k}", type=type(v), default=v, help=f"{HELP[k]} (default {v})")
+        ap.add_argument(f"--{k}", type=type(v), default=v, choices=CHOICES.get(k), help=f"{HELP[k]} (default {v})")
     args = ap.parse_args(argv)
     cfg = {k: getattr(args, k) for k in PRESETS[known.preset]}
-    if cfg["amp"] not in ("none", "bf16"):
-        ap.error(f"--amp must be 'none' or 'bf16', got {cfg['amp']!r}")
     return args, cfg
 
 
@@ -227,21 +234,9 @@ def rng_state():
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
-    random.setstate(_literal_tuple(s["python"]))
+    random.setstate(ast.literal_eval(s["python"]))  # stored as its repr, a plain string
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def _literal_tuple(text):
-    import ast
-    return ast.literal_eval(text)
-
-
-save_checkpoint = stylegan2.save_checkpoint  # atomic torch.save
-
-
-# weights_only=True with one clear error (FileNotFoundError / ValueError) for a missing or corrupt file
-load_checkpoint = stylegan2.load_checkpoint
 
 
 def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
@@ -345,7 +340,6 @@ class StyleGAN2Stage:
                              "it needs --recon_weight > 0 (a plain GAN step always has them)")
         self.e_inv = None
         if cfg["recon_weight"] > 0:
-            import inversion
             self.e_inv = inversion.PSPEncoder(**inversion.PRESETS[cfg["model"]]["psp"]).to(device)
             with torch.no_grad():
                 self.e_inv.set_latent_avg(self.g.mean_latent(4096)[0])
@@ -368,13 +362,10 @@ class StyleGAN2Stage:
             real = mb["image"]
             with autocast():
                 fake = G.sample(torch.randn(real.shape[0], zdim, device=dev), mixing_prob=cfg["mixing"])
-                loss_d = F.softplus(D(fake)).mean() + F.softplus(-D(real)).mean()
+                loss_d = losses.gan_loss_d(D(real), D(fake))
             if cfg["r1_every"] and k % cfg["r1_every"] == 0:
-                real_r = real.detach().requires_grad_(True)
-                logits = D(real_r)  # R1 in full precision: it squares gradients
-                r1 = stylegan2.r1_penalty(logits, real_r)
-                loss_d = loss_d + cfg["r1_gamma"] / 2 * r1 * cfg["r1_every"] + 0 * logits.sum()
-                logs["r1"] = r1
+                r1_term, logs["r1"] = losses.lazy_r1(D, real, cfg["r1_gamma"], cfg["r1_every"])
+                loss_d = loss_d + r1_term
             (loss_d / n_acc).backward()
         average_gradients(list(D.parameters()), world)
         self.opt_d.step()
@@ -410,7 +401,7 @@ class StyleGAN2Stage:
                 loss_g = mb["image"].new_zeros(())
                 if gan:
                     fake = G.sample(torch.randn(B, zdim, device=dev), mixing_prob=cfg["mixing"])
-                    loss_g = F.softplus(-D(fake)).mean()
+                    loss_g = losses.gan_loss_g(D(fake))
                 if self.e_inv is not None:
                     err = (G.synthesis(self.e_inv(mb["image"]), noise_mode="const") - mb["image"]).abs()
                     rec = (err * mb["weight"]).mean() if "weight" in mb else err.mean()  # data.FramePool
@@ -476,13 +467,10 @@ class SyncNetStage:
     extra_state = ()
 
     def __init__(self, cfg, device, args):
-        import audio
-        self.cfg, self.audio = cfg, audio
+        self.cfg = cfg
         self.syncnet = audio.SyncNet(**audio.PRESETS[cfg["model"]]).to(device)
         self.opt = torch.optim.Adam(self.syncnet.parameters(), lr=cfg["lr_syncnet"])
         self.optimizers = {"opt": self.opt}
-        if cfg["expert_loss"] not in ("bce", "nce"):
-            raise SystemExit(f"error: --expert_loss must be 'bce' or 'nce', got {cfg['expert_loss']!r}")
         if cfg["batch"] < 2:  # BatchNorm normalises over the batch; one sample has no statistics
             raise SystemExit(f"error: the syncnet stage needs --batch >= 2 per process (its BatchNorm layers "
                              f"need two samples), got {cfg['batch']}")
@@ -497,13 +485,13 @@ class SyncNetStage:
         auc = []
         for mb in micro:
             with autocast():
-                face = self.audio.expert_window(mb["frames"], size=self.syncnet.face_hw[1])
+                face = audio.expert_window(mb["frames"], size=self.syncnet.face_hw[1])
                 a, v = self.syncnet(mb["mel_expert"], face)
                 cos = (a * v).sum(1).float()
                 if self.cfg["expert_loss"] == "bce":   # Wav2Lip: BCE(cos, y)
-                    loss = self.audio.loss_expert_bce(cos.clamp(0, 1), mb["y"])
+                    loss = audio.loss_expert_bce(cos.clamp(0, 1), mb["y"])
                 else:                                  # "nce": see the class docstring
-                    loss = self.audio.loss_expert_nce(a[mb["y"] > 0], v[mb["y"] > 0])
+                    loss = audio.loss_expert_nce(a[mb["y"] > 0], v[mb["y"] > 0])
             (loss / len(micro)).backward()
             auc.append(pair_auc(cos.detach(), mb["y"]))
         average_gradients(list(self.syncnet.parameters()), world)
@@ -526,8 +514,6 @@ class SyncNetStage:
 def load_judges(args, device):
     """The frozen pre-trained networks of Eq. (5) and (7): ArcFace E_id and VGG19, or None where
     --arcface / --vgg is not given (a randomly initialised judge would only add noise)."""
-    import inversion
-    import losses
     e_id = inversion.load_arcface(args.arcface).to(device) if args.arcface else None
     vgg = losses.load_vgg19(args.vgg).to(device).eval().requires_grad_(False) if args.vgg else None
     return e_id, vgg
@@ -535,7 +521,7 @@ def load_judges(args, device):
 
 def load_stage_models(path, names):
     """State dicts `names` from a train.py checkpoint (clear error if the file lacks them)."""
-    ck = load_checkpoint(path)
+    ck = stylegan2.load_checkpoint(path)
     missing = [n for n in names if n not in ck]
     if missing:
         raise SystemExit(f"error: {path} has no {missing} (a {ck.get('stage')!r} checkpoint); "
@@ -552,8 +538,7 @@ class InversionStage:
     grid_nrow = 8  # rows: target | pSp | pSp + HyperStyle
 
     def __init__(self, cfg, device, args):
-        import inversion
-        self.cfg, self.inv = cfg, inversion
+        self.cfg = cfg
         p = inversion.PRESETS[cfg["model"]]
         self.g = stylegan2.Generator.from_preset(cfg["model"]).to(device).eval().requires_grad_(False)
         # The stage-1 G and D are carried in this stage's checkpoint, so the FC-TFG stage needs one --init.
@@ -569,7 +554,6 @@ class InversionStage:
         if args.init and "e_inv" in ck:  # tiny recipe: the encoder trained jointly with G (recon_weight)
             self.e_inv.load_state_dict(ck["e_inv"])
         self.hyper = inversion.HyperStyle(inversion.layer_shapes(self.g), **p["hyperstyle"]).to(device)
-        import losses
         self.e_id, vgg = load_judges(args, device)
         self.perceptual = (lambda a, b: losses.perceptual_loss(vgg, a, b)) if vgg is not None else None
         lr = cfg["lr_inversion"]
@@ -591,11 +575,11 @@ class InversionStage:
             x = mb["image"]
             with autocast():
                 if psp_phase:
-                    loss, parts = self.inv.psp_loss(self.e_inv, self.g, x, self.e_id, self.perceptual)
+                    loss, parts = inversion.psp_loss(self.e_inv, self.g, x, self.e_id, self.perceptual)
                 else:
                     with torch.no_grad():
                         ws = self.e_inv(x)
-                    loss, parts, _ = self.inv.hyperstyle_loss(self.hyper, self.g, x, ws, self.cfg["hyper_steps"],
+                    loss, parts, _ = inversion.hyperstyle_loss(self.hyper, self.g, x, ws, self.cfg["hyper_steps"],
                                                               self.e_id, self.perceptual)
             (loss / len(micro)).backward()
         average_gradients(list(net.parameters()), world)
@@ -606,8 +590,8 @@ class InversionStage:
     def samples(self, batch, seed):
         x = batch["image"][:8]
         self.e_inv.eval(), self.hyper.eval()
-        _, _, rec_psp = self.inv.invert(self.g, x, self.e_inv, None)
-        _, _, rec_h = self.inv.invert(self.g, x, self.e_inv, self.hyper, steps=3)
+        _, _, rec_psp = inversion.invert(self.g, x, self.e_inv, None)
+        _, _, rec_h = inversion.invert(self.g, x, self.e_inv, self.hyper, steps=3)
         return torch.cat([x, rec_psp, rec_h])  # rows: target | pSp | pSp + HyperStyle
 
 
@@ -627,13 +611,7 @@ class FCTFGStage:
     grid_nrow = 4  # sample grid: one row per kind (see samples)
 
     def __init__(self, cfg, device, args):
-        import fusion
-        import losses
-        self.cfg, self.losses = cfg, losses
-        if cfg["ortho"] not in ("hadamard_abs", "signed", "squared", "cosine", "none"):
-            raise SystemExit(f"error: --ortho {cfg['ortho']!r} is not a mode of losses.orthogonality_loss")
-        if cfg["canonical"] not in ("plain", "residual"):
-            raise SystemExit(f"error: --canonical must be 'plain' or 'residual', got {cfg['canonical']!r}")
+        self.cfg = cfg
         try:
             self.fctfg = fusion.FCTFG(cfg["model"], temporal=cfg["temporal"], window=cfg["window"],
                                       canonical_skip=cfg["canonical"] == "residual",
@@ -643,8 +621,6 @@ class FCTFGStage:
             raise SystemExit(f"error: --layers {cfg['layers']} --audio_layers {cfg['audio_layers']}: {e}") from None
         m = self.fctfg
         p = stylegan2.PRESETS[cfg["model"]]
-        if cfg["disc"] not in ("image", "video"):
-            raise SystemExit(f"error: --disc must be 'image' or 'video', got {cfg['disc']!r}")
         # D's minibatch-stddev groups must divide the images it sees per call (batch x window for the
         # image D): the largest divisor not above --mbstd_group, said when it is smaller (batch 1 of
         # 5-frame windows: group 1)
@@ -676,7 +652,6 @@ class FCTFGStage:
                             + ([m.E_a] if args.freeze_audio else []))
         for net in self.frozen_nets:  # Sec. 4.1.2 fine-tunes them; the flag is the frozen variant
             net.requires_grad_(False)
-        import audio
         self.syncnet = audio.load_expert(args.syncnet, cfg["model"], device) if args.syncnet else None
         if args.audio_encoder:  # Sec. 4.1.2: "a pre-trained audio encoder introduced in [7]" (Wav2Lip's)
             m.E_a.load_state_dict(audio.load_audio_encoder(args.audio_encoder, cfg["model"]).state_dict())
@@ -704,7 +679,7 @@ class FCTFGStage:
         return self.d(x) if self.cfg["disc"] == "video" else self.d(x.flatten(0, 1))
 
     def step(self, k, micro, world, autocast):
-        cfg, L, m, D = self.cfg, self.losses, self.fctfg, self.d
+        cfg, L, m, D = self.cfg, losses, self.fctfg, self.d
         m.train()
         for net in self.frozen_nets:  # frozen networks keep their BatchNorm statistics
             net.eval()
@@ -724,10 +699,7 @@ class FCTFGStage:
             with autocast():
                 loss_d = L.gan_loss_d(self._d(mb["frames"]), self._d(out["x_g"].detach()))
             if cfg["r1_every"] and k % cfg["r1_every"] == 0:
-                real = mb["frames"].detach().requires_grad_(True)
-                logits = self._d(real)
-                r1 = stylegan2.r1_penalty(logits, real)
-                loss_d = loss_d + cfg["r1_gamma"] / 2 * r1 * cfg["r1_every"] + 0 * logits.sum()
+                loss_d = loss_d + L.lazy_r1(self._d, mb["frames"], cfg["r1_gamma"], cfg["r1_every"])[0]
             (loss_d / len(micro)).backward()
             outs.append(out if keep else None)
         average_gradients(list(D.parameters()), world)
@@ -740,7 +712,7 @@ class FCTFGStage:
         self.opt_g.zero_grad(set_to_none=True)
         for mb, out in zip(micro, outs):
             if out is None:
-                with autocast(), stylegan2.batchnorm_stats_frozen(m):
+                with autocast(), ops.batchnorm_stats_frozen(m):
                     out = forward(mb)
                 if outs[0] is None:                                      # for the logs and samples
                     outs[0] = out
@@ -928,14 +900,14 @@ def save_state(path, stage, args, cfg, step, rank, world):
         state[name] = {k: v.detach().cpu() for k, v in getattr(stage, name).state_dict().items()}
     for name, opt in stage.optimizers.items():
         state[name] = opt.state_dict()
-    save_checkpoint(path, state)
+    stylegan2.save_checkpoint(path, state)
 
 
 def train(argv=None):
     args, cfg = parse_args(argv)
     out = Path(args.out)
     last = out / "last.pt"
-    ck = load_checkpoint(last) if args.resume and last.is_file() else None  # what --resume continues
+    ck = stylegan2.load_checkpoint(last) if args.resume and last.is_file() else None  # what --resume continues
     if ck is not None and ck.get("stage") == args.stage and ck.get("step", 0) >= cfg["max_steps"]:
         print(f"{last} is already at step {ck['step']} (--max_steps {cfg['max_steps']}): nothing to do")
         return 0  # a finished stage: return before building its dataset
@@ -944,7 +916,7 @@ def train(argv=None):
     torch.manual_seed(cfg["seed"])  # the same seed everywhere: every rank builds identical networks
     try:
         stage = STAGE_CLASSES[args.stage](cfg, device, args)
-        stylegan2.use_checkpointing(stage_networks(stage), bool(cfg["grad_ckpt"]))
+        ops.use_checkpointing(stage_networks(stage), bool(cfg["grad_ckpt"]))
         sync_bn = batchnorm_across_ranks(stage, world, device)
         batches = data.Batches(stage.dataset(data.make_clip_dataset(cfg, args.data, cache_dir=args.cache_dir)),
                                cfg["batch"], rank, world, cfg["seed"])

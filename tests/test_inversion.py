@@ -357,7 +357,7 @@ def test_invert_gradients_flow_through_the_deltas_not_through_the_renders_h_look
 
 def test_checkpointing_keeps_gradients_and_batchnorm_statistics_of_psp_and_hyperstyle():
     """Train-mode BatchNorm in a checkpointed block would update its running statistics twice (forward
-    and recomputation); stylegan2.checkpointed recomputes with momentum 0. Same gradients, same buffers."""
+    and recomputation); ops.checkpointed recomputes with momentum 0. Same gradients, same buffers."""
     torch.manual_seed(0)
     G, E, H = micro()
     G, E, H = G.double(), E.double(), H.double().train()

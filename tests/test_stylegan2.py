@@ -14,6 +14,7 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import stylegan2 as sg
+import stylegan2_ops as ops
 from conftest import requires_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def test_upfirdn2d_matches_scipy_separable(up, down, pads, f1):
     if n_w < 1 or n_h < 1:
         pytest.skip("empty output for this combination")
     ref = _scipy_axis(_scipy_axis(x, f1, up, down, *px, axis=3), f1, up, down, *py, axis=2)
-    got = sg.upfirdn2d(torch.from_numpy(x), torch.from_numpy(np.outer(f1, f1)), up=up, down=down,
+    got = ops.upfirdn2d(torch.from_numpy(x), torch.from_numpy(np.outer(f1, f1)), up=up, down=down,
                        pad=(*px, *py), impl="ref")
     np.testing.assert_allclose(got.numpy(), ref, atol=1e-12)
 
@@ -177,20 +178,20 @@ def test_upfirdn2d_matches_direct_loop_nonseparable(up, down, pad):
     rng = np.random.default_rng(2)
     x, f = rng.standard_normal((3, 6, 5)), rng.standard_normal((3, 4))  # asymmetric: checks the flip
     ref = _numpy_direct(x, f, up, down, pad)
-    got = sg.upfirdn2d(torch.from_numpy(x)[None], torch.from_numpy(f), up=up, down=down, pad=pad, impl="ref")
+    got = ops.upfirdn2d(torch.from_numpy(x)[None], torch.from_numpy(f), up=up, down=down, pad=pad, impl="ref")
     np.testing.assert_allclose(got[0].numpy(), ref, atol=1e-12)
 
 
 def test_upfirdn2d_errors():
     x, f = torch.randn(1, 1, 4, 4), torch.ones(3, 3)
     with pytest.raises(ValueError, match="pad"):
-        sg.upfirdn2d(x, f, pad=(1, 1))
+        ops.upfirdn2d(x, f, pad=(1, 1))
     with pytest.raises(ValueError, match="empty"):
-        sg.upfirdn2d(x, f, pad=(-3, -3, 0, 0))
+        ops.upfirdn2d(x, f, pad=(-3, -3, 0, 0))
     with pytest.raises(ValueError, match="up/down"):
-        sg.upfirdn2d(x, f, up=0)
+        ops.upfirdn2d(x, f, up=0)
     with pytest.raises(ValueError, match="needs a CUDA tensor"):
-        sg.upfirdn2d(x, f, impl="cuda")
+        ops.upfirdn2d(x, f, impl="cuda")
 
 
 GRAD_CASES = [((2, 2), (1, 1), (2, 1, 2, 1)), ((1, 1), (2, 2), (1, 1, 1, 1)), ((1, 1), (2, 2), (2, 2, 2, 2)),
@@ -203,10 +204,10 @@ def test_upfirdn2d_function_gradients_to_second_order(up, down, pad):
     its hand-derived backward must pass gradcheck and gradgradcheck, and equal native autograd."""
     x = torch.randn(1, 1, 4, 5, dtype=torch.float64, requires_grad=True)
     f = torch.randn(4, 3, dtype=torch.float64)
-    fn = lambda t: sg._UpFirDn2d.apply(t, f, up, down, pad, sg._upfirdn2d_ref)  # noqa: E731
+    fn = lambda t: ops._UpFirDn2d.apply(t, f, up, down, pad, ops._upfirdn2d_ref)  # noqa: E731
     assert gradcheck(fn, (x,))
     assert gradgradcheck(fn, (x,))
-    ref = lambda t: sg._upfirdn2d_ref(t, f, up, down, pad)  # noqa: E731
+    ref = lambda t: ops._upfirdn2d_ref(t, f, up, down, pad)  # noqa: E731
     gy = torch.randn_like(ref(x))
     g1 = torch.autograd.grad(fn(x), x, gy)[0]
     g2 = torch.autograd.grad(ref(x), x, gy)[0]
@@ -215,8 +216,8 @@ def test_upfirdn2d_function_gradients_to_second_order(up, down, pad):
 
 def test_upfirdn2d_reference_gradients():
     x = torch.randn(1, 1, 3, 3, dtype=torch.float64, requires_grad=True)
-    f = sg.make_kernel(gain=4).double()
-    fn = lambda t: sg.upfirdn2d(t, f, up=2, pad=(2, 1, 2, 1), impl="ref")  # noqa: E731
+    f = ops.make_kernel(gain=4).double()
+    fn = lambda t: ops.upfirdn2d(t, f, up=2, pad=(2, 1, 2, 1), impl="ref")  # noqa: E731
     assert gradcheck(fn, (x,)) and gradgradcheck(fn, (x,))
 
 
@@ -239,12 +240,12 @@ def test_bias_act_reference_values():
     x = torch.tensor([[-2.0, 0.5], [1.0, -0.1]]).view(1, 2, 2, 1)
     b = torch.tensor([1.0, -1.0])
     want = torch.tensor([[-1.0 * 0.2, 1.5], [0.0 * 0.2, -1.1 * 0.2]]).view(1, 2, 2, 1) * math.sqrt(2)
-    torch.testing.assert_close(sg.bias_act(x, b), want)
-    torch.testing.assert_close(sg.bias_act(x, b, act="linear"), x + b.view(1, 2, 1, 1))
+    torch.testing.assert_close(ops.bias_act(x, b), want)
+    torch.testing.assert_close(ops.bias_act(x, b, act="linear"), x + b.view(1, 2, 1, 1))
     with pytest.raises(ValueError, match="does not match"):
-        sg.bias_act(x, torch.zeros(3))
+        ops.bias_act(x, torch.zeros(3))
     with pytest.raises(ValueError, match="act must be"):
-        sg.bias_act(x, b, act="relu")
+        ops.bias_act(x, b, act="relu")
 
 
 def test_bias_act_function_gradients_to_second_order():
@@ -252,9 +253,9 @@ def test_bias_act_function_gradients_to_second_order():
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     x = (x + 0.2 * x.sign()).requires_grad_(True)
     b = (0.01 * torch.randn(3, dtype=torch.float64)).requires_grad_(True)
-    fn = lambda t, c: sg._BiasAct.apply(t, c, 0.2, math.sqrt(2), sg._bias_act_kernel_ref)  # noqa: E731
+    fn = lambda t, c: ops._BiasAct.apply(t, c, 0.2, math.sqrt(2), ops._bias_act_kernel_ref)  # noqa: E731
     assert gradcheck(fn, (x, b)) and gradgradcheck(fn, (x, b))
-    torch.testing.assert_close(fn(x, b), sg._bias_act_ref(x, b))
+    torch.testing.assert_close(fn(x, b), ops._bias_act_ref(x, b))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -620,11 +621,11 @@ def test_cli_writes_grid_and_fails_cleanly(tmp_path):
 @pytest.mark.parametrize("up,down,pad", GRAD_CASES + [((1, 1), (1, 1), (1, 1, 1, 1))])
 def test_cuda_upfirdn2d_matches_reference(up, down, pad, naive, monkeypatch):
     monkeypatch.setenv("FCTFG_UPFIRDN_NAIVE", naive)
-    assert sg.cuda_ops(), "CUDA ops failed to build"
+    assert ops.cuda_ops(), "CUDA ops failed to build"
     x = torch.randn(3, 5, 17, 23, device="cuda", requires_grad=True)
     f = torch.randn(4, 4, device="cuda")
-    y_ref = sg.upfirdn2d(x, f, up, down, pad, impl="ref")
-    y_cuda = sg.upfirdn2d(x, f, up, down, pad, impl="cuda")
+    y_ref = ops.upfirdn2d(x, f, up, down, pad, impl="ref")
+    y_cuda = ops.upfirdn2d(x, f, up, down, pad, impl="cuda")
     torch.testing.assert_close(y_cuda, y_ref, atol=1e-5, rtol=1e-5)
     gy = torch.randn_like(y_ref)
     g_ref = torch.autograd.grad(y_ref, x, gy, create_graph=True)[0]
@@ -633,9 +634,9 @@ def test_cuda_upfirdn2d_matches_reference(up, down, pad, naive, monkeypatch):
     # double backward: d/dx of <grad, v> through both paths
     gy2 = torch.randn_like(y_ref, requires_grad=True)
     v = torch.randn_like(x)
-    a = torch.autograd.grad((torch.autograd.grad(sg.upfirdn2d(x, f, up, down, pad, impl="ref"), x, gy2,
+    a = torch.autograd.grad((torch.autograd.grad(ops.upfirdn2d(x, f, up, down, pad, impl="ref"), x, gy2,
                                                  create_graph=True)[0] * v).sum(), gy2)[0]
-    b = torch.autograd.grad((torch.autograd.grad(sg.upfirdn2d(x, f, up, down, pad, impl="cuda"), x, gy2,
+    b = torch.autograd.grad((torch.autograd.grad(ops.upfirdn2d(x, f, up, down, pad, impl="cuda"), x, gy2,
                                                  create_graph=True)[0] * v).sum(), gy2)[0]
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
@@ -643,10 +644,10 @@ def test_cuda_upfirdn2d_matches_reference(up, down, pad, naive, monkeypatch):
 @requires_cuda
 @pytest.mark.cuda
 def test_cuda_bias_act_matches_reference():
-    assert sg.cuda_ops(), "CUDA ops failed to build"
+    assert ops.cuda_ops(), "CUDA ops failed to build"
     x = torch.randn(4, 16, 9, 9, device="cuda", requires_grad=True)
     b = torch.randn(16, device="cuda", requires_grad=True)
-    y_ref, y_cuda = sg.bias_act(x, b, impl="ref"), sg.bias_act(x, b, impl="cuda")
+    y_ref, y_cuda = ops.bias_act(x, b, impl="ref"), ops.bias_act(x, b, impl="cuda")
     torch.testing.assert_close(y_cuda, y_ref, atol=1e-5, rtol=1e-5)
     gy = torch.randn_like(y_ref, requires_grad=True)
     gr = torch.autograd.grad(y_ref, (x, b), gy, create_graph=True)
@@ -667,7 +668,7 @@ def test_cuda_generator_r1_and_pl_match_reference():
     ws = torch.randn(4, 10, 128, device="cuda")
     out = {}
     for impl in ("ref", "cuda"):
-        sg._ext = False if impl == "ref" else None
+        ops.allow_cuda_ops(impl == "cuda")
         G.zero_grad(), D.zero_grad()
         w = ws.clone().requires_grad_(True)
         img = G.synthesis(w)
@@ -675,6 +676,6 @@ def test_cuda_generator_r1_and_pl_match_reference():
         pen, _, _ = sg.path_length_penalty(img, w, 0.0)
         (pen + sg.r1_penalty(D(real), real)).backward()
         out[impl] = (img.detach(), G.convs[2].conv.weight.grad.clone(), D.convs[1].conv1[0].weight.grad.clone())
-    sg._ext = None
+    ops.allow_cuda_ops(True)
     for a, c in zip(out["ref"], out["cuda"]):
         torch.testing.assert_close(c, a, atol=1e-4, rtol=1e-4)

@@ -158,7 +158,7 @@ def test_clip_windows_source_from_the_same_clip_or_the_same_person():
         data.ClipWindows(clips, 2, source=True, source_from="video")
 
 
-def test_fctfg_stage_logs_motion_and_the_latent_term(tmp_path):
+def test_fctfg_stage_logs_motion_and_the_latent_term(tmp_path, capsys):
     flags = ("--hyper_steps", "0", "--latent_weight", "1", "--freeze_pretrained", "--ortho", "hadamard_abs")
     ck = run("fctfg", tmp_path, 2, *flags)
     log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -177,8 +177,9 @@ def test_fctfg_stage_logs_motion_and_the_latent_term(tmp_path):
     # so their difference is known to within a few eps32 * |total|, not to a relative 1e-4 of itself
     tol = 8 * 2.0 ** -23 * max(abs(log_r["total"]), abs(log_w["total"]))
     assert log_r["total"] - log_w["total"] == pytest.approx(0.9 * log_r["ortho"], rel=1e-6, abs=tol)
-    with pytest.raises(SystemExit, match="canonical"):
+    with pytest.raises(SystemExit):
         train.train(["--stage", "fctfg", "--canonical", "deep", "--out", str(tmp_path / "x"), *SMALL])
+    assert "--canonical: invalid choice: 'deep'" in capsys.readouterr().err
 
 
 def test_fctfg_audio_encoder_flag_loads_wav2lip_weights_into_E_a(tmp_path):
@@ -211,12 +212,13 @@ def test_impossible_batch_settings_get_one_line_or_a_valid_default(tmp_path, cap
 
 
 @pytest.mark.parametrize("loss", ["nce", "bce"])
-def test_syncnet_stage_losses_log_pair_auc(tmp_path, loss):
+def test_syncnet_stage_losses_log_pair_auc(tmp_path, loss, capsys):
     run("syncnet", tmp_path, 2, "--expert_loss", loss, "--batch", "8")
     log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(l["loss_sync_expert"] > 0 and (0 <= l["auc"] <= 1 or l["auc"] != l["auc"]) for l in log)
-    with pytest.raises(SystemExit, match="expert_loss"):
+    with pytest.raises(SystemExit):
         train.train(["--stage", "syncnet", "--expert_loss", "hinge", "--out", str(tmp_path / "x"), *SMALL])
+    assert "--expert_loss: invalid choice: 'hinge'" in capsys.readouterr().err
 
 
 def test_pair_auc_hand_values():
@@ -324,7 +326,7 @@ def test_resume_of_a_finished_stage_returns_before_building_its_data(tmp_path, m
     run("stylegan2", tmp_path, 2)
     def no_data(*a, **k):
         raise AssertionError("a finished stage built its dataset")
-    monkeypatch.setattr(train, "make_clip_dataset", no_data)
+    monkeypatch.setattr(data, "make_clip_dataset", no_data)
     run("stylegan2", tmp_path, 2, "--resume")
     assert "nothing to do" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="built its dataset"):  # a longer run does need the data
@@ -399,7 +401,7 @@ def test_clear_errors(tmp_path, capsys):
                      str(_save(tmp_path / "sg.pt", {"stage": "stylegan2", "g_ema": {}}))])
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a loadable"):
-        train.load_checkpoint(tmp_path / "junk.pt")
+        stylegan2.load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(SystemExit):
         train.parse_args(["--no_such_option", "1"])
 
@@ -421,8 +423,8 @@ def test_batches_shards_partition_the_global_batch():
 def test_checkpoint_rng_roundtrip(tmp_path):
     state = train.rng_state()
     a = (torch.rand(3), __import__("numpy").random.rand(2), __import__("random").random())
-    train.save_checkpoint(tmp_path / "r.pt", {"rng": state})
-    train.set_rng_state(train.load_checkpoint(tmp_path / "r.pt")["rng"])
+    stylegan2.save_checkpoint(tmp_path / "r.pt", {"rng": state})
+    train.set_rng_state(stylegan2.load_checkpoint(tmp_path / "r.pt")["rng"])
     b = (torch.rand(3), __import__("numpy").random.rand(2), __import__("random").random())
     assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
 
