@@ -72,9 +72,7 @@ AUDIO_ENCODER_PRESETS = {  # AudioEncoder(**AUDIO_ENCODER_PRESETS[name]); this i
 }
 
 
-# ===================================================================================================
-# 1. Loading audio
-# ===================================================================================================
+# ==== 1. Loading audio ============================================================================
 def load_audio(path, sr=SAMPLE_RATE):
     """Read an audio file as float32 mono at `sr` Hz (Sec. 4.1.2: 16 kHz).  -> [N] numpy.
 
@@ -139,9 +137,7 @@ def _read_with_pyav(path, sf_error):
     return np.concatenate(chunks, axis=1).T.astype(np.float32), rate
 
 
-# ===================================================================================================
-# 2. Mel spectrogram (Wav2Lip recipe; spec Sec. 1). numpy = the definition, torch = batched copy.
-# ===================================================================================================
+# ==== 2. Mel spectrogram (Wav2Lip recipe; spec Sec. 1). numpy = the definition, torch = batched copy. ====
 def hz_to_mel(f):
     """Slaney mel scale (librosa htk=False): linear below 1 kHz, logarithmic above."""
     f = np.asarray(f, dtype=np.float64)
@@ -266,9 +262,7 @@ def melspectrogram_torch(wav):
     return out if wav.ndim == 2 else out[0]
 
 
-# ===================================================================================================
-# 3. Audio <-> video alignment
-# ===================================================================================================
+# ==== 3. Audio <-> video alignment ================================================================
 def window_starts(n_frames, fps=FPS):
     """First mel column of the window of each video frame: floor(80 k / fps).  -> [n_frames] int64.
 
@@ -311,9 +305,7 @@ def mel_windows(mel, n_frames, fps=FPS):
     return np.ascontiguousarray(mel[:, idx].transpose(1, 0, 2)[:, None])
 
 
-# ===================================================================================================
-# 4. Networks (Wav2Lip models/conv.py, audio encoder, SyncNet_color; spec Sec. 2)
-# ===================================================================================================
+# ==== 4. Networks (Wav2Lip models/conv.py, audio encoder, SyncNet_color; spec Sec. 2) =============
 def _conv_out(n, k, s, p):
     """Output length of a convolution along one axis."""
     return (n + 2 * p - k) // s + 1
@@ -521,9 +513,7 @@ def expert_window(frames, size=None, bgr=False):
     return x.unflatten(0, (B, T)).flatten(1, 2)                             # [B, 3T, H/2, W]
 
 
-# ===================================================================================================
-# 5. Loaders for the published checkpoint formats
-# ===================================================================================================
+# ==== 5. Loaders for the published checkpoint formats =============================================
 def _read_state_dict(path):
     """torch.load (weights only) -> a plain state dict with DataParallel `module.` prefixes removed.
 

@@ -36,9 +36,11 @@ from audio import FPS, SAMPLE_RATE as SR, SAMPLES_PER_FRAME as SPF  # 25 fps, 16
 from stylegan2 import write_atomic  # the project's one atomic writer
 
 
-# ===================================================================================================
-# 4. The sample format (procedural and real clips) and the PC-AVS split
-# ===================================================================================================
+# ==== 4. The sample format (procedural and real clips) and the PC-AVS split =======================
+def _unit(u8):  # uint8 pixel tensor -> float32 in [-1, 1] (G's range); ClipWindows.clip inverts it exactly
+    return u8.float() / 127.5 - 1
+
+
 def clip_sample(frames, audio, identity=0, extra=None):
     """Shared sample format from uint8 frames [T, H, W, 3] and audio float32 [640 T]: frames float32
     [T, 3, H, W] in [-1, 1] (G's range), audio, mel float32 [T, 1, 80, 16] (audio.mel_windows of the
@@ -48,13 +50,9 @@ def clip_sample(frames, audio, identity=0, extra=None):
     if len(audio) != T * SPF:
         raise ValueError(f"{T} frames need {T * SPF} audio samples, got {len(audio)}")
     mel = audio_mod.mel_windows(audio_mod.melspectrogram(audio), T, fps=FPS)
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    out = dict(frames=x, audio=torch.from_numpy(np.asarray(audio, dtype=np.float32)),
-               mel=torch.from_numpy(np.asarray(mel, dtype=np.float32)), identity=int(identity))
-    out.update(extra or {})
-    return out
-
-
+    return {"frames": _unit(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)),
+            "audio": torch.from_numpy(np.asarray(audio, dtype=np.float32)),
+            "mel": torch.from_numpy(np.asarray(mel, dtype=np.float32)), "identity": int(identity), **(extra or {})}
 
 
 class SyntheticTalkingFaces(torch.utils.data.Dataset):
@@ -63,8 +61,7 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
 
     sample = dict(frames [T,3,H,W] in [-1,1], audio [640T], mel [T,1,80,16], identity int (index in the
     split), identity_seed, motion_seed, motion float32 [T,12] (MOTION_KEYS)). cross(i, j) gives the
-    ground truth for identity of clip i driven by clip j's motion and audio.
-    """
+    ground truth for identity of clip i driven by clip j's motion and audio."""
 
     def __init__(self,
                  split="train",          # "train" | "test": disjoint identity AND motion seed ranges
@@ -119,8 +116,7 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
         """Frames of clip i with the mouth (mouth_open, mouth_width) of clip j's motion, or closed when
         j is None: uint8 [T, H, W, 3] (train.py's --drive_mouth swap / closed: driving frames whose
         mouth says nothing about the audio)."""
-        ident, ms = self.identity(i), self.motion_seed(i)
-        donor = None if j is None else self.motion_seed(j)
+        ident, ms, donor = self.identity(i), self.motion_seed(i), None if j is None else self.motion_seed(j)
 
         def make():
             own = procedural.make_motion(ms, self.n_frames)[0]
@@ -137,8 +133,7 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
         def make():
             motion = procedural.make_motion(ms, self.n_frames)[0]
             masks = [procedural.render(ident, mk, self.size, self.ss, return_masks=True)[1] for mk in motion]
-            keys = ("eye_l", "eye_r", "brow_l", "brow_r", "mouth")
-            return dict(masks=np.stack([np.logical_or.reduce([m[k] for k in keys]) for m in masks]))
+            return dict(masks=np.stack([_features(m) for m in masks]))
 
         return self._cached(f"id{ident.seed}_m{ms}_features", make)["masks"]
 
@@ -157,6 +152,10 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
         return out
 
 
+def _features(masks):  # the renderer's per-part masks -> bool [H, W]: eyes, brows, mouth (--feature_weight)
+    return np.logical_or.reduce([masks[k] for k in ("eye_l", "eye_r", "brow_l", "brow_r", "mouth")])
+
+
 def mouth_swapped(motion, donor):
     """motion [T, 12] with mouth_open / mouth_width taken from `donor` [T, 12] (the FC-TFG stage's
     driving frames under --drive_mouth swap: their mouth says nothing about the audio)."""
@@ -172,9 +171,7 @@ def split_reference(sample):
     return dict(x_s=sample["frames"][0], x_d=sample["frames"], x_a=sample["mel"], x_gt=sample["frames"])
 
 
-# ===================================================================================================
-# 5. Video / audio I/O (PyAV optional, soundfile required)
-# ===================================================================================================
+# ==== 5. Video / audio I/O (PyAV optional, soundfile required) ====================================
 def require_av():
     try:
         import av  # optional: decoding/encoding mp4 needs FFmpeg through PyAV
@@ -183,11 +180,16 @@ def require_av():
     return av
 
 
-def write_wav(path, audio, sr=SR):
-    """Write mono float audio as 16-bit PCM wav, atomically (temporary name, then rename)."""
+def _mono(audio):  # write_wav / write_video accept finite 1-D audio only -> float32 [N]
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim != 1 or not np.all(np.isfinite(audio)):
         raise ValueError(f"audio must be a finite 1-D array, got shape {audio.shape}")
+    return audio
+
+
+def write_wav(path, audio, sr=SR):
+    """Write mono float audio as 16-bit PCM wav, atomically (temporary name, then rename)."""
+    audio = _mono(audio)
     write_atomic(path, lambda tmp: sf.write(tmp, audio, int(sr), subtype="PCM_16", format="WAV"))
 
 
@@ -204,10 +206,8 @@ def read_wav(path):
 
 def write_video(path, frames, fps=FPS, audio=None, sr=SR, crf=18):
     """Write uint8 frames [T, H, W, 3] (+ optional mono float audio) as H.264 yuv420p + AAC mp4, atomically.
-
     H and W must be even (yuv420p halves the chroma planes). Audio is encoded in 1024-sample AAC frames
-    interleaved with the video so long clips need no muxer buffering.
-    """
+    interleaved with the video so long clips need no muxer buffering."""
     av = require_av()
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
@@ -215,24 +215,18 @@ def write_video(path, frames, fps=FPS, audio=None, sr=SR, crf=18):
     T, H, W, _ = frames.shape
     if H % 2 or W % 2:
         raise ValueError(f"H.264 yuv420p needs even height and width, got {H}x{W}")
-    if audio is not None:
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.ndim != 1 or not np.all(np.isfinite(audio)):
-            raise ValueError(f"audio must be a finite 1-D array, got shape {audio.shape}")
+    audio = None if audio is None else _mono(audio)
     rate = Fraction(fps).limit_denominator(1001)
 
     def write(tmp):
         with av.open(tmp, mode="w", format="mp4") as out:
             vs = out.add_stream("libx264", rate=rate)
-            vs.width, vs.height, vs.pix_fmt = W, H, "yuv420p"
-            vs.options = {"crf": str(crf)}
-            if audio is not None:
-                ast = out.add_stream("aac", rate=int(sr), layout="mono")
+            vs.width, vs.height, vs.pix_fmt, vs.options = W, H, "yuv420p", {"crf": str(crf)}
+            ast = out.add_stream("aac", rate=int(sr), layout="mono") if audio is not None else None
             apos = 0
             for k in range(T):
                 vf = av.VideoFrame.from_ndarray(frames[k], format="rgb24")
-                vf.pts = k
-                vf.time_base = 1 / rate
+                vf.pts, vf.time_base = k, 1 / rate
                 out.mux(vs.encode(vf))
                 if audio is not None:  # audio up to the end of this frame, whole 1024-sample AAC frames
                     end = len(audio) if k == T - 1 else min(len(audio), int((k + 1) / rate * sr))
@@ -253,38 +247,31 @@ def nearest_frame_indices(times, fps, duration):
     K = floor(duration * fps) (never index * average_rate, which drifts on VFR video).  -> int [K]."""
     times = np.asarray(times, dtype=np.float64)
     K = int(math.floor(duration * fps + 1e-6))
+    if len(times) < 2:
+        return np.zeros(K, np.int64)
     tk = np.arange(K) / fps
-    j = np.clip(np.searchsorted(times, tk), 1, len(times) - 1) if len(times) > 1 else np.zeros(K, int)
-    if len(times) > 1:
-        j = np.where(np.abs(times[j - 1] - tk) <= np.abs(times[j] - tk), j - 1, j)
-    return j.astype(np.int64)
+    j = np.clip(np.searchsorted(times, tk), 1, len(times) - 1)
+    return np.where(np.abs(times[j - 1] - tk) <= np.abs(times[j] - tk), j - 1, j).astype(np.int64)
 
 
 def read_video(path, fps=None, sr=None, need_audio=False):
     """Decode a video file with PyAV.  -> (frames uint8 [T, H, W, 3], fps, audio float32 [N] or None, sr).
-
     fps=None keeps every decoded frame (fps = the stream's average rate); fps=25 resamples by timestamps
     (nearest frame to k/25). sr=None keeps the audio's own rate, else resamples to mono at `sr`. Audio is
     placed on the video clock (t=0 at the first video frame, samples before it dropped); when fps is
-    given it is padded/trimmed to exactly T * sr / fps samples. Encoder priming of AAC is handled by the
-    mp4 edit list, which FFmpeg honours.
-    """
+    given it is padded/trimmed to exactly T * sr / fps samples. AAC encoder priming is handled by the mp4
+    edit list, which FFmpeg honours."""
     av = require_av()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video file not found: {path}")
-    imgs, times, chunks, a_start, rate = [], [], [], None, None
+    imgs, times, chunks, a_start, rate, resampler = [], [], [], None, None, None
     try:
         with av.open(str(path)) as cont:
             if not cont.streams.video:
                 raise ValueError(f"{path} has no video stream")
             vs = cont.streams.video[0]
             vs.thread_type = "AUTO"
-            streams = [vs]
-            ast = cont.streams.audio[0] if cont.streams.audio else None
-            if ast is not None:
-                streams.append(ast)
-                resampler = None
-            for frame in cont.decode(*streams):
+            for frame in cont.decode(vs, *cont.streams.audio[:1]):  # the first audio stream, if any
                 if isinstance(frame, av.VideoFrame):
                     img = frame.to_ndarray(format="rgb24")
                     rot = int(round(getattr(frame, "rotation", 0) or 0)) // 90  # phone video (unverified sign)
@@ -296,7 +283,7 @@ def read_video(path, fps=None, sr=None, need_audio=False):
                         resampler = av.AudioResampler(format="fltp", layout="mono", rate=rate)
                         a_start = frame.time or 0.0
                     chunks += [f.to_ndarray()[0] for f in resampler.resample(frame)]
-            if ast is not None and resampler is not None:
+            if resampler is not None:  # flush
                 chunks += [f.to_ndarray()[0] for f in resampler.resample(None)]
             avg = float(vs.average_rate) if vs.average_rate else None
     except av.FFmpegError as e:
@@ -308,12 +295,8 @@ def read_video(path, fps=None, sr=None, need_audio=False):
     v0 = times[0]
     times = np.asarray(times) - v0                                      # t = 0 at the first video frame
     src_fps = avg or (len(times) - 1) / max(times[-1], 1e-6)
-    if fps is not None:
-        idx = nearest_frame_indices(times, fps, times[-1] + 1.0 / src_fps)
-        frames, out_fps = np.stack([imgs[j] for j in idx]), float(fps)
-    else:
-        frames, out_fps = np.stack(imgs), src_fps
-    audio = None
+    idx = range(len(imgs)) if fps is None else nearest_frame_indices(times, fps, times[-1] + 1.0 / src_fps)
+    frames, out_fps, audio = np.stack([imgs[j] for j in idx]), src_fps if fps is None else float(fps), None
     if chunks:
         audio = np.concatenate(chunks).astype(np.float32)
         off = int(round((a_start - v0) * rate))                         # audio start on the video clock
@@ -324,9 +307,7 @@ def read_video(path, fps=None, sr=None, need_audio=False):
     return frames, out_fps, audio, rate
 
 
-# ===================================================================================================
-# 6. Real videos: FOMM-style preparation (Sec. 4.1.1 "pre-processing procedure proposed in [51]")
-# ===================================================================================================
+# ==== 6. Real videos: FOMM-style preparation (Sec. 4.1.1 "pre-processing procedure proposed in [51]") ====
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 DLIB_BOX_SCALE = 1.3  # dlib boxes (brows to chin) are tighter than FOMM's S3FD boxes; our uncalibrated guess
 
@@ -341,24 +322,17 @@ def dlib_detector(upsample=0):
     det = dlib.get_frontal_face_detector()
 
     def detect(rgb):
-        gray = np.asarray(Image.fromarray(rgb).convert("L"))
-        boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in det(gray, upsample)]
-        boxes = [_scale_box(bx, DLIB_BOX_SCALE) for bx in boxes]
+        gray, boxes, k = np.asarray(Image.fromarray(rgb).convert("L")), [], DLIB_BOX_SCALE
+        for l, t, r, b in [(d.left(), d.top(), d.right(), d.bottom()) for d in det(gray, upsample)]:
+            cx, cy, hw, hh = (l + r) / 2, (t + b) / 2, k * (r - l) / 2, k * (b - t) / 2  # k x larger, same centre
+            boxes.append((cx - hw, cy - hh, cx + hw, cy + hh))
         return sorted(boxes, key=lambda bx: -(bx[2] - bx[0]) * (bx[3] - bx[1]))
     return detect
 
 
-def _scale_box(box, k):
-    l, t, r, b = box
-    cx, cy, hw, hh = (l + r) / 2, (t + b) / 2, k * (r - l) / 2, k * (b - t) / 2
-    return (cx - hw, cy - hh, cx + hw, cy + hh)
-
-
 def iou(a, b):
     """Intersection over union of two (l, t, r, b) boxes."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
 
@@ -378,19 +352,16 @@ def fomm_enlarge(box, increase=0.1):
 
 def crop_square(frames, box, size, strict=False):
     """Crop one square box from every frame and resize to size x size (PIL LANCZOS, anti-aliased).
-
     strict=True is FOMM parity: a box leaving the frame -> ValueError. Otherwise the box is shifted
     inside the frame, and if it is larger than the frame the frame is edge-padded.
-    -> (uint8 [T, size, size, 3], integer box used (l, t, r, b) in source pixels, padded flag).
-    """
+    -> (uint8 [T, size, size, 3], integer box used (l, t, r, b) in source pixels, padded flag)."""
     _, H, W, _ = frames.shape
     l, t, r, b = box
     side = int(round(max(r - l, b - t)))
     l, t = int(round((l + r - side) / 2)), int(round((t + b - side) / 2))
-    out_of_frame = l < 0 or t < 0 or l + side > W or t + side > H
-    if strict and out_of_frame:
+    if strict and (l < 0 or t < 0 or l + side > W or t + side > H):
         raise ValueError("enlarged face box leaves the frame (FOMM rejects such clips)")
-    padded = side > W or side > H
+    padded, p = side > W or side > H, 0
     if padded:
         p = (side - min(H, W) + 1) // 2 + 1
         frames = np.pad(frames, ((0, 0), (p, p), (p, p), (0, 0)), mode="edge")
@@ -398,7 +369,6 @@ def crop_square(frames, box, size, strict=False):
     l, t = min(max(l, 0), W - side), min(max(t, 0), H - side)      # shift inside the frame
     out = np.stack([np.asarray(Image.fromarray(f[t:t + side, l:l + side]).resize((size, size), Image.LANCZOS))
                     for f in frames])
-    p = p if padded else 0
     return out, (l - p, t - p, l - p + side, t - p + side), padded
 
 
@@ -410,15 +380,14 @@ def face_track(frames, detector, every=5, max_missing=0.25):
     T, H, W, _ = frames.shape
     every = 1 if T < 2 * FPS else every
     k = min(1.0, 640 / max(H, W))
-    boxes, probed, prev = [], 0, None
-    for i in range(0, T, every):
+    boxes, prev, probed = [], None, range(0, T, every)
+    for i in probed:
         img = frames[i] if k == 1 else np.asarray(Image.fromarray(frames[i]).resize((round(W * k), round(H * k)), Image.BILINEAR))
         found = [tuple(c / k for c in bx) for bx in detector(img)]
-        probed += 1
         if found:
             prev = found[0] if prev is None else max(found, key=lambda bx: iou(bx, prev))
             boxes.append(prev)
-    missing = 1 - len(boxes) / probed
+    missing = 1 - len(boxes) / len(probed)
     if not boxes or missing > max_missing:
         raise ValueError(f"no face in {100 * missing:.0f}% of the probed frames")
     return np.array(boxes, dtype=np.float64)
@@ -479,10 +448,6 @@ def prepare_one(src, dst_stem, size=256, detector=None, min_frames=64, min_face=
                 audio_source=str(side_audio or src), detector=getattr(detector, "__name__", "dlib"))
 
 
-def _write_json(path, record):
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-
-
 def prepare(src_dir, dst_dir, size=256, detector=None, min_frames=64, min_face=64, strict=False, log=print,
             glob="**/*"):
     """Prepare every video under src_dir into dst_dir, mirroring the folder layout (so VoxCeleb2's
@@ -497,8 +462,7 @@ def prepare(src_dir, dst_dir, size=256, detector=None, min_frames=64, min_face=6
     n_ok = n_skip = 0
     for i, src in enumerate(files):
         stem = dst_dir / src.relative_to(src_dir).with_suffix("")
-        rec_path = stem.with_suffix(".json")
-        if rec_path.exists():
+        if stem.with_suffix(".json").exists():
             log(f"[{i + 1}/{len(files)}] {src}: done before"); continue
         t0 = time.time()
         try:
@@ -511,7 +475,7 @@ def prepare(src_dir, dst_dir, size=256, detector=None, min_frames=64, min_face=6
             n_skip += 1
             log(f"[{i + 1}/{len(files)}] {src}: SKIPPED ({e})")
         stem.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(rec_path, rec)
+        write_atomic(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(rec, indent=1)))
     log(f"prepare: {n_ok} ok, {n_skip} skipped, {len(files) - n_ok - n_skip} done before")
     return n_ok, n_skip
 
@@ -527,8 +491,7 @@ def mead_clip_list(root, n_speakers=5, n_clips=5, seed=0):
     actors = sorted(p.name for p in root.iterdir() if (p / "video" / "front").is_dir()) if root.is_dir() else []
     if len(actors) < n_speakers:
         raise ValueError(f"need {n_speakers} MEAD actors with video/front under {root}, found {len(actors)}")
-    r = np.random.default_rng(seed)
-    out = []
+    r, out = np.random.default_rng(seed), []
     for actor in sorted(r.choice(actors, n_speakers, replace=False)):
         for emo in MEAD_EMOTIONS:
             d = root / actor / "video" / "front" / emo / ("level_1" if emo == "neutral" else "level_3")
@@ -541,24 +504,19 @@ def mead_clip_list(root, n_speakers=5, n_clips=5, seed=0):
 
 class VideoFolderDataset(torch.utils.data.Dataset):
     """Clips written by `prepare` (JSON status ok + mp4 + wav), in the procedural set's sample format
-    (frames, audio, mel, identity; no `motion`: real clips have no motion ground truth).
-    n_frames=None returns whole clips; an int returns a window of that length (a start drawn once per
-    clip from `seed` when random_window, else the first frames). Identity = index of the JSON's `identity` in sorted order.
-    only: the clips to keep (paths with or without suffix, e.g. mead_clip_list(root) for the paper's
-    MEAD test set); every one must be prepared."""
+    (frames, audio, mel, identity = index of the JSON's `identity` in sorted order; no `motion`: real clips
+    have no motion ground truth). n_frames=None returns whole clips; an int returns a window of that length
+    (a start drawn once per clip from `seed` when random_window, else the first frames). only: the clips to
+    keep (paths with or without suffix, e.g. mead_clip_list(root) for the paper's MEAD test set), all prepared."""
 
     def __init__(self, root, n_frames=None, random_window=True, only=None, seed=0):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"prepared data folder not found: {root}")
         keep = None if only is None else {Path(p).with_suffix("") for p in only}   # e.g. mead_clip_list(root)
-        self.items = []
-        for p in sorted(root.rglob("*.json")):
-            rec = json.loads(p.read_text())
-            if keep is not None and p.with_suffix("") not in keep:
-                continue
-            if rec.get("status") == "ok" and (n_frames is None or rec["n_frames"] >= n_frames):
-                self.items.append((p.with_suffix(""), rec))
+        recs = [(p.with_suffix(""), json.loads(p.read_text())) for p in sorted(root.rglob("*.json"))]
+        self.items = [(stem, rec) for stem, rec in recs if (keep is None or stem in keep)
+                      and rec.get("status") == "ok" and (n_frames is None or rec["n_frames"] >= n_frames)]
         if keep is not None and len(self.items) != len(keep):
             raise ValueError(f"{len(keep) - len(self.items)} of the {len(keep)} listed clips are not prepared "
                              f"(status 'ok') under {root}")
@@ -572,24 +530,20 @@ class VideoFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         stem, rec = self.items[i]
-        frames, _, _, _ = read_video(stem.with_suffix(".mp4"))
+        frames = read_video(stem.with_suffix(".mp4"))[0]
         audio, sr = read_wav(stem.with_suffix(".wav"))
         if sr != SR:
             raise ValueError(f"{stem}.wav is {sr} Hz, expected {SR}")
         K = min(len(frames), len(audio) // SPF)   # H.264 keeps all frames; guard anyway
         T = self.n_frames or K
-        # the window of clip i is drawn once from (seed, i), not from a global RNG: item i is a pure
-        # function of i, so a resumed run, prefetching threads and ClipWindows' cache all see
-        # the same frames (exact resume)
+        # the window of clip i is drawn once from (seed, i), not from a global RNG: item i is a pure function
+        # of i, so a resumed run, prefetching threads and ClipWindows' cache all see the same frames (exact resume)
         s = int(np.random.default_rng((self.seed, i)).integers(0, K - T + 1)) if self.random_window else 0
         return clip_sample(frames[s:s + T], audio[s * SPF:(s + T) * SPF],
                        self.identities.index(rec["identity"]), dict(path=str(stem), start=s))
 
 
-# ===================================================================================================
-# 7. Training batches: what train.py's stages see (deterministic, step-indexed: exact resume, disjoint
-#    shards per rank)
-# ===================================================================================================
+# ==== 7. Training batches: what train.py's stages see (step-indexed: exact resume, disjoint rank shards) ====
 class Batches:
     """Indices for (step, micro-batch) come from DistributedSampler's permutation of the epoch, so a
     resumed run sees exactly the batches an uninterrupted run would, and the ranks' shards of one
@@ -621,40 +575,34 @@ def feature_weight_map(masks, weight):
     """bool feature masks [..., H, W] -> per-pixel L1 weight [..., 1, H, W]: 1 + weight on the masks
     grown by one pixel (3x3 dilation), 1 elsewhere (--feature_weight, a tiny-scale deviation)."""
     m = torch.as_tensor(masks).float()
-    lead = m.shape[:-2]
     grown = F.max_pool2d(m.reshape(-1, 1, *m.shape[-2:]), 3, stride=1, padding=1)
-    return (1 + weight * grown).reshape(*lead, 1, *m.shape[-2:])
+    return (1 + weight * grown).reshape(*m.shape[:-2], 1, *m.shape[-2:])
 
 
 class FramePool(torch.utils.data.Dataset):
     """Single frames for the image stages (StyleGAN2, inversion). For the procedural data, item j is
-    frame t_j of clip i_j, rendered on demand (only that frame, not the clip) or, with pool > 0, a
-    fixed pool rendered once: rendering is the CPU bottleneck of the tiny preset. Real data: the middle
-    frame of clip j.
-    feature_weight > 0 (procedural data only): items also carry a per-pixel weight [1, H, W] for the
-    reconstruction loss, 1 + feature_weight on the eyes, brows and mouth (the renderer's masks grown by one
-    pixel), 1 elsewhere: at 64 px those features are a few pixels, and an unweighted L1 erases them."""
+    frame t_j of clip i_j, rendered on demand (only that frame, not the clip) or, with pool > 0, a fixed
+    pool rendered once: rendering is the CPU bottleneck of the tiny preset. Real data: the middle frame of
+    clip j. feature_weight > 0 (procedural data only): items also carry a per-pixel weight [1, H, W] for
+    the reconstruction loss, 1 + feature_weight on the eyes, brows and mouth (the renderer's masks grown by
+    one pixel), 1 elsewhere: at 64 px those features are a few pixels, and an unweighted L1 erases them."""
 
     def __init__(self, clips, pool=0, seed=0, feature_weight=0.0):
-        self.clips, self.synthetic = clips, isinstance(clips, SyntheticTalkingFaces)
+        self.clips, self.synthetic, self.seed = clips, isinstance(clips, SyntheticTalkingFaces), seed
         self.feature_weight = float(feature_weight) if self.synthetic else 0.0
-        self.frames = None
-        if self.synthetic and pool:
-            items = [self._render(j, seed) for j in range(pool)]
-            self.frames = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-        self.seed = seed
+        items = [self._render(j) for j in range(pool)] if self.synthetic and pool else None
+        self.frames = None if items is None else {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
-    def _render(self, j, seed):
-        g = np.random.default_rng((seed, j))
+    def _render(self, j):
+        g = np.random.default_rng((self.seed, j))
         i = int(g.integers(len(self.clips)))
         motion, _ = procedural.make_motion(self.clips.motion_seed(i), self.clips.n_frames)
         out = procedural.render(self.clips.identity(i), motion[int(g.integers(len(motion)))], self.clips.size,
-                          return_masks=bool(self.feature_weight))
+                                return_masks=bool(self.feature_weight))
         img, masks = out if self.feature_weight else (out, None)
-        item = {"image": torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1}  # [3, H, W] in [-1, 1]
+        item = {"image": _unit(torch.from_numpy(img).permute(2, 0, 1))}  # [3, H, W] in [-1, 1]
         if masks is not None:
-            feat = masks["eye_l"] | masks["eye_r"] | masks["brow_l"] | masks["brow_r"] | masks["mouth"]
-            item["weight"] = feature_weight_map(feat, self.feature_weight)        # [1, H, W]
+            item["weight"] = feature_weight_map(_features(masks), self.feature_weight)        # [1, H, W]
         return item
 
     def __len__(self):
@@ -664,7 +612,7 @@ class FramePool(torch.utils.data.Dataset):
         if self.frames is not None:
             return {k: v[j] for k, v in self.frames.items()}
         if self.synthetic:
-            return self._render(j, self.seed)
+            return self._render(j)
         frames = self.clips[j]["frames"]
         return {"image": frames[len(frames) // 2]}
 
@@ -672,11 +620,11 @@ class FramePool(torch.utils.data.Dataset):
 def make_clip_dataset(cfg, data_arg, split="train", cache_dir=None):
     if data_arg == "synthetic":
         return SyntheticTalkingFaces(split, n_identities=cfg["n_identities"],
-                                          clips_per_identity=cfg["clips_per_identity"],
-                                          n_frames=cfg["clip_frames"], size=cfg["size"], cache_dir=cache_dir)
+                                     clips_per_identity=cfg["clips_per_identity"],
+                                     n_frames=cfg["clip_frames"], size=cfg["size"], cache_dir=cache_dir)
     root = Path(data_arg)
     if not root.is_dir():
-        raise FileNotFoundError(f"--data {data_arg}: no such folder (prepare one with `python py prepare`)")
+        raise FileNotFoundError(f"--data {data_arg}: no such folder (prepare one with `python data.py prepare`)")
     return VideoFolderDataset(root, n_frames=cfg["clip_frames"], seed=cfg["seed"])
 
 
@@ -690,15 +638,15 @@ class ClipWindows(torch.utils.data.Dataset):
     def __init__(self, clips, window, seed=0, off_sync=False, source=False, cache=4096, source_from="clip",
                  drive_mouth="own", feature_weight=0.0):
         self.clips, self.window, self.seed, self.off_sync, self.source = clips, window, seed, off_sync, source
+        synthetic = isinstance(clips, SyntheticTalkingFaces)
         if drive_mouth not in ("own", "swap", "closed"):
             raise ValueError(f"drive_mouth must be 'own', 'swap' or 'closed', got {drive_mouth!r}")
-        if drive_mouth != "own" and not isinstance(clips, SyntheticTalkingFaces):
+        if drive_mouth != "own" and not synthetic:
             raise ValueError("--drive_mouth swap re-renders the driving frames: procedural data only "
                              "(use --drive_mouth own with --data PATH)")
-        self.drive_mouth = drive_mouth
-        if feature_weight and not isinstance(clips, SyntheticTalkingFaces):
+        if feature_weight and not synthetic:
             raise ValueError("--feature_weight needs the renderer's masks: procedural data only")
-        self.feature_weight = float(feature_weight)
+        self.drive_mouth, self.feature_weight = drive_mouth, float(feature_weight)
         if source_from not in ("clip", "identity"):
             raise ValueError(f"source_from must be 'clip' or 'identity', got {source_from!r}")
         # "identity": x_s from any clip of the same person (needs clips grouped by person, as
@@ -714,46 +662,42 @@ class ClipWindows(torch.utils.data.Dataset):
         return len(self.clips) * self.n_starts
 
     def clip(self, c):
-        if c not in self._cache:
-            s = self.clips[c]
-            frames = ((s["frames"] + 1) * 127.5).round().to(torch.uint8)  # exact: frames are uint8-rendered
-            item = {"frames": frames, "mel": s["mel"], "identity": s["identity"]}
-            if self.drive_mouth != "own":
-                # Tiny-scale deviation (RESULTS.md): the driving frames E_m sees get the mouth of another
-                # clip (seeded per clip), the targets keep their own. In self-reenactment the driving
-                # frame's mouth always agrees with the audio and is far easier to read than the mel, so
-                # E_m would take the lips from the video and ignore x_a; with unrelated mouths in x_d the
-                # lips can only come from the audio, as Fig. 1 asks (lips from the audio source).
-                g = np.random.default_rng((self.seed, 7, c))
-                donor = (c + 1 + int(g.integers(len(self.clips) - 1))) % len(self.clips) if len(self.clips) > 1 else c
-                donor = None if self.drive_mouth == "closed" else donor
-                item["drive"] = torch.from_numpy(self.clips.mouth_of(c, donor)).permute(0, 3, 1, 2).contiguous()
-            if self.feature_weight:
-                item["features"] = torch.from_numpy(self.clips.feature_masks(c))     # bool [T, H, W]
-            if len(self._cache) < self._cache_size:
-                self._cache[c] = item
-            return item
-        return self._cache[c]
+        if c in self._cache:
+            return self._cache[c]
+        s, n = self.clips[c], len(self.clips)
+        item = {"frames": ((s["frames"] + 1) * 127.5).round().to(torch.uint8),  # exact: frames are uint8-rendered
+                "mel": s["mel"], "identity": s["identity"]}
+        if self.drive_mouth != "own":
+            # Tiny-scale deviation (RESULTS.md): the driving frames E_m sees get the mouth of another clip
+            # (seeded per clip), the targets keep their own. In self-reenactment x_d's mouth always agrees with
+            # the audio and is far easier to read than the mel, so E_m would take the lips from the video and
+            # ignore x_a; with unrelated mouths in x_d they can only come from the audio, as Fig. 1 asks.
+            donor = (c + 1 + int(np.random.default_rng((self.seed, 7, c)).integers(n - 1))) % n if n > 1 else c
+            donor = None if self.drive_mouth == "closed" else donor
+            item["drive"] = torch.from_numpy(self.clips.mouth_of(c, donor)).permute(0, 3, 1, 2).contiguous()
+        if self.feature_weight:
+            item["features"] = torch.from_numpy(self.clips.feature_masks(c))     # bool [T, H, W]
+        if len(self._cache) < self._cache_size:
+            self._cache[c] = item
+        return item
 
     def __getitem__(self, j):
         c, t = divmod(j, self.n_starts)
-        s = self.clip(c)
-        W = self.window
-        out = {"frames": s["frames"][t:t + W].float() / 127.5 - 1,   # [W, 3, H, W] in [-1, 1]
-               "drive": s.get("drive", s["frames"])[t:t + W].float() / 127.5 - 1,  # what E_m sees
+        s, W = self.clip(c), self.window
+        out = {"frames": _unit(s["frames"][t:t + W]),                # [W, 3, H, W] in [-1, 1]
+               "drive": _unit(s.get("drive", s["frames"])[t:t + W]),  # what E_m sees
                "mel": s["mel"][t:t + W],                              # [W, 1, 80, 16]: window per frame
                "identity": torch.tensor(s["identity"])}
         if "features" in s:
             out["weight"] = feature_weight_map(s["features"][t:t + W], self.feature_weight)  # [W, 1, H, W]
         g = np.random.default_rng((self.seed, j))
         if self.source:
-            # x_s: a frame of the same person (self-reenactment, Sec. 4.1.1). The paper draws it from the
-            # same VoxCeleb video, seconds away from x_d; a 16-frame procedural clip spans 0.64 s, so
-            # its frames barely differ and "copy the source" is almost optimal (the motion collapse of
-            # RESULTS.md). source_from="identity" takes it from any clip of the same person instead:
-            # the same face, a different pose, gaze, blink and mouth.
+            # x_s: a frame of the same person (self-reenactment, Sec. 4.1.1). The paper draws it from the same
+            # VoxCeleb video, seconds away from x_d; a 16-frame procedural clip spans 0.64 s, so its frames barely
+            # differ and "copy the source" is almost optimal (RESULTS.md's motion collapse). source_from="identity"
+            # takes x_s from any clip of the same person instead: same face, different pose, gaze, blink and mouth.
             src = s if self.per_id == 1 else self.clip(c - c % self.per_id + int(g.integers(self.per_id)))
-            out["source"] = src["frames"][int(g.integers(len(src["frames"])))].float() / 127.5 - 1
+            out["source"] = _unit(src["frames"][int(g.integers(len(src["frames"])))])
         if self.off_sync:
             # Negatives take audio from a window that does not overlap this one (|shift| >= W frames)
             # when the clip is long enough: overlapping windows share most of their sound, and such
@@ -773,8 +717,7 @@ class Prefetch:
 
     def __init__(self, data, accum, workers, max_steps):
         self.data, self.accum, self.max_steps = data, accum, max_steps
-        self.pool = ThreadPoolExecutor(workers) if workers > 0 else None
-        self.ahead = {}
+        self.pool, self.ahead = ThreadPoolExecutor(workers) if workers > 0 else None, {}
 
     def __call__(self, k):
         if self.pool is None:
@@ -789,10 +732,7 @@ class Prefetch:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-
-# ===================================================================================================
-# 8. Command line
-# ===================================================================================================
+# ==== 8. Command line =============================================================================
 def main(argv=None):
     ap = argparse.ArgumentParser(description="FC-TFG data: prepare real videos (Sec. 4.1.1), benchmark or preview the procedural set")
     sub = ap.add_subparsers(dest="cmd", required=True)

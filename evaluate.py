@@ -35,9 +35,7 @@ import metrics
 import procedural
 import stylegan2
 
-# =================================================================================================
-# The motion probe: a small CNN that reads the renderer's parameters back from a procedural frame
-# =================================================================================================
+# ==== The motion probe: a small CNN that reads the renderer's parameters back from a procedural frame ====
 # Why: the procedural set (data.py) knows the exact pose / blink / gaze / mouth of every frame it renders, but
 # nothing knows them for a *generated* frame: dlib finds no face in cartoon heads, and no pose estimator was
 # trained on them. So we train one: a regressor from rendered frames to the 12 motion parameters and the 4 mouth
@@ -201,9 +199,7 @@ def _fmt_attrs(e):
     return " ".join(f"{k} {v:.3g}{'°' if k in ('yaw', 'pitch', 'roll') else ''}" for k, v in e.items())
 
 
-# =================================================================================================
-# Protocol (Sec. 4.2.3, PC-AVS) and the controllability benchmark on procedural data
-# =================================================================================================
+# ==== Protocol (Sec. 4.2.3, PC-AVS) and the controllability benchmark on procedural data ==========
 # pcavs: x_s = frame 0 of the clip; x_d = all its frames (pose/expression); x_a = its audio (lips); scored on
 #        frames 1..T-1 against the clip itself (frame 0 is the input, not a result).
 # cross: x_s = frame 0 of clip i (identity A); x_d, x_a = clip j (identity B, j = i+1); ground truth = the
@@ -366,9 +362,7 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
     return rec, dict(source=x_s, driving=frames, gt=gt["frames"], gen=out["x_g"], audio=sample["audio"])
 
 
-# =================================================================================================
-# Attribute transfer (issue 18): does each controlled attribute move the generated face?
-# =================================================================================================
+# ==== Attribute transfer (issue 18): does each controlled attribute move the generated face? ======
 # The paper claims full control: pose, blinks, gaze, brows, lips. Table 1's metrics average over the whole face,
 # where a still copy of the source already scores well, so they cannot show whether a blink transfers. This test
 # changes ONE attribute at a time: person B's driving clip moves only that attribute (silent audio), or, for the

@@ -115,9 +115,7 @@ def _check_layers(L, layers, audio_layers):
     return tuple(sorted(layers)), tuple(sorted(audio_layers))
 
 
-# ====================================================================================================
-# Sec. 3.1: canonical encoder E_can, z_s -> z_s->c
-# ====================================================================================================
+# ==== Sec. 3.1: canonical encoder E_can, z_s -> z_s->c ============================================
 
 class CanonicalEncoder(nn.Module):
     """E_can (Sec. 3.1): per manipulated w index l, an independent 2-layer MLP C -> hidden -> C.
@@ -158,9 +156,7 @@ class CanonicalEncoder(nn.Module):
         return torch.stack(out, 1)                                      # [B, L, C]
 
 
-# ====================================================================================================
-# Sec. 3.2, Eq. (2): multimodal motion encoder E_m, z_c->d = E_m(E_a(x_a) ⊕ E_inv(x_d))
-# ====================================================================================================
+# ==== Sec. 3.2, Eq. (2): multimodal motion encoder E_m, z_c->d = E_m(E_a(x_a) ⊕ E_inv(x_d)) =======
 
 class MotionEncoder(nn.Module):
     """E_m (Eq. 2): per manipulated w index l, an independent 3-layer MLP. Its input is the driving code
@@ -203,9 +199,7 @@ class MotionEncoder(nn.Module):
         return torch.stack(out, 2)                                      # [B, T, L, C]
 
 
-# ====================================================================================================
-# Sec. 3.2 / 4.4.2, Table 3: Temporal Fusion over time
-# ====================================================================================================
+# ==== Sec. 3.2 / 4.4.2, Table 3: Temporal Fusion over time ========================================
 
 class TemporalFusion(nn.Module):
     """Refines z_s->d along TIME inside non-overlapping windows (Sec. 4.4.2: "our window size ... does
@@ -281,9 +275,7 @@ class TemporalFusion(nn.Module):
         return torch.stack(out, 2)
 
 
-# ====================================================================================================
-# Fig. 3: the whole Latent Fusion Network
-# ====================================================================================================
+# ==== Fig. 3: the whole Latent Fusion Network =====================================================
 
 class LatentFusion(nn.Module):
     """z_s (source code), z_d (driving codes), z_a (audio codes) -> the codes the decoder G renders.
@@ -331,9 +323,7 @@ class LatentFusion(nn.Module):
         return dict(z_sc=z_sc, z_cd=z_cd, z_sd_raw=z_sd_raw, z_sd=z_sd)
 
 
-# ====================================================================================================
-# Sec. 4.4.2, Table 3: the video discriminator
-# ====================================================================================================
+# ==== Sec. 4.4.2, Table 3: the video discriminator ================================================
 
 class VideoDiscriminator(stylegan2.Discriminator):
     """StyleGAN2 D whose input is T frames concatenated along channels (Sec. 4.4.2): [B, T, 3, H, W]
@@ -376,9 +366,7 @@ class VideoDiscriminator(stylegan2.Discriminator):
         self.load_state_dict(sd, strict=True)
 
 
-# ====================================================================================================
-# Fig. 3 end to end: the whole generator side of FC-TFG in one module
-# ====================================================================================================
+# ==== Fig. 3 end to end: the whole generator side of FC-TFG in one module =========================
 
 class FCTFG(nn.Module):
     """x_s, x_d, x_a -> x_g. Holds every network of Fig. 3 that the FC-TFG stage trains or fine-tunes:

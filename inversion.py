@@ -13,7 +13,6 @@ Not here: the generator G and its weight_deltas plumbing (stylegan2.py), the VGG
 (passed in as a callable), the FC-TFG losses of Eq. (3)-(9) and any training loop (train.py).
 """
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -42,9 +41,7 @@ PRESETS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------
-# 1. IR-SE backbone (spec §1.1-1.3): shared by the pSp encoder and ArcFace
-# ---------------------------------------------------------------------------------------------------
+# ==== 1. IR-SE backbone (spec §1.1-1.3): shared by the pSp encoder and ArcFace ====================
 
 class SEModule(nn.Module):
     """Squeeze-and-excitation: rescale each channel by a gate computed from the global average.
@@ -103,9 +100,7 @@ def ir_se_layers(units, widths, in_channels=3):
     return input_layer, nn.Sequential(*body)
 
 
-# ---------------------------------------------------------------------------------------------------
-# 2. pSp GradualStyleEncoder = E_inv (spec §2; Sec. 3 and 4.1.2 of the paper)
-# ---------------------------------------------------------------------------------------------------
+# ==== 2. pSp GradualStyleEncoder = E_inv (spec §2; Sec. 3 and 4.1.2 of the paper) =================
 
 class GradualStyleBlock(nn.Module):
     """map2style: log2(spatial) stride-2 3x3 convs take a feature map to 1x1, then one EqualLinear.
@@ -200,9 +195,7 @@ class PSPEncoder(nn.Module):
         return torch.stack(codes, 1) + self.latent_avg           # [B, L, C]
 
 
-# ---------------------------------------------------------------------------------------------------
-# 3. HyperStyle (spec §3): predicts per-layer weight offsets Delta, W' = W * (1 + Delta)
-# ---------------------------------------------------------------------------------------------------
+# ==== 3. HyperStyle (spec §3): predicts per-layer weight offsets Delta, W' = W * (1 + Delta) ======
 
 def layer_shapes(G):
     """One entry per G.modulated_convs(): (C_out, C_in, k) for the convs HyperStyle tunes, None for the
@@ -362,9 +355,7 @@ class HyperStyle(nn.Module):
         return [n if d is None else (d if n is None else d + n) for d, n in zip(deltas, new)]
 
 
-# ---------------------------------------------------------------------------------------------------
-# 4. ArcFace identity network E_id (spec §1.4-1.6; Eq. 5)
-# ---------------------------------------------------------------------------------------------------
+# ==== 4. ArcFace identity network E_id (spec §1.4-1.6; Eq. 5) =====================================
 
 # Face crop used by pSp/HyperStyle's ID loss, in pixels of a 256 px image: rows 35:223, cols 32:220.
 # It was tuned for FFHQ alignment; we scale it to other sizes proportionally.
@@ -415,9 +406,7 @@ class IdentityEncoder(nn.Module):
         return F.normalize(f, dim=1)
 
 
-# ---------------------------------------------------------------------------------------------------
-# 5. invert() and the inversion-stage losses
-# ---------------------------------------------------------------------------------------------------
+# ==== 5. invert() and the inversion-stage losses ==================================================
 
 def invert(G, x, E_inv, H=None, steps=5, noise_mode="const", recon=True):
     """The one call other modules use: x [B, 3, H, W] -> (ws [B, L, C], weight_deltas, recon [B, 3, H, W]).
@@ -492,9 +481,7 @@ def hyperstyle_loss(H, G, x, ws, steps=5, E_id=None, perceptual=None):
     return total, parts, y_hat
 
 
-# ---------------------------------------------------------------------------------------------------
-# 6. Loaders for the published checkpoint formats (weights_only=True, strict key matching)
-# ---------------------------------------------------------------------------------------------------
+# ==== 6. Loaders for the published checkpoint formats (weights_only=True, strict key matching) ====
 
 def _read(path, what):
     return stylegan2.load_checkpoint(path, f"{what} checkpoint")

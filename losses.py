@@ -31,9 +31,7 @@ LAMBDA = dict(ortho=1.0, sync=0.1, id=0.5, rec=1.0, lpips=1.0, gan=0.1)
 ORTHO_MODES = ("hadamard_abs", "signed", "squared", "cosine", None)  # None = Table 4's "×" row
 
 
-# ====================================================================================================
-# Eq. (3): orthogonality between the canonical code and the motion code
-# ====================================================================================================
+# ==== Eq. (3): orthogonality between the canonical code and the motion code =======================
 
 def orthogonality_loss(z_sc, z_cd, mode="hadamard_abs", layers=None):
     """Eq. (3), Sec. 3.3.1. z_sc, z_cd [..., L, C] (e.g. [B, T, L, C]) -> scalar.
@@ -81,9 +79,7 @@ def orthogonality_loss(z_sc, z_cd, mode="hadamard_abs", layers=None):
     return (prod.sum(-1) / N).mean()                                   # Σ over C, / N, mean over the rest
 
 
-# ====================================================================================================
-# Eq. (4): lip-sync loss with the expert SyncNet (audio.SyncNet)
-# ====================================================================================================
+# ==== Eq. (4): lip-sync loss with the expert SyncNet (audio.SyncNet) ==============================
 
 def sync_loss(syncnet, x_g, mel, size=None, bgr=False):
     """Eq. (4), Sec. 3.3.2: L_sync = 1 - cos(f_v(x_g), f_a(x_a)).
@@ -122,9 +118,7 @@ def sync_loss(syncnet, x_g, mel, size=None, bgr=False):
     return (1 - syncnet.cosine(mels, face)).mean()
 
 
-# ====================================================================================================
-# Eq. (5): identity loss with a face-recognition network (inversion.IdentityEncoder = ArcFace IR-SE50)
-# ====================================================================================================
+# ==== Eq. (5): identity loss with a face-recognition network (inversion.IdentityEncoder = ArcFace IR-SE50) ====
 
 def identity_loss(E_id, x_g, x_d):
     """Eq. (5), Sec. 3.3.3: L_id = 1 - cos(E_id(x_g), E_id(x_d)), mean over all frames.
@@ -145,9 +139,7 @@ def identity_loss(E_id, x_g, x_d):
     return (1 - F.cosine_similarity(f_g, f_d, dim=1, eps=1e-8)).mean()
 
 
-# ====================================================================================================
-# Eq. (6): pixel L1
-# ====================================================================================================
+# ==== Eq. (6): pixel L1 ===========================================================================
 
 def reconstruction_loss(x_g, x_d, weight=None):
     """Eq. (6), Sec. 3.3.4: L_rec = ||x_g - x_d||_1, reduced as the MEAN absolute difference over every
@@ -175,9 +167,7 @@ def latent_reconstruction_loss(z_sd, z_d, layers):
     return (z_sd.index_select(2, idx) - z_d.index_select(2, idx)).abs().mean()
 
 
-# ====================================================================================================
-# Eq. (7): perceptual loss on VGG19
-# ====================================================================================================
+# ==== Eq. (7): perceptual loss on VGG19 ===========================================================
 # torchvision VGG19 (cfg "E"): 16 convs 3x3 pad 1, each followed by ReLU, max-pool after each block.
 # Index of every module inside `features` (spec inversion.md §4.3): convs at 0,2 | 5,7 | 10,12,14,16 |
 # 19,21,23,25 | 28,30,32,34; ReLU at conv+1; pools at 4, 9, 18, 27, 36. We build the same Sequential, so
@@ -305,9 +295,7 @@ def perceptual_loss(vgg, x_g, x_d, mode="lpips"):
     return total
 
 
-# ====================================================================================================
-# Eq. (8): non-saturating adversarial loss
-# ====================================================================================================
+# ==== Eq. (8): non-saturating adversarial loss ====================================================
 # With D(x) = sigmoid(logit): log D = -softplus(-logit), log(1 - D) = -softplus(logit). softplus is the
 # numerically safe form of both logs.
 
@@ -335,9 +323,7 @@ def gan_loss_g(fake_logits):
     return F.softplus(-fake_logits).mean()
 
 
-# ====================================================================================================
-# Eq. (9): weighted total
-# ====================================================================================================
+# ==== Eq. (9): weighted total =====================================================================
 
 def total_loss(terms, weights=None):
     """Eq. (9): L_total = Σ_k λ_k L_k.  terms: {name: scalar tensor} with names from LAMBDA (ortho, sync,

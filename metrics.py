@@ -32,9 +32,7 @@ import torch.nn.functional as F
 
 import stylegan2
 
-# =================================================================================================
-# SSIM / MS-SSIM / PSNR (Sec. 4.2.1, refs [56], [57])
-# =================================================================================================
+# ==== SSIM / MS-SSIM / PSNR (Sec. 4.2.1, refs [56], [57]) =========================================
 SSIM_WIN = 11          # Gaussian window side (Wang et al. 2004)
 SSIM_SIGMA = 1.5       # its standard deviation in pixels
 SSIM_K1, SSIM_K2 = 0.01, 0.03  # stabilisers: C1 = (K1 L)^2, C2 = (K2 L)^2, L = data_range
@@ -184,9 +182,7 @@ def psnr(x, y, data_range=255.0):
     return torch.where(mse > 0, val, torch.full_like(val, math.inf))
 
 
-# =================================================================================================
-# LSE-D / LSE-C (Sec. 4.2.1, ref [42]): SyncNet v2 of joonson/syncnet_python, rewritten
-# =================================================================================================
+# ==== LSE-D / LSE-C (Sec. 4.2.1, ref [42]): SyncNet v2 of joonson/syncnet_python, rewritten =======
 SYNC_SR = 16000        # Hz: syncnet_python resamples every clip to 16 kHz mono int16
 SYNC_FPS = 25          # video frames per second it assumes
 MFCC_PER_FRAME = 4     # 100 MFCC frames/s / 25 video frames/s
@@ -421,9 +417,7 @@ def lse(frames, audio, syncnet, sample_rate=SYNC_SR, vshift=SYNC_VSHIFT):
     return s["lse_d"], s["lse_c"]
 
 
-# =================================================================================================
-# LMD (Sec. 4.2.1, ref [11]): mouth landmark distance
-# =================================================================================================
+# ==== LMD (Sec. 4.2.1, ref [11]): mouth landmark distance =========================================
 MOUTH = slice(48, 68)  # dlib / iBUG 68-point indices 48..67: outer lip 48-59, inner lip 60-67
 LMD_SIZE = 224         # landmark coordinates are expressed in pixels of a 224x224 frame
 
@@ -539,9 +533,7 @@ def lmd(frames_gen, frames_gt, landmarker=None, eval_size=LMD_SIZE):
                 per_frame=per_frame)
 
 
-# =================================================================================================
-# Throughput benchmark (python evaluate.py --bench): ours vs the test-only oracles, same frames
-# =================================================================================================
+# ==== Throughput benchmark (python evaluate.py --bench): ours vs the test-only oracles, same frames ====
 def _rate(fn, n_items, repeat=3):
     """Best-of-`repeat` items per second of fn() (best-of filters noise from other processes)."""
     fn()  # warm-up (allocations, lazy init)

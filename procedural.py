@@ -41,9 +41,7 @@ BLINK_RATE = 1.0              # blinks per second in make_motion
 _TAG_ATTRIBUTE = 404          # RNG stream of the scripted attribute clips
 
 
-# ===================================================================================================
-# 1. Identity: everything fixed for one synthetic person
-# ===================================================================================================
+# ==== 1. Identity: everything fixed for one synthetic person ======================================
 @dataclasses.dataclass(frozen=True)
 class Identity:
     """One person. The face is designed for a 64 px decoder (issue 18, RESULTS.md "the tiny world"):
@@ -95,9 +93,7 @@ def make_identity(seed):
         shirt=tuple(u(0.05, 0.95, 3)), bg=(tuple(u(0.1, 0.9, 3)), tuple(u(0.1, 0.9, 3))))
 
 
-# ===================================================================================================
-# 2. The hidden speech track: one source for both the audio and the mouth (spec data.md Sec. 6)
-# ===================================================================================================
+# ==== 2. The hidden speech track: one source for both the audio and the mouth (spec data.md Sec. 6) ====
 # Formants F1/F2/F3 in Hz, Peterson & Barney 1952 (men, women). F1 grows with jaw opening and F2 with
 # lip spreading, so the mouth can be read off the audio: the only reason lip sync is learnable here.
 VOWELS = {
@@ -340,9 +336,7 @@ def demo_motion(n_frames, seed=0):
     return motion, synth_audio(track, T, int(seed))
 
 
-# ===================================================================================================
-# 3. The renderer: a shaded ellipsoid head with features painted in face space, ray-cast per pixel
-# ===================================================================================================
+# ==== 3. The renderer: a shaded ellipsoid head with features painted in face space, ray-cast per pixel ====
 @functools.lru_cache(maxsize=8)
 def _grid(S):
     """Pixel-centre coordinates of an S x S canvas in [-1, 1], y pointing up.  -> (X, Y) float32 [S, S]."""

@@ -56,9 +56,7 @@ def default_channels(size, channel_multiplier=2):
     return {r: c for r, c in table.items() if r <= size}
 
 
-# ====================================================================================================
-# Equalized learning rate (StyleGAN2 App. B / ProGAN Sec. 4.1)
-# ====================================================================================================
+# ==== Equalized learning rate (StyleGAN2 App. B / ProGAN Sec. 4.1) ================================
 # Weights are stored as N(0, 1) and scaled by 1/sqrt(fan_in) at run time, so Adam's per-parameter step
 # size is the same for every layer regardless of its fan-in. lr_mul additionally slows a layer down
 # (the mapping network uses 0.01): storing w/lr_mul and multiplying by lr_mul at run time divides its
@@ -127,9 +125,7 @@ class Upsample(nn.Module):
         return ops.upfirdn2d(x, self.kernel, up=self.factor, pad=(p0, p1, p0, p1))
 
 
-# ====================================================================================================
-# Mapping network (StyleGAN2 Sec. 2): z -> w
-# ====================================================================================================
+# ==== Mapping network (StyleGAN2 Sec. 2): z -> w ==================================================
 
 class PixelNorm(nn.Module):
     """Normalise each z to unit RMS: the mapping network then sees points on a sphere."""
@@ -145,9 +141,7 @@ def mapping_network(style_dim, n_mlp, lr_mul=0.01):
     return nn.Sequential(*layers)
 
 
-# ====================================================================================================
-# Synthesis network building blocks
-# ====================================================================================================
+# ==== Synthesis network building blocks ===========================================================
 
 class ModulatedConv2d(nn.Module):
     """StyleGAN2 Sec. 2.2, Eq. (1)-(3): the style scales the conv weights, not the activations.
@@ -292,9 +286,7 @@ class ToRGB(nn.Module):
         return out
 
 
-# ====================================================================================================
-# Generator
-# ====================================================================================================
+# ==== Generator ===================================================================================
 
 class Generator(nn.Module):
     """StyleGAN2 config-F generator. At 256 px: 13 styled convs + 7 ToRGBs driven by n_latent = 14
@@ -446,9 +438,7 @@ class Generator(nn.Module):
         return self.synthesis(ws, noise_mode, weight_deltas)
 
 
-# ====================================================================================================
-# Discriminator (StyleGAN2 Sec. 4: residual architecture)
-# ====================================================================================================
+# ==== Discriminator (StyleGAN2 Sec. 4: residual architecture) =====================================
 
 class ConvLayer(nn.Sequential):
     """[blur ->] equalized conv [-> bias + lrelu]. Downsampling = blur (pad so H -> H+1 for k=3),
@@ -542,9 +532,7 @@ class Discriminator(nn.Module):
         return self.final_linear(out.flatten(1))
 
 
-# ====================================================================================================
-# Regularisers (StyleGAN2 Sec. 3.2 lazy regularisation, App. C path length)
-# ====================================================================================================
+# ==== Regularisers (StyleGAN2 Sec. 3.2 lazy regularisation, App. C path length) ===================
 
 def r1_penalty(real_logits, real_img):
     """R1 (Mescheder et al. 2018): E[ ||dD(x)/dx||^2 ] on real images, per-sample sum, batch mean.
@@ -564,10 +552,8 @@ def path_length_penalty(img, ws, mean_path_length, decay=0.01):
     return (lengths - a).pow(2).mean(), a, lengths.detach().mean()
 
 
-# ====================================================================================================
-# Files: the one checkpoint reader, strict loader and atomic writer that every module of the project
-# uses (this file is the bottom of the import graph, so it is their home)
-# ====================================================================================================
+# ==== Files: the one checkpoint reader, strict loader and atomic writer of the project ===============
+# (every module uses them; this file is near the bottom of the import graph, so it is their home)
 
 def load_checkpoint(path, what="checkpoint"):
     """torch.load with weights_only=True (tensors, dicts, lists, numbers, strings only), and one clear
@@ -696,9 +682,7 @@ def save_image_grid(images, path, nrow=None):
     write_atomic(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
 
 
-# ====================================================================================================
-# Benchmark: python stylegan2.py --bench   (results go to BENCHMARKS.md)
-# ====================================================================================================
+# ==== Benchmark: python stylegan2.py --bench   (results go to BENCHMARKS.md) ======================
 
 def _timeit(fn, n, sync):
     fn()  # warm-up (and CUDA build / cudnn autotune)

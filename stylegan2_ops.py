@@ -25,9 +25,7 @@ BLUR_KERNEL = (1, 3, 3, 1)  # binomial [1,3,3,1]: the low-pass filter of every r
 LRELU_SLOPE, LRELU_GAIN = 0.2, math.sqrt(2)  # sqrt(2) keeps activations' second moment ~1 after lrelu
 
 
-# ====================================================================================================
-# Low-level op 1: upfirdn2d  (upsample -> pad -> FIR -> downsample)
-# ====================================================================================================
+# ==== Low-level op 1: upfirdn2d  (upsample -> pad -> FIR -> downsample) ===========================
 # Per axis, for every channel: (1) insert up-1 zeros AFTER every sample, (2) zero-pad by (p0, p1), a
 # negative pad crops, (3) TRUE convolution with f (i.e. correlation with the flipped filter), (4) keep
 # every down-th sample. Output length (L*up + p0 + p1 - K + down) // down. All of StyleGAN2's blurs,
@@ -120,9 +118,7 @@ def make_kernel(k=BLUR_KERNEL, gain=1.0):
     return k / k.sum() * gain
 
 
-# ====================================================================================================
-# Low-level op 2: bias_act  (y = gain * leaky_relu(x + b, alpha))
-# ====================================================================================================
+# ==== Low-level op 2: bias_act  (y = gain * leaky_relu(x + b, alpha)) =============================
 
 def _bias_act_ref(x, b, act="lrelu", alpha=LRELU_SLOPE, gain=LRELU_GAIN):
     if b is not None:
@@ -244,10 +240,7 @@ def _bias_act_cuda_kernel(x, b, ref, grad, alpha, gain):
     return cuda_ops().bias_act(x.contiguous(), b, ref, grad, alpha, gain)
 
 
-# ====================================================================================================
-# Activation checkpointing (memory, not in the paper; Chen et al. 2016, "Training Deep Nets with
-# Sublinear Memory Cost")
-# ====================================================================================================
+# ==== Activation checkpointing (memory, not in the paper; Chen et al. 2016, "Sublinear Memory Cost") ====
 # A block run through checkpointed() keeps only its inputs for backward and runs its forward again
 # when the gradient reaches it: about one more forward of compute for dropping every activation inside
 # the block. The paper preset's fine-tuned FC-TFG step needs it (BENCHMARKS.md, "Paper-preset memory").
