@@ -36,7 +36,7 @@ import procedural
 import stylegan2
 
 # ==== The motion probe: a small CNN that reads the renderer's parameters back from a procedural frame ====
-# Why: the procedural set (data.py) knows the exact pose / blink / gaze / mouth of every frame it renders, but
+# Why: the procedural set (procedural.py) knows the exact pose / blink / gaze / mouth of every frame it renders, but
 # nothing knows them for a *generated* frame: dlib finds no face in cartoon heads, and no pose estimator was
 # trained on them. So we train one: a regressor from rendered frames to the 12 motion parameters and the 4 mouth
 # landmarks, the renderer's values as labels. Its held-out error (in its checkpoint, printed with every result
@@ -92,9 +92,9 @@ def probe_target(ident, motion_row):
 
 def probe_dataset(split, n, seed=0, ss=None):
     """n rendered 64 px frames with labels -> (frames uint8 [n, 3, 64, 64], targets float32 [n, 20]).
-    ss: the renderer's supersampling (None = data.py's default, 3 at 64 px; training uses 2: ~2x cheaper and,
+    ss: the renderer's supersampling (None = the renderer's default, 3 at 64 px; training uses 2: ~2x cheaper and,
     box-averaged like 3, nearly the same picture; the held-out set uses the default). Identities and motion
-    come from data.py's own generators (train or test ranges, so the held-out set has unseen people), 8 random
+    come from procedural.py's own generators (train or test ranges, so the held-out set has unseen people), 8 random
     rows of each 48-frame motion clip, one person per clip. Blinks are rare in real motion (~0.3/s), so for
     40 % of the frames the lids are redrawn uniformly (15 % of those one eye only): otherwise the probe could
     score well by always answering 'open'."""

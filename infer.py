@@ -514,7 +514,7 @@ def load_model(checkpoint, preset, device, seed=0):
 
 
 def procedural_inputs(size, seconds, seed=0):
-    """The default inputs, all from data.py's test split: a neutral still of test identity 0 as the
+    """The default inputs, all from the procedural test split: a neutral still of test identity 0 as the
     source (max(128, size) px), and test identity 1 performing procedural.demo_motion (a head turn, a nod,
     blinks, gaze shifts and a brow raise in turn, speaking the whole time) with that speech as audio.
     -> (source uint8 [s, s, 3], driving frame generator at `size` px, audio [640 K])."""
@@ -696,7 +696,7 @@ def run(args):
     # ---- generate and write, batch by batch
     # (said only now, once every input has been read: a bad input stays a one-line error)
     if trained and cfg.get("run", {}).get("data") == "synthetic" and (args.source or args.driving):
-        print("infer.py: NOTE: this checkpoint was trained on procedural faces only (data.py's tiny world); "
+        print("infer.py: NOTE: this checkpoint was trained on procedural faces only (procedural.py's tiny world); "
               "on real photos and videos it cannot draw a face. Real faces need the paper preset trained on "
               "VoxCeleb2 (README, 'Training').", file=sys.stderr)
     print(f"infer.py: {K} frames ({K / fps:.2f} s at {fps:g} fps), {W}x{H}, model {cfg.get('model')} {S} px on "
