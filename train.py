@@ -5,21 +5,18 @@
   --stage inversion  "then train HyperStyle ... with pSp encoder"     (Sec. 4.1.2; inversion.py)
   --stage fctfg      E_can, E_m, temporal fusion with Eq. (3)-(9)     (Sec. 3; fusion.py, losses.py)
 
-Each stage reads the previous stage's checkpoint with --init; the FC-TFG stage fine-tunes the
-pre-trained parts as the paper says ("the pre-trained models are fine-tuned during training"), unless
---freeze_pretrained.
+Each stage reads the previous stage's checkpoint with --init; the FC-TFG stage fine-tunes the pre-trained parts
+as the paper says ("the pre-trained models are fine-tuned during training"), unless --freeze_pretrained.
 
 Run:  python train.py --stage stylegan2 --preset tiny --out runs/sg2          (1 process, CPU or GPU)
       torchrun --nproc_per_node 8 train.py --stage stylegan2 --preset paper --data /vox   (8 GPUs)
 
-Distributed training, the nanoGPT way but without the DDP wrapper: every rank computes gradients on
-its own shard of the batch and we average them with ONE explicit all-reduce per optimiser step
-(`average_gradients`). That is the same arithmetic DDP performs, but it works unchanged with the
-double-backward of R1 / path length and with several forward passes per step, where DDP's hooks need
-special care. Only rank 0 (`is_main`) prints and writes files.
+Distributed training, the nanoGPT way but without the DDP wrapper: every rank computes gradients on its own
+shard of the batch and `step_optimizer` averages them with ONE explicit all-reduce per optimiser step. That is
+the same arithmetic DDP performs, but it works unchanged with the double-backward of R1 / path length and with
+several forward passes per step, where DDP's hooks need extra care. Only rank 0 (`is_main`) prints and writes files.
 
-Not here: network definitions (stylegan2.py, inversion.py, audio.py, fusion.py), loss formulas
-(losses.py), metrics (evaluate.py).
+Not here: networks (stylegan2.py, inversion.py, audio.py, fusion.py), losses (losses.py), metrics (evaluate.py).
 """
 import argparse
 import ast
@@ -45,8 +42,8 @@ import losses
 import stylegan2
 import stylegan2_ops as ops
 
-# ----------------------------------------------------------------------------------------------------
-# Presets: plain dicts. Every key is also a command-line flag (--key value) of the same type, explained
+# ==== Presets ======================================================================================
+# Plain dicts. Every key is also a command-line flag (--key value) of the same type, explained
 # in HELP. `model` names the architecture preset of every module (stylegan2.PRESETS, fusion.PRESETS, ...).
 # "tiny-scale deviation": a choice of the CPU reproduction, not the paper's; RESULTS.md measures it.
 PRESETS = {
@@ -60,8 +57,7 @@ PRESETS = {
         hyper_steps=1, hyper_from=0.5, mbstd_group=4, recon_weight=10.0, expert_loss="nce",
         gan_every=1, lr_rampdown=0, feature_weight=0.0, latent_weight=0.0,
         source_from="identity", canonical="plain", drive_mouth="swap",
-        layers="0,1,2,3,4,5,6", audio_layers="0,1,2,3,4,5,6", grad_ckpt=0,
-    ),
+        layers="0,1,2,3,4,5,6", audio_layers="0,1,2,3,4,5,6", grad_ckpt=0),
     "paper": dict(
         model="paper", size=256, batch=4, accum=1, max_steps=800_000, seed=0,
         lr=0.002, lr_fctfg=1e-4, lr_syncnet=1e-4, lr_inversion=1e-4,
@@ -72,8 +68,7 @@ PRESETS = {
         hyper_steps=3, hyper_from=0.5, mbstd_group=4, recon_weight=0.0, expert_loss="bce",
         gan_every=1, lr_rampdown=0, feature_weight=0.0, latent_weight=0.0,
         source_from="clip", canonical="plain", drive_mouth="own",
-        layers="1,2,3,4,7,8,9,10", audio_layers="7,8", grad_ckpt=1,
-    ),
+        layers="1,2,3,4,7,8,9,10", audio_layers="7,8", grad_ckpt=1),
 }
 TINY = "tiny-scale deviation, see RESULTS.md"
 HELP = {
@@ -125,8 +120,7 @@ HELP = {
     "grad_ckpt": "1: activation checkpointing of the G, D, E_inv, HyperStyle and ArcFace blocks, recomputed in "
                  "backward (memory for ~1/3 more compute; not in the paper: it lets the paper preset's fine-tuned "
                  "FC-TFG step fit, BENCHMARKS.md); 0: off",
-    "audio_layers": "FC-TFG stage: manipulated w indices whose E_m also sees z_a (Sec. 4.1.2: 7, 8; "
-                    f"tiny: all, {TINY})",
+    "audio_layers": f"FC-TFG stage: manipulated w indices whose E_m also sees z_a (Sec. 4.1.2: 7, 8; tiny: all, {TINY})",
 }
 CHOICES = dict(  # the keys with a fixed set of values (argparse refuses others in one line)
     amp=("none", "bf16"), temporal=("conv", "lstm", "none"), disc=("image", "video"),
@@ -163,14 +157,10 @@ def parse_args(argv=None):
     for k, v in PRESETS[known.preset].items():
         ap.add_argument(f"--{k}", type=type(v), default=v, choices=CHOICES.get(k), help=f"{HELP[k]} (default {v})")
     args = ap.parse_args(argv)
-    cfg = {k: getattr(args, k) for k in PRESETS[known.preset]}
-    return args, cfg
+    return args, {k: getattr(args, k) for k in PRESETS[known.preset]}
 
 
-# ====================================================================================================
-# Distributed set-up (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` runs one process)
-# ====================================================================================================
-
+# ==== Distributed set-up (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` runs one process) ====
 def setup_distributed(device_arg):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -190,10 +180,8 @@ def all_reduce_mean(tensors, world):
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= world
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(chunk.view_as(t))
 
 
 def average_gradients(params, world):
@@ -202,28 +190,31 @@ def average_gradients(params, world):
     all_reduce_mean([p.grad for p in params if p.grad is not None], world)
 
 
+def step_optimizer(opt, world):
+    """One optimiser step on every rank: average_gradients of the parameters `opt` updates, then opt.step()."""
+    average_gradients([p for group in opt.param_groups for p in group["params"]], world)
+    opt.step()
+
+
 def batchnorm_across_ranks(stage, world, device):
     """BatchNorm under several ranks (E_a, pSp, HyperStyle, the expert have it): on GPUs every stage
     network's BatchNorm becomes SyncBatchNorm (statistics over the global batch, as one process would
     compute them); gloo on CPUs has no SyncBatchNorm, so there the running statistics are averaged
     after each step instead (ranks stay identical; the normalisation uses each rank's shard). The
-    parameters stay the same objects, so the optimisers need no rebuild. -> the step hook (or None)."""
+    parameters stay the same objects, so the optimisers need no rebuild. -> the hook to call after each step."""
     if world == 1:
-        return None
+        return lambda: None
     if device.type == "cuda":
         for name in stage.models:
             setattr(stage, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(stage, name)))
-        return None
+        return lambda: None
     stats = [t for name in stage.models for m in getattr(stage, name).modules()
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
              for t in (m.running_mean, m.running_var)]
-    return (lambda: all_reduce_mean(stats, world)) if stats else None
+    return lambda: all_reduce_mean(stats, world)  # no BatchNorm (stats empty): a no-op
 
 
-# ====================================================================================================
-# Checkpoints: atomic, weights_only-loadable (tensors, dicts, lists, numbers, strings only)
-# ====================================================================================================
-
+# ==== Checkpoints: atomic, weights_only-loadable (tensors, dicts, lists, numbers, strings only) ====
 def rng_state():
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -248,8 +239,7 @@ def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
     keys = [k for k in (rows[0] if rows else {}) if k not in ("step", "time", "img_per_s", "peak_mem_gb")]
     if not keys:
         return 0
-    W, H = panel
-    ncol = min(3, len(keys))
+    (W, H), ncol = panel, min(3, len(keys))
     img = Image.new("RGB", (W * ncol, H * math.ceil(len(keys) / ncol)), "white")
     draw = ImageDraw.Draw(img)
     for i, key in enumerate(keys):
@@ -259,8 +249,7 @@ def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
         if len(pts) < 2:
             draw.text((ox + 44, oy + 3), f"{key}: {len(pts)} point(s)", fill="black")
             continue
-        steps = np.array([p[0] for p in pts], float)
-        vals = np.array([p[1] for p in pts], float)
+        steps, vals = (np.array(c, float) for c in zip(*pts))
         mean = np.convolve(vals, np.ones(min(smooth, len(vals))) / min(smooth, len(vals)), mode="valid")
         lo, hi = np.percentile(vals, [1, 99])
         hi = hi if hi > lo else lo + 1e-8
@@ -277,10 +266,7 @@ def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
     return len(keys)
 
 
-# ====================================================================================================
-# Learning-rate schedule (any stage; off in both presets)
-# ====================================================================================================
-
+# ==== Learning-rate schedule (any stage; off in both presets) =====================================
 def lr_factor(step, max_steps, rampdown):
     """Multiplier of every optimiser's lr at `step`: 1, then a half cosine from 1 down to 0 over the
     last `rampdown` steps (0: constant lr, the paper's recipe). The tiny recipe's StyleGAN2 stage: at 2e-3
@@ -289,8 +275,7 @@ def lr_factor(step, max_steps, rampdown):
     depend on it, so a finished run can be extended with a ramp and --resume."""
     if rampdown <= 0 or step < max_steps - rampdown:
         return 1.0
-    t = (step - (max_steps - rampdown)) / rampdown
-    return 0.5 + 0.5 * math.cos(math.pi * t)
+    return 0.5 + 0.5 * math.cos(math.pi * ((step - (max_steps - rampdown)) / rampdown))
 
 
 def set_lr(optimizers, factor):
@@ -300,10 +285,7 @@ def set_lr(optimizers, factor):
             group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
 
 
-# ====================================================================================================
-# Stage 1: StyleGAN2 (non-saturating loss, lazy R1 / path length, EMA, style mixing; spec §7)
-# ====================================================================================================
-
+# ==== Stage 1: StyleGAN2 (non-saturating loss, lazy R1 / path length, EMA, style mixing; spec §7) ====
 def accumulate_ema(ema, model, beta):
     """ema <- beta*ema + (1-beta)*model for parameters; buffers (fixed noise maps) are copied."""
     with torch.no_grad():
@@ -317,7 +299,7 @@ class StyleGAN2Stage:
     """Stage 1. Lazy regularisation (StyleGAN2 Sec. 3.2): R1 every r1_every D steps and path length
     every pl_every G steps, each scaled by its interval; Adam's lr and betas are scaled by
     c = k/(k+1) so the regularised optimiser moves at the intended speed."""
-    models = ("g", "d", "g_ema")
+    models, extra_state = ("g", "d", "g_ema"), ("pl_mean",)  # in the checkpoint: networks, extra tensors
     grid_nrow = 8  # sample grid: 2 rows of fixed-z samples (+ a row of real frames, a row of reconstructions)
 
     def __init__(self, cfg, device, args):
@@ -330,64 +312,50 @@ class StyleGAN2Stage:
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg["lr"] * cg, betas=(0.0, 0.99 ** cg))
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg["lr"] * cd, betas=(0.0, 0.99 ** cd))
         self.optimizers = {"opt_g": self.opt_g, "opt_d": self.opt_d}
-        # Tiny-scale deviation (recon_weight > 0; the paper preset has 0): a StyleGAN2 trained from
-        # scratch needs hundreds of kimg before its range covers the data, far beyond a CPU budget
-        # (16 kimg gave colour blobs). So the pSp encoder is trained *with* G here, G(E(x)) ~ x by L1,
-        # next to the usual GAN loss: G becomes a decoder whose W+ space already holds the training
-        # faces, and the inversion stage starts from this encoder. The GAN terms are unchanged.
+        # Tiny-scale deviation (recon_weight > 0; the paper preset has 0): a StyleGAN2 trained from scratch needs
+        # hundreds of kimg before its range covers the data, far beyond a CPU budget (16 kimg gave colour blobs).
+        # So the pSp encoder is trained *with* G here, G(E(x)) ~ x by L1, next to the unchanged GAN loss: G becomes
+        # a decoder whose W+ space already holds the training faces, and the inversion stage starts from this encoder.
         if cfg["gan_every"] > 1 and cfg["recon_weight"] <= 0:
             raise SystemExit("error: --gan_every > 1 only thins the GAN terms of the reconstruction recipe; "
                              "it needs --recon_weight > 0 (a plain GAN step always has them)")
         self.e_inv = None
         if cfg["recon_weight"] > 0:
             self.e_inv = inversion.PSPEncoder(**inversion.PRESETS[cfg["model"]]["psp"]).to(device)
-            with torch.no_grad():
-                self.e_inv.set_latent_avg(self.g.mean_latent(4096)[0])
-            self.opt_e = torch.optim.Adam(self.e_inv.parameters(), lr=cfg["lr_inversion"])
-            self.optimizers["opt_e"] = self.opt_e
+            self.e_inv.set_latent_avg(self.g.mean_latent(4096)[0])  # no graph: mean_latent runs under no_grad
+            self.optimizers["opt_e"] = self.opt_e = torch.optim.Adam(self.e_inv.parameters(), lr=cfg["lr_inversion"])
             self.models = self.models + ("e_inv",)
         self.pl_mean = torch.zeros((), device=device)
-        self.extra_state = ("pl_mean",)
 
     def dataset(self, clips):
         return data.FramePool(clips, self.cfg["frame_pool"], self.cfg["seed"], self.cfg["feature_weight"])
-
-    def _d_step(self, k, micro, world, autocast, zdim, dev):
-        """D: softplus(D(fake)) + softplus(-D(real)), the non-saturating loss of Eq. (8), lazy R1."""
-        cfg, G, D = self.cfg, self.g, self.d
-        n_acc, logs = len(micro), {}
-        G.requires_grad_(False), D.requires_grad_(True)
-        self.opt_d.zero_grad(set_to_none=True)
-        for mb in micro:
-            real = mb["image"]
-            with autocast():
-                fake = G.sample(torch.randn(real.shape[0], zdim, device=dev), mixing_prob=cfg["mixing"])
-                loss_d = losses.gan_loss_d(D(real), D(fake))
-            if cfg["r1_every"] and k % cfg["r1_every"] == 0:
-                r1_term, logs["r1"] = losses.lazy_r1(D, real, cfg["r1_gamma"], cfg["r1_every"])
-                loss_d = loss_d + r1_term
-            (loss_d / n_acc).backward()
-        average_gradients(list(D.parameters()), world)
-        self.opt_d.step()
-        logs["loss_d"] = loss_d
-        return logs
 
     def step(self, k, micro, world, autocast):
         """One D step and one G step. `micro`: this rank's micro-batches (gradient accumulation);
         gradients are summed over them, then averaged over ranks. Returns losses for logging."""
         cfg, G, D = self.cfg, self.g, self.d
-        n_acc, zdim = len(micro), G.style_dim
-        dev = micro[0]["image"].device
-        logs = {}
-
+        n_acc, zdim, dev = len(micro), G.style_dim, micro[0]["image"].device
         # gan_every > 1 (tiny recipe only; needs recon_weight > 0): the D step and G's adversarial term
         # run on every gan_every-th step, the other steps train E and G by reconstruction alone. At this
         # scale the GAN terms cost ~2/3 of a step and do not make G's random samples faces within a CPU
         # budget, while every reconstruction step raises the fidelity that FC-TFG inherits.
         every = max(1, cfg["gan_every"])
-        gan = k % every == 0
-        if gan:  # R1 counts D steps, so its lazy interval (and scaling) means the same for any gan_every
-            logs.update(self._d_step(k // every, micro, world, autocast, zdim, dev))
+        gan, logs = k % every == 0, {}
+        if gan:  # --- D: softplus(D(fake)) + softplus(-D(real)), the non-saturating loss of Eq. (8), lazy R1 ---
+            k_d = k // every  # R1 counts D steps: its lazy interval (and scaling) means the same for any gan_every
+            G.requires_grad_(False), D.requires_grad_(True)
+            self.opt_d.zero_grad(set_to_none=True)
+            for mb in micro:
+                real = mb["image"]
+                with autocast():
+                    fake = G.sample(torch.randn(real.shape[0], zdim, device=dev), mixing_prob=cfg["mixing"])
+                    loss_d = losses.gan_loss_d(D(real), D(fake))
+                if cfg["r1_every"] and k_d % cfg["r1_every"] == 0:
+                    r1_term, logs["r1"] = losses.lazy_r1(D, real, cfg["r1_gamma"], cfg["r1_every"])
+                    loss_d = loss_d + r1_term
+                (loss_d / n_acc).backward()
+            step_optimizer(self.opt_d, world)
+            logs["loss_d"] = loss_d
 
         # --- G: softplus(-D(G(z))) (+ the tiny preset's reconstruction term) ---
         G.requires_grad_(True), D.requires_grad_(False)
@@ -408,27 +376,20 @@ class StyleGAN2Stage:
                     loss_g = loss_g + cfg["recon_weight"] * rec
                     logs["recon_l1"] = rec
             if gan and cfg["pl_every"] and k % cfg["pl_every"] == 0:
-                ws = G.sample_ws(torch.randn(max(1, B // cfg["pl_batch_shrink"]), zdim, device=dev),
-                                 cfg["mixing"])
+                ws = G.sample_ws(torch.randn(max(1, B // cfg["pl_batch_shrink"]), zdim, device=dev), cfg["mixing"])
                 img = G.synthesis(ws, noise_mode="random")
                 pl, self.pl_mean, mean_len = stylegan2.path_length_penalty(img, ws, self.pl_mean)
-                if world > 1:  # one running mean for all ranks (the mean over the global batch)
-                    dist.all_reduce(self.pl_mean)
-                    self.pl_mean /= world
+                all_reduce_mean([self.pl_mean], world)  # one running mean for all ranks (over the global batch)
                 # zero-weighted image term: every parameter of G receives a gradient on every rank
                 loss_g = loss_g + cfg["pl_weight"] * cfg["pl_every"] * pl + 0 * img[0, 0, 0, 0]
                 logs["pl"], logs["path_length"] = pl, mean_len
             (loss_g / n_acc).backward()
-        average_gradients(list(G.parameters()), world)
-        self.opt_g.step()
+        step_optimizer(self.opt_g, world)
         if self.e_inv is not None:
-            average_gradients(list(self.e_inv.parameters()), world)
-            self.opt_e.step()
+            step_optimizer(self.opt_e, world)
         logs["loss_g"] = loss_g
-
         # EMA of G with a half-life of ema_kimg thousand images (spec §7)
-        beta = 0.5 ** (n_acc * micro[0]["image"].shape[0] * world / (cfg["ema_kimg"] * 1000))
-        accumulate_ema(self.g_ema, G, beta)
+        accumulate_ema(self.g_ema, G, 0.5 ** (n_acc * micro[0]["image"].shape[0] * world / (cfg["ema_kimg"] * 1000)))
         return logs
 
     @torch.no_grad()
@@ -441,16 +402,11 @@ class StyleGAN2Stage:
         return torch.cat([out, x, self.g_ema.synthesis(self.e_inv.eval()(x), noise_mode="const")])
 
 
-# ====================================================================================================
-# Stage 2: the lip-sync expert (SyncNet of audio.py), trained as Wav2Lip trains it
-# ====================================================================================================
-
+# ==== Stage 2: the lip-sync expert (SyncNet of audio.py), trained as Wav2Lip trains it ============
 def pair_auc(score, y):
     """P(score of a y=1 item > score of a y=0 item) over all pairs of the batch; NaN without both."""
     pos, neg = score[y > 0], score[y <= 0]
-    if not len(pos) or not len(neg):
-        return torch.tensor(float("nan"))
-    return (pos[:, None] > neg[None, :]).float().mean()
+    return (pos[:, None] > neg[None, :]).float().mean() if len(pos) and len(neg) else torch.tensor(float("nan"))
 
 
 class SyncNetStage:
@@ -458,13 +414,12 @@ class SyncNetStage:
     pre-trained expert; with no weights to download we train our own, with one of two losses:
       expert_loss="bce" (paper preset): Wav2Lip's BCE(cos, y) on in-sync (y=1) / shifted (y=0) pairs;
       expert_loss="nce" (tiny preset): symmetric InfoNCE over the batch's in-sync pairs (CLIP-style,
-        audio.loss_expert_nce). Measured on the procedural set (2026-11-25): BCE stayed at ln 2 for
-        1500 steps (cos of ReLU embeddings starts near 1 for every pair, and one shifted negative per
-        positive gives a weak signal), while InfoNCE, with B-1 negatives per positive, separates
-        in-sync from shifted windows of the SAME clip (held-out AUC ~0.8) within 200 steps.
+        audio.loss_expert_nce). Measured on the procedural set (2026-11-25): BCE stayed at ln 2 for 1500 steps
+        (cos of ReLU embeddings starts near 1 for every pair, and one shifted negative per positive gives a weak
+        signal), while InfoNCE, with B-1 negatives per positive, separates in-sync from shifted windows of the
+        SAME clip (held-out AUC ~0.8) within 200 steps.
     Both train the same network and L_sync (Eq. 4) uses its cosine either way."""
-    models = ("syncnet",)
-    extra_state = ()
+    models, extra_state = ("syncnet",), ()
 
     def __init__(self, cfg, device, args):
         self.cfg = cfg
@@ -485,8 +440,7 @@ class SyncNetStage:
         auc = []
         for mb in micro:
             with autocast():
-                face = audio.expert_window(mb["frames"], size=self.syncnet.face_hw[1])
-                a, v = self.syncnet(mb["mel_expert"], face)
+                a, v = self.syncnet(mb["mel_expert"], audio.expert_window(mb["frames"], size=self.syncnet.face_hw[1]))
                 cos = (a * v).sum(1).float()
                 if self.cfg["expert_loss"] == "bce":   # Wav2Lip: BCE(cos, y)
                     loss = audio.loss_expert_bce(cos.clamp(0, 1), mb["y"])
@@ -494,29 +448,23 @@ class SyncNetStage:
                     loss = audio.loss_expert_nce(a[mb["y"] > 0], v[mb["y"] > 0])
             (loss / len(micro)).backward()
             auc.append(pair_auc(cos.detach(), mb["y"]))
-        average_gradients(list(self.syncnet.parameters()), world)
-        self.opt.step()
+        step_optimizer(self.opt, world)
         # AUC: how often an in-sync pair scores above a shifted one (0.5 = chance); threshold-free,
         # so it means the same under both losses (NCE does not calibrate cos to P(sync) = 0.5); a batch
         # whose pairs are all in sync (or all shifted, likely at batch 2) has none: not logged then
         auc = torch.stack(auc).nanmean()
         return {"loss_sync_expert": loss, **({"auc": auc} if torch.isfinite(auc) else {})}
 
-    @torch.no_grad()
     def samples(self, batch, seed):
         return batch["frames"][:8, 0]  # the expert has no images of its own: show its inputs
 
 
-# ====================================================================================================
-# Stage 3: inversion (pSp encoder, then HyperStyle) on the frozen StyleGAN2 of stage 1
-# ====================================================================================================
-
+# ==== Stage 3: inversion (pSp encoder, then HyperStyle) on the frozen StyleGAN2 of stage 1 ========
 def load_judges(args, device):
     """The frozen pre-trained networks of Eq. (5) and (7): ArcFace E_id and VGG19, or None where
     --arcface / --vgg is not given (a randomly initialised judge would only add noise)."""
-    e_id = inversion.load_arcface(args.arcface).to(device) if args.arcface else None
-    vgg = losses.load_vgg19(args.vgg).to(device).eval().requires_grad_(False) if args.vgg else None
-    return e_id, vgg
+    return (inversion.load_arcface(args.arcface).to(device) if args.arcface else None,
+            losses.load_vgg19(args.vgg).to(device).eval().requires_grad_(False) if args.vgg else None)
 
 
 def load_stage_models(path, names):
@@ -533,8 +481,7 @@ class InversionStage:
     """Stage 3 (Sec. 4.1.2): first the pSp encoder E_inv is trained to invert the frozen G, then
     HyperStyle is trained on the frozen encoder's codes (inversion.psp_loss / hyperstyle_loss: MSE,
     plus the identity and perceptual terms when their pre-trained weights are given)."""
-    models = ("e_inv", "hyper", "g_ema", "d")
-    extra_state = ()
+    models, extra_state = ("e_inv", "hyper", "g_ema", "d"), ()
     grid_nrow = 8  # rows: target | pSp | pSp + HyperStyle
 
     def __init__(self, cfg, device, args):
@@ -545,10 +492,8 @@ class InversionStage:
         self.g_ema, self.d = self.g, stylegan2.Discriminator.from_preset(cfg["model"]).to(device)
         if args.init:  # stage-1 checkpoint: g_ema is the decoder, its mean w starts the encoder
             ck = load_stage_models(args.init, ["g_ema", "d"])
-            self.g.load_state_dict(ck["g_ema"])
-            self.d.load_state_dict(ck["d"])
-        with torch.no_grad():
-            latent_avg = self.g.mean_latent(4096)[0]
+            self.g.load_state_dict(ck["g_ema"]), self.d.load_state_dict(ck["d"])
+        latent_avg = self.g.mean_latent(4096)[0]  # G is frozen (no graph)
         self.e_inv = inversion.PSPEncoder(**p["psp"]).to(device)
         self.e_inv.set_latent_avg(latent_avg)
         if args.init and "e_inv" in ck:  # tiny recipe: the encoder trained jointly with G (recon_weight)
@@ -556,9 +501,8 @@ class InversionStage:
         self.hyper = inversion.HyperStyle(inversion.layer_shapes(self.g), **p["hyperstyle"]).to(device)
         self.e_id, vgg = load_judges(args, device)
         self.perceptual = (lambda a, b: losses.perceptual_loss(vgg, a, b)) if vgg is not None else None
-        lr = cfg["lr_inversion"]
-        self.opt_e = torch.optim.Adam(self.e_inv.parameters(), lr=lr)
-        self.opt_h = torch.optim.Adam(self.hyper.parameters(), lr=lr)
+        self.opt_e, self.opt_h = (torch.optim.Adam(net.parameters(), lr=cfg["lr_inversion"])
+                                  for net in (self.e_inv, self.hyper))
         self.optimizers = {"opt_e": self.opt_e, "opt_h": self.opt_h}
 
     def dataset(self, clips):
@@ -568,7 +512,7 @@ class InversionStage:
         """Steps before hyper_from * max_steps train the pSp encoder alone (HyperStyle's recipe starts
         from a converged encoder); later steps freeze it and train HyperStyle on its codes."""
         psp_phase = k < self.cfg["hyper_from"] * self.cfg["max_steps"]
-        net, opt = (self.e_inv, self.opt_e) if psp_phase else (self.hyper, self.opt_h)
+        opt = self.opt_e if psp_phase else self.opt_h
         self.e_inv.train(psp_phase), self.hyper.train(not psp_phase)
         opt.zero_grad(set_to_none=True)
         for mb in micro:
@@ -582,9 +526,8 @@ class InversionStage:
                     loss, parts, _ = inversion.hyperstyle_loss(self.hyper, self.g, x, ws, self.cfg["hyper_steps"],
                                                               self.e_id, self.perceptual)
             (loss / len(micro)).backward()
-        average_gradients(list(net.parameters()), world)
-        opt.step()
-        return {"loss_psp" if psp_phase else "loss_hyperstyle": loss, **{f"{k2}": v for k2, v in parts.items()}}
+        step_optimizer(opt, world)
+        return {"loss_psp" if psp_phase else "loss_hyperstyle": loss, **parts}
 
     @torch.no_grad()
     def samples(self, batch, seed):
@@ -595,10 +538,7 @@ class InversionStage:
         return torch.cat([x, rec_psp, rec_h])  # rows: target | pSp | pSp + HyperStyle
 
 
-# ====================================================================================================
-# Stage 4: FC-TFG (Sec. 3): E_can, E_m, Temporal Fusion trained with Eq. (3)-(9); the rest fine-tuned
-# ====================================================================================================
-
+# ==== Stage 4: FC-TFG (Sec. 3): E_can, E_m, Temporal Fusion trained with Eq. (3)-(9); the rest fine-tuned ====
 class FCTFGStage:
     """Stage 4. Per step, on windows of T frames (x_d) with a source frame x_s of the same clip and
     the audio windows of every frame (x_a):
@@ -606,34 +546,27 @@ class FCTFGStage:
       G step: L_total of Eq. (9) = 1 L_ortho + 0.1 L_sync + 0.5 L_id + 1 L1 + 1 L_LPIPS + 0.1 L_GAN.
     Terms whose pre-trained network is not given (--syncnet, --arcface, --vgg) are left out and said
     so at start-up: a random ArcFace/VGG would only add noise."""
-    models = ("fctfg", "d")
-    extra_state = ()
+    models, extra_state = ("fctfg", "d"), ()
     grid_nrow = 4  # sample grid: one row per kind (see samples)
 
     def __init__(self, cfg, device, args):
         self.cfg = cfg
         try:
-            self.fctfg = fusion.FCTFG(cfg["model"], temporal=cfg["temporal"], window=cfg["window"],
-                                      canonical_skip=cfg["canonical"] == "residual",
-                                      layers=fusion.parse_layers(cfg["layers"]),
-                                      audio_layers=fusion.parse_layers(cfg["audio_layers"])).to(device)
+            layers = {k: fusion.parse_layers(cfg[k]) for k in ("layers", "audio_layers")}  # w indices, Sec. 4.1.2
+            self.fctfg = fusion.FCTFG(cfg["model"], temporal=cfg["temporal"], window=cfg["window"], **layers,
+                                      canonical_skip=cfg["canonical"] == "residual").to(device)
         except ValueError as e:
             raise SystemExit(f"error: --layers {cfg['layers']} --audio_layers {cfg['audio_layers']}: {e}") from None
-        m = self.fctfg
-        p = stylegan2.PRESETS[cfg["model"]]
-        # D's minibatch-stddev groups must divide the images it sees per call (batch x window for the
-        # image D): the largest divisor not above --mbstd_group, said when it is smaller (batch 1 of
-        # 5-frame windows: group 1)
+        m, p = self.fctfg, stylegan2.PRESETS[cfg["model"]]
+        # D's minibatch-stddev groups must divide the images it sees per call (batch x window for the image D):
+        # the largest divisor not above --mbstd_group, said when it is smaller (batch 1 of 5-frame windows: group 1)
         n_d = cfg["batch"] * (1 if cfg["disc"] == "video" else cfg["window"])
         group = max(g for g in range(1, min(n_d, cfg["mbstd_group"]) + 1) if n_d % g == 0)
         self.note = "" if group == min(n_d, cfg["mbstd_group"]) else \
             f"D's minibatch-stddev group: {group} (divides the {n_d} images per D call; --mbstd_group {cfg['mbstd_group']})"
-        if cfg["disc"] == "video":
-            self.d = fusion.VideoDiscriminator(p["size"], cfg["window"], p["channel_multiplier"], p["channels"],
-                                               stddev_group=group).to(device)
-        else:
-            self.d = stylegan2.Discriminator(p["size"], p["channel_multiplier"], p["channels"],
-                                             stddev_group=group).to(device)
+        d_cls, d_size = ((fusion.VideoDiscriminator, (p["size"], cfg["window"])) if cfg["disc"] == "video"
+                         else (stylegan2.Discriminator, (p["size"],)))
+        self.d = d_cls(*d_size, p["channel_multiplier"], p["channels"], stddev_group=group).to(device)
         if args.init:  # inversion-stage checkpoint: G (g_ema), D, E_inv, HyperStyle
             ck = load_stage_models(args.init, ["g_ema", "d", "e_inv", "hyper"])
             m.G.load_state_dict(ck["g_ema"]), m.E_inv.load_state_dict(ck["e_inv"]), m.H.load_state_dict(ck["hyper"])
@@ -667,32 +600,24 @@ class FCTFGStage:
     def dataset(self, clips):
         self.frames_per_sample = self.cfg["window"]
         return data.ClipWindows(clips, self.cfg["window"], self.cfg["seed"], source=True,
-                           source_from=self.cfg["source_from"], drive_mouth=self.cfg["drive_mouth"],
-                           feature_weight=self.cfg["feature_weight"])
-
-    @torch.no_grad()
-    def _codes(self, x):
-        """E_inv of frames [B, T, 3, H, W] -> [B, T, L, C] (the latent target of swapped-mouth windows)."""
-        return self.fctfg.E_inv(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+                                **{k: self.cfg[k] for k in ("source_from", "drive_mouth", "feature_weight")})
 
     def _d(self, x):  # image D sees every frame; video D sees the T frames stacked on channels
         return self.d(x) if self.cfg["disc"] == "video" else self.d(x.flatten(0, 1))
 
     def step(self, k, micro, world, autocast):
-        cfg, L, m, D = self.cfg, losses, self.fctfg, self.d
+        cfg, L, m, D, sn = self.cfg, losses, self.fctfg, self.d, self.syncnet
         m.train()
         for net in self.frozen_nets:  # frozen networks keep their BatchNorm statistics
             net.eval()
-        outs = []
         # One micro-batch: its forward (with graph) serves the D step and then the G step. Several
         # (--accum): the D step generates without a graph and each G step redoes its own forward (BatchNorm
         # statistics counted once), so only one micro-batch's activations live at a time.
-        keep = len(micro) == 1
+        keep, outs = len(micro) == 1, []
         forward = lambda mb: m(mb["source"], mb["drive"], mb["mel"], hyper_steps=cfg["hyper_steps"])
         # --- D step (Eq. 8), on detached generations ---
         D.requires_grad_(True)
         self.opt_d.zero_grad(set_to_none=True)
-        logs = {}
         for mb in micro:
             with autocast(), torch.set_grad_enabled(keep):
                 out = forward(mb)
@@ -702,10 +627,7 @@ class FCTFGStage:
                 loss_d = loss_d + L.lazy_r1(self._d, mb["frames"], cfg["r1_gamma"], cfg["r1_every"])[0]
             (loss_d / len(micro)).backward()
             outs.append(out if keep else None)
-        average_gradients(list(D.parameters()), world)
-        self.opt_d.step()
-        logs["loss_d"] = loss_d
-
+        step_optimizer(self.opt_d, world)
 
         # --- G step: Eq. (9) ---
         D.requires_grad_(False)
@@ -718,38 +640,32 @@ class FCTFGStage:
                     outs[0] = out
             x_g, x_d = out["x_g"], mb["frames"]
             with autocast():
-                terms = {
-                    "ortho": None if cfg["ortho"] == "none" else
-                    L.orthogonality_loss(out["z_sc"], out["z_cd"], cfg["ortho"], layers=m.fusion.layers),
-                    "sync": L.sync_loss(self.syncnet, x_g, mb["mel"], size=self.syncnet.face_hw[1],
-                                        bgr=self.syncnet.input_bgr)
-                    if self.syncnet is not None and x_g.shape[1] % self.syncnet.n_frames == 0 else None,
-                    "id": L.identity_loss(self.e_id, x_g, x_d) if self.e_id is not None else None,
-                    "rec": L.reconstruction_loss(x_g, x_d, mb.get("weight")),
-                    "lpips": L.perceptual_loss(self.vgg, x_g, x_d) if self.vgg is not None else None,
-                    "gan": L.gan_loss_g(self._d(x_g)),
-                }
+                terms = {"ortho": None if cfg["ortho"] == "none" else
+                         L.orthogonality_loss(out["z_sc"], out["z_cd"], cfg["ortho"], layers=m.fusion.layers),
+                         "sync": None if sn is None or x_g.shape[1] % sn.n_frames else
+                         L.sync_loss(sn, x_g, mb["mel"], size=sn.face_hw[1], bgr=sn.input_bgr),
+                         "id": L.identity_loss(self.e_id, x_g, x_d) if self.e_id is not None else None,
+                         "rec": L.reconstruction_loss(x_g, x_d, mb.get("weight")),
+                         "lpips": L.perceptual_loss(self.vgg, x_g, x_d) if self.vgg is not None else None,
+                         "gan": L.gan_loss_g(self._d(x_g))}
                 total, parts = L.total_loss(terms, {"ortho": cfg["ortho_weight"], "sync": cfg["sync_weight"]})
                 if cfg["latent_weight"] > 0:  # tiny-scale aid, not in Eq. (9): losses.latent_reconstruction_loss
                     # the target is the code of the TARGET frames (not of the driving input, whose mouth
-                    # may come from another clip: --drive_mouth swap)
-                    z_t = out["z_d"] if cfg["drive_mouth"] == "own" else self._codes(mb["frames"])
+                    # may come from another clip: --drive_mouth swap): E_inv of x_d frame by frame, [B, T, L, C]
+                    with torch.no_grad():
+                        z_t = out["z_d"] if cfg["drive_mouth"] == "own" else \
+                            m.E_inv(x_d.flatten(0, 1)).unflatten(0, x_d.shape[:2])
                     lat = L.latent_reconstruction_loss(out["z_sd"], z_t.detach(), m.fusion.layers)
                     total = total + cfg["latent_weight"] * lat
                     parts["latent"] = float(lat.detach())
             (total / len(micro)).backward()
-        average_gradients(self.params_g, world)
-        self.opt_g.step()
-        logs.update({k2: v for k2, v in parts.items()})
+        step_optimizer(self.opt_g, world)
+        self.last = (micro[0], outs[0])  # for samples()
         # Motion-collapse watch (RESULTS.md): how far the codes move per frame (0 = a static copy of
         # the source), next to the same for the driving frames' own codes, and the motion code's size.
-        z = outs[0]["z_sd"].detach()
-        logs["dw"] = (z[:, 1:] - z[:, :-1]).abs().mean() if z.shape[1] > 1 else z.new_zeros(())
-        zd = outs[0]["z_d"].detach()
-        logs["dw_drv"] = (zd[:, 1:] - zd[:, :-1]).abs().mean() if zd.shape[1] > 1 else zd.new_zeros(())
-        logs["z_cd"] = outs[0]["z_cd"].detach().abs().mean()
-        self.last = (micro[0], outs[0])
-        return logs
+        z_sd, z_d, z_cd = (outs[0][n].detach() for n in ("z_sd", "z_d", "z_cd"))
+        motion = lambda z: (z[:, 1:] - z[:, :-1]).abs().mean() if z.shape[1] > 1 else z.new_zeros(())
+        return {"loss_d": loss_d, **parts, "dw": motion(z_sd), "dw_drv": motion(z_d), "z_cd": z_cd.abs().mean()}
 
     @torch.no_grad()
     def samples(self, batch, seed):
@@ -760,16 +676,12 @@ class FCTFGStage:
         return torch.cat([mb["source"][:n], mb["frames"][:n, 0], out["x_g"][:n, 0].detach(), canon])
 
 
-STAGE_CLASSES = {"stylegan2": StyleGAN2Stage, "syncnet": SyncNetStage, "inversion": InversionStage,
-                 "fctfg": FCTFGStage}
+STAGE_CLASSES = dict(zip(STAGES, (StyleGAN2Stage, SyncNetStage, InversionStage, FCTFGStage)))  # --stage -> class
 
 
-# ====================================================================================================
-# The loop
-# ====================================================================================================
-
+# ==== The loop ====================================================================================
 class StopTraining(Exception):
-    pass
+    """Ends the run cleanly with exit status 3 (the message goes to stderr; the last checkpoint stays)."""
 
 
 class Signals:
@@ -778,10 +690,8 @@ class Signals:
 
     def __init__(self):
         self.signal = None
-        self.old = {sig: signal.signal(sig, self._catch) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def _catch(self, signum, frame):
-        self.signal = signum
+        catch = lambda signum, frame: setattr(self, "signal", signum)
+        self.old = {sig: signal.signal(sig, catch) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def restore(self):
         for sig, handler in self.old.items():
@@ -830,8 +740,8 @@ def memory_check(stage, stage_name, cfg, device):
         except (OSError, KeyError, ValueError):
             free = None
     line = (f"memory estimate: {fixed:.1f} GiB weights, gradients and Adam moments ({n_train / 1e6:.1f} M of "
-            f"{n_all / 1e6:.1f} M parameters train)"
-            + (f" + {act:.2f} GiB activations x batch {cfg['batch']}" if act else " + activations (not measured for this setting)")
+            f"{n_all / 1e6:.1f} M parameters train) + "
+            + (f"{act:.2f} GiB activations x batch {cfg['batch']}" if act else "activations (not measured for this setting)")
             + f" = {est:.1f} GiB" + (f"; {free:.1f} GiB available on {device.type}" if free is not None else ""))
     if free is not None and est > free:
         line += ("\nWARNING: this will not fit: the run will be killed for memory (CPU) or stop with out of "
@@ -850,9 +760,8 @@ def peak_memory_gb(device):
 
 def log_step(log_file, step, vals, rate, eta_s, mem_gb):
     """One line of log.jsonl and of the console: the step's losses, throughput, peak memory and ETA."""
-    log_file.write(json.dumps({"step": step, "time": time.time(), "img_per_s": rate, "peak_mem_gb": mem_gb,
-                               **vals}) + "\n")
-    log_file.flush()
+    print(json.dumps({"step": step, "time": time.time(), "img_per_s": rate, "peak_mem_gb": mem_gb, **vals}),
+          file=log_file, flush=True)
     print(f"step {step:7d} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
           + f" | {rate:.1f} img/s | peak mem {mem_gb:.1f} GiB | ETA {eta_s / 60:.1f} min", flush=True)
 
@@ -862,10 +771,8 @@ def resume(stage, ck, stage_name, rank, device):
     streams). -> the step to continue from."""
     if ck.get("stage") != stage_name:
         raise SystemExit(f"error: the --resume checkpoint is a {ck.get('stage')!r} checkpoint, not {stage_name!r}")
-    for name in stage.models:
-        getattr(stage, name).load_state_dict(ck[name])
-    for name, opt in stage.optimizers.items():
-        opt.load_state_dict(ck[name])
+    for name, obj in [(n, getattr(stage, n)) for n in stage.models] + list(stage.optimizers.items()):
+        obj.load_state_dict(ck[name])  # networks, then optimisers
     for name in stage.extra_state:  # a checkpoint older than a piece of state keeps its fresh value
         if name in ck["extra"]:
             setattr(stage, name, ck["extra"][name].to(device))
@@ -879,9 +786,8 @@ def save_state(path, stage, args, cfg, step, rank, world):
     explicit all-reduce kept the replicas identical (cheap, once per checkpoint)."""
     rngs = [rng_state()]
     if world > 1:  # gather every rank's RNG state so a resumed run continues all of them
-        rngs = [None] * world
+        rngs, sums = [None] * world, [None] * world
         dist.all_gather_object(rngs, rng_state())
-        sums = [None] * world
         dist.all_gather_object(sums, [float(t.double().sum()) for n in stage.models
                                       for t in getattr(stage, n).state_dict().values() if t.is_floating_point()])
         if any(s_ != sums[0] for s_ in sums):
@@ -895,21 +801,31 @@ def save_state(path, stage, args, cfg, step, rank, world):
     run = {k: getattr(args, k) for k in ("data", "init", "freeze_pretrained", "freeze_audio", "syncnet",
                                          "audio_encoder", "arcface", "vgg", "preset")}
     state = {"stage": args.stage, "step": step, "cfg": dict(cfg), "run": run, "world": world, "rng": rngs,
-             "extra": {n: getattr(stage, n).detach().cpu() for n in stage.extra_state}}
-    for name in stage.models:
-        state[name] = {k: v.detach().cpu() for k, v in getattr(stage, name).state_dict().items()}
-    for name, opt in stage.optimizers.items():
-        state[name] = opt.state_dict()
+             "extra": {n: getattr(stage, n).detach().cpu() for n in stage.extra_state},
+             **{n: {k: v.detach().cpu() for k, v in getattr(stage, n).state_dict().items()} for n in stage.models},
+             **{n: opt.state_dict() for n, opt in stage.optimizers.items()}}
     stylegan2.save_checkpoint(path, state)
+
+
+def print_start(stage, args, cfg, world, device, start, resumed):
+    """Rank 0's start-up lines: the run, the stage's note, the memory estimate (paper preset or GPU)."""
+    if resumed:
+        print(f"resumed from {Path(args.out) / 'last.pt'} at step {start}")
+    print(f"stage {args.stage} | preset {args.preset} | {world} process(es) on {device} | batch {cfg['batch']} x "
+          f"{cfg['accum']} x {world} | steps {start}..{cfg['max_steps']} | out {Path(args.out)}")
+    if getattr(stage, "note", ""):
+        print(stage.note)
+    if cfg["model"] == "paper" or device.type == "cuda":
+        print(memory_check(stage, args.stage, cfg, device))
 
 
 def train(argv=None):
     args, cfg = parse_args(argv)
-    out = Path(args.out)
+    out, n_steps = Path(args.out), cfg["max_steps"]
     last = out / "last.pt"
     ck = stylegan2.load_checkpoint(last) if args.resume and last.is_file() else None  # what --resume continues
-    if ck is not None and ck.get("stage") == args.stage and ck.get("step", 0) >= cfg["max_steps"]:
-        print(f"{last} is already at step {ck['step']} (--max_steps {cfg['max_steps']}): nothing to do")
+    if ck is not None and ck.get("stage") == args.stage and ck.get("step", 0) >= n_steps:
+        print(f"{last} is already at step {ck['step']} (--max_steps {n_steps}): nothing to do")
         return 0  # a finished stage: return before building its dataset
     rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
@@ -923,58 +839,42 @@ def train(argv=None):
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    torch.manual_seed(cfg["seed"] + rank)  # then per-rank seeds: different noise on each shard
-    np.random.seed(cfg["seed"] + rank)
-    random.seed(cfg["seed"] + rank)
-    acc = cfg["accum"]
+    for seed in (torch.manual_seed, np.random.seed, random.seed):  # then per-rank seeds: different noise per shard
+        seed(cfg["seed"] + rank)
     use_amp = cfg["amp"] == "bf16" and device.type == "cuda"  # bf16 autocast on GPUs only
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
-
     start = 0 if ck is None else resume(stage, ck, args.stage, rank, device)
-    if ck is not None and is_main:
-        print(f"resumed from {last} at step {start}")
-    checkpoint = lambda step: save_state(last, stage, args, cfg, step, rank, world)
 
     stop = Signals()  # SIGTERM / SIGINT: finish the current step, save, exit
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "samples").mkdir(exist_ok=True)
-        print(f"stage {args.stage} | preset {args.preset} | {world} process(es) on {device} | "
-              f"batch {cfg['batch']} x {acc} x {world} | steps {start}..{cfg['max_steps']} | out {out}")
-        if getattr(stage, "note", ""):
-            print(stage.note)
-        if cfg["model"] == "paper" or device.type == "cuda":
-            print(memory_check(stage, args.stage, cfg, device))
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        print_start(stage, args, cfg, world, device, start, resumed=ck is not None)
     log_file = open(out / "log.jsonl", "a") if is_main else None
     t0, n_img = time.time(), 0
-    prefetch = data.Prefetch(batches, acc, cfg["workers"], cfg["max_steps"])
-
-    step = start
+    prefetch = data.Prefetch(batches, cfg["accum"], cfg["workers"], n_steps)
     try:
-        for step in range(start, cfg["max_steps"]):
+        for step in range(start, n_steps):
             micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_cpu.items()}
                      for batch_cpu in prefetch(step)]
             if cfg["lr_rampdown"]:
-                set_lr(stage.optimizers.values(), lr_factor(step, cfg["max_steps"], cfg["lr_rampdown"]))
+                set_lr(stage.optimizers.values(), lr_factor(step, n_steps, cfg["lr_rampdown"]))
             try:
                 logs = stage.step(step, micro, world, autocast)
-                if sync_bn is not None:
-                    sync_bn()
+                sync_bn()
             except torch.cuda.OutOfMemoryError:
                 raise StopTraining(f"out of GPU memory at batch {cfg['batch']}: lower --batch and raise "
                                    f"--accum to keep the same effective batch") from None
-            batch = micro[0]
             vals = finite_values(logs, step, last, nan=args.inject_nan == step)
-            n_img += cfg["batch"] * acc * world * getattr(stage, "frames_per_sample", 1)
+            n_img += cfg["batch"] * cfg["accum"] * world * getattr(stage, "frames_per_sample", 1)
             done = step + 1
-            if is_main and (done % cfg["log_every"] == 0 or done == cfg["max_steps"]):
+            if is_main and (done % cfg["log_every"] == 0 or done == n_steps):
                 log_step(log_file, done, vals, n_img / (time.time() - t0),
-                         (cfg["max_steps"] - done) * (time.time() - t0) / (done - start), peak_memory_gb(device))
+                         (n_steps - done) * (time.time() - t0) / (done - start), peak_memory_gb(device))
             if is_main and cfg["sample_every"] and done % cfg["sample_every"] == 0:
-                stylegan2.save_image_grid(stage.samples(batch, cfg["seed"]), out / "samples" / f"{done:07d}.png",
+                stylegan2.save_image_grid(stage.samples(micro[0], cfg["seed"]), out / "samples" / f"{done:07d}.png",
                                           nrow=getattr(stage, "grid_nrow", None))
-            if done % cfg["ckpt_every"] == 0 or done == cfg["max_steps"] or stop.signal:
-                checkpoint(done)
+            if done % cfg["ckpt_every"] == 0 or done == n_steps or stop.signal:
+                save_state(last, stage, args, cfg, done, rank, world)
             if stop.signal:
                 if is_main:
                     print(f"signal {stop.signal}: saved {last} at step {done}, exiting")
@@ -984,8 +884,7 @@ def train(argv=None):
             print(f"error: {e}", file=sys.stderr)
         return 3
     else:
-        if is_main:
-            log_file.flush()
+        if is_main:  # log_step flushed every line: the file is complete
             plot_losses(out / "log.jsonl", out / "loss.png")  # the run's loss curves, one PNG
     finally:
         prefetch.close()
