@@ -174,9 +174,10 @@ class PSPEncoder(nn.Module):
     def forward(self, x):  # [B, 3, H, W] in [-1, 1] -> [B, L, C]
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[2:] != (self.size, self.size):
             raise ValueError(f"PSPEncoder expects [B, 3, {self.size}, {self.size}], got {tuple(x.shape)}")
-        h = self.input_layer(x)
+        ck = self.checkpointing          # the input layer and every unit / head: only their inputs kept
+        h = ops.checkpointed(self.input_layer, x, on=ck)
         for i, unit in enumerate(self.body):
-            h = ops.checkpointed(unit, h, on=self.checkpointing)
+            h = ops.checkpointed(unit, h, on=ck)
             if i == self.taps[0]:
                 c1 = h  # [B, widths[1], H/4, W/4]
             elif i == self.taps[1]:
@@ -189,9 +190,9 @@ class PSPEncoder(nn.Module):
         p2 = up_add(c3, self.latlayer1(c2))
         p1 = up_add(p2, self.latlayer2(c1))
         a, b = self.split
-        codes = [head(c3) for head in self.styles[:a]]          # coarse
-        codes += [head(p2) for head in self.styles[a:b]]        # middle
-        codes += [head(p1) for head in self.styles[b:]]         # fine
+        codes = [ops.checkpointed(head, c3, on=ck) for head in self.styles[:a]]     # coarse
+        codes += [ops.checkpointed(head, p2, on=ck) for head in self.styles[a:b]]   # middle
+        codes += [ops.checkpointed(head, p1, on=ck) for head in self.styles[b:]]    # fine
         return torch.stack(codes, 1) + self.latent_avg           # [B, L, C]
 
 

@@ -6,7 +6,7 @@ Paper map (../shared/paper.md):
   Eq. (5) L_id    = 1 - cos(E_id(x_g), E_id(x_d))   -> identity_loss  (ArcFace from inversion.py)
   Eq. (6) L_rec   = ||x_g - x_d||_1                 -> reconstruction_loss
   Eq. (7) L_LPIPS = (1/N_f) Σ_i ||φ_i(x_g) - φ_i(x_d)||  -> perceptual_loss on VGG19Features (φ = VGG19)
-  Eq. (8) non-saturating GAN, both sides            -> gan_loss_g, gan_loss_d (+ lazy_r1)
+  Eq. (8) non-saturating GAN, both sides            -> gan_loss_g, gan_loss_d, gan_loss_d_backward, lazy_r1
   Eq. (9) L_total = Σ λ_k L_k, λ = 1, .1, .5, 1, 1, .1 -> LAMBDA, total_loss
 
 The networks (SyncNet, ArcFace, D, VGG) are ARGUMENTS of the losses, so each loss can be tested with a
@@ -17,6 +17,7 @@ function says which mean).
 Not here: the networks themselves (audio.py, inversion.py, stylegan2.py, fusion.py); the D step's
 lazy-regularisation schedule and the optimiser (train.py).
 """
+import contextlib
 import os
 
 import torch
@@ -305,15 +306,48 @@ def gan_loss_d(real_logits, fake_logits):
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
-def lazy_r1(D, real, gamma, every):
-    """The D step's R1 term of Eq. (8)'s regulariser, lazily every `every` D steps (StyleGAN2 Sec. 3.2):
-    -> (gamma / 2 * every * R1 + 0 * sum D(real), R1). The interval multiplies the weight so the
-    penalty's average pull is that of R1 on every step. The zero-weighted logits keep D's whole graph in
-    the loss (every parameter gets a gradient, also where R1 alone would leave one out). D: any callable."""
-    real = real.detach().requires_grad_(True)
-    logits = D(real)                     # in full precision: R1 squares gradients
-    r1 = r1_penalty(logits, real)
-    return gamma / 2 * r1 * every + 0 * logits.sum(), r1
+def stddev_groups(D, n):
+    """D's minibatch-stddev groups in a batch of n -> (list of index slices, group size G). The groups are
+    strided (stylegan2.minibatch_stddev: group j = samples j, j + n/G, ...), so D on one group's samples
+    gives exactly the logits those samples get in the whole batch: the D-side terms below can run their
+    forward and backward group by group, holding one group's graph at a time (memory; the sums are the
+    same, BENCHMARKS.md "Paper-preset memory")."""
+    G = min(n, D.stddev_group)
+    return [slice(j, None, n // G) for j in range(n // G)], G
+
+
+def gan_loss_d_backward(D, real, fake, scale=1.0, autocast=contextlib.nullcontext):
+    """The D step of Eq. (8) with its backward run HERE, one stddev group at a time: the batch's
+    gan_loss_d(D(real), D(fake)) is the sum of the groups' G/n shares. fake: detached generations.
+    D: a module with .stddev_group (image or video D). -> the loss (detached, for the log)."""
+    n = real.shape[0]
+    groups, G = stddev_groups(D, n)
+    total = real.new_zeros(())
+    for g in groups:
+        with autocast():
+            part = gan_loss_d(D(real[g]), D(fake[g])) * (G / n)
+        (scale * part).backward()
+        total = total + part.detach()
+    return total
+
+
+def lazy_r1(D, real, gamma, every, scale=1.0):
+    """The D step's R1 regulariser of Eq. (8), lazily every `every` D steps (StyleGAN2 Sec. 3.2), with its
+    backward of scale * gamma / 2 * every * R1 run HERE, one stddev group at a time (R1 is a per-sample
+    mean: the sum of the groups' G/n shares). -> R1 (detached, for the log). The interval multiplies the
+    weight so the average pull is that of R1 on every step; the zero-weighted logits keep D's whole graph
+    in each backward (every parameter gets a gradient). In one piece, the paper preset's R1 over a
+    window's 5 frames held ~2.7 GiB more than a plain step."""
+    n = real.shape[0]
+    groups, G = stddev_groups(D, n)
+    r1_total = real.new_zeros(())
+    for g in groups:
+        part = real[g].detach().requires_grad_(True)
+        logits = D(part)                            # in full precision: R1 squares gradients
+        r1 = r1_penalty(logits, part) * (G / n)
+        (scale * (gamma / 2 * every * r1 + 0 * logits.sum())).backward()
+        r1_total = r1_total + r1.detach()
+    return r1_total
 
 
 def gan_loss_g(fake_logits):

@@ -349,11 +349,9 @@ class StyleGAN2Stage:
                 real = mb["image"]
                 with autocast():
                     fake = G.sample(torch.randn(real.shape[0], zdim, device=dev), mixing_prob=cfg["mixing"])
-                    loss_d = losses.gan_loss_d(D(real), D(fake))
-                if cfg["r1_every"] and k_d % cfg["r1_every"] == 0:
-                    r1_term, logs["r1"] = losses.lazy_r1(D, real, cfg["r1_gamma"], cfg["r1_every"])
-                    loss_d = loss_d + r1_term
-                (loss_d / n_acc).backward()
+                loss_d = losses.gan_loss_d_backward(D, real, fake, 1 / n_acc, autocast)  # backward inside
+                if cfg["r1_every"] and k_d % cfg["r1_every"] == 0:     # its own backward, group by group
+                    logs["r1"] = losses.lazy_r1(D, real, cfg["r1_gamma"], cfg["r1_every"], scale=1 / n_acc)
             step_optimizer(self.opt_d, world)
             logs["loss_d"] = loss_d
 
@@ -621,11 +619,12 @@ class FCTFGStage:
         for mb in micro:
             with autocast(), torch.set_grad_enabled(keep):
                 out = forward(mb)
-            with autocast():
-                loss_d = L.gan_loss_d(self._d(mb["frames"]), self._d(out["x_g"].detach()))
+            # image D: every frame is a sample; video D: a window is (backward inside, one D group at a time)
+            real, fake = (mb["frames"], out["x_g"].detach()) if cfg["disc"] == "video" else \
+                (mb["frames"].flatten(0, 1), out["x_g"].detach().flatten(0, 1))
+            loss_d = L.gan_loss_d_backward(D, real, fake, 1 / len(micro), autocast)
             if cfg["r1_every"] and k % cfg["r1_every"] == 0:
-                loss_d = loss_d + L.lazy_r1(self._d, mb["frames"], cfg["r1_gamma"], cfg["r1_every"])[0]
-            (loss_d / len(micro)).backward()
+                L.lazy_r1(D, real, cfg["r1_gamma"], cfg["r1_every"], scale=1 / len(micro))
             outs.append(out if keep else None)
         step_optimizer(self.opt_d, world)
 
@@ -710,10 +709,11 @@ def finite_values(logs, step, last, nan=False):
     return vals
 
 
-# Activation memory per sample (GiB; an FC-TFG sample is one window of 5 frames plus its source),
-# measured on a CPU in fp32 as the peak-RSS slope between --batch 1 and 2 of a fine-tuned step with R1
-# (BENCHMARKS.md, "Paper-preset memory": 10.5 and 15.2 GiB). Used only for the estimate below.
-ACTIVATION_GB = {("paper", "fctfg", 1): 4.7}
+# Activation memory (GiB) of a step: a fixed part plus a part per sample (an FC-TFG sample is one window
+# of 5 frames plus its source), measured on a CPU in fp32 on a fine-tuned step with lazy R1 (the peak of
+# the step above weights, gradients and Adam moments: 2.91 GiB at --batch 1, 4.97 at --batch 2;
+# BENCHMARKS.md, "Paper-preset memory"). Used only for the estimate below.
+ACTIVATION_GB = {("paper", "fctfg", 1): (0.85, 2.06)}   # (fixed, per sample)
 
 
 def stage_networks(stage):
@@ -723,14 +723,14 @@ def stage_networks(stage):
 
 def memory_check(stage, stage_name, cfg, device):
     """Before the first step: fp32 weights of every network, gradients and Adam's two moments of those
-    that train, plus ACTIVATION_GB x batch where measured, against what the device has free.
+    that train, plus ACTIVATION_GB's fixed + per-sample x batch where measured, against what the device has free.
     -> the line to print (with a WARNING when the estimate does not fit)."""
     params = {id(p): p for net in stage_networks(stage) for p in net.parameters()}
     n_train = sum(p.numel() for p in params.values() if p.requires_grad)
     n_all = sum(p.numel() for p in params.values())
     fixed = (4 * n_all + 12 * n_train) / 2 ** 30                  # weights; grads + Adam m, v of trained
     act = ACTIVATION_GB.get((cfg["model"], stage_name, cfg["grad_ckpt"]))
-    est = fixed + (act or 0.0) * cfg["batch"]        # --accum: micro-batches run one at a time
+    est = fixed + (act[0] + act[1] * cfg["batch"] if act else 0.0)  # --accum: micro-batches run one at a time
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0] / 2 ** 30
     else:
@@ -741,7 +741,7 @@ def memory_check(stage, stage_name, cfg, device):
             free = None
     line = (f"memory estimate: {fixed:.1f} GiB weights, gradients and Adam moments ({n_train / 1e6:.1f} M of "
             f"{n_all / 1e6:.1f} M parameters train) + "
-            + (f"{act:.2f} GiB activations x batch {cfg['batch']}" if act else "activations (not measured for this setting)")
+            + (f"{act[0]:.2f} + {act[1]:.2f} GiB activations x batch {cfg['batch']}" if act else "activations (not measured for this setting)")
             + f" = {est:.1f} GiB" + (f"; {free:.1f} GiB available on {device.type}" if free is not None else ""))
     if free is not None and est > free:
         line += ("\nWARNING: this will not fit: the run will be killed for memory (CPU) or stop with out of "

@@ -391,6 +391,38 @@ def test_r1_penalty_of_a_linear_discriminator():
     torch.testing.assert_close(r1_penalty(logits, x), w.pow(2).sum())
 
 
+@pytest.mark.parametrize("n, group", [(8, 4), (6, 2), (5, 1), (3, 4)])
+def test_d_side_group_by_group_equals_the_whole_batch(n, group):
+    """lazy_r1 and gan_loss_d_backward run one minibatch-stddev group at a time (memory); the values and
+    D's gradients must be those of one R1 / one gan_loss_d over the whole batch, written out directly
+    (float64, a tiny D with its stddev layer)."""
+    import stylegan2
+    torch.manual_seed(0)
+    D = stylegan2.Discriminator(16, channels={4: 8, 8: 8, 16: 8}, stddev_group=group).double()
+    real = torch.randn(n, 3, 16, 16, dtype=torch.float64)
+    x = real.clone().requires_grad_(True)
+    logits = D(x)
+    want = r1_penalty(logits, x)
+    (0.5 * (2.0 / 2 * 16 * want + 0 * logits.sum())).backward()   # scale 0.5 x (gamma / 2 x every x R1)
+    want_grads = [p.grad.clone() for p in D.parameters()]
+    D.zero_grad()
+    got = losses.lazy_r1(D, real, 2.0, 16, scale=0.5)
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    for g, w in zip([p.grad for p in D.parameters()], want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    # the D side of Eq. (8), group by group, against one gan_loss_d over the whole batch
+    fake = torch.randn(n, 3, 16, 16, dtype=torch.float64)
+    D.zero_grad()
+    want = gan_loss_d(D(real), D(fake))
+    (0.5 * want).backward()
+    want_grads = [p.grad.clone() for p in D.parameters()]
+    D.zero_grad()
+    got = losses.gan_loss_d_backward(D, real, fake, scale=0.5)
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    for g, w in zip([p.grad for p in D.parameters()], want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Eq. (9) total
 # ----------------------------------------------------------------------------------------------------
