@@ -4,17 +4,21 @@ for VoxCeleb2 / MEAD (Sec. 4.1.1, Sec. 4.2.3). The procedural talking heads are 
 Sec. 4.1.1 "VoxCeleb2 ... pre-processing procedure proposed in [51]" (FOMM crop) -> prepare, fomm_enlarge
 Sec. 4.1.1 MEAD frontal views, 5 speakers x 8 emotions x 5 clips             -> mead_clip_list
 Sec. 4.2.3 "first frame of each test video ... reference identity" (PC-AVS)    -> split_reference
-Sec. 4.1.2 "downsample the audio to 16kHz", mel windows per frame              -> audio.py (imported lazily)
-One sample dict for procedural and real clips -> clip_sample
+Sec. 4.1.2 "downsample the audio to 16kHz", mel windows per frame              -> audio.py (clip_sample uses it)
+One sample dict for procedural and real clips -> clip_sample; the procedural set as a torch dataset ->
+    SyntheticTalkingFaces (cross-identity ground truth, mouth swaps, feature masks)
 Real clips: read_video / write_video (PyAV, optional), read_wav / write_wav (soundfile),
     `python data.py prepare SRC DST`, VideoFolderDataset.
+What train.py's stages see, step-indexed for exact resume: Batches, FramePool (image stages), ClipWindows
+    (clip stages: windows, the expert's off-sync negatives, FC-TFG's source frame), Prefetch.
+`python data.py bench | preview OUT.mp4`: the procedural renderer's speed, one procedural clip as mp4.
 
 Time base everywhere: 25 fps and 16 kHz mono float32, so frame k <-> samples [640k, 640k + 640).
 Deviations from FOMM's crop_vox.py (say so when comparing numbers): dlib HOG instead of S3FD; one box
 per clip instead of IoU-based chunking (the clip's min IoU to its first box is recorded in the JSON);
 by default a box leaving the frame is shifted/padded instead of rejected (--strict restores FOMM's rule).
 Not here: the mel spectrogram itself and its window convention (audio.py), face landmarks for LMD
-(evaluate.py), augmentation and batching policy (train.py), the procedural set (procedural.py).
+(metrics.py), the procedural world itself (procedural.py), the stages that consume batches (train.py).
 """
 import argparse
 import json
@@ -31,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import audio as audio_mod  # as audio_mod: `audio` names a sample array throughout this file
 import procedural
 from audio import FPS, SAMPLE_RATE as SR, SAMPLES_PER_FRAME as SPF  # 25 fps, 16 kHz, 640 samples per frame
 from stylegan2 import write_atomic  # the project's one atomic writer
 
 
-# ==== 4. The sample format (procedural and real clips) and the PC-AVS split =======================
+# ==== 1. The sample format (procedural and real clips) and the PC-AVS split =======================
 def _unit(u8):  # uint8 pixel tensor -> float32 in [-1, 1] (G's range); ClipWindows.clip inverts it exactly
     return u8.float() / 127.5 - 1
 
@@ -45,7 +50,6 @@ def clip_sample(frames, audio, identity=0, extra=None):
     """Shared sample format from uint8 frames [T, H, W, 3] and audio float32 [640 T]: frames float32
     [T, 3, H, W] in [-1, 1] (G's range), audio, mel float32 [T, 1, 80, 16] (audio.mel_windows of the
     whole clip), identity int, plus the entries of `extra`."""
-    import audio as audio_mod  # lazy: audio.py pulls in its networks; only samples need the mel
     T = len(frames)
     if len(audio) != T * SPF:
         raise ValueError(f"{T} frames need {T * SPF} audio samples, got {len(audio)}")
@@ -171,7 +175,7 @@ def split_reference(sample):
     return dict(x_s=sample["frames"][0], x_d=sample["frames"], x_a=sample["mel"], x_gt=sample["frames"])
 
 
-# ==== 5. Video / audio I/O (PyAV optional, soundfile required) ====================================
+# ==== 2. Video / audio I/O (PyAV optional, soundfile required) ====================================
 def require_av():
     try:
         import av  # optional: decoding/encoding mp4 needs FFmpeg through PyAV
@@ -307,7 +311,7 @@ def read_video(path, fps=None, sr=None, need_audio=False):
     return frames, out_fps, audio, rate
 
 
-# ==== 6. Real videos: FOMM-style preparation (Sec. 4.1.1 "pre-processing procedure proposed in [51]") ====
+# ==== 3. Real videos: FOMM-style preparation (Sec. 4.1.1 "pre-processing procedure proposed in [51]") ====
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 DLIB_BOX_SCALE = 1.3  # dlib boxes (brows to chin) are tighter than FOMM's S3FD boxes; our uncalibrated guess
 
@@ -426,7 +430,6 @@ def prepare_one(src, dst_stem, size=256, detector=None, min_frames=64, min_face=
     frames, _, audio, _ = read_video(src, fps=FPS, sr=SR, need_audio=side_audio is None)
     K = len(frames)
     if audio is None and side_audio is not None:
-        import audio as audio_mod  # lazy: only MEAD needs it (m4a via PyAV, 48 kHz stereo -> 16 kHz mono)
         audio = audio_mod.load_audio(side_audio, SR)
         if abs(len(audio) / SR - K / FPS) > 1 / FPS + 0.5:  # sanity: the two files belong together
             raise ValueError(f"audio {side_audio} lasts {len(audio) / SR:.2f} s, video {K / FPS:.2f} s")
@@ -543,7 +546,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
                        self.identities.index(rec["identity"]), dict(path=str(stem), start=s))
 
 
-# ==== 7. Training batches: what train.py's stages see (step-indexed: exact resume, disjoint rank shards) ====
+# ==== 4. Training batches: what train.py's stages see (step-indexed: exact resume, disjoint rank shards) ====
 class Batches:
     """Indices for (step, micro-batch) come from DistributedSampler's permutation of the epoch, so a
     resumed run sees exactly the batches an uninterrupted run would, and the ranks' shards of one
@@ -732,7 +735,7 @@ class Prefetch:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-# ==== 8. Command line =============================================================================
+# ==== 5. Command line =============================================================================
 def main(argv=None):
     ap = argparse.ArgumentParser(description="FC-TFG data: prepare real videos (Sec. 4.1.1), benchmark or preview the procedural set")
     sub = ap.add_subparsers(dest="cmd", required=True)
