@@ -331,20 +331,23 @@ def gan_loss_d_backward(D, real, fake, scale=1.0, autocast=contextlib.nullcontex
     return total
 
 
-def lazy_r1(D, real, gamma, every, scale=1.0):
+def lazy_r1(D, real, gamma, every, scale=1.0, per_sample=1):
     """The D step's R1 regulariser of Eq. (8), lazily every `every` D steps (StyleGAN2 Sec. 3.2), with its
     backward of scale * gamma / 2 * every * R1 run HERE, one stddev group at a time (R1 is a per-sample
     mean: the sum of the groups' G/n shares). -> R1 (detached, for the log). The interval multiplies the
     weight so the average pull is that of R1 on every step; the zero-weighted logits keep D's whole graph
     in each backward (every parameter gets a gradient). In one piece, the paper preset's R1 over a
-    window's 5 frames held ~2.7 GiB more than a plain step."""
+    window's 5 frames held ~2.7 GiB more than a plain step.
+    per_sample: images of `real` per training sample. R1 is a mean over samples of the squared gradient
+    norm w.r.t. the whole sample, so for the FC-TFG stage's image D (a sample is a window of T frames,
+    passed here as T images) the T frames' norms add up: T x StyleGAN2's per-image R1 (per_sample=T)."""
     n = real.shape[0]
     groups, G = stddev_groups(D, n)
     r1_total = real.new_zeros(())
     for g in groups:
         part = real[g].detach().requires_grad_(True)
         logits = D(part)                            # in full precision: R1 squares gradients
-        r1 = r1_penalty(logits, part) * (G / n)
+        r1 = r1_penalty(logits, part) * (G / n * per_sample)
         (scale * (gamma / 2 * every * r1 + 0 * logits.sum())).backward()
         r1_total = r1_total + r1.detach()
     return r1_total

@@ -623,8 +623,9 @@ class FCTFGStage:
             real, fake = (mb["frames"], out["x_g"].detach()) if cfg["disc"] == "video" else \
                 (mb["frames"].flatten(0, 1), out["x_g"].detach().flatten(0, 1))
             loss_d = L.gan_loss_d_backward(D, real, fake, 1 / len(micro), autocast)
-            if cfg["r1_every"] and k % cfg["r1_every"] == 0:
-                L.lazy_r1(D, real, cfg["r1_gamma"], cfg["r1_every"], scale=1 / len(micro))
+            if cfg["r1_every"] and k % cfg["r1_every"] == 0:   # R1 per sample, a window: the image D sums T frames
+                per = real.shape[0] // mb["frames"].shape[0]    # T for the image D, 1 for the video D
+                L.lazy_r1(D, real, cfg["r1_gamma"], cfg["r1_every"], 1 / len(micro), per_sample=per)
             outs.append(out if keep else None)
         step_optimizer(self.opt_d, world)
 

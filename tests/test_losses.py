@@ -410,6 +410,20 @@ def test_d_side_group_by_group_equals_the_whole_batch(n, group):
     assert float(got) == pytest.approx(float(want), rel=1e-12)
     for g, w in zip([p.grad for p in D.parameters()], want_grads):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    # R1 per sample when a sample is several images (the FC-TFG stage's image D sees a window's frames):
+    # the squared gradient norm w.r.t. the whole window, i.e. r1_penalty over [windows, frames, ...]
+    if n % 2 == 0:
+        win = real.view(n // 2, 2, 3, 16, 16).clone().requires_grad_(True)
+        D.zero_grad()
+        logits = D(win.flatten(0, 1))
+        want = r1_penalty(logits, win)
+        (0.5 * (2.0 / 2 * 16 * want + 0 * logits.sum())).backward()
+        want_grads = [p.grad.clone() for p in D.parameters()]
+        D.zero_grad()
+        got = losses.lazy_r1(D, real, 2.0, 16, scale=0.5, per_sample=2)
+        assert float(got) == pytest.approx(float(want), rel=1e-12)
+        for g, w in zip([p.grad for p in D.parameters()], want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     # the D side of Eq. (8), group by group, against one gan_loss_d over the whole batch
     fake = torch.randn(n, 3, 16, 16, dtype=torch.float64)
     D.zero_grad()
