@@ -14,8 +14,8 @@ public code or weights, so we use the closest published network with the same ro
 lip-sync expert (`SyncNet_color`, ref. [7], the same paper the audio encoder comes from). Its two encoders
 end in ReLU and are L2-normalised, so cos(f_v, f_a) lies in [0, 1] and Eq. (4) is bounded in [0, 1].
 
-Every number of the mel recipe and of the networks is Wav2Lip's (hparams.py, models/), written down in
-../shared/spec/audio_sync_metrics.md; the code here is written from those numbers and the maths.
+Every number of the mel recipe and of the networks is Wav2Lip's (hparams.py, models/), taken from its
+published code as numbers only; the code here is written from those numbers and the maths.
 
 Not here: the sync loss Eq. (4) itself and its weight (losses.py), LSE-C/LSE-D with syncnet_python's
 SyncNet v2 (metrics), dataset windows of frames (data.py), face detection/cropping (data.py).

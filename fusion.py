@@ -1,6 +1,6 @@
 """fusion.py: the Latent Fusion Network of FC-TFG (Sec. 3, 3.1, 3.2, Fig. 3) and the video D of Table 3.
 
-Paper map (../shared/paper.md):
+Paper map ("That's What I Said: Fully-Controllable Talking Face Generation", ACM MM 2023):
   Sec. 3.1, "E_can is a 2-layer MLP"        z_s->c = E_can(z_s)                 -> CanonicalEncoder
   Eq. (2), "E_m is a 3-layer MLP"           z_c->d = E_m(E_a(x_a) ⊕ E_inv(x_d)) -> MotionEncoder
   Eq. (1)                                   z_s->d = z_s->c + z_c->d            -> LatentFusion.forward
@@ -17,7 +17,7 @@ exact positions in the [B, 14, 512] code (what a Python list in the authors' cod
     paper layer : 1   2   3    4    7    8    9    10        (untouched: 0, 5, 6, 11, 12, 13)
     w index     : w1  w2  w3   w4   w7   w8   w9   w10
     drives      : 8px 8px 16px 16px 64px 64px 128px 128px   (up-conv + conv of one resolution each)
-With the StyleGAN2 index map (../shared/spec/stylegan2.md §1: resolution 2^r uses w(2r-5) for its
+With the StyleGAN2 index map (stylegan2.Generator: resolution 2^r uses w(2r-5) for its
 up-conv and w(2r-4) for its conv) this reading pairs every two consecutive paper layers with the two
 styled convs of ONE resolution, and the audio pair 7, 8 is exactly the 64 px block: the scale at
 which the mouth of a 256 px face (~60 px wide) is shaped. The 1-based reading (w0,w1,w2,w3,w6,w7,w8,w9)

@@ -2,7 +2,7 @@
 
     source image + driving video(s) + speech audio  ->  H.264 mp4 with the audio muxed in
 
-Paper map (../shared/paper.md):
+Paper map ("That's What I Said: Fully-Controllable Talking Face Generation", ACM MM 2023):
   Fig. 1 / Sec. 3   x_s -> z_s = E_inv(x_s) (+ HyperStyle deltas), once      -> run(): source inversion
   Eq. (2)           z_d = E_inv(x_d), z_a = E_a(x_a), per driving frame      -> Driver.codes, animate()
   Eq. (1), Sec. 3.2 z_sd = E_can(z_s) + E_m(z_a ⊕ z_d), Temporal Fusion      -> fusion.LatentFusion (called)

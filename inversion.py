@@ -1,6 +1,6 @@
 """inversion.py: the visual encoder E_inv (pSp + HyperStyle) and the identity network E_id (ArcFace).
 
-Paper map (FC-TFG, Jang et al. 2023; details from ../shared/spec/inversion.md):
+Paper map (FC-TFG, Jang et al., ACM MM 2023; layouts from the pSp, HyperStyle and InsightFace releases):
 Sec. 3, Fig. 3  z_s = E_inv(x_s), z_d = E_inv(x_d), one shared encoder  -> PSPEncoder
 Sec. 4.1.2      "HyperStyle ... we replace the e4e encoder with pSp"       -> HyperStyle, invert()
 Sec. 3.3.3      Eq. (5) L_id = 1 - cos(E_id(x_g), E_id(x_d)), ArcFace     -> IdentityEncoder

@@ -1,6 +1,6 @@
 """losses.py: every training objective of FC-TFG (Sec. 3.3, Eq. 3-9) and the VGG19 they need.
 
-Paper map (../shared/paper.md):
+Paper map ("That's What I Said: Fully-Controllable Talking Face Generation", ACM MM 2023):
   Eq. (3) L_ortho = (1/N) Σ z_s->c ⊙ z_c->d         -> orthogonality_loss (modes: see its docstring)
   Eq. (4) L_sync  = 1 - cos(f_v(x_g), f_a(x_a))     -> sync_loss      (SyncNet from audio.py)
   Eq. (5) L_id    = 1 - cos(E_id(x_g), E_id(x_d))   -> identity_loss  (ArcFace from inversion.py)

@@ -1,6 +1,6 @@
 """stylegan2.py: the StyleGAN2 decoder G and image discriminator D of FC-TFG.
 
-Paper map (FC-TFG, ../shared/paper.md):
+Paper map (FC-TFG, Jang et al., ACM MM 2023):
   Fig. 3 "decoder"        -> Generator.synthesis: renders the fused codes z_s->d (Eq. 1) as images
   Sec. 3.3.6, Eq. (8)     -> Discriminator: "the same as StyleGAN2 discriminator"
   Sec. 4.1.2              -> "We first train StyleGAN2 generator on VoxCeleb2": 256 px, 14 w codes
@@ -15,7 +15,7 @@ StyleGAN2 paper map (Karras et al. 2020, "Analyzing and Improving the Image Qual
 
 The key layout and parameter counts follow rosinality/stylegan2-pytorch so that its checkpoints (and
 pSp/HyperStyle checkpoints built on it) load: G 30,034,338 and D 28,864,129 parameters at 256 px with
-channel_multiplier 2. Every line here was written from the maths in ../shared/spec/stylegan2.md.
+channel_multiplier 2. Every line here was written from the maths (StyleGAN2 paper and appendix).
 
 Two low-level ops carry all the resampling and activations, upfirdn2d and bias_act (stylegan2_ops.py:
 a pure-PyTorch reference path beside a fused CUDA kernel); activation checkpointing is there too.

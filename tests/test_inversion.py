@@ -1,7 +1,7 @@
 """Tests for inversion.py: pSp encoder, HyperStyle, ArcFace identity network, invert(), loaders.
 
 Oracles: key names / shapes / parameter counts written out independently from the published layouts
-(../shared/spec/inversion.md §1.5, §2.2, §3.2-3.3), hand-derived outputs (zeroed heads, zero deltas,
+(the pSp / HyperStyle / InsightFace key layouts and shapes), hand-derived outputs (zeroed heads, zero deltas,
 align_corners bilinear weights via numpy), a float64 functional re-derivation of one IR-SE unit, and
 properties (unit norm, crop locality, batch independence). Paper-size networks are only built on the
 `meta` device (shapes and counts without memory or compute)."""
