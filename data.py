@@ -42,7 +42,7 @@ from stylegan2 import write_atomic  # the project's one atomic writer
 
 
 # ==== 1. The sample format (procedural and real clips) and the PC-AVS split =======================
-def _unit(u8):  # uint8 pixel tensor -> float32 in [-1, 1] (G's range); ClipWindows.clip inverts it exactly
+def to_unit(u8):  # uint8 pixel tensor -> float32 in [-1, 1] (G's range); ClipWindows.clip inverts it exactly
     return u8.float() / 127.5 - 1
 
 
@@ -54,7 +54,7 @@ def clip_sample(frames, audio, identity=0, extra=None):
     if len(audio) != T * SPF:
         raise ValueError(f"{T} frames need {T * SPF} audio samples, got {len(audio)}")
     mel = audio_mod.mel_windows(audio_mod.melspectrogram(audio), T, fps=FPS)
-    return {"frames": _unit(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)),
+    return {"frames": to_unit(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)),
             "audio": torch.from_numpy(np.asarray(audio, dtype=np.float32)),
             "mel": torch.from_numpy(np.asarray(mel, dtype=np.float32)), "identity": int(identity), **(extra or {})}
 
@@ -603,7 +603,7 @@ class FramePool(torch.utils.data.Dataset):
         out = procedural.render(self.clips.identity(i), motion[int(g.integers(len(motion)))], self.clips.size,
                                 return_masks=bool(self.feature_weight))
         img, masks = out if self.feature_weight else (out, None)
-        item = {"image": _unit(torch.from_numpy(img).permute(2, 0, 1))}  # [3, H, W] in [-1, 1]
+        item = {"image": to_unit(torch.from_numpy(img).permute(2, 0, 1))}  # [3, H, W] in [-1, 1]
         if masks is not None:
             item["weight"] = feature_weight_map(_features(masks), self.feature_weight)        # [1, H, W]
         return item
@@ -687,8 +687,8 @@ class ClipWindows(torch.utils.data.Dataset):
     def __getitem__(self, j):
         c, t = divmod(j, self.n_starts)
         s, W = self.clip(c), self.window
-        out = {"frames": _unit(s["frames"][t:t + W]),                # [W, 3, H, W] in [-1, 1]
-               "drive": _unit(s.get("drive", s["frames"])[t:t + W]),  # what E_m sees
+        out = {"frames": to_unit(s["frames"][t:t + W]),                # [W, 3, H, W] in [-1, 1]
+               "drive": to_unit(s.get("drive", s["frames"])[t:t + W]),  # what E_m sees
                "mel": s["mel"][t:t + W],                              # [W, 1, 80, 16]: window per frame
                "identity": torch.tensor(s["identity"])}
         if "features" in s:
@@ -700,7 +700,7 @@ class ClipWindows(torch.utils.data.Dataset):
             # differ and "copy the source" is almost optimal (RESULTS.md's motion collapse). source_from="identity"
             # takes x_s from any clip of the same person instead: same face, different pose, gaze, blink and mouth.
             src = s if self.per_id == 1 else self.clip(c - c % self.per_id + int(g.integers(self.per_id)))
-            out["source"] = _unit(src["frames"][int(g.integers(len(src["frames"])))])
+            out["source"] = to_unit(src["frames"][int(g.integers(len(src["frames"])))])
         if self.off_sync:
             # Negatives take audio from a window that does not overlap this one (|shift| >= W frames)
             # when the clip is long enough: overlapping windows share most of their sound, and such

@@ -115,15 +115,11 @@ def probe_dataset(split, n, seed=0, ss=None):
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(targets)).float()
 
 
-def _unit(x_uint8):
-    return x_uint8.float() / 127.5 - 1  # uint8 frames -> [-1, 1]
-
-
 @torch.no_grad()
 def _probe_frames(probe, x255, chunk=64):
     """The probe on frames on the 0..255 grid (uint8, or to_255's floats: as saved) -> [N, 20] on the CPU."""
     dev = next(probe.parameters()).device
-    return torch.cat([probe(_unit(c.to(dev))) for c in x255.split(chunk)]).cpu()
+    return torch.cat([probe(data.to_unit(c.to(dev))) for c in x255.split(chunk)]).cpu()
 
 
 def attribute_errors(pred, target):
@@ -158,14 +154,14 @@ def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr
 
     def mse(x, yz):  # mean squared error in standardised units: 1.0 = the 'always the mean' guess
         with torch.no_grad():
-            return float(torch.cat([F.mse_loss(probe.forward_standardised(_unit(c)), t, reduction="none")
+            return float(torch.cat([F.mse_loss(probe.forward_standardised(data.to_unit(c)), t, reduction="none")
                                     for c, t in zip(x.split(256), yz.split(256))]).mean())
     probe.eval()
     mse_init = dict(heldout_mse_init=mse(xh, yhz), train_mse_init=mse(x[:512], yz[:512]))
     probe.train()
     for step in range(steps):
         idx = torch.randint(n_train, (batch,), generator=g)
-        loss = F.mse_loss(probe.forward_standardised(_unit(x[idx])), yz[idx])
+        loss = F.mse_loss(probe.forward_standardised(data.to_unit(x[idx])), yz[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -352,7 +352,7 @@ class Timer:
 
 def to_tensor(frames, device):
     """uint8 [n, H, W, 3] -> float [n, 3, H, W] in [-1, 1] (the range of G and of data.clip_sample)."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return data.to_unit(torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2))
 
 
 def to_uint8(x):

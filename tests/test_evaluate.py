@@ -83,7 +83,7 @@ def test_probe_training_lowers_heldout_error_and_roundtrip(probe_ckpt, tmp_path)
     probe, held = ev.load_probe(str(path))
     assert held == ck["heldout"] and not probe.training
     x, y = ev.probe_dataset("test", 8, seed=5)
-    pred = probe(ev._unit(x))
+    pred = probe(data.to_unit(x))
     assert pred.shape == (8, 20) and torch.isfinite(pred).all()
     # labels are the renderer's own numbers: motion row + mouth landmarks / 64
     ident = procedural.make_identity(procedural.TEST_IDS[0])
