@@ -600,8 +600,8 @@ class FCTFGStage:
         return data.ClipWindows(clips, self.cfg["window"], self.cfg["seed"], source=True,
                                 **{k: self.cfg[k] for k in ("source_from", "drive_mouth", "feature_weight")})
 
-    def _d(self, x):  # image D sees every frame; video D sees the T frames stacked on channels
-        return self.d(x) if self.cfg["disc"] == "video" else self.d(x.flatten(0, 1))
+    def _d_batch(self, x):  # [B, T, ...] -> D's samples: the image D sees every frame, the video D a window
+        return x if self.cfg["disc"] == "video" else x.flatten(0, 1)
 
     def step(self, k, micro, world, autocast):
         cfg, L, m, D, sn = self.cfg, losses, self.fctfg, self.d, self.syncnet
@@ -619,10 +619,8 @@ class FCTFGStage:
         for mb in micro:
             with autocast(), torch.set_grad_enabled(keep):
                 out = forward(mb)
-            # image D: every frame is a sample; video D: a window is (backward inside, one D group at a time)
-            real, fake = (mb["frames"], out["x_g"].detach()) if cfg["disc"] == "video" else \
-                (mb["frames"].flatten(0, 1), out["x_g"].detach().flatten(0, 1))
-            loss_d = L.gan_loss_d_backward(D, real, fake, 1 / len(micro), autocast)
+            real, fake = self._d_batch(mb["frames"]), self._d_batch(out["x_g"].detach())
+            loss_d = L.gan_loss_d_backward(D, real, fake, 1 / len(micro), autocast)   # backward inside, by D group
             if cfg["r1_every"] and k % cfg["r1_every"] == 0:   # R1 per sample, a window: the image D sums T frames
                 per = real.shape[0] // mb["frames"].shape[0]    # T for the image D, 1 for the video D
                 L.lazy_r1(D, real, cfg["r1_gamma"], cfg["r1_every"], 1 / len(micro), per_sample=per)
@@ -647,7 +645,7 @@ class FCTFGStage:
                          "id": L.identity_loss(self.e_id, x_g, x_d) if self.e_id is not None else None,
                          "rec": L.reconstruction_loss(x_g, x_d, mb.get("weight")),
                          "lpips": L.perceptual_loss(self.vgg, x_g, x_d) if self.vgg is not None else None,
-                         "gan": L.gan_loss_g(self._d(x_g))}
+                         "gan": L.gan_loss_g(D(self._d_batch(x_g)))}
                 total, parts = L.total_loss(terms, {"ortho": cfg["ortho_weight"], "sync": cfg["sync_weight"]})
                 if cfg["latent_weight"] > 0:  # tiny-scale aid, not in Eq. (9): losses.latent_reconstruction_loss
                     # the target is the code of the TARGET frames (not of the driving input, whose mouth
