@@ -7,7 +7,8 @@ Sec. 4.2.3 "first frame of each test video ... reference identity" (PC-AVS)    -
 Sec. 4.1.2 "downsample the audio to 16kHz", mel windows per frame              -> audio.py (clip_sample uses it)
 One sample dict for procedural and real clips -> clip_sample; the procedural set as a torch dataset ->
     SyntheticTalkingFaces (cross-identity ground truth, mouth swaps, feature masks)
-Real clips: read_video / write_video (PyAV, optional), read_wav / write_wav (soundfile),
+Real clips: the one video decoder, writer and face tracker (VideoFrames + read_video, VideoWriter +
+    write_video, face_track; PyAV optional; infer.py uses them too), read_wav / write_wav (soundfile),
     `python data.py prepare SRC DST`, VideoFolderDataset.
 What train.py's stages see, step-indexed for exact resume: Batches, FramePool (image stages), ClipWindows
     (clip stages: windows, the expert's off-sync negatives, FC-TFG's source frame), Prefetch.
@@ -21,6 +22,7 @@ Not here: the mel spectrogram itself and its window convention (audio.py), face 
 (metrics.py), the procedural world itself (procedural.py), the stages that consume batches (train.py).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -38,7 +40,7 @@ from PIL import Image
 import audio as audio_mod  # as audio_mod: `audio` names a sample array throughout this file
 import procedural
 from audio import FPS, SAMPLE_RATE as SR, SAMPLES_PER_FRAME as SPF  # 25 fps, 16 kHz, 640 samples per frame
-from stylegan2 import write_atomic  # the project's one atomic writer
+from stylegan2 import temp_path, write_atomic  # the project's one atomic writer and its temporary name
 
 
 # ==== 1. The sample format (procedural and real clips) and the PC-AVS split =======================
@@ -175,7 +177,7 @@ def split_reference(sample):
     return dict(x_s=sample["frames"][0], x_d=sample["frames"], x_a=sample["mel"], x_gt=sample["frames"])
 
 
-# ==== 2. Video / audio I/O (PyAV optional, soundfile required) ====================================
+# ==== 2. Video / audio I/O (PyAV optional, soundfile required): the one video decoder and writer ====
 def require_av():
     try:
         import av  # optional: decoding/encoding mp4 needs FFmpeg through PyAV
@@ -184,7 +186,7 @@ def require_av():
     return av
 
 
-def _mono(audio):  # write_wav / write_video accept finite 1-D audio only -> float32 [N]
+def _mono(audio):  # write_wav / VideoWriter accept finite 1-D audio only -> float32 [N]
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim != 1 or not np.all(np.isfinite(audio)):
         raise ValueError(f"audio must be a finite 1-D array, got shape {audio.shape}")
@@ -208,107 +210,176 @@ def read_wav(path):
     return x.mean(1), int(sr)
 
 
-def write_video(path, frames, fps=FPS, audio=None, sr=SR, crf=18):
-    """Write uint8 frames [T, H, W, 3] (+ optional mono float audio) as H.264 yuv420p + AAC mp4, atomically.
-    H and W must be even (yuv420p halves the chroma planes). Audio is encoded in 1024-sample AAC frames
-    interleaved with the video so long clips need no muxer buffering."""
-    av = require_av()
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ValueError(f"frames must be uint8 [T, H, W, 3] with T > 0, got {frames.dtype} {frames.shape}")
-    T, H, W, _ = frames.shape
-    if H % 2 or W % 2:
-        raise ValueError(f"H.264 yuv420p needs even height and width, got {H}x{W}")
-    audio = None if audio is None else _mono(audio)
-    rate = Fraction(fps).limit_denominator(1001)
+class VideoFrames:
+    """A video file decoded lazily, one RGB frame at a time (PyAV): the project's one video decoder
+    (read_video and infer.py read through it), and the one place phone video is turned upright.
+    frames(fps) resamples to a constant rate by timestamps: output frame k = the source frame nearest
+    to k / fps, K = floor(duration x fps) (never index x average_rate, which drifts on variable-rate
+    video); frames() yields every decoded frame. Opening probes the file and decodes its first frame,
+    so a bad file fails here, before anything is written. After opening: src_fps (the stream's average
+    rate, None if unknown), fps (src_fps or 25), duration (s, from the header, or None), shape (of a
+    frame), t0 (the first frame's time in s: the video clock's zero), still (an image file)."""
 
-    def write(tmp):
-        with av.open(tmp, mode="w", format="mp4") as out:
-            vs = out.add_stream("libx264", rate=rate)
-            vs.width, vs.height, vs.pix_fmt, vs.options = W, H, "yuv420p", {"crf": str(crf)}
-            ast = out.add_stream("aac", rate=int(sr), layout="mono") if audio is not None else None
-            apos = 0
-            for k in range(T):
-                vf = av.VideoFrame.from_ndarray(frames[k], format="rgb24")
-                vf.pts, vf.time_base = k, 1 / rate
-                out.mux(vs.encode(vf))
-                if audio is not None:  # audio up to the end of this frame, whole 1024-sample AAC frames
-                    end = len(audio) if k == T - 1 else min(len(audio), int((k + 1) / rate * sr))
-                    while apos < end and (end - apos >= 1024 or k == T - 1):
-                        chunk = audio[apos:apos + 1024]
-                        af = av.AudioFrame.from_ndarray(chunk[None], format="flt", layout="mono")
-                        af.sample_rate, af.pts, af.time_base = int(sr), apos, Fraction(1, int(sr))
-                        out.mux(ast.encode(af))
-                        apos += len(chunk)
-            out.mux(vs.encode(None))
-            if audio is not None:
-                out.mux(ast.encode(None))
-    write_atomic(path, write)
+    def __init__(self, path, name="--driving"):   # name: the flag the file came from, opening every error
+        self.av, self.path, self.name = require_av(), str(path), name
+        self.what = f"{name}: " if name else ""
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"{self.what}file not found: {path}")
+        with self._open() as c:
+            if not c.streams.video:
+                raise ValueError(f"{self.what}{path} has no video stream")
+            vs = c.streams.video[0]
+            self.src_fps = float(vs.average_rate) if vs.average_rate else None
+            self.duration = (float(vs.duration * vs.time_base) if vs.duration and vs.time_base
+                             else c.duration / 1e6 if c.duration else None)  # seconds, from the header
+            first = next(self._decode(c), None)
+        if first is None:
+            raise ValueError(f"{self.what}{path} contains no video frames")
+        self.t0, self.shape, self.fps = first[0], first[1].shape, self.src_fps or FPS
+        self.still = c.format.name.endswith("_pipe") or c.format.name.startswith("image2")  # png/jpg/...
 
+    @contextlib.contextmanager
+    def _open(self):
+        try:
+            with self.av.open(self.path) as c:
+                yield c
+        except self.av.FFmpegError as e:
+            raise ValueError(f"{self.what}cannot decode video {self.path} ({e})") from None
 
-def nearest_frame_indices(times, fps, duration):
-    """Constant-rate resampling by timestamps: output frame k = source frame nearest to k / fps,
-    K = floor(duration * fps) (never index * average_rate, which drifts on VFR video).  -> int [K]."""
-    times = np.asarray(times, dtype=np.float64)
-    K = int(math.floor(duration * fps + 1e-6))
-    if len(times) < 2:
-        return np.zeros(K, np.int64)
-    tk = np.arange(K) / fps
-    j = np.clip(np.searchsorted(times, tk), 1, len(times) - 1)
-    return np.where(np.abs(times[j - 1] - tk) <= np.abs(times[j] - tk), j - 1, j).astype(np.int64)
+    def _decode(self, c):  # -> (time s, upright uint8 [H, W, 3]) per decoded frame
+        c.streams.video[0].thread_type = "AUTO"
+        for i, f in enumerate(c.decode(video=0)):
+            img = f.to_ndarray(format="rgb24")
+            rot = int(round(getattr(f, "rotation", 0) or 0)) // 90  # phone video; counter-clockwise, as np.rot90
+            t = f.time if f.time is not None else i / (self.src_fps or FPS)
+            yield t, (np.ascontiguousarray(np.rot90(img, k=rot)) if rot else img)
+
+    def frames(self, fps=None):
+        """Generator of uint8 [H, W, 3] frames: every decoded one (fps=None) or `fps` per second, output
+        frame k = the source frame nearest to k / fps (ties: the earlier one)."""
+        fps = None if fps is None else float(fps)
+        step = 1 / (self.src_fps or fps or FPS)              # a source frame lasts this long
+        k, safe, pending, prev = 0, 0, [], None              # pending: output frames not yet emitted
+        with self._open() as c:
+            for t, img in self._decode(c):
+                if fps is None:
+                    yield img
+                    continue
+                t -= self.t0
+                while k / fps <= t + 1e-9:  # output times up to this frame: nearest of prev / this
+                    near_prev = prev is not None and abs(prev[0] - k / fps) <= abs(t - k / fps)
+                    pending.append(prev[1] if near_prev else img)
+                    k += 1
+                prev = (t, img)
+                safe = math.floor((t + step) * fps + 1e-6)  # only frames surely inside K: duration >= t + step
+                while pending and k - len(pending) < safe:
+                    yield pending.pop(0)
+        for _ in range(safe - k):      # K = the last `safe`; times past the last frame: the last frame
+            yield prev[1]
 
 
 def read_video(path, fps=None, sr=None, need_audio=False):
-    """Decode a video file with PyAV.  -> (frames uint8 [T, H, W, 3], fps, audio float32 [N] or None, sr).
-    fps=None keeps every decoded frame (fps = the stream's average rate); fps=25 resamples by timestamps
-    (nearest frame to k/25). sr=None keeps the audio's own rate, else resamples to mono at `sr`. Audio is
-    placed on the video clock (t=0 at the first video frame, samples before it dropped); when fps is
-    given it is padded/trimmed to exactly T * sr / fps samples. AAC encoder priming is handled by the mp4
-    edit list, which FFmpeg honours."""
-    av = require_av()
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"video file not found: {path}")
-    imgs, times, chunks, a_start, rate, resampler = [], [], [], None, None, None
-    try:
-        with av.open(str(path)) as cont:
-            if not cont.streams.video:
-                raise ValueError(f"{path} has no video stream")
-            vs = cont.streams.video[0]
-            vs.thread_type = "AUTO"
-            for frame in cont.decode(vs, *cont.streams.audio[:1]):  # the first audio stream, if any
-                if isinstance(frame, av.VideoFrame):
-                    img = frame.to_ndarray(format="rgb24")
-                    rot = int(round(getattr(frame, "rotation", 0) or 0)) // 90  # phone video (unverified sign)
-                    imgs.append(np.rot90(img, k=rot) if rot else img)
-                    times.append(frame.time if frame.time is not None else len(times) / float(vs.average_rate or FPS))
-                else:
-                    if resampler is None:
-                        rate = int(sr or frame.sample_rate)
-                        resampler = av.AudioResampler(format="fltp", layout="mono", rate=rate)
-                        a_start = frame.time or 0.0
-                    chunks += [f.to_ndarray()[0] for f in resampler.resample(frame)]
-            if resampler is not None:  # flush
-                chunks += [f.to_ndarray()[0] for f in resampler.resample(None)]
-            avg = float(vs.average_rate) if vs.average_rate else None
-    except av.FFmpegError as e:
-        raise ValueError(f"cannot decode video {path}: {e}") from None
-    if not imgs:
-        raise ValueError(f"{path} contains no video frames")
+    """Decode a video file (frames through VideoFrames).  -> (frames uint8 [T, H, W, 3], fps, audio
+    float32 [N] or None, sr). fps=None keeps every decoded frame (fps = the stream's average rate);
+    fps=25 resamples by timestamps (VideoFrames.frames). sr=None keeps the audio's own rate, else
+    resamples to mono at `sr`. Audio is placed on the video clock (t=0 at the first video frame, samples
+    before it dropped); when fps is given it is padded/trimmed to exactly T * sr / fps samples. AAC
+    encoder priming is handled by the mp4 edit list, which FFmpeg honours."""
+    v = VideoFrames(path, name=None)
+    chunks, rate, resampler = [], None, None
+    with v._open() as c:
+        for frame in c.decode(c.streams.audio[0]) if c.streams.audio else ():  # the first audio stream
+            if resampler is None:
+                rate, a_start = int(sr or frame.sample_rate), frame.time or 0.0
+                resampler = v.av.AudioResampler(format="fltp", layout="mono", rate=rate)
+            chunks += [f.to_ndarray()[0] for f in resampler.resample(frame)]
+        if resampler is not None:  # flush
+            chunks += [f.to_ndarray()[0] for f in resampler.resample(None)]
     if need_audio and not chunks:
         raise ValueError(f"{path} has no audio track, but audio is required")
-    v0 = times[0]
-    times = np.asarray(times) - v0                                      # t = 0 at the first video frame
-    src_fps = avg or (len(times) - 1) / max(times[-1], 1e-6)
-    idx = range(len(imgs)) if fps is None else nearest_frame_indices(times, fps, times[-1] + 1.0 / src_fps)
-    frames, out_fps, audio = np.stack([imgs[j] for j in idx]), src_fps if fps is None else float(fps), None
+    frames, audio = np.stack(list(v.frames(fps))), None
     if chunks:
         audio = np.concatenate(chunks).astype(np.float32)
-        off = int(round((a_start - v0) * rate))                         # audio start on the video clock
+        off = int(round((a_start - v.t0) * rate))                       # audio start on the video clock
         audio = np.concatenate([np.zeros(max(off, 0), np.float32), audio[max(-off, 0):]])
         if fps is not None:
             n = int(round(len(frames) * rate / fps))
             audio = np.pad(audio, (0, max(0, n - len(audio))))[:n]
-    return frames, out_fps, audio, rate
+    return frames, v.fps if fps is None else float(fps), audio, rate
+
+
+class VideoWriter:
+    """H.264 yuv420p + AAC mp4, frame by frame (memory bounded): the project's one video writer. Audio
+    goes in 1024-sample AAC frames interleaved with the video, so long clips need no muxer buffering.
+    Written under a temporary name beside `path`: close() renames it (atomic), abort() deletes it; as a
+    context manager it closes on success and aborts on an exception."""
+
+    def __init__(self, path, width, height, fps=FPS, audio=None, sr=SR, metadata=None, crf=18):
+        # audio: mono float [N] or None (no audio track); metadata: mp4 tags, e.g. dict(comment=...)
+        if height % 2 or width % 2:  # yuv420p halves the chroma planes
+            raise ValueError(f"H.264 yuv420p needs even height and width, got {height}x{width}")
+        self.av, self.audio = require_av(), np.zeros(0, np.float32) if audio is None else _mono(audio)
+        self.path, self.tmp, self.done = Path(path), temp_path(path), False
+        self.rate, self.sr, self.k, self.apos = Fraction(fps).limit_denominator(1001), int(sr), 0, 0
+        self.out = self.av.open(str(self.tmp), mode="w", format="mp4")
+        try:
+            self.out.metadata.update(metadata or {})
+            self.vs = self.out.add_stream("libx264", rate=self.rate)
+            self.vs.width, self.vs.height, self.vs.pix_fmt, self.vs.options = width, height, "yuv420p", {"crf": str(crf)}
+            self.ast = None if audio is None else self.out.add_stream("aac", rate=self.sr, layout="mono")
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, frame):
+        """Append one uint8 [H, W, 3] frame and the audio up to its end."""
+        vf = self.av.VideoFrame.from_ndarray(frame, format="rgb24")
+        vf.pts, vf.time_base = self.k, 1 / self.rate
+        self.out.mux(self.vs.encode(vf))
+        self.k += 1
+        self._mux_audio(min(len(self.audio), int(self.k / self.rate * self.sr)))
+
+    def _mux_audio(self, end, rest=False):  # whole AAC frames up to sample `end`; rest: the shorter last one too
+        while self.apos < end and (end - self.apos >= 1024 or rest):
+            chunk = np.ascontiguousarray(self.audio[self.apos:self.apos + 1024])
+            af = self.av.AudioFrame.from_ndarray(chunk[None], format="flt", layout="mono")
+            af.sample_rate, af.pts, af.time_base = self.sr, self.apos, Fraction(1, self.sr)
+            self.out.mux(self.ast.encode(af))
+            self.apos += len(chunk)
+
+    def close(self):
+        """Write the remaining audio, flush both encoders and rename the file onto `path` (once)."""
+        if self.done:
+            return
+        self._mux_audio(len(self.audio), rest=True)
+        for st in [s for s in (self.vs, self.ast) if s is not None]:
+            self.out.mux(st.encode(None))
+        self.out.close()
+        os.replace(self.tmp, self.path)
+        self.done = True
+
+    def abort(self):
+        self.done = True
+        with contextlib.suppress(Exception):  # the container may be half-open; the temp file goes anyway
+            self.out.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error, *_):
+        self.abort() if error else self.close()
+
+
+def write_video(path, frames, fps=FPS, audio=None, sr=SR, crf=18):
+    """Write uint8 frames [T, H, W, 3] (H, W even) + optional mono float audio at once: a loop over
+    VideoWriter (H.264 yuv420p + AAC mp4, atomic)."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3] with T > 0, got {frames.dtype} {frames.shape}")
+    with VideoWriter(path, frames.shape[2], frames.shape[1], fps, audio, sr, crf=crf) as w:
+        for f in frames:
+            w.write(f)
 
 
 # ==== 3. Real videos: FOMM-style preparation (Sec. 4.1.1 "pre-processing procedure proposed in [51]") ====
@@ -342,7 +413,7 @@ def iou(a, b):
 
 
 def fomm_enlarge(box, increase=0.1):
-    """FOMM crop enlargement (video-preprocessing util.py, spec data.md Sec. 2): with i = increase,
+    """FOMM crop enlargement (AliaksandrSiarohin/video-preprocessing, util.py): with i = increase,
     wi = max(i, ((1+2i)h - w) / 2w), hi = max(i, ((1+2i)w - h) / 2h); each side grows by wi*w and hi*h.
     The result is a square of side (1 + 2i) max(w, h) around the box centre."""
     l, t, r, b = box
@@ -376,24 +447,37 @@ def crop_square(frames, box, size, strict=False):
     return out, (l - p, t - p, l - p + side, t - p + side), padded
 
 
-def face_track(frames, detector, every=5, max_missing=0.25):
-    """Detect on every `every`-th frame (every frame for clips under 2 s), on copies downscaled to a long
-    side <= 640; keep per frame the box with max IoU to the previous pick (the largest at first).
-    -> boxes float [n_detected, 4] of the frames where a face was found, in source pixels.
-    Raises ValueError when more than `max_missing` of the probed frames have no face."""
-    T, H, W, _ = frames.shape
-    every = 1 if T < 2 * FPS else every
+def detect_faces(img, detector):
+    """Boxes (l, t, r, b) in source pixels, largest first, found by `detector` on a copy of uint8
+    [H, W, 3] `img` downscaled to a long side <= 640 (as first-order-model's crop-video.py does)."""
+    H, W = img.shape[:2]
     k = min(1.0, 640 / max(H, W))
-    boxes, prev, probed = [], None, range(0, T, every)
-    for i in probed:
-        img = frames[i] if k == 1 else np.asarray(Image.fromarray(frames[i]).resize((round(W * k), round(H * k)), Image.BILINEAR))
-        found = [tuple(c / k for c in bx) for bx in detector(img)]
-        if found:
-            prev = found[0] if prev is None else max(found, key=lambda bx: iou(bx, prev))
-            boxes.append(prev)
-    missing = 1 - len(boxes) / len(probed)
-    if not boxes or missing > max_missing:
-        raise ValueError(f"no face in {100 * missing:.0f}% of the probed frames")
+    small = img if k == 1 else np.asarray(Image.fromarray(img).resize((round(W * k), round(H * k)), Image.BILINEAR))
+    return [tuple(c / k for c in bx) for bx in detector(small)]
+
+
+def face_track(frames, detector, where="the video", every=5, dense=2 * FPS, max_missing=0.25):
+    """The one face tracker (prepare and infer.py). Through any iterable of uint8 [H, W, 3] frames (an
+    array, VideoFrames.frames()) probe frame i when i < dense or i % every == 0 (detect_faces); keep per
+    probe the box with max IoU to the previous pick (the largest at first). The probe rule, every frame
+    of the first 2 s (at 25 fps) then every 5th, needs no length up front, so a stream is tracked in one
+    pass: a clip under 2 s has every frame probed (1 in 5 would leave too few probes), a longer one 1 in
+    5 after a dense opening that seeds the IoU chain (40 detections more than 1 in 5 throughout).
+    -> boxes float [n_found, 4] in source pixels. Raises ValueError naming `where` and its first probed
+    frame without a face when more than `max_missing` of the probed frames have none."""
+    boxes, missing, prev = [], [], None
+    for i, img in enumerate(frames):
+        if i < dense or i % every == 0:
+            found = detect_faces(img, detector)
+            if found:
+                prev = found[0] if prev is None else max(found, key=lambda bx: iou(bx, prev))
+                boxes.append(prev)
+            else:
+                missing.append(i)
+    n = len(boxes) + len(missing)
+    if not boxes or len(missing) > max_missing * n:
+        raise ValueError(f"no face found in {where}: frame {missing[0] if missing else '-'} (no face in "
+                         f"{len(missing)} of the {n} probed frames, {100 * len(missing) / max(n, 1):.0f}%)")
     return np.array(boxes, dtype=np.float64)
 
 

@@ -29,9 +29,9 @@ Choices the paper leaves open (ours, stated here once):
     per frame at tiny size, 28 KB at paper size); pixels are never held beyond one batch. Codes are kept
     (only) so that --extend can revisit earlier frames. Batches are whole temporal-fusion windows
     (non-overlapping, Sec. 4.4.2), so streaming gives exactly the codes of one pass over the clip.
-  * Face handling follows data.py's preparation: dlib HOG boxes (every frame for the first 2 s, then
-    every 5th), the union box of the clip, FOMM enlargement, square crop. Without dlib, or with
-    --no-detect, the largest centred square is used (a warning says so unless --no-detect).
+  * Face handling is data.py's preparation, its tracker included (data.face_track: dlib HOG boxes, every
+    frame for the first 2 s, then every 5th), the union box of the clip, FOMM enlargement, square crop.
+    Without dlib, or with --no-detect, the largest centred square is used (a warning says so unless --no-detect).
   * Paste-back: the generated crop is resized to the crop box and blended into the source frame with a
     separable smoothstep mask that fades over the outer 12 % of the box (--no-paste writes the crop).
   * The mp4 carries the comment tag METADATA["comment"] always; --no-mark only drops the visible mark.
@@ -40,13 +40,11 @@ Not here: networks (fusion.py, inversion.py, audio.py, stylegan2.py), training (
 """
 import argparse
 import contextlib
-import itertools
 import math
 import os
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -183,7 +181,7 @@ def load_image(path, name="--source"):
     if not path.is_file():
         raise FileNotFoundError(f"{name}: file not found: {path}")
     if path.suffix.lower() in data.VIDEO_EXTS:
-        img = Image.fromarray(next(iter(VideoFrames(path, name).frames())))
+        img = Image.fromarray(next(iter(data.VideoFrames(path, name).frames())))
     else:
         try:
             with Image.open(path) as im:
@@ -209,68 +207,6 @@ def load_image(path, name="--source"):
     return np.ascontiguousarray(a[:H, :W])
 
 
-class VideoFrames:
-    """A video file decoded lazily, one RGB frame at a time (PyAV). frames(fps) resamples to a constant
-    rate by timestamps, output frame k = the source frame nearest to k / fps, K = floor(duration x fps)
-    (the rule of data.read_video / spec data.md §4.4, written as a stream). Opening probes the file and
-    decodes its first frame, so a bad file fails here, before anything is written."""
-
-    def __init__(self, path, name="--driving"):
-        self.av, self.path, self.name = data.require_av(), str(path), name
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{name}: file not found: {path}")
-        with self._open() as c:
-            if not c.streams.video:
-                raise ValueError(f"{name}: {path} has no video stream")
-            vs = c.streams.video[0]
-            self.src_fps = float(vs.average_rate) if vs.average_rate else None
-            self.duration = (float(vs.duration * vs.time_base) if vs.duration and vs.time_base
-                             else c.duration / 1e6 if c.duration else None)  # seconds, from the header
-            first = next(self._decode(c), None)
-        if first is None:
-            raise ValueError(f"{name}: {path} contains no video frames")
-        self.shape = first[1].shape
-        self.fps = self.src_fps or data.FPS
-        self.still = c.format.name.endswith("_pipe") or c.format.name.startswith("image2")  # png/jpg/...
-
-    @contextlib.contextmanager
-    def _open(self):
-        try:
-            with self.av.open(self.path) as c:
-                yield c
-        except self.av.FFmpegError as e:
-            raise ValueError(f"{self.name}: cannot decode video {self.path} ({e})") from None
-
-    def _decode(self, c):
-        c.streams.video[0].thread_type = "AUTO"
-        for i, f in enumerate(c.decode(video=0)):
-            img = f.to_ndarray(format="rgb24")
-            rot = int(round(getattr(f, "rotation", 0) or 0)) // 90  # phone video (as data.read_video)
-            t = f.time if f.time is not None else i / (self.src_fps or data.FPS)
-            yield t, (np.ascontiguousarray(np.rot90(img, k=rot)) if rot else img)
-
-    def frames(self, fps=None):
-        """Generator of uint8 [H, W, 3] frames at `fps` (None: the file's own average rate)."""
-        fps = float(fps or self.fps)
-        step = 1 / (self.src_fps or fps)                   # a source frame lasts this long
-        with self._open() as c:
-            k_dec, safe, pending, prev, t0 = 0, 0, [], None, None  # pending: output frames not yet emitted
-            for t, img in self._decode(c):
-                t0 = t if t0 is None else t0
-                t -= t0
-                while k_dec / fps <= t + 1e-9:  # output times up to this frame: nearest of prev / this
-                    near_prev = prev is not None and abs(prev[0] - k_dec / fps) <= abs(t - k_dec / fps)
-                    pending.append(prev[1] if near_prev else img)
-                    k_dec += 1
-                prev = (t, img)
-                # Emit only frames certainly inside K = floor(duration x fps): duration >= t + step.
-                safe = math.floor((t + step) * fps + 1e-6)
-                while pending and k_dec - len(pending) < safe:
-                    yield pending.pop(0)
-        for _ in range(safe - k_dec):      # K = the last `safe`; times past the last frame: the last frame
-            yield prev[1]
-
-
 def centre_box(H, W):
     """Largest centred square (l, t, r, b)."""
     s = min(H, W)
@@ -289,38 +225,15 @@ def pick_detector(no_detect):
         return None
 
 
-def _detect(img, detector):
-    """Boxes in source pixels, largest first, detected on a copy with long side <= 640 (data.face_track)."""
-    H, W = img.shape[:2]
-    k = min(1.0, 640 / max(H, W))
-    small = img if k == 1 else np.asarray(Image.fromarray(img).resize((round(W * k), round(H * k)), Image.BILINEAR))
-    return [tuple(c / k for c in bx) for bx in detector(small)]
-
-
-def track_box(frames, detector, where, timer, first_every_frame=2 * data.FPS, every=5, max_missing=0.25):
-    """Streaming version of data.face_track for a long video: probe every frame of the first 2 s, then
-    every 5th; keep the box with max IoU to the previous pick; -> the FOMM-enlarged union box.
-    Raises ValueError naming the input and the first frame without a face."""
-    boxes, missing, prev, it = [], [], None, iter(frames)
-    for i in itertools.count():
-        with timer("decode"):
-            img = next(it, None)
-        if img is None:
-            break
-        if i < first_every_frame or i % every == 0:
-            with timer("detect"):
-                found = _detect(img, detector)
-            if found:
-                prev = found[0] if prev is None else max(found, key=lambda bx: data.iou(bx, prev))
-                boxes.append(prev)
-            else:
-                missing.append(i)
-    probed = len(boxes) + len(missing)
-    if not boxes or len(missing) > max_missing * probed:
-        raise ValueError(f"no face found in {where}: frame {missing[0]} (no face in {len(missing)} of "
-                         f"{probed} probed frames; pass --no-detect if the video is already a face crop)")
-    b = np.array(boxes)
-    return data.fomm_enlarge((b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()))
+def track_box(video, fps, detector, timer):
+    """The FOMM-enlarged union box of the face data.face_track follows through `video` (data.VideoFrames)
+    at `fps`, decoding and detection timed. Raises ValueError naming the input and its first faceless frame."""
+    try:
+        b = data.face_track(timer.iter("decode", video.frames(fps)), timer.wrap("detect", detector),
+                            f"{video.name} {video.path}")
+    except ValueError as e:
+        raise ValueError(f"{e}; pass --no-detect if the video is already a face crop") from None
+    return data.fomm_enlarge((*b[:, :2].min(0), *b[:, 2:].max(0)))
 
 
 def crop_fn(box, size, shape):
@@ -348,6 +261,19 @@ class Timer:
         yield
         self.sync()
         self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - t0
+
+    def wrap(self, key, fn):
+        """fn with every call timed under key."""
+        def timed(*args):
+            with self(key):
+                return fn(*args)
+        return timed
+
+    def iter(self, key, items):
+        """`items` (an iterable, None-free) with every next() timed under key."""
+        items, timed_next = iter(items), self.wrap(key, next)
+        while (x := timed_next(items, None)) is not None:
+            yield x
 
 
 def to_tensor(frames, device):
@@ -378,8 +304,7 @@ class Driver:
         """z_d of output frames ks (ascending ints) -> [len(ks), L, C]; reads the frames not cached yet."""
         imgs = []
         while not self.done and len(self.cache) + len(imgs) <= ks[-1]:
-            with self.timer("decode"):
-                f = next(self.it, None)
+            f = next(self.it, None)                        # timed by run(): timer.iter("decode", ...)
             self.done = f is None
             if f is not None:
                 with self.timer("crop"):
@@ -445,55 +370,7 @@ def contact_sheet(path, source, driving, output, labels=("driving", "output")):
     stylegan2.write_atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
-# ==== 5. Streaming mp4 writer (H.264 + AAC + synthetic tag, atomic) =================================
-
-class VideoWriter:
-    """Like data.write_video but frame by frame (memory bounded) and with container metadata.
-    Written under a temporary name in the same folder; close() renames it (atomic), abort() deletes it."""
-
-    def __init__(self, path, width, height, fps, wav, sr=data.SR, metadata=METADATA, crf=18):
-        self.av = av = data.require_av()
-        self.path, self.tmp = Path(path), stylegan2.temp_path(path)
-        self.rate = Fraction(fps).limit_denominator(1001)
-        self.wav, self.sr, self.k, self.apos = wav, int(sr), 0, 0
-        self.out = av.open(str(self.tmp), mode="w", format="mp4")
-        try:
-            self.out.metadata.update(metadata)
-            self.vs = self.out.add_stream("libx264", rate=self.rate)
-            self.vs.width, self.vs.height, self.vs.pix_fmt = width, height, "yuv420p"
-            self.vs.options = {"crf": str(crf)}
-            self.ast = self.out.add_stream("aac", rate=self.sr, layout="mono")
-        except BaseException:
-            self.abort()
-            raise
-
-    def write(self, frame, last=False):
-        vf = self.av.VideoFrame.from_ndarray(frame, format="rgb24")
-        vf.pts, vf.time_base = self.k, 1 / self.rate
-        self.out.mux(self.vs.encode(vf))
-        self.k += 1
-        # Interleave the audio up to the end of this frame in whole 1024-sample AAC frames (all on the last).
-        end = len(self.wav) if last else min(len(self.wav), int(self.k / self.rate * self.sr))
-        while self.apos < end and (end - self.apos >= 1024 or last):
-            chunk = np.ascontiguousarray(self.wav[self.apos:self.apos + 1024], np.float32)
-            af = self.av.AudioFrame.from_ndarray(chunk[None], format="flt", layout="mono")
-            af.sample_rate, af.pts, af.time_base = self.sr, self.apos, Fraction(1, self.sr)
-            self.out.mux(self.ast.encode(af))
-            self.apos += len(chunk)
-
-    def close(self):
-        for st in (self.vs, self.ast):                    # flush both encoders
-            self.out.mux(st.encode(None))
-        self.out.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self):
-        with contextlib.suppress(Exception):  # the container may be half-open; the temp file goes anyway
-            self.out.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-# ==== 6. Model, procedural default inputs, the command line =========================================
+# ==== 5. Model, procedural default inputs, the command line =========================================
 
 def load_model(checkpoint, preset, device, seed=0):
     """-> (FCTFG in eval mode, cfg dict, trained flag). checkpoint=None: the shipped tiny checkpoint if
@@ -612,7 +489,7 @@ def read_inputs(args, S):
     src_img = proc[0] if args.source is None else load_image(args.source)
     own = {g: getattr(args, f"{g}_from") for g in ("pose", "expression", "eyes")}   # --pose-from, ...
     paths = {g: p or args.driving for g, p in own.items()}
-    videos = {p: VideoFrames(p, f"--{g}-from" if own[g] else "--driving") for g, p in paths.items() if p is not None}
+    videos = {p: data.VideoFrames(p, f"--{g}-from" if own[g] else "--driving") for g, p in paths.items() if p is not None}
     for p, v in videos.items():
         if v.still:
             print(f"infer.py: NOTE: {v.name} {p} is a still image: it is used as a one-frame video, so "
@@ -627,8 +504,8 @@ def read_inputs(args, S):
         except ValueError as e:
             raise ValueError(f"no audio: --driving {args.driving} has no readable audio track ({e}); "
                              "pass --audio") from None
-        # AAC decodes in whole 1024-sample frames (2112 priming for some encoders, spec data.md §5): an
-        # overhang shorter than that past the picture is codec padding, not speech. Cut it.
+        # AAC decodes in whole 1024-sample frames, after encoder priming (1024 samples from FFmpeg's encoder,
+        # 2112 from Apple's): an overhang of up to 2112 samples past the picture is codec padding. Cut it.
         n_video = round(main_video.duration * data.SR) if main_video.duration else len(wav)
         wav = wav[:n_video] if 0 < len(wav) - n_video <= 2112 else wav
     else:
@@ -648,14 +525,14 @@ def find_faces(args, src_img, videos, detector, S, fps, timer):
         src_box = centre_box(*src_img.shape[:2])
     else:
         with timer("detect"):
-            found = _detect(src_img, detector)
+            found = data.detect_faces(src_img, detector)
         if not found:
             raise ValueError(f"no face found in --source {args.source} (frame 0); pass --no-detect if it "
                              "is already a face crop")
         src_box = data.fomm_enlarge(found[0])
     src_crop, src_box, _ = data.crop_square(src_img[None], src_box, S)
-    crops = {p: crop_fn(None if detector is None else track_box(v.frames(fps), detector, f"{v.name} {p}", timer),
-                        S, v.shape) for p, v in videos.items()}
+    crops = {p: crop_fn(None if detector is None else track_box(v, fps, detector, timer), S, v.shape)
+             for p, v in videos.items()}
     return src_crop, src_box, crops
 
 
@@ -686,7 +563,7 @@ def run(args):
     made = {}
     for p in dict.fromkeys(paths.values()):
         frames, crop = (proc[1], crop_fn(None, S, (S, S))) if p is None else (videos[p].frames(fps), crops[p])
-        made[p] = Driver(frames, crop, model.E_inv, args.extend, timer, amp,
+        made[p] = Driver(timer.iter("decode", frames), crop, model.E_inv, args.extend, timer, amp,
                          keep_crops=bool(args.sheet) and p == paths["pose"])
     drivers = {g: made[p] for g, p in paths.items()}
     paste = None if (args.no_paste or args.canonical) else PasteBack(src_img, src_box)
@@ -705,21 +582,17 @@ def run(args):
     sheet_ks = set(np.linspace(0, K - 1, args.sheet_frames).round().astype(int).tolist()) if args.sheet else ()
     sheet = []                                             # (driving crop, generated face) at sheet_ks
     t0 = time.perf_counter()
-    writer = VideoWriter(out, W, H, fps, wav)
-    try:
+    with data.VideoWriter(out, W, H, fps, wav, metadata=METADATA) as writer:   # aborted on any exception
         for k0, faces, _ in animate(model, z_s, deltas, drivers, audio.melspectrogram(wav), K, fps, batch,
                                     timer, args.canonical, amp):
             sheet += [(drivers["pose"].crop_at(k), f.copy()) for k, f in enumerate(faces, k0) if k in sheet_ks]
             with timer("write"):
-                for k, face in enumerate(faces, k0):
+                for face in faces:
                     frame = paste(face) if paste is not None else face.copy()
-                    writer.write(frame if overlay is None else apply_mark(frame, overlay), last=k == K - 1)
+                    writer.write(frame if overlay is None else apply_mark(frame, overlay))
             progress.update(k0 + len(faces))
         with timer("write"):
-            writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+            writer.close()                                 # the encoders' flush, timed
     wall = time.perf_counter() - t0
     if args.sheet:
         contact_sheet(args.sheet, src_crop[0], *zip(*sheet))

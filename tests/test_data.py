@@ -33,11 +33,23 @@ def test_sample_format_and_alignment():
 # ---------------------------------------------------------------------------------------------------
 # real-data helpers
 # ---------------------------------------------------------------------------------------------------
-def test_nearest_frame_indices_matches_naive_loop():
+def _nearest_frame_indices(times, fps, duration):
+    """Test oracle for VideoFrames.frames(fps), written as one batch over known timestamps: output frame k =
+    the source frame nearest to k / fps (ties: the earlier), K = floor(duration * fps).  -> int [K]."""
+    times = np.asarray(times, dtype=np.float64)
+    K = int(np.floor(duration * fps + 1e-6))
+    if len(times) < 2:
+        return np.zeros(K, np.int64)
+    tk = np.arange(K) / fps
+    j = np.clip(np.searchsorted(times, tk), 1, len(times) - 1)
+    return np.where(np.abs(times[j - 1] - tk) <= np.abs(times[j] - tk), j - 1, j).astype(np.int64)
+
+
+def test_nearest_frame_indices_oracle_matches_naive_loop():
     rng = np.random.default_rng(0)
     times = np.cumsum(rng.uniform(0.02, 0.05, 90)) - 0.02       # jittered VFR clock starting near 0
     times -= times[0]
-    idx = data.nearest_frame_indices(times, 25, times[-1] + 0.033)
+    idx = _nearest_frame_indices(times, 25, times[-1] + 0.033)
     naive = [int(np.argmin(np.abs(times - k / 25))) for k in range(int((times[-1] + 0.033) * 25))]
     assert idx.tolist() == naive
 
@@ -137,6 +149,111 @@ def test_video_failure_paths(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         data.write_video(tmp_path / "f.mp4", np.zeros((2, 16, 16, 3)))
     assert sorted(os.listdir(tmp_path)) == ["bad.mp4", "silent.mp4"]
+
+
+def _write_vfr(path, frames, rng, rotation=None):
+    """An mp4 written with PyAV directly: jittered pts (1/1000 s units, 20-50 ms apart), optionally a
+    display rotation (degrees counter-clockwise), no audio."""
+    import av
+    from fractions import Fraction
+    with av.open(str(path), "w", format="mp4") as c:
+        vs = c.add_stream("libx264", rate=30)
+        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        vs.codec_context.time_base = Fraction(1, 1000)
+        if rotation is not None:
+            vs.set_display_rotation(rotation)
+        t = np.cumsum(rng.uniform(20, 50, len(frames))).astype(int)
+        for k, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            vf.pts, vf.time_base = int(t[k] - t[0]), Fraction(1, 1000)
+            c.mux(vs.encode(vf))
+        c.mux(vs.encode(None))
+
+
+def _pyav_frames(path):
+    """Oracle decode: every frame as stored (no rotation), its time in s, and the stream's average rate."""
+    import av
+    with av.open(str(path)) as c:
+        rate = float(c.streams.video[0].average_rate)
+        got = [(f.time, f.to_ndarray(format="rgb24")) for f in c.decode(video=0)]
+    return np.array([t for t, _ in got]), np.stack([f for _, f in got]), rate
+
+
+def test_video_frames_stream_matches_timestamp_oracle(tmp_path):
+    """VideoFrames.frames(fps) against the batch nearest-frame rule over timestamps PyAV reports, on a
+    constant-rate file (write_video) and a variable-rate one; fps=None gives every decoded frame."""
+    pytest.importorskip("av")
+    motion, audio = procedural.make_motion(1, 40)
+    frames = procedural.render_clip(procedural.make_identity(2), motion, 32)
+    data.write_video(tmp_path / "cfr.mp4", frames, 25, audio)
+    _write_vfr(tmp_path / "vfr.mp4", frames, np.random.default_rng(0))
+    for name in ("cfr.mp4", "vfr.mp4"):
+        times, raw, rate = _pyav_frames(tmp_path / name)
+        v = data.VideoFrames(tmp_path / name)
+        assert v.t0 == times[0] and v.shape == raw.shape[1:] and v.fps == pytest.approx(rate)
+        for fps in (None, 10, 25, 40):
+            idx = range(len(raw)) if fps is None else _nearest_frame_indices(times - times[0], fps,
+                                                                             times[-1] - times[0] + 1 / rate)
+            got = np.stack(list(v.frames(fps)))
+            assert got.shape == raw[idx].shape, (name, fps)
+            np.testing.assert_array_equal(got, raw[idx])
+            np.testing.assert_array_equal(data.read_video(tmp_path / name, fps=fps)[0], got)  # read_video's frames
+
+
+def test_rotated_video_is_turned_upright_once(tmp_path):
+    """A display rotation of 90 degrees (counter-clockwise, PyAV's convention) = np.rot90(stored, 1), in the
+    decoder that read_video and infer.py share."""
+    av = pytest.importorskip("av")
+    if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip("this PyAV cannot write a display rotation")
+    frames = procedural.render_clip(procedural.make_identity(2), procedural.make_motion(1, 5)[0], 32)[:, :16]
+    _write_vfr(tmp_path / "rot.mp4", np.ascontiguousarray(frames), np.random.default_rng(1), rotation=90)
+    _, raw, _ = _pyav_frames(tmp_path / "rot.mp4")
+    want = np.rot90(raw, 1, axes=(1, 2))                       # [T, 32, 16, 3]: width and height swapped
+    assert data.VideoFrames(tmp_path / "rot.mp4").shape == want.shape[1:]
+    np.testing.assert_array_equal(np.stack(list(data.VideoFrames(tmp_path / "rot.mp4").frames())), want)
+    np.testing.assert_array_equal(data.read_video(tmp_path / "rot.mp4")[0], want)
+
+
+def test_video_writer_tags_audio_and_abort(tmp_path):
+    """VideoWriter: metadata only when asked, no audio track without audio, abort() leaves nothing."""
+    av = pytest.importorskip("av")
+    with data.VideoWriter(tmp_path / "t.mp4", 16, 16, 25, metadata=dict(comment="hello")) as w:
+        for _ in range(3):
+            w.write(np.zeros((16, 16, 3), np.uint8))
+    with av.open(str(tmp_path / "t.mp4")) as c:
+        assert c.metadata.get("comment") == "hello" and not c.streams.audio and c.streams.video[0].frames == 3
+    data.write_video(tmp_path / "u.mp4", np.zeros((2, 16, 16, 3), np.uint8), audio=np.zeros(1000))
+    with av.open(str(tmp_path / "u.mp4")) as c:
+        assert "comment" not in c.metadata and len(c.streams.audio) == 1
+    w = data.VideoWriter(tmp_path / "x.mp4", 16, 16, 25, np.zeros(2000, np.float32))
+    w.write(np.zeros((16, 16, 3), np.uint8))
+    w.abort()
+    with pytest.raises(RuntimeError):                          # an exception inside `with` aborts too
+        with data.VideoWriter(tmp_path / "y.mp4", 16, 16) as w:
+            w.write(np.zeros((16, 16, 3), np.uint8))
+            raise RuntimeError
+    assert sorted(os.listdir(tmp_path)) == ["t.mp4", "u.mp4"]
+
+
+def test_face_track_probe_rule_iou_chain_and_message():
+    """Probes: every frame below 50, then every 5th, from a generator; the chain keeps the box that
+    overlaps the previous pick, not the larger one; too many misses name the first faceless frame."""
+    probed = []
+
+    def detector(img):   # frame i (pixel value i): a small face at x = i, and from frame 1 a big one listed first
+        i = int(img[0, 0, 0])
+        probed.append(i)
+        small = (float(i), 0.0, i + 20.0, 20.0)
+        return [small] if i == 0 else [(200.0, 0.0, 300.0, 100.0), small]
+
+    boxes = data.face_track((np.full((8, 8, 3), i, np.uint8) for i in range(62)), detector)
+    assert probed == list(range(50)) + [50, 55, 60]
+    np.testing.assert_array_equal(boxes[:, 0], probed)         # the small face all along
+    answers = iter([[(0, 0, 4, 4)]] * 3 + [[]] + [[(0, 0, 4, 4)]] * 2 + [[]] * 2)
+    assert len(data.face_track(np.zeros((4, 8, 8, 3), np.uint8), lambda img: next(answers))) == 3  # 25 %: kept
+    with pytest.raises(ValueError, match=r"no face found in clip x: frame 2 \(no face in 2 of the 4 probed frames, 50%\)"):
+        data.face_track(np.zeros((4, 8, 8, 3), np.uint8), lambda img: next(answers), "clip x")
 
 
 def _pasted_face_video(T=40, H=128, W=160, fx=70, fy=30):
