@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.signal import resample_poly
 
+from stylegan2 import load_checkpoint, load_strict  # the project's one safe reader and strict loader
+
 # ---------------------------------------------------------------------------------------------------
 # Constants of the mel recipe (Wav2Lip hparams.py; Sec. 4.1.2 names the first four).
 SAMPLE_RATE = 16000     # Hz; Sec. 4.1.2 "downsample the audio to 16kHz"
@@ -137,22 +139,22 @@ def _read_with_pyav(path, sf_error):
     return np.concatenate(chunks, axis=1).T.astype(np.float32), rate
 
 
-# ==== 2. Mel spectrogram (Wav2Lip recipe; spec Sec. 1). numpy = the definition, torch = batched copy. ====
+# ==== 2. Mel spectrogram (Wav2Lip audio.py + hparams.py). numpy = the definition, torch = batched copy. ====
+_F_SP = 200.0 / 3                 # Slaney scale: 66.67 Hz per mel in the linear part (1000 Hz -> 15 mel)
+_LOGSTEP = math.log(6.4) / 27.0   # and 27 mels per factor 6.4 in frequency above 1 kHz
+
+
 def hz_to_mel(f):
     """Slaney mel scale (librosa htk=False): linear below 1 kHz, logarithmic above."""
     f = np.asarray(f, dtype=np.float64)
-    f_sp = 200.0 / 3                      # 66.67 Hz per mel in the linear part: 1000 Hz -> 15 mel
-    logstep = math.log(6.4) / 27.0        # 27 mels per factor 6.4 in frequency above 1 kHz
-    linear = f / f_sp
-    log = 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / logstep
-    return np.where(f >= 1000.0, log, linear)
+    log = 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / _LOGSTEP
+    return np.where(f >= 1000.0, log, f / _F_SP)
 
 
 def mel_to_hz(m):
     """Inverse of hz_to_mel."""
     m = np.asarray(m, dtype=np.float64)
-    f_sp, logstep = 200.0 / 3, math.log(6.4) / 27.0
-    return np.where(m >= 15.0, 1000.0 * np.exp(logstep * (m - 15.0)), f_sp * m)
+    return np.where(m >= 15.0, 1000.0 * np.exp(_LOGSTEP * (m - 15.0)), _F_SP * m)
 
 
 @functools.lru_cache(maxsize=8)
@@ -305,12 +307,7 @@ def mel_windows(mel, n_frames, fps=FPS):
     return np.ascontiguousarray(mel[:, idx].transpose(1, 0, 2)[:, None])
 
 
-# ==== 4. Networks (Wav2Lip models/conv.py, audio encoder, SyncNet_color; spec Sec. 2) =============
-def _conv_out(n, k, s, p):
-    """Output length of a convolution along one axis."""
-    return (n + 2 * p - k) // s + 1
-
-
+# ==== 4. Networks (Wav2Lip models/conv.py, the generator's audio encoder, models/syncnet.py) ======
 class ConvBlock(nn.Module):
     """Conv2d (with bias) -> BatchNorm -> (+ input if residual) -> ReLU. Wav2Lip's basic block.
 
@@ -360,13 +357,12 @@ class AudioEncoder(nn.Sequential):
                  ):
         if len(channels) != 5 or len(n_res) != 4:
             raise ValueError(f"need 5 channels and 4 residual counts, got {channels}, {n_res}")
-        c0, c1, c2, c3, c4 = channels
-        blocks = [ConvBlock(1, c0, 3, 1, 1)] + _res(c0, n_res[0])    # 80 x 16
-        blocks += [ConvBlock(c0, c1, 3, (3, 1), 1)] + _res(c1, n_res[1])  # 27 x 16
-        blocks += [ConvBlock(c1, c2, 3, 3, 1)] + _res(c2, n_res[2])       # 9 x 6
-        blocks += [ConvBlock(c2, c3, 3, (3, 2), 1)] + _res(c3, n_res[3])  # 3 x 3
-        blocks += [ConvBlock(c3, c4, 3, 1, 0),                            # 1 x 1
-                   ConvBlock(c4, c4, 1, 1, 0)]
+        blocks, cin = [], 1
+        for cout, stride, n in zip(channels, (1, (3, 1), 3, (3, 2)), n_res):  # -> 80x16, 27x16, 9x6, 3x3
+            blocks += [ConvBlock(cin, cout, 3, stride, 1)] + _res(cout, n)
+            cin = cout
+        c4 = channels[4]
+        blocks += [ConvBlock(cin, c4, 3, 1, 0), ConvBlock(c4, c4, 1, 1, 0)]  # 3x3 valid, then 1x1
         super().__init__(*blocks)
         self.out_dim = c4
 
@@ -396,12 +392,10 @@ class FaceEncoder(nn.Sequential):
         h, w = face_hw
         blocks = [ConvBlock(3 * n_frames, channels[0], 7, 1, 3)]  # same size
         for s, (cin, cout) in enumerate(zip(channels[:-1], channels[1:])):
-            if s == 0:   # Wav2Lip's first stage: 5x5, stride (1, 2), pad 1 (W ~ 2H becomes ~square)
-                k, st, p = 5, (1, 2), 1
-            else:        # every later stage halves both sides
-                k, st, p = 3, (2, 2), 1
+            # Wav2Lip's first stage: 5x5, stride (1, 2) (W ~ 2H becomes ~square); later ones halve both sides
+            k, st, p = (5, (1, 2), 1) if s == 0 else (3, (2, 2), 1)
             blocks.append(ConvBlock(cin, cout, k, st, p))
-            h, w = _conv_out(h, k, st[0], p), _conv_out(w, k, st[1], p)
+            h, w = (h + 2 * p - k) // st[0] + 1, (w + 2 * p - k) // st[1] + 1  # conv output size
             blocks += _res(cout, n_res[s])
         if h != w or h < 1:
             raise ValueError(f"face_hw={face_hw} with {len(n_res)} stages ends at {h}x{w}; need a square "
@@ -519,7 +513,6 @@ def _read_state_dict(path):
 
     Wav2Lip saves {'state_dict', 'optimizer', 'global_step', 'global_epoch'}; a bare state dict works too.
     """
-    from stylegan2 import load_checkpoint  # the project's one safe reader (weights_only=True)
     path = os.fspath(path)
     try:
         ckpt = load_checkpoint(path)  # FileNotFoundError passes through as it is
@@ -541,7 +534,6 @@ def load_audio_encoder(path, preset="paper"):
     if not sub:
         raise ValueError(f"{path}: no '{prefix}*' keys; is this a Wav2Lip generator checkpoint? "
                          f"first keys: {list(sd)[:5]}")
-    from stylegan2 import load_strict  # the project's one strict loader
     return load_strict(AudioEncoder(**AUDIO_ENCODER_PRESETS[preset]), sub, f"load_audio_encoder({path})")
 
 
@@ -551,7 +543,6 @@ def load_expert(path, preset="paper", device="cpu"):
     lipsync_expert.pth (`preset` sizes it). `input_bgr` says which colour order it was trained on:
     Wav2Lip's expert saw OpenCV BGR crops, ours RGB; expert_window(..., bgr=net.input_bgr) feeds it
     its own order (losses.sync_loss, evaluate.lse_expert)."""
-    from stylegan2 import load_checkpoint
     ck = load_checkpoint(path)
     if isinstance(ck, dict) and "syncnet" in ck:
         net = SyncNet(**PRESETS[ck["cfg"]["model"]])
@@ -563,12 +554,9 @@ def load_expert(path, preset="paper", device="cpu"):
     return net.to(device).eval().requires_grad_(False)
 
 
-def load_syncnet(path, preset="paper", freeze=True):
+def load_syncnet(path, preset="paper"):
     """The lip-sync expert from a Wav2Lip expert checkpoint (lipsync_expert.pth). All keys must match.
-    freeze=True returns it in eval mode without gradients, as used for L_sync (Eq. 4): the loss then
-    moves only the generator, never the judge."""
-    from stylegan2 import load_strict
+    Returned frozen (eval mode, no gradients), as used for L_sync (Eq. 4): the loss then moves only the
+    generator, never the judge."""
     model = load_strict(SyncNet(**PRESETS[preset]), _read_state_dict(path), f"load_syncnet({path})")
-    if freeze:
-        model.eval().requires_grad_(False)
-    return model
+    return model.eval().requires_grad_(False)

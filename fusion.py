@@ -12,37 +12,31 @@ Paper map ("That's What I Said: Fully-Controllable Talking Face Generation", ACM
   Sec. 4.4.2, Table 3                       video discriminator (frames stacked on channels)
                                                                                 -> VideoDiscriminator
 
-Which w index is "layer k" (Sec. 4.1.2)?  We read the paper's numbers as 0-based w indices, i.e. the
-exact positions in the [B, 14, 512] code (what a Python list in the authors' code would hold):
-    paper layer : 1   2   3    4    7    8    9    10        (untouched: 0, 5, 6, 11, 12, 13)
-    w index     : w1  w2  w3   w4   w7   w8   w9   w10
-    drives      : 8px 8px 16px 16px 64px 64px 128px 128px   (up-conv + conv of one resolution each)
-With the StyleGAN2 index map (stylegan2.Generator: resolution 2^r uses w(2r-5) for its
-up-conv and w(2r-4) for its conv) this reading pairs every two consecutive paper layers with the two
-styled convs of ONE resolution, and the audio pair 7, 8 is exactly the 64 px block: the scale at
-which the mouth of a 256 px face (~60 px wide) is shaped. The 1-based reading (w0,w1,w2,w3,w6,w7,w8,w9)
-would split the audio pair across 32 px and 64 px and every other pair across two resolutions too,
-so we consider it the less likely intent. Both sets are constructor arguments.
+Which w index is "layer k" (Sec. 4.1.2)? We read the paper's numbers as 0-based positions in the
+[B, 14, 512] code (what a Python list in the authors' code would hold):
+    paper layer = w index : 1   2   3    4    7    8    9     10     (untouched: 0, 5, 6, 11, 12, 13)
+    drives                : 8px 8px 16px 16px 64px 64px 128px 128px (up-conv + conv of one resolution)
+With the StyleGAN2 index map (stylegan2.Generator: resolution 2^r uses w(2r-5) for its up-conv and
+w(2r-4) for its conv) every two consecutive paper layers are then the two styled convs of ONE resolution,
+and the audio pair 7, 8 is the 64 px block: the scale at which the mouth of a 256 px face (~60 px wide)
+is shaped. The 1-based reading (w0-w3, w6-w9) would split the audio pair and every other pair across two
+resolutions, so we consider it the less likely intent. Both sets are constructor arguments.
 
-Tiny preset (64 px, 10 codes), derived by resolution in paper_layers(size):
-  * the coarse group (paper w1-w4: the 8 px and 16 px blocks, where StyleGAN places head pose and
-    global layout) keeps the same ABSOLUTE resolutions: layout is decided in the first octaves above
-    the 4x4 constant whatever the output size;
-  * the detail group (paper w7-w10: the size/4 and size/2 blocks, mouth/eyes/expression) keeps the
-    same RELATIVE resolution, because those parts cover a fixed fraction of the face.
-  At 256 px this gives back exactly {1,2,3,4,7,8,9,10} with audio {7,8}; at 64 px it gives
-  {1,2,3,4,5,6} (8, 16, 32 px blocks) with audio {3,4} (the 16 px block = size/4).
-  The tiny preset adds w0 (the 4 px const conv): in our trained 64 px decoder the head's yaw lives
-  largely there (rendering the driver's own codes with the source's w0 drops the yaw correlation of
-  the attribute table from 0.88 to 0.57; pitch, eyes, brows, lips are unaffected; RESULTS.md), so
-  with w0 untouched no model could turn the head. It is the 1-based reading's first layer; train.py
-  --layers sets any list (an ablation row runs paper_layers(64)). Likewise the tiny preset feeds the
-  audio to every manipulated layer, not only the size/4 block: our decoder spreads the mouth over
-  w0-w6 (the driver's own codes on w3, w4 alone move the lips with correlation 0.15, on w0-w6 0.88),
-  and with the audio in w3, w4 only, a 300-step run's lips correlation was 0.49 against 0.65
-  (--audio_layers; an ablation row keeps the derived (3, 4)). Untouched at 64 px: w7, w8 (64 px,
-  the finest texture), w9 (last ToRGB) -- as in the paper, the finest layers keep the source code and
-  so the source's texture.
+Tiny preset (64 px, 10 codes), derived by resolution in paper_layers(size): the coarse group (paper
+w1-w4, the 8 and 16 px blocks, where StyleGAN places head pose and global layout) keeps the same
+ABSOLUTE resolutions, as layout is decided in the first octaves above the 4x4 constant at any output
+size; the detail group (paper w7-w10, the size/4 and size/2 blocks: mouth, eyes, expression) keeps the
+same RELATIVE resolution, as those parts cover a fixed fraction of the face. At 256 px this gives back
+{1,2,3,4,7,8,9,10} with audio {7,8}; at 64 px {1,...,6} (8, 16, 32 px) with audio {3,4} (16 px = size/4).
+  The tiny preset adds w0 (the 4 px const conv): our trained 64 px decoder keeps much of the head's yaw
+there (the driver's codes with the source's w0 drop the yaw correlation of the attribute table from 0.88
+to 0.57; pitch, eyes, brows, lips unaffected; RESULTS.md), so without w0 no model could turn the head.
+It is the 1-based reading's first layer; train.py --layers sets any list (an ablation row runs
+paper_layers(64)). It also feeds the audio to every manipulated layer: our decoder spreads the mouth over
+w0-w6 (the driver's codes on w3, w4 alone move the lips with correlation 0.15, on w0-w6 0.88), and with
+audio in w3, w4 only a 300-step run's lips correlation was 0.49 against 0.65 (--audio_layers; an ablation
+row keeps the derived (3, 4)). Untouched at 64 px: w7, w8 (64 px, the finest texture) and w9 (last
+ToRGB); as in the paper, the finest layers keep the source's code and so its texture.
 
 Not here: the losses of Eq. 3-9 (losses.py), the decoder G and image D (stylegan2.py), E_inv
 (inversion.py), E_a (audio.py), the training loop (train.py).
@@ -50,6 +44,7 @@ Not here: the losses of Eq. 3-9 (losses.py), the decoder G and image D (stylegan
 import torch
 from torch import nn
 
+import inversion
 import stylegan2
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,7 +62,7 @@ TEMPORAL_MODES = ("conv", "lstm", "none")  # Table 3 rows: 1D conv (ours), LSTM,
 
 def w_indices_at(res):
     """The two w indices that style the up-conv and the conv of resolution `res` (>= 8):
-    w(2r-5), w(2r-4) with r = log2(res)  (spec stylegan2.md §1)."""
+    w(2r-5), w(2r-4) with r = log2(res) (the layer order of stylegan2.Generator)."""
     r = int(res).bit_length() - 1
     if res < 8 or 2 ** r != res:
         raise ValueError(f"w_indices_at: resolution must be a power of two >= 8, got {res}")
@@ -99,11 +94,9 @@ def _mlp(d_in, d_hidden, d_out, n_layers):
     activation are our choice: StyleGAN's own mapping network uses the same slope)."""
     dims = [d_in] + [d_hidden] * (n_layers - 1) + [d_out]
     mods = []
-    for i in range(n_layers):
-        mods.append(nn.Linear(dims[i], dims[i + 1]))
-        if i < n_layers - 1:
-            mods.append(nn.LeakyReLU(0.2))
-    return nn.Sequential(*mods)
+    for a, b in zip(dims, dims[1:]):
+        mods += [nn.Linear(a, b), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*mods[:-1])                                    # no activation after the last
 
 
 def _check_layers(L, layers, audio_layers):
@@ -195,7 +188,7 @@ class MotionEncoder(nn.Module):
                     x = torch.cat([z_a, x], -1)                         # [B, T, A + C]  (⊕ of Eq. 2)
                 out.append(self.mlps[str(l)](x))                        # [B, T, C]
             else:
-                out.append(z_d.new_zeros(z_d.shape[0], z_d.shape[1], self.C))
+                out.append(z_d.new_zeros(*z_d.shape[:2], self.C))
         return torch.stack(out, 2)                                      # [B, T, L, C]
 
 
@@ -381,8 +374,7 @@ class FCTFG(nn.Module):
 
     def __init__(self, preset="tiny", **fusion_overrides):
         super().__init__()
-        import audio
-        import inversion
+        import audio  # lazily: `import fusion` alone need not load soundfile and scipy
         self.preset = preset
         self.G = stylegan2.Generator.from_preset(preset)
         inv = inversion.PRESETS[preset]
@@ -395,7 +387,6 @@ class FCTFG(nn.Module):
 
     def encode_source(self, x_s, hyper_steps=0):
         """x_s [B, 3, H, W] -> (z_s [B, L, C], weight deltas list). hyper_steps = 0: pSp codes only."""
-        import inversion
         z_s, deltas, _ = inversion.invert(self.G, x_s, self.E_inv, self.H if hyper_steps else None,
                                           steps=hyper_steps, recon=False)
         return z_s, deltas

@@ -41,7 +41,8 @@ PRESETS = {
 }
 
 
-# ==== 1. IR-SE backbone (spec §1.1-1.3): shared by the pSp encoder and ArcFace ====================
+# ==== 1. IR-SE backbone (InsightFace IR-SE50 as in pSp's models/encoders/helpers.py, model_irse.py) ==
+# Shared by the pSp encoder and ArcFace.
 
 class SEModule(nn.Module):
     """Squeeze-and-excitation: rescale each channel by a gate computed from the global average.
@@ -83,7 +84,7 @@ class BottleneckIRSE(nn.Module):
         return self.res_layer(x) + self.shortcut_layer(x)
 
 
-def ir_se_layers(units, widths, in_channels=3):
+def ir_se_layers(units, widths):
     """Build (input_layer, body) of an IR-SE network. The two Sequentials are returned separately and
     assigned as attributes by the caller so state-dict keys read `input_layer.*` and `body.N.*`, exactly
     the InsightFace/pSp names. IR-SE50: units (3, 4, 14, 3), widths (64, 128, 256, 512); every stage
@@ -91,7 +92,7 @@ def ir_se_layers(units, widths, in_channels=3):
     if len(units) != 4 or len(widths) != 4:
         raise ValueError(f"IR-SE needs 4 stages; got units={units}, widths={widths}")
     input_layer = nn.Sequential(
-        nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.PReLU(widths[0]))
+        nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.PReLU(widths[0]))
     body, in_c = [], widths[0]
     for n, out_c in zip(units, widths):
         for i in range(n):
@@ -100,7 +101,16 @@ def ir_se_layers(units, widths, in_channels=3):
     return input_layer, nn.Sequential(*body)
 
 
-# ==== 2. pSp GradualStyleEncoder = E_inv (spec §2; Sec. 3 and 4.1.2 of the paper) =================
+def conv_tower(channels, strides):
+    """3x3 convs (pad 1, bias) channels[i] -> channels[i+1] at strides[i], each followed by LeakyReLU with
+    PyTorch's default slope 0.01, as in pSp and HyperStyle: the heads that shrink a feature map to 1x1."""
+    layers = []
+    for c_in, c_out, s in zip(channels, channels[1:], strides):
+        layers += [nn.Conv2d(c_in, c_out, 3, s, 1), nn.LeakyReLU()]
+    return nn.Sequential(*layers)
+
+
+# ==== 2. pSp GradualStyleEncoder = E_inv (Richardson et al. 2021, Sec. 3; FC-TFG Sec. 3, 4.1.2) =====
 
 class GradualStyleBlock(nn.Module):
     """map2style: log2(spatial) stride-2 3x3 convs take a feature map to 1x1, then one EqualLinear.
@@ -111,10 +121,7 @@ class GradualStyleBlock(nn.Module):
         n = int(math.log2(spatial))
         if 2 ** n != spatial or n < 1:
             raise ValueError(f"map2style needs a power-of-two spatial size >= 2, got {spatial}")
-        layers = [nn.Conv2d(in_c, out_c, 3, 2, 1), nn.LeakyReLU()]  # LeakyReLU(0.01): PyTorch default, as pSp
-        for _ in range(n - 1):
-            layers += [nn.Conv2d(out_c, out_c, 3, 2, 1), nn.LeakyReLU()]
-        self.convs = nn.Sequential(*layers)
+        self.convs = conv_tower([in_c] + [out_c] * n, [2] * n)
         self.linear = EqualLinear(out_c, out_c)
 
     def forward(self, x):  # [B, C_feat, s, s] -> [B, C]
@@ -190,13 +197,12 @@ class PSPEncoder(nn.Module):
         p2 = up_add(c3, self.latlayer1(c2))
         p1 = up_add(p2, self.latlayer2(c1))
         a, b = self.split
-        codes = [ops.checkpointed(head, c3, on=ck) for head in self.styles[:a]]     # coarse
-        codes += [ops.checkpointed(head, p2, on=ck) for head in self.styles[a:b]]   # middle
-        codes += [ops.checkpointed(head, p1, on=ck) for head in self.styles[b:]]    # fine
+        feats = [c3] * a + [p2] * (b - a) + [p1] * (self.n_latent - b)           # coarse, middle, fine
+        codes = [ops.checkpointed(head, f, on=ck) for head, f in zip(self.styles, feats)]
         return torch.stack(codes, 1) + self.latent_avg           # [B, L, C]
 
 
-# ==== 3. HyperStyle (spec §3): predicts per-layer weight offsets Delta, W' = W * (1 + Delta) ======
+# ==== 3. HyperStyle (Alaluf et al. 2022): per-layer weight offsets Delta, W' = W * (1 + Delta) ======
 
 def layer_shapes(G):
     """One entry per G.modulated_convs(): (C_out, C_in, k) for the convs HyperStyle tunes, None for the
@@ -252,11 +258,8 @@ class HyperRefinementBlock(nn.Module):
 
     def __init__(self, hypernet, n_channels, inner, spatial):
         super().__init__()
-        layers = [nn.Conv2d(n_channels, inner, 3, 1, 1), nn.LeakyReLU()]
-        for _ in range(int(math.log2(spatial)) - 1):
-            layers += [nn.Conv2d(inner, inner, 3, 2, 1), nn.LeakyReLU()]
-        layers += [nn.Conv2d(inner, n_channels, 3, 2, 1), nn.LeakyReLU()]
-        self.convs = nn.Sequential(*layers)
+        m = int(math.log2(spatial))
+        self.convs = conv_tower([n_channels] + [inner] * m + [n_channels], [1] + [2] * m)
         self.linear = EqualLinear(n_channels, n_channels)
         # The *same* module object sits in every shared head. state_dict() therefore lists its tensors
         # once per head, as HyperStyle's checkpoints do, while parameters() counts them once.
@@ -273,11 +276,8 @@ class RefinementBlock(nn.Module):
     def __init__(self, shape, n_channels, inner, spatial):
         super().__init__()
         self.out_c, self.in_c, self.k = shape
-        layers = [nn.Conv2d(n_channels, inner, 3, 2, 1), nn.LeakyReLU()]
-        for _ in range(max(0, int(math.log2(spatial)) - 3)):  # 16 px features: one middle conv (as HyperStyle)
-            layers += [nn.Conv2d(inner, inner, 3, 2, 1), nn.LeakyReLU()]
-        layers += [nn.Conv2d(inner, n_channels, 3, 2, 1), nn.LeakyReLU()]
-        self.convs = nn.Sequential(*layers)
+        m = max(0, int(math.log2(spatial)) - 3)  # middle convs: one for 16 px features (as HyperStyle)
+        self.convs = conv_tower([n_channels] + [inner] * (m + 1) + [n_channels], [2] * (m + 2))
         self.output = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(n_channels, self.in_c * self.out_c, 1))
 
     def forward(self, feat):  # [B, C_feat, s, s] -> [B, O, I, k, k]
@@ -286,12 +286,13 @@ class RefinementBlock(nn.Module):
 
 
 class HyperStyle(nn.Module):
-    """H: ([x, y_hat]) -> per-layer Delta (spec §3.1, 3.3). x is the target frame, y_hat the current
-    reconstruction; both [B, 3, H, W] in [-1, 1], concatenated to 6 channels.
+    """H: ([x, y_hat]) -> per-layer Delta (HyperStyle Sec. 3). x is the target frame, y_hat the current
+    reconstruction; both [B, 3, H, W] in [-1, 1], concatenated to 6 channels. One refinement iteration:
+        Delta^{t+1} = Delta^t + H([x, y_hat^t]),   y_hat^{t+1} = G(w; W * (1 + Delta^{t+1}))
+    (`invert` and `hyperstyle_loss` loop it; `add` is the running sum).
     Trunk: ResNet-34 (stem conv7x7/2 + BN + PReLU, no max-pool; 3/4/6/3 basic blocks) -> [B, 512, H/16, W/16].
     Heads: layers whose shape equals the first tuned layer's (conv1 @ 4 px; all 512x512x3x3 convs at
-    256 px) share one SharedWeightsHypernet; every other tuned layer gets its own RefinementBlock.
-    `step` is one refinement iteration; `invert` loops it."""
+    256 px) share one SharedWeightsHypernet; every other tuned layer gets its own RefinementBlock."""
 
     def __init__(self,
                  shapes,                      # layer_shapes(G): (C_out, C_in, k) or None per modulated conv
@@ -322,8 +323,7 @@ class HyperStyle(nn.Module):
         self.checkpointing = False  # activation checkpointing per ResNet block (ops.checkpointed())
         feat_c, spatial = widths[3], size // 16
         self.shared_shape = tuned[0]
-        O, I, k = self.shared_shape
-        self.shared_weight_hypernet = SharedWeightsHypernet(feat_c, O, I, k)
+        self.shared_weight_hypernet = SharedWeightsHypernet(feat_c, *self.shared_shape)
         heads = []
         for s in self.shapes:
             if s is None:
@@ -338,17 +338,10 @@ class HyperStyle(nn.Module):
         if x.shape != y_hat.shape or x.shape[1:] != (3, self.size, self.size):
             raise ValueError(f"HyperStyle expects x and y_hat of shape [B, 3, {self.size}, {self.size}], "
                              f"got {tuple(x.shape)} and {tuple(y_hat.shape)}")
-        h = self.relu(self.bn1(self.conv1(torch.cat([x, y_hat], 1))))  # [B, widths[0], H/2, W/2]
-        feat = h
+        feat = self.relu(self.bn1(self.conv1(torch.cat([x, y_hat], 1))))  # [B, widths[0], H/2, W/2]
         for block in self.body:                                         # -> [B, widths[3], H/16, W/16]
             feat = ops.checkpointed(block, feat, on=self.checkpointing)
         return [None if head is None else head(feat) for head in self.refinement_blocks]
-
-    def step(self, G, x, ws, deltas, y_hat, noise_mode="const"):
-        """One iteration (spec §3.1): Delta^{t+1} = Delta^t + H([x, y_hat^t]),  y_hat^{t+1} = G(w; W (1 + Delta^{t+1})).
-        deltas is the running sum (a list of None at t = 0). Returns (deltas, y_hat)."""
-        deltas = self.add(deltas, self(x, y_hat))
-        return deltas, G.synthesis(ws, noise_mode=noise_mode, weight_deltas=deltas)
 
     @staticmethod
     def add(deltas, new):
@@ -356,7 +349,7 @@ class HyperStyle(nn.Module):
         return [n if d is None else (d if n is None else d + n) for d, n in zip(deltas, new)]
 
 
-# ==== 4. ArcFace identity network E_id (spec §1.4-1.6; Eq. 5) =====================================
+# ==== 4. ArcFace identity network E_id (TreB1eN/InsightFace_Pytorch head, pSp's id_loss; Eq. 5) =====
 
 # Face crop used by pSp/HyperStyle's ID loss, in pixels of a 256 px image: rows 35:223, cols 32:220.
 # It was tuned for FFHQ alignment; we scale it to other sizes proportionally.
@@ -441,10 +434,10 @@ def invert(G, x, E_inv, H=None, steps=5, noise_mode="const", recon=True):
     return ws, deltas, (G.synthesis(ws, noise_mode=noise_mode, weight_deltas=deltas) if recon else None)
 
 
-LAMBDA_INV = dict(l2=1.0, lpips=0.8, id=0.1)  # pSp and HyperStyle face recipe (spec §2.4, §3.5)
+LAMBDA_INV = dict(l2=1.0, lpips=0.8, id=0.1)  # face recipe of the pSp and HyperStyle READMEs
 
 
-def loss_inversion(x_hat, x, E_id=None, perceptual=None, lam=LAMBDA_INV):
+def loss_inversion(x_hat, x, E_id=None, perceptual=None):
     """Inversion-stage loss: l2 * MSE + lpips * perceptual + id * (1 - cos(E_id(x_hat), E_id(x))).
     MSE is the mean over pixels (pSp's F.mse_loss); the ID term is Eq. (5) with the target's embedding
     detached, averaged over the batch. perceptual(x_hat, x) -> scalar is passed in (the VGG19 LPIPS of
@@ -454,7 +447,7 @@ def loss_inversion(x_hat, x, E_id=None, perceptual=None, lam=LAMBDA_INV):
         parts["lpips"] = perceptual(x_hat, x)
     if E_id is not None:
         parts["id"] = (1 - (E_id(x_hat) * E_id(x).detach()).sum(1)).mean()
-    return sum(lam[k] * v for k, v in parts.items()), parts
+    return sum(LAMBDA_INV[k] * v for k, v in parts.items()), parts
 
 
 def psp_loss(E_inv, G, x, E_id=None, perceptual=None):
@@ -464,8 +457,8 @@ def psp_loss(E_inv, G, x, E_id=None, perceptual=None):
 
 
 def hyperstyle_loss(H, G, x, ws, steps=5, E_id=None, perceptual=None):
-    """Stage 2 (HyperStyle, spec §3.5): w is fixed (pass it from a frozen E_inv under no_grad); each of
-    the `steps` iterations starts from the *detached* previous Delta and y_hat, so the graphs of the
+    """Stage 2 (HyperStyle's training loop): w is fixed (pass it from a frozen E_inv under no_grad); each
+    of the `steps` iterations starts from the *detached* previous Delta and y_hat, so the graphs of the
     steps are independent and the summed loss has the same gradient as HyperStyle's backward() per
     step (at the price of keeping all graphs; call it with steps=1 in a loop if memory is short).
     Returns (summed total, parts of the last step, final y_hat)."""
@@ -475,8 +468,8 @@ def hyperstyle_loss(H, G, x, ws, steps=5, E_id=None, perceptual=None):
     deltas = [None] * len(G.modulated_convs())
     total = 0
     for _ in range(steps):
-        deltas = [None if d is None else d.detach() for d in deltas]
-        deltas, y_hat = H.step(G, x, ws, deltas, y_hat.detach())
+        deltas = H.add([None if d is None else d.detach() for d in deltas], H(x, y_hat.detach()))
+        y_hat = G.synthesis(ws, noise_mode="const", weight_deltas=deltas)
         loss, parts = loss_inversion(y_hat, x, E_id, perceptual)
         total = total + loss
     return total, parts, y_hat
@@ -484,31 +477,24 @@ def hyperstyle_loss(H, G, x, ws, steps=5, E_id=None, perceptual=None):
 
 # ==== 6. Loaders for the published checkpoint formats (weights_only=True, strict key matching) ====
 
-def _read(path, what):
-    return stylegan2.load_checkpoint(path, f"{what} checkpoint")
-
-
 def _strip(sd, prefix):
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-_load_strict = stylegan2.load_strict  # the project's one strict loader
 
 
 def load_arcface(path, **cfg):
     """InsightFace IR-SE50 (`model_ir_se50.pth`: a plain state dict with keys input_layer.*, body.N.*,
     output_layer.*) -> frozen IdentityEncoder. cfg overrides PRESETS['paper']['arcface']."""
-    sd = _read(path, "ArcFace")
+    sd = stylegan2.load_checkpoint(path, "ArcFace checkpoint")
     if not isinstance(sd, dict) or "state_dict" in sd:
         raise ValueError(f"{path}: expected a plain IR-SE50 state dict (keys input_layer.*, body.N.*, "
                          f"output_layer.*), got a {'wrapped checkpoint' if isinstance(sd, dict) else type(sd)}")
     E_id = IdentityEncoder(**{**PRESETS["paper"]["arcface"], **cfg})
-    _load_strict(E_id, sd, "ArcFace")
+    stylegan2.load_strict(E_id, sd, "ArcFace")
     return E_id
 
 
 def _unwrap(path, what, prefix):
-    ckpt = _read(path, what)
+    ckpt = stylegan2.load_checkpoint(path, f"{what} checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"{path}: a {what} checkpoint is a dict with a 'state_dict' entry; this one has "
                          f"{sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt)}")
@@ -523,7 +509,7 @@ def _load_decoder(G, ckpt, path):
     dec = _strip(ckpt["state_dict"], "decoder.")
     if not dec:
         raise ValueError(f"{path}: no 'decoder.*' keys to load into G")
-    _load_strict(G, dec, "decoder (StyleGAN2)")
+    stylegan2.load_strict(G, dec, "decoder (StyleGAN2)")
 
 
 def load_psp(path, G=None, **cfg):
@@ -537,7 +523,7 @@ def load_psp(path, G=None, **cfg):
     if "latent_avg" in ckpt:  # absent when pSp was trained without start_from_latent_avg
         E_inv.set_latent_avg(ckpt["latent_avg"])
     sd = {**sd, "latent_avg": E_inv.latent_avg}  # our buffer; the file keeps it outside state_dict
-    _load_strict(E_inv, sd, "pSp encoder")
+    stylegan2.load_strict(E_inv, sd, "pSp encoder")
     if G is not None:
         _load_decoder(G, ckpt, path)
     return E_inv
@@ -546,17 +532,16 @@ def load_psp(path, G=None, **cfg):
 def load_hyperstyle(path, G, **cfg):
     """HyperStyle checkpoint {'state_dict': hypernet.* / decoder.*, 'opts', 'latent_avg', ...} ->
     HyperStyle for generator G (layer shapes come from G). The shared projection appears under ten key
-    paths in the file (spec §3.5); all must be present and, being one tensor, equal. The decoder.*
-    weights are loaded into G when present (load_decoder=False to skip). cfg overrides
-    PRESETS['paper']['hyperstyle']. The pSp encoder lives in its own file (load_psp)."""
-    load_decoder = cfg.pop("load_decoder", True)
+    paths in the file (HyperStyle registers it in every shared head); all must be present and equal. The
+    decoder.* weights are loaded into G when present. cfg overrides PRESETS['paper']['hyperstyle'].
+    The pSp encoder lives in its own file (load_psp)."""
     ckpt, sd = _unwrap(path, "HyperStyle", "hypernet.")
     H = HyperStyle(layer_shapes(G), **{**PRESETS["paper"]["hyperstyle"], **cfg})
-    _load_strict(H, sd, "HyperStyle")
+    stylegan2.load_strict(H, sd, "HyperStyle")
     for name in ("w1", "b1", "w2", "b2"):
         copies = [v for k, v in sd.items() if k.endswith(f"hypernet.{name}")]
         if any(not torch.equal(c, copies[0]) for c in copies):
             raise ValueError(f"{path}: the copies of the shared hypernet tensor '{name}' differ")
-    if load_decoder and any(k.startswith("decoder.") for k in ckpt["state_dict"]):
+    if any(k.startswith("decoder.") for k in ckpt["state_dict"]):
         _load_decoder(G, ckpt, path)
     return H

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stylegan2 import r1_penalty  # R1 for the D side of Eq. 8 (defined once, in stylegan2.py)
+from stylegan2 import load_checkpoint, load_strict, r1_penalty  # the project's one reader/loader; R1 of Eq. 8
 
 # Eq. (9), Sec. 3.3.7: "λ1..λ6 are set to 1, 0.1, 0.5, 1, 1 and 0.1".
 LAMBDA = dict(ortho=1.0, sync=0.1, id=0.5, rec=1.0, lpips=1.0, gan=0.1)
@@ -37,27 +37,22 @@ ORTHO_MODES = ("hadamard_abs", "signed", "squared", "cosine", None)  # None = Ta
 def orthogonality_loss(z_sc, z_cd, mode="hadamard_abs", layers=None):
     """Eq. (3), Sec. 3.3.1. z_sc, z_cd [..., L, C] (e.g. [B, T, L, C]) -> scalar.
 
-    The printed formula is L = (1/N) Σ_c z_sc[c] * z_cd[c], N = C channels. Taken literally ("signed")
-    it is a plain dot product, which is unbounded below: Eq. (1) only fixes the SUM z_sd = z_sc + z_cd,
-    so for one channel with z_sd = 1 the optimiser may pick z_sc = 1 + s, z_cd = -s; the rendered image
-    is unchanged while the loss is (1+s)(-s)/N = -(s + s^2)/N:  s = 10 -> -110/N,  s = 100 -> -10100/N,
-    -> -inf. That rewards huge, cancelling codes instead of "channel-wise orthogonality" (Sec. 3.2:
-    identity and motion should live in different channels). So the modes are:
+    The printed L = (1/N) Σ_c z_sc[c] z_cd[c] (N = C channels), taken literally ("signed"), is unbounded
+    below: Eq. (1) fixes only the sum z_sd = z_sc + z_cd, so z_sc = 1 + s, z_cd = -s renders the same
+    image at a loss of -(s + s^2)/N -> -inf, rewarding huge cancelling codes instead of the "channel-wise
+    orthogonality" of Sec. 3.2 (identity and motion in different channels). Modes:
       "hadamard_abs" (default): (1/N) Σ_c |z_sc[c] z_cd[c]|. Zero iff no channel is used by both codes;
-                      an L1-type penalty, so it pushes products to exactly 0 (sparse channel split).
-      "signed":       the literal formula, kept for the record / Table 4 comparisons. Can go negative.
+                      L1-type, so it pushes products to exactly 0 (a sparse channel split).
+      "signed":       the literal formula, kept for Table 4 comparisons. Can go negative.
       "squared":      (1/N) Σ_c (z_sc[c] z_cd[c])^2, a smooth variant.
-      "cosine":       |cos(z_sc, z_cd)| over the C channels: Table 4's "cosine loss" alternative. Scale-
-                      invariant (only directions count), and so blind to whether channels are shared.
+      "cosine":       |cos(z_sc, z_cd)| over the C channels: Table 4's "cosine loss". Scale-invariant,
+                      and so blind to whether channels are shared.
       None:           no constraint (Table 4's "×" row); returns 0.
-    Reduction (the paper is silent): the per-vector value is averaged over every leading axis (batch,
-    frames) and over the w indices in `layers` (None = all L). Pass fusion's `layers`: untouched layers
-    have z_cd = 0 and would only dilute the mean by n/L.
-
-    Raw codes, as printed: W codes are not centred (in our tiny encoder the mean code is larger than
-    its spread), so with an E_can that stays near the identity map |z_sc ⊙ z_cd| ~ |mean| |z_cd| is
-    mostly an L1 pull of the motion code towards 0; the paper's plain-MLP E_can (fusion.py) is free to
-    leave channels at 0 instead (RESULTS.md, Table 4).
+    Reduction (the paper is silent): mean over every leading axis (batch, frames) and over the w indices
+    in `layers` (None = all L). Pass fusion's `layers`: untouched layers have z_cd = 0 and only dilute it.
+    Raw codes, as printed: W codes are not centred (in our tiny encoder the mean code exceeds its spread),
+    so with an E_can near the identity map the loss is mostly an L1 pull of z_cd towards 0; the paper's
+    plain-MLP E_can (fusion.py) is free to leave channels at 0 instead (RESULTS.md, Table 4).
     """
     if mode not in ORTHO_MODES:
         raise ValueError(f"orthogonality_loss: mode must be one of {ORTHO_MODES}, got {mode!r}")
@@ -119,6 +114,14 @@ def sync_loss(syncnet, x_g, mel, size=None, bgr=False):
     return (1 - syncnet.cosine(mels, face)).mean()
 
 
+def _frames(who, x_g, x_d):
+    """Check two equal [N, 3, H, W] or [B, T, 3, H, W] batches; -> both as [N, 3, H, W]."""
+    if x_g.shape != x_d.shape or x_g.ndim not in (4, 5):
+        raise ValueError(f"{who}: x_g and x_d must have the same [N,3,H,W] or [B,T,3,H,W] shape, "
+                         f"got {tuple(x_g.shape)} and {tuple(x_d.shape)}")
+    return (x_g.flatten(0, 1), x_d.flatten(0, 1)) if x_g.ndim == 5 else (x_g, x_d)
+
+
 # ==== Eq. (5): identity loss with a face-recognition network (inversion.IdentityEncoder = ArcFace IR-SE50) ====
 
 def identity_loss(E_id, x_g, x_d):
@@ -129,11 +132,7 @@ def identity_loss(E_id, x_g, x_d):
     x_g, x_d : [N, 3, H, W] or [B, T, 3, H, W], same shape. The target embedding is computed without
            gradient (as pSp/HyperStyle do): x_d is data, only x_g should move.
     """
-    if x_g.shape != x_d.shape or x_g.ndim not in (4, 5):
-        raise ValueError(f"identity_loss: x_g and x_d must have the same [N,3,H,W] or [B,T,3,H,W] shape, "
-                         f"got {tuple(x_g.shape)} and {tuple(x_d.shape)}")
-    if x_g.ndim == 5:
-        x_g, x_d = x_g.flatten(0, 1), x_d.flatten(0, 1)
+    x_g, x_d = _frames("identity_loss", x_g, x_d)
     with torch.no_grad():
         f_d = E_id(x_d)
     f_g = E_id(x_g)
@@ -155,12 +154,11 @@ def reconstruction_loss(x_g, x_d, weight=None):
 
 def latent_reconstruction_loss(z_sd, z_d, layers):
     """NOT in the paper (a tiny-scale aid, train.py --latent_weight; 0 in the paper preset): in
-    self-reenactment the driving frame's own code z_d = E_inv(x_d) is a target for z_s->d as well, so
-    mean |z_s->d - z_d| over the manipulated w indices `layers`. It hands E_m the motion signal
-    directly instead of through a decoder too blurry to show a few degrees of head turn. It does not
-    teach E_m to copy the driver's identity: source and driver are the same person, so with z = identity
-    + motion (additively) the best E_m(z_d) is the driver's motion relative to the average pose and
-    the identity part cancels. z_sd, z_d: [B, T, L, C]."""
+    self-reenactment the driving frame's own code z_d = E_inv(x_d) is a target for z_s->d too, so mean
+    |z_s->d - z_d| over the manipulated w indices `layers`. It hands E_m the motion signal directly, not
+    through a decoder too blurry to show a few degrees of head turn, and does not teach E_m to copy the
+    driver's identity: source and driver are one person, so with z = identity + motion the best E_m(z_d)
+    is the driver's motion relative to the average pose. z_sd, z_d: [B, T, L, C]."""
     if z_sd.shape != z_d.shape or z_sd.ndim != 4:
         raise ValueError(f"latent_reconstruction_loss: want two equal [B, T, L, C] shapes, got "
                          f"{tuple(z_sd.shape)} and {tuple(z_d.shape)}")
@@ -169,39 +167,32 @@ def latent_reconstruction_loss(z_sd, z_d, layers):
 
 
 # ==== Eq. (7): perceptual loss on VGG19 ===========================================================
-# torchvision VGG19 (cfg "E"): 16 convs 3x3 pad 1, each followed by ReLU, max-pool after each block.
-# Index of every module inside `features` (spec inversion.md §4.3): convs at 0,2 | 5,7 | 10,12,14,16 |
-# 19,21,23,25 | 28,30,32,34; ReLU at conv+1; pools at 4, 9, 18, 27, 36. We build the same Sequential, so
-# a torchvision state dict (`features.{i}.weight/bias`) loads with no renaming. The last pool (36) is not
-# needed by any tap and is left out.
+# torchvision's vgg19 (cfg "E"): 16 convs 3x3 pad 1, each followed by ReLU, max-pool after each block.
+# Module indices inside torchvision's `features`: convs at 0,2 | 5,7 | 10,12,14,16 | 19,21,23,25 |
+# 28,30,32,34; ReLU at conv+1; pools at 4, 9, 18, 27, 36. We build the same Sequential, so a torchvision
+# state dict (`features.{i}.weight/bias`) loads with no renaming. No tap needs the last pool (36).
 VGG19_CFG = (1, 1, "M", 2, 2, "M", 4, 4, 4, 4, "M", 8, 8, 8, 8, "M", 8, 8, 8, 8)  # x base channels (64)
 
-# Taps = indices of ReLU outputs inside `features` (spec inversion.md §4.2).
+# Taps = indices of ReLU outputs inside `features`.
 PERCEPTUAL_MODES = {
-    # A: LPIPS-style, uncalibrated: relu1_2, relu2_2, relu3_4, relu4_4, relu5_4; ImageNet-normalised input.
+    # LPIPS-style (Zhang et al. 2018), uncalibrated: relu1_2, relu2_2, relu3_4, relu4_4, relu5_4; ImageNet input.
     "lpips": dict(taps=(3, 8, 17, 26, 35), weights=(1.0, 1.0, 1.0, 1.0, 1.0)),
-    # B: pix2pixHD VGGLoss: relu1_1 .. relu5_1, L1 on raw features, weights 1/32 .. 1; input as is.
+    # NVIDIA pix2pixHD's VGGLoss: relu1_1 .. relu5_1, L1 on raw features, weights 1/32 .. 1; input as is.
     "pix2pixhd": dict(taps=(1, 6, 11, 20, 29), weights=(1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)),
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-PRESETS = {  # VGG19Features(**PRESETS[name])
-    "paper": dict(base=64),   # the real VGG19 (load ImageNet weights with load_vgg19)
-    "tiny": dict(base=16),    # 16x fewer FLOPs for CPU runs; random features (no pretrained weights exist)
-}
 
 
 class VGG19Features(nn.Module):
     """φ of Eq. (7): the convolutional part of VGG19, returning the activations at `taps`.
 
     x [N, 3, H, W] (already normalised as the weights expect) -> list of [N, C_i, H_i, W_i].
-    Frozen by default: the perceptual network is a fixed judge, gradients only flow THROUGH it."""
+    Frozen: the perceptual network is a fixed judge, gradients only flow THROUGH it."""
 
     def __init__(self,
                  base=64,                       # channels of block 1 (VGG19: 64, then 128, 256, 512, 512)
-                 taps=(3, 8, 17, 26, 35),       # `features` indices whose outputs are returned
-                 frozen=True):                  # requires_grad=False on every weight
+                 taps=(3, 8, 17, 26, 35)):      # `features` indices whose outputs are returned
         super().__init__()
         layers, c_in = [], 3
         for v in VGG19_CFG:
@@ -215,8 +206,7 @@ class VGG19Features(nn.Module):
                 c_in = v * base
         self.features = nn.Sequential(*layers)                          # 36 modules, indices 0..35
         self.set_taps(taps)
-        if frozen:
-            self.requires_grad_(False)
+        self.requires_grad_(False)
 
     def set_taps(self, taps):
         taps = tuple(sorted(int(t) for t in taps))
@@ -239,11 +229,7 @@ def load_vgg19(path_or_sd, taps=(3, 8, 17, 26, 35)):
     """A torchvision-layout VGG19 state dict (file path or dict, e.g. torchvision's vgg19-dcbb9e9d.pth)
     -> frozen VGG19Features. Loads every `features.{i}.weight/bias` strictly; the classifier (`classifier.*`)
     is the one expected extra and is ignored. torch.load with weights_only=True (tensors only)."""
-    import stylegan2  # the project's one checkpoint reader and strict loader
-    if isinstance(path_or_sd, (str, os.PathLike)):
-        sd = stylegan2.load_checkpoint(path_or_sd, "VGG19 checkpoint")
-    else:
-        sd = path_or_sd
+    sd = load_checkpoint(path_or_sd, "VGG19 checkpoint") if isinstance(path_or_sd, (str, os.PathLike)) else path_or_sd
     if not isinstance(sd, dict):
         raise ValueError(f"load_vgg19: expected a state dict, got {type(sd).__name__}")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
@@ -251,7 +237,7 @@ def load_vgg19(path_or_sd, taps=(3, 8, 17, 26, 35)):
     if other:
         raise ValueError(f"load_vgg19: not a torchvision VGG19 state dict; unexpected keys {other[:5]}")
     feats = {k: v for k, v in sd.items() if k.startswith("features.")}   # classifier.*: the one ignored part
-    return stylegan2.load_strict(VGG19Features(base=64, taps=taps), feats, "load_vgg19 (torchvision VGG19, cfg E)")
+    return load_strict(VGG19Features(base=64, taps=taps), feats, "load_vgg19 (torchvision VGG19, cfg E)")
 
 
 def perceptual_loss(vgg, x_g, x_d, mode="lpips"):
@@ -259,21 +245,17 @@ def perceptual_loss(vgg, x_g, x_d, mode="lpips"):
 
     The paper calls this LPIPS with a pre-trained VGG19, but LPIPS's calibrated linear weights exist only
     for AlexNet, VGG16 and SqueezeNet, so what is computed is exactly:
-      mode "lpips" (default; spec option A): x in [-1,1] -> [0,1] -> ImageNet mean/std; taps relu1_2,
+      mode "lpips" (default; LPIPS-style): x in [-1,1] -> [0,1] -> ImageNet mean/std; taps relu1_2,
           relu2_2, relu3_4, relu4_4, relu5_4; each feature vector (over channels, per pixel) is divided
           by its L2 norm (+1e-10); d_i = Σ_c (f̂_g - f̂_d)^2, averaged over pixels; then the mean over the
           5 taps (1/N_f of Eq. 7; LPIPS itself sums, i.e. 5x this) and over the batch. All channel
           weights are 1 (uncalibrated LPIPS). Identical images give exactly 0.
-      mode "pix2pixhd" (spec option B): raw [-1,1] input, taps relu1_1 .. relu5_1,
+      mode "pix2pixhd" (pix2pixHD's VGGLoss): raw [-1,1] input, taps relu1_1 .. relu5_1,
           d_i = mean |φ_i(x_g) - φ_i(x_d)|, Σ_i w_i d_i with w = 1/32, 1/16, 1/8, 1/4, 1.
     The `vgg` taps are set to the mode's taps here. Shapes: [N, 3, H, W] or [B, T, 3, H, W]."""
     if mode not in PERCEPTUAL_MODES:
         raise ValueError(f"perceptual_loss: mode must be one of {sorted(PERCEPTUAL_MODES)}, got {mode!r}")
-    if x_g.shape != x_d.shape or x_g.ndim not in (4, 5):
-        raise ValueError(f"perceptual_loss: x_g and x_d must have the same [N,3,H,W] or [B,T,3,H,W] shape, "
-                         f"got {tuple(x_g.shape)} and {tuple(x_d.shape)}")
-    if x_g.ndim == 5:
-        x_g, x_d = x_g.flatten(0, 1), x_d.flatten(0, 1)
+    x_g, x_d = _frames("perceptual_loss", x_g, x_d)
     cfg = PERCEPTUAL_MODES[mode]
     vgg.set_taps(cfg["taps"])
     x = torch.cat([x_g, x_d], 0)                                        # one pass for both
@@ -283,12 +265,11 @@ def perceptual_loss(vgg, x_g, x_d, mode="lpips"):
         x = ((x + 1) / 2 - mean) / std
     total = 0.0
     for f, w in zip(vgg(x), cfg["weights"]):
-        f_g, f_d = f.chunk(2, 0)                                        # [N, C_i, H_i, W_i] each
-        if mode == "lpips":
-            f_g = f_g / (f_g.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            f_d = f_d / (f_d.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        if mode == "lpips":                                             # unit vector per pixel first
+            f_g, f_d = (f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2, 0)
             d = (f_g - f_d).pow(2).sum(1).mean()                        # Σ_c, mean over N, H_i, W_i
         else:
+            f_g, f_d = f.chunk(2, 0)                                    # [N, C_i, H_i, W_i] each
             d = (f_g - f_d).abs().mean()
         total = total + w * d
     if mode == "lpips":
@@ -334,13 +315,13 @@ def gan_loss_d_backward(D, real, fake, scale=1.0, autocast=contextlib.nullcontex
 def lazy_r1(D, real, gamma, every, scale=1.0, per_sample=1):
     """The D step's R1 regulariser of Eq. (8), lazily every `every` D steps (StyleGAN2 Sec. 3.2), with its
     backward of scale * gamma / 2 * every * R1 run HERE, one stddev group at a time (R1 is a per-sample
-    mean: the sum of the groups' G/n shares). -> R1 (detached, for the log). The interval multiplies the
+    mean: the sum of the groups' G/n shares; in one piece, the paper preset's R1 over a window's 5 frames
+    held ~2.7 GiB more than a plain step). -> R1 (detached, for the log). The interval multiplies the
     weight so the average pull is that of R1 on every step; the zero-weighted logits keep D's whole graph
-    in each backward (every parameter gets a gradient). In one piece, the paper preset's R1 over a
-    window's 5 frames held ~2.7 GiB more than a plain step.
+    in each backward (every parameter gets a gradient).
     per_sample: images of `real` per training sample. R1 is a mean over samples of the squared gradient
-    norm w.r.t. the whole sample, so for the FC-TFG stage's image D (a sample is a window of T frames,
-    passed here as T images) the T frames' norms add up: T x StyleGAN2's per-image R1 (per_sample=T)."""
+    norm w.r.t. the whole sample, so for the FC-TFG stage's image D (a window of T frames passed as T
+    images) the T frames' norms add up: T x StyleGAN2's per-image R1 (per_sample=T)."""
     n = real.shape[0]
     groups, G = stddev_groups(D, n)
     r1_total = real.new_zeros(())
@@ -366,15 +347,11 @@ def total_loss(terms, weights=None):
     """Eq. (9): L_total = Σ_k λ_k L_k.  terms: {name: scalar tensor} with names from LAMBDA (ortho, sync,
     id, rec, lpips, gan); leave a term out (or None) to switch it off. weights: λ overrides (default
     LAMBDA). -> (total scalar tensor, {name: float value of the UNweighted term, ..., "total": float})."""
-    lam = dict(LAMBDA)
-    if weights is not None:
-        unknown = sorted(set(weights) - set(LAMBDA))
+    lam = {**LAMBDA, **(weights or {})}
+    for kind, names in (("weight", weights or {}), ("loss", terms)):
+        unknown = sorted(set(names) - set(LAMBDA))
         if unknown:
-            raise ValueError(f"total_loss: unknown weight names {unknown}; known: {sorted(LAMBDA)}")
-        lam.update(weights)
-    unknown = sorted(set(terms) - set(LAMBDA))
-    if unknown:
-        raise ValueError(f"total_loss: unknown loss names {unknown}; known: {sorted(LAMBDA)}")
+            raise ValueError(f"total_loss: unknown {kind} names {unknown}; known: {sorted(LAMBDA)}")
     total, logs = None, {}
     for name, value in terms.items():
         if value is None:

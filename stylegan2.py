@@ -7,11 +7,11 @@ Paper map (FC-TFG, Jang et al., ACM MM 2023):
   Sec. 3 / HyperStyle     -> `weight_deltas`: per-sample W' = W * (1 + delta) on the styled convs
 
 StyleGAN2 paper map (Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN"):
-  Sec. 2   mapping network z -> w (8 layers, lr_mul 0.01)        -> MappingNetwork
+  Sec. 2   mapping network z -> w (8 layers, lr_mul 0.01)        -> Generator.style, .mapping
   Sec. 2.2 weight modulation / demodulation (Eq. 1-3)           -> ModulatedConv2d
   Sec. 4   skip generator (ToRGB at every scale), residual D     -> Generator, Discriminator
   App. B   noise inputs, constant input, style mixing, truncation -> NoiseInjection, ConstantInput, ...
-  Sec. 3 / App. C  minibatch stddev, R1, path length            -> MinibatchStd, r1_penalty, path_length_penalty
+  Sec. 3 / App. C  minibatch stddev, R1, path length        -> minibatch_stddev, r1_penalty, path_length_penalty
 
 The key layout and parameter counts follow rosinality/stylegan2-pytorch so that its checkpoints (and
 pSp/HyperStyle checkpoints built on it) load: G 30,034,338 and D 28,864,129 parameters at 256 px with
@@ -49,7 +49,7 @@ PRESETS = {
 
 
 def default_channels(size, channel_multiplier=2):
-    """Feature maps per resolution: min(512, 32768/res) for cm=2 (config-F); table in spec §1."""
+    """Feature maps per resolution: min(512, 32768/res) for cm=2 (StyleGAN2 config-F; rosinality's table)."""
     cm = channel_multiplier
     table = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * cm, 128: 128 * cm, 256: 64 * cm,
              512: 32 * cm, 1024: 16 * cm}
@@ -63,29 +63,30 @@ def default_channels(size, channel_multiplier=2):
 # effective learning rate by 100 without touching the optimiser.
 
 class EqualLinear(nn.Module):
-    def __init__(self, in_dim, out_dim, bias=True, bias_init=0.0, lr_mul=1.0, activation=None):
+    def __init__(self, in_dim, out_dim, bias_init=0.0, lr_mul=1.0, activation=None):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_dim, in_dim) / lr_mul)
-        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init))) if bias else None
+        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init)))
         self.scale, self.lr_mul, self.activation = lr_mul / math.sqrt(in_dim), lr_mul, activation
 
     def forward(self, x):  # [B, in] -> [B, out]
-        b = self.bias * self.lr_mul if self.bias is not None else None
+        b = self.bias * self.lr_mul
         if self.activation:  # 'lrelu' (rosinality calls it fused_lrelu)
             return ops.bias_act(F.linear(x, self.weight * self.scale), b)
         return F.linear(x, self.weight * self.scale, b)
 
 
 class EqualConv2d(nn.Module):
-    def __init__(self, in_channel, out_channel, kernel_size, stride=1, padding=0, bias=True):
+    """Without bias: in D the bias lives in the BiasLeakyReLU that follows (or, in the skip, nowhere)."""
+
+    def __init__(self, in_channel, out_channel, kernel_size, stride=1, padding=0):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channel, in_channel, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.zeros(out_channel)) if bias else None
         self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)
         self.stride, self.padding = stride, padding
 
     def forward(self, x):
-        return F.conv2d(x, self.weight * self.scale, self.bias, self.stride, self.padding)
+        return F.conv2d(x, self.weight * self.scale, None, self.stride, self.padding)
 
 
 class BiasLeakyReLU(nn.Module):
@@ -100,11 +101,11 @@ class BiasLeakyReLU(nn.Module):
 
 
 class Blur(nn.Module):
-    """FIR low-pass filter (upfirdn2d with up=down=1). `gain` = factor^2 when it follows an upsample."""
+    """[1,3,3,1] low-pass filter (upfirdn2d, up=down=1), pad (p0, p1) on both axes. gain 4 after a x2 upsample."""
 
-    def __init__(self, pad, kernel=ops.BLUR_KERNEL, gain=1.0):
+    def __init__(self, pad, gain=1.0):
         super().__init__()
-        self.register_buffer("kernel", ops.make_kernel(kernel, gain))
+        self.register_buffer("kernel", ops.make_kernel(gain=gain))
         self.pad = pad
 
     def forward(self, x):
@@ -112,17 +113,15 @@ class Blur(nn.Module):
 
 
 class Upsample(nn.Module):
-    """x2 image upsampling of the RGB skip path: zero insertion + blur with gain 4, pad (2, 1)."""
+    """x2 upsampling of the RGB skip path: zero insertion + blur with gain 4 (= 2^2); pads (2, 1) give
+    2H + 3 - 4 + 1 = 2H outputs for the 4 taps, centred as in rosinality's Upsample."""
 
-    def __init__(self, kernel=ops.BLUR_KERNEL, factor=2):
+    def __init__(self):
         super().__init__()
-        self.register_buffer("kernel", ops.make_kernel(kernel, factor ** 2))
-        p = len(kernel) - factor
-        self.factor, self.pad = factor, ((p + 1) // 2 + factor - 1, p // 2)
+        self.register_buffer("kernel", ops.make_kernel(gain=4))
 
     def forward(self, x):
-        p0, p1 = self.pad
-        return ops.upfirdn2d(x, self.kernel, up=self.factor, pad=(p0, p1, p0, p1))
+        return ops.upfirdn2d(x, self.kernel, up=2, pad=(2, 1, 2, 1))
 
 
 # ==== Mapping network (StyleGAN2 Sec. 2): z -> w ==================================================
@@ -132,13 +131,6 @@ class PixelNorm(nn.Module):
 
     def forward(self, z):
         return z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8)
-
-
-def mapping_network(style_dim, n_mlp, lr_mul=0.01):
-    """PixelNorm + n_mlp equalized linear layers with lrelu. Keys style.1 ... style.n (0 is the norm)."""
-    layers = [PixelNorm()] + [EqualLinear(style_dim, style_dim, lr_mul=lr_mul, activation="lrelu")
-                              for _ in range(n_mlp)]
-    return nn.Sequential(*layers)
 
 
 # ==== Synthesis network building blocks ===========================================================
@@ -162,8 +154,7 @@ class ModulatedConv2d(nn.Module):
                  kernel_size,           # k: 3 for styled convs, 1 for ToRGB
                  style_dim,             # C: width of the w vector that drives this layer
                  demodulate=True,       # False only in ToRGB (colours should keep the style's scale)
-                 upsample=False,        # x2: transposed conv (stride 2) + blur
-                 blur_kernel=ops.BLUR_KERNEL):
+                 upsample=False):       # x2: transposed conv (stride 2) + blur
         super().__init__()
         self.in_channel, self.out_channel, self.kernel_size = in_channel, out_channel, kernel_size
         self.demodulate, self.upsample = demodulate, upsample
@@ -171,10 +162,10 @@ class ModulatedConv2d(nn.Module):
         self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)  # equalized lr
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1.0)  # s starts near 1
         if upsample:
-            # conv_transpose2d(stride 2) maps H -> 2H+k-2 = 2H+1; the blur trims it back to 2H.
-            # General pad rule (spec §2): p = (K - factor) - (k - 1), pads ((p+1)//2 + factor - 1, p//2 + 1).
-            p = (len(blur_kernel) - 2) - (kernel_size - 1)
-            self.blur = Blur(((p + 1) // 2 + 1, p // 2 + 1), blur_kernel, gain=4)
+            # conv_transpose2d(stride 2) maps H -> 2H+k-2 = 2H+1; the blur trims it back to 2H with
+            # rosinality's pad rule p = (K - 2) - (k - 1), pads ((p+1)//2 + 1, p//2 + 1) for K blur taps.
+            p = (len(ops.BLUR_KERNEL) - 2) - (kernel_size - 1)
+            self.blur = Blur(((p + 1) // 2 + 1, p // 2 + 1), gain=4)
 
     def extra_repr(self):
         return (f"{self.in_channel}->{self.out_channel}, k={self.kernel_size}, "
@@ -188,12 +179,9 @@ class ModulatedConv2d(nn.Module):
         s = self.modulation(style)                                   # [B, I]
         w = self.weight if delta is None else self.weight * (1 + delta)   # HyperStyle: W * (1 + delta)
         D = w.shape[0]
-        if D in (1, B):
-            w = self.scale * w * s.view(B, 1, -1, 1, 1)              # [B, O, I, k, k]
-        elif B % D == 0:
-            w = (self.scale * w[:, None] * s.view(D, B // D, 1, -1, 1, 1)).flatten(0, 1)
-        else:
+        if B % D:
             raise ValueError(f"weight delta batch {D} does not divide the input batch {B}")
+        w = (self.scale * w[:, None] * s.view(D, B // D, 1, -1, 1, 1)).flatten(0, 1)   # [B, O, I, k, k]
         if self.demodulate:
             d = torch.rsqrt(w.pow(2).sum([2, 3, 4]) + 1e-8)          # [B, O]
             w = w * d.view(B, self.out_channel, 1, 1, 1)
@@ -216,22 +204,6 @@ class ModulatedConv2d(nn.Module):
         out = F.conv2d(x, w.reshape(B * O, I, k, k), padding=k // 2, groups=B)
         return out.view(B, O, H, W)
 
-    def forward_nonfused(self, x, style):
-        """The same maths without per-sample weights (NVIDIA's training form):
-        conv(x * s, W * scale) * d. Used to test the grouped form; no HyperStyle deltas."""
-        B = x.shape[0]
-        s = self.modulation(style)                                   # [B, I]
-        w = self.weight[0] * self.scale                              # [O, I, k, k]
-        x = x * s.view(B, -1, 1, 1)
-        if self.upsample:
-            out = self.blur(F.conv_transpose2d(x, w.transpose(0, 1), stride=2))
-        else:
-            out = F.conv2d(x, w, padding=self.kernel_size // 2)
-        if self.demodulate:
-            d = torch.rsqrt((w[None] * s.view(B, 1, -1, 1, 1)).pow(2).sum([2, 3, 4]) + 1e-8)  # [B, O]
-            out = out * d.view(B, -1, 1, 1)
-        return out
-
 
 class NoiseInjection(nn.Module):
     """Per-pixel noise, shared by all channels, times one learned strength initialised to 0
@@ -248,9 +220,9 @@ class NoiseInjection(nn.Module):
 class ConstantInput(nn.Module):
     """The learned 4x4 starting tensor of the synthesis network (StyleGAN Sec. 2)."""
 
-    def __init__(self, channel, size=4):
+    def __init__(self, channel):
         super().__init__()
-        self.input = nn.Parameter(torch.randn(1, channel, size, size))
+        self.input = nn.Parameter(torch.randn(1, channel, 4, 4))
 
     def forward(self, batch):
         return self.input.expand(batch, -1, -1, -1)
@@ -290,7 +262,7 @@ class ToRGB(nn.Module):
 
 class Generator(nn.Module):
     """StyleGAN2 config-F generator. At 256 px: 13 styled convs + 7 ToRGBs driven by n_latent = 14
-    w vectors (the 14 "layers" of FC-TFG Sec. 4.1.2). w-index map (spec §1):
+    w vectors (the 14 "layers" of FC-TFG Sec. 4.1.2). w-index map (rosinality's layer order):
         4 px:   conv1 <- w0,  to_rgb1 <- w1
         2^r px: up-conv <- w(2r-5), conv <- w(2r-4), ToRGB <- w(2r-3)      (r = 3 .. log2(size))
     so each ToRGB shares its index with the next block's up-conv."""
@@ -316,7 +288,9 @@ class Generator(nn.Module):
         self.checkpointing = False  # activation checkpointing per resolution (checkpointed(); memory only)
         self.num_layers = 2 * (log_size - 2) + 1  # styled convs (= noise maps): 13 at 256 px
 
-        self.style = mapping_network(style_dim, n_mlp, lr_mlp)
+        # Mapping network: PixelNorm + n_mlp equalized lrelu layers; keys style.1 ... style.n (0 is the norm).
+        self.style = nn.Sequential(PixelNorm(), *[EqualLinear(style_dim, style_dim, lr_mul=lr_mlp, activation="lrelu")
+                                                  for _ in range(n_mlp)])
         self.input = ConstantInput(ch[4])
         self.conv1 = StyledConv(ch[4], ch[4], 3, style_dim)
         self.to_rgb1 = ToRGB(ch[4], style_dim, upsample=False)
@@ -395,13 +369,14 @@ class Generator(nn.Module):
             idx += [2 * i + 1, 2 * i + 2, 2 * i + 3]
         return idx
 
-    def _noise(self, l, B, noise_mode, device, dtype):
+    def _noise(self, l, B, noise_mode, like):
+        """Noise of styled conv l: None, the stored map ('const') or a fresh draw of its size ('random')."""
         if noise_mode == "none":
             return None
+        fixed = getattr(self.noises, f"noise_{l}")
         if noise_mode == "const":
-            return getattr(self.noises, f"noise_{l}").to(dtype)
-        res = 2 ** ((l + 5) // 2)
-        return torch.randn(B, 1, res, res, device=device, dtype=dtype)
+            return fixed.to(like.dtype)
+        return torch.randn(B, 1, *fixed.shape[2:], device=like.device, dtype=like.dtype)
 
     def synthesis(self, ws, noise_mode="const", weight_deltas=None):
         """ws [B, n_latent, C] -> image [B, 3, size, size], roughly in [-1, 1] (not clamped).
@@ -417,22 +392,20 @@ class Generator(nn.Module):
         deltas = list(weight_deltas) if weight_deltas is not None else [None] * n_mods
         if len(deltas) != n_mods:
             raise ValueError(f"weight_deltas has {len(deltas)} entries, G has {n_mods} modulated convs")
-        B, dev, dt = ws.shape[0], ws.device, ws.dtype
-        x = self.input(B)
-        x = self.conv1(x, ws[:, 0], self._noise(0, B, noise_mode, dev, dt), deltas[0])
+        B = ws.shape[0]
+        x = self.conv1(self.input(B), ws[:, 0], self._noise(0, B, noise_mode, ws), deltas[0])
         skip = self.to_rgb1(x, ws[:, 1], delta=deltas[1])
-        for i, to_rgb in enumerate(self.to_rgbs):
-            up, conv = self.convs[2 * i], self.convs[2 * i + 1]
-            n1, n2 = self._noise(2 * i + 1, B, noise_mode, dev, dt), self._noise(2 * i + 2, B, noise_mode, dev, dt)
-            d1, d2, d3 = deltas[2 + 3 * i:5 + 3 * i]
-
-            def block(x, skip, w1, w2, w3, up=up, conv=conv, to_rgb=to_rgb, n1=n1, n2=n2, d1=d1, d2=d2, d3=d3):
-                x = conv(up(x, w1, n1, d1), w2, n2, d2)        # one resolution: up-conv, conv, ToRGB
-                return x, to_rgb(x, w3, skip, delta=d3)
-
-            x, skip = ops.checkpointed(block, x, skip, ws[:, 2 * i + 1], ws[:, 2 * i + 2], ws[:, 2 * i + 3],
-                                   on=self.checkpointing)
+        for i in range(len(self.to_rgbs)):
+            noises = [self._noise(l, B, noise_mode, ws) for l in (2 * i + 1, 2 * i + 2)]
+            x, skip = ops.checkpointed(self._block, i, x, skip, [ws[:, 2 * i + k] for k in (1, 2, 3)], noises,
+                                       deltas[2 + 3 * i:5 + 3 * i], on=self.checkpointing)
         return skip
+
+    def _block(self, i, x, skip, w, noises, deltas):
+        """Resolution 2^(i+3): up-conv <- w[0], conv <- w[1], ToRGB <- w[2] (added to the upsampled skip)."""
+        x = self.convs[2 * i](x, w[0], noises[0], deltas[0])
+        x = self.convs[2 * i + 1](x, w[1], noises[1], deltas[1])
+        return x, self.to_rgbs[i](x, w[2], skip, delta=deltas[2])
 
     def forward(self, ws, noise_mode="const", weight_deltas=None):
         return self.synthesis(ws, noise_mode, weight_deltas)
@@ -444,15 +417,13 @@ class ConvLayer(nn.Sequential):
     """[blur ->] equalized conv [-> bias + lrelu]. Downsampling = blur (pad so H -> H+1 for k=3),
     then a stride-2 conv with no padding (H+1 -> H/2). Keys follow rosinality (`0.weight`, ...)."""
 
-    def __init__(self, in_channel, out_channel, kernel_size, downsample=False, bias=True, activate=True):
+    def __init__(self, in_channel, out_channel, kernel_size, downsample=False, activate=True):
         layers = []
         if downsample:
             p = (len(ops.BLUR_KERNEL) - 2) + (kernel_size - 1)  # total blur pad: 4 for k=3, 2 for k=1
             layers.append(Blur(((p + 1) // 2, p // 2)))
-        layers.append(EqualConv2d(in_channel, out_channel, kernel_size,
-                                  stride=2 if downsample else 1,
-                                  padding=0 if downsample else kernel_size // 2,
-                                  bias=bias and not activate))
+        layers.append(EqualConv2d(in_channel, out_channel, kernel_size, stride=2 if downsample else 1,
+                                  padding=0 if downsample else kernel_size // 2))
         if activate:
             layers.append(BiasLeakyReLU(out_channel))
         super().__init__(*layers)
@@ -466,24 +437,22 @@ class ResBlock(nn.Module):
         super().__init__()
         self.conv1 = ConvLayer(in_channel, in_channel, 3)
         self.conv2 = ConvLayer(in_channel, out_channel, 3, downsample=True)
-        self.skip = ConvLayer(in_channel, out_channel, 1, downsample=True, activate=False, bias=False)
+        self.skip = ConvLayer(in_channel, out_channel, 1, downsample=True, activate=False)
 
     def forward(self, x):
         return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2)
 
 
-def minibatch_stddev(x, group_size=4, n_feat=1):
+def minibatch_stddev(x, group_size=4):
     """Append the std-dev across a group of samples as an extra channel (ProGAN Sec. 3), so D can
     detect a generator whose samples lack variety. Groups are strided: with B=8, G=4 sample j is
-    grouped with j+2, j+4, j+6. x [B, C, H, W] -> [B, C + n_feat, H, W]."""
+    grouped with j+2, j+4, j+6. x [B, C, H, W] -> [B, C + 1, H, W]."""
     B, C, H, W = x.shape
     G = min(B, group_size)
     if B % G:
         raise ValueError(f"minibatch_stddev: batch {B} not divisible by group size {G}")
-    y = x.view(G, B // G, n_feat, C // n_feat, H, W)
-    y = torch.sqrt(y.var(0, unbiased=False) + 1e-8)            # [B/G, F, C/F, H, W]
-    y = y.mean([2, 3, 4]).view(B // G, n_feat, 1, 1)            # [B/G, F, 1, 1]
-    y = y.repeat(G, 1, H, W)                                    # [B, F, H, W]
+    y = torch.sqrt(x.view(G, B // G, C, H, W).var(0, unbiased=False) + 1e-8)  # [B/G, C, H, W]
+    y = y.mean([1, 2, 3]).view(B // G, 1, 1, 1).repeat(G, 1, H, W)           # [B, 1, H, W]
     return torch.cat([x, y], 1)
 
 

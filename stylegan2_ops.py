@@ -1,8 +1,8 @@
 """stylegan2_ops.py: the low-level operations under every network of FC-TFG (not in the paper; the
 machinery of StyleGAN2's decoder and of our memory budget).
 
-  upfirdn2d(x, f, up, down, pad)  upsample by zero insertion, pad, FIR filter, downsample: all of
-                                  StyleGAN2's blurs, upsamples and downsamples (spec: StyleGAN2 App. B)
+  upfirdn2d(x, f, up, down, pad)  upsample by zero insertion, pad, FIR filter, downsample: all of StyleGAN2's
+                                  blurs and resamplings (the op of NVlabs stylegan2-ada-pytorch, torch_utils/ops)
   bias_act(x, b, act)             bias + leaky ReLU + gain, one elementwise pass
   checkpointed(block, *args)      activation checkpointing (Chen et al. 2016) that leaves BatchNorm's
                                   running statistics alone; batchnorm_stats_frozen, use_checkpointing
@@ -28,8 +28,7 @@ LRELU_SLOPE, LRELU_GAIN = 0.2, math.sqrt(2)  # sqrt(2) keeps activations' second
 # ==== Low-level op 1: upfirdn2d  (upsample -> pad -> FIR -> downsample) ===========================
 # Per axis, for every channel: (1) insert up-1 zeros AFTER every sample, (2) zero-pad by (p0, p1), a
 # negative pad crops, (3) TRUE convolution with f (i.e. correlation with the flipped filter), (4) keep
-# every down-th sample. Output length (L*up + p0 + p1 - K + down) // down. All of StyleGAN2's blurs,
-# upsamples and downsamples are this one op with different arguments.
+# every down-th sample. Output length (L*up + p0 + p1 - K + down) // down.
 
 def _parse_updown(v):
     return (v, v) if isinstance(v, int) else tuple(v)
@@ -55,7 +54,8 @@ def _upfirdn2d_ref(x, f, up=(1, 1), down=(1, 1), pad=(0, 0, 0, 0)):
 
 
 def _grad_pads(in_size, out_size, k, up, down, p0):
-    """Pads for the gradient op on one axis (spec §5): make dL/dx have length in_size again."""
+    """Pads of the gradient op on one axis, so that dL/dx has length in_size again (the same arithmetic
+    as the backward of stylegan2-ada-pytorch's upfirdn2d)."""
     g0 = k - p0 - 1
     g1 = in_size * up - out_size * down + p0 - up + 1
     return g0, g1
@@ -219,9 +219,9 @@ def allow_cuda_ops(on):
 def _use_cuda(x, impl):
     if impl not in ("auto", "cuda", "ref"):
         raise ValueError(f"impl must be 'auto', 'cuda' or 'ref', got {impl!r}")
+    if impl == "cuda" and not x.is_cuda:
+        raise ValueError("impl='cuda' needs a CUDA tensor")
     if impl == "ref" or not x.is_cuda:
-        if impl == "cuda" and not x.is_cuda:
-            raise ValueError("impl='cuda' needs a CUDA tensor")
         return False
     ok = bool(cuda_ops())
     if impl == "cuda" and not ok:
@@ -241,18 +241,15 @@ def _bias_act_cuda_kernel(x, b, ref, grad, alpha, gain):
 
 
 # ==== Activation checkpointing (memory, not in the paper; Chen et al. 2016, "Sublinear Memory Cost") ====
-# A block run through checkpointed() keeps only its inputs for backward and runs its forward again
-# when the gradient reaches it: about one more forward of compute for dropping every activation inside
-# the block. The paper preset's fine-tuned FC-TFG step needs it (BENCHMARKS.md, "Paper-preset memory").
-# One trap: a BatchNorm in train mode would update its running statistics a second time during the
-# recomputation, so the recomputation runs with momentum 0 (statistics unchanged) and its batch counter
-# is put back. Gradients are those of the plain forward (tests/test_stylegan2.py, float64).
+# A checkpointed block keeps only its inputs and reruns its forward when the gradient reaches it: one
+# more forward for dropping every activation inside (the paper preset's FC-TFG step needs it; BENCHMARKS.md).
+# Trap: a train-mode BatchNorm would update its running statistics again during the rerun, so the rerun
+# uses momentum 0 and its batch counter is put back. Gradients equal the plain forward's (tests, float64).
 
 @contextlib.contextmanager
 def batchnorm_stats_frozen(module):
-    """Inside: train-mode BatchNorms of `module` normalise with batch statistics as usual but leave their
-    running statistics and batch counters as they were (momentum 0: running = 1 * running + 0 * batch).
-    For a forward that repeats one already counted (a checkpoint's recomputation, a re-run forward)."""
+    """Inside: train-mode BatchNorms of `module` normalise with batch statistics but keep their running
+    statistics and counters (momentum 0), for a forward that repeats one already counted."""
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] \
         if isinstance(module, nn.Module) else []
     kept = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)

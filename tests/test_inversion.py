@@ -23,7 +23,7 @@ def n_params(m):
     return sum(p.numel() for p in m.parameters())
 
 
-# --- independent description of the published IR-SE50 key layout (spec §1.5) -----------------------
+# --- independent description of the published IR-SE50 key layout (model_ir_se50.pth) -------------
 
 def _bn(name, c):
     return {f"{name}.{s}": (c,) for s in ("weight", "bias", "running_mean", "running_var")}
@@ -85,7 +85,7 @@ def random_sd(keys, scale=0.1):
     return sd
 
 
-# HyperStyle's table of the 20 modulated convs of a 256 px config-F generator (spec §3.2), (O, I, k).
+# HyperStyle's table of the 20 modulated convs of a 256 px config-F generator (its layer indexing), (O, I, k).
 C512 = (512, 512, 3)
 PAPER_SHAPES = [C512, None, C512, C512, None, C512, C512, None, C512, C512, None, C512, C512, None,
                 (256, 512, 3), (256, 256, 3), None, (128, 256, 3), (128, 128, 3), None]
@@ -150,7 +150,7 @@ def test_psp_paper_keys_and_param_counts_match_published():
     got = shapes_of(E14)
     got.pop("latent_avg")  # ours is a buffer; the pSp file stores it outside state_dict
     assert got == want
-    assert n_params(E14) == 209_450_688 and n_params(E18) == 267_136_704       # spec §2.2
+    assert n_params(E14) == 209_450_688 and n_params(E18) == 267_136_704       # pSp's own encoder, counted
     assert n_params(E14.input_layer) + n_params(E14.body) == 30_950_080
     assert n_params(E14.latlayer1) + n_params(E14.latlayer2) == 197_632
     assert [n_params(E14.styles[k]) for k in (0, 3, 7)] == [9_701_888, 12_061_696, 14_421_504]
@@ -224,7 +224,7 @@ def test_arcface_paper_keys_and_param_count_match_published():
         E_id = I.IdentityEncoder(**PAPER["arcface"])
         emb = E_id(torch.randn(2, 3, 256, 256))
     assert shapes_of(E_id) == arcface_keys()
-    assert len(shapes_of(E_id)) == 343 and len(E_id.state_dict()) == 397     # spec §1.5
+    assert len(shapes_of(E_id)) == 343 and len(E_id.state_dict()) == 397     # the released model_ir_se50.pth layout
     assert n_params(E_id) == 43_797_696
     assert tuple(emb.shape) == (2, 512)
 
@@ -259,7 +259,7 @@ def test_hyperstyle_paper_param_count_and_shared_keys():
     with torch.device("meta"):
         H = I.HyperStyle(PAPER_SHAPES, **PAPER["hyperstyle"])
         deltas = H(torch.randn(1, 3, 256, 256), torch.randn(1, 3, 256, 256))
-    assert n_params(H) == 312_984_640                                          # spec §3.3
+    assert n_params(H) == 312_984_640                                   # HyperStyle's own hypernet, counted
     assert n_params(H.conv1) + n_params(H.bn1) + n_params(H.relu) == 19_008
     assert n_params(H.body) == 21_275_136 and n_params(H.shared_weight_hypernet) == 136_843_776
     tuned = [i for i, b in enumerate(H.refinement_blocks) if b is not None]

@@ -229,7 +229,7 @@ def test_reconstruction_loss():
 # ----------------------------------------------------------------------------------------------------
 # Eq. (7) VGG19 and the perceptual loss
 # ----------------------------------------------------------------------------------------------------
-# torchvision VGG19 `features`, written out from spec inversion.md §4.3 (index: (out, in)).
+# torchvision VGG19 `features` (cfg 'E'), written out by hand (index: (out, in)).
 TV_CONVS = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128), 12: (256, 256),
             14: (256, 256), 16: (256, 256), 19: (512, 256), 21: (512, 512), 23: (512, 512), 25: (512, 512),
             28: (512, 512), 30: (512, 512), 32: (512, 512), 34: (512, 512)}
@@ -271,7 +271,7 @@ def test_vgg19_layout_and_parameter_count():
     assert set(sd) == want
     for i, (o, c) in TV_CONVS.items():
         assert sd[f"features.{i}.weight"].shape == (o, c, 3, 3)
-    assert sum(v.numel() for v in sd.values()) == 20_024_384        # spec inversion.md §4.3 [computed]
+    assert sum(v.numel() for v in sd.values()) == 20_024_384        # torchvision's vgg19().features, counted
     assert all(not p.requires_grad for p in vgg.parameters())
 
 

@@ -22,7 +22,7 @@ n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
 
 
 # ---------------------------------------------------------------------------------------------------
-# Architecture: parameter counts are the published rosinality numbers (spec §4), not our own output.
+# Architecture: parameter counts are those of rosinality/stylegan2-pytorch's model.py, not our own output.
 # ---------------------------------------------------------------------------------------------------
 
 def test_paper_parameter_counts_match_rosinality_layout():
@@ -43,7 +43,7 @@ def test_cm1_and_tiny_parameter_counts():
     assert G.n_latent == 10
 
 
-def test_parameter_formulas_of_spec_section4():
+def test_parameter_formulas_per_layer():
     # Styled conv: O*I*k^2 + S*I + I + 1 + O; ToRGB: 3I + S*I + I + 3 (S = style_dim).
     S, I, O = 128, 64, 32
     sc = sg.StyledConv(I, O, 3, S, upsample=True)
@@ -120,7 +120,7 @@ def test_bad_arguments_raise_clear_errors():
 # ---------------------------------------------------------------------------------------------------
 
 def _scipy_axis(x, f1, up, down, p0, p1, axis):
-    """Spec §5 oracle: Y = scipy.signal.upfirdn(f1, x, up) is the full convolution of the
+    """scipy oracle: Y = scipy.signal.upfirdn(f1, x, up) is the full convolution of the
     zero-stuffed signal; out[n] = Y[n*down + K - 1 - p0], zero outside Y."""
     L, K = x.shape[axis], len(f1)
     n_out = (L * up + p0 + p1 - K + down) // down
@@ -277,11 +277,27 @@ def test_demodulation_gives_unit_variance():
         assert conv(x, torch.randn(4, 16) * 3)[..., 1:-1, 1:-1].var() > 2
 
 
+def _nonfused(conv, x, style):
+    """The same maths without per-sample weights (NVIDIA's training form): conv(x * s, W * scale) * d."""
+    B = x.shape[0]
+    s = conv.modulation(style)                                   # [B, I]
+    w = conv.weight[0] * conv.scale                              # [O, I, k, k]
+    x = x * s.view(B, -1, 1, 1)
+    if conv.upsample:
+        out = conv.blur(torch.nn.functional.conv_transpose2d(x, w.transpose(0, 1), stride=2))
+    else:
+        out = torch.nn.functional.conv2d(x, w, padding=conv.kernel_size // 2)
+    if conv.demodulate:
+        d = torch.rsqrt((w[None] * s.view(B, 1, -1, 1, 1)).pow(2).sum([2, 3, 4]) + 1e-8)  # [B, O]
+        out = out * d.view(B, -1, 1, 1)
+    return out
+
+
 @pytest.mark.parametrize("upsample,demod,k", [(False, True, 3), (True, True, 3), (False, False, 1)])
 def test_grouped_and_nonfused_forms_agree(upsample, demod, k):
     conv = sg.ModulatedConv2d(6, 5, k, style_dim=7, demodulate=demod, upsample=upsample).double()
     x, s = torch.randn(3, 6, 8, 8, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
-    torch.testing.assert_close(conv(x, s), conv.forward_nonfused(x, s))
+    torch.testing.assert_close(conv(x, s), _nonfused(conv, x, s))
 
 
 def test_modulated_conv_gradgradcheck():
@@ -381,11 +397,11 @@ def test_uniform_delta_cancels_under_demodulation_but_scales_torgb(small_G):
         small_G.float()
 
 
-def test_w_index_map_matches_spec_table(small_G):
-    """Perturbing w_k must change the style (modulation output) of exactly the layers the spec's
-    table assigns to k: 4 px conv1<-w0, to_rgb1<-w1; at 2^r: up<-w(2r-5), conv<-w(2r-4), rgb<-w(2r-3)."""
+def test_w_index_map_matches_the_layer_table(small_G):
+    """Perturbing w_k must change the style (modulation output) of exactly the layers rosinality's
+    layer order assigns to k: 4 px conv1<-w0, to_rgb1<-w1; at 2^r: up<-w(2r-5), conv<-w(2r-4), rgb<-w(2r-3)."""
     G = small_G
-    expected = {}  # layer position in modulated_convs() -> w index, from the spec's table
+    expected = {}  # layer position in modulated_convs() -> w index, from that table
     expected[0], expected[1] = 0, 1
     for n, r in enumerate(range(3, G.log_size + 1)):
         expected[2 + 3 * n], expected[3 + 3 * n], expected[4 + 3 * n] = 2 * r - 5, 2 * r - 4, 2 * r - 3
