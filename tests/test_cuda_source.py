@@ -2,7 +2,8 @@
 
 1. The index arithmetic of both upfirdn2d kernels (simple and tiled), transliterated line by line
    into Python below, against an independent oracle: scipy.signal.upfirdn along each axis with a
-   separable filter (spec stylegan2.md Sec. 5), over a grid of up/down/pad/filter sizes including
+   separable filter (upfirdn2d's definition: zero-stuff, pad/crop, true convolution, keep every
+   down-th sample, as in NVlabs/stylegan2-ada-pytorch's torch_utils/ops/upfirdn2d.py), over a grid of up/down/pad/filter sizes including
    negative pads (crops), up != down on each axis and asymmetric filters (which catch a missing
    flip). The mirrors also assert every shared-memory/global index they form is in range and that
    every output pixel is written exactly once.
@@ -57,7 +58,7 @@ def ceil_div(a, m):    # stylegan2_ops.cu: ceil_div
 
 
 def out_size(L, up, down, p0, p1, K):
-    """Host-side output length in upfirdn2d() (spec Sec. 5)."""
+    """Host-side output length in upfirdn2d(): (L up + p0 + p1 - K + down) // down."""
     num = L * up + p0 + p1 - K + down
     return c_div(num, down) if num > 0 else 0
 
@@ -155,8 +156,7 @@ def tiled_kernel_mirror(x, f, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0
 
 
 # --------------------------------------------------------------------------------------------
-# Oracle (independent of the code above): scipy.signal.upfirdn along each axis, as in spec
-# Sec. 5. Y = upfirdn(f1, x, up) is the full convolution of the zero-stuffed signal (no trailing
+# Oracle (independent of the code above): scipy.signal.upfirdn along each axis. Y = upfirdn(f1, x, up) is the full convolution of the zero-stuffed signal (no trailing
 # zeros); out[n] = Y[n*down + K - 1 - p0], 0 outside Y.
 # --------------------------------------------------------------------------------------------
 def scipy_axis(x, f1, up, down, p0, p1, axis):
@@ -213,7 +213,7 @@ def test_kernel_index_mirrors_match_scipy(cx, cy):
 
 
 def test_mirrors_on_non_separable_filter_vs_direct_loop():
-    # Second oracle, not separable: the four spec steps done literally with numpy.
+    # Second oracle, not separable: the op's four steps (zero-stuff, pad, convolve, subsample) done literally with numpy.
     rng = np.random.default_rng(1)
     x, f = rng.standard_normal((4, 5)), rng.standard_normal((3, 4))
     up_x, up_y, down_x, down_y, px0, px1, py0, py1 = 2, 3, 1, 2, 2, -1, -2, 3

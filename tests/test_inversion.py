@@ -364,12 +364,9 @@ def test_checkpointing_keeps_gradients_and_batchnorm_statistics_of_psp_and_hyper
     E.train()
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64) * 2 - 1
     out = {}
+    E0, H0 = ({k: v.clone() for k, v in net.state_dict().items()} for net in (E, H))  # buffers before the first run
     for on in (False, True):
-        E.load_state_dict(E0) if on else None
-        H.load_state_dict(H0) if on else None
-        if not on:
-            E0 = {k: v.clone() for k, v in E.state_dict().items()}
-            H0 = {k: v.clone() for k, v in H.state_dict().items()}
+        E.load_state_dict(E0), H.load_state_dict(H0)   # both runs start from the same BatchNorm statistics
         E.checkpointing = H.checkpointing = on
         E.zero_grad(), H.zero_grad()
         ws, deltas, recon = I.invert(G, x, E, H, steps=2)
