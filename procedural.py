@@ -93,7 +93,7 @@ def make_identity(seed):
         shirt=tuple(u(0.05, 0.95, 3)), bg=(tuple(u(0.1, 0.9, 3)), tuple(u(0.1, 0.9, 3))))
 
 
-# ==== 2. The hidden speech track: one source for both the audio and the mouth (spec data.md Sec. 6) ====
+# ==== 2. The hidden speech track: one source for both the audio and the mouth (formant speech, Klatt 1980) ====
 # Formants F1/F2/F3 in Hz, Peterson & Barney 1952 (men, women). F1 grows with jaw opening and F2 with
 # lip spreading, so the mouth can be read off the audio: the only reason lip sync is learnable here.
 VOWELS = {
