@@ -6,17 +6,16 @@
   --stage fctfg      E_can, E_m, temporal fusion with Eq. (3)-(9)     (Sec. 3; fusion.py, losses.py)
 
 Each stage reads the previous stage's checkpoint with --init; the FC-TFG stage fine-tunes the pre-trained parts
-as the paper says ("the pre-trained models are fine-tuned during training"), unless --freeze_pretrained.
+as the paper says ("the pre-trained models are fine-tuned during training"), unless --freeze_pretrained. Not
+here: networks (stylegan2.py, inversion.py, audio.py, fusion.py), losses (losses.py), metrics (evaluate.py).
 
 Run:  python train.py --stage stylegan2 --preset tiny --out runs/sg2          (1 process, CPU or GPU)
       torchrun --nproc_per_node 8 train.py --stage stylegan2 --preset paper --data /vox   (8 GPUs)
 
-Distributed training, the nanoGPT way but without the DDP wrapper: every rank computes gradients on its own
-shard of the batch and `step_optimizer` averages them with ONE explicit all-reduce per optimiser step. That is
-the same arithmetic DDP performs, but it works unchanged with the double-backward of R1 / path length and with
-several forward passes per step, where DDP's hooks need extra care. Only rank 0 (`is_main`) prints and writes files.
-
-Not here: networks (stylegan2.py, inversion.py, audio.py, fusion.py), losses (losses.py), metrics (evaluate.py).
+Distributed training, the nanoGPT way but without the DDP wrapper: every rank computes gradients on its own shard of
+the batch and `step_optimizer` averages them with ONE explicit all-reduce per optimiser step: DDP's arithmetic, but
+unchanged with the double-backward of R1 / path length and with several forward passes per step, where DDP's hooks
+need extra care. Only rank 0 (`is_main`) prints and writes files.
 """
 import argparse
 import ast
@@ -25,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -43,85 +43,65 @@ import stylegan2
 import stylegan2_ops as ops
 
 # ==== Presets ======================================================================================
-# Plain dicts. Every key is also a command-line flag (--key value) of the same type, explained
-# in HELP. `model` names the architecture preset of every module (stylegan2.PRESETS, fusion.PRESETS, ...).
-# "tiny-scale deviation": a choice of the CPU reproduction, not the paper's; RESULTS.md measures it.
-PRESETS = {
-    "tiny": dict(
-        model="tiny", size=64, batch=8, accum=1, max_steps=2000, seed=0,
-        lr=0.002, lr_fctfg=1e-4, lr_syncnet=1e-3, lr_inversion=1e-3,
-        r1_gamma=1.0, r1_every=16, pl_weight=2.0, pl_every=4, pl_batch_shrink=2, mixing=0.9, ema_kimg=1.0,
-        n_identities=200, clips_per_identity=5, clip_frames=16, window=5, frame_pool=512,
-        log_every=10, sample_every=200, ckpt_every=200, workers=0, amp="none",
-        temporal="conv", disc="image", ortho="hadamard_abs", ortho_weight=1.0, sync_weight=0.1,
-        hyper_steps=1, hyper_from=0.5, mbstd_group=4, recon_weight=10.0, expert_loss="nce",
-        gan_every=1, lr_rampdown=0, feature_weight=0.0, latent_weight=0.0,
-        source_from="identity", canonical="plain", drive_mouth="swap",
-        layers="0,1,2,3,4,5,6", audio_layers="0,1,2,3,4,5,6", grad_ckpt=0),
-    "paper": dict(
-        model="paper", size=256, batch=4, accum=1, max_steps=800_000, seed=0,
-        lr=0.002, lr_fctfg=1e-4, lr_syncnet=1e-4, lr_inversion=1e-4,
-        r1_gamma=10.0, r1_every=16, pl_weight=2.0, pl_every=4, pl_batch_shrink=2, mixing=0.9, ema_kimg=10.0,
-        n_identities=5994, clips_per_identity=10, clip_frames=32, window=5, frame_pool=0,
-        log_every=100, sample_every=5000, ckpt_every=5000, workers=4, amp="bf16",
-        temporal="conv", disc="image", ortho="hadamard_abs", ortho_weight=1.0, sync_weight=0.1,
-        hyper_steps=3, hyper_from=0.5, mbstd_group=4, recon_weight=0.0, expert_loss="bce",
-        gan_every=1, lr_rampdown=0, feature_weight=0.0, latent_weight=0.0,
-        source_from="clip", canonical="plain", drive_mouth="own",
-        layers="1,2,3,4,7,8,9,10", audio_layers="7,8", grad_ckpt=1),
-}
+# One row per setting: name=(tiny, paper, meaning). --preset picks a column (tiny: the CPU reproduction; paper:
+# Sec. 4.1.2); every row is then also a flag --name of the value's type. TINY: not the paper's, see RESULTS.md.
 TINY = "tiny-scale deviation, see RESULTS.md"
-HELP = {
-    "model": "architecture preset of every network (tiny | paper)",
-    "size": "image side in pixels (paper: 256, Sec. 4.1.2)",
-    "batch": "per-process batch: images (image stages) or windows of `window` frames (clip stages)",
-    "accum": "gradient-accumulation micro-batches per step (same effective batch on fewer GPUs)",
-    "max_steps": "optimiser steps of the stage",
-    "seed": "seed of initialisation and data order",
-    "lr": "StyleGAN2 stage: Adam lr of G and D (StyleGAN2's 0.002)",
-    "lr_fctfg": "FC-TFG stage: Adam lr (Sec. 4.1.2: 1e-4)",
-    "lr_syncnet": "syncnet stage: Adam lr of the lip-sync expert (Wav2Lip: 1e-4)",
-    "lr_inversion": "inversion stage (and the jointly trained encoder of --recon_weight): Adam lr",
-    "r1_gamma": "R1 weight of the D step (Eq. 8's regulariser, StyleGAN2 App. C)",
-    "r1_every": "lazy R1: every N D steps (0: off)",
-    "pl_weight": "StyleGAN2 stage: path-length regularisation weight",
-    "pl_every": "StyleGAN2 stage: lazy path length every N G steps (0: off)",
-    "pl_batch_shrink": "StyleGAN2 stage: path-length batch = batch / N",
-    "mixing": "StyleGAN2 stage: style-mixing probability",
-    "ema_kimg": "StyleGAN2 stage: G_ema half-life in thousands of images (10 in StyleGAN2's recipe)",
-    "n_identities": "procedural data: people in the training split (VoxCeleb2: 5,994, Sec. 4.1.1)",
-    "clips_per_identity": "procedural data: clips per person",
-    "clip_frames": "frames per clip (25 fps)",
-    "window": "temporal-fusion window in frames, non-overlapping (Sec. 4.4.2)",
-    "frame_pool": "image stages: procedural frames rendered once and reused (0: render every batch)",
-    "log_every": "steps between log lines",
-    "sample_every": "steps between sample grids (0: none)",
-    "ckpt_every": "steps between checkpoints",
-    "workers": "background threads assembling the next step's batch (0: none)",
-    "amp": "bf16 autocast on GPUs (none | bf16)",
-    "temporal": "FC-TFG temporal fusion (Table 3): conv (the paper's) | lstm | none",
-    "disc": "FC-TFG discriminator (Table 3): image (the paper's) | video",
-    "ortho": "Eq. (3) form (Table 4): hadamard_abs | signed | squared | cosine | none",
-    "ortho_weight": "λ_ortho of Eq. (9) (the paper's 1)",
-    "sync_weight": "λ_sync of Eq. (9) (the paper's 0.1)",
-    "hyper_steps": "HyperStyle refinement steps (inversion stage training; FC-TFG's source inversion)",
-    "hyper_from": "inversion stage: fraction of the steps that train pSp before HyperStyle trains",
-    "mbstd_group": "D's minibatch-stddev group (a divisor of the images D sees per call)",
-    "recon_weight": f"StyleGAN2 stage: L1 of G(E_inv(x)) vs x with E_inv trained jointly ({TINY})",
-    "expert_loss": f"syncnet stage: bce (Wav2Lip's) | nce (InfoNCE; {TINY})",
-    "gan_every": f"StyleGAN2 stage with --recon_weight: D step and adversarial term every N steps ({TINY})",
-    "lr_rampdown": f"every stage: lr falls to 0 along a half cosine over the last N steps ({TINY})",
-    "feature_weight": f"StyleGAN2 and FC-TFG stages: extra L1 weight on eyes, brows and mouth ({TINY})",
-    "latent_weight": f"FC-TFG stage: weight of |z_s->d - E_inv(x_d)|, not in Eq. (9) ({TINY})",
-    "source_from": f"FC-TFG stage: x_s from the same clip (clip) | any clip of the person (identity; {TINY})",
-    "canonical": "FC-TFG stage: E_can a plain 2-layer MLP (Sec. 3.1) | residual (identity at init; an ablation)",
-    "drive_mouth": f"FC-TFG stage: driving frames keep their own mouth | swap: another clip's ({TINY})",
-    "layers": "FC-TFG stage: manipulated w indices (Sec. 4.1.2; tiny adds w0, see fusion.py)",
-    "grad_ckpt": "1: activation checkpointing of the G, D, E_inv, HyperStyle and ArcFace blocks, recomputed in "
-                 "backward (memory for ~1/3 more compute; not in the paper: it lets the paper preset's fine-tuned "
-                 "FC-TFG step fit, BENCHMARKS.md); 0: off",
-    "audio_layers": f"FC-TFG stage: manipulated w indices whose E_m also sees z_a (Sec. 4.1.2: 7, 8; tiny: all, {TINY})",
-}
+SETTINGS = dict(
+    model=("tiny", "paper", "architecture preset of every network (tiny | paper)"),  # keys of each module's PRESETS
+    size=(64, 256, "image side in pixels (paper: 256, Sec. 4.1.2)"),
+    batch=(8, 4, "per-process batch: images (image stages) or windows of `window` frames (clip stages)"),
+    accum=(1, 1, "gradient-accumulation micro-batches per step (same effective batch on fewer GPUs)"),
+    max_steps=(2000, 800_000, "optimiser steps of the stage"),
+    seed=(0, 0, "seed of initialisation and data order"),
+    lr=(0.002, 0.002, "StyleGAN2 stage: Adam lr of G and D (StyleGAN2's 0.002)"),
+    lr_fctfg=(1e-4, 1e-4, "FC-TFG stage: Adam lr (Sec. 4.1.2: 1e-4)"),
+    lr_syncnet=(1e-3, 1e-4, "syncnet stage: Adam lr of the lip-sync expert (Wav2Lip: 1e-4)"),
+    lr_inversion=(1e-3, 1e-4, "inversion stage (and the jointly trained encoder of --recon_weight): Adam lr"),
+    r1_gamma=(1.0, 10.0, "R1 weight of the D step (Eq. 8's regulariser, StyleGAN2 App. C)"),
+    r1_every=(16, 16, "lazy R1: every N D steps (0: off)"),
+    pl_weight=(2.0, 2.0, "StyleGAN2 stage: path-length regularisation weight"),
+    pl_every=(4, 4, "StyleGAN2 stage: lazy path length every N G steps (0: off)"),
+    pl_batch_shrink=(2, 2, "StyleGAN2 stage: path-length batch = batch / N"),
+    mixing=(0.9, 0.9, "StyleGAN2 stage: style-mixing probability"),
+    ema_kimg=(1.0, 10.0, "StyleGAN2 stage: G_ema half-life in thousands of images (10 in StyleGAN2's recipe)"),
+    n_identities=(200, 5994, "procedural data: people in the training split (VoxCeleb2: 5,994, Sec. 4.1.1)"),
+    clips_per_identity=(5, 10, "procedural data: clips per person"),
+    clip_frames=(16, 32, "frames per clip (25 fps)"),
+    window=(5, 5, "temporal-fusion window in frames, non-overlapping (Sec. 4.4.2)"),
+    frame_pool=(512, 0, "image stages: procedural frames rendered once and reused (0: render every batch)"),
+    log_every=(10, 100, "steps between log lines"),
+    sample_every=(200, 5000, "steps between sample grids (0: none)"),
+    ckpt_every=(200, 5000, "steps between checkpoints"),
+    workers=(0, 4, "background threads assembling the next step's batch (0: none)"),
+    amp=("none", "bf16", "bf16 autocast on GPUs (none | bf16)"),
+    temporal=("conv", "conv", "FC-TFG temporal fusion (Table 3): conv (the paper's) | lstm | none"),
+    disc=("image", "image", "FC-TFG discriminator (Table 3): image (the paper's) | video"),
+    ortho=("hadamard_abs", "hadamard_abs", "Eq. (3) form (Table 4): hadamard_abs | signed | squared | cosine | none"),
+    ortho_weight=(1.0, 1.0, "λ_ortho of Eq. (9) (the paper's 1)"),
+    sync_weight=(0.1, 0.1, "λ_sync of Eq. (9) (the paper's 0.1)"),
+    hyper_steps=(1, 3, "HyperStyle refinement steps (inversion stage training; FC-TFG's source inversion)"),
+    hyper_from=(0.5, 0.5, "inversion stage: fraction of the steps that train pSp before HyperStyle trains"),
+    mbstd_group=(4, 4, "D's minibatch-stddev group (a divisor of the images D sees per call)"),
+    recon_weight=(10.0, 0.0, f"StyleGAN2 stage: L1 of G(E_inv(x)) vs x with E_inv trained jointly ({TINY})"),
+    expert_loss=("nce", "bce", f"syncnet stage: bce (Wav2Lip's) | nce (InfoNCE; {TINY})"),
+    gan_every=(1, 1, f"StyleGAN2 stage with --recon_weight: D step and adversarial term every N steps ({TINY})"),
+    lr_rampdown=(0, 0, f"every stage: lr falls to 0 along a half cosine over the last N steps ({TINY})"),
+    feature_weight=(0.0, 0.0, f"StyleGAN2 and FC-TFG stages: extra L1 weight on eyes, brows and mouth ({TINY})"),
+    latent_weight=(0.0, 0.0, f"FC-TFG stage: weight of |z_s->d - E_inv(x_d)|, not in Eq. (9) ({TINY})"),
+    source_from=("identity", "clip",
+                 f"FC-TFG stage: x_s from the same clip (clip) | any clip of the person (identity; {TINY})"),
+    canonical=("plain", "plain",
+               "FC-TFG stage: E_can a plain 2-layer MLP (Sec. 3.1) | residual (identity at init; an ablation)"),
+    drive_mouth=("swap", "own", f"FC-TFG stage: driving frames keep their own mouth | swap: another clip's ({TINY})"),
+    layers=("0,1,2,3,4,5,6", "1,2,3,4,7,8,9,10",
+            "FC-TFG stage: manipulated w indices (Sec. 4.1.2; tiny adds w0, see fusion.py)"),
+    audio_layers=("0,1,2,3,4,5,6", "7,8",
+                  f"FC-TFG stage: manipulated w indices whose E_m also sees z_a (Sec. 4.1.2: 7, 8; tiny: all, {TINY})"),
+    grad_ckpt=(0, 1, "1: activation checkpointing of the G, D, E_inv, HyperStyle and ArcFace blocks, recomputed in "
+               "backward (memory for ~1/3 more compute; not in the paper: it lets the paper preset's fine-tuned "
+               "FC-TFG step fit, BENCHMARKS.md); 0: off"),
+)
+PRESETS = {name: {k: row[i] for k, row in SETTINGS.items()} for i, name in enumerate(("tiny", "paper"))}
 CHOICES = dict(  # the keys with a fixed set of values (argparse refuses others in one line)
     amp=("none", "bf16"), temporal=("conv", "lstm", "none"), disc=("image", "video"),
     ortho=("hadamard_abs", "signed", "squared", "cosine", "none"), expert_loss=("bce", "nce"),
@@ -155,7 +135,8 @@ def parse_args(argv=None):
     ap.add_argument("--arcface", help="inversion/FC-TFG: InsightFace IR-SE50 weights; without them L_id (Eq. 5) is off")
     ap.add_argument("--vgg", help="inversion/FC-TFG: torchvision-layout VGG19 weights; without them Eq. (7) is off")
     for k, v in PRESETS[known.preset].items():
-        ap.add_argument(f"--{k}", type=type(v), default=v, choices=CHOICES.get(k), help=f"{HELP[k]} (default {v})")
+        ap.add_argument(f"--{k}", type=type(v), default=v, choices=CHOICES.get(k),
+                        help=f"{SETTINGS[k][2]} (default {v})")
     args = ap.parse_args(argv)
     return args, {k: getattr(args, k) for k in PRESETS[known.preset]}
 
@@ -185,8 +166,7 @@ def all_reduce_mean(tensors, world):
 
 
 def average_gradients(params, world):
-    """All-reduce the gradients of `params` and divide by the world size: afterwards every rank holds
-    the gradient of the mean loss over the GLOBAL batch."""
+    """All-reduce and average the gradients of `params`: then every rank holds those of the GLOBAL batch's mean loss."""
     all_reduce_mean([p.grad for p in params if p.grad is not None], world)
 
 
@@ -197,95 +177,30 @@ def step_optimizer(opt, world):
 
 
 def batchnorm_across_ranks(stage, world, device):
-    """BatchNorm under several ranks (E_a, pSp, HyperStyle, the expert have it): on GPUs every stage
-    network's BatchNorm becomes SyncBatchNorm (statistics over the global batch, as one process would
-    compute them); gloo on CPUs has no SyncBatchNorm, so there the running statistics are averaged
-    after each step instead (ranks stay identical; the normalisation uses each rank's shard). The
-    parameters stay the same objects, so the optimisers need no rebuild. -> the hook to call after each step."""
-    if world == 1:
-        return lambda: None
-    if device.type == "cuda":
+    """BatchNorm (E_a, pSp, HyperStyle, the expert) under several ranks: SyncBatchNorm on GPUs (global-batch statistics,
+    as one process); gloo has none, so on CPUs the running statistics are averaged after each step (each rank normalises
+    by its shard). Parameters stay the same objects (no optimiser rebuild). -> the hook to call after each step."""
+    if world > 1 and device.type == "cuda":
         for name in stage.models:
             setattr(stage, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(stage, name)))
-        return lambda: None
     stats = [t for name in stage.models for m in getattr(stage, name).modules()
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-             for t in (m.running_mean, m.running_var)]
-    return lambda: all_reduce_mean(stats, world)  # no BatchNorm (stats empty): a no-op
-
-
-# ==== Checkpoints: atomic, weights_only-loadable (tensors, dicts, lists, numbers, strings only) ====
-def rng_state():
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "numpy_pos": int(np_state[2]), "python": repr(random.getstate()),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
-    random.setstate(ast.literal_eval(s["python"]))  # stored as its repr, a plain string
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
-    """Loss curves from a log.jsonl as one PNG (pillow only): one panel per logged quantity, raw
-    values in grey and a `smooth`-point running mean in colour, y range 1st..99th percentile so one
-    spike does not flatten the curve. Returns the number of panels (0 = nothing to plot, no file)."""
-    from PIL import Image, ImageDraw
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    keys = [k for k in (rows[0] if rows else {}) if k not in ("step", "time", "img_per_s", "peak_mem_gb")]
-    if not keys:
-        return 0
-    (W, H), ncol = panel, min(3, len(keys))
-    img = Image.new("RGB", (W * ncol, H * math.ceil(len(keys) / ncol)), "white")
-    draw = ImageDraw.Draw(img)
-    for i, key in enumerate(keys):
-        pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
-        ox, oy = (i % ncol) * W, (i // ncol) * H
-        draw.rectangle([ox + 40, oy + 18, ox + W - 8, oy + H - 20], outline=(180, 180, 180))
-        if len(pts) < 2:
-            draw.text((ox + 44, oy + 3), f"{key}: {len(pts)} point(s)", fill="black")
-            continue
-        steps, vals = (np.array(c, float) for c in zip(*pts))
-        mean = np.convolve(vals, np.ones(min(smooth, len(vals))) / min(smooth, len(vals)), mode="valid")
-        lo, hi = np.percentile(vals, [1, 99])
-        hi = hi if hi > lo else lo + 1e-8
-        fx = lambda s: ox + 40 + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (W - 48)
-        fy = lambda v: oy + H - 20 - (np.clip(v, lo, hi) - lo) / (hi - lo) * (H - 38)
-        draw.line([(fx(s), fy(v)) for s, v in zip(steps, vals)], fill=(200, 200, 200))
-        draw.line([(fx(s), fy(v)) for s, v in zip(steps[len(steps) - len(mean):], mean)], fill=(20, 90, 200), width=2)
-        draw.text((ox + 44, oy + 3), f"{key}: {mean[0]:.4g} -> {mean[-1]:.4g}", fill="black")
-        draw.text((ox + 2, oy + 18), f"{hi:.3g}", fill=(90, 90, 90))
-        draw.text((ox + 2, oy + H - 30), f"{lo:.3g}", fill=(90, 90, 90))
-        draw.text((ox + 40, oy + H - 16), f"step {int(steps[0])}", fill=(90, 90, 90))
-        draw.text((ox + W - 70, oy + H - 16), f"{int(steps[-1])}", fill=(90, 90, 90))
-    stylegan2.write_atomic(png_path, lambda tmp: img.save(tmp, format="PNG"))
-    return len(keys)
+             for t in (m.running_mean, m.running_var)] if device.type != "cuda" else []
+    return lambda: all_reduce_mean(stats, world)  # a no-op for one process, on GPUs, or without BatchNorm
 
 
 # ==== Learning-rate schedule (any stage; off in both presets) =====================================
 def lr_factor(step, max_steps, rampdown):
-    """Multiplier of every optimiser's lr at `step`: 1, then a half cosine from 1 down to 0 over the
-    last `rampdown` steps (0: constant lr, the paper's recipe). The tiny recipe's StyleGAN2 stage: at 2e-3
-    with beta1 = 0 the jointly trained decoder hovers around its optimum; 800 steps at a tenth of the
-    lr took it from 24.3 to 25.3 dB on held-out frames (RESULTS.md). The steps before the ramp do not
-    depend on it, so a finished run can be extended with a ramp and --resume."""
+    """Multiplier of every optimiser's lr at `step`: 1, then a half cosine from 1 down to 0 over the last
+    `rampdown` steps (0: constant lr, the paper's recipe). Why, in the tiny StyleGAN2 stage: at 2e-3 with beta1 = 0
+    the jointly trained decoder hovers around its optimum; 800 steps at a tenth of the lr took it from 24.3 to
+    25.3 dB on held-out frames (RESULTS.md). The steps before the ramp do not depend on it: --resume can add one."""
     if rampdown <= 0 or step < max_steps - rampdown:
         return 1.0
     return 0.5 + 0.5 * math.cos(math.pi * ((step - (max_steps - rampdown)) / rampdown))
 
 
-def set_lr(optimizers, factor):
-    # base_lr is stored in the param group, so it travels with the optimiser's state_dict (--resume)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
-
-
-# ==== Stage 1: StyleGAN2 (non-saturating loss, lazy R1 / path length, EMA, style mixing; spec §7) ====
+# ==== Stage 1: StyleGAN2 (Karras et al., CVPR 2020): non-saturating loss, lazy R1 / path length, EMA, style mixing ===
 def accumulate_ema(ema, model, beta):
     """ema <- beta*ema + (1-beta)*model for parameters; buffers (fixed noise maps) are copied."""
     with torch.no_grad():
@@ -296,10 +211,9 @@ def accumulate_ema(ema, model, beta):
 
 
 class StyleGAN2Stage:
-    """Stage 1. Lazy regularisation (StyleGAN2 Sec. 3.2): R1 every r1_every D steps and path length
-    every pl_every G steps, each scaled by its interval; Adam's lr and betas are scaled by
-    c = k/(k+1) so the regularised optimiser moves at the intended speed."""
-    models, extra_state = ("g", "d", "g_ema"), ("pl_mean",)  # in the checkpoint: networks, extra tensors
+    """Stage 1. Lazy regularisation (StyleGAN2 Sec. 3.2): R1 every r1_every D steps and path length every pl_every
+    G steps, each scaled by its interval; Adam's lr and betas scaled by c = k/(k+1) keep the intended speed."""
+    models, optimizers, extra_state = ("g", "d", "g_ema"), ("opt_g", "opt_d"), ("pl_mean",)  # checkpoint entries
     grid_nrow = 8  # sample grid: 2 rows of fixed-z samples (+ a row of real frames, a row of reconstructions)
 
     def __init__(self, cfg, device, args):
@@ -307,38 +221,32 @@ class StyleGAN2Stage:
         self.g = stylegan2.Generator.from_preset(cfg["model"]).to(device)
         self.d = stylegan2.Discriminator.from_preset(cfg["model"]).to(device)
         self.g_ema = copy.deepcopy(self.g).eval().requires_grad_(False)
-        # c = k / (k + 1) for a regulariser every k steps; k = 0 (regulariser off) leaves Adam as is
-        cg, cd = [k / (k + 1) if k else 1.0 for k in (cfg["pl_every"], cfg["r1_every"])]
+        cg, cd = [k / (k + 1) if k else 1.0 for k in (cfg["pl_every"], cfg["r1_every"])]  # k = 0 (off): Adam as is
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg["lr"] * cg, betas=(0.0, 0.99 ** cg))
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg["lr"] * cd, betas=(0.0, 0.99 ** cd))
-        self.optimizers = {"opt_g": self.opt_g, "opt_d": self.opt_d}
-        # Tiny-scale deviation (recon_weight > 0; the paper preset has 0): a StyleGAN2 trained from scratch needs
-        # hundreds of kimg before its range covers the data, far beyond a CPU budget (16 kimg gave colour blobs).
-        # So the pSp encoder is trained *with* G here, G(E(x)) ~ x by L1, next to the unchanged GAN loss: G becomes
-        # a decoder whose W+ space already holds the training faces, and the inversion stage starts from this encoder.
         if cfg["gan_every"] > 1 and cfg["recon_weight"] <= 0:
             raise SystemExit("error: --gan_every > 1 only thins the GAN terms of the reconstruction recipe; "
                              "it needs --recon_weight > 0 (a plain GAN step always has them)")
+        # Tiny-scale deviation (recon_weight > 0): from scratch G needs hundreds of kimg to cover the data, beyond a
+        # CPU budget (16 kimg gave colour blobs). So the pSp encoder trains *with* G, G(E(x)) ~ x by L1 next to the
+        # GAN loss: G becomes a decoder whose W+ space holds the faces, and the inversion stage starts from this E.
         self.e_inv = None
         if cfg["recon_weight"] > 0:
             self.e_inv = inversion.PSPEncoder(**inversion.PRESETS[cfg["model"]]["psp"]).to(device)
             self.e_inv.set_latent_avg(self.g.mean_latent(4096)[0])  # no graph: mean_latent runs under no_grad
-            self.optimizers["opt_e"] = self.opt_e = torch.optim.Adam(self.e_inv.parameters(), lr=cfg["lr_inversion"])
-            self.models = self.models + ("e_inv",)
+            self.opt_e = torch.optim.Adam(self.e_inv.parameters(), lr=cfg["lr_inversion"])
+            self.models, self.optimizers = self.models + ("e_inv",), self.optimizers + ("opt_e",)
         self.pl_mean = torch.zeros((), device=device)
 
     def dataset(self, clips):
         return data.FramePool(clips, self.cfg["frame_pool"], self.cfg["seed"], self.cfg["feature_weight"])
 
     def step(self, k, micro, world, autocast):
-        """One D step and one G step. `micro`: this rank's micro-batches (gradient accumulation);
-        gradients are summed over them, then averaged over ranks. Returns losses for logging."""
+        """One D and one G step on this rank's micro-batches (gradients summed, then averaged over ranks) -> logs."""
         cfg, G, D = self.cfg, self.g, self.d
         n_acc, zdim, dev = len(micro), G.style_dim, micro[0]["image"].device
-        # gan_every > 1 (tiny recipe only; needs recon_weight > 0): the D step and G's adversarial term
-        # run on every gan_every-th step, the other steps train E and G by reconstruction alone. At this
-        # scale the GAN terms cost ~2/3 of a step and do not make G's random samples faces within a CPU
-        # budget, while every reconstruction step raises the fidelity that FC-TFG inherits.
+        # gan_every > 1 (tiny recipe): D step and G's GAN term every gan_every-th step, the others reconstruction only:
+        # here the GAN terms cost ~2/3 of a step without making samples faces, while reconstruction raises fidelity.
         every = max(1, cfg["gan_every"])
         gan, logs = k % every == 0, {}
         if gan:  # --- D: softplus(D(fake)) + softplus(-D(real)), the non-saturating loss of Eq. (8), lazy R1 ---
@@ -355,19 +263,18 @@ class StyleGAN2Stage:
             step_optimizer(self.opt_d, world)
             logs["loss_d"] = loss_d
 
-        # --- G: softplus(-D(G(z))) (+ the tiny preset's reconstruction term) ---
+        # --- G: softplus(-D(G(z))) (+ the tiny preset's reconstruction term, which trains E_inv too) ---
         G.requires_grad_(True), D.requires_grad_(False)
-        self.opt_g.zero_grad(set_to_none=True)
+        opts = [self.opt_g] + ([self.opt_e] if self.e_inv is not None else [])
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         if self.e_inv is not None:
             self.e_inv.train()
-            self.opt_e.zero_grad(set_to_none=True)
         for mb in micro:
             B = mb["image"].shape[0]
             with autocast():
-                loss_g = mb["image"].new_zeros(())
-                if gan:
-                    fake = G.sample(torch.randn(B, zdim, device=dev), mixing_prob=cfg["mixing"])
-                    loss_g = losses.gan_loss_g(D(fake))
+                loss_g = (losses.gan_loss_g(D(G.sample(torch.randn(B, zdim, device=dev), mixing_prob=cfg["mixing"])))
+                          if gan else mb["image"].new_zeros(()))
                 if self.e_inv is not None:
                     err = (G.synthesis(self.e_inv(mb["image"]), noise_mode="const") - mb["image"]).abs()
                     rec = (err * mb["weight"]).mean() if "weight" in mb else err.mean()  # data.FramePool
@@ -382,11 +289,10 @@ class StyleGAN2Stage:
                 loss_g = loss_g + cfg["pl_weight"] * cfg["pl_every"] * pl + 0 * img[0, 0, 0, 0]
                 logs["pl"], logs["path_length"] = pl, mean_len
             (loss_g / n_acc).backward()
-        step_optimizer(self.opt_g, world)
-        if self.e_inv is not None:
-            step_optimizer(self.opt_e, world)
+        for opt in opts:
+            step_optimizer(opt, world)
         logs["loss_g"] = loss_g
-        # EMA of G with a half-life of ema_kimg thousand images (spec §7)
+        # EMA of G with a half-life of ema_kimg thousand images (StyleGAN2's G_smoothing_kimg = 10, training_loop.py)
         accumulate_ema(self.g_ema, G, 0.5 ** (n_acc * micro[0]["image"].shape[0] * world / (cfg["ema_kimg"] * 1000)))
         return logs
 
@@ -408,22 +314,19 @@ def pair_auc(score, y):
 
 
 class SyncNetStage:
-    """Stage 2. The lip-sync expert on cos(f_a(mel), f_v(lower half of 5 frames)). The paper uses a
-    pre-trained expert; with no weights to download we train our own, with one of two losses:
+    """Stage 2. The lip-sync expert on cos(f_a(mel), f_v(lower half of 5 frames)); the paper uses a pre-trained one,
+    we train our own (same network, L_sync of Eq. 4 uses its cosine either way) with one of two losses:
       expert_loss="bce" (paper preset): Wav2Lip's BCE(cos, y) on in-sync (y=1) / shifted (y=0) pairs;
-      expert_loss="nce" (tiny preset): symmetric InfoNCE over the batch's in-sync pairs (CLIP-style,
-        audio.loss_expert_nce). Measured on the procedural set (2026-11-25): BCE stayed at ln 2 for 1500 steps
-        (cos of ReLU embeddings starts near 1 for every pair, and one shifted negative per positive gives a weak
-        signal), while InfoNCE, with B-1 negatives per positive, separates in-sync from shifted windows of the
-        SAME clip (held-out AUC ~0.8) within 200 steps.
-    Both train the same network and L_sync (Eq. 4) uses its cosine either way."""
-    models, extra_state = ("syncnet",), ()
+      expert_loss="nce" (tiny preset): symmetric InfoNCE over the batch's in-sync pairs (CLIP-style). On the procedural
+        set (2026-11-25) BCE stayed at ln 2 for 1500 steps (cos of ReLU embeddings starts near 1 for every pair; one
+        negative per positive is a weak signal); InfoNCE's B-1 negatives separated in-sync from shifted windows of the
+        SAME clip (held-out AUC ~0.8) within 200 steps."""
+    models, optimizers, extra_state = ("syncnet",), ("opt",), ()
 
     def __init__(self, cfg, device, args):
         self.cfg = cfg
         self.syncnet = audio.SyncNet(**audio.PRESETS[cfg["model"]]).to(device)
         self.opt = torch.optim.Adam(self.syncnet.parameters(), lr=cfg["lr_syncnet"])
-        self.optimizers = {"opt": self.opt}
         if cfg["batch"] < 2:  # BatchNorm normalises over the batch; one sample has no statistics
             raise SystemExit(f"error: the syncnet stage needs --batch >= 2 per process (its BatchNorm layers "
                              f"need two samples), got {cfg['batch']}")
@@ -447,9 +350,8 @@ class SyncNetStage:
             (loss / len(micro)).backward()
             auc.append(pair_auc(cos.detach(), mb["y"]))
         step_optimizer(self.opt, world)
-        # AUC: how often an in-sync pair scores above a shifted one (0.5 = chance); threshold-free,
-        # so it means the same under both losses (NCE does not calibrate cos to P(sync) = 0.5); a batch
-        # whose pairs are all in sync (or all shifted, likely at batch 2) has none: not logged then
+        # AUC: how often an in-sync pair scores above a shifted one (0.5 = chance); threshold-free, so it means the
+        # same under both losses (NCE does not calibrate cos to P(sync)). Not logged for a batch without both kinds.
         auc = torch.stack(auc).nanmean()
         return {"loss_sync_expert": loss, **({"auc": auc} if torch.isfinite(auc) else {})}
 
@@ -476,10 +378,9 @@ def load_stage_models(path, names):
 
 
 class InversionStage:
-    """Stage 3 (Sec. 4.1.2): first the pSp encoder E_inv is trained to invert the frozen G, then
-    HyperStyle is trained on the frozen encoder's codes (inversion.psp_loss / hyperstyle_loss: MSE,
-    plus the identity and perceptual terms when their pre-trained weights are given)."""
-    models, extra_state = ("e_inv", "hyper", "g_ema", "d"), ()
+    """Stage 3 (Sec. 4.1.2): the pSp encoder E_inv learns to invert the frozen G, then HyperStyle trains on its
+    frozen codes (inversion.psp_loss / hyperstyle_loss: MSE, + L_id and L_LPIPS when their weights are given)."""
+    models, optimizers, extra_state = ("e_inv", "hyper", "g_ema", "d"), ("opt_e", "opt_h"), ()
     grid_nrow = 8  # rows: target | pSp | pSp + HyperStyle
 
     def __init__(self, cfg, device, args):
@@ -501,14 +402,12 @@ class InversionStage:
         self.perceptual = (lambda a, b: losses.perceptual_loss(vgg, a, b)) if vgg is not None else None
         self.opt_e, self.opt_h = (torch.optim.Adam(net.parameters(), lr=cfg["lr_inversion"])
                                   for net in (self.e_inv, self.hyper))
-        self.optimizers = {"opt_e": self.opt_e, "opt_h": self.opt_h}
 
     def dataset(self, clips):
         return data.FramePool(clips, self.cfg["frame_pool"], self.cfg["seed"])
 
     def step(self, k, micro, world, autocast):
-        """Steps before hyper_from * max_steps train the pSp encoder alone (HyperStyle's recipe starts
-        from a converged encoder); later steps freeze it and train HyperStyle on its codes."""
+        """pSp alone until hyper_from x max_steps (HyperStyle starts from a converged encoder); then HyperStyle."""
         psp_phase = k < self.cfg["hyper_from"] * self.cfg["max_steps"]
         opt = self.opt_e if psp_phase else self.opt_h
         self.e_inv.train(psp_phase), self.hyper.train(not psp_phase)
@@ -538,13 +437,11 @@ class InversionStage:
 
 # ==== Stage 4: FC-TFG (Sec. 3): E_can, E_m, Temporal Fusion trained with Eq. (3)-(9); the rest fine-tuned ====
 class FCTFGStage:
-    """Stage 4. Per step, on windows of T frames (x_d) with a source frame x_s of the same clip and
-    the audio windows of every frame (x_a):
+    """Stage 4. Per step, on windows of T frames (x_d) with a source frame x_s and every frame's audio window (x_a):
       D step: non-saturating loss on real x_d vs generated x_g (Eq. 8), lazy R1;
       G step: L_total of Eq. (9) = 1 L_ortho + 0.1 L_sync + 0.5 L_id + 1 L1 + 1 L_LPIPS + 0.1 L_GAN.
-    Terms whose pre-trained network is not given (--syncnet, --arcface, --vgg) are left out and said
-    so at start-up: a random ArcFace/VGG would only add noise."""
-    models, extra_state = ("fctfg", "d"), ()
+    Terms whose pre-trained network is not given (--syncnet, --arcface, --vgg) are off, said so at start-up."""
+    models, optimizers, extra_state = ("fctfg", "d"), ("opt_g", "opt_d"), ()
     grid_nrow = 4  # sample grid: one row per kind (see samples)
 
     def __init__(self, cfg, device, args):
@@ -560,8 +457,8 @@ class FCTFGStage:
         # the largest divisor not above --mbstd_group, said when it is smaller (batch 1 of 5-frame windows: group 1)
         n_d = cfg["batch"] * (1 if cfg["disc"] == "video" else cfg["window"])
         group = max(g for g in range(1, min(n_d, cfg["mbstd_group"]) + 1) if n_d % g == 0)
-        self.note = "" if group == min(n_d, cfg["mbstd_group"]) else \
-            f"D's minibatch-stddev group: {group} (divides the {n_d} images per D call; --mbstd_group {cfg['mbstd_group']})"
+        notes = [f"D's minibatch-stddev group: {group} (divides the {n_d} images per D call; "
+                 f"--mbstd_group {cfg['mbstd_group']})"] if group < min(n_d, cfg["mbstd_group"]) else []
         d_cls, d_size = ((fusion.VideoDiscriminator, (p["size"], cfg["window"])) if cfg["disc"] == "video"
                          else (stylegan2.Discriminator, (p["size"],)))
         self.d = d_cls(*d_size, p["channel_multiplier"], p["channels"], stddev_group=group).to(device)
@@ -574,26 +471,21 @@ class FCTFGStage:
                 img_d = stylegan2.Discriminator.from_preset(cfg["model"])
                 img_d.load_state_dict(ck["d"])
                 self.d.init_from_image_discriminator(img_d)
-        # Pre-trained in the paper: G, E_inv (HyperStyle with pSp) and E_a ("a pre-trained audio
-        # encoder introduced in [7]", Sec. 4.1.2); all are fine-tuned unless --freeze_pretrained, which
-        # freezes the ones this stage was given weights for: G, E_inv and HyperStyle from --init. E_a has
-        # no pre-training stage here (Wav2Lip trains its audio encoder with its generator), so it
-        # always trains: a frozen random E_a would hand E_m fixed random audio features.
+        # Pre-trained in the paper and fine-tuned (Sec. 4.1.2): G, E_inv (HyperStyle with pSp) and E_a ([7]'s audio
+        # encoder). --freeze_pretrained freezes those --init gave weights for (G, E_inv, HyperStyle). E_a has no stage
+        # here (Wav2Lip trains it with its generator), so it trains: a frozen random E_a gives E_m fixed random input.
         self.frozen_nets = (([m.G, m.E_inv, m.H] if args.freeze_pretrained else [])
                             + ([m.E_a] if args.freeze_audio else []))
-        for net in self.frozen_nets:  # Sec. 4.1.2 fine-tunes them; the flag is the frozen variant
+        for net in self.frozen_nets:
             net.requires_grad_(False)
         self.syncnet = audio.load_expert(args.syncnet, cfg["model"], device) if args.syncnet else None
         if args.audio_encoder:  # Sec. 4.1.2: "a pre-trained audio encoder introduced in [7]" (Wav2Lip's)
             m.E_a.load_state_dict(audio.load_audio_encoder(args.audio_encoder, cfg["model"]).state_dict())
         self.e_id, self.vgg = load_judges(args, device)
         self.off = [n for n, net in (("sync", self.syncnet), ("id", self.e_id), ("lpips", self.vgg)) if net is None]
-        self.params_g = [p for p in m.parameters() if p.requires_grad]
-        self.opt_g = torch.optim.Adam(self.params_g, lr=cfg["lr_fctfg"])   # Sec. 4.1.2: Adam, 1e-4
+        self.note = "; ".join(notes + [f"loss terms off (no pre-trained weights given): {self.off}"] * bool(self.off))
+        self.opt_g = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=cfg["lr_fctfg"])  # Sec. 4.1.2
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg["lr_fctfg"])
-        self.optimizers = {"opt_g": self.opt_g, "opt_d": self.opt_d}
-        if self.off:
-            self.note = "; ".join(n for n in (self.note, f"loss terms off (no pre-trained weights given): {self.off}") if n)
 
     def dataset(self, clips):
         self.frames_per_sample = self.cfg["window"]
@@ -659,8 +551,7 @@ class FCTFGStage:
             (total / len(micro)).backward()
         step_optimizer(self.opt_g, world)
         self.last = (micro[0], outs[0])  # for samples()
-        # Motion-collapse watch (RESULTS.md): how far the codes move per frame (0 = a static copy of
-        # the source), next to the same for the driving frames' own codes, and the motion code's size.
+        # Motion-collapse watch (RESULTS.md): per-frame motion of z_s->d (0: a static source copy) and of z_d; |z_cd|
         z_sd, z_d, z_cd = (outs[0][n].detach() for n in ("z_sd", "z_d", "z_cd"))
         motion = lambda z: (z[:, 1:] - z[:, :-1]).abs().mean() if z.shape[1] > 1 else z.new_zeros(())
         return {"loss_d": loss_d, **parts, "dw": motion(z_sd), "dw_drv": motion(z_d), "z_cd": z_cd.abs().mean()}
@@ -677,42 +568,55 @@ class FCTFGStage:
 STAGE_CLASSES = dict(zip(STAGES, (StyleGAN2Stage, SyncNetStage, InversionStage, FCTFGStage)))  # --stage -> class
 
 
+# ==== Checkpoints: atomic, weights_only-loadable (tensors, dicts, lists, numbers, strings only) ====
+def rng_state():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "python": repr(random.getstate()),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+    random.setstate(ast.literal_eval(s["python"]))  # stored as its repr, a plain string
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_state(path, stage, args, cfg, step, rank, world):
+    """Write everything --resume needs (atomic): networks, optimisers, extra state, every rank's RNG streams, the
+    preset config and the other flags. Several ranks: also check that the replicas stayed identical (cheap)."""
+    rngs = [rng_state()]
+    if world > 1:  # gather every rank's RNG state so a resumed run continues all of them
+        rngs, sums = [None] * world, [None] * world
+        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(sums, [float(t.double().sum()) for n in stage.models
+                                      for t in getattr(stage, n).state_dict().values() if t.is_floating_point()])
+        if any(s_ != sums[0] for s_ in sums):
+            raise StopTraining(f"ranks diverged at step {step}: parameters or buffers differ between processes")
+        if rank == 0:
+            print(f"checkpoint at step {step}: {world} ranks hold identical parameters and buffers")
+    if rank != 0:
+        return
+    # the other run flags: how the checkpoint was made (infer.py reads run["data"] to flag procedural-only models)
+    run = {k: getattr(args, k) for k in ("data", "init", "freeze_pretrained", "freeze_audio", "syncnet",
+                                         "audio_encoder", "arcface", "vgg", "preset")}
+    stylegan2.save_checkpoint(path, {
+        "stage": args.stage, "step": step, "cfg": dict(cfg), "run": run, "world": world, "rng": rngs,
+        "extra": {n: getattr(stage, n).detach().cpu() for n in stage.extra_state},
+        **{n: {k: v.detach().cpu() for k, v in getattr(stage, n).state_dict().items()} for n in stage.models},
+        **{n: getattr(stage, n).state_dict() for n in stage.optimizers}})
+
+
 # ==== The loop ====================================================================================
 class StopTraining(Exception):
     """Ends the run cleanly with exit status 3 (the message goes to stderr; the last checkpoint stays)."""
 
 
-class Signals:
-    """Catches SIGTERM / SIGINT while training: .signal holds the last one (None before), so the loop
-    can finish its step and save; restore() puts the previous handlers back."""
-
-    def __init__(self):
-        self.signal = None
-        catch = lambda signum, frame: setattr(self, "signal", signum)
-        self.old = {sig: signal.signal(sig, catch) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def restore(self):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-
-def finite_values(logs, step, last, nan=False):
-    """The step's logged terms as floats; a non-finite one stops the run (the last checkpoint stays
-    good). nan=True: the test hook that makes a loss diverge."""
-    vals = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
-    if nan:
-        vals["injected"] = float("nan")
-    bad = [k for k, v in vals.items() if not math.isfinite(v)]
-    if bad:
-        raise StopTraining(f"non-finite loss {bad} at step {step}; last good checkpoint: {last}")
-    return vals
-
-
-# Activation memory (GiB) of a step: a fixed part plus a part per sample (an FC-TFG sample is one window
-# of 5 frames plus its source), measured on a CPU in fp32 on a fine-tuned step with lazy R1 (the peak of
-# the step above weights, gradients and Adam moments: 2.91 GiB at --batch 1, 4.97 at --batch 2;
-# BENCHMARKS.md, "Paper-preset memory"). Used only for the estimate below.
-ACTIVATION_GB = {("paper", "fctfg", 1): (0.85, 2.06)}   # (fixed, per sample)
+# Activation GiB of a step, fixed + per sample (FC-TFG: a 5-frame window and its source), from a fine-tuned fp32 CPU
+# step with lazy R1: 2.91 GiB above weights, grads, Adam at --batch 1, 4.97 at 2 (BENCHMARKS.md, Paper-preset memory)
+ACTIVATION_GB = {("paper", "fctfg", 1): (0.85, 2.06)}   # (model, stage, grad_ckpt) -> (fixed, per sample)
 
 
 def stage_networks(stage):
@@ -721,27 +625,23 @@ def stage_networks(stage):
 
 
 def memory_check(stage, stage_name, cfg, device):
-    """Before the first step: fp32 weights of every network, gradients and Adam's two moments of those
-    that train, plus ACTIVATION_GB's fixed + per-sample x batch where measured, against what the device has free.
-    -> the line to print (with a WARNING when the estimate does not fit)."""
-    params = {id(p): p for net in stage_networks(stage) for p in net.parameters()}
-    n_train = sum(p.numel() for p in params.values() if p.requires_grad)
-    n_all = sum(p.numel() for p in params.values())
+    """Before the first step: fp32 weights of every network, gradients and Adam's two moments of those that train,
+    + ACTIVATION_GB where measured, against the device's free memory -> the line to print (WARNING: won't fit)."""
+    params = {id(p): p for net in stage_networks(stage) for p in net.parameters()}.values()  # shared ones once
+    n_train, n_all = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
     fixed = (4 * n_all + 12 * n_train) / 2 ** 30                  # weights; grads + Adam m, v of trained
     act = ACTIVATION_GB.get((cfg["model"], stage_name, cfg["grad_ckpt"]))
     est = fixed + (act[0] + act[1] * cfg["batch"] if act else 0.0)  # --accum: micro-batches run one at a time
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0] / 2 ** 30
-    else:
-        try:
-            meminfo = dict(l.split(":", 1) for l in Path("/proc/meminfo").read_text().splitlines())
-            free = int(meminfo["MemAvailable"].split()[0]) / 2 ** 20
-        except (OSError, KeyError, ValueError):
-            free = None
+    try:  # free memory: the GPU's, or on a CPU the kernel's MemAvailable (in KiB); None where unknown
+        free = torch.cuda.mem_get_info(device)[0] / 2 ** 30 if device.type == "cuda" else \
+            int(re.search(r"MemAvailable:\s*(\d+)", Path("/proc/meminfo").read_text())[1]) / 2 ** 20
+    except (OSError, TypeError):
+        free = None
+    acts = (f"{act[0]:.2f} + {act[1]:.2f} GiB activations x batch {cfg['batch']}" if act
+            else "activations (not measured for this setting)")
     line = (f"memory estimate: {fixed:.1f} GiB weights, gradients and Adam moments ({n_train / 1e6:.1f} M of "
-            f"{n_all / 1e6:.1f} M parameters train) + "
-            + (f"{act[0]:.2f} + {act[1]:.2f} GiB activations x batch {cfg['batch']}" if act else "activations (not measured for this setting)")
-            + f" = {est:.1f} GiB" + (f"; {free:.1f} GiB available on {device.type}" if free is not None else ""))
+            f"{n_all / 1e6:.1f} M parameters train) + {acts} = {est:.1f} GiB"
+            + (f"; {free:.1f} GiB available on {device.type}" if free is not None else ""))
     if free is not None and est > free:
         line += ("\nWARNING: this will not fit: the run will be killed for memory (CPU) or stop with out of "
                  "memory (GPU). Lower --batch (--accum keeps the effective batch), set --grad_ckpt 1, or "
@@ -757,65 +657,39 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20     # Linux reports KiB
 
 
-def log_step(log_file, step, vals, rate, eta_s, mem_gb):
-    """One line of log.jsonl and of the console: the step's losses, throughput, peak memory and ETA."""
-    print(json.dumps({"step": step, "time": time.time(), "img_per_s": rate, "peak_mem_gb": mem_gb, **vals}),
-          file=log_file, flush=True)
-    print(f"step {step:7d} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
-          + f" | {rate:.1f} img/s | peak mem {mem_gb:.1f} GiB | ETA {eta_s / 60:.1f} min", flush=True)
-
-
-def resume(stage, ck, stage_name, rank, device):
-    """Load a --resume checkpoint into `stage` (networks, optimisers, extra state, this rank's RNG
-    streams). -> the step to continue from."""
-    if ck.get("stage") != stage_name:
-        raise SystemExit(f"error: the --resume checkpoint is a {ck.get('stage')!r} checkpoint, not {stage_name!r}")
-    for name, obj in [(n, getattr(stage, n)) for n in stage.models] + list(stage.optimizers.items()):
-        obj.load_state_dict(ck[name])  # networks, then optimisers
-    for name in stage.extra_state:  # a checkpoint older than a piece of state keeps its fresh value
-        if name in ck["extra"]:
-            setattr(stage, name, ck["extra"][name].to(device))
-    set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
-    return ck["step"]
-
-
-def save_state(path, stage, args, cfg, step, rank, world):
-    """Write everything --resume needs (atomic): networks, optimisers, extra state, every rank's RNG
-    streams, the preset config and the run's other flags. With several ranks, also check that the
-    explicit all-reduce kept the replicas identical (cheap, once per checkpoint)."""
-    rngs = [rng_state()]
-    if world > 1:  # gather every rank's RNG state so a resumed run continues all of them
-        rngs, sums = [None] * world, [None] * world
-        dist.all_gather_object(rngs, rng_state())
-        dist.all_gather_object(sums, [float(t.double().sum()) for n in stage.models
-                                      for t in getattr(stage, n).state_dict().values() if t.is_floating_point()])
-        if any(s_ != sums[0] for s_ in sums):
-            raise StopTraining(f"ranks diverged at step {step}: parameters or buffers differ between processes")
-        if rank == 0:
-            print(f"checkpoint at step {step}: {world} ranks hold identical parameters and buffers")
-    if rank != 0:
-        return
-    # every run flag that is not a preset key, so a checkpoint says how it was made (infer.py reads
-    # run["data"] to warn when a procedural-only model is given a real photo)
-    run = {k: getattr(args, k) for k in ("data", "init", "freeze_pretrained", "freeze_audio", "syncnet",
-                                         "audio_encoder", "arcface", "vgg", "preset")}
-    state = {"stage": args.stage, "step": step, "cfg": dict(cfg), "run": run, "world": world, "rng": rngs,
-             "extra": {n: getattr(stage, n).detach().cpu() for n in stage.extra_state},
-             **{n: {k: v.detach().cpu() for k, v in getattr(stage, n).state_dict().items()} for n in stage.models},
-             **{n: opt.state_dict() for n, opt in stage.optimizers.items()}}
-    stylegan2.save_checkpoint(path, state)
-
-
-def print_start(stage, args, cfg, world, device, start, resumed):
-    """Rank 0's start-up lines: the run, the stage's note, the memory estimate (paper preset or GPU)."""
-    if resumed:
-        print(f"resumed from {Path(args.out) / 'last.pt'} at step {start}")
-    print(f"stage {args.stage} | preset {args.preset} | {world} process(es) on {device} | batch {cfg['batch']} x "
-          f"{cfg['accum']} x {world} | steps {start}..{cfg['max_steps']} | out {Path(args.out)}")
-    if getattr(stage, "note", ""):
-        print(stage.note)
-    if cfg["model"] == "paper" or device.type == "cuda":
-        print(memory_check(stage, args.stage, cfg, device))
+def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
+    """Loss curves of a log.jsonl as one PNG (pillow only): a panel per logged quantity, raw values in grey, a
+    `smooth`-point running mean in colour, y range 1st..99th percentile (a spike does not flatten it). -> the number
+    of panels (0: nothing to plot, no file)"""
+    from PIL import Image, ImageDraw
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    keys = [k for k in (rows[0] if rows else {}) if k not in ("step", "time", "img_per_s", "peak_mem_gb")]
+    if not keys:
+        return 0
+    (W, H), ncol = panel, min(3, len(keys))
+    img = Image.new("RGB", (W * ncol, H * math.ceil(len(keys) / ncol)), "white")
+    draw = ImageDraw.Draw(img)
+    for i, key in enumerate(keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        ox, oy = (i % ncol) * W, (i // ncol) * H
+        draw.rectangle([ox + 40, oy + 18, ox + W - 8, oy + H - 20], outline=(180, 180, 180))
+        if len(pts) < 2:
+            draw.text((ox + 44, oy + 3), f"{key}: {len(pts)} point(s)", fill="black")
+            continue
+        steps, vals = (np.array(c, float) for c in zip(*pts))
+        mean = np.convolve(vals, np.ones(min(smooth, len(vals))) / min(smooth, len(vals)), mode="valid")
+        lo, hi = np.percentile(vals, [1, 99])
+        hi = hi if hi > lo else lo + 1e-8
+        fx = lambda s: ox + 40 + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (W - 48)
+        fy = lambda v: oy + H - 20 - (np.clip(v, lo, hi) - lo) / (hi - lo) * (H - 38)
+        draw.line([(fx(s), fy(v)) for s, v in zip(steps, vals)], fill=(200, 200, 200))
+        draw.line([(fx(s), fy(v)) for s, v in zip(steps[len(steps) - len(mean):], mean)], fill=(20, 90, 200), width=2)
+        draw.text((ox + 44, oy + 3), f"{key}: {mean[0]:.4g} -> {mean[-1]:.4g}", fill="black")
+        for (x, y), label in (((2, 18), f"{hi:.3g}"), ((2, H - 30), f"{lo:.3g}"),          # y range, step range
+                              ((40, H - 16), f"step {int(steps[0])}"), ((W - 70, H - 16), f"{int(steps[-1])}")):
+            draw.text((ox + x, oy + y), label, fill=(90, 90, 90))
+    stylegan2.write_atomic(png_path, lambda tmp: img.save(tmp, format="PNG"))
+    return len(keys)
 
 
 def train(argv=None):
@@ -827,7 +701,7 @@ def train(argv=None):
         print(f"{last} is already at step {ck['step']} (--max_steps {n_steps}): nothing to do")
         return 0  # a finished stage: return before building its dataset
     rank, world, device = setup_distributed(args.device)
-    is_main = rank == 0
+    is_main, use_amp = rank == 0, cfg["amp"] == "bf16" and device.type == "cuda"  # bf16 autocast on GPUs only
     torch.manual_seed(cfg["seed"])  # the same seed everywhere: every rank builds identical networks
     try:
         stage = STAGE_CLASSES[args.stage](cfg, device, args)
@@ -840,14 +714,30 @@ def train(argv=None):
         return 2
     for seed in (torch.manual_seed, np.random.seed, random.seed):  # then per-rank seeds: different noise per shard
         seed(cfg["seed"] + rank)
-    use_amp = cfg["amp"] == "bf16" and device.type == "cuda"  # bf16 autocast on GPUs only
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
-    start = 0 if ck is None else resume(stage, ck, args.stage, rank, device)
+    start = 0
+    if ck is not None:  # --resume: networks, optimisers, extra state, this rank's RNG streams
+        if ck.get("stage") != args.stage:
+            raise SystemExit(f"error: the --resume checkpoint is a {ck.get('stage')!r} checkpoint, not {args.stage!r}")
+        for name in stage.models + stage.optimizers:
+            getattr(stage, name).load_state_dict(ck[name])
+        for name in [n for n in stage.extra_state if n in ck["extra"]]:  # an older checkpoint may lack one
+            setattr(stage, name, ck["extra"][name].to(device))
+        set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+        start = ck["step"]
 
-    stop = Signals()  # SIGTERM / SIGINT: finish the current step, save, exit
+    stop = []  # SIGTERM / SIGINT caught while training: finish the current step, save, exit
+    handlers = {s: signal.signal(s, lambda sig, frame: stop.append(sig)) for s in (signal.SIGTERM, signal.SIGINT)}
     if is_main:
         (out / "samples").mkdir(parents=True, exist_ok=True)
-        print_start(stage, args, cfg, world, device, start, resumed=ck is not None)
+        if ck is not None:
+            print(f"resumed from {last} at step {start}")
+        print(f"stage {args.stage} | preset {args.preset} | {world} process(es) on {device} | batch {cfg['batch']} x "
+              f"{cfg['accum']} x {world} | steps {start}..{n_steps} | out {out}")
+        if getattr(stage, "note", ""):
+            print(stage.note)
+        if cfg["model"] == "paper" or device.type == "cuda":
+            print(memory_check(stage, args.stage, cfg, device))
     log_file = open(out / "log.jsonl", "a") if is_main else None
     t0, n_img = time.time(), 0
     prefetch = data.Prefetch(batches, cfg["accum"], cfg["workers"], n_steps)
@@ -855,39 +745,49 @@ def train(argv=None):
         for step in range(start, n_steps):
             micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_cpu.items()}
                      for batch_cpu in prefetch(step)]
-            if cfg["lr_rampdown"]:
-                set_lr(stage.optimizers.values(), lr_factor(step, n_steps, cfg["lr_rampdown"]))
+            if cfg["lr_rampdown"]:  # base_lr is kept in the param group: it travels with the optimiser (--resume)
+                factor = lr_factor(step, n_steps, cfg["lr_rampdown"])
+                for group in (g for name in stage.optimizers for g in getattr(stage, name).param_groups):
+                    group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
             try:
                 logs = stage.step(step, micro, world, autocast)
                 sync_bn()
             except torch.cuda.OutOfMemoryError:
                 raise StopTraining(f"out of GPU memory at batch {cfg['batch']}: lower --batch and raise "
                                    f"--accum to keep the same effective batch") from None
-            vals = finite_values(logs, step, last, nan=args.inject_nan == step)
+            # a non-finite term stops the run, the last checkpoint stays good (--inject_nan: the tests' NaN)
+            vals = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
+            bad = [k for k, v in vals.items() if not math.isfinite(v)] + ["injected"] * (args.inject_nan == step)
+            if bad:
+                raise StopTraining(f"non-finite loss {bad} at step {step}; last good checkpoint: {last}")
             n_img += cfg["batch"] * cfg["accum"] * world * getattr(stage, "frames_per_sample", 1)
             done = step + 1
-            if is_main and (done % cfg["log_every"] == 0 or done == n_steps):
-                log_step(log_file, done, vals, n_img / (time.time() - t0),
-                         (n_steps - done) * (time.time() - t0) / (done - start), peak_memory_gb(device))
+            if is_main and (done % cfg["log_every"] == 0 or done == n_steps):  # log.jsonl and the console
+                now, mem = time.time(), peak_memory_gb(device)
+                rate, eta = n_img / (now - t0), (n_steps - done) * (now - t0) / (done - start)
+                print(json.dumps({"step": done, "time": now, "img_per_s": rate, "peak_mem_gb": mem, **vals}),
+                      file=log_file, flush=True)
+                print(f"step {done:7d} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+                      + f" | {rate:.1f} img/s | peak mem {mem:.1f} GiB | ETA {eta / 60:.1f} min", flush=True)
             if is_main and cfg["sample_every"] and done % cfg["sample_every"] == 0:
                 stylegan2.save_image_grid(stage.samples(micro[0], cfg["seed"]), out / "samples" / f"{done:07d}.png",
                                           nrow=getattr(stage, "grid_nrow", None))
-            if done % cfg["ckpt_every"] == 0 or done == n_steps or stop.signal:
+            if done % cfg["ckpt_every"] == 0 or done == n_steps or stop:
                 save_state(last, stage, args, cfg, done, rank, world)
-            if stop.signal:
+            if stop:
                 if is_main:
-                    print(f"signal {stop.signal}: saved {last} at step {done}, exiting")
+                    print(f"signal {stop[-1]}: saved {last} at step {done}, exiting")
                 break
+        if is_main:  # every log line was flushed: the file is complete
+            plot_losses(out / "log.jsonl", out / "loss.png")  # the run's loss curves, one PNG
     except StopTraining as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr)
         return 3
-    else:
-        if is_main:  # log_step flushed every line: the file is complete
-            plot_losses(out / "log.jsonl", out / "loss.png")  # the run's loss curves, one PNG
     finally:
         prefetch.close()
-        stop.restore()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
         if log_file:
             log_file.close()
         if world > 1:
