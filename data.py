@@ -1,25 +1,20 @@
-"""data.py: the data layer of FC-TFG: one sample format, video+audio I/O, and the real-video preparation
-for VoxCeleb2 / MEAD (Sec. 4.1.1, Sec. 4.2.3). The procedural talking heads are in procedural.py.
+"""data.py: the data layer of FC-TFG, by section: 1. one sample format (clip_sample) and the procedural set as a
+dataset (SyntheticTalkingFaces: cross-identity ground truth, mouth swaps, feature masks); 2. the one video decoder
+and writer (VideoFrames + read_video, VideoWriter + write_video; PyAV optional; infer.py uses them too), wav I/O;
+3. real clips: the one face tracker (face_track), `python data.py prepare SRC DST`, VideoFolderDataset; 4. the
+batches train.py's stages see, step-indexed for exact resume: Batches, FramePool, ClipWindows, Prefetch; 5. CLI.
 
 Sec. 4.1.1 "VoxCeleb2 ... pre-processing procedure proposed in [51]" (FOMM crop) -> prepare, fomm_enlarge
 Sec. 4.1.1 MEAD frontal views, 5 speakers x 8 emotions x 5 clips             -> mead_clip_list
 Sec. 4.2.3 "first frame of each test video ... reference identity" (PC-AVS)    -> split_reference
 Sec. 4.1.2 "downsample the audio to 16kHz", mel windows per frame              -> audio.py (clip_sample uses it)
-One sample dict for procedural and real clips -> clip_sample; the procedural set as a torch dataset ->
-    SyntheticTalkingFaces (cross-identity ground truth, mouth swaps, feature masks)
-Real clips: the one video decoder, writer and face tracker (VideoFrames + read_video, VideoWriter +
-    write_video, face_track; PyAV optional; infer.py uses them too), read_wav / write_wav (soundfile),
-    `python data.py prepare SRC DST`, VideoFolderDataset.
-What train.py's stages see, step-indexed for exact resume: Batches, FramePool (image stages), ClipWindows
-    (clip stages: windows, the expert's off-sync negatives, FC-TFG's source frame), Prefetch.
-`python data.py bench | preview OUT.mp4`: the procedural renderer's speed, one procedural clip as mp4.
 
 Time base everywhere: 25 fps and 16 kHz mono float32, so frame k <-> samples [640k, 640k + 640).
-Deviations from FOMM's crop_vox.py (say so when comparing numbers): dlib HOG instead of S3FD; one box
-per clip instead of IoU-based chunking (the clip's min IoU to its first box is recorded in the JSON);
-by default a box leaving the frame is shifted/padded instead of rejected (--strict restores FOMM's rule).
-Not here: the mel spectrogram itself and its window convention (audio.py), face landmarks for LMD
-(metrics.py), the procedural world itself (procedural.py), the stages that consume batches (train.py).
+Deviations from FOMM's crop_vox.py (say so when comparing numbers): dlib HOG, not S3FD; one box per clip, not
+IoU-based chunks (its min IoU to the first box is in the JSON); a box leaving the frame is shifted/padded, not
+rejected (--strict: FOMM's rule).
+Not here: the mel spectrogram and its window convention (audio.py), face landmarks for LMD (metrics.py),
+the procedural world (procedural.py), the stages that consume batches (train.py).
 """
 import argparse
 import contextlib
@@ -49,9 +44,8 @@ def to_unit(u8):  # uint8 pixel tensor -> float32 in [-1, 1] (G's range); ClipWi
 
 
 def clip_sample(frames, audio, identity=0, extra=None):
-    """Shared sample format from uint8 frames [T, H, W, 3] and audio float32 [640 T]: frames float32
-    [T, 3, H, W] in [-1, 1] (G's range), audio, mel float32 [T, 1, 80, 16] (audio.mel_windows of the
-    whole clip), identity int, plus the entries of `extra`."""
+    """Shared sample format from uint8 frames [T, H, W, 3] and audio float32 [640 T]: frames float32 [T, 3, H, W]
+    in [-1, 1], audio, mel float32 [T, 1, 80, 16] (audio.mel_windows of the whole clip), identity int, + `extra`."""
     T = len(frames)
     if len(audio) != T * SPF:
         raise ValueError(f"{T} frames need {T * SPF} audio samples, got {len(audio)}")
@@ -62,12 +56,9 @@ def clip_sample(frames, audio, identity=0, extra=None):
 
 
 class SyntheticTalkingFaces(torch.utils.data.Dataset):
-    """Procedural talking heads. Clip i = identity (i // clips_per_identity) of the split, speaking
-    with motion seed (split base + i). Deterministic: the same arguments give the same pixels.
-
-    sample = dict(frames [T,3,H,W] in [-1,1], audio [640T], mel [T,1,80,16], identity int (index in the
-    split), identity_seed, motion_seed, motion float32 [T,12] (MOTION_KEYS)). cross(i, j) gives the
-    ground truth for identity of clip i driven by clip j's motion and audio."""
+    """Procedural talking heads. Clip i = identity (i // clips_per_identity) of the split, speaking with motion
+    seed (split base + i). Deterministic: the same arguments give the same pixels. sample = clip_sample's dict
+    (identity: the index in the split) + identity_seed, motion_seed, motion float32 [T, 12] (MOTION_KEYS)."""
 
     def __init__(self,
                  split="train",          # "train" | "test": disjoint identity AND motion seed ranges
@@ -108,54 +99,42 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
 
     def cross(self, i, j):
         """Identity of clip i, motion + audio of clip j: cross-identity reenactment ground truth."""
-        ident, ms = self.identity(i), self.motion_seed(j)
-
-        def make():
-            motion, audio = procedural.make_motion(ms, self.n_frames)
-            return dict(frames=procedural.render_clip(ident, motion, self.size, self.ss), motion=motion, audio=audio)
-
-        z = self._cached(f"id{ident.seed}_m{ms}", make)
-        return clip_sample(z["frames"], z["audio"], self._check(i) // self.clips_per_identity,
-                           dict(identity_seed=ident.seed, motion_seed=ms, motion=torch.from_numpy(z["motion"])))
+        person, ms = self._check(i) // self.clips_per_identity, self.motion_seed(j)
+        z = self._cached(i, ms, "", lambda ident, motion, audio: dict(
+            frames=procedural.render_clip(ident, motion, self.size, self.ss), motion=motion, audio=audio))
+        return clip_sample(z["frames"], z["audio"], person, dict(
+            identity_seed=self.identity_seeds[person], motion_seed=ms, motion=torch.from_numpy(z["motion"])))
 
     def mouth_of(self, i, j):
-        """Frames of clip i with the mouth (mouth_open, mouth_width) of clip j's motion, or closed when
-        j is None: uint8 [T, H, W, 3] (train.py's --drive_mouth swap / closed: driving frames whose
-        mouth says nothing about the audio)."""
-        ident, ms, donor = self.identity(i), self.motion_seed(i), None if j is None else self.motion_seed(j)
-
-        def make():
-            own = procedural.make_motion(ms, self.n_frames)[0]
-            motion = mouth_swapped(own, np.zeros_like(own) if donor is None else procedural.make_motion(donor, self.n_frames)[0])
-            return dict(frames=procedural.render_clip(ident, motion, self.size, self.ss))
-
-        return self._cached(f"id{ident.seed}_m{ms}_mouth{'closed' if donor is None else donor}", make)["frames"]
+        """Frames of clip i with the mouth (mouth_open, mouth_width) of clip j's motion, or closed when j is None:
+        uint8 [T, H, W, 3] (--drive_mouth swap / closed: driving frames whose mouth says nothing about the audio)."""
+        def make(ident, own, _):
+            mouth = np.zeros_like(own) if j is None else procedural.make_motion(self.motion_seed(j), self.n_frames)[0]
+            return dict(frames=procedural.render_clip(ident, mouth_swapped(own, mouth), self.size, self.ss))
+        tag = "_mouthclosed" if j is None else f"_mouth{self.motion_seed(j)}"
+        return self._cached(i, self.motion_seed(i), tag, make)["frames"]
 
     def feature_masks(self, i):
-        """Where clip i's eyes, brows and mouth are, frame by frame: bool [T, H, W] (render's masks;
-        the per-pixel weight of train.py's --feature_weight)."""
-        ident, ms = self.identity(i), self.motion_seed(i)
-
-        def make():
-            motion = procedural.make_motion(ms, self.n_frames)[0]
+        """Where clip i's eyes, brows and mouth are, frame by frame: bool [T, H, W] (for --feature_weight)."""
+        def make(ident, motion, _):
             masks = [procedural.render(ident, mk, self.size, self.ss, return_masks=True)[1] for mk in motion]
             return dict(masks=np.stack([_features(m) for m in masks]))
+        return self._cached(i, self.motion_seed(i), "_features", make)["masks"]
 
-        return self._cached(f"id{ident.seed}_m{ms}_features", make)["masks"]
-
-    def _cached(self, stem, make):
-        """make() -> dict of arrays, stored once as cache_dir/<stem>_T.._s..npz (the key holds everything
-        the pixels depend on) and read back on later calls; without a cache_dir make() every time."""
+    def _cached(self, i, ms, tag, make):
+        """make(identity of clip i, motion [T, 12], audio of motion seed ms) -> dict of arrays, stored once as
+        cache_dir/id<identity seed>_m<ms><tag>_T.._s..npz (the key holds everything the pixels depend on) and
+        read back by every call, the first too; without a cache_dir make() every time."""
+        ident = self.identity(i)
+        made = lambda: make(ident, *procedural.make_motion(ms, self.n_frames))
         if self.cache_dir is None:
-            return make()
-        path = self.cache_dir / f"{stem}_T{self.n_frames}_s{self.size}x{self.ss or 0}.npz"
-        if path.exists():
-            with np.load(path) as z:
-                return {k: z[k] for k in z.files}
-        out = make()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: np.savez(tmp, **out))
-        return out
+            return made()
+        path = self.cache_dir / f"id{ident.seed}_m{ms}{tag}_T{self.n_frames}_s{self.size}x{self.ss or 0}.npz"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda tmp: np.savez(tmp, **made()))
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
 
 
 def _features(masks):  # the renderer's per-part masks -> bool [H, W]: eyes, brows, mouth (--feature_weight)
@@ -163,8 +142,7 @@ def _features(masks):  # the renderer's per-part masks -> bool [H, W]: eyes, bro
 
 
 def mouth_swapped(motion, donor):
-    """motion [T, 12] with mouth_open / mouth_width taken from `donor` [T, 12] (the FC-TFG stage's
-    driving frames under --drive_mouth swap: their mouth says nothing about the audio)."""
+    """motion [T, 12] with mouth_open / mouth_width taken from `donor` [T, 12] (SyntheticTalkingFaces.mouth_of)."""
     out = np.array(motion, dtype=np.float32, copy=True)
     cols = [procedural.MOTION_KEYS.index("mouth_open"), procedural.MOTION_KEYS.index("mouth_width")]
     out[:, cols] = np.asarray(donor, dtype=np.float32)[:, cols]
@@ -211,18 +189,15 @@ def read_wav(path):
 
 
 class VideoFrames:
-    """A video file decoded lazily, one RGB frame at a time (PyAV): the project's one video decoder
-    (read_video and infer.py read through it), and the one place phone video is turned upright.
-    frames(fps) resamples to a constant rate by timestamps: output frame k = the source frame nearest
-    to k / fps, K = floor(duration x fps) (never index x average_rate, which drifts on variable-rate
-    video); frames() yields every decoded frame. Opening probes the file and decodes its first frame,
-    so a bad file fails here, before anything is written. After opening: src_fps (the stream's average
-    rate, None if unknown), fps (src_fps or 25), duration (s, from the header, or None), shape (of a
-    frame), t0 (the first frame's time in s: the video clock's zero), still (an image file)."""
+    """A video file decoded lazily, one RGB frame at a time (PyAV): the project's one video decoder (read_video
+    and infer.py read through it) and the one place phone video is turned upright. frames(fps) resamples by
+    timestamps (frame k = the source frame nearest to k / fps, K = floor(duration x fps); index x average_rate
+    drifts on variable-rate video); frames() yields every decoded frame. Opening decodes the first frame, so a
+    bad file fails before anything is written. Then: src_fps (average rate or None), fps (src_fps or 25),
+    duration (s, header, or None), shape (of a frame), t0 (first frame's time: the clock's zero), still (image)."""
 
     def __init__(self, path, name="--driving"):   # name: the flag the file came from, opening every error
-        self.av, self.path, self.name = require_av(), str(path), name
-        self.what = f"{name}: " if name else ""
+        self.av, self.path, self.name, self.what = require_av(), str(path), name, f"{name}: " if name else ""
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"{self.what}file not found: {path}")
         with self._open() as c:
@@ -255,8 +230,7 @@ class VideoFrames:
             yield t, (np.ascontiguousarray(np.rot90(img, k=rot)) if rot else img)
 
     def frames(self, fps=None):
-        """Generator of uint8 [H, W, 3] frames: every decoded one (fps=None) or `fps` per second, output
-        frame k = the source frame nearest to k / fps (ties: the earlier one)."""
+        """uint8 [H, W, 3] frames: every decoded one (fps=None), or `fps` per second (nearest; ties: the earlier)."""
         fps = None if fps is None else float(fps)
         step = 1 / (self.src_fps or fps or FPS)              # a source frame lasts this long
         k, safe, pending, prev = 0, 0, [], None              # pending: output frames not yet emitted
@@ -279,40 +253,35 @@ class VideoFrames:
 
 
 def read_video(path, fps=None, sr=None, need_audio=False):
-    """Decode a video file (frames through VideoFrames).  -> (frames uint8 [T, H, W, 3], fps, audio
-    float32 [N] or None, sr). fps=None keeps every decoded frame (fps = the stream's average rate);
-    fps=25 resamples by timestamps (VideoFrames.frames). sr=None keeps the audio's own rate, else
-    resamples to mono at `sr`. Audio is placed on the video clock (t=0 at the first video frame, samples
-    before it dropped); when fps is given it is padded/trimmed to exactly T * sr / fps samples. AAC
-    encoder priming is handled by the mp4 edit list, which FFmpeg honours."""
-    v = VideoFrames(path, name=None)
-    chunks, rate, resampler = [], None, None
+    """Decode a video file (frames through VideoFrames). -> (frames uint8 [T, H, W, 3], fps, audio float32 [N] or
+    None, sr). fps=None keeps every decoded frame (fps = the stream's average rate); fps=25 resamples by timestamps
+    (VideoFrames.frames). sr=None keeps the audio's own rate, else resamples to mono at `sr`. Audio is placed on
+    the video clock (t=0 at the first video frame, samples before it dropped); when fps is given it is padded /
+    trimmed to exactly T * sr / fps samples. The mp4 edit list, which FFmpeg honours, removes AAC priming."""
+    v, chunks, rate = VideoFrames(path, name=None), [], None
     with v._open() as c:
-        for frame in c.decode(c.streams.audio[0]) if c.streams.audio else ():  # the first audio stream
-            if resampler is None:
-                rate, a_start = int(sr or frame.sample_rate), frame.time or 0.0
-                resampler = v.av.AudioResampler(format="fltp", layout="mono", rate=rate)
-            chunks += [f.to_ndarray()[0] for f in resampler.resample(frame)]
-        if resampler is not None:  # flush
-            chunks += [f.to_ndarray()[0] for f in resampler.resample(None)]
+        decoded = list(c.decode(c.streams.audio[0])) if c.streams.audio else []  # the first audio stream
+        if decoded:
+            rate, a_start = int(sr or decoded[0].sample_rate), decoded[0].time or 0.0
+            resample = v.av.AudioResampler(format="fltp", layout="mono", rate=rate).resample
+            chunks = [f.to_ndarray()[0] for frame in decoded + [None] for f in resample(frame)]  # None: the flush
     if need_audio and not chunks:
         raise ValueError(f"{path} has no audio track, but audio is required")
     frames, audio = np.stack(list(v.frames(fps))), None
     if chunks:
-        audio = np.concatenate(chunks).astype(np.float32)
-        off = int(round((a_start - v.t0) * rate))                       # audio start on the video clock
-        audio = np.concatenate([np.zeros(max(off, 0), np.float32), audio[max(-off, 0):]])
+        off = int(round((a_start - v.t0) * rate))    # audio start on the video clock: pad or drop up to t = 0
+        audio = np.concatenate([np.zeros(max(off, 0), np.float32), *chunks], dtype=np.float32)[max(-off, 0):]
         if fps is not None:
             n = int(round(len(frames) * rate / fps))
             audio = np.pad(audio, (0, max(0, n - len(audio))))[:n]
     return frames, v.fps if fps is None else float(fps), audio, rate
 
 
-class VideoWriter:
-    """H.264 yuv420p + AAC mp4, frame by frame (memory bounded): the project's one video writer. Audio
-    goes in 1024-sample AAC frames interleaved with the video, so long clips need no muxer buffering.
-    Written under a temporary name beside `path`: close() renames it (atomic), abort() deletes it; as a
-    context manager it closes on success and aborts on an exception."""
+class VideoWriter(contextlib.AbstractContextManager):  # `with VideoWriter(...) as w`: w is the writer
+    """H.264 yuv420p + AAC mp4, frame by frame (memory bounded): the project's one video writer. Audio goes in
+    1024-sample AAC frames interleaved with the video, so long clips need no muxer buffering. Written under a
+    temporary name beside `path`: close() renames it (atomic), abort() deletes it, whichever comes first wins
+    (infer.py closes inside `with` to time the flush); `with` closes on success and aborts on an exception."""
 
     def __init__(self, path, width, height, fps=FPS, audio=None, sr=SR, metadata=None, crf=18):
         # audio: mono float [N] or None (no audio track); metadata: mp4 tags, e.g. dict(comment=...)
@@ -324,8 +293,8 @@ class VideoWriter:
         self.out = self.av.open(str(self.tmp), mode="w", format="mp4")
         try:
             self.out.metadata.update(metadata or {})
-            self.vs = self.out.add_stream("libx264", rate=self.rate)
-            self.vs.width, self.vs.height, self.vs.pix_fmt, self.vs.options = width, height, "yuv420p", {"crf": str(crf)}
+            self.vs = vs = self.out.add_stream("libx264", rate=self.rate)
+            vs.width, vs.height, vs.pix_fmt, vs.options = width, height, "yuv420p", {"crf": str(crf)}
             self.ast = None if audio is None else self.out.add_stream("aac", rate=self.sr, layout="mono")
         except BaseException:
             self.abort()
@@ -349,14 +318,13 @@ class VideoWriter:
 
     def close(self):
         """Write the remaining audio, flush both encoders and rename the file onto `path` (once)."""
-        if self.done:
-            return
-        self._mux_audio(len(self.audio), rest=True)
-        for st in [s for s in (self.vs, self.ast) if s is not None]:
-            self.out.mux(st.encode(None))
-        self.out.close()
-        os.replace(self.tmp, self.path)
-        self.done = True
+        if not self.done:
+            self._mux_audio(len(self.audio), rest=True)
+            for st in [s for s in (self.vs, self.ast) if s is not None]:
+                self.out.mux(st.encode(None))
+            self.out.close()
+            os.replace(self.tmp, self.path)
+            self.done = True
 
     def abort(self):
         self.done = True
@@ -364,16 +332,12 @@ class VideoWriter:
             self.out.close()
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, error, *_):
         self.abort() if error else self.close()
 
 
 def write_video(path, frames, fps=FPS, audio=None, sr=SR, crf=18):
-    """Write uint8 frames [T, H, W, 3] (H, W even) + optional mono float audio at once: a loop over
-    VideoWriter (H.264 yuv420p + AAC mp4, atomic)."""
+    """Write uint8 frames [T, H, W, 3] (H, W even) + optional mono float audio at once: a loop over VideoWriter."""
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"frames must be uint8 [T, H, W, 3] with T > 0, got {frames.dtype} {frames.shape}")
@@ -426,10 +390,9 @@ def fomm_enlarge(box, increase=0.1):
 
 
 def crop_square(frames, box, size, strict=False):
-    """Crop one square box from every frame and resize to size x size (PIL LANCZOS, anti-aliased).
-    strict=True is FOMM parity: a box leaving the frame -> ValueError. Otherwise the box is shifted
-    inside the frame, and if it is larger than the frame the frame is edge-padded.
-    -> (uint8 [T, size, size, 3], integer box used (l, t, r, b) in source pixels, padded flag)."""
+    """Crop one square box from every frame, resized to size x size (PIL LANCZOS, anti-aliased). strict=True is
+    FOMM parity (a box leaving the frame -> ValueError); else it is shifted inside, the frame edge-padded when
+    the box is larger. -> (uint8 [T, size, size, 3], integer box used (l, t, r, b) in source pixels, padded)."""
     _, H, W, _ = frames.shape
     l, t, r, b = box
     side = int(round(max(r - l, b - t)))
@@ -457,14 +420,12 @@ def detect_faces(img, detector):
 
 
 def face_track(frames, detector, where="the video", every=5, dense=2 * FPS, max_missing=0.25):
-    """The one face tracker (prepare and infer.py). Through any iterable of uint8 [H, W, 3] frames (an
-    array, VideoFrames.frames()) probe frame i when i < dense or i % every == 0 (detect_faces); keep per
-    probe the box with max IoU to the previous pick (the largest at first). The probe rule, every frame
-    of the first 2 s (at 25 fps) then every 5th, needs no length up front, so a stream is tracked in one
-    pass: a clip under 2 s has every frame probed (1 in 5 would leave too few probes), a longer one 1 in
-    5 after a dense opening that seeds the IoU chain (40 detections more than 1 in 5 throughout).
-    -> boxes float [n_found, 4] in source pixels. Raises ValueError naming `where` and its first probed
-    frame without a face when more than `max_missing` of the probed frames have none."""
+    """The one face tracker (prepare and infer.py). Through any iterable of uint8 [H, W, 3] frames (an array,
+    VideoFrames.frames()) probe frame i when i < dense or i % every == 0 (detect_faces); keep per probe the box
+    with max IoU to the previous pick (the largest at first). Every frame of the first 2 s, then every 5th: one
+    pass, no length needed up front, enough probes in a short clip, a dense opening to seed the IoU chain (40
+    detections more than 1 in 5). -> boxes float [n_found, 4] in source pixels; ValueError naming `where` and
+    its first faceless probe when more than `max_missing` of the probes found no face."""
     boxes, missing, prev = [], [], None
     for i, img in enumerate(frames):
         if i < dense or i % every == 0:
@@ -482,13 +443,13 @@ def face_track(frames, detector, where="the video", every=5, dense=2 * FPS, max_
 
 
 def path_info(rel):
-    """Identity (and MEAD emotion/level/view) from a path relative to the source root.
-    VoxCeleb2 .../idNNNNN/<yt id>/NNNNN.mp4 -> idNNNNN; MEAD <actor>/video/<view>/<emotion>/level_n/NNN.mp4
-    -> actor M0xx/W0xx; anything else -> its first folder (or the file stem)."""
+    """Identity (and MEAD emotion/level/view) from a path relative to the source root: VoxCeleb2 .../idNNNNN/<yt
+    id>/NNNNN.mp4 -> idNNNNN; MEAD <actor>/video/<view>/<emotion>/level_n/NNN.mp4 -> actor M0xx/W0xx; anything
+    else -> its first folder (or the file stem)."""
     parts = Path(rel).parts
     info = dict(identity=parts[0] if len(parts) > 1 else Path(rel).stem)
     for i, part in enumerate(parts[:-1]):
-        if (part.startswith("id") and part[2:].isdigit()) or (len(part) == 4 and part[0] in "MW" and part[1:].isdigit()):
+        if (part[:2] == "id" and part[2:].isdigit()) or (len(part) == 4 and part[0] in "MW" and part[1:].isdigit()):
             info["identity"] = part
             if parts[i + 1:i + 2] == ("video",) and len(parts) >= i + 6:   # MEAD layout
                 info.update(view=parts[i + 2], emotion=parts[i + 3], level=parts[i + 4])
@@ -497,20 +458,21 @@ def path_info(rel):
 
 
 def mead_audio_path(src):
-    """MEAD keeps audio apart: <actor>/audio/<emotion>/level_n/NNN.m4a for <actor>/video/<view>/... ."""
+    """MEAD keeps audio apart: <actor>/audio/<emotion>/level_n/NNN.m4a for <actor>/video/<view>/... ; that path
+    if the file is there, else None."""
     p = Path(src).parts
     if len(p) >= 6 and p[-5] == "video":
-        return Path(*p[:-5], "audio", p[-3], p[-2], Path(p[-1]).with_suffix(".m4a").name)
+        side = Path(*p[:-5], "audio", p[-3], p[-2], Path(p[-1]).with_suffix(".m4a").name)
+        return side if side.is_file() else None
     return None
 
 
 def prepare_one(src, dst_stem, size=256, detector=None, min_frames=64, min_face=64, strict=False):
-    """Prepare one video: 25 fps, 16 kHz mono, one FOMM box per clip (union of the detections, enlarged,
-    square), resized; writes dst_stem.mp4 (+AAC), dst_stem.wav (the master audio) and dst_stem.json.
-    A video without an audio track uses MEAD's separate audio file when there is one (both assumed to
-    start at t = 0). Raises ValueError with the reason when the clip must be skipped. -> the JSON record."""
+    """Prepare one video: 25 fps, 16 kHz mono, one FOMM box per clip (union of the detections, enlarged, square),
+    resized; writes dst_stem.mp4 (+AAC) and dst_stem.wav (the master audio). A video without an audio track uses
+    MEAD's separate audio file when there is one (both assumed to start at t = 0). ValueError with the reason
+    when the clip must be skipped. -> the JSON record (prepare writes it as dst_stem.json)."""
     side_audio = mead_audio_path(src)
-    side_audio = side_audio if side_audio is not None and side_audio.is_file() else None
     frames, _, audio, _ = read_video(src, fps=FPS, sr=SR, need_audio=side_audio is None)
     K = len(frames)
     if audio is None and side_audio is not None:
@@ -537,43 +499,39 @@ def prepare_one(src, dst_stem, size=256, detector=None, min_frames=64, min_face=
 
 def prepare(src_dir, dst_dir, size=256, detector=None, min_frames=64, min_face=64, strict=False, log=print,
             glob="**/*"):
-    """Prepare every video under src_dir into dst_dir, mirroring the folder layout (so VoxCeleb2's
-    idNNNNN/<yt id>/NNNNN.mp4 and MEAD's <actor>/video/front/<emotion>/level_n/NNN.mp4 keep their
-    identity in the path). Every file gets a JSON record, ok or skipped with the reason; files that
-    already have one are skipped, so an interrupted run resumes. One bad file never aborts the run.
-    `glob` selects files, e.g. "*/video/front/**/*.mp4" for MEAD's frontal views. -> (n_ok, n_skipped)."""
+    """Prepare every video under src_dir into dst_dir, mirroring the folder layout (VoxCeleb2's and MEAD's keep
+    their identity in the path: path_info). Every file gets a JSON record, ok or skipped with the reason; files
+    that already have one are skipped, so an interrupted run resumes. One bad file never aborts the run. `glob`
+    selects files, e.g. "*/video/front/**/*.mp4" for MEAD's frontal views. -> (n_ok, n_skipped)."""
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     if not src_dir.is_dir():
         raise FileNotFoundError(f"source folder not found: {src_dir}")
     files = sorted(p for p in src_dir.glob(glob) if p.suffix.lower() in VIDEO_EXTS and not p.name.startswith("."))
-    n_ok = n_skip = 0
+    n = dict(ok=0, skipped=0)
     for i, src in enumerate(files):
-        stem = dst_dir / src.relative_to(src_dir).with_suffix("")
+        rel, head, t0 = src.relative_to(src_dir), f"[{i + 1}/{len(files)}] {src}", time.time()
+        stem = dst_dir / rel.with_suffix("")
         if stem.with_suffix(".json").exists():
-            log(f"[{i + 1}/{len(files)}] {src}: done before"); continue
-        t0 = time.time()
+            log(f"{head}: done before"); continue
         try:
-            rec = prepare_one(src, stem, size, detector, min_frames, min_face, strict)
-            rec.update(path_info(src.relative_to(src_dir)))
-            n_ok += 1
-            log(f"[{i + 1}/{len(files)}] {src}: ok, {rec['n_frames']} frames ({time.time() - t0:.1f} s)")
+            rec = prepare_one(src, stem, size, detector, min_frames, min_face, strict) | path_info(rel)
+            log(f"{head}: ok, {rec['n_frames']} frames ({time.time() - t0:.1f} s)")
         except (ValueError, OSError) as e:  # unreadable, no audio, no face, too short, ...
             rec = dict(status="skipped", source=str(src), reason=str(e))
-            n_skip += 1
-            log(f"[{i + 1}/{len(files)}] {src}: SKIPPED ({e})")
+            log(f"{head}: SKIPPED ({e})")
+        n[rec["status"]] += 1
         stem.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(rec, indent=1)))
-    log(f"prepare: {n_ok} ok, {n_skip} skipped, {len(files) - n_ok - n_skip} done before")
-    return n_ok, n_skip
+    log(f"prepare: {n['ok']} ok, {n['skipped']} skipped, {len(files) - sum(n.values())} done before")
+    return n["ok"], n["skipped"]
 
 
 MEAD_EMOTIONS = ("angry", "contempt", "disgusted", "fear", "happy", "neutral", "sad", "surprised")
 
 
 def mead_clip_list(root, n_speakers=5, n_clips=5, seed=0):
-    """The paper's MEAD test set (Sec. 4.1.1): 5 random speakers x 8 emotions x 5 frontal clips.
-    Intensity is unspecified in the paper; we use level_3 (neutral only has level_1). Store the seed.
-    -> sorted list of video paths."""
+    """The paper's MEAD test set (Sec. 4.1.1): 5 random speakers x 8 emotions x 5 frontal clips, at level_3 (the
+    paper leaves intensity unspecified; neutral only has level_1). Store the seed. -> sorted list of video paths."""
     root = Path(root)
     actors = sorted(p.name for p in root.iterdir() if (p / "video" / "front").is_dir()) if root.is_dir() else []
     if len(actors) < n_speakers:
@@ -590,11 +548,11 @@ def mead_clip_list(root, n_speakers=5, n_clips=5, seed=0):
 
 
 class VideoFolderDataset(torch.utils.data.Dataset):
-    """Clips written by `prepare` (JSON status ok + mp4 + wav), in the procedural set's sample format
-    (frames, audio, mel, identity = index of the JSON's `identity` in sorted order; no `motion`: real clips
-    have no motion ground truth). n_frames=None returns whole clips; an int returns a window of that length
-    (a start drawn once per clip from `seed` when random_window, else the first frames). only: the clips to
-    keep (paths with or without suffix, e.g. mead_clip_list(root) for the paper's MEAD test set), all prepared."""
+    """Clips written by `prepare` (JSON status ok + mp4 + wav) in clip_sample's format (identity = index of the JSON's
+    `identity` in sorted order; no `motion`: real clips have no motion ground truth). n_frames=None: whole clips; an
+    int: a window of that length, the first frames or (random_window) from a start drawn from (seed, i), not a global
+    RNG: item i is a pure function of i, as a resumed run, prefetching threads and ClipWindows' cache need. only: the
+    clips to keep, all prepared (paths with or without suffix, e.g. mead_clip_list(root))."""
 
     def __init__(self, root, n_frames=None, random_window=True, only=None, seed=0):
         root = Path(root)
@@ -623,23 +581,19 @@ class VideoFolderDataset(torch.utils.data.Dataset):
             raise ValueError(f"{stem}.wav is {sr} Hz, expected {SR}")
         K = min(len(frames), len(audio) // SPF)   # H.264 keeps all frames; guard anyway
         T = self.n_frames or K
-        # the window of clip i is drawn once from (seed, i), not from a global RNG: item i is a pure function
-        # of i, so a resumed run, prefetching threads and ClipWindows' cache all see the same frames (exact resume)
         s = int(np.random.default_rng((self.seed, i)).integers(0, K - T + 1)) if self.random_window else 0
         return clip_sample(frames[s:s + T], audio[s * SPF:(s + T) * SPF],
-                       self.identities.index(rec["identity"]), dict(path=str(stem), start=s))
+                           self.identities.index(rec["identity"]), dict(path=str(stem), start=s))
 
 
 # ==== 4. Training batches: what train.py's stages see (step-indexed: exact resume, disjoint rank shards) ====
 class Batches:
-    """Indices for (step, micro-batch) come from DistributedSampler's permutation of the epoch, so a
-    resumed run sees exactly the batches an uninterrupted run would, and the ranks' shards of one
-    step together form the same global batch a single process with batch*world would draw."""
+    """Indices for (step, micro-batch) from DistributedSampler's permutation of the epoch: a resumed run sees exactly
+    the batches an uninterrupted run would; one step's rank shards form the batch of one process with batch*world."""
 
     def __init__(self, dataset, batch, rank, world, seed):
         self.ds, self.batch, self.rank, self.world = dataset, batch, rank, world
-        self.sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed,
-                                                           drop_last=True)
+        self.sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=seed, drop_last=True)  # shuffled
         self.per_epoch = max(1, len(self.sampler) // batch)
         self._epoch, self._order = None, None
 
@@ -667,37 +621,33 @@ def feature_weight_map(masks, weight):
 
 
 class FramePool(torch.utils.data.Dataset):
-    """Single frames for the image stages (StyleGAN2, inversion). For the procedural data, item j is
-    frame t_j of clip i_j, rendered on demand (only that frame, not the clip) or, with pool > 0, a fixed
-    pool rendered once: rendering is the CPU bottleneck of the tiny preset. Real data: the middle frame of
-    clip j. feature_weight > 0 (procedural data only): items also carry a per-pixel weight [1, H, W] for
-    the reconstruction loss, 1 + feature_weight on the eyes, brows and mouth (the renderer's masks grown by
-    one pixel), 1 elsewhere: at 64 px those features are a few pixels, and an unweighted L1 erases them."""
+    """Single frames for the image stages (StyleGAN2, inversion). Procedural data: item j is frame t_j of clip i_j,
+    rendered on demand (that frame only) or, with pool > 0, from a pool rendered once (rendering is the tiny preset's
+    CPU bottleneck); feature_weight > 0 adds the L1 weight [1, H, W] on the eyes, brows and mouth (feature_weight_map:
+    at 64 px they are a few pixels, which an unweighted L1 erases). Real data: clip j's middle frame."""
 
     def __init__(self, clips, pool=0, seed=0, feature_weight=0.0):
         self.clips, self.synthetic, self.seed = clips, isinstance(clips, SyntheticTalkingFaces), seed
         self.feature_weight = float(feature_weight) if self.synthetic else 0.0
-        items = [self._render(j) for j in range(pool)] if self.synthetic and pool else None
-        self.frames = None if items is None else {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        self.frames = [self._render(j) for j in range(pool)] if self.synthetic and pool else None  # the pool
 
     def _render(self, j):
         g = np.random.default_rng((self.seed, j))
         i = int(g.integers(len(self.clips)))
         motion, _ = procedural.make_motion(self.clips.motion_seed(i), self.clips.n_frames)
         out = procedural.render(self.clips.identity(i), motion[int(g.integers(len(motion)))], self.clips.size,
-                                return_masks=bool(self.feature_weight))
-        img, masks = out if self.feature_weight else (out, None)
-        item = {"image": to_unit(torch.from_numpy(img).permute(2, 0, 1))}  # [3, H, W] in [-1, 1]
-        if masks is not None:
-            item["weight"] = feature_weight_map(_features(masks), self.feature_weight)        # [1, H, W]
+                                return_masks=bool(self.feature_weight))  # img [H, W, 3], or (img, masks)
+        item = {"image": to_unit(torch.from_numpy(out[0] if self.feature_weight else out).permute(2, 0, 1))}
+        if self.feature_weight:
+            item["weight"] = feature_weight_map(_features(out[1]), self.feature_weight)       # [1, H, W]
         return item
 
     def __len__(self):
-        return len(self.frames["image"]) if self.frames is not None else len(self.clips)
+        return len(self.frames) if self.frames is not None else len(self.clips)
 
     def __getitem__(self, j):
         if self.frames is not None:
-            return {k: v[j] for k, v in self.frames.items()}
+            return self.frames[j]
         if self.synthetic:
             return self._render(j)
         frames = self.clips[j]["frames"]
@@ -706,9 +656,8 @@ class FramePool(torch.utils.data.Dataset):
 
 def make_clip_dataset(cfg, data_arg, split="train", cache_dir=None):
     if data_arg == "synthetic":
-        return SyntheticTalkingFaces(split, n_identities=cfg["n_identities"],
-                                     clips_per_identity=cfg["clips_per_identity"],
-                                     n_frames=cfg["clip_frames"], size=cfg["size"], cache_dir=cache_dir)
+        return SyntheticTalkingFaces(split, cfg["n_identities"], cfg["clips_per_identity"], cfg["clip_frames"],
+                                     cfg["size"], cache_dir=cache_dir)
     root = Path(data_arg)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {data_arg}: no such folder (prepare one with `python data.py prepare`)")
@@ -716,11 +665,10 @@ def make_clip_dataset(cfg, data_arg, split="train", cache_dir=None):
 
 
 class ClipWindows(torch.utils.data.Dataset):
-    """Item j = window of `window` consecutive frames of one clip, with the mel window of each frame.
-    Item j -> clip j // n_starts, first frame j % n_starts, so every window of every clip is an item.
-    With `off_sync`, half of the items (chosen by a seeded RNG per item, so the same item always gets
-    the same pairing) carry the audio of a different window of the same clip: the negatives of the
-    lip-sync expert. Rendered clips are kept in memory as uint8 (`cache` clips at most)."""
+    """Item j = window of `window` consecutive frames of clip j // n_starts from frame j % n_starts (every window
+    of every clip is an item), with each frame's mel window. With `off_sync`, half of the items (a seeded RNG per
+    item: the same item always gets the same pairing) carry the audio of another window of the same clip: the
+    lip-sync expert's negatives. Rendered clips are kept in memory as uint8 (`cache` clips at most)."""
 
     def __init__(self, clips, window, seed=0, off_sync=False, source=False, cache=4096, source_from="clip",
                  drive_mouth="own", feature_weight=0.0):
@@ -736,8 +684,6 @@ class ClipWindows(torch.utils.data.Dataset):
         self.drive_mouth, self.feature_weight = drive_mouth, float(feature_weight)
         if source_from not in ("clip", "identity"):
             raise ValueError(f"source_from must be 'clip' or 'identity', got {source_from!r}")
-        # "identity": x_s from any clip of the same person (needs clips grouped by person, as
-        # SyntheticTalkingFaces numbers them: clip c is person c // clips_per_identity)
         self.per_id = getattr(clips, "clips_per_identity", 1) if source_from == "identity" else 1
         n_frames = getattr(clips, "n_frames", None) or window
         self.n_starts = n_frames - window + 1
@@ -755,10 +701,10 @@ class ClipWindows(torch.utils.data.Dataset):
         item = {"frames": ((s["frames"] + 1) * 127.5).round().to(torch.uint8),  # exact: frames are uint8-rendered
                 "mel": s["mel"], "identity": s["identity"]}
         if self.drive_mouth != "own":
-            # Tiny-scale deviation (RESULTS.md): the driving frames E_m sees get the mouth of another clip
-            # (seeded per clip), the targets keep their own. In self-reenactment x_d's mouth always agrees with
-            # the audio and is far easier to read than the mel, so E_m would take the lips from the video and
-            # ignore x_a; with unrelated mouths in x_d they can only come from the audio, as Fig. 1 asks.
+            # Tiny-scale deviation (RESULTS.md): the driving frames E_m sees get another clip's mouth (seeded per
+            # clip), the targets keep their own. In self-reenactment x_d's mouth always agrees with the audio and is
+            # far easier to read than the mel, so E_m would take the lips from the video and ignore x_a; with
+            # unrelated mouths in x_d they can only come from the audio, as Fig. 1 asks.
             donor = (c + 1 + int(np.random.default_rng((self.seed, 7, c)).integers(n - 1))) % n if n > 1 else c
             donor = None if self.drive_mouth == "closed" else donor
             item["drive"] = torch.from_numpy(self.clips.mouth_of(c, donor)).permute(0, 3, 1, 2).contiguous()
@@ -782,13 +728,13 @@ class ClipWindows(torch.utils.data.Dataset):
             # x_s: a frame of the same person (self-reenactment, Sec. 4.1.1). The paper draws it from the same
             # VoxCeleb video, seconds away from x_d; a 16-frame procedural clip spans 0.64 s, so its frames barely
             # differ and "copy the source" is almost optimal (RESULTS.md's motion collapse). source_from="identity"
-            # takes x_s from any clip of the same person instead: same face, different pose, gaze, blink and mouth.
+            # takes x_s from any clip of the same person instead (clip c is person c // per_id, as
+            # SyntheticTalkingFaces numbers them; real clips: per_id 1): same face, other pose, gaze, blink, mouth.
             src = s if self.per_id == 1 else self.clip(c - c % self.per_id + int(g.integers(self.per_id)))
             out["source"] = to_unit(src["frames"][int(g.integers(len(src["frames"])))])
         if self.off_sync:
-            # Negatives take audio from a window that does not overlap this one (|shift| >= W frames)
-            # when the clip is long enough: overlapping windows share most of their sound, and such
-            # near-duplicates only teach the expert that sync is undecidable.
+            # Negatives take audio from a window that does not overlap this one (|shift| >= W frames) when the clip
+            # is long enough: overlapping windows share most of their sound, and teach only that sync is undecidable.
             far = [u for u in range(self.n_starts) if abs(u - t) >= W] or [u for u in range(self.n_starts) if u != t]
             in_sync = not far or g.random() < 0.5
             t_audio = t if in_sync else far[int(g.integers(len(far)))]
@@ -798,9 +744,8 @@ class ClipWindows(torch.utils.data.Dataset):
 
 
 class Prefetch:
-    """prefetch(k) -> the micro-batches of step k. With workers > 0, background threads assemble
-    (render / decode) step k+1 while step k trains; every batch is a pure function of its index
-    (Batches), so threads change when data is made, never what it is."""
+    """prefetch(k) -> the micro-batches of step k. With workers > 0, threads assemble (render / decode) step k+1
+    while step k trains; a batch is a pure function of its index (Batches): threads change when, never what."""
 
     def __init__(self, data, accum, workers, max_steps):
         self.data, self.accum, self.max_steps = data, accum, max_steps
@@ -821,7 +766,8 @@ class Prefetch:
 
 # ==== 5. Command line =============================================================================
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="FC-TFG data: prepare real videos (Sec. 4.1.1), benchmark or preview the procedural set")
+    ap = argparse.ArgumentParser(description="FC-TFG data: prepare real videos (Sec. 4.1.1), benchmark or preview "
+                                             "the procedural set")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="crop/resample a folder of videos (FOMM-style)")
     p.add_argument("src", help="folder of source videos (VoxCeleb2 / MEAD layout, Sec. 4.1.1)")
