@@ -392,7 +392,7 @@ class InversionStage:
         if args.init:  # stage-1 checkpoint: g_ema is the decoder, its mean w starts the encoder
             ck = load_stage_models(args.init, ["g_ema", "d"])
             self.g.load_state_dict(ck["g_ema"]), self.d.load_state_dict(ck["d"])
-        latent_avg = self.g.mean_latent(4096)[0]  # G is frozen (no graph)
+        latent_avg = self.g.mean_latent(4096)[0]  # G is frozen (no graph); drawn before E_inv's init (RNG order)
         self.e_inv = inversion.PSPEncoder(**p["psp"]).to(device)
         self.e_inv.set_latent_avg(latent_avg)
         if args.init and "e_inv" in ck:  # tiny recipe: the encoder trained jointly with G (recon_weight)
@@ -465,11 +465,9 @@ class FCTFGStage:
         if args.init:  # inversion-stage checkpoint: G (g_ema), D, E_inv, HyperStyle
             ck = load_stage_models(args.init, ["g_ema", "d", "e_inv", "hyper"])
             m.G.load_state_dict(ck["g_ema"]), m.E_inv.load_state_dict(ck["e_inv"]), m.H.load_state_dict(ck["hyper"])
-            if cfg["disc"] == "image":
-                self.d.load_state_dict(ck["d"])
-            else:
-                img_d = stylegan2.Discriminator.from_preset(cfg["model"])
-                img_d.load_state_dict(ck["d"])
+            img_d = self.d if cfg["disc"] == "image" else stylegan2.Discriminator.from_preset(cfg["model"])
+            img_d.load_state_dict(ck["d"])
+            if img_d is not self.d:  # the video D starts from the image D's weights (fusion.VideoDiscriminator)
                 self.d.init_from_image_discriminator(img_d)
         # Pre-trained in the paper and fine-tuned (Sec. 4.1.2): G, E_inv (HyperStyle with pSp) and E_a ([7]'s audio
         # encoder). --freeze_pretrained freezes those --init gave weights for (G, E_inv, HyperStyle). E_a has no stage
@@ -609,6 +607,19 @@ def save_state(path, stage, args, cfg, step, rank, world):
         **{n: getattr(stage, n).state_dict() for n in stage.optimizers}})
 
 
+
+def resume(stage, ck, stage_name, rank, device):
+    """Load a --resume checkpoint into `stage`: networks, optimisers, extra state, this rank's RNG streams.
+    -> the step to continue from."""
+    if ck.get("stage") != stage_name:
+        raise SystemExit(f"error: the --resume checkpoint is a {ck.get('stage')!r} checkpoint, not {stage_name!r}")
+    for name in stage.models + stage.optimizers:
+        getattr(stage, name).load_state_dict(ck[name])
+    for name in [n for n in stage.extra_state if n in ck["extra"]]:  # an older checkpoint may lack one
+        setattr(stage, name, ck["extra"][name].to(device))
+    set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+    return ck["step"]
+
 # ==== The loop ====================================================================================
 class StopTraining(Exception):
     """Ends the run cleanly with exit status 3 (the message goes to stderr; the last checkpoint stays)."""
@@ -655,6 +666,26 @@ def peak_memory_gb(device):
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20     # Linux reports KiB
+
+
+def print_start(stage, args, cfg, world, device, start, resumed):
+    """Rank 0's start-up lines: the run, the stage's note, the memory estimate (paper preset or a GPU)."""
+    if resumed:
+        print(f"resumed from {Path(args.out) / 'last.pt'} at step {start}")
+    print(f"stage {args.stage} | preset {args.preset} | {world} process(es) on {device} | batch {cfg['batch']} x "
+          f"{cfg['accum']} x {world} | steps {start}..{cfg['max_steps']} | out {Path(args.out)}")
+    if getattr(stage, "note", ""):
+        print(stage.note)
+    if cfg["model"] == "paper" or device.type == "cuda":
+        print(memory_check(stage, args.stage, cfg, device))
+
+
+def log_step(log_file, step, vals, rate, eta_s, mem_gb):
+    """One line of log.jsonl and of the console: the step's losses, throughput, peak memory and ETA."""
+    print(json.dumps({"step": step, "time": time.time(), "img_per_s": rate, "peak_mem_gb": mem_gb, **vals}),
+          file=log_file, flush=True)
+    print(f"step {step:7d} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+          + f" | {rate:.1f} img/s | peak mem {mem_gb:.1f} GiB | ETA {eta_s / 60:.1f} min", flush=True)
 
 
 def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
@@ -715,29 +746,13 @@ def train(argv=None):
     for seed in (torch.manual_seed, np.random.seed, random.seed):  # then per-rank seeds: different noise per shard
         seed(cfg["seed"] + rank)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
-    start = 0
-    if ck is not None:  # --resume: networks, optimisers, extra state, this rank's RNG streams
-        if ck.get("stage") != args.stage:
-            raise SystemExit(f"error: the --resume checkpoint is a {ck.get('stage')!r} checkpoint, not {args.stage!r}")
-        for name in stage.models + stage.optimizers:
-            getattr(stage, name).load_state_dict(ck[name])
-        for name in [n for n in stage.extra_state if n in ck["extra"]]:  # an older checkpoint may lack one
-            setattr(stage, name, ck["extra"][name].to(device))
-        set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
-        start = ck["step"]
+    start = 0 if ck is None else resume(stage, ck, args.stage, rank, device)
 
     stop = []  # SIGTERM / SIGINT caught while training: finish the current step, save, exit
     handlers = {s: signal.signal(s, lambda sig, frame: stop.append(sig)) for s in (signal.SIGTERM, signal.SIGINT)}
     if is_main:
         (out / "samples").mkdir(parents=True, exist_ok=True)
-        if ck is not None:
-            print(f"resumed from {last} at step {start}")
-        print(f"stage {args.stage} | preset {args.preset} | {world} process(es) on {device} | batch {cfg['batch']} x "
-              f"{cfg['accum']} x {world} | steps {start}..{n_steps} | out {out}")
-        if getattr(stage, "note", ""):
-            print(stage.note)
-        if cfg["model"] == "paper" or device.type == "cuda":
-            print(memory_check(stage, args.stage, cfg, device))
+        print_start(stage, args, cfg, world, device, start, resumed=ck is not None)
     log_file = open(out / "log.jsonl", "a") if is_main else None
     t0, n_img = time.time(), 0
     prefetch = data.Prefetch(batches, cfg["accum"], cfg["workers"], n_steps)
@@ -762,13 +777,9 @@ def train(argv=None):
                 raise StopTraining(f"non-finite loss {bad} at step {step}; last good checkpoint: {last}")
             n_img += cfg["batch"] * cfg["accum"] * world * getattr(stage, "frames_per_sample", 1)
             done = step + 1
-            if is_main and (done % cfg["log_every"] == 0 or done == n_steps):  # log.jsonl and the console
-                now, mem = time.time(), peak_memory_gb(device)
-                rate, eta = n_img / (now - t0), (n_steps - done) * (now - t0) / (done - start)
-                print(json.dumps({"step": done, "time": now, "img_per_s": rate, "peak_mem_gb": mem, **vals}),
-                      file=log_file, flush=True)
-                print(f"step {done:7d} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
-                      + f" | {rate:.1f} img/s | peak mem {mem:.1f} GiB | ETA {eta / 60:.1f} min", flush=True)
+            if is_main and (done % cfg["log_every"] == 0 or done == n_steps):
+                log_step(log_file, done, vals, n_img / (time.time() - t0),
+                         (n_steps - done) * (time.time() - t0) / (done - start), peak_memory_gb(device))
             if is_main and cfg["sample_every"] and done % cfg["sample_every"] == 0:
                 stylegan2.save_image_grid(stage.samples(micro[0], cfg["seed"]), out / "samples" / f"{done:07d}.png",
                                           nrow=getattr(stage, "grid_nrow", None))
