@@ -1,13 +1,14 @@
 """evaluate.py: the evaluation protocols of Sec. 4.2 and the tables they fill (Table 1, the
 attribute-transfer table), on the metrics of metrics.py.
 
-Sec. 4.2.3 protocol (PC-AVS): frame 0 = identity, the clip's
-          frames drive pose/expression, its audio the lips   -> evaluate_clip, run_model, evaluate (CLI)
+Sec. 4.2.3 protocol (PC-AVS): frame 0 = identity, the clip's frames drive
+          pose/expression, its audio the lips                 -> evaluate_clip, run_model, evaluate (CLI)
 Table 1 layout + the paper's numbers beside ours             -> PAPER_TABLE1, format_table
 Baselines: copy the source frame; G(E_inv(x_d)) (upper bound) -> run_model(method=...)
 Controllability on procedural data (no paper reports it): cross-identity reenactment vs the renderer's
           ground truth, per-attribute errors from a motion probe -> MotionProbe, train_probe, attribute_errors
-          one attribute at a time (the title's "fully controllable") -> attribute_transfer
+          one attribute at a time (the title's "fully controllable") -> attribute_transfer, attribute_pair
+Table 3's flicker at temporal-window borders                  -> flicker
 Fig. 5b / Fig. 6: canonical images of every frame of a clip  -> run_model(canonical=True), canon_* numbers
 
 Run:  python evaluate.py --checkpoint runs/fctfg/last.pt --data synthetic --out eval/ [--syncnet E.pt]
@@ -30,7 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import audio
 import data
+import fusion
 import metrics
 import procedural
 import stylegan2
@@ -44,7 +47,8 @@ import stylegan2
 # from rendered ones, which adds an error it cannot measure on itself.
 PROBE_SIZE = 64                               # frames are resized to this side before the probe
 PROBE_MOUTH = (9, 10, 11, 12)                 # procedural.LANDMARK_NAMES: mouth_l, mouth_r, mouth_top, mouth_bottom
-N_MOTION = 12                                 # procedural.MOTION_KEYS
+N_MOTION = len(procedural.MOTION_KEYS)        # 12
+N_OUT = N_MOTION + 2 * len(PROBE_MOUTH)       # 20 probe outputs
 ATTRIBUTES = {                                # reported attribute: (MOTION_KEYS columns, unit scale, unit)
     "yaw": ((0,), 180 / math.pi, "deg"), "pitch": ((1,), 180 / math.pi, "deg"), "roll": ((2,), 180 / math.pi, "deg"),
     "blink": ((5, 6), 1.0, "0..1"), "gaze": ((7, 8), 1.0, "-1..1"),   # means over both eyes / over x and y
@@ -68,10 +72,9 @@ class MotionProbe(nn.Module):
         for i in range(4):                                                     # 32, 16, 8, 4 px
             layers += [nn.Conv2d(c[i], c[i + 1], 3, stride=2, padding=1), nn.BatchNorm2d(c[i + 1]), nn.LeakyReLU(0.2)]
         self.features = nn.Sequential(*layers)                                 # [B, 4w, 4, 4]
-        self.head = nn.Sequential(nn.Linear(4 * width * 16, hidden), nn.LeakyReLU(0.2),
-                                  nn.Linear(hidden, N_MOTION + 2 * len(PROBE_MOUTH)))
-        self.register_buffer("mean", torch.zeros(N_MOTION + 2 * len(PROBE_MOUTH)))
-        self.register_buffer("std", torch.ones(N_MOTION + 2 * len(PROBE_MOUTH)))
+        self.head = nn.Sequential(nn.Linear(4 * width * 16, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, N_OUT))
+        self.register_buffer("mean", torch.zeros(N_OUT))
+        self.register_buffer("std", torch.ones(N_OUT))
 
     def forward_standardised(self, x):
         if x.ndim != 4 or x.shape[1] != 3:
@@ -92,19 +95,18 @@ def probe_target(ident, motion_row):
 
 def probe_dataset(split, n, seed=0, ss=None):
     """n rendered 64 px frames with labels -> (frames uint8 [n, 3, 64, 64], targets float32 [n, 20]).
-    ss: the renderer's supersampling (None = the renderer's default, 3 at 64 px; training uses 2: ~2x cheaper and,
-    box-averaged like 3, nearly the same picture; the held-out set uses the default). Identities and motion
-    come from procedural.py's own generators (train or test ranges, so the held-out set has unseen people), 8 random
-    rows of each 48-frame motion clip, one person per clip. Blinks are rare in real motion (~0.3/s), so for
-    40 % of the frames the lids are redrawn uniformly (15 % of those one eye only): otherwise the probe could
-    score well by always answering 'open'."""
-    ids = procedural.TRAIN_IDS if split == "train" else procedural.TEST_IDS
-    base = 0 if split == "train" else 1 << 40
-    r = np.random.default_rng((seed, 0 if split == "train" else 1))
+    ss: the renderer's supersampling (None = its default, 3 at 64 px; training uses 2: ~2x cheaper and, box-averaged
+    like 3, nearly the same picture). Identities and motion come from procedural.py's own generators (train or test
+    ranges: the held-out set has unseen people), 8 random rows of each 48-frame motion clip, one person per clip.
+    Blinks are rare in real motion (~0.3/s), so for 40 % of the frames the lids are redrawn uniformly (15 % of
+    those one eye only): otherwise the probe could score well by always answering 'open'."""
+    test = split != "train"
+    ids = procedural.TEST_IDS if test else procedural.TRAIN_IDS
+    r = np.random.default_rng((seed, int(test)))
     frames, targets = [], []
     for k in range(n):
-        if k % 8 == 0:  # 8 frames per (person, clip): the slow parts of rendering (background, speech track) once per clip
-            motion, _ = procedural.make_motion(base + int(r.integers(1 << 30)), 48)
+        if k % 8 == 0:  # 8 frames per (person, clip): the slow parts (background, speech track) once per clip
+            motion, _ = procedural.make_motion(procedural.MOTION_BASE[split] + int(r.integers(1 << 30)), 48)
             ident = procedural.make_identity(ids[int(r.integers(min(len(ids), 100_000)))])
         row = motion[int(r.integers(48))].astype(np.float64)
         if r.random() < 0.4:
@@ -112,7 +114,8 @@ def probe_dataset(split, n, seed=0, ss=None):
             row[5:7] = (b, b) if r.random() > 0.15 else ((b, 0.0) if r.random() < 0.5 else (0.0, b))
         frames.append(procedural.render(ident, row, PROBE_SIZE, ss=ss))
         targets.append(probe_target(ident, row))
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.stack(targets)).float()
+    return (torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous(),
+            torch.from_numpy(np.stack(targets)).float())
 
 
 @torch.no_grad()
@@ -169,8 +172,9 @@ def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr
         if (step + 1) % max(1, steps // 5) == 0:
             log(f"probe: step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
     probe.eval()
-    ck = {"kind": "motion_probe", "width": 32, "hidden": 256, "n_train": n_train, "steps": steps,
-          "state_dict": probe.state_dict(), "heldout": attribute_errors(_probe_frames(probe, xh, 256), yh),
+    ck = {"kind": "motion_probe", "width": probe.features[0].out_channels, "hidden": probe.head[0].out_features,
+          "n_train": n_train, "steps": steps, "state_dict": probe.state_dict(),
+          "heldout": attribute_errors(_probe_frames(probe, xh, 256), yh),
           "heldout_mse": mse(xh, yhz), "train_mse": mse(x[:512], yz[:512]), **mse_init,
           "heldout_mean_predictor": attribute_errors(probe.mean.expand_as(yh), yh)}  # context: 'knows nothing'
     stylegan2.save_checkpoint(out_path, ck)
@@ -182,7 +186,8 @@ def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr
 def load_probe(path, device="cpu"):
     """-> (MotionProbe in eval mode, its held-out error dict)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"motion probe not found: {path} (train one: python evaluate.py --train-probe --out {path})")
+        raise FileNotFoundError(f"motion probe not found: {path} "
+                                f"(train one: python evaluate.py --train-probe --out {path})")
     ck = stylegan2.load_checkpoint(path, "probe checkpoint")
     if not isinstance(ck, dict) or ck.get("kind") != "motion_probe":
         raise ValueError(f"{path}: not a motion-probe checkpoint (written by python evaluate.py --train-probe)")
@@ -220,11 +225,9 @@ def to_255(x):
 def load_model(checkpoint, preset="tiny", window=5, device="cpu", seed=0):
     """'untrained' -> a freshly initialised FCTFG(preset) (seeded) with temporal window `window`;
     otherwise fusion.FCTFG.load(checkpoint). -> (model, cfg)."""
-    import fusion
     if checkpoint == "untrained":
         torch.manual_seed(seed)
-        model = fusion.FCTFG(preset)
-        model.fusion.temporal.window = window or None
+        model = fusion.FCTFG(preset, window=window or None)
         return model.to(device).eval(), dict(model=preset, window=window, hyper_steps=0)
     model, cfg = fusion.FCTFG.load(checkpoint, device)
     return model, dict(cfg)
@@ -232,15 +235,17 @@ def load_model(checkpoint, preset="tiny", window=5, device="cpu", seed=0):
 
 @torch.no_grad()
 def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, canonical=False):
-    """One clip through FC-TFG (fusion.FCTFG.generate) or a baseline built from its parts. x_s [3, H, W], x_d
-    [T, 3, H, W] in [-1, 1], mel [T, 1, 80, 16] -> dict(x_g, canon (or None) [T, 3, H, W], z_sc_spread float or
-    None, ws [T, L, C], window).
+    """One clip through FC-TFG (fusion.FCTFG.generate) or a baseline. x_s [3, H, W], x_d [T, 3, H, W] in [-1, 1],
+    mel [T, 1, 80, 16] -> dict(x_g, canon (or None) [T, 3, H, W], z_sc_spread float or None, ws [T, L, C] or None,
+    window).
       model         Eq. (1)-(2) + temporal fusion, rendered with the source's HyperStyle deltas
       encoder_recon G(E_inv(x_d)) with the same deltas: what the latent route gives when z_s->d is the
                     driving frame's own code, i.e. the upper bound of FC-TFG's reconstruction
-      copy_source   handled by the caller (no network)
+      copy_source   x_s repeated (no network; model may be None)
     canonical=True also renders G(E_can(E_inv(x_d,t))) for every frame t (Fig. 5b: every frame of one video
     taken to canonical space), without deltas (each frame is its own 'source')."""
+    if method == "copy_source":
+        return dict(x_g=x_s[None].expand(x_d.shape[0], -1, -1, -1), canon=None, z_sc_spread=None, ws=None, window=None)
     if method == "model":
         out = model.generate(x_s, x_d, mel, hyper_steps, chunk)
         z_d, ws = out["z_d"], out["z_sd"]
@@ -250,7 +255,7 @@ def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, can
         z_d = ws = model.E_inv(x_d)
         out, spread = dict(x_g=model.render(ws[None], deltas)[0]), None
     else:
-        raise ValueError(f"run_model: method must be 'model' or 'encoder_recon', got {method!r}")
+        raise ValueError(f"run_model: method must be 'model', 'encoder_recon' or 'copy_source', got {method!r}")
     return dict(x_g=out["x_g"], canon=model.canonical(z_d) if canonical else None, z_sc_spread=spread, ws=ws,
                 window=model.fusion.temporal.window)
 
@@ -271,13 +276,12 @@ def flicker(x, window):
     return dict(border=b, inside=i, ratio=b / i if b is not None and i else None)
 
 
-def lse_expert(frames, mel, expert, vshift=metrics.SYNC_VSHIFT):
+def lse_expert(frames, mel, expert):
     """LSE-D / LSE-C with OUR lip-sync expert (audio.SyncNet trained by `train.py --stage syncnet`), scored with
     syncnet_python's offset search (lse_from_embeddings). frames [T, 3, H, W] in [-1, 1], mel [T, 1, 80, 16];
     window i = frames i..i+4 with frame i's mel window (audio.mel_windows' and the expert's own pairing),
     i = 0..T-5. Embeddings are unit vectors (distances in [0, 2]), so the scale differs from SyncNet v2's:
     these numbers rank our own runs and are NOT comparable with the paper's LSE-C."""
-    import audio
     n = expert.n_frames
     if frames.shape[0] < n:
         raise ValueError(f"the sync expert needs at least {n} frames, got {frames.shape[0]}")
@@ -287,7 +291,7 @@ def lse_expert(frames, mel, expert, vshift=metrics.SYNC_VSHIFT):
     face = audio.expert_window(clips.float(), size=expert.face_hw[1],           # [W, 15, H/2, W], in the
                                bgr=getattr(expert, "input_bgr", False))         # expert's colour order
     a = expert.embed_audio(mel[:len(starts)].to(dev).float())                  # [W, C], as embed_face(face)
-    return metrics.lse_from_embeddings(expert.embed_face(face).double(), a.double(), vshift)
+    return metrics.lse_from_embeddings(expert.embed_face(face).double(), a.double())
 
 
 def _mean(xs):
@@ -305,25 +309,23 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
     frames, mel, T = sample["frames"], sample["mel"], sample["frames"].shape[0]
     cross, gt = gt is not None, sample if gt is None else gt
     x_s = frames[0] if x_s is None else x_s
-    if method == "copy_source":
-        out = dict(x_g=x_s[None].expand(T, -1, -1, -1), canon=None, z_sc_spread=None)
-    else:
-        out = run_model(model, x_s, frames, mel, method, tools.get("hyper_steps", 0), tools.get("chunk", 40),
-                        canonical=method == "model")
+    out = run_model(model, x_s, frames, mel, method, tools.get("hyper_steps", 0), tools.get("chunk", 40),
+                    canonical=method == "model")
     scored = slice(0, T) if cross else slice(1, T)
     g255, t255 = to_255(out["x_g"][scored]), to_255(gt["frames"][scored])
     p = metrics.psnr(g255, t255)
-    five_scales = min(g255.shape[-2:]) > (metrics.SSIM_WIN - 1) * 2 ** 4     # MS-SSIM's 5 scales fit
+    five_scales = min(g255.shape[-2:]) > metrics.MS_SSIM_MIN_SIDE     # MS-SSIM's 5 scales fit
     rec = dict(n_frames=T, n_scored=int(g255.shape[0]), ssim=float(metrics.ssim(g255, t255).mean()),
                ms_ssim=float(metrics.ms_ssim(g255, t255).mean()) if five_scales else None,
                psnr=float(p.mean()), n_psnr_inf=int(torch.isinf(p).sum()))
     probe = tools.get("probe")
     if probe is not None:
         pg, pt = _probe_frames(probe, g255), _probe_frames(probe, t255)  # on the frames as saved
-        rec["lmd"] = attribute_errors(pg, pt)["lmd"]  # one detector (the probe) on both sides, as dlib on real video
+        rec["lmd"] = attribute_errors(pg, pt)["lmd"]  # one detector (the probe) on both sides, as dlib on video
         if "motion" in gt:  # procedural: the true parameters are known
             ident = procedural.make_identity(int(gt["identity_seed"]))
-            truth = torch.from_numpy(np.stack([probe_target(ident, m.numpy()) for m in gt["motion"][scored]])).float()
+            rows = [probe_target(ident, m.numpy()) for m in gt["motion"][scored]]
+            truth = torch.from_numpy(np.stack(rows, dtype=np.float32))
             rec["attr"] = attribute_errors(pg, truth)           # generated frames vs truth
             rec["attr_floor"] = attribute_errors(pt, truth)     # the probe on the true frames: its floor here
             rec["lmd_vs_renderer"] = rec["attr"].pop("lmd")     # probe(gen) vs renderer landmarks
@@ -341,7 +343,7 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
         s, r = score(out["x_g"]), score(frames)
         rec.update({f"lse_d_{tag}": s["lse_d"], f"lse_c_{tag}": s["lse_c"], f"lse_offset_{tag}": s["offset"],
                     f"lse_d_{tag}_real": r["lse_d"], f"lse_c_{tag}_real": r["lse_c"]})
-    if out.get("ws") is not None and out.get("window"):   # Table 3: jumps at temporal-window borders
+    if out["ws"] is not None and out["window"]:   # Table 3: jumps at temporal-window borders
         for name, seq in (("px", to_255(out["x_g"])), ("w", out["ws"]), ("px_gt", to_255(gt["frames"]))):
             f = flicker(seq, out["window"])
             rec[f"flicker_{name}_border"], rec[f"flicker_{name}_inside"] = f["border"], f["inside"]
@@ -361,25 +363,26 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
 # ==== Attribute transfer (issue 18): does each controlled attribute move the generated face? ======
 # The paper claims full control: pose, blinks, gaze, brows, lips. Table 1's metrics average over the whole face,
 # where a still copy of the source already scores well, so they cannot show whether a blink transfers. This test
-# changes ONE attribute at a time: person B's driving clip moves only that attribute (silent audio), or, for the
-# lips, B's frames stay neutral and synthesised speech drives the mouth. Source: person A's neutral still; ground
-# truth: the renderer drawing A with the same motion. Score: temporal correlation of generated and ground-truth
-# luminance, pooled over the pixels the attribute moves in the ground truth (each pixel's temporal mean removed
-# first): 1 = the attribute is reproduced, 0 = a still image (copy-source), < 0 = moves the wrong way.
-ATTR_TESTS = procedural.ATTRIBUTE_CLIPS   # the scripted one-attribute clips (procedural.attribute_motion)
-ATTR_PROBE = dict(yaw="yaw", pitch="pitch", blink="blink", gaze="gaze", brow="brow", lips="mouth_open")
-ATTR_SPLITS = procedural.ATTRIBUTE_SPLITS  # people and motions: tune on "tune", report "report"
-ATTR_MOVE_THR = 4.0  # moving pixel: ground-truth luminance std over the clip above this, grey levels (uint8 rounding: ~0.3)
+# changes ONE attribute at a time (procedural.attribute_motion): person B's driving clip moves only that
+# attribute (silent audio), or, for the lips, B's frames stay neutral and synthesised speech drives the mouth.
+# Source: person A's neutral still; ground truth: the renderer drawing A with the same motion. Score: temporal
+# correlation of generated and ground-truth luminance, pooled over the pixels the attribute moves in the ground
+# truth (each pixel's temporal mean removed first): 1 = the attribute is reproduced, 0 = a still image
+# (copy-source), < 0 = moves the wrong way.
+ATTR_PROBE = dict(yaw="yaw", pitch="pitch", blink="blink", gaze="gaze", brow="brow", lips="mouth_open")  # ATTRIBUTES
+ATTR_MOVE_THR = 4.0  # moving pixel: ground-truth luminance std over the clip above this, grey levels (rounding ~0.3)
+ATTR_ROW_LABELS = {"model": "FC-TFG (ours)", "copy_source": "copy source",
+                   "encoder_recon": "G(E_inv(x_d)), the driver's own codes (ceiling)"}
 
 
-def transfer_correlation(gen255, ref255, thr=ATTR_MOVE_THR):
+def transfer_correlation(gen255, ref255):
     """Pooled temporal correlation over the pixels that move in `ref`: [T, 3, H, W] x2 on 0..255 -> (corr,
     n_moving_pixels). Each pixel's temporal mean is removed from both clips, then corr = sum(g' y') /
     sqrt(sum g'^2 sum y'^2) over moving pixels and frames; a clip that does not move (g' = 0 everywhere)
     scores 0, not NaN. None when nothing moves in `ref`."""
     w = torch.tensor(metrics.LUMA, dtype=torch.float64, device=ref255.device).view(1, 3, 1, 1)
     g, y = (gen255.double() * w).sum(1), (ref255.double() * w).sum(1)   # BT.601 luminance [T, H, W]
-    moving = y.std(0, unbiased=False) > thr                             # [H, W]
+    moving = y.std(0, unbiased=False) > ATTR_MOVE_THR                   # [H, W]
     if not moving.any():
         return None, 0
     g, y = g - g[0], y - y[0]           # first frame out first: a still clip then centres to exact zeros
@@ -388,48 +391,55 @@ def transfer_correlation(gen255, ref255, thr=ATTR_MOVE_THR):
     return (float((g * y).sum()) / den if den > 0 else 0.0), int(moving.sum())
 
 
+def attribute_pair(k, split="report", T=32, size=64, n_pairs=2):
+    """The clips of pair k of the attribute table (reproduce.py's attribute sheet draws pair 0): A = test person
+    k of procedural.ATTRIBUTE_SPLITS[split], B = the next one (cyclic over n_pairs), motion seed offset + k.
+    -> (x_s, b_s, clips): A's and B's neutral stills [3, H, W] and, lazily, one (attr, full [T, 12], x_d = B's
+    driving sample, gt = A's frames with `full`, b_full = B's frames with `full`) per attribute."""
+    if split not in procedural.ATTRIBUTE_SPLITS:
+        raise ValueError(f"split must be one of {sorted(procedural.ATTRIBUTE_SPLITS)}, got {split!r}")
+    base = procedural.ATTRIBUTE_SPLITS[split]
+    A, B = (procedural.make_identity(procedural.TEST_IDS[base + i]) for i in (k, (k + 1) % max(n_pairs, 2)))
+
+    def clip(person, motion, audio):  # the renderer's frames of `person` -> a data.py sample
+        return data.clip_sample(procedural.render_clip(person, motion, size), audio)
+    neutral, silence = np.zeros((1, N_MOTION), np.float32), np.zeros(data.SPF, np.float32)
+    x_s, b_s = (clip(p, neutral, silence)["frames"][0] for p in (A, B))
+    motions = ((a, *procedural.attribute_motion(a, base + k, T)) for a in procedural.ATTRIBUTE_CLIPS)
+    return x_s, b_s, ((a, full, clip(B, drive, audio), clip(A, full, audio)["frames"], clip(B, full, audio)["frames"])
+                      for a, drive, full, audio in motions)
+
+
 @torch.no_grad()
-def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hyper_steps=0, attrs=ATTR_TESTS, log=print):
-    """The attribute-transfer table. Pairs (A, B) = test people (k, k+1) from ATTR_SPLITS[split]; rows:
+def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hyper_steps=0):
+    """The attribute-transfer table over pairs attribute_pair(0 .. n_pairs-1); rows:
       model         FC-TFG(x_s = A neutral, x_d = B moving one attribute, x_a) vs A's ground truth
       copy_source   x_s repeated (0 by construction)
       encoder_recon G(E_inv(x_d)), the driver's own codes, with the attribute fully in its frames (lips: B
                     speaking), correlated with those frames: how much of the attribute E_inv + G carry at all
                     (FC-TFG's ceiling); its PSNR is against A's ground truth (the identity test: it draws B)
-    -> {row: {attr: dict(corr, psnr, err)}} means over pairs; err = probe error on the attribute's parameter
-    (procedural.MOTION_KEYS units, degrees for pose) where a probe is given."""
-    if split not in ATTR_SPLITS:
-        raise ValueError(f"split must be one of {sorted(ATTR_SPLITS)}, got {split!r}")
-    size, dev, base = model.G.size, next(model.parameters()).device, ATTR_SPLITS[split]
-    neutral, silence = np.zeros((1, len(procedural.MOTION_KEYS)), np.float32), np.zeros(data.SPF, np.float32)
-
-    def clip(person, motion, audio):  # the renderer's frames of `person` -> a data.py sample
-        return data.clip_sample(procedural.render_clip(person, motion, size), audio)
-    acc = {row: {a: {"corr": [], "psnr": [], "err": []} for a in attrs} for row in ("model", "copy_source", "encoder_recon")}
+    -> {row: {attr: dict(corr, psnr, err, corr_se)}} means over pairs; err = probe error on the attribute's
+    parameter (procedural.MOTION_KEYS units, degrees for pose) where a probe is given."""
+    dev = next(model.parameters()).device
+    acc = {row: {a: {"corr": [], "psnr": [], "err": []} for a in procedural.ATTRIBUTE_CLIPS} for row in ATTR_ROW_LABELS}
     t0 = time.time()
     for k in range(n_pairs):
-        A = procedural.make_identity(procedural.TEST_IDS[base + k])
-        B = procedural.make_identity(procedural.TEST_IDS[base + (k + 1) % max(n_pairs, 2)])
-        x_s, b_s = (clip(p, neutral, silence)["frames"][0] for p in (A, B))
-        for a in attrs:
-            drive, full, audio = procedural.attribute_motion(a, base + k, T)
-            x_d, gt, b_full = clip(B, drive, audio), clip(A, full, audio)["frames"], clip(B, full, audio)["frames"]
-            mel = x_d["mel"].to(dev)
-            gens = {"model": (run_model(model, x_s.to(dev), x_d["frames"].to(dev), mel, "model", hyper_steps)["x_g"], gt),
-                    "copy_source": (x_s[None].expand(T, -1, -1, -1), gt),
-                    "encoder_recon": (run_model(model, b_s.to(dev), b_full.to(dev), mel, "encoder_recon",
-                                                hyper_steps)["x_g"], b_full)}
+        x_s, b_s, clips = attribute_pair(k, split, T, model.G.size, n_pairs)
+        for a, full, x_d, gt, b_full in clips:
             cols, scale, _ = ATTRIBUTES[ATTR_PROBE[a]]   # the probe's reading of this attribute
-            truth = torch.from_numpy(full)[:, list(cols)]
-            for row, (gen, ref) in gens.items():
-                g255, d = to_255(gen.cpu()), acc[row][a]
+            truth, mel = torch.from_numpy(full)[:, list(cols)], x_d["mel"].to(dev)
+            rows = dict(model=(x_s, x_d["frames"], gt), copy_source=(x_s, x_d["frames"], gt),
+                        encoder_recon=(b_s, b_full, b_full))   # (source, driving frames, reference of corr)
+            for row, (src, drv, ref) in rows.items():
+                g255 = to_255(run_model(model, src.to(dev), drv.to(dev), mel, row, hyper_steps)["x_g"].cpu())
+                d = acc[row][a]
                 d["corr"].append(transfer_correlation(g255, to_255(ref))[0])
                 mse = float((g255.double() - to_255(gt).double()).pow(2).mean())  # pooled over the clip:
                 d["psnr"].append(10 * math.log10(255 ** 2 / max(mse, 1e-10)))      # finite for copies
                 if probe is not None:
                     d["err"].append(float((_probe_frames(probe, g255)[:, list(cols)] - truth).abs().mean() * scale))
-        log(f"attributes: pair {k + 1}/{n_pairs} | {time.time() - t0:.0f} s | "
-            f"ETA {(time.time() - t0) / (k + 1) * (n_pairs - k - 1):.0f} s")
+        el = time.time() - t0
+        print(f"attributes: pair {k + 1}/{n_pairs} | {el:.0f} s | ETA {el / (k + 1) * (n_pairs - k - 1):.0f} s")
     return {row: {a: {**{m: _mean(v) for m, v in d.items()}, "corr_se": _se(d["corr"])} for a, d in per.items()}
             for row, per in acc.items()}
 
@@ -440,11 +450,7 @@ def _se(xs):
     return float(np.std(xs, ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else None
 
 
-ATTR_ROW_LABELS = {"model": "FC-TFG (ours)", "copy_source": "copy source",
-                   "encoder_recon": "G(E_inv(x_d)), the driver's own codes (ceiling)"}
-
-
-def format_attribute_table(res, label=None):
+def format_attribute_table(res):
     """Markdown: correlation per attribute (± its standard error over the pairs where there are two or
     more), then the probe's error per attribute, then mean PSNR vs A."""
     attrs = list(next(iter(res.values())))
@@ -452,13 +458,12 @@ def format_attribute_table(res, label=None):
             " | ".join(f"{a} err ({ATTRIBUTES[ATTR_PROBE[a]][2]}) ↓" for a in attrs) + " | PSNR vs A ↑ |")
     lines = ["| method | " + head, "|---|" + "---|" * (2 * len(attrs) + 1)]
     for row, per in res.items():
-        name = label if (row == "model" and label) else ATTR_ROW_LABELS[row]
         psnrs = [per[a]["psnr"] for a in attrs if per[a]["psnr"] is not None]
-        corr = [_cell(per[a]["corr"], "{:.2f}") + (f" ± {per[a]['corr_se']:.2f}" if per[a].get("corr_se") else "")
+        corr = [cell(per[a]["corr"], "{:.2f}") + (f" ± {per[a]['corr_se']:.2f}" if per[a].get("corr_se") else "")
                 for a in attrs]
-        lines.append(f"| {name} | " + " | ".join(corr) + " | " +
-                     " | ".join(_cell(per[a]["err"], "{:.3g}") for a in attrs) +
-                     f" | {_cell(float(np.mean(psnrs)) if psnrs else None, '{:.2f}')} |")
+        lines.append(f"| {ATTR_ROW_LABELS[row]} | " + " | ".join(corr) + " | " +
+                     " | ".join(cell(per[a]["err"], "{:.3g}") for a in attrs) +
+                     f" | {cell(float(np.mean(psnrs)) if psnrs else None, '{:.2f}')} |")
     return "\n".join(lines)
 
 
@@ -496,7 +501,7 @@ def read_done(path):
 
 def summarize(records):
     """Mean over clips of every per-clip number (None where no clip has it)."""
-    keys = [k for k in records[0] if k not in ("clip", "pair", "identity", "attr", "attr_floor", "seconds")] if records else []
+    keys = [k for k in records[0] if k not in ("clip", "pair", "attr", "attr_floor", "seconds")] if records else []
     out = {k: _mean([r.get(k) for r in records]) for k in keys}
     for group in ("attr", "attr_floor"):
         rows = [r[group] for r in records if group in r]
@@ -506,7 +511,8 @@ def summarize(records):
     return out
 
 
-def _cell(v, fmt="{:.3f}"):
+def cell(v, fmt="{:.3f}"):
+    """A table cell: '-' for a missing number (reproduce.py's tables too)."""
     return "-" if v is None else "inf" if v == math.inf else fmt.format(v)
 
 
@@ -516,24 +522,25 @@ def format_table(summary, run, notes):
     sync_c = "lse_c_v2" if s.get("lse_c_v2") is not None else "lse_c_ours"
     sync_d, mark = sync_c.replace("lse_c", "lse_d"), "" if sync_c == "lse_c_v2" else "†"
 
-    def cell(key, fmt="{:.2f}"):
-        return _cell(s.get(key), fmt)
+    def c(key, fmt="{:.2f}"):
+        return cell(s.get(key), fmt)
     if run["protocol"] == "pcavs":
         lines = [f"| Method | SSIM ↑ | MS-SSIM ↑ | PSNR ↑ | LMD ↓ | LSE-C{mark} ↑ | LSE-D{mark} ↓ |",
                  "|---|---|---|---|---|---|---|",
-                 f"| {name} | {cell('ssim', '{:.3f}')} | {cell('ms_ssim', '{:.3f}')} | {cell('psnr')} | "
-                 f"{cell('lmd')} | {cell(sync_c)} | {cell(sync_d)} |"]
+                 f"| {name} | {c('ssim', '{:.3f}')} | {c('ms_ssim', '{:.3f}')} | {c('psnr')} | {c('lmd')} | "
+                 f"{c(sync_c)} | {c(sync_d)} |"]
         if s.get(sync_c + "_real") is not None:
-            lines.append(f"| real frames (sync reference) | | | | | {cell(sync_c + '_real')} | {cell(sync_d + '_real')} |")
+            lines.append(f"| real frames (sync reference) | | | | | {c(sync_c + '_real')} | {c(sync_d + '_real')} |")
         for meth, vals in PAPER_TABLE1.get(run.get("paper_table"), {}).items():
-            lines.append(f"| {meth} [paper, {run['paper_table']}] | " + " | ".join(_cell(v, "{:.2f}") for v in vals) + " | |")
+            lines.append(f"| {meth} [paper, {run['paper_table']}] | " + " | ".join(cell(v, "{:.2f}") for v in vals)
+                         + " | |")
     else:
         def attrs(key):  # one cell per ATTRIBUTES entry of s[key]
-            return " | ".join(_cell((s.get(key) or {}).get(k), "{:.3g}") for k in ATTRIBUTES)
+            return " | ".join(cell((s.get(key) or {}).get(k), "{:.3g}") for k in ATTRIBUTES)
         heads = " | ".join(f"{k} err ({unit}) ↓" for k, (_, _, unit) in ATTRIBUTES.items())
         lines = [f"| Method | SSIM ↑ | PSNR ↑ | {heads} | LMD ↓ | LSE-C{mark} ↑ |",
                  "|---|---|---|" + "---|" * len(ATTRIBUTES) + "---|---|",
-                 f"| {name} | {cell('ssim', '{:.3f}')} | {cell('psnr')} | {attrs('attr')} | {cell('lmd')} | {cell(sync_c)} |"]
+                 f"| {name} | {c('ssim', '{:.3f}')} | {c('psnr')} | {attrs('attr')} | {c('lmd')} | {c(sync_c)} |"]
         if s.get("attr_floor"):
             lines.append(f"| probe on ground truth (its floor) | | | {attrs('attr_floor')} | | |")
         if s.get("canon_var") is not None:
@@ -553,11 +560,12 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="FC-TFG evaluation: Table 1 metrics under the PC-AVS protocol "
                                  "(Sec. 4.2.3), baselines, and controllability on procedural data")
     ap.add_argument("--checkpoint", help="train.py fctfg checkpoint, or 'untrained' (random tiny weights)")
-    ap.add_argument("--data", default="synthetic", help="'synthetic' (procedural test split) or a folder prepared by data.py")
+    ap.add_argument("--data", default="synthetic",
+                    help="'synthetic' (procedural test split) or a folder prepared by data.py")
     ap.add_argument("--protocol", default="pcavs", choices=("pcavs", "cross", "attributes"),
                     help="pcavs: Sec. 4.2.3 (Table 1); cross: cross-identity with the renderer's ground truth; "
                          "attributes: one attribute at a time (issue 18's transfer table, procedural data)")
-    ap.add_argument("--attr_split", default="report", choices=sorted(ATTR_SPLITS),
+    ap.add_argument("--attr_split", default="report", choices=sorted(procedural.ATTRIBUTE_SPLITS),
                     help="--protocol attributes: people and motions to use (tune on 'tune', report 'report')")
     ap.add_argument("--baseline", default=None, choices=("copy_source", "encoder_recon"),
                     help="score a baseline instead of FC-TFG: the source frame copied, or G(E_inv(x_d))")
@@ -578,7 +586,8 @@ def parse_args(argv=None):
     ap.add_argument("--paper_table", default="auto", choices=("auto", "voxceleb2", "mead", "none"),
                     help="Table 1 rows of the paper printed beside ours on real data (auto: from --data / --mead)")
     ap.add_argument("--seed", type=int, default=0, help="seed of an untrained model and of the probe's training")
-    ap.add_argument("--train-probe", dest="train_probe", action="store_true", help="train the motion probe, save to --out")
+    ap.add_argument("--train-probe", dest="train_probe", action="store_true",
+                    help="train the motion probe, save to --out")
     ap.add_argument("--probe_frames", type=int, default=20000, help="--train-probe: rendered training frames")
     ap.add_argument("--probe_steps", type=int, default=1500, help="--train-probe: optimiser steps")
     ap.add_argument("--bench", action="store_true", help="metric throughput vs the oracles")
@@ -603,7 +612,7 @@ def load_tools(args, synthetic, hyper_steps, device):
     each. -> (tools dict for evaluate_clip, notes)."""
     tools, notes = dict(hyper_steps=hyper_steps, chunk=args.chunk), []
     if args.syncnet:
-        import audio  # "paper" below sizes a Wav2Lip lipsync_expert.pth; our checkpoints carry their own preset
+        # "paper" sizes a Wav2Lip lipsync_expert.pth; our checkpoints carry their own preset
         tools["syncnet"] = audio.load_expert(args.syncnet, "paper", device)
         notes.append("† LSE with OUR lip-sync expert (audio.SyncNet from train.py --stage syncnet, unit-norm "
                      "embeddings, syncnet_python's ±15 offset search): not syncnet_python's SyncNet v2, so NOT "
@@ -627,7 +636,8 @@ def load_tools(args, synthetic, hyper_steps, device):
     else:
         try:
             tools["landmarker"] = metrics.DlibLandmarker()
-            notes.append("LMD: dlib 68-point mouth (48-67), RAD-NeRF convention (centred, mean over 20 points, px at 224)")
+            notes.append("LMD: dlib 68-point mouth (48-67), RAD-NeRF convention (centred, mean over 20 points, "
+                         "px at 224)")
         except (ImportError, FileNotFoundError) as e:
             notes.append(f"LMD: '-' ({e})")
     notes.append("SSIM/MS-SSIM/PSNR on uint8-rounded RGB frames (data_range 255, SSIM mean over channels), per "
@@ -666,8 +676,8 @@ def run_clips(args, ds, n, method, model, size, tools, out, device):
                 videos = _save_example(out / "examples" / f"clip{i:04d}.mp4", ex, args.protocol)
             n_frames_done += rec["n_frames"]
             el = time.time() - t0
-            print(f"[{k + 1:4d}/{len(todo)}] clip {i} | ssim {rec['ssim']:.3f} psnr {_cell(rec['psnr'], '{:.2f}')} | "
-                  f"{n_frames_done / el:.1f} frames/s | ETA {el / (k + 1) * (len(todo) - k - 1):.0f} s", flush=True)
+            print(f"[{k + 1:4d}/{len(todo)}] clip {i} | ssim {rec['ssim']:.3f} psnr {cell(rec['psnr'], '{:.2f}')} "
+                  f"| {n_frames_done / el:.1f} frames/s | ETA {el / (k + 1) * (len(todo) - k - 1):.0f} s", flush=True)
     return done
 
 
@@ -697,32 +707,33 @@ def evaluate(args):
     hyper_steps = args.hyper_steps if args.hyper_steps is not None else int(cfg.get("hyper_steps", 0))
     if args.protocol == "attributes":
         return evaluate_attributes(args, model, hyper_steps, device)
-    size = model.G.size if model is not None else int(cfg.get("size", 64))
+    size = model.G.size if model is not None else 64   # copy_source: the procedural frames' side
     synthetic = args.data == "synthetic"
     ds, n = clip_set(args, size)
     tools, notes = load_tools(args, synthetic, hyper_steps, device)
-    auto = "mead" if args.mead or "mead" in args.data.lower() else "voxceleb2"
-    paper = None if synthetic or args.paper_table == "none" else auto if args.paper_table == "auto" else args.paper_table
+    paper = None if synthetic or args.paper_table == "none" else args.paper_table
+    if paper == "auto":
+        paper = "mead" if args.mead or "mead" in args.data.lower() else "voxceleb2"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = dict(protocol=args.protocol, method=method, checkpoint=args.checkpoint, data=args.data,
                clip_frames=args.clip_frames if synthetic else None, size=size, hyper_steps=hyper_steps,
                syncnet=args.syncnet, syncnet_v2=args.syncnet_v2, probe=args.probe, seed=args.seed, mead=args.mead,
                window=(model.fusion.temporal.window if model is not None else None))
-    run_file = out / "run.json"
-    old = json.loads(run_file.read_text()) if run_file.is_file() else None
-    diff = sorted(k for k in run if old is not None and old.get(k) != run[k])
-    if diff:
+    old = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else run
+    if diff := sorted(k for k in run if old.get(k) != run[k]):
         raise ValueError(f"{out} holds clips of a different evaluation (differs in {diff}); use another --out")
-    if old is None:
-        _write_atomic(run_file, json.dumps(run, indent=1))
+    if old is run:
+        _write_atomic(out / "run.json", json.dumps(run, indent=1))
     label = {"model": f"FC-TFG ({'untrained ' + args.preset if args.checkpoint == 'untrained' else 'ours'})",
-             "copy_source": "baseline: copy source frame", "encoder_recon": "baseline: G(E_inv(x_d)) (upper bound)"}[method]
+             "copy_source": "baseline: copy source frame",
+             "encoder_recon": "baseline: G(E_inv(x_d)) (upper bound)"}[method]
     done = run_clips(args, ds, n, method, model, size, tools, out, device)
     records = [done[i] for i in range(n)]
     summary = summarize(records)
     if summary.get("ms_ssim") is None:
-        notes.append(f"MS-SSIM: '-': 5 scales of an 11x11 window need sides > 160 px; frames are {size} px")
+        notes.append(f"MS-SSIM: '-': 5 scales of an {metrics.SSIM_WIN}x{metrics.SSIM_WIN} window need sides > "
+                     f"{metrics.MS_SSIM_MIN_SIDE} px; frames are {size} px")
     run["method_label"], run["paper_table"] = label, paper
     header = (f"FC-TFG evaluation | protocol {args.protocol} | data {args.data} ({n} clips, {size} px) | "
               f"method {label} | checkpoint {args.checkpoint} | hyper_steps {hyper_steps}")
@@ -741,8 +752,8 @@ def evaluate_attributes(args, model, hyper_steps, device):
         raise ValueError("--protocol attributes needs the renderer's ground truth: use --data synthetic")
     probe, held = load_probe(args.probe, device) if args.probe else (None, None)
     res = attribute_transfer(model, args.n_clips, args.attr_split, args.clip_frames, probe, hyper_steps)
-    notes = [f"{args.n_clips} pairs (A, B) of held-out people, split '{args.attr_split}', {args.clip_frames} frames; "
-             f"corr = temporal correlation of luminance with the reference over the pixels that move in it "
+    notes = [f"{args.n_clips} pairs (A, B) of held-out people, split '{args.attr_split}', {args.clip_frames} "
+             f"frames; corr = temporal correlation of luminance with the reference over the pixels that move in it "
              f"(> {ATTR_MOVE_THR} grey levels std): 1 = reproduced, 0 = still",
              "the driver's-own-codes row is correlated with the driver's own frames (B with the attribute; lips: "
              "B speaking) and its PSNR taken against A's ground truth (identity test)"]
@@ -752,7 +763,8 @@ def evaluate_attributes(args, model, hyper_steps, device):
     header = f"FC-TFG attribute transfer | checkpoint {args.checkpoint} | hyper_steps {hyper_steps}"
     run = dict(protocol="attributes", checkpoint=args.checkpoint, split=args.attr_split, n_pairs=args.n_clips,
                clip_frames=args.clip_frames, probe=args.probe, hyper_steps=hyper_steps)
-    write_results(Path(args.out), header, format_attribute_table(res), notes, dict(run=run, attributes=res, notes=notes))
+    write_results(Path(args.out), header, format_attribute_table(res), notes,
+                  dict(run=run, attributes=res, notes=notes))
     return res
 
 
@@ -763,7 +775,7 @@ def _to(sample, device):  # the motion labels stay on the CPU: probe_target read
 def _save_example(path, ex, protocol):
     """Side-by-side mp4 with the driving audio: source (repeated) | driving (cross only) | ground truth |
     generated, uint8 [T, H, n W, 3]. -> whether it was written: False, with one note, when PyAV is missing."""
-    panels = [ex["source"].expand_as(ex["gen"])] + ([ex["driving"]] if protocol == "cross" else []) + [ex["gt"], ex["gen"]]
+    panels = [ex["source"].expand_as(ex["gen"]), *([ex["driving"]] if protocol == "cross" else []), ex["gt"], ex["gen"]]
     video = torch.cat([to_255(p) for p in panels], -1).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ SSIM_WIN = 11          # Gaussian window side (Wang et al. 2004)
 SSIM_SIGMA = 1.5       # its standard deviation in pixels
 SSIM_K1, SSIM_K2 = 0.01, 0.03  # stabilisers: C1 = (K1 L)^2, C2 = (K2 L)^2, L = data_range
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, finest -> coarsest
+MS_SSIM_MIN_SIDE = (SSIM_WIN - 1) * 2 ** 4  # 160: image sides must exceed it for one window at the 5th scale
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B (used when color="luma")
 
 
@@ -55,6 +56,13 @@ def _check_images(x, y, data_range, min_side):
         raise ValueError(f"images are {tuple(x.shape[-2:])} but this metric needs both sides >= {min_side}")
 
 
+def _check_frames(frames):
+    """The video metrics' input check: one [T, 3, H, W] RGB tensor."""
+    if not torch.is_tensor(frames) or frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"frames must be a [T, 3, H, W] RGB tensor, got "
+                         f"{tuple(frames.shape) if torch.is_tensor(frames) else type(frames).__name__}")
+
+
 def _prepare(x, y, color):
     """uint8 -> float32 (exact: every uint8 is a float32), float inputs keep their dtype (float64
     inputs give float64 results). color="mean": every channel scored separately and the scores
@@ -62,8 +70,7 @@ def _prepare(x, y, color):
     0.299 R + 0.587 G + 0.114 B (unrounded; inputs must be RGB, not OpenCV's BGR)."""
     if color not in ("mean", "luma"):
         raise ValueError(f"color must be 'mean' or 'luma', got {color!r}")
-    x = x if x.is_floating_point() else x.to(torch.float32)
-    y = y if y.is_floating_point() else y.to(torch.float32)
+    x, y = (t if t.is_floating_point() else t.to(torch.float32) for t in (x, y))
     if color == "luma":
         if x.shape[1] != 3:
             raise ValueError(f"color='luma' needs 3 RGB channels, got {x.shape[1]}")
@@ -151,8 +158,8 @@ def ms_ssim(x, y, data_range=255.0, color="mean"):
     formed per channel, then channels are averaged. The coarsest scale is ceil(side/16) pixels and
     must hold one 11x11 window, so both sides must be > 160 (224 and 256 are fine, 128 is not)."""
     _check_images(x, y, data_range, 1)
-    if min(x.shape[-2:]) <= (SSIM_WIN - 1) * 2 ** 4:
-        raise ValueError(f"ms_ssim needs both image sides > {(SSIM_WIN - 1) * 2 ** 4} for 5 scales "
+    if min(x.shape[-2:]) <= MS_SSIM_MIN_SIDE:
+        raise ValueError(f"ms_ssim needs both image sides > {MS_SSIM_MIN_SIDE} for 5 scales "
                          f"of an {SSIM_WIN}x{SSIM_WIN} window; got {tuple(x.shape[-2:])} (use ssim instead)")
     x, y = _prepare(x, y, color)
     w = torch.tensor(MS_SSIM_WEIGHTS, dtype=x.dtype, device=x.device)
@@ -191,8 +198,8 @@ SYNC_SIZE = 224        # SyncNet v2 input side in pixels
 SYNC_VSHIFT = 15       # offsets searched: -15..+15 frames (the published evaluation setting)
 
 
-def _mel_filterbank(n_filt, n_fft, sr, dtype, device):
-    """Triangular filters [n_filt, n_fft//2+1] placed like python_speech_features: n_filt+2 edges
+def _mel_filterbank(n_filt, n_fft, sr, device):
+    """Triangular filters [n_filt, n_fft//2+1] (float64) placed like python_speech_features: n_filt+2 edges
     evenly spaced on the HTK mel scale m = 2595 log10(1 + f/700) from 0 Hz to sr/2, each edge
     snapped *down* to an FFT bin b = floor((n_fft+1) f / sr); filter i rises linearly from edge i to
     edge i+1 and falls to edge i+2, peak 1 (no area normalisation)."""
@@ -205,17 +212,17 @@ def _mel_filterbank(n_filt, n_fft, sr, dtype, device):
     # clamp_min(1): when two edges share a bin the matching slope covers no bin, so the value is unused.
     rise = torch.where((k >= lo) & (k < mid), (k - lo) / (mid - lo).clamp_min(1), 0.0)
     fall = torch.where((k >= mid) & (k < hi), (hi - k) / (hi - mid).clamp_min(1), 0.0)
-    return (rise + fall).to(dtype)
+    return rise + fall
 
 
-def _dct2_ortho(n, dtype, device):
-    """Orthonormal DCT-II matrix [n, n]: row k = sqrt(2/n) cos(pi k (2i+1) / 2n), row 0 / sqrt(2)
+def _dct2_ortho(n, device):
+    """Orthonormal DCT-II matrix [n, n] (float64): row k = sqrt(2/n) cos(pi k (2i+1) / 2n), row 0 / sqrt(2)
     (scipy.fft.dct(type=2, norm='ortho') as a matrix)."""
     k = torch.arange(n, dtype=torch.float64, device=device)[:, None]
     i = torch.arange(n, dtype=torch.float64, device=device)[None]
     D = math.sqrt(2 / n) * torch.cos(math.pi * k * (2 * i + 1) / (2 * n))
     D[0] /= math.sqrt(2)
-    return D.to(dtype)
+    return D
 
 
 def mfcc(audio, sample_rate=SYNC_SR):
@@ -246,25 +253,25 @@ def mfcc(audio, sample_rate=SYNC_SR):
     eps = torch.finfo(torch.float64).eps
     energy = power.sum(1)
     energy = torch.where(energy == 0, eps, energy)                           # [T]
-    feat = power @ _mel_filterbank(n_filt, n_fft, sample_rate, torch.float64, x.device).T  # 4. [T, 26]
+    feat = power @ _mel_filterbank(n_filt, n_fft, sample_rate, x.device).T   # 4. [T, 26]
     feat = torch.log(torch.where(feat == 0, eps, feat))
-    cep = feat @ _dct2_ortho(n_filt, torch.float64, x.device)[:n_cep].T     # 5. [T, 13]
+    cep = feat @ _dct2_ortho(n_filt, x.device)[:n_cep].T                     # 5. [T, 13]
     n = torch.arange(n_cep, dtype=torch.float64, device=x.device)
     cep = cep * (1 + lifter / 2 * torch.sin(math.pi * n / lifter))
     cep[:, 0] = torch.log(energy)                                            # 6.
     return cep.T  # [13, T]
 
 
-def _conv_bn_relu(conv, cout, bn):
-    """conv -> BatchNorm -> ReLU: three Sequential entries, so state-dict indices match the
-    published file (conv at i, BN at i+1; ReLU and max-pool have no parameters but take indices)."""
-    return [conv, bn(cout), nn.ReLU(inplace=True)]
+def _cbr(conv):
+    """conv -> BatchNorm (2-D or 3-D, as the conv) -> ReLU: three Sequential entries, so state-dict indices match
+    the published file (conv at i, BN at i+1; ReLU and max-pool have no parameters but take indices)."""
+    bn = nn.BatchNorm3d if isinstance(conv, nn.Conv3d) else nn.BatchNorm2d
+    return [conv, bn(conv.out_channels), nn.ReLU(inplace=True)]
 
 
-def _fc_head(emb_dim):
-    """Linear 512->512, BN1d, ReLU, Linear 512->emb_dim (keys 0, 1, 3)."""
-    return nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-                         nn.Linear(512, emb_dim))
+def _fc_head():
+    """Linear 512->512, BN1d, ReLU, Linear 512->1024 (keys 0, 1, 3)."""
+    return nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Linear(512, 1024))
 
 
 class SyncNetV2(nn.Module):
@@ -275,42 +282,40 @@ class SyncNetV2(nn.Module):
     The Sequential indices are part of the weight file's key names (netcnnaud.18.weight, ...), so
     the layer order below must not change. 13,631,616 parameters, 102 state-dict entries."""
 
-    def __init__(self,
-            emb_dim=1024,  # embedding width (num_layers_in_fc_layers in syncnet_python)
-        ):
+    def __init__(self):
         super().__init__()
-        c2, c3, bn2, bn3 = nn.Conv2d, nn.Conv3d, nn.BatchNorm2d, nn.BatchNorm3d
+        c2, c3, p3 = nn.Conv2d, nn.Conv3d, (0, 1, 1)
         self.netcnnaud = nn.Sequential(                                  # [N, 1, 13, 20]
-            *_conv_bn_relu(c2(1, 64, 3, padding=1), 64, bn2),             # 0-2   13x20
+            *_cbr(c2(1, 64, 3, padding=1)),                               # 0-2   13x20
             nn.MaxPool2d(1, 1),                                           # 3     a no-op kept for the key indices
-            *_conv_bn_relu(c2(64, 192, 3, padding=1), 192, bn2),          # 4-6
+            *_cbr(c2(64, 192, 3, padding=1)),                             # 4-6
             nn.MaxPool2d(3, stride=(1, 2)),                               # 7     11x9
-            *_conv_bn_relu(c2(192, 384, 3, padding=1), 384, bn2),         # 8-10
-            *_conv_bn_relu(c2(384, 256, 3, padding=1), 256, bn2),         # 11-13
-            *_conv_bn_relu(c2(256, 256, 3, padding=1), 256, bn2),         # 14-16
+            *_cbr(c2(192, 384, 3, padding=1)),                            # 8-10
+            *_cbr(c2(384, 256, 3, padding=1)),                            # 11-13
+            *_cbr(c2(256, 256, 3, padding=1)),                            # 14-16
             nn.MaxPool2d(3, stride=2),                                    # 17    5x4
-            *_conv_bn_relu(c2(256, 512, (5, 4)), 512, bn2),               # 18-20 1x1
+            *_cbr(c2(256, 512, (5, 4))),                                  # 18-20 1x1
         )
-        self.netfcaud = _fc_head(emb_dim)
+        self.netfcaud = _fc_head()
         self.netcnnlip = nn.Sequential(                                  # [N, 3, 5, 224, 224]
-            *_conv_bn_relu(c3(3, 96, (5, 7, 7), stride=(1, 2, 2)), 96, bn3),  # 0-2  T 5->1, 109^2
-            nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2)),                        # 3    54^2
-            *_conv_bn_relu(c3(96, 256, (1, 5, 5), stride=(1, 2, 2), padding=(0, 1, 1)), 256, bn3),  # 4-6 26^2
-            nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),     # 7    13^2
-            *_conv_bn_relu(c3(256, 256, (1, 3, 3), padding=(0, 1, 1)), 256, bn3),  # 8-10
-            *_conv_bn_relu(c3(256, 256, (1, 3, 3), padding=(0, 1, 1)), 256, bn3),  # 11-13
-            *_conv_bn_relu(c3(256, 256, (1, 3, 3), padding=(0, 1, 1)), 256, bn3),  # 14-16
-            nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2)),                        # 17   6^2
-            *_conv_bn_relu(c3(256, 512, (1, 6, 6)), 512, bn3),                # 18-20 1^2
+            *_cbr(c3(3, 96, (5, 7, 7), stride=(1, 2, 2))),                # 0-2   T 5->1, 109^2
+            nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2)),                    # 3     54^2
+            *_cbr(c3(96, 256, (1, 5, 5), stride=(1, 2, 2), padding=p3)),  # 4-6   26^2
+            nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=p3),        # 7     13^2
+            *_cbr(c3(256, 256, (1, 3, 3), padding=p3)),                   # 8-10
+            *_cbr(c3(256, 256, (1, 3, 3), padding=p3)),                   # 11-13
+            *_cbr(c3(256, 256, (1, 3, 3), padding=p3)),                   # 14-16
+            nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2)),                    # 17    6^2
+            *_cbr(c3(256, 512, (1, 6, 6))),                               # 18-20 1^2
         )
-        self.netfclip = _fc_head(emb_dim)
+        self.netfclip = _fc_head()
 
     def embed_audio(self, mfcc_win):
-        """[N, 1, 13, 20] MFCC windows -> [N, emb_dim] (raw, not normalised)."""
+        """[N, 1, 13, 20] MFCC windows -> [N, 1024] (raw, not normalised)."""
         return self.netfcaud(self.netcnnaud(mfcc_win).flatten(1))  # conv output [N, 512, 1, 1]
 
     def embed_lips(self, clip):
-        """[N, 3, 5, 224, 224] BGR 0..255 -> [N, emb_dim] (raw, not normalised)."""
+        """[N, 3, 5, 224, 224] BGR 0..255 -> [N, 1024] (raw, not normalised)."""
         return self.netfclip(self.netcnnlip(clip).flatten(1))      # conv output [N, 512, 1, 1, 1]
 
 
@@ -357,9 +362,7 @@ def _audio_to_int16_scale(audio):
     a = torch.as_tensor(audio)
     if a.ndim != 1:
         raise ValueError(f"audio must be mono [N] (downmix stereo by the channel mean first), got {tuple(a.shape)}")
-    if a.is_floating_point():
-        return a.to(torch.float64) * 32768.0
-    return a.to(torch.float64)
+    return a.to(torch.float64) * (32768.0 if a.is_floating_point() else 1.0)
 
 
 def sync_scores(frames, audio, syncnet, sample_rate=SYNC_SR, vshift=SYNC_VSHIFT, batch_size=32):
@@ -378,9 +381,7 @@ def sync_scores(frames, audio, syncnet, sample_rate=SYNC_SR, vshift=SYNC_VSHIFT,
     if sample_rate != SYNC_SR:
         raise ValueError(f"SyncNet v2 needs {SYNC_SR} Hz audio, got {sample_rate} Hz: resample first "
                          "(e.g. scipy.signal.resample_poly)")
-    if not torch.is_tensor(frames) or frames.ndim != 4 or frames.shape[1] != 3:
-        raise ValueError(f"frames must be a [T, 3, H, W] RGB tensor, got "
-                         f"{tuple(frames.shape) if torch.is_tensor(frames) else type(frames).__name__}")
+    _check_frames(frames)
     if frames.is_floating_point() and float(frames.min()) < -1e-3:
         raise ValueError("frames contain negative values: SyncNet v2 expects 0..255 (map [-1,1] with (x+1)*127.5)")
     audio = _audio_to_int16_scale(audio)
@@ -432,12 +433,10 @@ def lmd_from_landmarks(lm_gen, lm_gt):
     normalisation; units are pixels of whatever frame the landmarks come from (lmd uses 224)."""
     lm_gen, lm_gt = torch.as_tensor(lm_gen, dtype=torch.float64), torch.as_tensor(lm_gt, dtype=torch.float64)
     if lm_gen.shape != lm_gt.shape or lm_gen.ndim != 3 or lm_gen.shape[1:] not in ((20, 2), (68, 2)):
-        raise ValueError(f"landmarks must be equal [T, 20 or 68, 2], got {tuple(lm_gen.shape)} and {tuple(lm_gt.shape)}")
-    if lm_gen.shape[1] == 68:
-        lm_gen, lm_gt = lm_gen[:, MOUTH], lm_gt[:, MOUTH]
-    c_gen = lm_gen - lm_gen.mean(1, keepdim=True)  # [T, 20, 2], centred on the mouth centroid
-    c_gt = lm_gt - lm_gt.mean(1, keepdim=True)
-    return (c_gen - c_gt).norm(dim=-1).mean(-1)   # [T]; NaN propagates from missing frames
+        raise ValueError(f"landmarks must be equal [T, 20 or 68, 2], got {tuple(lm_gen.shape)} and "
+                         f"{tuple(lm_gt.shape)}")
+    mouth = MOUTH if lm_gen.shape[1] == 68 else slice(None)
+    return lmd_points(lm_gen[:, mouth], lm_gt[:, mouth])
 
 
 def lmd_points(lm_gen, lm_gt):
@@ -447,9 +446,9 @@ def lmd_points(lm_gen, lm_gt):
     lm_gen, lm_gt = torch.as_tensor(lm_gen, dtype=torch.float64), torch.as_tensor(lm_gt, dtype=torch.float64)
     if lm_gen.shape != lm_gt.shape or lm_gen.ndim != 3 or lm_gen.shape[-1] != 2:
         raise ValueError(f"landmarks must be equal [T, P, 2], got {tuple(lm_gen.shape)} and {tuple(lm_gt.shape)}")
-    c_gen = lm_gen - lm_gen.mean(1, keepdim=True)
+    c_gen = lm_gen - lm_gen.mean(1, keepdim=True)  # [T, P, 2], each set centred on its own centroid
     c_gt = lm_gt - lm_gt.mean(1, keepdim=True)
-    return (c_gen - c_gt).norm(dim=-1).mean(-1)
+    return (c_gen - c_gt).norm(dim=-1).mean(-1)   # [T]; NaN propagates from missing frames
 
 
 class DlibLandmarker:
@@ -497,9 +496,7 @@ def mouth_landmarks(frames, landmarker=None):
         if _LANDMARKER is None:
             _LANDMARKER = DlibLandmarker()
         landmarker = _LANDMARKER
-    if not torch.is_tensor(frames) or frames.ndim != 4 or frames.shape[1] != 3:
-        raise ValueError(f"frames must be a [T, 3, H, W] RGB tensor, got "
-                         f"{tuple(frames.shape) if torch.is_tensor(frames) else type(frames).__name__}")
+    _check_frames(frames)
     w = torch.tensor(LUMA, dtype=torch.float64).view(1, 3, 1, 1)
     gray = (frames.detach().cpu().to(torch.float64) * w).sum(1).round().clamp(0, 255).to(torch.uint8)
     out = np.full((frames.shape[0], 20, 2), np.nan)
@@ -510,10 +507,10 @@ def mouth_landmarks(frames, landmarker=None):
     return torch.from_numpy(out)
 
 
-def lmd(frames_gen, frames_gt, landmarker=None, eval_size=LMD_SIZE):
+def lmd(frames_gen, frames_gt, landmarker=None):
     """LMD of one video pair: [T, 3, H, W] x2 (RGB, 0..255) -> dict.
 
-    Landmarks are detected on each frame at its own resolution, then scaled to eval_size x eval_size
+    Landmarks are detected on each frame at its own resolution, then scaled to LMD_SIZE x LMD_SIZE
     pixels (224: the PC-AVS / VoxCeleb2 crop size) so numbers do not depend on the render size.
     lmd = mean of lmd_from_landmarks over the frames where *both* sides have a face; frames without
     one are not silently dropped but counted: n_missing_gen / n_missing_gt / n_used of n_frames
@@ -521,7 +518,7 @@ def lmd(frames_gen, frames_gt, landmarker=None, eval_size=LMD_SIZE):
     if not torch.is_tensor(frames_gen) or not torch.is_tensor(frames_gt) or frames_gen.shape != frames_gt.shape:
         raise ValueError("frames_gen and frames_gt must be tensors of the same [T, 3, H, W] shape")
     H, W = frames_gen.shape[-2:]
-    scale = torch.tensor([eval_size / W, eval_size / H], dtype=torch.float64)  # (x, y)
+    scale = torch.tensor([LMD_SIZE / W, LMD_SIZE / H], dtype=torch.float64)  # (x, y)
     lm_gen = mouth_landmarks(frames_gen, landmarker) * scale
     lm_gt = mouth_landmarks(frames_gt, landmarker) * scale
     per_frame = lmd_from_landmarks(lm_gen, lm_gt)  # [T]
@@ -554,44 +551,41 @@ def bench_metrics(n=16, size=224, device="cpu"):
     if device == "cpu":
         torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    base = F.avg_pool2d(torch.rand(n, 3, size + 8, size + 8, generator=g), 9, stride=1) * 255  # smooth
-    x = base.to(torch.float32)
+    x = F.avg_pool2d(torch.rand(n, 3, size + 8, size + 8, generator=g), 9, stride=1) * 255  # smooth images
     y = (x + 12 * torch.randn(x.shape, generator=g)).clamp(0, 255)
     xd, yd = x.to(device), y.to(device)
-    sync = lambda: torch.cuda.synchronize() if device != "cpu" else None
-    rows = [("ssim (ours, float32)", _rate(lambda: (ssim(xd, yd), sync()), n)),
-            ("ms_ssim (ours, float32)", _rate(lambda: (ms_ssim(xd, yd), sync()), n)),
-            ("psnr (ours, float64)", _rate(lambda: (psnr(xd, yd), sync()), n))]
-    xn, yn = x.permute(0, 2, 3, 1).numpy().astype(np.float64), y.permute(0, 2, 3, 1).numpy().astype(np.float64)
-    rows.append(("psnr (numpy float64)", _rate(lambda: [10 * np.log10(255 ** 2 / np.mean((a - b) ** 2))
-                                                        for a, b in zip(xn, yn)], n)))
-    try:
-        from skimage.metrics import structural_similarity
-        rows.append(("ssim (scikit-image, per frame)", _rate(lambda: [structural_similarity(
-            a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255,
-            channel_axis=2) for a, b in zip(xn, yn)], n, repeat=1)))
-    except ImportError:
-        rows.append(("ssim (scikit-image)", None))
-    try:
-        import pytorch_msssim
-        rows.append(("ssim (pytorch-msssim)", _rate(lambda: pytorch_msssim.ssim(x, y, data_range=255, size_average=False), n)))
-        rows.append(("ms_ssim (pytorch-msssim)", _rate(lambda: pytorch_msssim.ms_ssim(x, y, data_range=255, size_average=False), n)))
-    except ImportError:
-        rows.append(("pytorch-msssim", None))
+    xn, yn = (t.permute(0, 2, 3, 1).numpy().astype(np.float64) for t in (x, y))
     sec = 10  # seconds of audio
     wav = (torch.randn(sec * SYNC_SR, generator=g) * 3000).round()
-    rows.append(("mfcc (ours), video frames/s", _rate(lambda: mfcc(wav.to(device)), sec * SYNC_FPS)))
-    try:
-        import python_speech_features
-        wn = wav.numpy().astype(np.int16)
-        rows.append(("mfcc (python_speech_features)", _rate(lambda: python_speech_features.mfcc(wn, SYNC_SR), sec * SYNC_FPS)))
-    except ImportError:
-        rows.append(("mfcc (python_speech_features)", None))
-    net = SyncNetV2().to(device).eval()  # random weights: the speed does not depend on them
-    T = 12
+    wn = wav.numpy().astype(np.int16)
+    T = 12    # frames of the SyncNet clip
     frames = (torch.rand(T, 3, SYNC_SIZE, SYNC_SIZE, generator=g) * 255).to(device)
     audio = torch.randn(T * SYNC_SR // SYNC_FPS, generator=g) * 0.1
-    rows.append(("sync_scores (ours, SyncNet v2, random w)", _rate(lambda: sync_scores(frames, audio, net), T, repeat=1)))
+    net = SyncNetV2().to(device).eval()  # random weights: the speed does not depend on them
+    sync = lambda: torch.cuda.synchronize() if device != "cpu" else None
+
+    def oracle(name, module, fn, items=n, repeat=3):  # an optional package's row: None when not installed
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            return name, None
+        return name, _rate(lambda: fn(mod), items, repeat)
+    rows = [("ssim (ours, float32)", _rate(lambda: (ssim(xd, yd), sync()), n)),
+            ("ms_ssim (ours, float32)", _rate(lambda: (ms_ssim(xd, yd), sync()), n)),
+            ("psnr (ours, float64)", _rate(lambda: (psnr(xd, yd), sync()), n)),
+            ("psnr (numpy float64)", _rate(lambda: [10 * np.log10(255 ** 2 / np.mean((a - b) ** 2))
+                                                    for a, b in zip(xn, yn)], n)),
+            oracle("ssim (scikit-image, per frame)", "skimage.metrics", lambda sk: [sk.structural_similarity(
+                a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255,
+                channel_axis=2) for a, b in zip(xn, yn)], repeat=1),
+            oracle("ssim (pytorch-msssim)", "pytorch_msssim",
+                   lambda m: m.ssim(x, y, data_range=255, size_average=False)),
+            oracle("ms_ssim (pytorch-msssim)", "pytorch_msssim",
+                   lambda m: m.ms_ssim(x, y, data_range=255, size_average=False)),
+            ("mfcc (ours), video frames/s", _rate(lambda: mfcc(wav.to(device)), sec * SYNC_FPS)),
+            oracle("mfcc (python_speech_features)", "python_speech_features",
+                   lambda psf: psf.mfcc(wn, SYNC_SR), sec * SYNC_FPS),
+            ("sync_scores (ours, SyncNet v2, random w)", _rate(lambda: sync_scores(frames, audio, net), T, repeat=1))]
     print(f"metric throughput, {n} frames {size}x{size} RGB, device {device}, {torch.get_num_threads()} threads")
     for name, r in rows:
         print(f"  {name:44s} " + ("not installed" if r is None else f"{r:10.1f} frames/s"))

@@ -35,10 +35,10 @@ MOTION_KEYS = (               # columns of a motion array [T, 12]; 0 everywhere 
 )
 TRAIN_IDS = range(0, 1_000_000)            # identity seeds of the training split
 TEST_IDS = range(1_000_000, 1_100_000)     # disjoint identity seeds of the test split
+_COL = {k: i for i, k in enumerate(MOTION_KEYS)}  # column of each motion key
 MOTION_BASE = {"train": 0, "test": 1 << 40}  # motion seeds are disjoint as well
-_TAG_IDENTITY, _TAG_MOTION, _TAG_SPEECH = 101, 202, 303  # separate RNG streams per purpose
+_TAG_IDENTITY, _TAG_MOTION, _TAG_SPEECH, _TAG_ATTRIBUTE = 101, 202, 303, 404  # one RNG stream per purpose
 BLINK_RATE = 1.0              # blinks per second in make_motion
-_TAG_ATTRIBUTE = 404          # RNG stream of the scripted attribute clips
 
 
 # ==== 1. Identity: everything fixed for one synthetic person ======================================
@@ -150,8 +150,7 @@ def speech_track(seed, n_frames):
         F[:, j] = np.interp(t, centres, targets[:, j])  # glides between nuclei, flat at the ends
     F[:, 3:] = UPPER_FORMANTS[voice]
     f0 = r.uniform(*F0_RANGE[voice]) * decl * (1 + 0.01 * r.standard_normal(n))  # declination, ~1 % jitter
-    f1 = [v[0] for v in table.values()]
-    f2 = [v[1] for v in table.values()]
+    f1, f2 = ([v[j] for v in table.values()] for j in (0, 1))
     return dict(t=t, env=env, F=F, f0=f0, burst=burst, voice=voice,
                 f1_range=(min(f1), max(f1)), f2_range=(min(f2), max(f2)))
 
@@ -221,6 +220,14 @@ def synth_audio(track, n_frames, seed=0):
     return np.clip(0.3 * out, -1, 1).astype(np.float32)          # env 1 -> RMS 0.3
 
 
+def _speak(motion, seed):
+    """Fill the mouth columns of `motion` [T, 12] in place from speech track `seed` -> its audio [640 T]."""
+    T = len(motion)
+    track = speech_track(int(seed), T)
+    motion[:, _COL["mouth_open"]], motion[:, _COL["mouth_width"]] = mouth_from_track(track, T)
+    return synth_audio(track, T, int(seed))
+
+
 def _smooth_noise(r, T, sigma, scale):
     """Smooth random trajectory: white noise low-passed by a Gaussian (sigma frames), std `scale`.
 
@@ -244,10 +251,9 @@ def make_motion(seed, n_frames):
     T = int(n_frames)
     r = np.random.default_rng((_TAG_MOTION, int(seed)))
     m = np.zeros((T, len(MOTION_KEYS)), dtype=np.float64)
-    col = {k: i for i, k in enumerate(MOTION_KEYS)}
     for key, sigma, scale in [("yaw", 10, 0.25), ("pitch", 10, 0.12), ("roll", 12, 0.08),
                               ("tx", 14, 0.04), ("ty", 14, 0.03)]:
-        m[:, col[key]] = _smooth_noise(r, T, sigma, scale)
+        m[:, _COL[key]] = _smooth_noise(r, T, sigma, scale)
     # Blinks: Poisson events (~1 per second, more often than people blink: each attribute must be
     # seen often in 16-frame training clips), each a 5-7 frame close-open profile; 15 % are winks.
     blink = np.zeros((T, 2))
@@ -258,18 +264,17 @@ def make_motion(seed, n_frames):
         seg = slice(start, min(T, start + L))
         for e in eyes:
             blink[seg, e] = np.maximum(blink[seg, e], prof[: seg.stop - seg.start])
-    m[:, col["blink_l"]], m[:, col["blink_r"]] = blink[:, 0], blink[:, 1]
+    m[:, _COL["blink_l"]], m[:, _COL["blink_r"]] = blink[:, 0], blink[:, 1]
     # Gaze: fixations held 0.3-1.2 s, joined by fast (2-frame) saccades over most of the eye.
     gz = np.zeros((T, 2)); k = 0
     while k < T:
         gz[k:] = r.uniform(-0.9, 0.9, 2); k += int(r.integers(8, 30))
-    m[:, col["gaze_x"]] = gaussian_filter1d(gz[:, 0], 1.0, mode="nearest")
-    m[:, col["gaze_y"]] = gaussian_filter1d(gz[:, 1], 1.0, mode="nearest") * 0.8
+    m[:, _COL["gaze_x"]] = gaussian_filter1d(gz[:, 0], 1.0, mode="nearest")
+    m[:, _COL["gaze_y"]] = gaussian_filter1d(gz[:, 1], 1.0, mode="nearest") * 0.8
     # Brows: a slow raise/lower over the whole 0..1 range
-    m[:, col["brow"]] = np.clip(0.4 + _smooth_noise(r, T, 8, 0.35), 0, 1)
-    track = speech_track(seed, T)
-    m[:, col["mouth_open"]], m[:, col["mouth_width"]] = mouth_from_track(track, T)
-    return m.astype(np.float32), synth_audio(track, T, seed)
+    m[:, _COL["brow"]] = np.clip(0.4 + _smooth_noise(r, T, 8, 0.35), 0, 1)
+    audio = _speak(m, seed)
+    return m.astype(np.float32), audio
 
 
 # Scripted clips that move ONE attribute each (evaluate.py's attribute-transfer table, infer.py's demo)
@@ -287,33 +292,29 @@ def attribute_motion(attr, seed, T=32):
     if attr not in ATTRIBUTE_CLIPS:
         raise ValueError(f"attribute must be one of {ATTRIBUTE_CLIPS}, got {attr!r}")
     r = np.random.default_rng((_TAG_ATTRIBUTE, ATTRIBUTE_CLIPS.index(attr), int(seed)))
-    col = {k: i for i, k in enumerate(MOTION_KEYS)}
     t = np.arange(T) / T
     full = np.zeros((T, len(MOTION_KEYS)))
     audio = np.zeros(T * SPF, np.float32)                               # silence
     phase = r.uniform(0, 2 * np.pi)
     if attr in ("yaw", "pitch"):                                        # head turns / nods back and forth
-        full[:, col[attr]] = (0.3 if attr == "yaw" else 0.15) * np.sin(2 * np.pi * 1.5 * t + phase)
+        full[:, _COL[attr]] = (0.3 if attr == "yaw" else 0.15) * np.sin(2 * np.pi * 1.5 * t + phase)
     elif attr == "blink":                                               # 3 blinks of both eyes (fewer
         L = min(6, T)                                                   # in a short clip)
         starts = np.arange(T - L + 1)[1::7][:4] if T > L else np.zeros(1, int)
         for start in r.choice(starts, min(3, len(starts)), replace=False):
             prof = np.sin(np.pi * (np.arange(L) + 0.5) / L) ** 0.7
-            full[start:start + L, col["blink_l"]] = full[start:start + L, col["blink_r"]] = prof
+            full[start:start + L, _COL["blink_l"]] = full[start:start + L, _COL["blink_r"]] = prof
     elif attr == "gaze":                                                # saccades between fixations
         k = 0
         while k < T:
-            full[k:, col["gaze_x"]], full[k:, col["gaze_y"]] = r.uniform(-0.9, 0.9), r.uniform(-0.7, 0.7)
+            full[k:, _COL["gaze_x"]], full[k:, _COL["gaze_y"]] = r.uniform(-0.9, 0.9), r.uniform(-0.7, 0.7)
             k += int(r.integers(6, 11))
     elif attr == "brow":                                                # a full raise and back
-        full[:, col["brow"]] = 0.5 - 0.5 * np.cos(2 * np.pi * t * r.choice([1.0, 1.5]) + r.uniform(-0.3, 0.3))
+        full[:, _COL["brow"]] = 0.5 - 0.5 * np.cos(2 * np.pi * t * r.choice([1.0, 1.5]) + r.uniform(-0.3, 0.3))
     else:                                                               # lips: speech from the audio only
-        track = speech_track(int(seed), T)
-        full[:, col["mouth_open"]], full[:, col["mouth_width"]] = mouth_from_track(track, T)
-        audio = synth_audio(track, T, int(seed))
+        audio = _speak(full, seed)
     drive = full.copy()
-    if attr == "lips":
-        drive[:, [col["mouth_open"], col["mouth_width"]]] = 0.0
+    drive[:, [_COL["mouth_open"], _COL["mouth_width"]]] = 0.0          # lips: the driving mouth stays shut
     return drive.astype(np.float32), full.astype(np.float32), audio
 
 
@@ -326,14 +327,9 @@ def demo_motion(n_frames, seed=0):
         raise ValueError(f"demo_motion needs at least 10 frames, got {T}")
     bounds = np.linspace(0, T, 6).round().astype(int)
     motion = np.zeros((T, len(MOTION_KEYS)), np.float32)
-    for k, attr in enumerate(ATTRIBUTE_CLIPS[:5]):
-        seg = slice(bounds[k], bounds[k + 1])
-        _, full, _ = attribute_motion(attr, seed, seg.stop - seg.start)
-        motion[seg] = full
-    track = speech_track(int(seed), T)
-    cols = [MOTION_KEYS.index("mouth_open"), MOTION_KEYS.index("mouth_width")]
-    motion[:, cols[0]], motion[:, cols[1]] = mouth_from_track(track, T)
-    return motion, synth_audio(track, T, int(seed))
+    for attr, a, b in zip(ATTRIBUTE_CLIPS[:5], bounds[:-1], bounds[1:]):
+        motion[a:b] = attribute_motion(attr, seed, b - a)[1]
+    return motion, _speak(motion, seed)
 
 
 # ==== 3. The renderer: a shaded ellipsoid head with features painted in face space, ray-cast per pixel ====
@@ -445,7 +441,8 @@ def _paint_face(ident, m, f, u, v, put):
     nose_y = 0.5 * (ident.eye_y + ident.mouth_y) - 0.02
     put(f & ((u / nw) ** 2 + ((v - nose_y) / nh) ** 2 < 1), NOSE)
     for side in (-1, 1):
-        put(f & (((u - side * 0.45 * nw) / (0.22 * nw)) ** 2 + ((v - nose_y + 0.7 * nh) / (0.18 * nh)) ** 2 < 1), NOSTRIL)
+        nostril = ((u - side * 0.45 * nw) / (0.22 * nw)) ** 2 + ((v - nose_y + 0.7 * nh) / (0.18 * nh)) ** 2
+        put(f & (nostril < 1), NOSTRIL)
     my, mw, mry, iw, iry = _mouth_geom(ident, m)
     lips = f & ((u / mw) ** 2 + ((v - my) / mry) ** 2 < 1)
     put(lips, LIPS)
@@ -515,8 +512,8 @@ def render(ident, motion, size=64, ss=None, return_masks=False):
     pal = [skin_c, hair_c, 0.88 * skin_c, 0.45 * skin_c, ident.lips, (0.25, 0.08, 0.08),
            (0.2, 0.04, 0.05), (0.92, 0.9, 0.85), (0.97, 0.97, 0.95), ident.iris, (0.02, 0.02, 0.02),
            0.78 * skin_c, (0.08, 0.05, 0.05), 0.35 * hair_c + 0.02]
-    SKIN, HAIR = 0, 1                                                   # the rest: _paint_face
-    lab = np.zeros(head.shape, np.uint8)                                # SKIN everywhere to start
+    HAIR = 1                                                            # pal's index; the rest: _paint_face
+    lab = np.zeros(head.shape, np.uint8)                                # pal[0], skin, everywhere to start
     put = lambda mask, k: np.copyto(lab, k, where=mask)
     front = head & (w > 0)
     hair = head & ((v > ident.hairline + 0.15 * u * u - 0.06 * ident.parting * u) | (w < -0.2 + 0.4 * v))
@@ -534,11 +531,9 @@ def render(ident, motion, size=64, ss=None, return_masks=False):
     if not return_masks:
         return out
     masks.update(head=head, face=f, hair=hair)
-    full = {}
-    for k, mk in masks.items():                                         # window -> full canvas
-        full[k] = np.zeros((S, S), bool)
-        full[k][win] = mk
-    return out, {k: mk.reshape(size, ss, size, ss).mean(axis=(1, 3)) > 0.5 for k, mk in full.items()}
+    full = np.zeros((len(masks), S, S), bool)                           # window -> full canvas
+    full[:, win[0], win[1]] = np.stack(list(masks.values()))
+    return out, dict(zip(masks, full.reshape(-1, size, ss, size, ss).mean(axis=(2, 4)) > 0.5))
 
 
 LANDMARK_NAMES = ("eye_l", "eye_r", "eye_l_top", "eye_r_top", "eye_l_bottom", "eye_r_bottom",

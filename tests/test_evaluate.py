@@ -129,8 +129,10 @@ def test_untrained_model_renders_source_recon_and_chunking_is_exact():
     for chunk in (3, 6, 100):
         torch.testing.assert_close(ev.run_model(model, x_s, x_d, mel, "model", chunk=chunk)["x_g"], ref,
                                    rtol=0, atol=1e-5)
+    copy = ev.run_model(None, x_s, x_d, mel, "copy_source")     # no network
+    assert torch.equal(copy["x_g"], x_s[None].expand(7, -1, -1, -1)) and copy["ws"] is None
     with pytest.raises(ValueError, match="method"):
-        ev.run_model(model, x_s, x_d, mel, "copy_source")
+        ev.run_model(model, x_s, x_d, mel, "copy source")
 
 
 def test_copy_source_static_clip_is_perfect():
@@ -284,10 +286,11 @@ def test_attribute_table_rows_and_cli(tmp_path, capsys, probe_ckpt):
     assert rc == 0, err
     assert "blink corr" in out and "copy source" in out and "driver's own codes" in out
     res = _results(tmp_path)["attributes"]
-    assert set(res) == {"model", "copy_source", "encoder_recon"} and set(res["model"]) == set(ev.ATTR_TESTS)
-    assert all(res["copy_source"][a]["corr"] == 0 for a in ev.ATTR_TESTS)
+    attrs = procedural.ATTRIBUTE_CLIPS
+    assert set(res) == {"model", "copy_source", "encoder_recon"} and set(res["model"]) == set(attrs)
+    assert all(res["copy_source"][a]["corr"] == 0 for a in attrs)
     for row in res.values():
-        for a in ev.ATTR_TESTS:
+        for a in attrs:
             assert -1 <= row[a]["corr"] <= 1 and math.isfinite(row[a]["psnr"]) and math.isfinite(row[a]["err"])
     rc, _, err = _run(["--protocol", "attributes", "--baseline", "copy_source", "--out", tmp_path / "b"], capsys)
     assert rc == 2 and err.startswith("error:")
@@ -297,9 +300,9 @@ def test_attribute_standard_error_over_pairs_and_its_cell():
     """corr_se = sample std / sqrt(n) over the pairs (hand values); the table writes it beside the mean."""
     assert ev._se([0.2, 0.4, 0.9]) == pytest.approx(float(np.std([0.2, 0.4, 0.9], ddof=1)) / math.sqrt(3))
     assert ev._se([0.5]) is None and ev._se([]) is None
-    row = {a: {"corr": 0.5, "corr_se": 0.04, "psnr": 20.0, "err": 0.1} for a in ev.ATTR_TESTS}
+    row = {a: {"corr": 0.5, "corr_se": 0.04, "psnr": 20.0, "err": 0.1} for a in procedural.ATTRIBUTE_CLIPS}
     table = ev.format_attribute_table({"model": row})
-    assert "0.50 ± 0.04" in table and table.count("±") == len(ev.ATTR_TESTS)
+    assert "0.50 ± 0.04" in table and table.count("±") == len(procedural.ATTRIBUTE_CLIPS)
 
 
 def test_every_cli_flag_says_what_it_does(cli_actions):

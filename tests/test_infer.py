@@ -334,7 +334,7 @@ def _bad_files(d, files):
     bad[100], bad[200] = np.nan, np.inf
     import soundfile
     soundfile.write(d / "nan.wav", bad, 16000, subtype="FLOAT")                # float wav holding NaN/Inf
-    src, drv, wav = files / "src.png", files / "drive.mp4", files / "speech.wav"
+    src, drv = files / "src.png", files / "drive.mp4"
     return [  # (argv, expected message part)
         (["--source", d / "nope.jpg", "--driving", drv], "--source: file not found"),
         (["--source", d / "text.jpg", "--driving", drv], "cannot read image"),

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import fusion
+import procedural
 import reproduce
 import train
 
@@ -50,7 +51,7 @@ def test_ablation_rows_read_their_evaluations(tmp_path):
         "flicker_px_border": 3.0, "flicker_px_inside": 2.0, "canon_pose_std": 1.234}}))
     d = tmp_path / "eval" / "abl_lstm_video_attr"
     d.mkdir(parents=True)
-    attrs = {a: {"corr": 0.1 * i, "psnr": 20.0, "err": None} for i, a in enumerate(reproduce.ATTR_COLS)}
+    attrs = {a: {"corr": 0.1 * i, "psnr": 20.0, "err": None} for i, a in enumerate(procedural.ATTRIBUTE_CLIPS)}
     (d / "results.json").write_text(json.dumps({"attributes": {"model": attrs}}))
     md = reproduce.tables(tmp_path)
     row = "| LSTM, video D | 0.00 | 0.10 | 0.20 | 0.30 | 0.40 | 0.50 | 0.500 | 20.00 | 3.46 | 0.100 | 1.500 | 1.23 |"

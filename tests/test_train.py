@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +169,7 @@ def test_fctfg_stage_logs_motion_and_the_latent_term(tmp_path, capsys):
     assert "E_a" in moved and "fusion" in moved and not moved & {"G", "E_inv", "H"}
     log_r = json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[0])
     # --ortho_weight scales λ_ortho of Eq. (9) only: same ortho value, total lower by 0.9 x ortho
-    w = run("fctfg", tmp_path / "w", 1, *flags, "--ortho_weight", "0.1")
+    run("fctfg", tmp_path / "w", 1, *flags, "--ortho_weight", "0.1")
     log_w = json.loads((tmp_path / "w" / "log.jsonl").read_text().splitlines()[0])
     assert log_w["ortho"] == pytest.approx(log_r["ortho"])
     # the totals are float32 sums of ~6 terms, each rounded to within eps32 * |total| (eps32 = 2^-23),
