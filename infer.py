@@ -82,21 +82,20 @@ def driving_index(k, T, mode="bounce"):
     return r if r < T else 2 * T - 2 - r
 
 
-def routing_groups(size, layers, audio_layers):
-    """Which manipulated w indices each controllable attribute is routed through (Sec. 4.3.1).
-
-    APPROXIMATE: the paper controls every attribute from one driving video and never separates them;
-    this split only uses StyleGAN's coarse-to-fine layout (the w-index map in stylegan2.Generator):
-      pose       = the 4 px conv (w0; manipulated in the tiny preset only) and the 8 px block (w1, w2), where
-                   head rotation and global layout are decided;
-      eyes       = the size/2 block (w9, w10 at 256 px; w5, w6 at 64 px): blinks and gaze are fine details;
-      expression = every other manipulated layer (16 px block: brows, smile; and the visual half
-                   z_d of the audio layers, whose other half z_a comes from the audio).
-    Paper size: pose (1, 2), expression (3, 4, 7, 8), eyes (9, 10); tiny: (0, 1, 2), (3, 4), (5, 6).
-    Attributes are not perfectly localised in these layers, so e.g. strong head turns in the eyes
-    video can leak a little. Untouched layers carry the source code and do not depend on any video."""
-    layers = set(layers)                     # audio_layers are a subset (fusion checks): routed like the rest
-    pose = layers & ({0} | set(fusion.w_indices_at(8)))   # w0, the 4 px conv, where manipulated (tiny)
+def routing_groups(size, layers):
+    """Which of the manipulated w indices `layers` each controllable attribute is routed through (Sec. 4.3.1).
+    APPROXIMATE: the paper drives every attribute from one video and never separates them; this split only
+    uses StyleGAN's coarse-to-fine layout (the w-index map in stylegan2.Generator):
+      pose       the 4 px conv (w0; manipulated in the tiny preset only) and the 8 px block (w1, w2), where
+                 head rotation and global layout are decided;
+      eyes       the size/2 block (w9, w10 at 256 px; w5, w6 at 64 px): blinks and gaze are fine details;
+      expression every other manipulated layer (16 px block: brows, smile; the audio layers w7, w8 at 256 px).
+    Paper size: pose (1, 2), expression (3, 4, 7, 8), eyes (9, 10); tiny: (0, 1, 2), (3, 4), (5, 6). An audio
+    layer (a subset of `layers`, fusion checks) is routed like the rest: its z_d half comes from its group's
+    video, its z_a half from the audio. Attributes are not perfectly localised in these layers, so e.g. strong
+    head turns in the eyes video can leak a little. Untouched layers carry the source code and no video's."""
+    layers = set(layers)
+    pose = layers & ({0} | set(fusion.w_indices_at(8)))
     eyes = (layers & set(fusion.w_indices_at(size // 2))) - pose
     return {k: tuple(sorted(v)) for k, v in dict(pose=pose, expression=layers - pose - eyes, eyes=eyes).items()}
 
@@ -173,22 +172,20 @@ def apply_mark(frame, overlay):
 
 # ==== 2. Inputs: images, streaming video, faces =====================================================
 
-def load_image(path, name="--source"):
-    """Read a still as uint8 RGB [H, W, 3] with even H, W <= MAX_SIDE. EXIF rotation applied; RGBA and
-    LA are composited over white, greyscale/palette/CMYK/16-bit converted to RGB; huge images are
+def load_image(path):
+    """Read the --source still as uint8 RGB [H, W, 3] with even H, W <= MAX_SIDE. EXIF rotation applied;
+    RGBA and LA are composited over white, greyscale/palette/CMYK/16-bit converted to RGB; huge images are
     downscaled (LANCZOS). A video file gives its first frame."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{name}: file not found: {path}")
     if path.suffix.lower() in data.VIDEO_EXTS:
-        img = Image.fromarray(next(iter(data.VideoFrames(path, name).frames())))
+        img = Image.fromarray(next(iter(data.VideoFrames(path, "--source").frames())))
     else:
         try:
             with Image.open(path) as im:
                 im = ImageOps.exif_transpose(im)
                 im.load()
         except (OSError, Image.DecompressionBombError, SyntaxError) as e:  # PIL's "cannot identify" is an OSError
-            raise ValueError(f"{name}: cannot read image {path} ({e})") from None
+            raise ValueError(f"--source: cannot read image {path} ({e})") from None
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             img = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA")).convert("RGB")
         elif im.mode.startswith("I"):  # 16/32-bit greyscale: scale to 8 bit by its own range
@@ -203,7 +200,7 @@ def load_image(path, name="--source"):
     a = np.asarray(img, np.uint8)
     H, W = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2  # H.264 yuv420p needs even sides
     if H < 2 or W < 2:
-        raise ValueError(f"{name}: image {path} is too small ({a.shape[1]}x{a.shape[0]})")
+        raise ValueError(f"--source: image {path} is too small ({a.shape[1]}x{a.shape[0]})")
     return np.ascontiguousarray(a[:H, :W])
 
 
@@ -213,32 +210,19 @@ def centre_box(H, W):
     return ((W - s) // 2, (H - s) // 2, (W - s) // 2 + s, (H - s) // 2 + s)
 
 
-def pick_detector(no_detect):
-    """dlib's detector, or None (centre crop). Without dlib: one warning, then centre crops."""
-    if no_detect:
-        return None
+def track_box(frames, where, detector, timer):
+    """The FOMM-enlarged union box of the face data.face_track follows through `frames` (detection timed).
+    Raises ValueError naming `where` (flag and file) and its first faceless frame."""
     try:
-        return data.dlib_detector()
-    except ImportError:
-        print("infer.py: warning: dlib is not installed, using centre crops (inputs should be face "
-              "crops; `pip install dlib-bin` to detect faces, --no-detect to silence this)", file=sys.stderr)
-        return None
-
-
-def track_box(video, fps, detector, timer):
-    """The FOMM-enlarged union box of the face data.face_track follows through `video` (data.VideoFrames)
-    at `fps`, decoding and detection timed. Raises ValueError naming the input and its first faceless frame."""
-    try:
-        b = data.face_track(timer.iter("decode", video.frames(fps)), timer.wrap("detect", detector),
-                            f"{video.name} {video.path}")
+        b = data.face_track(frames, timer.wrap("detect", detector), where)
     except ValueError as e:
-        raise ValueError(f"{e}; pass --no-detect if the video is already a face crop") from None
+        raise ValueError(f"{e}; pass --no-detect if it is already a face crop") from None
     return data.fomm_enlarge((*b[:, :2].min(0), *b[:, 2:].max(0)))
 
 
 def crop_fn(box, size, shape):
     """frame uint8 [H, W, 3] -> uint8 [size, size, 3] crop of `box` (data.crop_square: shifted inside
-    the frame, edge-padded when larger). Identity for frames that already are size x size crops."""
+    the frame, edge-padded when larger; None: centre_box). Identity for frames that already are size x size."""
     H, W = shape[:2]
     if box is None and H == W == size:
         return lambda f: f
@@ -287,7 +271,7 @@ def to_uint8(x):
 
 
 class Driver:
-    """One driving source: a re-iterable frame stream -> face crops -> codes z_d = E_inv(x_d) [L, C].
+    """One driving source: a frame stream -> face crops -> codes z_d = E_inv(x_d) [L, C].
     Codes are cached per driving frame (never the pixels) so that output frames past the end of the
     clip can revisit earlier ones (driving_index). Frames are read only as far as they are needed."""
 
@@ -338,7 +322,7 @@ def animate(model, z_s, deltas, drivers, mel, n_frames, fps, batch, timer=None, 
     win = model.fusion.temporal.window
     if win is None or batch % win:
         raise ValueError(f"batch {batch} must be a multiple of the temporal window {win}")
-    groups = routing_groups(model.G.size, model.fusion.layers, model.fusion.audio_layers)
+    groups = routing_groups(model.G.size, model.fusion.layers)
     windows = torch.from_numpy(audio.mel_windows(mel, n_frames, fps)).to(z_s.device)  # [K, 1, 80, 16]
     unique = {id(d): d for d in drivers.values()}
     for k0 in range(0, n_frames, batch):
@@ -349,24 +333,26 @@ def animate(model, z_s, deltas, drivers, mel, n_frames, fps, batch, timer=None, 
             if canonical:   # Fig. 5(b): each driving frame taken to canonical space, no source deltas
                 y, codes = model.canonical(z_d[0]), dict(z_d=z_d)
             else:           # Fig. 3: Eq. (1)-(2), temporal fusion, G with the source's deltas
-                codes = {k: v.float() for k, v in model.decode(z_s, deltas, z_d, windows[k0:k0 + len(ks)][None]).items()}
+                x_a = windows[k0:k0 + len(ks)][None]
+                codes = {k: v.float() for k, v in model.decode(z_s, deltas, z_d, x_a).items()}
                 y, codes["z_d"] = codes.pop("x_g")[0], z_d
         yield k0, to_uint8(y), codes
 
 
-def contact_sheet(path, source, driving, output, labels=("driving", "output")):
+def contact_sheet(path, source, driving, output):
     """PNG: row 1 the driving crops, row 2 the generated faces at the same output frames, the source
     image at the left of row 2 (uint8 [S, S, 3] each; lists of equal length). Written atomically."""
     S, pad, top = max(128, output[0].shape[0]), 4, 14   # small faces are enlarged (nearest) to be seen
-    fit = lambda im: np.asarray(Image.fromarray(im).resize((S, S), Image.NEAREST if im.shape[0] < S else Image.LANCZOS))
+    fit = lambda im: Image.fromarray(im).resize((S, S), Image.NEAREST if im.shape[0] < S else Image.LANCZOS)
     sheet = Image.new("RGB", ((len(output) + 1) * (S + pad) + pad, 2 * (S + top) + pad), "white")
     draw = ImageDraw.Draw(sheet)
-    for r, (name, row) in enumerate(zip(labels, (driving, output))):
+    for r, (name, row) in enumerate([("driving (source at left of the next row)", [None, *driving]),
+                                     ("output", [source, *output])]):
         y = r * (S + top) + top
-        draw.text((pad, y - top + 1), name if r else f"{name} (source at left of the next row)", fill="black")
-        for c, im in enumerate([source if r else None] + list(row)):
+        draw.text((pad, y - top + 1), name, fill="black")
+        for c, im in enumerate(row):
             if im is not None:
-                sheet.paste(Image.fromarray(fit(im)), (pad + c * (S + pad), y))
+                sheet.paste(fit(im), (pad + c * (S + pad), y))
     stylegan2.write_atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
@@ -375,13 +361,11 @@ def contact_sheet(path, source, driving, output, labels=("driving", "output")):
 def load_model(checkpoint, preset, device, seed=0):
     """-> (FCTFG in eval mode, cfg dict, trained flag). checkpoint=None: the shipped tiny checkpoint if
     present and preset is tiny, else untrained `preset` weights (seeded)."""
-    path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
-    if checkpoint or (preset == "tiny" and path.is_file()):
-        if not path.is_file():
-            raise FileNotFoundError(f"--checkpoint: file not found: {path}")
+    if checkpoint or (preset == "tiny" and DEFAULT_CHECKPOINT.is_file()):
+        path = Path(checkpoint or DEFAULT_CHECKPOINT)
         model, cfg = fusion.FCTFG.load(path, device)
         print(f"infer.py: weights from {path}")
-        return model, dict(cfg), True
+        return model, cfg, True
     torch.manual_seed(seed)
     why = f"{DEFAULT_CHECKPOINT.relative_to(HERE)} is missing" if preset == "tiny" else "the shipped one is tiny"
     print(f"infer.py: NOTE: no trained checkpoint ({why}): "
@@ -395,12 +379,10 @@ def procedural_inputs(size, seconds, seed=0):
     source (max(128, size) px), and test identity 1 performing procedural.demo_motion (a head turn, a nod,
     blinks, gaze shifts and a brow raise in turn, speaking the whole time) with that speech as audio.
     -> (source uint8 [s, s, 3], driving frame generator at `size` px, audio [640 K])."""
-    K = max(10, round(seconds * data.FPS))
-    ds = data.SyntheticTalkingFaces("test", n_identities=2, clips_per_identity=1, n_frames=K, size=size)
-    motion, wav = procedural.demo_motion(K, seed)
-    src = procedural.render(ds.identity(0), np.zeros(len(procedural.MOTION_KEYS), np.float32), max(128, size))
-    ident = ds.identity(1)
-    return src, (procedural.render(ident, m, size) for m in motion), wav
+    motion, wav = procedural.demo_motion(max(10, round(seconds * data.FPS)), seed)
+    source, driver = (procedural.make_identity(procedural.TEST_IDS[i]) for i in (0, 1))
+    src = procedural.render(source, np.zeros(len(procedural.MOTION_KEYS), np.float32), max(128, size))
+    return src, (procedural.render(driver, m, size) for m in motion), wav
 
 
 def parse_args(argv=None):
@@ -416,11 +398,13 @@ def parse_args(argv=None):
     ap.add_argument("--pose-from", help="video for head pose (default --driving)")
     ap.add_argument("--eyes-from", help="video for blinks and gaze (default --driving)")
     ap.add_argument("--expression-from", help="video for brows/expression (default --driving)")
-    ap.add_argument("--canonical", action="store_true", help="write the face crops G(E_can(z_d)) of every driving frame (Fig. 5b)")
+    ap.add_argument("--canonical", action="store_true",
+                    help="write the face crops G(E_can(z_d)) of every driving frame (Fig. 5b)")
     ap.add_argument("--no-paste", action="store_true", help="write the generated face crop, not the pasted frame")
     ap.add_argument("--sheet", help="also write a contact sheet PNG (driving crops over generated faces)")
     ap.add_argument("--sheet-frames", type=int, default=12, help="columns of --sheet: frames spread over the clip")
-    ap.add_argument("--no-mark", action="store_true", help="drop the visible 'AI-generated' mark (the metadata tag stays)")
+    ap.add_argument("--no-mark", action="store_true",
+                    help="drop the visible 'AI-generated' mark (the metadata tag stays)")
     ap.add_argument("--no-detect", action="store_true", help="inputs are face crops: centre square, no dlib")
     ap.add_argument("--extend", default="bounce", choices=EXTEND_MODES, help="driving shorter than the audio")
     ap.add_argument("--fps", type=float, help="output frame rate (default: the driving video's; 25 procedural)")
@@ -431,7 +415,8 @@ def parse_args(argv=None):
     amp = ap.add_mutually_exclusive_group()
     amp.add_argument("--fp16", action="store_true", help="float16 autocast (meant for CUDA; slow on CPU)")
     amp.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA or CPU)")
-    ap.add_argument("--seconds", type=float, default=6.0, help="length of the procedural default (procedural.demo_motion)")
+    ap.add_argument("--seconds", type=float, default=6.0,
+                    help="length of the procedural default (procedural.demo_motion)")
     ap.add_argument("--seed", type=int, default=0, help="seed of untrained weights and procedural motion")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--bench", action="store_true", help="time the procedural default end to end and exit")
@@ -475,7 +460,7 @@ def check_args(args):
         raise ValueError("--fps resamples a driving video: it needs --driving (the procedural clip is 25 fps)")
     if args.seconds <= 0 or (args.hyper_steps or 0) < 0 or (args.fps is not None and args.fps <= 0):
         raise ValueError("--seconds and --fps must be > 0 and --hyper-steps >= 0")
-    for flag in ("source", "driving", "audio", "pose_from", "eyes_from", "expression_from"):
+    for flag in ("source", "driving", "audio", "pose_from", "eyes_from", "expression_from", "checkpoint"):
         p = getattr(args, flag)
         if p is not None and not os.path.isfile(p):
             raise FileNotFoundError(f"--{flag.replace('_', '-')}: file not found: {p}")
@@ -484,12 +469,13 @@ def check_args(args):
 
 def read_inputs(args, S):
     """Source image, driving videos (probed, not decoded), audio cut to K frames.
-    -> (src_img, videos {path: VideoFrames}, paths {group: path}, proc, fps, wav, K)."""
+    -> (src_img, videos {path: VideoFrames}, paths {group: path or None (procedural)}, proc, fps, wav, K)."""
     proc = procedural_inputs(S, args.seconds, args.seed) if args.source is None or args.driving is None else None
     src_img = proc[0] if args.source is None else load_image(args.source)
     own = {g: getattr(args, f"{g}_from") for g in ("pose", "expression", "eyes")}   # --pose-from, ...
     paths = {g: p or args.driving for g, p in own.items()}
-    videos = {p: data.VideoFrames(p, f"--{g}-from" if own[g] else "--driving") for g, p in paths.items() if p is not None}
+    videos = {p: data.VideoFrames(p, f"--{g}-from" if own[g] else "--driving")
+              for g, p in paths.items() if p is not None}
     for p, v in videos.items():
         if v.still:
             print(f"infer.py: NOTE: {v.name} {p} is a still image: it is used as a one-frame video, so "
@@ -516,23 +502,26 @@ def read_inputs(args, S):
     return src_img, videos, paths, proc, fps, wav, K
 
 
-def find_faces(args, src_img, videos, detector, S, fps, timer):
+def find_faces(args, src_img, videos, S, fps, timer):
     """The source's face box and one crop function per driving video (the whole detection pass runs
     before any output is opened). -> (src_crop (1, S, S, 3), src_box, crops {path: fn})."""
-    if args.source is None:
-        src_box = (0, 0, src_img.shape[1], src_img.shape[0])        # procedural: already a face crop
-    elif detector is None:
+    detector = None
+    if not args.no_detect and (args.source or videos):    # all procedural: nothing to detect
+        try:
+            detector = data.dlib_detector()
+        except ImportError:
+            print("infer.py: warning: dlib is not installed, using centre crops (inputs should be face crops; "
+                  "`pip install dlib-bin` to detect faces, --no-detect to silence this)", file=sys.stderr)
+    if detector is None or args.source is None:           # (the procedural source is a square face crop)
         src_box = centre_box(*src_img.shape[:2])
     else:
-        with timer("detect"):
-            found = data.detect_faces(src_img, detector)
-        if not found:
-            raise ValueError(f"no face found in --source {args.source} (frame 0); pass --no-detect if it "
-                             "is already a face crop")
-        src_box = data.fomm_enlarge(found[0])
+        src_box = track_box([src_img], f"--source {args.source}", detector, timer)
     src_crop, src_box, _ = data.crop_square(src_img[None], src_box, S)
-    crops = {p: crop_fn(None if detector is None else track_box(v, fps, detector, timer), S, v.shape)
-             for p, v in videos.items()}
+    crops = {}
+    for p, v in videos.items():
+        box = None if detector is None else track_box(timer.iter("decode", v.frames(fps)), f"{v.name} {p}",
+                                                      detector, timer)
+        crops[p] = crop_fn(box, S, v.shape)
     return src_crop, src_box, crops
 
 
@@ -551,8 +540,7 @@ def run(args):
 
     # ---- inputs and faces (all probed now; the driving videos are decoded while generating)
     src_img, videos, paths, proc, fps, wav, K = read_inputs(args, S)
-    detector = pick_detector(args.no_detect) if args.source or videos else None   # None: all procedural
-    src_crop, src_box, crops = find_faces(args, src_img, videos, detector, S, fps, timer)
+    src_crop, src_box, crops = find_faces(args, src_img, videos, S, fps, timer)
 
     # ---- one-time source inversion (Sec. 3: z_s = E_inv(x_s), HyperStyle deltas)
     hyper = args.hyper_steps if args.hyper_steps is not None else int(cfg.get("hyper_steps", 0))
@@ -560,11 +548,10 @@ def run(args):
         z_s, deltas = model.encode_source(to_tensor(src_crop, device), hyper)
 
     # ---- drivers (one per distinct video, shared by the groups it drives; None: procedural) and output geometry
-    made = {}
-    for p in dict.fromkeys(paths.values()):
-        frames, crop = (proc[1], crop_fn(None, S, (S, S))) if p is None else (videos[p].frames(fps), crops[p])
-        made[p] = Driver(timer.iter("decode", frames), crop, model.E_inv, args.extend, timer, amp,
-                         keep_crops=bool(args.sheet) and p == paths["pose"])
+    made = {p: Driver(timer.iter("decode", proc[1] if p is None else videos[p].frames(fps)),
+                      crops.get(p, lambda f: f), model.E_inv, args.extend, timer, amp,
+                      keep_crops=bool(args.sheet) and p == paths["pose"])
+            for p in dict.fromkeys(paths.values())}
     drivers = {g: made[p] for g, p in paths.items()}
     paste = None if (args.no_paste or args.canonical) else PasteBack(src_img, src_box)
     H, W = (S, S) if paste is None else src_img.shape[:2]
@@ -572,7 +559,7 @@ def run(args):
 
     # ---- generate and write, batch by batch
     # (said only now, once every input has been read: a bad input stays a one-line error)
-    if trained and cfg.get("run", {}).get("data") == "synthetic" and (args.source or args.driving):
+    if trained and cfg["run"].get("data") == "synthetic" and (args.source or args.driving):
         print("infer.py: NOTE: this checkpoint was trained on procedural faces only (procedural.py's tiny world); "
               "on real photos and videos it cannot draw a face. Real faces need the paper preset trained on "
               "VoxCeleb2 (README, 'Training').", file=sys.stderr)
@@ -597,9 +584,10 @@ def run(args):
     if args.sheet:
         contact_sheet(args.sheet, src_crop[0], *zip(*sheet))
         print(f"wrote {Path(args.sheet).resolve()} (contact sheet, {len(sheet)} frames)")
-    print(f"wrote {out.resolve()} ({K} frames, {K / fps:.2f} s, {W}x{H}, {'trained' if trained else 'UNTRAINED'} weights)")
-    return dict(frames=K, fps=fps, seconds_loop=wall, e2e_fps=K / wall, source_inversion_s=timer.t["invert"],
-                stages=dict(timer.t), trained=trained, threads=torch.get_num_threads(), device=str(device))
+    print(f"wrote {out.resolve()} ({K} frames, {K / fps:.2f} s, {W}x{H}, "
+          f"{'trained' if trained else 'UNTRAINED'} weights)")
+    return dict(frames=K, e2e_fps=K / wall, stages=dict(timer.t), threads=torch.get_num_threads(),
+                device=str(device))
 
 
 def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None):
@@ -616,15 +604,14 @@ def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None):
                              "--no-detect", "--quiet", "--preset", preset] + ["--bf16"] * bf16 +
                             (["--device", device] if device else []) + (["--batch", str(batch)] if batch else [])))
     print(f"bench: {st['frames']} frames {preset} on {st['device']} ({st['threads']} threads): "
-          f"{st['e2e_fps']:.1f} fps end to end (source inversion {st['source_inversion_s'] * 1000:.0f} ms, "
+          f"{st['e2e_fps']:.1f} fps end to end (source inversion {st['stages']['invert'] * 1000:.0f} ms, "
           f"model load {st['stages'].get('load', 0) * 1000:.0f} ms, not included)")
     parts = {k: st["stages"].get(k, 0.0) for k in ("decode", "crop", "encode", "generate", "write")}
     for k, v in parts.items():                             # generate = E_a + fusion + G (FCTFG.decode)
         print(f"  {k:7s} {1000 * v / st['frames']:7.2f} ms/frame  {100 * v / max(sum(parts.values()), 1e-9):5.1f} %")
     try:
         det = data.dlib_detector()
-        ident = procedural.make_identity(procedural.TEST_IDS[0])
-        img = procedural.render(ident, np.zeros(len(procedural.MOTION_KEYS), np.float32), 256)
+        img = procedural_inputs(256, 0.4)[0]               # the neutral source face, 256 px
         t = time.perf_counter()
         for _ in range(10):
             det(img)
@@ -643,7 +630,7 @@ def main(argv=None):
             bench(args.seconds if args.seconds != 6.0 else 4.0, args.device, args.bf16, args.preset, args.batch)
         else:
             run(args)
-    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
+    except (ValueError, ImportError, OSError) as e:        # OSError includes FileNotFoundError
         print(f"infer.py: error: {e}".splitlines()[0], file=sys.stderr)
         return 1
     return 0

@@ -66,10 +66,10 @@ def test_driving_index_hand_values():
 
 
 def test_routing_groups_hand_values():
-    paper = infer.routing_groups(256, *fusion.paper_layers(256))
+    paper = infer.routing_groups(256, fusion.paper_layers(256)[0])
     assert paper == dict(pose=(1, 2), expression=(3, 4, 7, 8), eyes=(9, 10))
-    p = fusion.PRESETS["tiny"]
-    assert infer.routing_groups(64, p["layers"], p["audio_layers"]) == dict(pose=(0, 1, 2), expression=(3, 4), eyes=(5, 6))
+    tiny = infer.routing_groups(64, fusion.PRESETS["tiny"]["layers"])
+    assert tiny == dict(pose=(0, 1, 2), expression=(3, 4), eyes=(5, 6))
     # the groups partition the manipulated layers
     assert sorted(sum(paper.values(), ())) == sorted(fusion.paper_layers(256)[0])
 
@@ -188,7 +188,7 @@ def test_changing_only_the_eyes_source_changes_only_eye_layers():
     a, wav = _clip(procedural.TEST_IDS[1], 11, 10)
     b, _ = _clip(procedural.TEST_IDS[2], 12, 10)
     mel = audio.melspectrogram(wav)
-    groups = infer.routing_groups(S, model.fusion.layers, model.fusion.audio_layers)
+    groups = infer.routing_groups(S, model.fusion.layers)
     eyes = list(groups["eyes"])
     rest = [l for l in range(model.G.n_latent) if l not in eyes]
     with torch.no_grad():
