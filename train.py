@@ -107,6 +107,9 @@ CHOICES = dict(  # the keys with a fixed set of values (argparse refuses others 
     ortho=("hadamard_abs", "signed", "squared", "cosine", "none"), expert_loss=("bce", "nce"),
     source_from=("clip", "identity"), canonical=("plain", "residual"), drive_mouth=("own", "swap", "closed"))
 STAGES = ("stylegan2", "syncnet", "inversion", "fctfg")
+# the run flags only some stages read: given to another stage they would do nothing, so they are refused
+STAGE_FLAGS = dict(init=("inversion", "fctfg"), arcface=("inversion", "fctfg"), vgg=("inversion", "fctfg"),
+                   syncnet=("fctfg",), audio_encoder=("fctfg",), freeze_pretrained=("fctfg",), freeze_audio=("fctfg",))
 
 
 def parse_args(argv=None):
@@ -138,6 +141,10 @@ def parse_args(argv=None):
         ap.add_argument(f"--{k}", type=type(v), default=v, choices=CHOICES.get(k),
                         help=f"{SETTINGS[k][2]} (default {v})")
     args = ap.parse_args(argv)
+    idle = [f"--{k} (read by {' / '.join(st)})" for k, st in STAGE_FLAGS.items()
+            if getattr(args, k) and args.stage not in st]
+    if idle:
+        raise SystemExit(f"error: the {args.stage} stage does not use {', '.join(idle)}: drop it")
     return args, {k: getattr(args, k) for k in PRESETS[known.preset]}
 
 

@@ -403,6 +403,12 @@ def test_clear_errors(tmp_path, capsys):
         stylegan2.load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(SystemExit):
         train.parse_args(["--no_such_option", "1"])
+    # a stage-specific run flag given to a stage that never reads it: refused, not silently ignored
+    with pytest.raises(SystemExit, match=r"stylegan2 stage does not use --syncnet \(read by fctfg\)"):
+        train.parse_args(["--stage", "stylegan2", "--syncnet", "e.pt"])
+    with pytest.raises(SystemExit, match=r"--init \(read by inversion / fctfg\), --freeze_audio"):
+        train.parse_args(["--stage", "syncnet", "--init", "x.pt", "--freeze_audio"])
+    assert train.parse_args(["--stage", "inversion", "--init", "x.pt", "--vgg", "v.pt"])[0].vgg == "v.pt"
 
 
 def _save(path, obj):
