@@ -594,6 +594,19 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def check_idle_flags(args):
+    """A flag that acts only with another one, set without it, would do nothing: ValueError instead."""
+    default = parse_args([])
+    for flag, needs, ok in (("probe_frames", "--train-probe", args.train_probe),
+                            ("probe_steps", "--train-probe", args.train_probe),
+                            ("preset", "--checkpoint untrained", args.checkpoint == "untrained"),
+                            ("window", "--checkpoint untrained", args.checkpoint == "untrained"),
+                            ("attr_split", "--protocol attributes", args.protocol == "attributes"),
+                            ("paper_table", "--data FOLDER (real clips)", args.data != "synthetic")):
+        if getattr(args, flag) != getattr(default, flag) and not ok:
+            raise ValueError(f"--{flag} has no effect without {needs}")
+
+
 def clip_set(args, size):
     """The clips to score: held-out procedural people (synthetic), a prepared folder, or its MEAD test
     list (Sec. 4.1.1). -> (dataset, number of clips)."""
@@ -789,6 +802,7 @@ def _save_example(path, ex, protocol):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_idle_flags(args)
         if args.bench:
             metrics.bench_metrics(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         elif args.train_probe:

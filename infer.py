@@ -454,6 +454,11 @@ def check_args(args):
         raise FileNotFoundError(f"--out: folder does not exist: {out.parent}")
     if args.sheet and (not Path(args.sheet).parent.is_dir() or Path(args.sheet).is_dir()):
         raise FileNotFoundError(f"--sheet: not a file in an existing folder: {args.sheet}")
+    default = parse_args([])  # a flag changed where it acts on nothing is refused, not ignored
+    for flag, when, ok in (("sheet_frames", "without --sheet", args.sheet),
+                           ("preset", "with --checkpoint (the checkpoint sets the size)", not args.checkpoint)):
+        if getattr(args, flag) != getattr(default, flag) and not ok:
+            raise ValueError(f"--{flag.replace('_', '-')} has no effect {when}")
     if args.sheet_frames < 1:
         raise ValueError(f"--sheet-frames must be >= 1, got {args.sheet_frames}")
     if args.fps is not None and args.driving is None:

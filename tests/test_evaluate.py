@@ -232,6 +232,13 @@ def test_cli_bad_checkpoint_one_line_error(tmp_path, capsys, syncnet_ckpt):
                     (syncnet_ckpt, "not an FC-TFG checkpoint")]:
         rc, out, err = _run(["--checkpoint", ck, "--out", tmp_path / "o", "--n_clips", 1], capsys)
         assert rc == 2 and msg in err and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    # a flag that acts only with another one, given alone, is refused in one line, not silently ignored
+    for argv, msg in [(["--probe_steps", 5], "--probe_steps has no effect without --train-probe"),
+                      (["--checkpoint", garbage, "--window", 3], "--window has no effect without --checkpoint"),
+                      (["--attr_split", "tune"], "--attr_split has no effect without --protocol attributes"),
+                      (["--paper_table", "mead"], "--paper_table has no effect without --data FOLDER")]:
+        rc, out, err = _run([*argv, "--out", tmp_path / "o"], capsys)
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists(), err
     # and as a real process: non-zero exit status, no traceback
     p = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(garbage), "--out", str(tmp_path / "o")],
                        cwd=Path(ev.__file__).parent, capture_output=True, text=True, timeout=120)

@@ -351,6 +351,9 @@ def _bad_files(d, files):
         (["--source", src, "--driving", drv, "--sheet", d / "missing" / "s.png"], "--sheet"),
         (["--source", src, "--driving", drv, "--audio", d / "nan.wav"], "NaN or Inf"),
         (["--source", src, "--driving", drv, "--sheet", d / "s.png", "--sheet-frames", "0"], "--sheet-frames"),
+        (["--source", src, "--driving", drv, "--sheet-frames", "4"], "--sheet-frames has no effect without --sheet"),
+        (["--source", src, "--driving", drv, "--checkpoint", d / "g.pt", "--preset", "paper"],
+         "--preset has no effect"),
     ]
 
 
