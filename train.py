@@ -207,6 +207,18 @@ def lr_factor(step, max_steps, rampdown):
     return 0.5 + 0.5 * math.cos(math.pi * ((step - (max_steps - rampdown)) / rampdown))
 
 
+# ==== The stage interface: what train() drives; one class per stage below ===========================
+class Stage:
+    """A training stage as train() sees it. `models`, `optimizers`, `extra_state`: the attribute names of its
+    networks, optimisers and extra tensors (what a checkpoint holds and --resume restores). Methods:
+      dataset(clips) -> the data.py dataset whose items form the micro-batches;
+      step(k, micro, world, autocast) -> logs: one optimiser step of every network on this rank's micro-batches;
+      samples(batch, seed) -> images for the sample grid, `grid_nrow` per row (None: save_image_grid's default).
+    `note`: a start-up line (terms off, values adjusted); `frames_per_sample`: frames per sample (for img/s)."""
+    models, optimizers, extra_state = (), (), ()
+    note, frames_per_sample, grid_nrow = "", 1, None
+
+
 # ==== Stage 1: StyleGAN2 (Karras et al., CVPR 2020): non-saturating loss, lazy R1 / path length, EMA, style mixing ===
 def accumulate_ema(ema, model, beta):
     """ema <- beta*ema + (1-beta)*model for parameters; buffers (fixed noise maps) are copied."""
@@ -217,7 +229,7 @@ def accumulate_ema(ema, model, beta):
             be.copy_(bm)
 
 
-class StyleGAN2Stage:
+class StyleGAN2Stage(Stage):
     """Stage 1. Lazy regularisation (StyleGAN2 Sec. 3.2): R1 every r1_every D steps and path length every pl_every
     G steps, each scaled by its interval; Adam's lr and betas scaled by c = k/(k+1) keep the intended speed."""
     models, optimizers, extra_state = ("g", "d", "g_ema"), ("opt_g", "opt_d"), ("pl_mean",)  # checkpoint entries
@@ -320,7 +332,7 @@ def pair_auc(score, y):
     return (pos[:, None] > neg[None, :]).float().mean() if len(pos) and len(neg) else torch.tensor(float("nan"))
 
 
-class SyncNetStage:
+class SyncNetStage(Stage):
     """Stage 2. The lip-sync expert on cos(f_a(mel), f_v(lower half of 5 frames)); the paper uses a pre-trained one,
     we train our own (same network, L_sync of Eq. 4 uses its cosine either way) with one of two losses:
       expert_loss="bce" (paper preset): Wav2Lip's BCE(cos, y) on in-sync (y=1) / shifted (y=0) pairs;
@@ -334,12 +346,12 @@ class SyncNetStage:
         self.cfg = cfg
         self.syncnet = audio.SyncNet(**audio.PRESETS[cfg["model"]]).to(device)
         self.opt = torch.optim.Adam(self.syncnet.parameters(), lr=cfg["lr_syncnet"])
+        self.frames_per_sample = self.syncnet.n_frames
         if cfg["batch"] < 2:  # BatchNorm normalises over the batch; one sample has no statistics
             raise SystemExit(f"error: the syncnet stage needs --batch >= 2 per process (its BatchNorm layers "
                              f"need two samples), got {cfg['batch']}")
 
     def dataset(self, clips):
-        self.frames_per_sample = self.syncnet.n_frames
         return data.ClipWindows(clips, self.syncnet.n_frames, self.cfg["seed"], off_sync=True)
 
     def step(self, k, micro, world, autocast):
@@ -384,7 +396,7 @@ def load_stage_models(path, names):
     return ck
 
 
-class InversionStage:
+class InversionStage(Stage):
     """Stage 3 (Sec. 4.1.2): the pSp encoder E_inv learns to invert the frozen G, then HyperStyle trains on its
     frozen codes (inversion.psp_loss / hyperstyle_loss: MSE, + L_id and L_LPIPS when their weights are given)."""
     models, optimizers, extra_state = ("e_inv", "hyper", "g_ema", "d"), ("opt_e", "opt_h"), ()
@@ -443,7 +455,7 @@ class InversionStage:
 
 
 # ==== Stage 4: FC-TFG (Sec. 3): E_can, E_m, Temporal Fusion trained with Eq. (3)-(9); the rest fine-tuned ====
-class FCTFGStage:
+class FCTFGStage(Stage):
     """Stage 4. Per step, on windows of T frames (x_d) with a source frame x_s and every frame's audio window (x_a):
       D step: non-saturating loss on real x_d vs generated x_g (Eq. 8), lazy R1;
       G step: L_total of Eq. (9) = 1 L_ortho + 0.1 L_sync + 0.5 L_id + 1 L1 + 1 L_LPIPS + 0.1 L_GAN.
@@ -452,7 +464,7 @@ class FCTFGStage:
     grid_nrow = 4  # sample grid: one row per kind (see samples)
 
     def __init__(self, cfg, device, args):
-        self.cfg = cfg
+        self.cfg, self.frames_per_sample = cfg, cfg["window"]
         try:
             layers = {k: fusion.parse_layers(cfg[k]) for k in ("layers", "audio_layers")}  # w indices, Sec. 4.1.2
             self.fctfg = fusion.FCTFG(cfg["model"], temporal=cfg["temporal"], window=cfg["window"], **layers,
@@ -493,7 +505,6 @@ class FCTFGStage:
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg["lr_fctfg"])
 
     def dataset(self, clips):
-        self.frames_per_sample = self.cfg["window"]
         return data.ClipWindows(clips, self.cfg["window"], self.cfg["seed"], source=True,
                                 **{k: self.cfg[k] for k in ("source_from", "drive_mouth", "feature_weight")})
 
@@ -681,7 +692,7 @@ def print_start(stage, args, cfg, world, device, start, resumed):
         print(f"resumed from {Path(args.out) / 'last.pt'} at step {start}")
     print(f"stage {args.stage} | preset {args.preset} | {world} process(es) on {device} | batch {cfg['batch']} x "
           f"{cfg['accum']} x {world} | steps {start}..{cfg['max_steps']} | out {Path(args.out)}")
-    if getattr(stage, "note", ""):
+    if stage.note:
         print(stage.note)
     if cfg["model"] == "paper" or device.type == "cuda":
         print(memory_check(stage, args.stage, cfg, device))
@@ -782,14 +793,14 @@ def train(argv=None):
             bad = [k for k, v in vals.items() if not math.isfinite(v)] + ["injected"] * (args.inject_nan == step)
             if bad:
                 raise StopTraining(f"non-finite loss {bad} at step {step}; last good checkpoint: {last}")
-            n_img += cfg["batch"] * cfg["accum"] * world * getattr(stage, "frames_per_sample", 1)
+            n_img += cfg["batch"] * cfg["accum"] * world * stage.frames_per_sample
             done = step + 1
             if is_main and (done % cfg["log_every"] == 0 or done == n_steps):
                 log_step(log_file, done, vals, n_img / (time.time() - t0),
                          (n_steps - done) * (time.time() - t0) / (done - start), peak_memory_gb(device))
             if is_main and cfg["sample_every"] and done % cfg["sample_every"] == 0:
                 stylegan2.save_image_grid(stage.samples(micro[0], cfg["seed"]), out / "samples" / f"{done:07d}.png",
-                                          nrow=getattr(stage, "grid_nrow", None))
+                                          nrow=stage.grid_nrow)
             if done % cfg["ckpt_every"] == 0 or done == n_steps or stop:
                 save_state(last, stage, args, cfg, done, rank, world)
             if stop:
