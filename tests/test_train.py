@@ -435,10 +435,18 @@ def test_checkpoint_rng_roundtrip(tmp_path):
 
 
 def _torchrun(args, cwd, timeout=600):
+    """2 ranks on gloo. One retry when a rank was killed by SIGABRT with nothing of ours in its output: gloo's
+    C++ threads rarely abort a rank ("terminate called without an active exception"; seen once in ~40 runs of
+    the same command on 2 busy cores, not reproducible). A rank that fails by itself (an error, exit 3) or aborts
+    twice still fails the test."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29500 + os.getpid() % 1000), *args],
-                          capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+    for attempt in range(2):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_port", str(29500 + (os.getpid() + 7 * attempt) % 1000), *args],
+                           capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+        if r.returncode == 0 or "Signal 6 (SIGABRT)" not in r.stderr or "error:" in r.stderr or attempt:
+            return r
+        print(f"torchrun: a rank aborted (SIGABRT), retrying once:\n{r.stderr[-1500:]}")
 
 
 @pytest.mark.slow
