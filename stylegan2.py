@@ -24,6 +24,7 @@ Not here: training loops and EMA (train.py), the GAN/identity losses of Eq. 4-9 
 inversion encoders (inversion.py).
 """
 import argparse
+import json
 import math
 import os
 import re
@@ -521,8 +522,10 @@ def path_length_penalty(img, ws, mean_path_length, decay=0.01):
     return (lengths - a).pow(2).mean(), a, lengths.detach().mean()
 
 
-# ==== Files: the one checkpoint reader, strict loader and atomic writer of the project ===============
-# (every module uses them; this file is near the bottom of the import graph, so it is their home)
+# ==== Files: the one checkpoint reader, strict loader, atomic writer and picture writers of the project ==
+# (every module uses them; this file is near the bottom of the import graph, so it is their home):
+# load_checkpoint, load_strict, temp_path, write_atomic, save_checkpoint, and the two PNG writers:
+# save_image_grid (an image grid) and plot_losses (the loss curves of a log.jsonl)
 
 def load_checkpoint(path, what="checkpoint"):
     """torch.load with weights_only=True (tensors, dicts, lists, numbers, strings only), and one clear
@@ -649,6 +652,42 @@ def save_image_grid(images, path, nrow=None):
         grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
     grid = np.ascontiguousarray(grid.permute(1, 2, 0).numpy())
     write_atomic(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+
+
+def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
+    """Loss curves of a log.jsonl as one PNG (pillow only): a panel per logged quantity, raw values in grey, a
+    `smooth`-point running mean in colour, y range 1st..99th percentile (a spike does not flatten it). -> the number
+    of panels (0: nothing to plot, no file)"""
+    from PIL import Image, ImageDraw
+    import numpy as np
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    keys = [k for k in (rows[0] if rows else {}) if k not in ("step", "time", "img_per_s", "peak_mem_gb")]
+    if not keys:
+        return 0
+    (W, H), ncol = panel, min(3, len(keys))
+    img = Image.new("RGB", (W * ncol, H * math.ceil(len(keys) / ncol)), "white")
+    draw = ImageDraw.Draw(img)
+    for i, key in enumerate(keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        ox, oy = (i % ncol) * W, (i // ncol) * H
+        draw.rectangle([ox + 40, oy + 18, ox + W - 8, oy + H - 20], outline=(180, 180, 180))
+        if len(pts) < 2:
+            draw.text((ox + 44, oy + 3), f"{key}: {len(pts)} point(s)", fill="black")
+            continue
+        steps, vals = (np.array(c, float) for c in zip(*pts))
+        mean = np.convolve(vals, np.ones(min(smooth, len(vals))) / min(smooth, len(vals)), mode="valid")
+        lo, hi = np.percentile(vals, [1, 99])
+        hi = hi if hi > lo else lo + 1e-8
+        fx = lambda s: ox + 40 + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (W - 48)
+        fy = lambda v: oy + H - 20 - (np.clip(v, lo, hi) - lo) / (hi - lo) * (H - 38)
+        draw.line([(fx(s), fy(v)) for s, v in zip(steps, vals)], fill=(200, 200, 200))
+        draw.line([(fx(s), fy(v)) for s, v in zip(steps[len(steps) - len(mean):], mean)], fill=(20, 90, 200), width=2)
+        draw.text((ox + 44, oy + 3), f"{key}: {mean[0]:.4g} -> {mean[-1]:.4g}", fill="black")
+        for (x, y), label in (((2, 18), f"{hi:.3g}"), ((2, H - 30), f"{lo:.3g}"),          # y range, step range
+                              ((40, H - 16), f"step {int(steps[0])}"), ((W - 70, H - 16), f"{int(steps[-1])}")):
+            draw.text((ox + x, oy + y), label, fill=(90, 90, 90))
+    write_atomic(png_path, lambda tmp: img.save(tmp, format="PNG"))
+    return len(keys)
 
 
 # ==== Benchmark: python stylegan2.py --bench   (results go to BENCHMARKS.md) ======================

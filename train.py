@@ -706,41 +706,6 @@ def log_step(log_file, step, vals, rate, eta_s, mem_gb):
           + f" | {rate:.1f} img/s | peak mem {mem_gb:.1f} GiB | ETA {eta_s / 60:.1f} min", flush=True)
 
 
-def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
-    """Loss curves of a log.jsonl as one PNG (pillow only): a panel per logged quantity, raw values in grey, a
-    `smooth`-point running mean in colour, y range 1st..99th percentile (a spike does not flatten it). -> the number
-    of panels (0: nothing to plot, no file)"""
-    from PIL import Image, ImageDraw
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    keys = [k for k in (rows[0] if rows else {}) if k not in ("step", "time", "img_per_s", "peak_mem_gb")]
-    if not keys:
-        return 0
-    (W, H), ncol = panel, min(3, len(keys))
-    img = Image.new("RGB", (W * ncol, H * math.ceil(len(keys) / ncol)), "white")
-    draw = ImageDraw.Draw(img)
-    for i, key in enumerate(keys):
-        pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
-        ox, oy = (i % ncol) * W, (i // ncol) * H
-        draw.rectangle([ox + 40, oy + 18, ox + W - 8, oy + H - 20], outline=(180, 180, 180))
-        if len(pts) < 2:
-            draw.text((ox + 44, oy + 3), f"{key}: {len(pts)} point(s)", fill="black")
-            continue
-        steps, vals = (np.array(c, float) for c in zip(*pts))
-        mean = np.convolve(vals, np.ones(min(smooth, len(vals))) / min(smooth, len(vals)), mode="valid")
-        lo, hi = np.percentile(vals, [1, 99])
-        hi = hi if hi > lo else lo + 1e-8
-        fx = lambda s: ox + 40 + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (W - 48)
-        fy = lambda v: oy + H - 20 - (np.clip(v, lo, hi) - lo) / (hi - lo) * (H - 38)
-        draw.line([(fx(s), fy(v)) for s, v in zip(steps, vals)], fill=(200, 200, 200))
-        draw.line([(fx(s), fy(v)) for s, v in zip(steps[len(steps) - len(mean):], mean)], fill=(20, 90, 200), width=2)
-        draw.text((ox + 44, oy + 3), f"{key}: {mean[0]:.4g} -> {mean[-1]:.4g}", fill="black")
-        for (x, y), label in (((2, 18), f"{hi:.3g}"), ((2, H - 30), f"{lo:.3g}"),          # y range, step range
-                              ((40, H - 16), f"step {int(steps[0])}"), ((W - 70, H - 16), f"{int(steps[-1])}")):
-            draw.text((ox + x, oy + y), label, fill=(90, 90, 90))
-    stylegan2.write_atomic(png_path, lambda tmp: img.save(tmp, format="PNG"))
-    return len(keys)
-
-
 def train(argv=None):
     args, cfg = parse_args(argv)
     out, n_steps = Path(args.out), cfg["max_steps"]
@@ -808,7 +773,7 @@ def train(argv=None):
                     print(f"signal {stop[-1]}: saved {last} at step {done}, exiting")
                 break
         if is_main:  # every log line was flushed: the file is complete
-            plot_losses(out / "log.jsonl", out / "loss.png")  # the run's loss curves, one PNG
+            stylegan2.plot_losses(out / "log.jsonl", out / "loss.png")  # the run's loss curves, one PNG
     except StopTraining as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr)

@@ -1,36 +1,20 @@
 """Tests for the reproduction recipe: reproduce.sh end to end in its SMOKE mode (every stage, export,
-every evaluation, figures and tables), and the pieces it relies on (export, loss plots, tables)."""
+every evaluation, figures and tables), and the pieces it relies on (export, tables; the loss plot is
+stylegan2.plot_losses, tested in test_stylegan2.py)."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import fusion
 import procedural
 import reproduce
-import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_plot_losses_draws_one_panel_per_quantity(tmp_path):
-    log = tmp_path / "log.jsonl"
-    rows = [{"step": k, "time": 0.0, "img_per_s": 5.0, "peak_mem_gb": 1.0, "loss_d": 1.0 / k, "rec": float(k % 3)} for k in range(1, 30)]
-    rows[5]["rec"] = float("nan")                       # a non-finite value is skipped, not drawn
-    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert train.plot_losses(log, tmp_path / "loss.png") == 2   # step/time/img_per_s are not losses
-    im = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB"))
-    assert im.shape == (170, 640, 3)
-    blue = (im[..., 2] > 150) & (im[..., 0] < 80)       # the running-mean curve is drawn in each panel
-    assert blue[:, :320].any() and blue[:, 320:].any()
-    log.write_text("")
-    assert train.plot_losses(log, tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
 
 
 def test_tables_with_no_results_are_headers_only(tmp_path):

@@ -1,7 +1,8 @@
 """Tests for stylegan2.py: shapes, parameter counts, upfirdn2d / bias_act against independent oracles,
-gradients to second order, modulated-conv properties, HyperStyle weight deltas, w-index map, loader."""
+gradients to second order, modulated-conv properties, HyperStyle weight deltas, w-index map, loader, loss plot."""
 import argparse
 import itertools
+import json
 import math
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.signal
 import torch
+from PIL import Image
 from torch.autograd import gradcheck, gradgradcheck
 
 import stylegan2 as sg
@@ -625,6 +627,21 @@ def test_cli_writes_grid_and_fails_cleanly(tmp_path):
                         "--out", str(bad_out)], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
     assert not bad_out.exists()
+
+
+def test_plot_losses_draws_one_panel_per_quantity(tmp_path):
+    log = tmp_path / "log.jsonl"
+    rows = [{"step": k, "time": 0.0, "img_per_s": 5.0, "peak_mem_gb": 1.0, "loss_d": 1.0 / k, "rec": float(k % 3)}
+            for k in range(1, 30)]
+    rows[5]["rec"] = float("nan")                       # a non-finite value is skipped, not drawn
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert sg.plot_losses(log, tmp_path / "loss.png") == 2   # step/time/img_per_s are not losses
+    im = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB"))
+    assert im.shape == (170, 640, 3)
+    blue = (im[..., 2] > 150) & (im[..., 0] < 80)       # the running-mean curve is drawn in each panel
+    assert blue[:, :320].any() and blue[:, 320:].any()
+    log.write_text("")
+    assert sg.plot_losses(log, tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
