@@ -6,7 +6,8 @@ Sec. 4.2.3 protocol (PC-AVS): frame 0 = identity, the clip's frames drive
 Table 1 layout + the paper's numbers beside ours             -> PAPER_TABLE1, format_table
 Baselines: copy the source frame; G(E_inv(x_d)) (upper bound) -> run_model(method=...)
 Controllability on procedural data (no paper reports it): cross-identity reenactment vs the renderer's
-          ground truth, per-attribute errors from a motion probe -> MotionProbe, train_probe, attribute_errors
+          ground truth, per-attribute errors from a motion probe -> evaluate_clip; the probe itself (MotionProbe,
+          train_probe, attribute_errors) is in metrics.py, beside the dlib landmarker it stands in for
           one attribute at a time (the title's "fully controllable") -> attribute_transfer, attribute_pair
 Table 3's flicker at temporal-window borders                  -> flicker
 Fig. 5b / Fig. 6: canonical images of every frame of a clip  -> run_model(canonical=True), canon_* numbers
@@ -16,7 +17,7 @@ Run:  python evaluate.py --checkpoint runs/fctfg/last.pt --data synthetic --out 
       python evaluate.py --train-probe --out probe.pt ;  ... --protocol cross --probe probe.pt
       python evaluate.py --baseline copy_source|encoder_recon ...     python evaluate.py --bench
 
-Not here: the metrics themselves (metrics.py), the networks evaluated (fusion.py), data and its
+Not here: the metrics themselves and the motion probe (metrics.py), the networks evaluated (fusion.py), data and its
 renderer (data.py, procedural.py), training (train.py)."""
 import argparse
 import json
@@ -28,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import audio
 import data
@@ -37,168 +36,6 @@ import fusion
 import metrics
 import procedural
 import stylegan2
-
-# ==== The motion probe: a small CNN that reads the renderer's parameters back from a procedural frame ====
-# Why: the procedural set (procedural.py) knows the exact pose / blink / gaze / mouth of every frame it renders, but
-# nothing knows them for a *generated* frame: dlib finds no face in cartoon heads, and no pose estimator was
-# trained on them. So we train one: a regressor from rendered frames to the 12 motion parameters and the 4 mouth
-# landmarks, the renderer's values as labels. Its held-out error (in its checkpoint, printed with every result
-# that uses it) is the resolution of every number it produces; generated frames are a different distribution
-# from rendered ones, which adds an error it cannot measure on itself.
-PROBE_SIZE = 64                               # frames are resized to this side before the probe
-PROBE_MOUTH = (9, 10, 11, 12)                 # procedural.LANDMARK_NAMES: mouth_l, mouth_r, mouth_top, mouth_bottom
-N_MOTION = len(procedural.MOTION_KEYS)        # 12
-N_OUT = N_MOTION + 2 * len(PROBE_MOUTH)       # 20 probe outputs
-ATTRIBUTES = {                                # reported attribute: (MOTION_KEYS columns, unit scale, unit)
-    "yaw": ((0,), 180 / math.pi, "deg"), "pitch": ((1,), 180 / math.pi, "deg"), "roll": ((2,), 180 / math.pi, "deg"),
-    "blink": ((5, 6), 1.0, "0..1"), "gaze": ((7, 8), 1.0, "-1..1"),   # means over both eyes / over x and y
-    "brow": ((9,), 1.0, "0..1"), "mouth_open": ((10,), 1.0, "0..1"),
-}
-
-
-class MotionProbe(nn.Module):
-    """[B, 3, H, W] frames in [-1, 1] -> [B, 20]: the 12 motion parameters (procedural.MOTION_KEYS units), then
-    (x, y) of the 4 mouth landmarks as fractions of the image side. Four stride-2 3x3 convs with BatchNorm
-    (64 -> 4 px), a 2-layer head; outputs de-standardised with the training targets' mean/std, kept as
-    buffers so the checkpoint alone reproduces the predictions."""
-
-    def __init__(self,
-            width=32,   # channels of the first conv (then 2x, 3x, 4x)
-            hidden=256, # width of the fully connected layer
-        ):
-        super().__init__()
-        c = (3, width, 2 * width, 3 * width, 4 * width)
-        layers = []
-        for i in range(4):                                                     # 32, 16, 8, 4 px
-            layers += [nn.Conv2d(c[i], c[i + 1], 3, stride=2, padding=1), nn.BatchNorm2d(c[i + 1]), nn.LeakyReLU(0.2)]
-        self.features = nn.Sequential(*layers)                                 # [B, 4w, 4, 4]
-        self.head = nn.Sequential(nn.Linear(4 * width * 16, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, N_OUT))
-        self.register_buffer("mean", torch.zeros(N_OUT))
-        self.register_buffer("std", torch.ones(N_OUT))
-
-    def forward_standardised(self, x):
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"MotionProbe wants [B, 3, H, W] frames in [-1, 1], got {tuple(x.shape)}")
-        if x.shape[-2:] != (PROBE_SIZE, PROBE_SIZE):
-            x = F.interpolate(x, size=(PROBE_SIZE, PROBE_SIZE), mode="bilinear", align_corners=False, antialias=True)
-        return self.head(self.features(x).flatten(1))
-
-    def forward(self, x):
-        return self.forward_standardised(x) * self.std + self.mean              # [B, 20]
-
-
-def probe_target(ident, motion_row):
-    """Label of one rendered frame: motion [12] ++ mouth landmarks [4 x (x, y)] / image side -> [20]."""
-    xy, _ = procedural.landmarks(ident, motion_row, PROBE_SIZE)
-    return np.concatenate([np.asarray(motion_row, np.float64), (xy[list(PROBE_MOUTH)] / PROBE_SIZE).reshape(-1)])
-
-
-def probe_dataset(split, n, seed=0, ss=None):
-    """n rendered 64 px frames with labels -> (frames uint8 [n, 3, 64, 64], targets float32 [n, 20]).
-    ss: the renderer's supersampling (None = its default, 3 at 64 px; training uses 2: ~2x cheaper and, box-averaged
-    like 3, nearly the same picture). Identities and motion come from procedural.py's own generators (train or test
-    ranges: the held-out set has unseen people), 8 random rows of each 48-frame motion clip, one person per clip.
-    Blinks are rare in real motion (~0.3/s), so for 40 % of the frames the lids are redrawn uniformly (15 % of
-    those one eye only): otherwise the probe could score well by always answering 'open'."""
-    test = split != "train"
-    ids = procedural.TEST_IDS if test else procedural.TRAIN_IDS
-    r = np.random.default_rng((seed, int(test)))
-    frames, targets = [], []
-    for k in range(n):
-        if k % 8 == 0:  # 8 frames per (person, clip): the slow parts (background, speech track) once per clip
-            motion, _ = procedural.make_motion(procedural.MOTION_BASE[split] + int(r.integers(1 << 30)), 48)
-            ident = procedural.make_identity(ids[int(r.integers(min(len(ids), 100_000)))])
-        row = motion[int(r.integers(48))].astype(np.float64)
-        if r.random() < 0.4:
-            b = r.uniform(0, 1)
-            row[5:7] = (b, b) if r.random() > 0.15 else ((b, 0.0) if r.random() < 0.5 else (0.0, b))
-        frames.append(procedural.render(ident, row, PROBE_SIZE, ss=ss))
-        targets.append(probe_target(ident, row))
-    return (torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous(),
-            torch.from_numpy(np.stack(targets)).float())
-
-
-@torch.no_grad()
-def _probe_frames(probe, x255, chunk=64):
-    """The probe on frames on the 0..255 grid (uint8, or to_255's floats: as saved) -> [N, 20] on the CPU."""
-    dev = next(probe.parameters()).device
-    return torch.cat([probe(data.to_unit(c.to(dev))) for c in x255.split(chunk)]).cpu()
-
-
-def attribute_errors(pred, target):
-    """Mean absolute error per ATTRIBUTES entry (in its unit) and the mouth LMD at 224 px
-    (lmd_points convention) between [N, 20] probe-layout rows -> dict of floats."""
-    pred, target = pred.double(), target.double()
-    out = {name: float((pred[:, list(cols)] - target[:, list(cols)]).abs().mean() * scale)
-           for name, (cols, scale, _) in ATTRIBUTES.items()}
-    mouth = [x[:, N_MOTION:].reshape(-1, len(PROBE_MOUTH), 2) * metrics.LMD_SIZE for x in (pred, target)]  # px at 224
-    out["lmd"] = float(metrics.lmd_points(*mouth).mean())
-    return out
-
-
-def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr=2e-3, seed=0, log=print):
-    """Train MotionProbe on rendered frames (MSE on standardised targets, Adam, cosine decay) and save atomically
-    {'kind': 'motion_probe', 'state_dict', 'width', 'hidden', 'heldout', 'heldout_mean_predictor', 'heldout_mse',
-    'train_mse' and their values before training (*_init), 'n_train', 'steps'}; held-out = test-split identities
-    and motion. -> the checkpoint dict. The default (20000 frames, 1500 steps) takes ~2-3 min on one busy CPU
-    core; with fewer frames it memorises them (at 6000 frames: yaw error 2.8 deg on seen frames, 11 on unseen)."""
-    torch.manual_seed(seed)
-    t0 = time.time()
-    x, y = probe_dataset("train", n_train, seed, ss=2)
-    xh, yh = probe_dataset("test", n_heldout, seed)
-    log(f"probe: rendered {n_train} + {n_heldout} frames in {time.time() - t0:.1f} s")
-    probe = MotionProbe()
-    probe.mean.copy_(y.mean(0))
-    probe.std.copy_(y.std(0).clamp_min(1e-3))  # a constant column would otherwise divide by 0
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g = torch.Generator().manual_seed(seed)
-    yz, yhz = (y - probe.mean) / probe.std, (yh - probe.mean) / probe.std
-
-    def mse(x, yz):  # mean squared error in standardised units: 1.0 = the 'always the mean' guess
-        with torch.no_grad():
-            return float(torch.cat([F.mse_loss(probe.forward_standardised(data.to_unit(c)), t, reduction="none")
-                                    for c, t in zip(x.split(256), yz.split(256))]).mean())
-    probe.eval()
-    mse_init = dict(heldout_mse_init=mse(xh, yhz), train_mse_init=mse(x[:512], yz[:512]))
-    probe.train()
-    for step in range(steps):
-        idx = torch.randint(n_train, (batch,), generator=g)
-        loss = F.mse_loss(probe.forward_standardised(data.to_unit(x[idx])), yz[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % max(1, steps // 5) == 0:
-            log(f"probe: step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
-    probe.eval()
-    ck = {"kind": "motion_probe", "width": probe.features[0].out_channels, "hidden": probe.head[0].out_features,
-          "n_train": n_train, "steps": steps, "state_dict": probe.state_dict(),
-          "heldout": attribute_errors(_probe_frames(probe, xh, 256), yh),
-          "heldout_mse": mse(xh, yhz), "train_mse": mse(x[:512], yz[:512]), **mse_init,
-          "heldout_mean_predictor": attribute_errors(probe.mean.expand_as(yh), yh)}  # context: 'knows nothing'
-    stylegan2.save_checkpoint(out_path, ck)
-    log("probe: held-out error " + _fmt_attrs(ck["heldout"]) + " | mean predictor " +
-        _fmt_attrs(ck["heldout_mean_predictor"]) + f" | saved {out_path}")
-    return ck
-
-
-def load_probe(path, device="cpu"):
-    """-> (MotionProbe in eval mode, its held-out error dict)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"motion probe not found: {path} "
-                                f"(train one: python evaluate.py --train-probe --out {path})")
-    ck = stylegan2.load_checkpoint(path, "probe checkpoint")
-    if not isinstance(ck, dict) or ck.get("kind") != "motion_probe":
-        raise ValueError(f"{path}: not a motion-probe checkpoint (written by python evaluate.py --train-probe)")
-    probe = MotionProbe(ck["width"], ck["hidden"])
-    probe.load_state_dict(ck["state_dict"], strict=True)
-    return probe.to(device).eval(), ck["heldout"]
-
-
-def _fmt_attrs(e):
-    return " ".join(f"{k} {v:.3g}{'°' if k in ('yaw', 'pitch', 'roll') else ''}" for k, v in e.items())
-
 
 # ==== Protocol (Sec. 4.2.3, PC-AVS) and the controllability benchmark on procedural data ==========
 # pcavs: x_s = frame 0 of the clip; x_d = all its frames (pose/expression); x_a = its audio (lips); scored on
@@ -320,14 +157,14 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
                psnr=float(p.mean()), n_psnr_inf=int(torch.isinf(p).sum()))
     probe = tools.get("probe")
     if probe is not None:
-        pg, pt = _probe_frames(probe, g255), _probe_frames(probe, t255)  # on the frames as saved
-        rec["lmd"] = attribute_errors(pg, pt)["lmd"]  # one detector (the probe) on both sides, as dlib on video
+        pg, pt = metrics.probe_frames(probe, g255), metrics.probe_frames(probe, t255)  # on the frames as saved
+        rec["lmd"] = metrics.attribute_errors(pg, pt)["lmd"]  # one detector (the probe) on both sides, as dlib on video
         if "motion" in gt:  # procedural: the true parameters are known
             ident = procedural.make_identity(int(gt["identity_seed"]))
-            rows = [probe_target(ident, m.numpy()) for m in gt["motion"][scored]]
+            rows = [metrics.probe_target(ident, m.numpy()) for m in gt["motion"][scored]]
             truth = torch.from_numpy(np.stack(rows, dtype=np.float32))
-            rec["attr"] = attribute_errors(pg, truth)           # generated frames vs truth
-            rec["attr_floor"] = attribute_errors(pt, truth)     # the probe on the true frames: its floor here
+            rec["attr"] = metrics.attribute_errors(pg, truth)           # generated frames vs truth
+            rec["attr_floor"] = metrics.attribute_errors(pt, truth)     # the probe on the true frames: its floor here
             rec["lmd_vs_renderer"] = rec["attr"].pop("lmd")     # probe(gen) vs renderer landmarks
             rec["attr_floor"].pop("lmd")
     elif tools.get("landmarker") is not None:
@@ -354,7 +191,7 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
         rec["canon_var"] = float(c01.var(0).mean())    # Fig. 5b: pixel variance over the clip, [0,1]^2
         rec["drive_var"] = float(d01.var(0).mean())    # the same for the driving frames themselves
         if probe is not None:                          # Fig. 6: pose spread (yaw, pitch, roll std), degrees
-            pc, pd = _probe_frames(probe, to_255(out["canon"])), _probe_frames(probe, to_255(frames))
+            pc, pd = metrics.probe_frames(probe, to_255(out["canon"])), metrics.probe_frames(probe, to_255(frames))
             rec["canon_pose_std"] = float(pc[:, :3].std(0).mean() * (180 / math.pi))
             rec["drive_pose_std"] = float(pd[:, :3].std(0).mean() * (180 / math.pi))
     return rec, dict(source=x_s, driving=frames, gt=gt["frames"], gen=out["x_g"], audio=sample["audio"])
@@ -369,7 +206,8 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
 # correlation of generated and ground-truth luminance, pooled over the pixels the attribute moves in the ground
 # truth (each pixel's temporal mean removed first): 1 = the attribute is reproduced, 0 = a still image
 # (copy-source), < 0 = moves the wrong way.
-ATTR_PROBE = dict(yaw="yaw", pitch="pitch", blink="blink", gaze="gaze", brow="brow", lips="mouth_open")  # ATTRIBUTES
+ATTR_PROBE = dict(yaw="yaw", pitch="pitch", blink="blink", gaze="gaze", brow="brow",  # metrics.ATTRIBUTES
+                  lips="mouth_open")
 ATTR_MOVE_THR = 4.0  # moving pixel: ground-truth luminance std over the clip above this, grey levels (rounding ~0.3)
 ATTR_ROW_LABELS = {"model": "FC-TFG (ours)", "copy_source": "copy source",
                    "encoder_recon": "G(E_inv(x_d)), the driver's own codes (ceiling)"}
@@ -403,7 +241,7 @@ def attribute_pair(k, split="report", T=32, size=64, n_pairs=2):
 
     def clip(person, motion, audio):  # the renderer's frames of `person` -> a data.py sample
         return data.clip_sample(procedural.render_clip(person, motion, size), audio)
-    neutral, silence = np.zeros((1, N_MOTION), np.float32), np.zeros(data.SPF, np.float32)
+    neutral, silence = np.zeros((1, metrics.N_MOTION), np.float32), np.zeros(data.SPF, np.float32)
     x_s, b_s = (clip(p, neutral, silence)["frames"][0] for p in (A, B))
     motions = ((a, *procedural.attribute_motion(a, base + k, T)) for a in procedural.ATTRIBUTE_CLIPS)
     return x_s, b_s, ((a, full, clip(B, drive, audio), clip(A, full, audio)["frames"], clip(B, full, audio)["frames"])
@@ -426,7 +264,7 @@ def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hype
     for k in range(n_pairs):
         x_s, b_s, clips = attribute_pair(k, split, T, model.G.size, n_pairs)
         for a, full, x_d, gt, b_full in clips:
-            cols, scale, _ = ATTRIBUTES[ATTR_PROBE[a]]   # the probe's reading of this attribute
+            cols, scale, _ = metrics.ATTRIBUTES[ATTR_PROBE[a]]   # the probe's reading of this attribute
             truth, mel = torch.from_numpy(full)[:, list(cols)], x_d["mel"].to(dev)
             rows = dict(model=(x_s, x_d["frames"], gt), copy_source=(x_s, x_d["frames"], gt),
                         encoder_recon=(b_s, b_full, b_full))   # (source, driving frames, reference of corr)
@@ -437,7 +275,8 @@ def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hype
                 mse = float((g255.double() - to_255(gt).double()).pow(2).mean())  # pooled over the clip:
                 d["psnr"].append(10 * math.log10(255 ** 2 / max(mse, 1e-10)))      # finite for copies
                 if probe is not None:
-                    d["err"].append(float((_probe_frames(probe, g255)[:, list(cols)] - truth).abs().mean() * scale))
+                    d["err"].append(float((metrics.probe_frames(probe, g255)[:, list(cols)] - truth).abs().mean()
+                                          * scale))
         el = time.time() - t0
         print(f"attributes: pair {k + 1}/{n_pairs} | {el:.0f} s | ETA {el / (k + 1) * (n_pairs - k - 1):.0f} s")
     return {row: {a: {**{m: _mean(v) for m, v in d.items()}, "corr_se": _se(d["corr"])} for a, d in per.items()}
@@ -455,7 +294,7 @@ def format_attribute_table(res):
     more), then the probe's error per attribute, then mean PSNR vs A."""
     attrs = list(next(iter(res.values())))
     head = (" | ".join(f"{a} corr ↑" for a in attrs) + " | " +
-            " | ".join(f"{a} err ({ATTRIBUTES[ATTR_PROBE[a]][2]}) ↓" for a in attrs) + " | PSNR vs A ↑ |")
+            " | ".join(f"{a} err ({metrics.ATTRIBUTES[ATTR_PROBE[a]][2]}) ↓" for a in attrs) + " | PSNR vs A ↑ |")
     lines = ["| method | " + head, "|---|" + "---|" * (2 * len(attrs) + 1)]
     for row, per in res.items():
         psnrs = [per[a]["psnr"] for a in attrs if per[a]["psnr"] is not None]
@@ -535,11 +374,11 @@ def format_table(summary, run, notes):
             lines.append(f"| {meth} [paper, {run['paper_table']}] | " + " | ".join(cell(v, "{:.2f}") for v in vals)
                          + " | |")
     else:
-        def attrs(key):  # one cell per ATTRIBUTES entry of s[key]
-            return " | ".join(cell((s.get(key) or {}).get(k), "{:.3g}") for k in ATTRIBUTES)
-        heads = " | ".join(f"{k} err ({unit}) ↓" for k, (_, _, unit) in ATTRIBUTES.items())
+        def attrs(key):  # one cell per metrics.ATTRIBUTES entry of s[key]
+            return " | ".join(cell((s.get(key) or {}).get(k), "{:.3g}") for k in metrics.ATTRIBUTES)
+        heads = " | ".join(f"{k} err ({unit}) ↓" for k, (_, _, unit) in metrics.ATTRIBUTES.items())
         lines = [f"| Method | SSIM ↑ | PSNR ↑ | {heads} | LMD ↓ | LSE-C{mark} ↑ |",
-                 "|---|---|---|" + "---|" * len(ATTRIBUTES) + "---|---|",
+                 "|---|---|---|" + "---|" * len(metrics.ATTRIBUTES) + "---|---|",
                  f"| {name} | {c('ssim', '{:.3f}')} | {c('psnr')} | {attrs('attr')} | {c('lmd')} | {c(sync_c)} |"]
         if s.get("attr_floor"):
             lines.append(f"| probe on ground truth (its floor) | | | {attrs('attr_floor')} | | |")
@@ -637,10 +476,10 @@ def load_tools(args, synthetic, hyper_steps, device):
     if not args.syncnet and not args.syncnet_v2:
         notes.append("LSE-C/LSE-D: '-' (pass --syncnet OUR_EXPERT.pt or --syncnet-v2 syncnet_v2.model)")
     if args.probe:
-        tools["probe"], held = load_probe(args.probe, device)
+        tools["probe"], held = metrics.load_probe(args.probe, device)
         notes += [f"LMD and attributes from the motion probe {args.probe} (CNN trained on rendered frames with the "
-                  f"renderer's labels); its held-out error on rendered frames: {_fmt_attrs(held)} (LMD in px at "
-                  f"224, 4 mouth points): differences below that are not resolved",
+                  f"renderer's labels); its held-out error on rendered frames: {metrics.format_attrs(held)} "
+                  f"(LMD in px at 224, 4 mouth points): differences below that are not resolved",
                   "LMD = probe on generated vs probe on ground-truth frames (one detector on both sides, as dlib "
                   "on real video); lmd_vs_renderer in results.json compares with the renderer's own landmarks"]
     elif synthetic:
@@ -763,7 +602,7 @@ def evaluate_attributes(args, model, hyper_steps, device):
         raise ValueError("--protocol attributes computes every baseline row itself; drop --baseline")
     if args.data != "synthetic":
         raise ValueError("--protocol attributes needs the renderer's ground truth: use --data synthetic")
-    probe, held = load_probe(args.probe, device) if args.probe else (None, None)
+    probe, held = metrics.load_probe(args.probe, device) if args.probe else (None, None)
     res = attribute_transfer(model, args.n_clips, args.attr_split, args.clip_frames, probe, hyper_steps)
     notes = [f"{args.n_clips} pairs (A, B) of held-out people, split '{args.attr_split}', {args.clip_frames} "
              f"frames; corr = temporal correlation of luminance with the reference over the pixels that move in it "
@@ -772,7 +611,7 @@ def evaluate_attributes(args, model, hyper_steps, device):
              "B speaking) and its PSNR taken against A's ground truth (identity test)"]
     if held is not None:
         notes.append(f"err = motion probe on the generated frames vs the true parameter ({args.probe}; held-out "
-                     f"error on rendered frames {_fmt_attrs(held)})")
+                     f"error on rendered frames {metrics.format_attrs(held)})")
     header = f"FC-TFG attribute transfer | checkpoint {args.checkpoint} | hyper_steps {hyper_steps}"
     run = dict(protocol="attributes", checkpoint=args.checkpoint, split=args.attr_split, n_pairs=args.n_clips,
                clip_frames=args.clip_frames, probe=args.probe, hyper_steps=hyper_steps)
@@ -781,7 +620,7 @@ def evaluate_attributes(args, model, hyper_steps, device):
     return res
 
 
-def _to(sample, device):  # the motion labels stay on the CPU: probe_target reads them with numpy
+def _to(sample, device):  # the motion labels stay on the CPU: metrics.probe_target reads them with numpy
     return {k: v.to(device) if torch.is_tensor(v) and k != "motion" else v for k, v in sample.items()}
 
 
@@ -808,7 +647,7 @@ def main(argv=None):
         elif args.train_probe:
             if not args.out:
                 raise ValueError("--train-probe needs --out FILE.pt")
-            train_probe(args.out, n_train=args.probe_frames, steps=args.probe_steps, seed=args.seed)
+            metrics.train_probe(args.out, n_train=args.probe_frames, steps=args.probe_steps, seed=args.seed)
         else:
             evaluate(args)
     except (ValueError, FileNotFoundError) as e:

@@ -29,6 +29,16 @@ def cuda_ok():
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(scope="session")
+def probe_ckpt(tmp_path_factory):
+    """A tiny motion probe (160 frames, 80 steps, ~5 s): enough to test the plumbing and that
+    training moves the held-out error, not a useful probe."""
+    import metrics
+    path = tmp_path_factory.mktemp("probe") / "probe.pt"
+    ck = metrics.train_probe(str(path), n_train=160, n_heldout=48, steps=80, batch=32, log=lambda *a: None)
+    return path, ck
+
+
 @pytest.fixture
 def cli_actions():
     """cli_actions(fn, argv) -> the argparse actions (options and positionals, every sub-parser's too)

@@ -1,5 +1,5 @@
-"""Tests of evaluate.py: the PC-AVS protocol, the baselines, the motion probe, the attribute-transfer
-table and the command line (the metrics themselves: test_metrics.py)."""
+"""Tests of evaluate.py: the PC-AVS protocol, the baselines, the attribute-transfer table and
+the command line (the metrics themselves and the motion probe: test_metrics.py)."""
 import importlib.util
 import json
 import math
@@ -15,15 +15,6 @@ import data
 import evaluate as ev
 import metrics
 import procedural
-
-
-@pytest.fixture(scope="module")
-def probe_ckpt(tmp_path_factory):
-    """A tiny motion probe (160 frames, 80 steps, ~5 s): enough to test the plumbing and that
-    training moves the held-out error, not a useful probe."""
-    path = tmp_path_factory.mktemp("probe") / "probe.pt"
-    ck = ev.train_probe(str(path), n_train=160, n_heldout=48, steps=80, batch=32, log=lambda *a: None)
-    return path, ck
 
 
 @pytest.fixture(scope="module")
@@ -56,48 +47,6 @@ def _psnr_np(a, b):
 def _uint8(frames):
     """[T, 3, H, W] in [-1, 1] -> uint8 [T, H, W, 3] (exact for rendered procedural frames)."""
     return ((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-
-def test_attribute_errors_hand_values():
-    target = torch.zeros(3, 20, dtype=torch.float64)
-    target[:, 12:] = torch.tensor([0.4, 0.6, 0.6, 0.6, 0.5, 0.55, 0.5, 0.65], dtype=torch.float64)  # 4 mouth points
-    pred = target.clone()
-    pred[:, 0] += 0.1                     # yaw off by 0.1 rad = 5.7296 deg
-    pred[:, 5] += 0.4                     # one eye's blink off by 0.4 -> mean over both eyes 0.2
-    pred[:, 12:] += 0.25                  # all mouth points shifted together: LMD 0 (translation removed)
-    e = ev.attribute_errors(pred, target)
-    assert e["yaw"] == pytest.approx(0.1 * 180 / math.pi, rel=1e-6)
-    assert e["blink"] == pytest.approx(0.2, rel=1e-6)
-    assert e["pitch"] == e["roll"] == e["gaze"] == e["mouth_open"] == 0
-    assert e["lmd"] == pytest.approx(0, abs=1e-6)
-
-
-def test_probe_training_lowers_heldout_error_and_roundtrip(probe_ckpt, tmp_path):
-    path, ck = probe_ckpt
-    # standardised MSE (1.0 = always guessing the mean), untrained net vs after 80 steps: clearly lower
-    # on its training frames, and lower on unseen people too (160 frames generalise only a little)
-    assert ck["train_mse"] < 0.7 * ck["train_mse_init"], (ck["train_mse"], ck["train_mse_init"])
-    assert ck["heldout_mse"] < ck["heldout_mse_init"], (ck["heldout_mse"], ck["heldout_mse_init"])
-    assert set(ck["heldout"]) == set(ev.ATTRIBUTES) | {"lmd"} and all(math.isfinite(v) for v in ck["heldout"].values())
-    probe, held = ev.load_probe(str(path))
-    assert held == ck["heldout"] and not probe.training
-    x, y = ev.probe_dataset("test", 8, seed=5)
-    pred = probe(data.to_unit(x))
-    assert pred.shape == (8, 20) and torch.isfinite(pred).all()
-    # labels are the renderer's own numbers: motion row + mouth landmarks / 64
-    ident = procedural.make_identity(procedural.TEST_IDS[0])
-    motion, _ = procedural.make_motion(7, 3)
-    xy, _ = procedural.landmarks(ident, motion[1], 64)
-    t = ev.probe_target(ident, motion[1])
-    np.testing.assert_allclose(t[:12], motion[1], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(t[12:].reshape(4, 2) * 64, xy[[9, 10, 11, 12]], rtol=0, atol=1e-4)
-    bad = tmp_path / "bad.pt"
-    torch.save({"kind": "something else"}, bad)
-    with pytest.raises(ValueError, match="motion-probe"):
-        ev.load_probe(str(bad))
-    with pytest.raises(FileNotFoundError, match="train-probe"):
-        ev.load_probe(str(tmp_path / "missing.pt"))
 
 
 def test_untrained_model_renders_source_recon_and_chunking_is_exact():
@@ -201,7 +150,7 @@ def test_cli_cross_protocol_controllability(tmp_path, capsys, probe_ckpt):
     assert "yaw err (deg)" in out and "probe on ground truth (its floor)" in out and "Fig. 5b" in out
     s = _results(tmp_path)["summary"]
     for group in ("attr", "attr_floor"):
-        assert set(s[group]) == set(ev.ATTRIBUTES) and all(math.isfinite(v) for v in s[group].values())
+        assert set(s[group]) == set(metrics.ATTRIBUTES) and all(math.isfinite(v) for v in s[group].values())
     for k in ("canon_var", "drive_var", "canon_pose_std", "drive_pose_std", "lmd", "lmd_vs_renderer"):
         assert math.isfinite(s[k]), k
     assert [c["pair"] for c in _results(tmp_path)["clips"]] == [[0, 1], [1, 0]]
