@@ -122,19 +122,19 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
         return self._cached(i, self.motion_seed(i), "_features", make)["masks"]
 
     def _cached(self, i, ms, tag, make):
-        """make(identity of clip i, motion [T, 12], audio of motion seed ms) -> dict of arrays, stored once as
-        cache_dir/id<identity seed>_m<ms><tag>_T.._s..npz (the key holds everything the pixels depend on) and
-        read back by every call, the first too; without a cache_dir make() every time."""
+        """make(identity of clip i, motion [T, 12], audio of seed ms) -> arrays, stored once as cache_dir/
+        id<seed>_m<ms><tag>_T.._s..npz (the key: all the pixels depend on), read back later; else made per call."""
         ident = self.identity(i)
-        made = lambda: make(ident, *procedural.make_motion(ms, self.n_frames))
-        if self.cache_dir is None:
-            return made()
-        path = self.cache_dir / f"id{ident.seed}_m{ms}{tag}_T{self.n_frames}_s{self.size}x{self.ss or 0}.npz"
-        if not path.exists():
+        path = None if self.cache_dir is None else \
+            self.cache_dir / f"id{ident.seed}_m{ms}{tag}_T{self.n_frames}_s{self.size}x{self.ss or 0}.npz"
+        if path is not None and path.exists():
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        out = make(ident, *procedural.make_motion(ms, self.n_frames))
+        if path is not None:  # written once, not read back: the arrays in hand are what the file holds
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, lambda tmp: np.savez(tmp, **made()))
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+            write_atomic(path, lambda tmp: np.savez(tmp, **out))
+        return out
 
 
 def _features(masks):  # the renderer's per-part masks -> bool [H, W]: eyes, brows, mouth (--feature_weight)
