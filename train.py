@@ -616,8 +616,7 @@ def save_state(path, stage, args, cfg, step, rank, world):
     if rank != 0:
         return
     # the other run flags: how the checkpoint was made (infer.py reads run["data"] to flag procedural-only models)
-    run = {k: getattr(args, k) for k in ("data", "init", "freeze_pretrained", "freeze_audio", "syncnet",
-                                         "audio_encoder", "arcface", "vgg", "preset")}
+    run = {k: getattr(args, k) for k in ("data", "preset", *STAGE_FLAGS)}
     stylegan2.save_checkpoint(path, {
         "stage": args.stage, "step": step, "cfg": dict(cfg), "run": run, "world": world, "rng": rngs,
         "extra": {n: getattr(stage, n).detach().cpu() for n in stage.extra_state},
