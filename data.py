@@ -2,7 +2,8 @@
 dataset (SyntheticTalkingFaces: cross-identity ground truth, mouth swaps, feature masks); 2. the one video decoder
 and writer (VideoFrames + read_video, VideoWriter + write_video; PyAV optional; infer.py uses them too), wav I/O;
 3. real clips: the one face tracker (face_track), `python data.py prepare SRC DST`, VideoFolderDataset; 4. the
-batches train.py's stages see, step-indexed for exact resume: Batches, FramePool, ClipWindows, Prefetch; 5. CLI.
+batches train.py's stages see, step-indexed for exact resume: Batches, FramePool, IdentityFrames, ClipWindows,
+Prefetch; 5. CLI.
 
 Sec. 4.1.1 "VoxCeleb2 ... pre-processing procedure proposed in [51]" (FOMM crop) -> prepare, fomm_enlarge
 Sec. 4.1.1 MEAD frontal views, 5 speakers x 8 emotions x 5 clips             -> mead_clip_list
@@ -18,6 +19,7 @@ the procedural world (procedural.py), the stages that consume batches (train.py)
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -67,17 +69,19 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
                  n_frames=32,            # clip length T at 25 fps
                  size=64,                # output resolution (64 = tiny preset, 256 = paper)
                  ss=None,                # supersampling factor; None = 3 at <= 96 px, else 2
-                 cache_dir=None):        # folder for rendered clips (npz); None = render every time
+                 cache_dir=None,         # folder for rendered clips (npz); None = render every time
+                 first=0):               # skip this many people and motion seeds of the split (the
+                                         # evaluation's tune | report people: procedural.ATTRIBUTE_SPLITS)
         if split not in procedural.MOTION_BASE:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         ids = procedural.TRAIN_IDS if split == "train" else procedural.TEST_IDS
-        if not 1 <= n_identities <= len(ids):
-            raise ValueError(f"n_identities must be in 1..{len(ids)}, got {n_identities}")
+        if not 1 <= n_identities <= len(ids) - first or first < 0:
+            raise ValueError(f"n_identities must be in 1..{len(ids) - first}, got {n_identities}")
         if clips_per_identity < 1 or n_frames < 1:
             raise ValueError("clips_per_identity and n_frames must be >= 1")
         self.split, self.n_identities, self.clips_per_identity = split, n_identities, clips_per_identity
         self.n_frames, self.size, self.ss = int(n_frames), int(size), ss
-        self.identity_seeds = [ids[k] for k in range(n_identities)]
+        self.identity_seeds, self.first = [ids[first + k] for k in range(n_identities)], int(first)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
 
     def __len__(self):
@@ -89,7 +93,7 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
         return i % len(self)
 
     def motion_seed(self, i):
-        return procedural.MOTION_BASE[self.split] + self._check(i)
+        return procedural.MOTION_BASE[self.split] + self.first + self._check(i)
 
     def identity(self, i):
         return procedural.make_identity(self.identity_seeds[self._check(i) // self.clips_per_identity])
@@ -652,6 +656,48 @@ class FramePool(torch.utils.data.Dataset):
             return self._render(j)
         frames = self.clips[j]["frames"]
         return {"image": frames[len(frames) // 2]}
+
+
+class IdentityFrames(torch.utils.data.Dataset):
+    """Frames labelled with who is in them and nothing else: the judges' data (train.py's judges stage; the paper's
+    E_id and φ learned from identity and class labels). Item j: person j % n of the procedural `clips` (its label),
+    a random frame of a random natural clip of theirs (make_motion: pose, blinks, gaze, brows, speech), drawn in
+    front of another random person's backdrop and shirt: here each person owns a backdrop, and a judge that read
+    identity off it would not look at the face. Rendered once into a pool of `pool` frames (0: len(clips))."""
+
+    def __init__(self, clips, pool=0, seed=0):
+        if not isinstance(clips, SyntheticTalkingFaces):
+            raise ValueError("the judges stage trains on procedural people (--data synthetic); at paper scale "
+                             "pass the published ArcFace / VGG19 weights with --arcface / --vgg")
+        self.clips, self.seed = clips, seed
+        self.frames = [self._render(j) for j in range(pool or len(clips))]
+
+    def _render(self, j):
+        g = np.random.default_rng((self.seed, 11, j))
+        person, other = j % self.clips.n_identities, int(g.integers(self.clips.n_identities))
+        ident = dataclasses.replace(self.clips.identity(person * self.clips.clips_per_identity),
+                                    **{k: getattr(self.clips.identity(other * self.clips.clips_per_identity), k)
+                                       for k in ("bg", "shirt")})
+        clip = person * self.clips.clips_per_identity + int(g.integers(self.clips.clips_per_identity))
+        motion, _ = procedural.make_motion(self.clips.motion_seed(clip), self.clips.n_frames)
+        img = procedural.render(ident, motion[int(g.integers(len(motion)))], self.clips.size)
+        return {"image": to_unit(torch.from_numpy(img).permute(2, 0, 1)), "label": torch.tensor(person)}
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, j):
+        return self.frames[j]
+
+
+def relight(x, g=None):
+    """A new light for each image of x [B, 3, H, W] in [-1, 1] (torch RNG g, default the global one, which a
+    checkpoint carries): gain 0.7-1.3, a tint of +-7 % per channel, gamma 0.8-1.25, mirrored half of the time."""
+    B, dev = x.shape[0], x.device
+    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(B, *shape, 1, 1, generator=g).to(dev)
+    y = ((x + 1) / 2).clamp(0, 1) ** u(0.8, 1.25, 1) * u(0.7, 1.3, 1) * u(0.93, 1.07, 3)
+    flip = torch.rand(B, generator=g).to(dev) < 0.5
+    return torch.where(flip.view(B, 1, 1, 1), y.flip(-1), y).clamp(0, 1) * 2 - 1
 
 
 def make_clip_dataset(cfg, data_arg, split="train", cache_dir=None):

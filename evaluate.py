@@ -77,7 +77,8 @@ def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, can
     window).
       model         Eq. (1)-(2) + temporal fusion, rendered with the source's HyperStyle deltas
       encoder_recon G(E_inv(x_d)) with the same deltas: what the latent route gives when z_s->d is the
-                    driving frame's own code, i.e. the upper bound of FC-TFG's reconstruction
+                    driving frame's own code, i.e. the upper bound of FC-TFG's reconstruction (callers pass
+                    the ground truth as x_d for the decoder + inversion ceiling, the 'truth_recon' rows)
       copy_source   x_s repeated (no network; model may be None)
     canonical=True also renders G(E_can(E_inv(x_d,t))) for every frame t (Fig. 5b: every frame of one video
     taken to canonical space), without deltas (each frame is its own 'source')."""
@@ -146,7 +147,8 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
     frames, mel, T = sample["frames"], sample["mel"], sample["frames"].shape[0]
     cross, gt = gt is not None, sample if gt is None else gt
     x_s = frames[0] if x_s is None else x_s
-    out = run_model(model, x_s, frames, mel, method, tools.get("hyper_steps", 0), tools.get("chunk", 40),
+    drive, kind = (gt["frames"], "encoder_recon") if method == "truth_recon" else (frames, method)
+    out = run_model(model, x_s, drive, mel, kind, tools.get("hyper_steps", 0), tools.get("chunk", 40),
                     canonical=method == "model")
     scored = slice(0, T) if cross else slice(1, T)
     g255, t255 = to_255(out["x_g"][scored]), to_255(gt["frames"][scored])
@@ -155,6 +157,10 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
     rec = dict(n_frames=T, n_scored=int(g255.shape[0]), ssim=float(metrics.ssim(g255, t255).mean()),
                ms_ssim=float(metrics.ms_ssim(g255, t255).mean()) if five_scales else None,
                psnr=float(p.mean()), n_psnr_inf=int(torch.isinf(p).sum()))
+    if "motion" in gt:  # procedural: the renderer's regions of the ground truth (sharp head, own backdrop)
+        masks = procedural.region_masks(procedural.make_identity(int(gt["identity_seed"])),
+                                        gt["motion"][scored].numpy(), g255.shape[-1])
+        rec.update({k: v for k, v in metrics.fidelity(g255, t255, masks).items() if k != "psnr"})
     probe = tools.get("probe")
     if probe is not None:
         pg, pt = metrics.probe_frames(probe, g255), metrics.probe_frames(probe, t255)  # on the frames as saved
@@ -210,7 +216,9 @@ ATTR_PROBE = dict(yaw="yaw", pitch="pitch", blink="blink", gaze="gaze", brow="br
                   lips="mouth_open")
 ATTR_MOVE_THR = 4.0  # moving pixel: ground-truth luminance std over the clip above this, grey levels (rounding ~0.3)
 ATTR_ROW_LABELS = {"model": "FC-TFG (ours)", "copy_source": "copy source",
-                   "encoder_recon": "G(E_inv(x_d)), the driver's own codes (ceiling)"}
+                   "encoder_recon": "G(E_inv(x_d)), the driver's own codes (ceiling)",
+                   "truth_recon": "G(E_inv(A's truth)), decoder + inversion redrawing A (ceiling)"}
+FIDELITY = ("sharpness", "background_err", "skin_err", "psnr")   # metrics.fidelity, per row of both tables
 
 
 def transfer_correlation(gen255, ref255):
@@ -233,7 +241,8 @@ def attribute_pair(k, split="report", T=32, size=64, n_pairs=2):
     """The clips of pair k of the attribute table (reproduce.py's attribute sheet draws pair 0): A = test person
     k of procedural.ATTRIBUTE_SPLITS[split], B = the next one (cyclic over n_pairs), motion seed offset + k.
     -> (x_s, b_s, clips): A's and B's neutral stills [3, H, W] and, lazily, one (attr, full [T, 12], x_d = B's
-    driving sample, gt = A's frames with `full`, b_full = B's frames with `full`) per attribute."""
+    driving sample, gt = A's frames with `full`, b_full = B's frames with `full`, A's region masks with `full`)
+    per attribute."""
     if split not in procedural.ATTRIBUTE_SPLITS:
         raise ValueError(f"split must be one of {sorted(procedural.ATTRIBUTE_SPLITS)}, got {split!r}")
     base = procedural.ATTRIBUTE_SPLITS[split]
@@ -244,8 +253,8 @@ def attribute_pair(k, split="report", T=32, size=64, n_pairs=2):
     neutral, silence = np.zeros((1, metrics.N_MOTION), np.float32), np.zeros(data.SPF, np.float32)
     x_s, b_s = (clip(p, neutral, silence)["frames"][0] for p in (A, B))
     motions = ((a, *procedural.attribute_motion(a, base + k, T)) for a in procedural.ATTRIBUTE_CLIPS)
-    return x_s, b_s, ((a, full, clip(B, drive, audio), clip(A, full, audio)["frames"], clip(B, full, audio)["frames"])
-                      for a, drive, full, audio in motions)
+    return x_s, b_s, ((a, full, clip(B, drive, audio), clip(A, full, audio)["frames"], clip(B, full, audio)["frames"],
+                       procedural.region_masks(A, full, size)) for a, drive, full, audio in motions)
 
 
 @torch.no_grad()
@@ -256,24 +265,33 @@ def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hype
       encoder_recon G(E_inv(x_d)), the driver's own codes, with the attribute fully in its frames (lips: B
                     speaking), correlated with those frames: how much of the attribute E_inv + G carry at all
                     (FC-TFG's ceiling); its PSNR is against A's ground truth (the identity test: it draws B)
-    -> {row: {attr: dict(corr, psnr, err, corr_se)}} means over pairs; err = probe error on the attribute's
-    parameter (procedural.MOTION_KEYS units, degrees for pose) where a probe is given."""
+      truth_recon   G(E_inv(gt)) with A's deltas: the decoder + inversion redrawing A's true frames, the
+                    ceiling of every fidelity column
+    -> {row: {attr: dict(corr, psnr, err, corr_se, sharpness, background_err, skin_err)}} means over pairs;
+    err = probe error on the attribute's parameter (procedural.MOTION_KEYS units, degrees for pose) where a
+    probe is given; the fidelity numbers (metrics.fidelity) are against A's ground truth in every row."""
     dev = next(model.parameters()).device
-    acc = {row: {a: {"corr": [], "psnr": [], "err": []} for a in procedural.ATTRIBUTE_CLIPS} for row in ATTR_ROW_LABELS}
+    acc = {row: {a: {k: [] for k in ("corr", "err") + FIDELITY} for a in procedural.ATTRIBUTE_CLIPS}
+           for row in ATTR_ROW_LABELS}
     t0 = time.time()
     for k in range(n_pairs):
         x_s, b_s, clips = attribute_pair(k, split, T, model.G.size, n_pairs)
-        for a, full, x_d, gt, b_full in clips:
+        for a, full, x_d, gt, b_full, masks in clips:
             cols, scale, _ = metrics.ATTRIBUTES[ATTR_PROBE[a]]   # the probe's reading of this attribute
             truth, mel = torch.from_numpy(full)[:, list(cols)], x_d["mel"].to(dev)
             rows = dict(model=(x_s, x_d["frames"], gt), copy_source=(x_s, x_d["frames"], gt),
-                        encoder_recon=(b_s, b_full, b_full))   # (source, driving frames, reference of corr)
+                        encoder_recon=(b_s, b_full, b_full),   # (source, driving frames, reference of corr)
+                        truth_recon=(x_s, gt, gt))
             for row, (src, drv, ref) in rows.items():
-                g255 = to_255(run_model(model, src.to(dev), drv.to(dev), mel, row, hyper_steps)["x_g"].cpu())
-                d = acc[row][a]
+                kind = "encoder_recon" if row == "truth_recon" else row
+                g255 = to_255(run_model(model, src.to(dev), drv.to(dev), mel, kind, hyper_steps)["x_g"].cpu())
+                d, gt255 = acc[row][a], to_255(gt)
                 d["corr"].append(transfer_correlation(g255, to_255(ref))[0])
-                mse = float((g255.double() - to_255(gt).double()).pow(2).mean())  # pooled over the clip:
-                d["psnr"].append(10 * math.log10(255 ** 2 / max(mse, 1e-10)))      # finite for copies
+                fid = metrics.fidelity(g255, gt255, masks)
+                mse = float((g255.double() - gt255.double()).pow(2).mean())  # pooled over the clip:
+                fid["psnr"] = 10 * math.log10(255 ** 2 / max(mse, 1e-10))      # finite for copies
+                for key in FIDELITY:
+                    d[key].append(fid[key])
                 if probe is not None:
                     d["err"].append(float((metrics.probe_frames(probe, g255)[:, list(cols)] - truth).abs().mean()
                                           * scale))
@@ -291,7 +309,8 @@ def _se(xs):
 
 def format_attribute_table(res):
     """Markdown: correlation per attribute (± its standard error over the pairs where there are two or
-    more), then the probe's error per attribute, then mean PSNR vs A."""
+    more), then the probe's error per attribute, then mean PSNR vs A; below it the fidelity table
+    (format_fidelity_table)."""
     attrs = list(next(iter(res.values())))
     head = (" | ".join(f"{a} corr ↑" for a in attrs) + " | " +
             " | ".join(f"{a} err ({metrics.ATTRIBUTES[ATTR_PROBE[a]][2]}) ↓" for a in attrs) + " | PSNR vs A ↑ |")
@@ -303,6 +322,19 @@ def format_attribute_table(res):
         lines.append(f"| {ATTR_ROW_LABELS[row]} | " + " | ".join(corr) + " | " +
                      " | ".join(cell(per[a]["err"], "{:.3g}") for a in attrs) +
                      f" | {cell(float(np.mean(psnrs)) if psnrs else None, '{:.2f}')} |")
+    return "\n".join(lines) + "\n\n" + format_fidelity_table(
+        {row: {k: _mean([per[a].get(k) for a in attrs]) for k in FIDELITY} for row, per in res.items()},
+        ATTR_ROW_LABELS)
+
+
+def format_fidelity_table(rows, labels):
+    """Markdown: one row per method of metrics.fidelity's numbers against A's ground truth.
+    rows {row: {sharpness, background_err, skin_err, psnr}}, labels {row: text}."""
+    lines = ["| method | sharpness (1 = truth's) ↑ | background err (grey levels) ↓ | skin err ↓ | PSNR vs A ↑ |",
+             "|---|---|---|---|---|"]
+    for row, f in rows.items():
+        lines.append(f"| {labels[row]} | {cell(f['sharpness'], '{:.2f}')} | {cell(f['background_err'], '{:.1f}')} "
+                     f"| {cell(f['skin_err'], '{:.1f}')} | {cell(f['psnr'], '{:.2f}')} |")
     return "\n".join(lines)
 
 
@@ -377,11 +409,17 @@ def format_table(summary, run, notes):
         def attrs(key):  # one cell per metrics.ATTRIBUTES entry of s[key]
             return " | ".join(cell((s.get(key) or {}).get(k), "{:.3g}") for k in metrics.ATTRIBUTES)
         heads = " | ".join(f"{k} err ({unit}) ↓" for k, (_, _, unit) in metrics.ATTRIBUTES.items())
-        lines = [f"| Method | SSIM ↑ | PSNR ↑ | {heads} | LMD ↓ | LSE-C{mark} ↑ |",
-                 "|---|---|---|" + "---|" * len(metrics.ATTRIBUTES) + "---|---|",
-                 f"| {name} | {c('ssim', '{:.3f}')} | {c('psnr')} | {attrs('attr')} | {c('lmd')} | {c(sync_c)} |"]
+        fid = f"{c('sharpness')} | {c('background_err', '{:.1f}')} | {c('skin_err', '{:.1f}')}"
+        lines = [f"| Method | SSIM ↑ | PSNR ↑ | sharpness ↑ | background err ↓ | skin err ↓ | {heads} | LMD ↓ | "
+                 f"LSE-C{mark} ↑ |",
+                 "|---|---|---|---|---|---|" + "---|" * len(metrics.ATTRIBUTES) + "---|---|",
+                 f"| {name} | {c('ssim', '{:.3f}')} | {c('psnr')} | {fid} | {attrs('attr')} | {c('lmd')} | "
+                 f"{c(sync_c)} |"]
         if s.get("attr_floor"):
-            lines.append(f"| probe on ground truth (its floor) | | | {attrs('attr_floor')} | | |")
+            lines.append(f"| probe on ground truth (its floor) | | | | | | {attrs('attr_floor')} | | |")
+        notes.append("fidelity vs the renderer's picture of A (metrics.fidelity): sharpness = squared Laplacian of "
+                     "luminance over A's head, generated / truth; background / skin err = mean |gen - truth| in "
+                     "grey levels over A's backdrop / face skin")
         if s.get("canon_var") is not None:
             notes.append(f"canonical space (Fig. 5b): pixel variance over a clip of G(E_can(E_inv(x_d,t))) = "
                          f"{s['canon_var']:.5f} vs {s['drive_var']:.5f} for the driving frames "
@@ -395,6 +433,61 @@ def format_table(summary, run, notes):
     return "\n".join(lines)
 
 
+# ==== The judges' held-out quality (train.py --stage judges: E_id of Eq. 5, φ of Eq. 7) ==========
+def judge_frames(split, n_people, seed=0):
+    """Held-out test people's frames as the judges were trained on them (data.IdentityFrames: a random natural
+    pose and expression, another person's backdrop) plus a new light each: [2 n, 3, 64, 64], person = index % n."""
+    ds = data.SyntheticTalkingFaces("test", n_people, clips_per_identity=2, n_frames=8,
+                                    first=procedural.ATTRIBUTE_SPLITS[split])
+    x = torch.stack([f["image"] for f in data.IdentityFrames(ds, 2 * n_people, seed).frames])
+    return data.relight(x, torch.Generator().manual_seed(seed))
+
+
+def verification(e_id, split, n_people):
+    """Same / different person pairs of judge_frames: (cos similarities [n], same [n] bool)."""
+    x = judge_frames(split, n_people)
+    emb = torch.cat([e_id(c) for c in x.split(64)])
+    a, b = emb[:n_people], emb[n_people:]                         # two frames of each person
+    same, diff = (a * b).sum(1), (a * b.roll(1, 0)).sum(1)        # b.roll: the next person's other frame
+    return torch.cat([same, diff]), torch.cat([torch.ones(n_people), torch.zeros(n_people)]).bool()
+
+
+def ranking(dist, x, later):
+    """How often dist ranks a blurred (Gaussian, sigma 1 px) and a colour-shifted (+10 grey levels on one
+    channel) copy of each frame as farther from it than the same clip's frame two steps later."""
+    k = torch.tensor([math.exp(-d * d / 2) for d in (-2, -1, 0, 1, 2)], dtype=x.dtype)
+    k = (k[:, None] * k[None, :] / k.sum() ** 2).expand(3, 1, 5, 5)
+    blur = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (2,) * 4, mode="replicate"), k, groups=3)
+    shift = x.clone()
+    shift[torch.arange(len(x)), torch.arange(len(x)) % 3] += 20 / 255      # +10 grey levels of 0..255 in [-1, 1]
+    ref = dist(x, later)
+    return {name: float((dist(x, y) > ref).float().mean()) for name, y in (("blur", blur), ("colour", shift))}
+
+
+@torch.no_grad()
+def judge_quality(path, n_people=200):
+    """-> dict: E_id's verification on unseen people (AUC; accuracy at the threshold best on the 'tune' people,
+    applied to the 'report' people), and φ's rankings (ranking) on report people's clips, beside φ's layout with
+    random weights and pixel L1 for context."""
+    import inversion
+    import losses
+    e_id, vgg = inversion.load_arcface(path), losses.load_vgg19(path)
+    sim, same = verification(e_id, "tune", n_people)
+    best = max(sorted(sim.tolist()), key=lambda t: float(((sim >= t) == same).float().mean()))
+    sim, same = verification(e_id, "report", n_people)
+    auc = float((sim[same][:, None] > sim[~same][None, :]).float().mean())
+    ds = data.SyntheticTalkingFaces("test", n_people, clips_per_identity=1, n_frames=3,
+                                    first=procedural.ATTRIBUTE_SPLITS["report"])
+    clips = torch.stack([ds[i]["frames"] for i in range(n_people)])           # [n, 3, 3, 64, 64]
+    torch.manual_seed(0)
+    rand = losses.VGG19Features(**{**losses.PRESETS["tiny"]["vgg"], "base": vgg.features[0].out_channels})
+    lpips = lambda net: lambda a, b: torch.stack([losses.perceptual_loss(net, u[None], v[None]) for u, v in zip(a, b)])
+    dists = dict(phi=lpips(vgg), phi_untrained=lpips(rand), l1=lambda a, b: (a - b).abs().flatten(1).mean(1))
+    return dict(e_id=dict(auc=auc, accuracy=float(((sim >= best) == same).float().mean()), threshold=best,
+                          pairs=2 * n_people),
+                phi={name: ranking(d, clips[:, 0], clips[:, 2]) for name, d in dists.items()})
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="FC-TFG evaluation: Table 1 metrics under the PC-AVS protocol "
                                  "(Sec. 4.2.3), baselines, and controllability on procedural data")
@@ -404,10 +497,12 @@ def parse_args(argv=None):
     ap.add_argument("--protocol", default="pcavs", choices=("pcavs", "cross", "attributes"),
                     help="pcavs: Sec. 4.2.3 (Table 1); cross: cross-identity with the renderer's ground truth; "
                          "attributes: one attribute at a time (issue 18's transfer table, procedural data)")
-    ap.add_argument("--attr_split", default="report", choices=sorted(procedural.ATTRIBUTE_SPLITS),
-                    help="--protocol attributes: people and motions to use (tune on 'tune', report 'report')")
-    ap.add_argument("--baseline", default=None, choices=("copy_source", "encoder_recon"),
-                    help="score a baseline instead of FC-TFG: the source frame copied, or G(E_inv(x_d))")
+    ap.add_argument("--split", default="report", choices=sorted(procedural.ATTRIBUTE_SPLITS),
+                    help="procedural data: which held-out people and motions (settings are tuned on 'tune', "
+                         "numbers reported on 'report')")
+    ap.add_argument("--baseline", default=None, choices=("copy_source", "encoder_recon", "truth_recon"),
+                    help="score a baseline instead of FC-TFG: the source frame copied, G(E_inv(x_d)), or "
+                         "(--protocol cross) G(E_inv(ground truth)): the decoder + inversion ceiling")
     ap.add_argument("--n_clips", type=int, default=20, help="clips (pairs for --protocol attributes) to score")
     ap.add_argument("--mead", action="store_true", help="--data is a prepared MEAD folder: score the paper's "
                     "MEAD test set (Sec. 4.1.1: 5 speakers x 8 emotions x 5 frontal clips, data.mead_clip_list)")
@@ -430,6 +525,8 @@ def parse_args(argv=None):
     ap.add_argument("--probe_frames", type=int, default=20000, help="--train-probe: rendered training frames")
     ap.add_argument("--probe_steps", type=int, default=1500, help="--train-probe: optimiser steps")
     ap.add_argument("--bench", action="store_true", help="metric throughput vs the oracles")
+    ap.add_argument("--judges", help="a train.py judges checkpoint: held-out quality of E_id (Eq. 5) and "
+                    "φ (Eq. 7) into --out")
     return ap.parse_args(argv)
 
 
@@ -440,7 +537,7 @@ def check_idle_flags(args):
                             ("probe_steps", "--train-probe", args.train_probe),
                             ("preset", "--checkpoint untrained", args.checkpoint == "untrained"),
                             ("window", "--checkpoint untrained", args.checkpoint == "untrained"),
-                            ("attr_split", "--protocol attributes", args.protocol == "attributes"),
+                            ("split", "--data synthetic", args.data == "synthetic"),
                             ("paper_table", "--data FOLDER (real clips)", args.data != "synthetic")):
         if getattr(args, flag) != getattr(default, flag) and not ok:
             raise ValueError(f"--{flag} has no effect without {needs}")
@@ -451,7 +548,8 @@ def clip_set(args, size):
     list (Sec. 4.1.1). -> (dataset, number of clips)."""
     if args.data == "synthetic":  # two people at least: cross needs a second person even for one clip
         return data.SyntheticTalkingFaces("test", n_identities=max(args.n_clips, 2), clips_per_identity=1,
-                                          n_frames=args.clip_frames, size=size), args.n_clips
+                                          n_frames=args.clip_frames, size=size,
+                                          first=procedural.ATTRIBUTE_SPLITS[args.split]), args.n_clips
     if args.protocol == "cross":
         raise ValueError("--protocol cross needs the renderer's ground truth: use --data synthetic")
     only = data.mead_clip_list(args.data) if args.mead else None
@@ -552,6 +650,9 @@ def evaluate(args):
         raise ValueError("--mead selects clips of a prepared MEAD folder: pass it as --data")
     if args.n_clips < 1:
         raise ValueError(f"--n_clips must be >= 1, got {args.n_clips}")
+    if method == "truth_recon" and args.protocol != "cross":
+        raise ValueError("--baseline truth_recon redraws the ground truth of another person: --protocol cross "
+                         "(pcavs: it is --baseline encoder_recon; attributes: every baseline is a row already)")
     if args.checkpoint is None and method != "copy_source":
         raise ValueError("--checkpoint CKPT (or 'untrained') is required unless --baseline copy_source")
     model, cfg = (load_model(args.checkpoint, args.preset, args.window, device, args.seed)
@@ -571,6 +672,7 @@ def evaluate(args):
     run = dict(protocol=args.protocol, method=method, checkpoint=args.checkpoint, data=args.data,
                clip_frames=args.clip_frames if synthetic else None, size=size, hyper_steps=hyper_steps,
                syncnet=args.syncnet, syncnet_v2=args.syncnet_v2, probe=args.probe, seed=args.seed, mead=args.mead,
+               split=args.split if synthetic else None,
                window=(model.fusion.temporal.window if model is not None else None))
     old = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else run
     if diff := sorted(k for k in run if old.get(k) != run[k]):
@@ -579,7 +681,8 @@ def evaluate(args):
         _write_atomic(out / "run.json", json.dumps(run, indent=1))
     label = {"model": f"FC-TFG ({'untrained ' + args.preset if args.checkpoint == 'untrained' else 'ours'})",
              "copy_source": "baseline: copy source frame",
-             "encoder_recon": "baseline: G(E_inv(x_d)) (upper bound)"}[method]
+             "encoder_recon": "baseline: G(E_inv(x_d)) (upper bound)",
+             "truth_recon": "baseline: G(E_inv(ground truth)) (decoder + inversion ceiling)"}[method]
     done = run_clips(args, ds, n, method, model, size, tools, out, device)
     records = [done[i] for i in range(n)]
     summary = summarize(records)
@@ -603,8 +706,8 @@ def evaluate_attributes(args, model, hyper_steps, device):
     if args.data != "synthetic":
         raise ValueError("--protocol attributes needs the renderer's ground truth: use --data synthetic")
     probe, held = metrics.load_probe(args.probe, device) if args.probe else (None, None)
-    res = attribute_transfer(model, args.n_clips, args.attr_split, args.clip_frames, probe, hyper_steps)
-    notes = [f"{args.n_clips} pairs (A, B) of held-out people, split '{args.attr_split}', {args.clip_frames} "
+    res = attribute_transfer(model, args.n_clips, args.split, args.clip_frames, probe, hyper_steps)
+    notes = [f"{args.n_clips} pairs (A, B) of held-out people, split '{args.split}', {args.clip_frames} "
              f"frames; corr = temporal correlation of luminance with the reference over the pixels that move in it "
              f"(> {ATTR_MOVE_THR} grey levels std): 1 = reproduced, 0 = still",
              "the driver's-own-codes row is correlated with the driver's own frames (B with the attribute; lips: "
@@ -613,7 +716,7 @@ def evaluate_attributes(args, model, hyper_steps, device):
         notes.append(f"err = motion probe on the generated frames vs the true parameter ({args.probe}; held-out "
                      f"error on rendered frames {metrics.format_attrs(held)})")
     header = f"FC-TFG attribute transfer | checkpoint {args.checkpoint} | hyper_steps {hyper_steps}"
-    run = dict(protocol="attributes", checkpoint=args.checkpoint, split=args.attr_split, n_pairs=args.n_clips,
+    run = dict(protocol="attributes", checkpoint=args.checkpoint, split=args.split, n_pairs=args.n_clips,
                clip_frames=args.clip_frames, probe=args.probe, hyper_steps=hyper_steps)
     write_results(Path(args.out), header, format_attribute_table(res), notes,
                   dict(run=run, attributes=res, notes=notes))
@@ -644,6 +747,22 @@ def main(argv=None):
         check_idle_flags(args)
         if args.bench:
             metrics.bench_metrics(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        elif args.judges:
+            if not args.out:
+                raise ValueError("--judges needs --out DIR")
+            q = judge_quality(args.judges)
+            e, p = q["e_id"], q["phi"]
+            table = "\n".join(["| judge | held-out quality |", "|---|---|",
+                               f"| E_id (ArcFace) | verification AUC {e['auc']:.3f}, accuracy {e['accuracy']:.3f} "
+                               f"({e['pairs']} pairs of unseen people) |"] +
+                              [f"| {name} | blur farther {r['blur']:.2f}, colour shift farther {r['colour']:.2f} |"
+                               for name, r in p.items()])
+            write_results(Path(args.out), f"judges {args.judges}", table,
+                          ["E_id: two frames per unseen person, each a random pose, expression, backdrop and light; "
+                           "threshold chosen on the 'tune' people, accuracy on the 'report' people",
+                           "φ rows: share of held-out frames whose degraded copy is farther than the clip's frame "
+                           "two steps later (phi_untrained: the same layout with random weights; l1: pixels)"],
+                          dict(judges=args.judges, **q))
         elif args.train_probe:
             if not args.out:
                 raise ValueError("--train-probe needs --out FILE.pt")

@@ -4,6 +4,7 @@ Paper map (FC-TFG, Jang et al., ACM MM 2023; layouts from the pSp, HyperStyle an
 Sec. 3, Fig. 3  z_s = E_inv(x_s), z_d = E_inv(x_d), one shared encoder  -> PSPEncoder
 Sec. 4.1.2      "HyperStyle ... we replace the e4e encoder with pSp"       -> HyperStyle, invert()
 Sec. 3.3.3      Eq. (5) L_id = 1 - cos(E_id(x_g), E_id(x_d)), ArcFace     -> IdentityEncoder
+                E_id's own training (ArcFace margin loss; tiny judges)   -> arcface_loss
 Sec. 4.1.2      inversion stage trained before FC-TFG (pSp, then HyperStyle losses) -> loss_inversion,
                 psp_loss, hyperstyle_loss
 Published checkpoint formats (pSp, HyperStyle, InsightFace IR-SE50)       -> load_psp, load_hyperstyle,
@@ -360,8 +361,9 @@ class IdentityEncoder(nn.Module):
     """E_id: face image [B, 3, H, W] in [-1, 1] (RGB, any size) -> unit-norm embedding [B, E].
     Crop the face box, average-pool to 112 px, IR-SE50 body, then the ArcFace head
     BN2d -> Dropout -> flatten -> Linear(512*7*7 -> 512) -> BN1d (affine), L2-normalise.
-    Always frozen and in eval mode (BatchNorm running statistics, no dropout), even inside a parent that
-    is put in train mode: gradients still flow to the *input* image, which is what Eq. (5) needs."""
+    As a judge (frozen=True) always frozen and in eval mode (BatchNorm running statistics, no dropout), even
+    inside a parent that is put in train mode: gradients still flow to the *input* image, which is what
+    Eq. (5) needs. frozen=False: the network being trained (train.py's judges stage, arcface_loss)."""
 
     def __init__(self,
                  face_size=112,               # side of the pooled face crop fed to the body
@@ -369,6 +371,7 @@ class IdentityEncoder(nn.Module):
                  units=(3, 4, 14, 3),         # IR-SE units per stage (IR-SE50)
                  widths=(64, 128, 256, 512),  # IR-SE channels per stage
                  drop=0.6,                    # head dropout of the released model (inactive: eval only)
+                 frozen=True,                 # a judge (True) or a network in training (False)
                  ):
         super().__init__()
         if face_size % 16:
@@ -380,11 +383,13 @@ class IdentityEncoder(nn.Module):
         self.output_layer = nn.Sequential(
             nn.BatchNorm2d(widths[3]), nn.Dropout(drop), nn.Flatten(),
             nn.Linear(widths[3] * s * s, emb_dim), nn.BatchNorm1d(emb_dim))
-        self.requires_grad_(False)
-        self.eval()
+        self.frozen = frozen
+        if frozen:
+            self.requires_grad_(False)
+            self.eval()
 
-    def train(self, mode=True):
-        return super().train(False)  # pinned to eval: a pretrained metric must not drift with batch stats
+    def train(self, mode=True):  # a judge is pinned to eval: a metric must not drift with batch statistics
+        return super().train(mode and not self.frozen)
 
     def forward(self, x):  # [B, 3, H, W] -> [B, E]
         if x.dim() != 4 or x.shape[1] != 3:
@@ -398,6 +403,21 @@ class IdentityEncoder(nn.Module):
             h = ops.checkpointed(unit, h, on=self.checkpointing)
         f = self.output_layer(h)                               # [B, E]
         return F.normalize(f, dim=1)
+
+
+def arcface_loss(emb, centres, labels, s=30.0, m=0.5):
+    """The loss that trains E_id: ArcFace's additive angular margin (Deng et al., CVPR 2019, Eq. 3).
+    emb [B, E] unit embeddings, centres [K, E] one learned direction per training identity (normalised here),
+    labels [B] in 0..K-1. With theta_j the angle between emb and centre j, the logits are s cos(theta_j) for
+    every wrong class and s cos(theta_y + m) for the true one, then softmax cross-entropy: a face must sit m
+    radians closer to its own centre than a plain softmax would ask, which spreads identities apart on the
+    sphere. Where theta_y + m would pass pi (cos no longer decreasing) the target logit continues linearly,
+    cos(theta_y) - m sin(m), as InsightFace does. s: 64 for 512-d embeddings there; 30 suits our 64-d ones."""
+    cos = F.linear(emb, F.normalize(centres, dim=1)).clamp(-1 + 1e-7, 1 - 1e-7)    # [B, K]
+    cos_y = cos.gather(1, labels[:, None])                                          # [B, 1]
+    theta_y = torch.acos(cos_y)
+    target = torch.where(theta_y + m < math.pi, torch.cos(theta_y + m), cos_y - m * math.sin(m))
+    return F.cross_entropy(s * cos.scatter(1, labels[:, None], target), labels)
 
 
 # ==== 5. invert() and the inversion-stage losses ==================================================
@@ -483,8 +503,11 @@ def _strip(sd, prefix):
 
 def load_arcface(path, **cfg):
     """InsightFace IR-SE50 (`model_ir_se50.pth`: a plain state dict with keys input_layer.*, body.N.*,
-    output_layer.*) -> frozen IdentityEncoder. cfg overrides PRESETS['paper']['arcface']."""
+    output_layer.*) -> frozen IdentityEncoder. cfg overrides PRESETS['paper']['arcface']. A checkpoint of
+    train.py's judges stage (the tiny judges) holds the same layout under 'e_id', sized by its preset."""
     sd = stylegan2.load_checkpoint(path, "ArcFace checkpoint")
+    if isinstance(sd, dict) and sd.get("stage") == "judges":
+        cfg, sd = {**PRESETS[sd["cfg"]["model"]]["arcface"], **cfg}, sd["e_id"]
     if not isinstance(sd, dict) or "state_dict" in sd:
         raise ValueError(f"{path}: expected a plain IR-SE50 state dict (keys input_layer.*, body.N.*, "
                          f"output_layer.*), got a {'wrapped checkpoint' if isinstance(sd, dict) else type(sd)}")

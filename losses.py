@@ -26,6 +26,10 @@ from torch import nn
 
 from stylegan2 import load_checkpoint, load_strict, r1_penalty  # the project's one reader/loader; R1 of Eq. 8
 
+# φ of Eq. (7) per preset: VGG19 itself (paper: torchvision's weights) or the same layout at a quarter width,
+# trained by train.py's judges stage (tiny).
+PRESETS = {"paper": dict(vgg=dict(base=64)), "tiny": dict(vgg=dict(base=16))}
+
 # Eq. (9), Sec. 3.3.7: "λ1..λ6 are set to 1, 0.1, 0.5, 1, 1 and 0.1".
 LAMBDA = dict(ortho=1.0, sync=0.1, id=0.5, rec=1.0, lpips=1.0, gan=0.1)
 
@@ -228,8 +232,12 @@ class VGG19Features(nn.Module):
 def load_vgg19(path_or_sd, taps=(3, 8, 17, 26, 35)):
     """A torchvision-layout VGG19 state dict (file path or dict, e.g. torchvision's vgg19-dcbb9e9d.pth)
     -> frozen VGG19Features. Loads every `features.{i}.weight/bias` strictly; the classifier (`classifier.*`)
-    is the one expected extra and is ignored. torch.load with weights_only=True (tensors only)."""
+    is the one expected extra and is ignored. torch.load with weights_only=True (tensors only). The width
+    is read from the first conv (64 for VGG19 itself); a checkpoint of train.py's judges stage holds the
+    tiny φ under 'vgg' in the same layout."""
     sd = load_checkpoint(path_or_sd, "VGG19 checkpoint") if isinstance(path_or_sd, (str, os.PathLike)) else path_or_sd
+    if isinstance(sd, dict) and sd.get("stage") == "judges":
+        sd = sd["vgg"]
     if not isinstance(sd, dict):
         raise ValueError(f"load_vgg19: expected a state dict, got {type(sd).__name__}")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
@@ -237,7 +245,16 @@ def load_vgg19(path_or_sd, taps=(3, 8, 17, 26, 35)):
     if other:
         raise ValueError(f"load_vgg19: not a torchvision VGG19 state dict; unexpected keys {other[:5]}")
     feats = {k: v for k, v in sd.items() if k.startswith("features.")}   # classifier.*: the one ignored part
-    return load_strict(VGG19Features(base=64, taps=taps), feats, "load_vgg19 (torchvision VGG19, cfg E)")
+    first = feats.get("features.0.weight")
+    base = int(first.shape[0]) if torch.is_tensor(first) and first.ndim == 4 else 64   # else: load_strict says
+    return load_strict(VGG19Features(base=base, taps=taps), feats, "load_vgg19 (torchvision VGG19, cfg E)")
+
+
+def imagenet_normalise(x):
+    """[-1, 1] images -> [0, 1] -> (x - mean) / std with ImageNet's statistics: what VGG19's weights expect
+    (and what the tiny φ is trained on, so both read images the same way)."""
+    mean, std = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1), x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x + 1) / 2 - mean) / std
 
 
 def perceptual_loss(vgg, x_g, x_d, mode="lpips"):
@@ -260,9 +277,7 @@ def perceptual_loss(vgg, x_g, x_d, mode="lpips"):
     vgg.set_taps(cfg["taps"])
     x = torch.cat([x_g, x_d], 0)                                        # one pass for both
     if mode == "lpips":
-        mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        x = ((x + 1) / 2 - mean) / std
+        x = imagenet_normalise(x)
     total = 0.0
     for f, w in zip(vgg(x), cfg["weights"]):
         if mode == "lpips":                                             # unit vector per pixel first

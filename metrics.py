@@ -8,6 +8,8 @@ which reference implementation it reproduces (the tests compare with those as or
 SSIM    [56] Wang et al. 2004, 11x11 Gaussian, valid region  -> ssim
 MS-SSIM [57] Wang et al. 2003, 5 scales                      -> ms_ssim
 PSNR    10 log10(L^2 / MSE), per frame, float64             -> psnr
+Fidelity (ours): sharpness, background / skin error, PSNR   -> fidelity, laplacian_energy
+          on procedural frames, masks from the renderer
 LMD     [11] mouth landmarks 48-67 (dlib 68 points)          -> lmd, lmd_from_landmarks, mouth_landmarks
           the same distance for any point set                -> lmd_points
 LSE-D / LSE-C [42] SyncNet v2 of syncnet_python              -> lse, sync_scores, lse_from_embeddings
@@ -194,6 +196,39 @@ def psnr(x, y, data_range=255.0):
     mse = (x - y).pow(2).flatten(1).mean(1)  # [B]
     val = 10 * torch.log10(data_range ** 2 / mse.clamp_min(torch.finfo(torch.float64).tiny))
     return torch.where(mse > 0, val, torch.full_like(val, math.inf))
+
+
+# ==== Fidelity on procedural frames (ours): sharp, and the source's own colours where they belong ====
+# Table 1's SSIM / PSNR average over the whole frame; these four say WHERE a generated face departs from its
+# ground truth: a blurred head (the smoothing Eq. 7 is there to fight), a background or skin taken from the
+# driver instead of the source (the identity Eq. 5 is there to keep). Masks: procedural.region_masks.
+LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))  # the 5-point discrete Laplacian
+
+
+def laplacian_energy(x255, mask):
+    """Sum over frames and masked pixels of the squared Laplacian of luminance (BT.601, 0..255).
+    x255 [T, 3, H, W], mask bool [T, H, W]; the outermost pixel ring (no full 3x3 stencil) is left out."""
+    y = (x255.double() * x255.new_tensor(LUMA, dtype=torch.float64).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    lap = F.conv2d(y, y.new_tensor(LAPLACIAN).view(1, 1, 3, 3))[:, 0]           # [T, H-2, W-2]
+    return float((lap.pow(2) * torch.as_tensor(mask)[:, 1:-1, 1:-1].to(lap.device)).sum())
+
+
+def fidelity(gen255, gt255, masks):
+    """gen255, gt255 [T, 3, H, W] on 0..255; masks: dict head / background / skin of bool [T, H, W] (the
+    ground truth's) -> dict of
+      sharpness      laplacian_energy over the head, generated / ground truth (1 = as sharp, < 1 blurred)
+      background_err mean |gen - gt| in grey levels over the background pixels (all channels)
+      skin_err       the same over the face skin
+      psnr           PSNR of the whole frame, mean over frames (psnr above; identical frames: inf)."""
+    err = (gen255.double() - gt255.double()).abs().mean(1)                        # [T, H, W]
+
+    def masked_mean(name):
+        m = torch.as_tensor(masks[name]).to(err.device)
+        return float(err[m].mean()) if m.any() else None
+    ref = laplacian_energy(gt255, masks["head"])
+    return dict(sharpness=laplacian_energy(gen255, masks["head"]) / ref if ref > 0 else None,
+                background_err=masked_mean("background"), skin_err=masked_mean("skin"),
+                psnr=float(psnr(gen255, gt255).mean()))
 
 
 # ==== LSE-D / LSE-C (Sec. 4.2.1, ref [42]): SyncNet v2 of joonson/syncnet_python, rewritten =======

@@ -482,7 +482,8 @@ def render(ident, motion, size=64, ss=None, return_masks=False):
     nose, mouth and hair are simple implicit shapes. Pose therefore foreshortens features and
     moves the silhouette like a 3-D head. Rendering happens at size*ss and is box-averaged down
     (supersampled anti-aliasing). return_masks=True also returns bool [H, W] masks
-    {head, face, hair, eye_l, eye_r, brow_l, brow_r, mouth} (coverage > 1/2) for tests and region losses.
+    {head, face, hair, eye_l, eye_r, brow_l, brow_r, mouth, body (neck and shoulders)} (coverage > 1/2) for
+    tests, region losses and the fidelity measures (region_masks).
     Speed: head pixels get a small integer label per layer (painter's order) and one palette lookup at
     the end, which is ~3x cheaper in numpy than assigning RGB triples layer by layer.
     """
@@ -497,8 +498,9 @@ def render(ident, motion, size=64, ss=None, return_masks=False):
     cx, cy = m["tx"], m["ty"] + HEAD_Y
     skin_c, hair_c = np.array(ident.skin, np.float32), np.array(ident.hair, np.float32)
     # ---- neck and torso: image-plane shapes that follow tx / ty
-    img[(np.abs(X - 0.8 * cx) < 0.42 * a) & (Y < cy - 0.5 * b)] = 0.75 * skin_c           # neck
-    img[((X - 0.5 * cx) / 0.9) ** 2 + ((Y + 1.3) / 0.5) ** 2 < 1] = ident.shirt            # shoulders
+    neck = (np.abs(X - 0.8 * cx) < 0.42 * a) & (Y < cy - 0.5 * b)
+    shoulders = ((X - 0.5 * cx) / 0.9) ** 2 + ((Y + 1.3) / 0.5) ** 2 < 1
+    img[neck], img[shoulders] = 0.75 * skin_c, ident.shirt
     # ---- everything below lives inside the head's bounding square (radius = largest semi-axis):
     # a window view of the canvas, so the work scales with the head's area, not the image's
     dx, dy = X - np.float32(cx), Y - np.float32(cy)
@@ -531,9 +533,10 @@ def render(ident, motion, size=64, ss=None, return_masks=False):
     if not return_masks:
         return out
     masks.update(head=head, face=f, hair=hair)
-    full = np.zeros((len(masks), S, S), bool)                           # window -> full canvas
-    full[:, win[0], win[1]] = np.stack(list(masks.values()))
-    return out, dict(zip(masks, full.reshape(-1, size, ss, size, ss).mean(axis=(2, 4)) > 0.5))
+    full = np.zeros((len(masks) + 1, S, S), bool)                       # window -> full canvas
+    full[:-1, win[0], win[1]] = np.stack(list(masks.values()))
+    full[-1] = neck | shoulders                                         # "body": canvas-wide already
+    return out, dict(zip([*masks, "body"], full.reshape(-1, size, ss, size, ss).mean(axis=(2, 4)) > 0.5))
 
 
 LANDMARK_NAMES = ("eye_l", "eye_r", "eye_l_top", "eye_r_top", "eye_l_bottom", "eye_r_bottom",
@@ -571,6 +574,24 @@ def render_clip(ident, motion, size=64, ss=None):
     if motion.ndim != 2 or motion.shape[1] != len(MOTION_KEYS):
         raise ValueError(f"motion must be [T, {len(MOTION_KEYS)}], got shape {motion.shape}")
     return np.stack([render(ident, mk, size, ss) for mk in motion])
+
+
+def region_masks(ident, motion, size=64, ss=None):
+    """The regions the fidelity measures score (metrics.fidelity), frame by frame: motion [T, 12] -> dict of
+    bool [T, H, W]: head (the head, grown by one pixel so its outline counts), background (neither head nor
+    neck nor shoulders: the person's own backdrop) and skin (the front of the face without eyes, brows and
+    mouth, each grown by one pixel)."""
+    def grow(m):  # 3x3 dilation of a bool [H, W] mask
+        p = np.pad(m, 1)
+        return np.logical_or.reduce([p[dy:dy + size, dx:dx + size] for dy in range(3) for dx in range(3)])
+    out = {"head": [], "background": [], "skin": []}
+    for mk in np.asarray(motion):
+        m = render(ident, mk, size, ss, return_masks=True)[1]
+        features = np.logical_or.reduce([m[k] for k in ("eye_l", "eye_r", "brow_l", "brow_r", "mouth")])
+        out["head"].append(grow(m["head"]))
+        out["background"].append(~(m["head"] | m["body"]))
+        out["skin"].append(m["face"] & ~grow(features))
+    return {k: np.stack(v) for k, v in out.items()}
 
 
 def bench_render(sizes=(64, 256), n=20):

@@ -89,7 +89,7 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30)):
     # the ground truth (A doing it) and FC-TFG (A's neutral still + B's clip + the audio)
     x_s, _, clips = attribute_pair(0, "report", 32, size)
     rows, sel = [], list(range(0, 32, 3))
-    for _, _, x_d, gt, _ in clips:
+    for _, _, x_d, gt, _, _ in clips:
         gen = model.generate(x_s, x_d["frames"], x_d["mel"], hs)["x_g"]
         rows += [x_d["frames"][sel], gt[sel], gen[sel]]
     save("fig_attributes.png", rows, len(sel))

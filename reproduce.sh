@@ -82,7 +82,7 @@ python reproduce.py export "$OUT/fctfg/last.pt" "$EXPORT"
 stamp "evaluation"
 [ -f "$OUT/probe.pt" ] || python evaluate.py --train-probe --out "$OUT/probe.pt" $PROBE
 EVAL="--data synthetic --n_clips $CLIPS --clip_frames $FRAMES --syncnet $OUT/syncnet/last.pt --probe $OUT/probe.pt --examples 1"
-ATTR="--protocol attributes --attr_split report --n_clips $PAIRS --clip_frames $FRAMES --probe $OUT/probe.pt"
+ATTR="--protocol attributes --split report --n_clips $PAIRS --clip_frames $FRAMES --probe $OUT/probe.pt"
 # each evaluation is skipped when its results.json exists (a resumed recipe does not redo them)
 evaluate() { local out=$1; shift; [ -f "$out/results.json" ] || python evaluate.py $EVAL --out "$out" "$@"; }
 attributes() { [ -f "$1/results.json" ] || python evaluate.py $ATTR --out "$1" --checkpoint "$2"; }

@@ -1,5 +1,6 @@
 """train.py: every training stage of FC-TFG, in paper order, as one readable loop (Sec. 4.1.2).
 
+  --stage judges     E_id and φ of Eq. (5) and (7) at the tiny preset  (Sec. 3.3.3, 3.3.5; published at paper scale)
   --stage stylegan2  "We first train StyleGAN2 generator"             (Sec. 4.1.2; stylegan2.py)
   --stage syncnet    the lip-sync expert behind L_sync, Eq. (4)        (Sec. 3.3.2; audio.py)
   --stage inversion  "then train HyperStyle ... with pSp encoder"     (Sec. 4.1.2; inversion.py)
@@ -56,7 +57,8 @@ SETTINGS = dict(
     lr=(0.002, 0.002, "StyleGAN2 stage: Adam lr of G and D (StyleGAN2's 0.002)"),
     lr_fctfg=(1e-4, 1e-4, "FC-TFG stage: Adam lr (Sec. 4.1.2: 1e-4)"),
     lr_syncnet=(1e-3, 1e-4, "syncnet stage: Adam lr of the lip-sync expert (Wav2Lip: 1e-4)"),
-    lr_inversion=(1e-3, 1e-4, "inversion stage (and the jointly trained encoder of --recon_weight): Adam lr"),
+    lr_inversion=(1e-3, 1e-4, "inversion and judges stages (and the jointly trained encoder of --recon_weight): "
+                  "Adam lr"),
     r1_gamma=(1.0, 10.0, "R1 weight of the D step (Eq. 8's regulariser, StyleGAN2 App. C)"),
     r1_every=(16, 16, "lazy R1: every N D steps (0: off)"),
     pl_weight=(2.0, 2.0, "StyleGAN2 stage: path-length regularisation weight"),
@@ -106,7 +108,7 @@ CHOICES = dict(  # the keys with a fixed set of values (argparse refuses others 
     amp=("none", "bf16"), temporal=("conv", "lstm", "none"), disc=("image", "video"),
     ortho=("hadamard_abs", "signed", "squared", "cosine", "none"), expert_loss=("bce", "nce"),
     source_from=("clip", "identity"), canonical=("plain", "residual"), drive_mouth=("own", "swap", "closed"))
-STAGES = ("stylegan2", "syncnet", "inversion", "fctfg")
+STAGES = ("judges", "stylegan2", "syncnet", "inversion", "fctfg")
 # the run flags only some stages read: given to another stage they would do nothing, so they are refused
 STAGE_FLAGS = dict(init=("inversion", "fctfg"), arcface=("inversion", "fctfg"), vgg=("inversion", "fctfg"),
                    syncnet=("fctfg",), audio_encoder=("fctfg",), freeze_pretrained=("fctfg",), freeze_audio=("fctfg",))
@@ -378,10 +380,54 @@ class SyncNetStage(Stage):
         return batch["frames"][:8, 0]  # the expert has no images of its own: show its inputs
 
 
+# ==== Stage 0: the judges of Eq. (5) and (7), trained on who is in a frame and nothing else ========
+class JudgesStage(Stage):
+    """Stage 0 (tiny preset; the paper downloads both judges): E_id for Eq. (5), an IR-SE ArcFace
+    (inversion.IdentityEncoder) trained with ArcFace's margin loss, and φ for Eq. (7), the VGG19 layout
+    (losses.VGG19Features) trained with a linear identity classifier on its last tap, as VGG19 learned from
+    ImageNet's classes. Both learn from identity labels alone (data.IdentityFrames: any pose, expression,
+    backdrop; data.relight: any light), never from the renderer's motion parameters. evaluate.py --judges
+    reports their held-out quality."""
+    models, optimizers, extra_state = ("e_id", "centres", "vgg", "vgg_head"), ("opt",), ()
+
+    def __init__(self, cfg, device, args):
+        self.cfg, n = cfg, cfg["n_identities"]
+        self.e_id = inversion.IdentityEncoder(**inversion.PRESETS[cfg["model"]]["arcface"], frozen=False).to(device)
+        self.centres = torch.nn.Linear(self.e_id.output_layer[-1].num_features, n, bias=False).to(device)
+        self.vgg = losses.VGG19Features(**losses.PRESETS[cfg["model"]]["vgg"], taps=(35,)).to(device)
+        self.vgg.requires_grad_(True)
+        self.vgg_head = torch.nn.Linear(self.vgg.features[-2].out_channels, n).to(device)
+        nets = (self.e_id, self.centres, self.vgg, self.vgg_head)
+        self.opt = torch.optim.Adam([p for net in nets for p in net.parameters()], lr=cfg["lr_inversion"])
+
+    def dataset(self, clips):
+        return data.IdentityFrames(clips, self.cfg["frame_pool"], self.cfg["seed"])
+
+    def step(self, k, micro, world, autocast):
+        self.e_id.train(), self.vgg.train()
+        self.opt.zero_grad(set_to_none=True)
+        logs = {}
+        for mb in micro:
+            x, y = data.relight(mb["image"]), mb["label"]
+            with autocast():
+                arc = inversion.arcface_loss(self.e_id(x), self.centres.weight, y)
+                feat = self.vgg(losses.imagenet_normalise(x))[-1].mean((2, 3))        # relu5_4, pooled
+                logits = self.vgg_head(feat)
+                cls = torch.nn.functional.cross_entropy(logits, y)
+            ((arc + cls) / len(micro)).backward()
+            logs.update(loss_arcface=arc, loss_vgg=cls, acc_vgg=(logits.argmax(1) == y).float().mean())
+        step_optimizer(self.opt, world)
+        return logs
+
+    def samples(self, batch, seed):
+        return data.relight(batch["image"][:16], torch.Generator().manual_seed(seed))  # what the judges see
+
+
 # ==== Stage 3: inversion (pSp encoder, then HyperStyle) on the frozen StyleGAN2 of stage 1 ========
 def load_judges(args, device):
     """The frozen pre-trained networks of Eq. (5) and (7): ArcFace E_id and VGG19, or None where
-    --arcface / --vgg is not given (a randomly initialised judge would only add noise)."""
+    --arcface / --vgg is not given (a randomly initialised judge would only add noise). Each flag takes the
+    published weights or a checkpoint of the judges stage."""
     return (inversion.load_arcface(args.arcface).to(device) if args.arcface else None,
             losses.load_vgg19(args.vgg).to(device).eval().requires_grad_(False) if args.vgg else None)
 
@@ -581,7 +627,7 @@ class FCTFGStage(Stage):
         return torch.cat([mb["source"][:n], mb["frames"][:n, 0], out["x_g"][:n, 0].detach(), canon])
 
 
-STAGE_CLASSES = dict(zip(STAGES, (StyleGAN2Stage, SyncNetStage, InversionStage, FCTFGStage)))  # --stage -> class
+STAGE_CLASSES = dict(zip(STAGES, (JudgesStage, StyleGAN2Stage, SyncNetStage, InversionStage, FCTFGStage)))
 
 
 # ==== Checkpoints: atomic, weights_only-loadable (tensors, dicts, lists, numbers, strings only) ====

@@ -104,7 +104,8 @@ def test_copy_source_cli_matches_hand_computation(tmp_path, capsys):
                        "--examples", 0], capsys)
     assert rc == 0 and "baseline: copy source frame" in out
     clip = _results(tmp_path / "p")["clips"][0]
-    f = _uint8(data.SyntheticTalkingFaces("test", n_identities=2, clips_per_identity=1, n_frames=6, size=64)[0]["frames"])
+    f = _uint8(data.SyntheticTalkingFaces("test", n_identities=2, clips_per_identity=1, n_frames=6, size=64,
+                                          first=procedural.ATTRIBUTE_SPLITS["report"])[0]["frames"])  # the default
     # PC-AVS protocol: frame 0 is the source, frames 1..5 are scored; per-frame values then the mean
     assert clip["psnr"] == pytest.approx(np.mean([_psnr_np(f[0], f[t]) for t in range(1, 6)]), abs=1e-9)
     want = np.mean([sk.structural_similarity(f[0], f[t], gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
@@ -115,10 +116,16 @@ def test_copy_source_cli_matches_hand_computation(tmp_path, capsys):
                        "--out", tmp_path / "c", "--examples", 0], capsys)
     assert rc == 0
     clip = _results(tmp_path / "c")["clips"][0]
-    ds = data.SyntheticTalkingFaces("test", n_identities=2, clips_per_identity=1, n_frames=6, size=64)
+    ds = data.SyntheticTalkingFaces("test", n_identities=2, clips_per_identity=1, n_frames=6, size=64,
+                                    first=procedural.ATTRIBUTE_SPLITS["report"])    # --split report, the default
     src, gt = _uint8(ds[0]["frames"])[0], _uint8(ds.cross(0, 1)["frames"])
     assert clip["pair"] == [0, 1]
     assert clip["psnr"] == pytest.approx(np.mean([_psnr_np(src, g) for g in gt]), abs=1e-9)
+    masks = procedural.region_masks(ds.identity(0), ds.cross(0, 1)["motion"].numpy())
+    err = np.abs(src[None].astype(float) - gt.astype(float)).mean(-1)        # [T, H, W] grey levels
+    assert clip["background_err"] == pytest.approx(err[masks["background"]].mean(), abs=1e-9)
+    assert clip["skin_err"] == pytest.approx(err[masks["skin"]].mean(), abs=1e-9) and clip["sharpness"] > 0
+    assert "background err" in out
 
 
 def test_cli_end_to_end_untrained_tiny(tmp_path, capsys, probe_ckpt, syncnet_ckpt):
@@ -184,7 +191,7 @@ def test_cli_bad_checkpoint_one_line_error(tmp_path, capsys, syncnet_ckpt):
     # a flag that acts only with another one, given alone, is refused in one line, not silently ignored
     for argv, msg in [(["--probe_steps", 5], "--probe_steps has no effect without --train-probe"),
                       (["--checkpoint", garbage, "--window", 3], "--window has no effect without --checkpoint"),
-                      (["--attr_split", "tune"], "--attr_split has no effect without --protocol attributes"),
+                      (["--split", "tune", "--data", "/nonexistent"], "--split has no effect without --data synthetic"),
                       (["--paper_table", "mead"], "--paper_table has no effect without --data FOLDER")]:
         rc, out, err = _run([*argv, "--out", tmp_path / "o"], capsys)
         assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists(), err
@@ -237,17 +244,21 @@ def test_attribute_table_rows_and_cli(tmp_path, capsys, probe_ckpt):
     """Copy-source is exactly 0 on every attribute; the driver's own codes of an untrained model are
     rendered through the model, so their rows are finite; the CLI prints and saves the table."""
     rc, out, err = _run(["--checkpoint", "untrained", "--protocol", "attributes", "--n_clips", 1,
-                         "--clip_frames", 12, "--attr_split", "tune", "--out", tmp_path, "--probe", probe_ckpt[0]],
+                         "--clip_frames", 12, "--split", "tune", "--out", tmp_path, "--probe", probe_ckpt[0]],
                         capsys)
     assert rc == 0, err
     assert "blink corr" in out and "copy source" in out and "driver's own codes" in out
     res = _results(tmp_path)["attributes"]
     attrs = procedural.ATTRIBUTE_CLIPS
-    assert set(res) == {"model", "copy_source", "encoder_recon"} and set(res["model"]) == set(attrs)
+    assert set(res) == {"model", "copy_source", "encoder_recon", "truth_recon"} and set(res["model"]) == set(attrs)
     assert all(res["copy_source"][a]["corr"] == 0 for a in attrs)
     for row in res.values():
         for a in attrs:
             assert -1 <= row[a]["corr"] <= 1 and math.isfinite(row[a]["psnr"]) and math.isfinite(row[a]["err"])
+            assert row[a]["sharpness"] > 0 and row[a]["background_err"] >= 0 and row[a]["skin_err"] >= 0
+    # A's still copied: its backdrop is A's own, so only pixels the moving head uncovers differ (yaw, pitch)
+    assert all(res["copy_source"][a]["background_err"] < 1.0 for a in ("blink", "gaze", "brow", "lips"))
+    assert "background err" in out and "decoder + inversion redrawing A" in out
     rc, _, err = _run(["--protocol", "attributes", "--baseline", "copy_source", "--out", tmp_path / "b"], capsys)
     assert rc == 2 and err.startswith("error:")
 

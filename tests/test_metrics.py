@@ -206,6 +206,35 @@ def test_psnr_spec_values(astronaut_pairs):
 
 
 # ------------------------------------------------------------------------------------ MFCC
+def test_laplacian_energy_matches_scipy_laplace():
+    """Oracle: scipy.ndimage.laplace (the same 5-point stencil) on BT.601 luminance, interior pixels only."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, 3, 17, 19), generator=g).float()
+    mask = torch.rand(3, 17, 19, generator=g) > 0.4
+    y = (x.double().numpy() * np.array(metrics.LUMA).reshape(1, 3, 1, 1)).sum(1)
+    lap = np.stack([scipy.ndimage.laplace(f) for f in y])[:, 1:-1, 1:-1]
+    want = float((lap ** 2 * mask.numpy()[:, 1:-1, 1:-1]).sum())
+    assert metrics.laplacian_energy(x, mask) == pytest.approx(want, rel=1e-12)
+
+
+def test_fidelity_hand_cases():
+    """The truth against itself: as sharp, no error, PSNR inf; a blurred copy is less sharp; a colour shift of
+    +10 grey levels on the backdrop only reads exactly 10 there and 0 on the skin."""
+    ident = procedural.make_identity(procedural.TEST_IDS[3])
+    motion = procedural.make_motion(procedural.MOTION_BASE["test"] + 3, 4)[0]
+    gt = torch.from_numpy(procedural.render_clip(ident, motion)).permute(0, 3, 1, 2).double()
+    masks = procedural.region_masks(ident, motion)
+    same = metrics.fidelity(gt, gt, masks)
+    assert same["sharpness"] == 1 and same["background_err"] == same["skin_err"] == 0 and same["psnr"] == math.inf
+    blurred = torch.from_numpy(scipy.ndimage.gaussian_filter(gt.numpy(), (0, 0, 1, 1)))
+    assert metrics.fidelity(blurred, gt, masks)["sharpness"] < 0.5
+    bg = torch.from_numpy(masks["background"])[:, None]
+    shifted = torch.where(bg, (gt + 10).clamp(max=255), gt)
+    f = metrics.fidelity(shifted, gt, masks)
+    exact = float(((shifted - gt).abs().mean(1))[bg[:, 0]].mean())    # clamped pixels move less than 10
+    assert f["background_err"] == pytest.approx(exact) and 9 < exact <= 10 and f["skin_err"] == 0
+
+
 def test_mfcc_matches_python_speech_features():
     psf = pytest.importorskip("python_speech_features")
     rng = np.random.default_rng(1)

@@ -46,6 +46,12 @@ def test_train_and_test_splits_are_disjoint():
     assert {tr.motion_seed(i) for i in range(len(tr))}.isdisjoint({te.motion_seed(i) for i in range(len(te))})
     assert tr.identity(0) != te.identity(0)
     assert [tr.identity(i).seed for i in range(6)] == [0, 0, 0, 1, 1, 1]  # clips_per_identity grouping
+    # `first` skips people and motion seeds: the evaluation's report people are not its tune people
+    rep = data.SyntheticTalkingFaces("test", n_identities=5, clips_per_identity=3, n_frames=4, first=50_000)
+    assert rep.identity_seeds == [procedural.TEST_IDS[50_000 + k] for k in range(5)]
+    assert rep.motion_seed(2) == te.motion_seed(2) + 50_000
+    with pytest.raises(ValueError, match="n_identities"):
+        data.SyntheticTalkingFaces("test", n_identities=5, first=len(procedural.TEST_IDS) - 2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,3 +292,19 @@ def test_demo_motion_performs_every_attribute_in_turn_while_speaking():
     assert np.ptp(motion[:, K["mouth_open"]]) > 0.3 and np.abs(audio).max() > 0.1   # speech throughout
     with pytest.raises(ValueError, match="10 frames"):
         procedural.demo_motion(5)
+
+
+def test_region_masks_partition_the_frame():
+    """Backdrop, head and body never overlap; skin lies on the head and avoids eyes, brows and mouth; the
+    head region is the renderer's head grown by one pixel."""
+    ident = procedural.make_identity(procedural.TEST_IDS[7])
+    motion = procedural.make_motion(procedural.MOTION_BASE["test"] + 7, 3)[0]
+    r = procedural.region_masks(ident, motion)
+    for t, mk in enumerate(motion):
+        m = procedural.render(ident, mk, 64, return_masks=True)[1]
+        assert not (r["background"][t] & (m["head"] | m["body"])).any()
+        assert (r["background"][t] | m["head"] | m["body"]).all()
+        assert (r["skin"][t] <= m["face"]).all() and r["skin"][t].sum() > 0.2 * m["face"].sum()
+        for k in ("eye_l", "eye_r", "brow_l", "brow_r", "mouth"):
+            assert not (r["skin"][t] & m[k]).any()
+        assert (m["head"] <= r["head"][t]).all() and r["head"][t].sum() > m["head"].sum()
