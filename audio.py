@@ -131,12 +131,18 @@ def _read_with_pyav(path, sf_error):
             if resampler is not None:
                 for f in resampler.resample(None):  # flush samples buffered inside the resampler
                     chunks.append(f.to_ndarray())
+            # AAC decodes whole 1024-sample frames: past the stream's stated duration hang up to 2112 samples of
+            # encoder padding (FFmpeg's 1024, Apple's 2112), one video frame's worth and more. Cut them.
+            seconds = (float(stream.duration * stream.time_base) if stream.duration and stream.time_base
+                       else container.duration / 1e6 if container.duration else None)
     except av.FFmpegError as err:
         raise ValueError(f"cannot decode audio {path}: soundfile said '{sf_error}', "
                          f"PyAV said '{err}'") from None
     if not chunks:
         raise ValueError(f"audio file contains no samples: {path}")
-    return np.concatenate(chunks, axis=1).T.astype(np.float32), rate
+    x = np.concatenate(chunks, axis=1).T.astype(np.float32)
+    n = round(seconds * rate) if seconds else len(x)
+    return (x[:n] if 0 < len(x) - n <= 2112 else x), rate
 
 
 # ==== 2. Mel spectrogram (Wav2Lip audio.py + hparams.py). numpy = the definition, torch = batched copy. ====

@@ -12,8 +12,8 @@ Sec. 4.1.2 "downsample the audio to 16kHz", mel windows per frame              -
 
 Time base everywhere: 25 fps and 16 kHz mono float32, so frame k <-> samples [640k, 640k + 640).
 Deviations from FOMM's crop_vox.py (say so when comparing numbers): dlib HOG, not S3FD; one box per clip, not
-IoU-based chunks (its min IoU to the first box is in the JSON); a box leaving the frame is shifted/padded, not
-rejected (--strict: FOMM's rule).
+IoU-based chunks (its min IoU to the first box is in the JSON); a box leaving the frame is shifted inside it, and
+shrunk to the frame when larger (already-cropped clips), not rejected (--strict: FOMM's rule).
 Not here: the mel spectrogram and its window convention (audio.py), face landmarks for LMD (metrics.py),
 the procedural world (procedural.py), the stages that consume batches (train.py).
 """
@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
@@ -37,7 +38,7 @@ from PIL import Image
 import audio as audio_mod  # as audio_mod: `audio` names a sample array throughout this file
 import procedural
 from audio import FPS, SAMPLE_RATE as SR, SAMPLES_PER_FRAME as SPF  # 25 fps, 16 kHz, 640 samples per frame
-from stylegan2 import temp_path, write_atomic  # the project's one atomic writer and its temporary name
+from stylegan2 import ArgumentParser, temp_path, write_atomic  # the one atomic writer, its temporary name, CLI
 
 
 # ==== 1. The sample format (procedural and real clips) and the PC-AVS split =======================
@@ -113,7 +114,8 @@ class SyntheticTalkingFaces(torch.utils.data.Dataset):
         """Frames of clip i with the mouth (mouth_open, mouth_width) of clip j's motion, or closed when j is None:
         uint8 [T, H, W, 3] (--drive_mouth swap / closed: driving frames whose mouth says nothing about the audio)."""
         def make(ident, own, _):
-            mouth = np.zeros_like(own) if j is None else procedural.make_motion(self.motion_seed(j), self.n_frames)[0]
+            mouth = np.zeros_like(own) if j is None else \
+                procedural.make_motion(self.motion_seed(j), self.n_frames, audio=False)[0]
             return dict(frames=procedural.render_clip(ident, mouth_swapped(own, mouth), self.size, self.ss))
         tag = "_mouthclosed" if j is None else f"_mouth{self.motion_seed(j)}"
         return self._cached(i, self.motion_seed(i), tag, make)["frames"]
@@ -238,8 +240,10 @@ class VideoFrames:
         fps = None if fps is None else float(fps)
         step = 1 / (self.src_fps or fps or FPS)              # a source frame lasts this long
         k, safe, pending, prev = 0, 0, [], None              # pending: output frames not yet emitted
+        last = self.t0
         with self._open() as c:
             for t, img in self._decode(c):
+                last = t
                 if fps is None:
                     yield img
                     continue
@@ -254,6 +258,10 @@ class VideoFrames:
                     yield pending.pop(0)
         for _ in range(safe - k):      # K = the last `safe`; times past the last frame: the last frame
             yield prev[1]
+        decoded = last - self.t0 + step
+        if self.duration and decoded < 0.95 * self.duration - step:  # a cut-off download, a damaged file
+            print(f"warning: {self.what}{self.path}: decoding stopped at {decoded:.2f} s of the {self.duration:.2f} s "
+                  f"its header states (truncated or damaged file?); using the frames before that", file=sys.stderr)
 
 
 def read_video(path, fps=None, sr=None, need_audio=False):
@@ -395,23 +403,22 @@ def fomm_enlarge(box, increase=0.1):
 
 def crop_square(frames, box, size, strict=False):
     """Crop one square box from every frame, resized to size x size (PIL LANCZOS, anti-aliased). strict=True is
-    FOMM parity (a box leaving the frame -> ValueError); else it is shifted inside, the frame edge-padded when
-    the box is larger. -> (uint8 [T, size, size, 3], integer box used (l, t, r, b) in source pixels, padded)."""
+    FOMM parity (a box leaving the frame -> ValueError); else it is shifted inside the frame, and a box larger than
+    the frame (a clip that already is a face crop) is first shrunk to the frame's shorter side about its centre:
+    a tighter crop, never pixels that were not filmed (edge padding smears into streaks). -> (uint8 [T, size, size,
+    3], integer box used (l, t, r, b) in source pixels, shrunk)."""
     _, H, W, _ = frames.shape
     l, t, r, b = box
     side = int(round(max(r - l, b - t)))
-    l, t = int(round((l + r - side) / 2)), int(round((t + b - side) / 2))
-    if strict and (l < 0 or t < 0 or l + side > W or t + side > H):
+    if strict and (round((l + r - side) / 2) < 0 or round((t + b - side) / 2) < 0 or
+                   round((l + r + side) / 2) > W or round((t + b + side) / 2) > H):
         raise ValueError("enlarged face box leaves the frame (FOMM rejects such clips)")
-    padded, p = side > W or side > H, 0
-    if padded:
-        p = (side - min(H, W) + 1) // 2 + 1
-        frames = np.pad(frames, ((0, 0), (p, p), (p, p), (0, 0)), mode="edge")
-        l, t, H, W = l + p, t + p, H + 2 * p, W + 2 * p
+    shrunk, side = side > min(H, W), min(side, H, W)
+    l, t = int(round((l + r - side) / 2)), int(round((t + b - side) / 2))
     l, t = min(max(l, 0), W - side), min(max(t, 0), H - side)      # shift inside the frame
     out = np.stack([np.asarray(Image.fromarray(f[t:t + side, l:l + side]).resize((size, size), Image.LANCZOS))
                     for f in frames])
-    return out, (l - p, t - p, l - p + side, t - p + side), padded
+    return out, (l, t, l + side, t + side), shrunk
 
 
 def detect_faces(img, detector):
@@ -490,14 +497,14 @@ def prepare_one(src, dst_stem, size=256, detector=None, min_frames=64, min_face=
     union = (boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max())  # tube box
     if max(union[2] - union[0], union[3] - union[1]) < min_face:
         raise ValueError(f"face too small: {union[2] - union[0]:.0f} px < {min_face}")
-    crop, box, padded = crop_square(frames, fomm_enlarge(union), size, strict=strict)
+    crop, box, shrunk = crop_square(frames, fomm_enlarge(union), size, strict=strict)
     dst_stem = Path(dst_stem)
     dst_stem.parent.mkdir(parents=True, exist_ok=True)
     write_video(dst_stem.with_suffix(".mp4"), crop, FPS, audio, SR)
     write_wav(dst_stem.with_suffix(".wav"), audio, SR)
     return dict(status="ok", source=str(src), n_frames=K, n_samples=len(audio), fps=FPS, sr=SR,
                 size=size, box_ltrb=[int(c) for c in box], source_size=[frames.shape[2], frames.shape[1]],
-                padded=padded, min_iou_to_first=float(min(iou(boxes[0], bx) for bx in boxes)),
+                box_shrunk=shrunk, min_iou_to_first=float(min(iou(boxes[0], bx) for bx in boxes)),
                 audio_source=str(side_audio or src), detector=getattr(detector, "__name__", "dlib"))
 
 
@@ -510,6 +517,10 @@ def prepare(src_dir, dst_dir, size=256, detector=None, min_frames=64, min_face=6
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     if not src_dir.is_dir():
         raise FileNotFoundError(f"source folder not found: {src_dir}")
+    if dst_dir.resolve() == src_dir.resolve() or dst_dir.resolve().is_relative_to(src_dir.resolve()):
+        raise ValueError(f"DST {dst_dir} lies inside SRC {src_dir}: the prepared mp4s would be read back as "
+                         f"sources; choose a folder outside it")
+    detector = detector or dlib_detector()   # before the first file: a missing dlib is one line, not a skip each
     files = sorted(p for p in src_dir.glob(glob) if p.suffix.lower() in VIDEO_EXTS and not p.name.startswith("."))
     n = dict(ok=0, skipped=0)
     for i, src in enumerate(files):
@@ -551,19 +562,32 @@ def mead_clip_list(root, n_speakers=5, n_clips=5, seed=0):
     return out
 
 
+def _record(path):
+    """One prepared clip's JSON record (data.py prepare wrote it) -> dict; ValueError naming the file if damaged."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a prepared clip's record ({e}); delete it or rerun data.py prepare") from None
+    if not isinstance(rec, dict) or (rec.get("status") == "ok" and not {"n_frames", "identity"} <= set(rec)):
+        raise ValueError(f"{path}: not a prepared clip's record (want a JSON object with status, n_frames and "
+                         f"identity); delete it or rerun data.py prepare")
+    return rec
+
+
 class VideoFolderDataset(torch.utils.data.Dataset):
     """Clips written by `prepare` (JSON status ok + mp4 + wav) in clip_sample's format (identity = index of the JSON's
     `identity` in sorted order; no `motion`: real clips have no motion ground truth). n_frames=None: whole clips; an
     int: a window of that length, the first frames or (random_window) from a start drawn from (seed, i), not a global
     RNG: item i is a pure function of i, as a resumed run, prefetching threads and ClipWindows' cache need. only: the
-    clips to keep, all prepared (paths with or without suffix, e.g. mead_clip_list(root))."""
+    clips to keep, all prepared (paths with or without suffix, e.g. mead_clip_list(root)). size: frames of another
+    side are resized to it (area filter), e.g. clips prepared at 256 px for the 64 px tiny preset."""
 
-    def __init__(self, root, n_frames=None, random_window=True, only=None, seed=0):
+    def __init__(self, root, n_frames=None, random_window=True, only=None, seed=0, size=None):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"prepared data folder not found: {root}")
         keep = None if only is None else {Path(p).with_suffix("") for p in only}   # e.g. mead_clip_list(root)
-        recs = [(p.with_suffix(""), json.loads(p.read_text())) for p in sorted(root.rglob("*.json"))]
+        recs = [(p.with_suffix(""), _record(p)) for p in sorted(root.rglob("*.json"))]
         self.items = [(stem, rec) for stem, rec in recs if (keep is None or stem in keep)
                       and rec.get("status") == "ok" and (n_frames is None or rec["n_frames"] >= n_frames)]
         if keep is not None and len(self.items) != len(keep):
@@ -572,7 +596,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         if not self.items:
             raise ValueError(f"no prepared clips (JSON with status 'ok') under {root}")
         self.identities = sorted({rec["identity"] for _, rec in self.items})
-        self.n_frames, self.random_window, self.seed = n_frames, random_window, int(seed)
+        self.n_frames, self.random_window, self.seed, self.size = n_frames, random_window, int(seed), size
 
     def __len__(self):
         return len(self.items)
@@ -580,6 +604,9 @@ class VideoFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         stem, rec = self.items[i]
         frames = read_video(stem.with_suffix(".mp4"))[0]
+        if self.size and frames.shape[1:3] != (self.size, self.size):
+            frames = F.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(self.size,) * 2,
+                                   mode="area").round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
         audio, sr = read_wav(stem.with_suffix(".wav"))
         if sr != SR:
             raise ValueError(f"{stem}.wav is {sr} Hz, expected {SR}")
@@ -638,7 +665,7 @@ class FramePool(torch.utils.data.Dataset):
     def _render(self, j):
         g = np.random.default_rng((self.seed, j))
         i = int(g.integers(len(self.clips)))
-        motion, _ = procedural.make_motion(self.clips.motion_seed(i), self.clips.n_frames)
+        motion, _ = procedural.make_motion(self.clips.motion_seed(i), self.clips.n_frames, audio=False)
         out = procedural.render(self.clips.identity(i), motion[int(g.integers(len(motion)))], self.clips.size,
                                 return_masks=bool(self.feature_weight))  # img [H, W, 3], or (img, masks)
         item = {"image": to_unit(torch.from_numpy(out[0] if self.feature_weight else out).permute(2, 0, 1))}
@@ -679,7 +706,7 @@ class IdentityFrames(torch.utils.data.Dataset):
                                     **{k: getattr(self.clips.identity(other * self.clips.clips_per_identity), k)
                                        for k in ("bg", "shirt")})
         clip = person * self.clips.clips_per_identity + int(g.integers(self.clips.clips_per_identity))
-        motion, _ = procedural.make_motion(self.clips.motion_seed(clip), self.clips.n_frames)
+        motion, _ = procedural.make_motion(self.clips.motion_seed(clip), self.clips.n_frames, audio=False)
         img = procedural.render(ident, motion[int(g.integers(len(motion)))], self.clips.size)
         return {"image": to_unit(torch.from_numpy(img).permute(2, 0, 1)), "label": torch.tensor(person)}
 
@@ -707,7 +734,7 @@ def make_clip_dataset(cfg, data_arg, split="train", cache_dir=None):
     root = Path(data_arg)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {data_arg}: no such folder (prepare one with `python data.py prepare`)")
-    return VideoFolderDataset(root, n_frames=cfg["clip_frames"], seed=cfg["seed"])
+    return VideoFolderDataset(root, n_frames=cfg["clip_frames"], seed=cfg["seed"], size=cfg["size"])
 
 
 class ClipWindows(torch.utils.data.Dataset):
@@ -717,7 +744,7 @@ class ClipWindows(torch.utils.data.Dataset):
     lip-sync expert's negatives. Rendered clips are kept in memory as uint8 (`cache` clips at most)."""
 
     def __init__(self, clips, window, seed=0, off_sync=False, source=False, cache=4096, source_from="clip",
-                 drive_mouth="own", feature_weight=0.0):
+                 drive_mouth="own", feature_weight=0.0, drive_colour=0.0):
         self.clips, self.window, self.seed, self.off_sync, self.source = clips, window, seed, off_sync, source
         synthetic = isinstance(clips, SyntheticTalkingFaces)
         if drive_mouth not in ("own", "swap", "closed"):
@@ -727,7 +754,7 @@ class ClipWindows(torch.utils.data.Dataset):
                              "(use --drive_mouth own with --data PATH)")
         if feature_weight and not synthetic:
             raise ValueError("--feature_weight needs the renderer's masks: procedural data only")
-        self.drive_mouth, self.feature_weight = drive_mouth, float(feature_weight)
+        self.drive_mouth, self.feature_weight, self.drive_colour = drive_mouth, float(feature_weight), float(drive_colour)
         if source_from not in ("clip", "identity"):
             raise ValueError(f"source_from must be 'clip' or 'identity', got {source_from!r}")
         self.per_id = getattr(clips, "clips_per_identity", 1) if source_from == "identity" else 1
@@ -770,6 +797,15 @@ class ClipWindows(torch.utils.data.Dataset):
         if "features" in s:
             out["weight"] = feature_weight_map(s["features"][t:t + W], self.feature_weight)  # [W, 1, H, W]
         g = np.random.default_rng((self.seed, j))
+        if self.drive_colour:
+            # Tiny-scale deviation (RESULTS.md): the driving frames E_m sees are recoloured, one random gain and
+            # offset per channel for the whole window, the targets keep their colours. In self-reenactment source
+            # and driver wear the same colours, so nothing says which of them the output's colours should come
+            # from; with the driver's colours made meaningless they can only come from the source (E_can).
+            a = self.drive_colour
+            gain, shift = (torch.from_numpy(g.uniform(lo, hi, (1, 3, 1, 1)).astype(np.float32))
+                           for lo, hi in ((1 - a, 1 + a), (-a, a)))
+            out["drive"] = (out["drive"] * gain + shift).clamp(-1, 1)
         if self.source:
             # x_s: a frame of the same person (self-reenactment, Sec. 4.1.1). The paper draws it from the same
             # VoxCeleb video, seconds away from x_d; a 16-frame procedural clip spans 0.64 s, so its frames barely
@@ -812,7 +848,7 @@ class Prefetch:
 
 # ==== 5. Command line =============================================================================
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="FC-TFG data: prepare real videos (Sec. 4.1.1), benchmark or preview "
+    ap = ArgumentParser(description="FC-TFG data: prepare real videos (Sec. 4.1.1), benchmark or preview "
                                              "the procedural set")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="crop/resample a folder of videos (FOMM-style)")
@@ -832,15 +868,29 @@ def main(argv=None):
     v.add_argument("--size", type=int, default=256, help="side in pixels")
     v.add_argument("--frames", type=int, default=100, help="clip length (25 fps)")
     a = ap.parse_args(argv)
-    if a.cmd == "prepare":
-        prepare(a.src, a.dst, a.size, None, a.min_frames, a.min_face, a.strict, glob=a.glob)
-    elif a.cmd == "bench":
-        procedural.bench_render(n=a.frames)
-    else:
-        motion, audio = procedural.make_motion(a.motion, a.frames)
-        frames = procedural.render_clip(procedural.make_identity(a.identity), motion, a.size)
-        write_video(a.out, frames, FPS, audio, SR)
-        print(f"wrote {a.out}")
+    limits = dict(size=(16, 4096), min_frames=(1, 10 ** 6), min_face=(1, 10 ** 5), frames=(1, 10 ** 5),
+                  identity=(0, 2 ** 62), motion=(0, 2 ** 62))   # every numeric flag of the three commands
+    bad = [f"--{k.replace('_', '-')} {getattr(a, k)} (want {lo}..{hi})" for k, (lo, hi) in limits.items()
+           if hasattr(a, k) and not lo <= getattr(a, k) <= hi]
+    try:
+        if bad:
+            raise ValueError(f"out of range: {', '.join(bad)}")
+        if a.cmd == "prepare":
+            prepare(a.src, a.dst, a.size, None, a.min_frames, a.min_face, a.strict, glob=a.glob)
+        elif a.cmd == "bench":
+            procedural.bench_render(n=a.frames)
+        else:
+            motion, audio = procedural.make_motion(a.motion, a.frames)
+            frames = procedural.render_clip(procedural.make_identity(a.identity), motion, a.size)
+            write_video(a.out, frames, FPS, audio, SR)
+            print(f"wrote {a.out}")
+    except (ValueError, OSError, ImportError) as e:
+        print(f"data.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # prepare resumes: every finished clip has its JSON, the one in progress none
+        print("data.py: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+    return 0
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -489,7 +489,7 @@ def judge_quality(path, n_people=200):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="FC-TFG evaluation: Table 1 metrics under the PC-AVS protocol "
+    ap = stylegan2.ArgumentParser(description="FC-TFG evaluation: Table 1 metrics under the PC-AVS protocol "
                                  "(Sec. 4.2.3), baselines, and controllability on procedural data")
     ap.add_argument("--checkpoint", help="train.py fctfg checkpoint, or 'untrained' (random tiny weights)")
     ap.add_argument("--data", default="synthetic",
@@ -530,6 +530,39 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+# The numeric flags and the values they accept (one place; None = the flag's "not given"): (minimum, maximum)
+NUMBERS = dict(n_clips=(1, 100_000), clip_frames=(2, 10_000), hyper_steps=(0, 100), window=(1, 10_000),
+               chunk=(1, 10_000), examples=(0, 1000), seed=(0, 2 ** 31 - 1), probe_frames=(64, 10_000_000),
+               probe_steps=(1, 10_000_000))
+
+
+def check_args(args):
+    """Numbers in range, outputs that would not overwrite an input, then check_idle_flags: ValueError."""
+    for flag, (lo, hi) in NUMBERS.items():
+        v = getattr(args, flag)
+        if v is not None and not lo <= v <= hi:
+            raise ValueError(f"--{flag} {v}: must be between {lo} and {hi}")
+    if args.out is not None:
+        out = Path(args.out).resolve()
+        for flag in ("checkpoint", "syncnet", "syncnet_v2", "probe", "judges", "data"):
+            src = getattr(args, flag)
+            if src and src not in ("untrained", "synthetic") and (out == Path(src).resolve()
+                                                                  or Path(src).resolve().is_relative_to(out)):
+                raise ValueError(f"--out {args.out} would overwrite or fill the --{flag.replace('_', '-')} "
+                                 f"input {src}; choose another --out")
+        if args.train_probe and Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a folder; --train-probe writes a file such as probe.pt")
+        if args.train_probe and Path(args.out).is_file():       # replace an old probe, never anything else
+            try:
+                metrics.load_probe(args.out)
+            except ValueError:
+                raise ValueError(f"--out {args.out} exists and is not a motion probe: --train-probe would "
+                                 f"replace it; choose another --out") from None
+        if not args.train_probe and Path(args.out).is_file():
+            raise ValueError(f"--out {args.out} is a file; the results go into a folder")
+    check_idle_flags(args)
+
+
 def check_idle_flags(args):
     """A flag that acts only with another one, set without it, would do nothing: ValueError instead."""
     default = parse_args([])
@@ -553,7 +586,7 @@ def clip_set(args, size):
     if args.protocol == "cross":
         raise ValueError("--protocol cross needs the renderer's ground truth: use --data synthetic")
     only = data.mead_clip_list(args.data) if args.mead else None
-    ds = data.VideoFolderDataset(args.data, n_frames=None, random_window=False, only=only)
+    ds = data.VideoFolderDataset(args.data, n_frames=None, random_window=False, only=only, size=size)
     return ds, (len(ds) if args.mead else min(args.n_clips, len(ds)))
 
 
@@ -590,6 +623,7 @@ def load_tools(args, synthetic, hyper_steps, device):
                          "px at 224)")
         except (ImportError, FileNotFoundError) as e:
             notes.append(f"LMD: '-' ({e})")
+            print(f"warning: LMD will be '-': {e} (pip install dlib-bin face_recognition_models)", file=sys.stderr)
     notes.append("SSIM/MS-SSIM/PSNR on uint8-rounded RGB frames (data_range 255, SSIM mean over channels), per "
                  "frame -> per clip -> mean over clips; pcavs scores frames 1..T-1, cross all frames")
     return tools, notes
@@ -660,9 +694,10 @@ def evaluate(args):
     hyper_steps = args.hyper_steps if args.hyper_steps is not None else int(cfg.get("hyper_steps", 0))
     if args.protocol == "attributes":
         return evaluate_attributes(args, model, hyper_steps, device)
-    size = model.G.size if model is not None else 64   # copy_source: the procedural frames' side
     synthetic = args.data == "synthetic"
+    size = model.G.size if model is not None else 64 if synthetic else None  # copy_source: the frames' own side
     ds, n = clip_set(args, size)
+    size = size or int(ds[0]["frames"].shape[-1])
     tools, notes = load_tools(args, synthetic, hyper_steps, device)
     paper = None if synthetic or args.paper_table == "none" else args.paper_table
     if paper == "auto":
@@ -744,7 +779,7 @@ def _save_example(path, ex, protocol):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        check_idle_flags(args)
+        check_args(args)
         if args.bench:
             metrics.bench_metrics(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         elif args.judges:
@@ -769,10 +804,15 @@ def main(argv=None):
             metrics.train_probe(args.out, n_train=args.probe_frames, steps=args.probe_steps, seed=args.seed)
         else:
             evaluate(args)
-    except (ValueError, FileNotFoundError) as e:
-        msg = " ".join(str(e).split())  # one line, even when torch's own message spans several
+    except (ValueError, OSError) as e:                     # OSError: FileNotFoundError, PermissionError, ...
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e) else ""
+        msg = " ".join(f"{e}{where}".split())  # one line, even when torch's own message spans several
         print(f"error: {msg if len(msg) < 400 else msg[:400] + ' ...'}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the clips scored so far are in --out's clips.jsonl (a rerun resumes)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

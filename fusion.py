@@ -439,14 +439,21 @@ class FCTFG(nn.Module):
         """Rebuild from a train.py fctfg checkpoint ({'stage': 'fctfg', 'cfg': ..., 'fctfg': state}).
         -> (model in eval mode, cfg with the checkpoint's 'run' dict of non-preset flags, e.g. 'data')."""
         ck = stylegan2.load_checkpoint(path)
-        if ck.get("stage") != "fctfg" or "fctfg" not in ck:
-            raise ValueError(f"{path}: not an FC-TFG checkpoint (stage {ck.get('stage')!r})")
-        cfg = ck["cfg"]
+        if not isinstance(ck, dict) or ck.get("stage") != "fctfg" or "fctfg" not in ck:
+            stage = ck.get("stage") if isinstance(ck, dict) else type(ck).__name__
+            raise ValueError(f"{path}: not an FC-TFG checkpoint (stage {stage!r})")
+        cfg = ck.get("cfg")
+        missing = [k for k in ("model", "temporal", "window") if not isinstance(cfg, dict) or k not in cfg]
+        if missing:
+            raise ValueError(f"{path}: its settings ('cfg') lack {missing}: not a checkpoint train.py wrote "
+                             f"(or a damaged one)")
         # checkpoints from before the --canonical / --layers / --audio_layers flags: the residual E_can
         # and the layers derived by paper_layers
         derived = paper_layers(stylegan2.PRESETS[cfg["model"]]["size"])
         layers = parse_layers(cfg["layers"]) if cfg.get("layers") else derived[0]
         audio_layers = parse_layers(cfg["audio_layers"]) if cfg.get("audio_layers") else derived[1]
+        if cfg["model"] not in PRESETS:
+            raise ValueError(f"{path}: unknown model preset {cfg['model']!r} (known: {sorted(PRESETS)})")
         model = cls(cfg["model"], temporal=cfg["temporal"], window=cfg["window"] or None,
                     canonical_skip=cfg.get("canonical", "residual") == "residual", layers=layers,
                     audio_layers=audio_layers)

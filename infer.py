@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -386,7 +387,7 @@ def procedural_inputs(size, seconds, seed=0):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    ap = stylegan2.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog="With no inputs, procedural ones are used (see procedural_inputs).")
     ap.add_argument("--source", help="face image (jpg/png/...; a video gives its first frame); default: procedural")
     ap.add_argument("--driving", help="driving video for pose, eyes and expression; default: procedural")
@@ -440,8 +441,35 @@ class Progress:
               end="\n" if not self.tty or done >= self.total else "", file=sys.stderr, flush=True)
 
 
+# The numeric flags and the values they accept (one place): (minimum, maximum, why the bound)
+NUMBERS = dict(seconds=(1e-3, 3600.0, "the procedural default clip, in seconds"),
+               fps=(1.0, 240.0, "frames per second"), hyper_steps=(0, 100, "HyperStyle refinement steps"),
+               window=(1, 10_000, "frames per temporal-fusion window"), batch=(1, 10_000, "frames per batch"),
+               sheet_frames=(1, 1000, "columns of the contact sheet"))
+INPUTS = ("source", "driving", "audio", "pose_from", "eyes_from", "expression_from", "checkpoint")
+
+
+def same_file(a, b):
+    """Whether two paths name one file (however spelled: relative, absolute, through a link)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:                                       # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def check_args(args):
     """Every check that needs no file contents, before anything is loaded. -> (device, dtype, amp, out)."""
+    for flag, (lo, hi, what) in NUMBERS.items():
+        v = getattr(args, flag)
+        if v is not None and not (math.isfinite(v) and lo <= v <= hi):
+            raise ValueError(f"--{flag.replace('_', '-')} {v}: {what} must be between {lo:g} and {hi:g}")
+    for out_flag in ("out", "sheet"):                     # an output must never replace an input
+        dst = getattr(args, out_flag)
+        for flag in INPUTS + (("out",) if out_flag == "sheet" else ()):
+            src = getattr(args, flag)
+            if dst is not None and src is not None and same_file(dst, src):
+                raise ValueError(f"--{out_flag} {dst} is the --{flag.replace('_', '-')} file: writing it would "
+                                 f"destroy that input; choose another --{out_flag}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
@@ -459,13 +487,9 @@ def check_args(args):
                            ("preset", "with --checkpoint (the checkpoint sets the size)", not args.checkpoint)):
         if getattr(args, flag) != getattr(default, flag) and not ok:
             raise ValueError(f"--{flag.replace('_', '-')} has no effect {when}")
-    if args.sheet_frames < 1:
-        raise ValueError(f"--sheet-frames must be >= 1, got {args.sheet_frames}")
     if args.fps is not None and args.driving is None:
         raise ValueError("--fps resamples a driving video: it needs --driving (the procedural clip is 25 fps)")
-    if args.seconds <= 0 or (args.hyper_steps or 0) < 0 or (args.fps is not None and args.fps <= 0):
-        raise ValueError("--seconds and --fps must be > 0 and --hyper-steps >= 0")
-    for flag in ("source", "driving", "audio", "pose_from", "eyes_from", "expression_from", "checkpoint"):
+    for flag in INPUTS:
         p = getattr(args, flag)
         if p is not None and not os.path.isfile(p):
             raise FileNotFoundError(f"--{flag.replace('_', '-')}: file not found: {p}")
@@ -546,6 +570,10 @@ def run(args):
     # ---- inputs and faces (all probed now; the driving videos are decoded while generating)
     src_img, videos, paths, proc, fps, wav, K = read_inputs(args, S)
     src_crop, src_box, crops = find_faces(args, src_img, videos, S, fps, timer)
+    side = min(src_box[2] - src_box[0], src_img.shape[0], src_img.shape[1])
+    if side < S:
+        print(f"infer.py: NOTE: the source face is {side} px across, less than the model's {S} px: it is "
+              f"enlarged, so expect a blurred result (give a larger photo)", file=sys.stderr)
 
     # ---- one-time source inversion (Sec. 3: z_s = E_inv(x_s), HyperStyle deltas)
     hyper = args.hyper_steps if args.hyper_steps is not None else int(cfg.get("hyper_steps", 0))
@@ -565,9 +593,9 @@ def run(args):
     # ---- generate and write, batch by batch
     # (said only now, once every input has been read: a bad input stays a one-line error)
     if trained and cfg["run"].get("data") == "synthetic" and (args.source or args.driving):
-        print("infer.py: NOTE: this checkpoint was trained on procedural faces only (procedural.py's tiny world); "
-              "on real photos and videos it cannot draw a face. Real faces need the paper preset trained on "
-              "VoxCeleb2 (README, 'Training').", file=sys.stderr)
+        print("infer.py: NOTE: this checkpoint was trained on procedural cartoon faces only (procedural.py); "
+              "given a real photo it paints one of its cartoon faces over the face in your picture, not yours. "
+              "Real faces need the paper preset trained on VoxCeleb2 (README, 'Training').", file=sys.stderr)
     print(f"infer.py: {K} frames ({K / fps:.2f} s at {fps:g} fps), {W}x{H}, model {cfg.get('model')} {S} px on "
           f"{device}{' ' + str(dtype).split('.')[-1] if dtype else ''}, window {win}, batch {batch}", file=sys.stderr)
     progress = Progress(K, args.quiet)
@@ -627,17 +655,29 @@ def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None):
     return st
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends a run as Ctrl-C does: the writer deletes its temporary file
+
+
 def main(argv=None):
-    """CLI entry. -> exit status: 0 ok, 1 bad input (one line on stderr, no output file)."""
+    """CLI entry. -> exit status: 0 ok, 1 bad input (one line on stderr, no output file), 130 interrupted
+    (Ctrl-C or SIGTERM: one line, no output file, no temporary file left)."""
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.bench:
             bench(args.seconds if args.seconds != 6.0 else 4.0, args.device, args.bf16, args.preset, args.batch)
         else:
             run(args)
     except (ValueError, ImportError, OSError) as e:        # OSError includes FileNotFoundError
-        print(f"infer.py: error: {e}".splitlines()[0], file=sys.stderr)
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e) else ""
+        print(f"infer.py: error: {e}{where}".splitlines()[0], file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"infer.py: interrupted: nothing written to {args.out}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -640,7 +640,8 @@ def probe_dataset(split, n, seed=0, ss=None):
     frames, targets = [], []
     for k in range(n):
         if k % 8 == 0:  # 8 frames per (person, clip): the slow parts (background, speech track) once per clip
-            motion, _ = procedural.make_motion(procedural.MOTION_BASE[split] + int(r.integers(1 << 30)), 48)
+            motion, _ = procedural.make_motion(procedural.MOTION_BASE[split] + int(r.integers(1 << 30)), 48,
+                                               audio=False)
             ident = procedural.make_identity(ids[int(r.integers(min(len(ids), 100_000)))])
         row = motion[int(r.integers(48))].astype(np.float64)
         if r.random() < 0.4:

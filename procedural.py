@@ -220,12 +220,13 @@ def synth_audio(track, n_frames, seed=0):
     return np.clip(0.3 * out, -1, 1).astype(np.float32)          # env 1 -> RMS 0.3
 
 
-def _speak(motion, seed):
-    """Fill the mouth columns of `motion` [T, 12] in place from speech track `seed` -> its audio [640 T]."""
+def _speak(motion, seed, audio=True):
+    """Fill the mouth columns of `motion` [T, 12] in place from speech track `seed` -> its audio [640 T]
+    (None with audio=False: the synthesis is most of a clip's cost, and image stages never hear it)."""
     T = len(motion)
     track = speech_track(int(seed), T)
     motion[:, _COL["mouth_open"]], motion[:, _COL["mouth_width"]] = mouth_from_track(track, T)
-    return synth_audio(track, T, int(seed))
+    return synth_audio(track, T, int(seed)) if audio else None
 
 
 def _smooth_noise(r, T, sigma, scale):
@@ -238,8 +239,9 @@ def _smooth_noise(r, T, sigma, scale):
     return scale * x * math.sqrt(2 * math.sqrt(math.pi) * sigma)
 
 
-def make_motion(seed, n_frames):
-    """One clip's motion and audio.  -> (motion float32 [T, 12] in MOTION_KEYS order, audio float32 [640 T]).
+def make_motion(seed, n_frames, audio=True):
+    """One clip's motion and audio.  -> (motion float32 [T, 12] in MOTION_KEYS order, audio float32 [640 T],
+    or None with audio=False: the same motion, for callers that only draw frames).
 
     Pose, blink, gaze and brow are smooth random trajectories independent of the audio; mouth_open and
     mouth_width come from the same speech track as the audio (mouth_from_track, synth_audio).
@@ -273,7 +275,7 @@ def make_motion(seed, n_frames):
     m[:, _COL["gaze_y"]] = gaussian_filter1d(gz[:, 1], 1.0, mode="nearest") * 0.8
     # Brows: a slow raise/lower over the whole 0..1 range
     m[:, _COL["brow"]] = np.clip(0.4 + _smooth_noise(r, T, 8, 0.35), 0, 1)
-    audio = _speak(m, seed)
+    audio = _speak(m, seed, audio)                                      # fills the mouth columns of m
     return m.astype(np.float32), audio
 
 

@@ -226,7 +226,7 @@ def tables(runs):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = stylegan2.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="fp16 generator-side copy of an fctfg checkpoint (infer.py's default)")
     e.add_argument("src", help="train.py fctfg checkpoint")

@@ -524,8 +524,16 @@ def path_length_penalty(img, ws, mean_path_length, decay=0.01):
 
 # ==== Files: the one checkpoint reader, strict loader, atomic writer and picture writers of the project ==
 # (every module uses them; this file is near the bottom of the import graph, so it is their home):
-# load_checkpoint, load_strict, temp_path, write_atomic, save_checkpoint, and the two PNG writers:
-# save_image_grid (an image grid) and plot_losses (the loss curves of a log.jsonl)
+# load_checkpoint, load_strict, temp_path, write_atomic, save_checkpoint, the two PNG writers, save_image_grid (an
+# image grid) and plot_losses (the loss curves of a log.jsonl), and ArgumentParser (every CLI: one-line errors)
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Every command line of the project: a bad flag or value is reported in ONE line, `prog: error: what
+    (--help lists the flags)`, exit status 2, instead of argparse's usage block above the message."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
 
 def load_checkpoint(path, what="checkpoint"):
     """torch.load with weights_only=True (tensors, dicts, lists, numbers, strings only), and one clear
@@ -745,7 +753,7 @@ def bench_ops(device="cuda", iters=50):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="StyleGAN2 decoder of FC-TFG: sample a grid or benchmark.")
+    ap = ArgumentParser(description="StyleGAN2 decoder of FC-TFG: sample a grid or benchmark.")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--checkpoint", help="rosinality/pSp/train.py checkpoint (default: untrained weights)")
     ap.add_argument("--out", default="samples_stylegan2.png", help="PNG grid to write")

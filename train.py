@@ -57,8 +57,8 @@ SETTINGS = dict(
     lr=(0.002, 0.002, "StyleGAN2 stage: Adam lr of G and D (StyleGAN2's 0.002)"),
     lr_fctfg=(1e-4, 1e-4, "FC-TFG stage: Adam lr (Sec. 4.1.2: 1e-4)"),
     lr_syncnet=(1e-3, 1e-4, "syncnet stage: Adam lr of the lip-sync expert (Wav2Lip: 1e-4)"),
-    lr_inversion=(1e-3, 1e-4, "inversion and judges stages (and the jointly trained encoder of --recon_weight): "
-                  "Adam lr"),
+    lr_inversion=(1e-3, 1e-4, "inversion stage (and the jointly trained encoder of --recon_weight): Adam lr"),
+    lr_judges=(3e-4, 3e-4, "judges stage: Adam lr of E_id and φ (the plain 16-conv VGG19 stalls at 1e-3)"),
     r1_gamma=(1.0, 10.0, "R1 weight of the D step (Eq. 8's regulariser, StyleGAN2 App. C)"),
     r1_every=(16, 16, "lazy R1: every N D steps (0: off)"),
     pl_weight=(2.0, 2.0, "StyleGAN2 stage: path-length regularisation weight"),
@@ -95,6 +95,8 @@ SETTINGS = dict(
     canonical=("plain", "plain",
                "FC-TFG stage: E_can a plain 2-layer MLP (Sec. 3.1) | residual (identity at init; an ablation)"),
     drive_mouth=("swap", "own", f"FC-TFG stage: driving frames keep their own mouth | swap: another clip's ({TINY})"),
+    drive_colour=(0.0, 0.0, f"FC-TFG stage: recolour the driving frames E_m sees, per-channel gain and offset up "
+                  f"to +-this ({TINY})"),
     layers=("0,1,2,3,4,5,6", "1,2,3,4,7,8,9,10",
             "FC-TFG stage: manipulated w indices (Sec. 4.1.2; tiny adds w0, see fusion.py)"),
     audio_layers=("0,1,2,3,4,5,6", "7,8",
@@ -108,19 +110,27 @@ CHOICES = dict(  # the keys with a fixed set of values (argparse refuses others 
     amp=("none", "bf16"), temporal=("conv", "lstm", "none"), disc=("image", "video"),
     ortho=("hadamard_abs", "signed", "squared", "cosine", "none"), expert_loss=("bce", "nce"),
     source_from=("clip", "identity"), canonical=("plain", "residual"), drive_mouth=("own", "swap", "closed"))
+# The values a numeric setting accepts (checked once, in parse_args): at least 1 | a fraction in [0, 1] | above 0;
+# every other number: finite and >= 0. Upper bounds: what one process can hold (batch) or a 0/1 switch.
+AT_LEAST_1 = ("batch", "accum", "max_steps", "n_identities", "clips_per_identity", "clip_frames", "window",
+              "log_every", "ckpt_every", "gan_every", "mbstd_group", "pl_batch_shrink", "size")
+FRACTION = ("mixing", "hyper_from", "drive_colour", "grad_ckpt")
+ABOVE_0 = ("lr", "lr_fctfg", "lr_syncnet", "lr_inversion", "lr_judges", "ema_kimg")
+AT_MOST = dict(batch=4096, accum=4096, grad_ckpt=1)
 STAGES = ("judges", "stylegan2", "syncnet", "inversion", "fctfg")
 # the run flags only some stages read: given to another stage they would do nothing, so they are refused
-STAGE_FLAGS = dict(init=("inversion", "fctfg"), arcface=("inversion", "fctfg"), vgg=("inversion", "fctfg"),
+STAGE_FLAGS = dict(init=("inversion", "fctfg"), arcface=("stylegan2", "inversion", "fctfg"),
+                   vgg=("stylegan2", "inversion", "fctfg"),
                    syncnet=("fctfg",), audio_encoder=("fctfg",), freeze_pretrained=("fctfg",), freeze_audio=("fctfg",))
 
 
 def parse_args(argv=None):
     """--preset picks a dict from PRESETS; every key of it can then be overridden as --key value."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = stylegan2.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                      help="defaults of every flag below: tiny (CPU reproduction) | paper (Sec. 4.1.2)")
     known, _ = pre.parse_known_args(argv)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
+    ap = stylegan2.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
     ap.add_argument("--stage", default="stylegan2", choices=STAGES, help="training stage, in paper order (Sec. 4.1.2)")
     ap.add_argument("--data", default="synthetic", help="'synthetic' or a folder prepared by data.py")
     ap.add_argument("--out", default="runs/default", help="checkpoints, log.jsonl, samples/")
@@ -143,6 +153,19 @@ def parse_args(argv=None):
         ap.add_argument(f"--{k}", type=type(v), default=v, choices=CHOICES.get(k),
                         help=f"{SETTINGS[k][2]} (default {v})")
     args = ap.parse_args(argv)
+    for k in PRESETS[known.preset]:
+        v = getattr(args, k)
+        if isinstance(v, str) or isinstance(v, bool):
+            continue
+        lo = 1 if k in AT_LEAST_1 else 0
+        if not (math.isfinite(v) and v >= lo and (v > 0 or k not in ABOVE_0) and v <= AT_MOST.get(k, math.inf)
+                and (v <= 1 or k not in FRACTION)):
+            rule = ("> 0" if k in ABOVE_0 else f"between 0 and 1" if k in FRACTION else f">= {lo}")
+            ap.error(f"--{k} {v}: must be {rule}" + (f" and <= {AT_MOST[k]}" if k in AT_MOST else ""))
+    size = stylegan2.PRESETS[args.model]["size"]
+    if args.size != size:
+        ap.error(f"--size {args.size}: the {args.model!r} networks draw {size} px frames (--data clips of another "
+                 f"size are resized to it)")
     idle = [f"--{k} (read by {' / '.join(st)})" for k, st in STAGE_FLAGS.items()
             if getattr(args, k) and args.stage not in st]
     if idle:
@@ -257,6 +280,12 @@ class StyleGAN2Stage(Stage):
             self.e_inv.set_latent_avg(self.g.mean_latent(4096)[0])  # no graph: mean_latent runs under no_grad
             self.opt_e = torch.optim.Adam(self.e_inv.parameters(), lr=cfg["lr_inversion"])
             self.models, self.optimizers = self.models + ("e_inv",), self.optimizers + ("opt_e",)
+        # the judges' terms of pSp's objective (0.8 LPIPS + 0.1 ID) beside that L1, when --vgg / --arcface
+        self.e_id, vgg = load_judges(args, device)
+        self.perceptual = (lambda a, b: losses.perceptual_loss(vgg, a, b)) if vgg is not None else None
+        if (self.e_id is not None or vgg is not None) and self.e_inv is None:
+            raise SystemExit("error: --arcface / --vgg judge the jointly trained encoder's reconstructions; "
+                             "they need --recon_weight > 0")
         self.pl_mean = torch.zeros((), device=device)
 
     def dataset(self, clips):
@@ -297,10 +326,15 @@ class StyleGAN2Stage(Stage):
                 loss_g = (losses.gan_loss_g(D(G.sample(torch.randn(B, zdim, device=dev), mixing_prob=cfg["mixing"])))
                           if gan else mb["image"].new_zeros(()))
                 if self.e_inv is not None:
-                    err = (G.synthesis(self.e_inv(mb["image"]), noise_mode="const") - mb["image"]).abs()
+                    x_hat = G.synthesis(self.e_inv(mb["image"]), noise_mode="const")
+                    err = (x_hat - mb["image"]).abs()
                     rec = (err * mb["weight"]).mean() if "weight" in mb else err.mean()  # data.FramePool
-                    loss_g = loss_g + cfg["recon_weight"] * rec
                     logs["recon_l1"] = rec
+                    _, judged = inversion.loss_inversion(x_hat, mb["image"], self.e_id, self.perceptual)
+                    for key in ("lpips", "id"):
+                        if key in judged:
+                            rec, logs[f"recon_{key}"] = rec + inversion.LAMBDA_INV[key] * judged[key], judged[key]
+                    loss_g = loss_g + cfg["recon_weight"] * rec
             if gan and cfg["pl_every"] and k % cfg["pl_every"] == 0:
                 ws = G.sample_ws(torch.randn(max(1, B // cfg["pl_batch_shrink"]), zdim, device=dev), cfg["mixing"])
                 img = G.synthesis(ws, noise_mode="random")
@@ -398,7 +432,7 @@ class JudgesStage(Stage):
         self.vgg.requires_grad_(True)
         self.vgg_head = torch.nn.Linear(self.vgg.features[-2].out_channels, n).to(device)
         nets = (self.e_id, self.centres, self.vgg, self.vgg_head)
-        self.opt = torch.optim.Adam([p for net in nets for p in net.parameters()], lr=cfg["lr_inversion"])
+        self.opt = torch.optim.Adam([p for net in nets for p in net.parameters()], lr=cfg["lr_judges"])
 
     def dataset(self, clips):
         return data.IdentityFrames(clips, self.cfg["frame_pool"], self.cfg["seed"])
@@ -552,7 +586,8 @@ class FCTFGStage(Stage):
 
     def dataset(self, clips):
         return data.ClipWindows(clips, self.cfg["window"], self.cfg["seed"], source=True,
-                                **{k: self.cfg[k] for k in ("source_from", "drive_mouth", "feature_weight")})
+                                **{k: self.cfg[k] for k in ("source_from", "drive_mouth", "feature_weight",
+                                                            "drive_colour")})
 
     def _d_batch(self, x):  # [B, T, ...] -> D's samples: the image D sees every frame, the video D a window
         return x if self.cfg["disc"] == "video" else x.flatten(0, 1)
@@ -674,14 +709,20 @@ def save_state(path, stage, args, cfg, step, rank, world):
 def resume(stage, ck, stage_name, rank, device):
     """Load a --resume checkpoint into `stage`: networks, optimisers, extra state, this rank's RNG streams.
     -> the step to continue from."""
-    if ck.get("stage") != stage_name:
-        raise SystemExit(f"error: the --resume checkpoint is a {ck.get('stage')!r} checkpoint, not {stage_name!r}")
-    for name in stage.models + stage.optimizers:
-        getattr(stage, name).load_state_dict(ck[name])
-    for name in [n for n in stage.extra_state if n in ck["extra"]]:  # an older checkpoint may lack one
-        setattr(stage, name, ck["extra"][name].to(device))
-    set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
-    return ck["step"]
+    if not isinstance(ck, dict) or ck.get("stage") != stage_name:
+        what = ck.get("stage") if isinstance(ck, dict) else type(ck).__name__
+        raise SystemExit(f"error: the --resume checkpoint is a {what!r} checkpoint, not {stage_name!r}")
+    try:
+        for name in stage.models + stage.optimizers:
+            getattr(stage, name).load_state_dict(ck[name])
+        for name in [n for n in stage.extra_state if n in ck["extra"]]:  # an older checkpoint may lack one
+            setattr(stage, name, ck["extra"][name].to(device))
+        set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+        return int(ck["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:   # another run's settings, or a damaged file
+        msg = " ".join(str(e).split())[:300]
+        raise SystemExit(f"error: --resume: the checkpoint in --out does not fit this run ({type(e).__name__}: "
+                         f"{msg}); resume with the flags it was made with, or use another --out") from None
 
 # ==== The loop ====================================================================================
 class StopTraining(Exception):
@@ -751,11 +792,47 @@ def log_step(log_file, step, vals, rate, eta_s, mem_gb):
           + f" | {rate:.1f} img/s | peak mem {mem_gb:.1f} GiB | ETA {eta_s / 60:.1f} min", flush=True)
 
 
+def check_paths(args, out):
+    """--out must not be where an input lives: its last.pt would replace a checkpoint this run reads."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (checkpoints, log.jsonl, samples/ go there)")
+    for flag in ("init", "syncnet", "audio_encoder", "arcface", "vgg"):
+        src = getattr(args, flag)
+        if src is not None and Path(src).resolve() == (out / "last.pt").resolve():
+            raise ValueError(f"--out {out} holds the --{flag} checkpoint {src}: this run's last.pt would replace "
+                             f"it; choose another --out")
+
+
+def clean_leftovers(out, step):
+    """A run killed mid-write leaves .*.tmp<pid>.* files (stylegan2.temp_path) and, resumed at `step`, a log
+    whose lines past that step will be written again: drop both (rank 0, at start)."""
+    for tmp in out.glob(".*.tmp*"):
+        if tmp.is_file() and re.fullmatch(r"\..+\.tmp\d+(\..+)?", tmp.name):
+            tmp.unlink()
+    log = out / "log.jsonl"
+    if log.is_file():
+        keep = [line for line in log.read_text().splitlines(keepends=True)
+                if _logged_step(line) is not None and _logged_step(line) <= step]
+        stylegan2.write_atomic(log, lambda tmp: Path(tmp).write_text("".join(keep)))
+
+
+def _logged_step(line):
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None                               # a torn last line (killed mid-write)
+
+
 def train(argv=None):
     args, cfg = parse_args(argv)
     out, n_steps = Path(args.out), cfg["max_steps"]
     last = out / "last.pt"
-    ck = stylegan2.load_checkpoint(last) if args.resume and last.is_file() else None  # what --resume continues
+    try:
+        check_paths(args, out)
+        ck = stylegan2.load_checkpoint(last) if args.resume and last.is_file() else None  # what --resume continues
+    except ValueError as e:
+        print(f"error: {e}" + ("; delete it to start afresh" if "not a loadable" in str(e) else ""), file=sys.stderr)
+        return 2
     if ck is not None and ck.get("stage") == args.stage and ck.get("step", 0) >= n_steps:
         print(f"{last} is already at step {ck['step']} (--max_steps {n_steps}): nothing to do")
         return 0  # a finished stage: return before building its dataset
@@ -780,14 +857,18 @@ def train(argv=None):
     handlers = {s: signal.signal(s, lambda sig, frame: stop.append(sig)) for s in (signal.SIGTERM, signal.SIGINT)}
     if is_main:
         (out / "samples").mkdir(parents=True, exist_ok=True)
+        clean_leftovers(out, start)
         print_start(stage, args, cfg, world, device, start, resumed=ck is not None)
     log_file = open(out / "log.jsonl", "a") if is_main else None
     t0, n_img = time.time(), 0
     prefetch = data.Prefetch(batches, cfg["accum"], cfg["workers"], n_steps)
     try:
         for step in range(start, n_steps):
-            micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_cpu.items()}
-                     for batch_cpu in prefetch(step)]
+            try:
+                micro = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_cpu.items()}
+                         for batch_cpu in prefetch(step)]
+            except (ValueError, OSError) as e:   # e.g. a prepared clip that no longer decodes
+                raise StopTraining(f"training data at step {step}: {e}; last good checkpoint: {last}") from None
             if cfg["lr_rampdown"]:  # base_lr is kept in the param group: it travels with the optimiser (--resume)
                 factor = lr_factor(step, n_steps, cfg["lr_rampdown"])
                 for group in (g for name in stage.optimizers for g in getattr(stage, name).param_groups):
@@ -834,5 +915,14 @@ def train(argv=None):
     return 0
 
 
+def main(argv=None):
+    """The command line: train(), and Ctrl-C before the loop has begun (while data are rendered) in one line."""
+    try:
+        return train(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted before the first step: nothing was saved", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(train())
+    sys.exit(main())

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 import data
@@ -68,8 +69,10 @@ def test_crop_square_shift_pad_and_strict():
     assert out.shape == (2, 16, 16, 3) and box == (0, 5, 30, 35) and not padded
     with pytest.raises(ValueError, match="leaves the frame"):
         data.crop_square(fr, (-10, 5, 20, 35), 16, strict=True)
-    out, box, padded = data.crop_square(fr, (0, -5, 50, 45), 16)    # larger than the frame: edge-padded
-    assert padded and out.shape == (2, 16, 16, 3)
+    out, box, shrunk = data.crop_square(fr, (0, -5, 50, 45), 16)    # larger than the frame: shrunk to fit
+    assert shrunk and out.shape == (2, 16, 16, 3) and box == (5, 0, 45, 40)   # 40 px about the centre (25, 20)
+    side = np.asarray(Image.fromarray(fr[0, :, 5:45]).resize((16, 16), Image.LANCZOS))
+    np.testing.assert_array_equal(out[0], side)                      # only filmed pixels, no edge padding
 
 
 def test_wav_round_trip_is_atomic(tmp_path):

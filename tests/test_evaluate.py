@@ -276,3 +276,17 @@ def test_every_cli_flag_says_what_it_does(cli_actions):
     """Every option of evaluate.py's command line has help text (issue 20)."""
     missing = [a.option_strings or a.dest for a in cli_actions(ev.parse_args, []) if not a.help]
     assert not missing, missing
+
+
+def test_judges_report_runs_on_a_judges_checkpoint(tmp_path, capsys):
+    """evaluate.py --judges: E_id verification and φ rankings on unseen people, written to --out; --out needed."""
+    import train
+    assert train.train(["--stage", "judges", "--out", str(tmp_path / "j"), "--max_steps", "2", "--batch", "4",
+                        "--n_identities", "4", "--frame_pool", "8", "--log_every", "1", "--sample_every", "0"]) == 0
+    rc, out, err = _run(["--judges", tmp_path / "j" / "last.pt", "--out", tmp_path / "q"], capsys)
+    assert rc == 0, err
+    q = _results(tmp_path / "q")
+    assert 0 <= q["e_id"]["auc"] <= 1 and 0 <= q["e_id"]["accuracy"] <= 1 and q["e_id"]["pairs"] == 400
+    assert set(q["phi"]) == {"phi", "phi_untrained", "l1"} and "verification AUC" in out
+    rc, out, err = _run(["--judges", tmp_path / "j" / "last.pt"], capsys)
+    assert rc == 2 and "--judges needs --out" in err

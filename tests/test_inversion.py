@@ -561,3 +561,34 @@ def test_loaders_refuse_missing_junk_and_wrong_network(tmp_path):
     torch.save(arc, tmp_path / "arc_missing.pth")
     with pytest.raises(ValueError, match="1 missing keys"):
         I.load_arcface(tmp_path / "arc_missing.pth", **TINY["arcface"])
+
+
+def test_arcface_loss_matches_a_per_sample_float64_oracle():
+    """Oracle written from ArcFace's Eq. 3, one sample at a time with math.acos / math.cos, including a sample
+    whose theta + m passes pi (the linear continuation); gradcheck in float64."""
+    import math as m_
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(5, 6, generator=g, dtype=torch.float64), dim=1)
+    centres = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 1, 2, 3])
+    emb[4] = -torch.nn.functional.normalize(centres[3], dim=0)        # theta_y = pi: past the margin's range
+    s, margin = 30.0, 0.5
+    want = 0.0
+    for e, y in zip(emb, labels):
+        cos = [max(-1 + 1e-7, min(1 - 1e-7, float(e @ c / c.norm()))) for c in centres]   # acos' safe range
+        th = m_.acos(cos[y])
+        cos[y] = m_.cos(th + margin) if th + margin < m_.pi else cos[y] - margin * m_.sin(margin)
+        z = [s * c for c in cos]
+        want += -(z[y] - m_.log(sum(m_.exp(v) for v in z))) / len(labels)
+    got = I.arcface_loss(emb, centres, labels, s, margin)
+    assert float(got) == pytest.approx(want, rel=1e-9)
+    ok = emb[:4].clone().requires_grad_(True)                          # away from the kink and the clamp
+    assert torch.autograd.gradcheck(lambda e, c: I.arcface_loss(e, c, labels[:4], s, margin),
+                                    (ok, centres.clone().requires_grad_(True)))
+
+
+def test_identity_encoder_frozen_is_a_judge_unfrozen_trains():
+    judge, learner = I.IdentityEncoder(**TINY["arcface"]), I.IdentityEncoder(**TINY["arcface"], frozen=False)
+    judge.train(), learner.train()
+    assert not judge.training and not any(p.requires_grad for p in judge.parameters())
+    assert learner.training and all(p.requires_grad for p in learner.parameters())

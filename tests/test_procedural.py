@@ -308,3 +308,11 @@ def test_region_masks_partition_the_frame():
         for k in ("eye_l", "eye_r", "brow_l", "brow_r", "mouth"):
             assert not (r["skin"][t] & m[k]).any()
         assert (m["head"] <= r["head"][t]).all() and r["head"][t].sum() > m["head"].sum()
+
+
+def test_make_motion_without_audio_is_the_same_motion():
+    """audio=False skips only the synthesis: the mouth columns still follow the speech track."""
+    for seed in (0, 7):
+        (m, a), (m2, none) = procedural.make_motion(seed, 30), procedural.make_motion(seed, 30, audio=False)
+        np.testing.assert_array_equal(m, m2)
+        assert none is None and len(a) == 30 * 640 and m[:, procedural.MOTION_KEYS.index("mouth_open")].max() > 0.1

@@ -157,6 +157,30 @@ def test_clip_windows_source_from_the_same_clip_or_the_same_person():
         data.ClipWindows(clips, 2, source=True, source_from="video")
 
 
+def test_clip_windows_drive_colour_recolours_the_driving_input_only():
+    """--drive_colour a: x_d = clamp(gain * x + offset) with one gain in [1-a, 1+a] and one offset in [-a, a]
+    per channel for the whole window (checked per pixel against the clean window), targets untouched."""
+    clips = _NumberedClips()
+    plain, jit = data.ClipWindows(clips, 2, seed=3), data.ClipWindows(clips, 2, seed=3, drive_colour=0.3)
+    for j in (0, 5, 17):
+        a, b = plain[j], jit[j]
+        assert torch.equal(a["frames"], b["frames"]) and torch.equal(a["drive"], a["frames"])
+        x, y = a["drive"].flatten(2), b["drive"].flatten(2)                   # [T, 3, pixels]
+        assert not torch.equal(x, y) and torch.all(y.std((0, 2)) == 0)       # one transform for the window
+        # a constant clip cannot reveal gain and offset apart: check the window's values stay within reach
+        lo, hi = (0.7 * x - 0.3).clamp(-1, 1), (1.3 * x + 0.3).clamp(-1, 1)
+        assert torch.all((y >= torch.minimum(lo, hi) - 1e-6) & (y <= torch.maximum(lo, hi) + 1e-6))
+    ramp = torch.linspace(-0.9, 0.9, 4 * 3 * 4).view(4, 3, 2, 2)   # real contrast: gain = slope, offset = intercept
+    ds = data.ClipWindows([{"frames": ramp, "mel": torch.zeros(4, 1, 80, 16), "identity": 0}], 4, seed=1,
+                          drive_colour=0.3)
+    d = ds[0]["drive"]
+    for c in range(3):
+        u, v = ramp[:, c].flatten(), d[:, c].flatten()
+        inside = (v > -1) & (v < 1)
+        k = torch.linalg.lstsq(torch.stack([u[inside], torch.ones(int(inside.sum()))], 1), v[inside, None]).solution
+        assert 0.7 - 1e-5 <= float(k[0]) <= 1.3 + 1e-5 and -0.3 - 1e-5 <= float(k[1]) <= 0.3 + 1e-5
+
+
 def test_fctfg_stage_logs_motion_and_the_latent_term(tmp_path, capsys):
     flags = ("--hyper_steps", "0", "--latent_weight", "1", "--freeze_pretrained", "--ortho", "hadamard_abs")
     ck = run("fctfg", tmp_path, 2, *flags)
@@ -559,3 +583,53 @@ def test_paper_preset_one_step_of_every_stage(tmp_path):
     unique = {v.untyped_storage().data_ptr(): v.numel() for k, v in ck["fctfg"].items()   # HyperStyle's shared
               if k.startswith(("G.", "E_inv.", "H.")) and v.is_floating_point()}       # hypernet: one storage
     assert 550e6 < sum(unique.values()) < 560e6, sum(unique.values())   # G 30.0 M + E_inv 209.5 M + H 313.0 M
+
+
+# ---------------------------------------------------------------------------------------------------
+# the judges stage: E_id (ArcFace margin loss) and φ (VGG19 layout + identity classifier) from identity labels
+# ---------------------------------------------------------------------------------------------------
+def test_judges_stage_trains_both_judges_that_the_later_stages_load(tmp_path):
+    import inversion
+    import losses
+    ck = run("judges", tmp_path / "j", 3, "--frame_pool", "16")
+    assert ck["stage"] == "judges" and set(ck) >= {"e_id", "centres", "vgg", "vgg_head", "opt"}
+    log = [json.loads(l) for l in (tmp_path / "j" / "log.jsonl").read_text().splitlines()]
+    assert all(l["loss_arcface"] > 0 and l["loss_vgg"] > 0 for l in log)
+    assert ck["centres"]["weight"].shape == (2, 64)           # one centre per training person (--n_identities 2)
+    e_id, vgg = inversion.load_arcface(tmp_path / "j" / "last.pt"), losses.load_vgg19(str(tmp_path / "j" / "last.pt"))
+    assert not e_id.training and not any(p.requires_grad for p in e_id.parameters())
+    assert vgg.features[0].out_channels == losses.PRESETS["tiny"]["vgg"]["base"]
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert e_id(x).shape == (2, 64) and len(vgg(x)) == 5
+    # the inversion and FC-TFG stages take them as --arcface / --vgg: L_id and Eq. (7) switch on
+    args, cfg = train.parse_args(["--stage", "inversion", "--arcface", str(tmp_path / "j" / "last.pt"),
+                                  "--vgg", str(tmp_path / "j" / "last.pt")])
+    st = train.InversionStage(cfg, torch.device("cpu"), args)
+    assert st.e_id is not None and st.perceptual is not None
+    # real clips have no procedural identities to label: one clear line
+    with pytest.raises(ValueError, match="judges stage trains on procedural people"):
+        data.IdentityFrames(data.VideoFolderDataset.__new__(data.VideoFolderDataset), 2)
+
+
+def test_identity_frames_label_people_not_backdrops():
+    ds = data.SyntheticTalkingFaces("train", n_identities=3, clips_per_identity=2, n_frames=4)
+    frames = data.IdentityFrames(ds, 12, seed=5)
+    assert [int(frames[j]["label"]) for j in range(6)] == [0, 1, 2, 0, 1, 2]
+    corner = lambda j: frames[j]["image"][:, 1, 1]             # top-left pixel: always backdrop
+    people = {int(frames[j]["label"]) for j in range(12)}
+    # the backdrop is drawn from a random person, so one person is seen before different backdrops
+    assert len({tuple(corner(j).tolist()) for j in range(0, 12, 3)}) > 1 and people == {0, 1, 2}
+
+
+def test_relight_ranges_and_mirror():
+    x = torch.rand(400, 3, 4, 4) * 2 - 1
+    y = data.relight(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+    # a grey image stays near grey (tint within 7 %), mid-grey moves by gain and gamma only within their ranges
+    g = data.relight(torch.zeros(400, 3, 2, 2), torch.Generator().manual_seed(1))     # 0.5 in [0, 1]
+    v = (g + 1) / 2
+    assert v.min() >= 0.5 ** 1.25 * 0.7 * 0.93 - 1e-6 and v.max() <= min(1, 0.5 ** 0.8 * 1.3 * 1.07) + 1e-6
+    ramp = torch.linspace(-1, 1, 4).view(1, 1, 1, 4).expand(400, 3, 4, 4)
+    r = data.relight(ramp, torch.Generator().manual_seed(2))
+    mirrored = r[:, 0, 0, 0] > r[:, 0, 0, 3]
+    assert 0.4 < float(mirrored.float().mean()) < 0.6        # half of them mirrored
