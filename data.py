@@ -38,7 +38,8 @@ from PIL import Image
 import audio as audio_mod  # as audio_mod: `audio` names a sample array throughout this file
 import procedural
 from audio import FPS, SAMPLE_RATE as SR, SAMPLES_PER_FRAME as SPF  # 25 fps, 16 kHz, 640 samples per frame
-from stylegan2 import ArgumentParser, temp_path, write_atomic  # the one atomic writer, its temporary name, CLI
+from stylegan2 import (ArgumentParser, temp_path, terminate_as_interrupt,  # CLI; the one atomic writer and
+                       write_atomic)                                       # its temporary name
 
 
 # ==== 1. The sample format (procedural and real clips) and the PC-AVS split =======================
@@ -500,6 +501,8 @@ def prepare_one(src, dst_stem, size=256, detector=None, min_frames=64, min_face=
     crop, box, shrunk = crop_square(frames, fomm_enlarge(union), size, strict=strict)
     dst_stem = Path(dst_stem)
     dst_stem.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dst_stem.parent.glob(f".{dst_stem.name}.tmp*"):   # a run killed (-9) while writing this clip
+        stale.unlink()
     write_video(dst_stem.with_suffix(".mp4"), crop, FPS, audio, SR)
     write_wav(dst_stem.with_suffix(".wav"), audio, SR)
     return dict(status="ok", source=str(src), n_frames=K, n_samples=len(audio), fps=FPS, sr=SR,
@@ -875,15 +878,16 @@ def main(argv=None):
     try:
         if bad:
             raise ValueError(f"out of range: {', '.join(bad)}")
-        if a.cmd == "prepare":
-            prepare(a.src, a.dst, a.size, None, a.min_frames, a.min_face, a.strict, glob=a.glob)
-        elif a.cmd == "bench":
-            procedural.bench_render(n=a.frames)
-        else:
-            motion, audio = procedural.make_motion(a.motion, a.frames)
-            frames = procedural.render_clip(procedural.make_identity(a.identity), motion, a.size)
-            write_video(a.out, frames, FPS, audio, SR)
-            print(f"wrote {a.out}")
+        with terminate_as_interrupt():   # a killed prepare leaves no half-written clip (VideoWriter.abort)
+            if a.cmd == "prepare":
+                prepare(a.src, a.dst, a.size, None, a.min_frames, a.min_face, a.strict, glob=a.glob)
+            elif a.cmd == "bench":
+                procedural.bench_render(n=a.frames)
+            else:
+                motion, audio = procedural.make_motion(a.motion, a.frames)
+                frames = procedural.render_clip(procedural.make_identity(a.identity), motion, a.size)
+                write_video(a.out, frames, FPS, audio, SR)
+                print(f"wrote {a.out}")
     except (ValueError, OSError, ImportError) as e:
         print(f"data.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

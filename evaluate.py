@@ -71,10 +71,10 @@ def load_model(checkpoint, preset="tiny", window=5, device="cpu", seed=0):
 
 
 @torch.no_grad()
-def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, canonical=False):
-    """One clip through FC-TFG (fusion.FCTFG.generate) or a baseline. x_s [3, H, W], x_d [T, 3, H, W] in [-1, 1],
-    mel [T, 1, 80, 16] -> dict(x_g, canon (or None) [T, 3, H, W], z_sc_spread float or None, ws [T, L, C] or None,
-    window).
+def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, canonical=False, continuous=True):
+    """One clip through FC-TFG (fusion.FCTFG.generate; continuous=False: the paper's non-overlapping windows) or a
+    baseline. x_s [3, H, W], x_d [T, 3, H, W] in [-1, 1], mel [T, 1, 80, 16] -> dict(x_g, canon (or None)
+    [T, 3, H, W], z_sc_spread float or None, ws [T, L, C] or None, window).
       model         Eq. (1)-(2) + temporal fusion, rendered with the source's HyperStyle deltas
       encoder_recon G(E_inv(x_d)) with the same deltas: what the latent route gives when z_s->d is the
                     driving frame's own code, i.e. the upper bound of FC-TFG's reconstruction (callers pass
@@ -85,7 +85,7 @@ def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, can
     if method == "copy_source":
         return dict(x_g=x_s[None].expand(x_d.shape[0], -1, -1, -1), canon=None, z_sc_spread=None, ws=None, window=None)
     if method == "model":
-        out = model.generate(x_s, x_d, mel, hyper_steps, chunk)
+        out = model.generate(x_s, x_d, mel, hyper_steps, chunk, continuous)
         z_d, ws = out["z_d"], out["z_sd"]
         spread = float(out["z_sc"].std(0).max()) if x_d.shape[0] > 1 else None
     elif method == "encoder_recon":
@@ -112,6 +112,21 @@ def flicker(x, window):
     at_border = (torch.arange(1, T) % window) == 0
     b, i = (float(step[m].mean()) if m.any() else None for m in (at_border, ~at_border))
     return dict(border=b, inside=i, ratio=b / i if b is not None and i else None)
+
+
+def steadiness(gen, truth, window):
+    """How steady the generated clip is next to its ground truth: gen, truth [T, ...] (frames on 0..255) ->
+    dict(jitter = mean frame-to-frame change of gen / of truth (1 = moves as much as the truth; a still: 0),
+    seam = gen's border / inside change ratio (flicker) over the truth's (1 = no seam at the temporal-window
+    borders; the paper's non-overlapping windows, Sec. 4.4.2, show one above 1)); None where undefined."""
+    step = lambda x: float((x[1:].double() - x[:-1].double()).abs().mean()) if x.shape[0] > 1 else None
+    g, t = step(gen), step(truth)
+    fg, ft = flicker(gen, window), flicker(truth, window)
+    ok = fg["ratio"] is not None and ft["ratio"]
+    return dict(jitter=g / t if g is not None and t else None, seam=fg["ratio"] / ft["ratio"] if ok else None)
+
+
+DRIFT_FRAMES = 100   # drift (a long clip's identity and backdrop wandering): the last 4 s against the first 4 s
 
 
 def lse_expert(frames, mel, expert):
@@ -149,7 +164,7 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
     x_s = frames[0] if x_s is None else x_s
     drive, kind = (gt["frames"], "encoder_recon") if method == "truth_recon" else (frames, method)
     out = run_model(model, x_s, drive, mel, kind, tools.get("hyper_steps", 0), tools.get("chunk", 40),
-                    canonical=method == "model")
+                    canonical=method == "model", continuous=tools.get("continuous", True))
     scored = slice(0, T) if cross else slice(1, T)
     g255, t255 = to_255(out["x_g"][scored]), to_255(gt["frames"][scored])
     p = metrics.psnr(g255, t255)
@@ -161,6 +176,11 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
         masks = procedural.region_masks(procedural.make_identity(int(gt["identity_seed"])),
                                         gt["motion"][scored].numpy(), g255.shape[-1])
         rec.update({k: v for k, v in metrics.fidelity(g255, t255, masks).items() if k != "psnr"})
+        if g255.shape[0] >= 2 * DRIFT_FRAMES:      # a long clip: does the backdrop wander over time?
+            ends = [metrics.fidelity(g255[sl], t255[sl], {k: m[sl] for k, m in masks.items()})["background_err"]
+                    for sl in (slice(0, DRIFT_FRAMES), slice(-DRIFT_FRAMES, None))]
+            rec["drift"] = ends[1] - ends[0]
+    rec.update(steadiness(g255, t255, out["window"] or 5))   # the model's window borders (5 for a still copy)
     probe = tools.get("probe")
     if probe is not None:
         pg, pt = metrics.probe_frames(probe, g255), metrics.probe_frames(probe, t255)  # on the frames as saved
@@ -218,7 +238,7 @@ ATTR_MOVE_THR = 4.0  # moving pixel: ground-truth luminance std over the clip ab
 ATTR_ROW_LABELS = {"model": "FC-TFG (ours)", "copy_source": "copy source",
                    "encoder_recon": "G(E_inv(x_d)), the driver's own codes (ceiling)",
                    "truth_recon": "G(E_inv(A's truth)), decoder + inversion redrawing A (ceiling)"}
-FIDELITY = ("sharpness", "background_err", "skin_err", "psnr")   # metrics.fidelity, per row of both tables
+FIDELITY = ("sharpness", "background_err", "skin_err", "psnr", "jitter", "seam")  # metrics.fidelity, steadiness
 
 
 def transfer_correlation(gen255, ref255):
@@ -258,7 +278,7 @@ def attribute_pair(k, split="report", T=32, size=64, n_pairs=2):
 
 
 @torch.no_grad()
-def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hyper_steps=0):
+def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hyper_steps=0, continuous=True):
     """The attribute-transfer table over pairs attribute_pair(0 .. n_pairs-1); rows:
       model         FC-TFG(x_s = A neutral, x_d = B moving one attribute, x_a) vs A's ground truth
       copy_source   x_s repeated (0 by construction)
@@ -270,7 +290,7 @@ def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hype
     -> {row: {attr: dict(corr, psnr, err, corr_se, sharpness, background_err, skin_err)}} means over pairs;
     err = probe error on the attribute's parameter (procedural.MOTION_KEYS units, degrees for pose) where a
     probe is given; the fidelity numbers (metrics.fidelity) are against A's ground truth in every row."""
-    dev = next(model.parameters()).device
+    dev, window = next(model.parameters()).device, model.fusion.temporal.window or 5
     acc = {row: {a: {k: [] for k in ("corr", "err") + FIDELITY} for a in procedural.ATTRIBUTE_CLIPS}
            for row in ATTR_ROW_LABELS}
     t0 = time.time()
@@ -284,10 +304,11 @@ def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hype
                         truth_recon=(x_s, gt, gt))
             for row, (src, drv, ref) in rows.items():
                 kind = "encoder_recon" if row == "truth_recon" else row
-                g255 = to_255(run_model(model, src.to(dev), drv.to(dev), mel, kind, hyper_steps)["x_g"].cpu())
+                g255 = to_255(run_model(model, src.to(dev), drv.to(dev), mel, kind, hyper_steps,
+                                        continuous=continuous)["x_g"].cpu())
                 d, gt255 = acc[row][a], to_255(gt)
                 d["corr"].append(transfer_correlation(g255, to_255(ref))[0])
-                fid = metrics.fidelity(g255, gt255, masks)
+                fid = {**metrics.fidelity(g255, gt255, masks), **steadiness(g255, gt255, window)}
                 mse = float((g255.double() - gt255.double()).pow(2).mean())  # pooled over the clip:
                 fid["psnr"] = 10 * math.log10(255 ** 2 / max(mse, 1e-10))      # finite for copies
                 for key in FIDELITY:
@@ -330,11 +351,12 @@ def format_attribute_table(res):
 def format_fidelity_table(rows, labels):
     """Markdown: one row per method of metrics.fidelity's numbers against A's ground truth.
     rows {row: {sharpness, background_err, skin_err, psnr}}, labels {row: text}."""
-    lines = ["| method | sharpness (1 = truth's) ↑ | background err (grey levels) ↓ | skin err ↓ | PSNR vs A ↑ |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | sharpness (1 = truth's) ↑ | background err (grey levels) ↓ | skin err ↓ | PSNR vs A ↑ | "
+             "jitter (1 = truth's) | seam (1 = none) |", "|---|---|---|---|---|---|---|"]
     for row, f in rows.items():
         lines.append(f"| {labels[row]} | {cell(f['sharpness'], '{:.2f}')} | {cell(f['background_err'], '{:.1f}')} "
-                     f"| {cell(f['skin_err'], '{:.1f}')} | {cell(f['psnr'], '{:.2f}')} |")
+                     f"| {cell(f['skin_err'], '{:.1f}')} | {cell(f['psnr'], '{:.2f}')} | {cell(f.get('jitter'), '{:.2f}')} "
+                     f"| {cell(f.get('seam'), '{:.2f}')} |")
     return "\n".join(lines)
 
 
@@ -409,17 +431,21 @@ def format_table(summary, run, notes):
         def attrs(key):  # one cell per metrics.ATTRIBUTES entry of s[key]
             return " | ".join(cell((s.get(key) or {}).get(k), "{:.3g}") for k in metrics.ATTRIBUTES)
         heads = " | ".join(f"{k} err ({unit}) ↓" for k, (_, _, unit) in metrics.ATTRIBUTES.items())
-        fid = f"{c('sharpness')} | {c('background_err', '{:.1f}')} | {c('skin_err', '{:.1f}')}"
-        lines = [f"| Method | SSIM ↑ | PSNR ↑ | sharpness ↑ | background err ↓ | skin err ↓ | {heads} | LMD ↓ | "
-                 f"LSE-C{mark} ↑ |",
-                 "|---|---|---|---|---|---|" + "---|" * len(metrics.ATTRIBUTES) + "---|---|",
+        fid = (f"{c('sharpness')} | {c('background_err', '{:.1f}')} | {c('skin_err', '{:.1f}')} | {c('jitter')} | "
+               f"{c('seam')} | {c('drift', '{:.2f}')}")
+        lines = [f"| Method | SSIM ↑ | PSNR ↑ | sharpness ↑ | background err ↓ | skin err ↓ | jitter (1 = truth's) | "
+                 f"seam (1 = none) | drift ↓ | {heads} | LMD ↓ | LSE-C{mark} ↑ |",
+                 "|---|---|---|---|---|---|---|---|---|" + "---|" * len(metrics.ATTRIBUTES) + "---|---|",
                  f"| {name} | {c('ssim', '{:.3f}')} | {c('psnr')} | {fid} | {attrs('attr')} | {c('lmd')} | "
                  f"{c(sync_c)} |"]
         if s.get("attr_floor"):
-            lines.append(f"| probe on ground truth (its floor) | | | | | | {attrs('attr_floor')} | | |")
+            lines.append(f"| probe on ground truth (its floor) | | | | | | | | | {attrs('attr_floor')} | | |")
         notes.append("fidelity vs the renderer's picture of A (metrics.fidelity): sharpness = squared Laplacian of "
                      "luminance over A's head, generated / truth; background / skin err = mean |gen - truth| in "
-                     "grey levels over A's backdrop / face skin")
+                     "grey levels over A's backdrop / face skin; jitter = mean frame-to-frame change, generated / "
+                     "truth; seam = change across temporal-window borders / inside them, generated over truth; "
+                     f"drift = background err of the last {DRIFT_FRAMES} frames minus the first (clips >= "
+                     f"{2 * DRIFT_FRAMES} frames)")
         if s.get("canon_var") is not None:
             notes.append(f"canonical space (Fig. 5b): pixel variance over a clip of G(E_can(E_inv(x_d,t))) = "
                          f"{s['canon_var']:.5f} vs {s['drive_var']:.5f} for the driving frames "
@@ -516,6 +542,8 @@ def parse_args(argv=None):
     ap.add_argument("--preset", default="tiny", help="architecture of --checkpoint untrained")
     ap.add_argument("--window", type=int, default=5, help="temporal window of --checkpoint untrained")
     ap.add_argument("--chunk", type=int, default=40, help="frames per forward pass (rounded down to whole windows)")
+    ap.add_argument("--paper_windows", action="store_true", help="fuse each temporal window on its own, as the "
+                    "paper's inference does (Sec. 4.4.2; Table 3's row); default: windows see their neighbours")
     ap.add_argument("--examples", type=int, default=2, help="side-by-side example videos to save")
     ap.add_argument("--paper_table", default="auto", choices=("auto", "voxceleb2", "mead", "none"),
                     help="Table 1 rows of the paper printed beside ours on real data (auto: from --data / --mead)")
@@ -546,8 +574,8 @@ def check_args(args):
         out = Path(args.out).resolve()
         for flag in ("checkpoint", "syncnet", "syncnet_v2", "probe", "judges", "data"):
             src = getattr(args, flag)
-            if src and src not in ("untrained", "synthetic") and (out == Path(src).resolve()
-                                                                  or Path(src).resolve().is_relative_to(out)):
+            if src and src not in ("untrained", "synthetic") and (out == Path(src).resolve() or Path(
+                    src).resolve().is_relative_to(out) or (flag == "data" and out.is_relative_to(Path(src).resolve()))):
                 raise ValueError(f"--out {args.out} would overwrite or fill the --{flag.replace('_', '-')} "
                                  f"input {src}; choose another --out")
         if args.train_probe and Path(args.out).is_dir():
@@ -593,7 +621,7 @@ def clip_set(args, size):
 def load_tools(args, synthetic, hyper_steps, device):
     """The scorers the flags ask for (lip-sync experts, landmark probe or dlib) and the table's notes on
     each. -> (tools dict for evaluate_clip, notes)."""
-    tools, notes = dict(hyper_steps=hyper_steps, chunk=args.chunk), []
+    tools, notes = dict(hyper_steps=hyper_steps, chunk=args.chunk, continuous=not args.paper_windows), []
     if args.syncnet:
         # "paper" sizes a Wav2Lip lipsync_expert.pth; our checkpoints carry their own preset
         tools["syncnet"] = audio.load_expert(args.syncnet, "paper", device)
@@ -707,7 +735,7 @@ def evaluate(args):
     run = dict(protocol=args.protocol, method=method, checkpoint=args.checkpoint, data=args.data,
                clip_frames=args.clip_frames if synthetic else None, size=size, hyper_steps=hyper_steps,
                syncnet=args.syncnet, syncnet_v2=args.syncnet_v2, probe=args.probe, seed=args.seed, mead=args.mead,
-               split=args.split if synthetic else None,
+               split=args.split if synthetic else None, paper_windows=args.paper_windows,
                window=(model.fusion.temporal.window if model is not None else None))
     old = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else run
     if diff := sorted(k for k in run if old.get(k) != run[k]):
@@ -741,7 +769,8 @@ def evaluate_attributes(args, model, hyper_steps, device):
     if args.data != "synthetic":
         raise ValueError("--protocol attributes needs the renderer's ground truth: use --data synthetic")
     probe, held = metrics.load_probe(args.probe, device) if args.probe else (None, None)
-    res = attribute_transfer(model, args.n_clips, args.split, args.clip_frames, probe, hyper_steps)
+    res = attribute_transfer(model, args.n_clips, args.split, args.clip_frames, probe, hyper_steps,
+                             not args.paper_windows)
     notes = [f"{args.n_clips} pairs (A, B) of held-out people, split '{args.split}', {args.clip_frames} "
              f"frames; corr = temporal correlation of luminance with the reference over the pixels that move in it "
              f"(> {ATTR_MOVE_THR} grey levels std): 1 = reproduced, 0 = still",
@@ -752,6 +781,7 @@ def evaluate_attributes(args, model, hyper_steps, device):
                      f"error on rendered frames {metrics.format_attrs(held)})")
     header = f"FC-TFG attribute transfer | checkpoint {args.checkpoint} | hyper_steps {hyper_steps}"
     run = dict(protocol="attributes", checkpoint=args.checkpoint, split=args.split, n_pairs=args.n_clips,
+               paper_windows=args.paper_windows,
                clip_frames=args.clip_frames, probe=args.probe, hyper_steps=hyper_steps)
     write_results(Path(args.out), header, format_attribute_table(res), notes,
                   dict(run=run, attributes=res, notes=notes))
@@ -776,34 +806,40 @@ def _save_example(path, ex, protocol):
         return False
 
 
+def report_judges(args):
+    """--judges: judge_quality of a judges checkpoint as a table in --out (results.md / results.json)."""
+    if not args.out:
+        raise ValueError("--judges needs --out DIR")
+    q = judge_quality(args.judges)
+    e, p = q["e_id"], q["phi"]
+    table = "\n".join(["| judge | held-out quality |", "|---|---|",
+                       f"| E_id (ArcFace) | verification AUC {e['auc']:.3f}, accuracy {e['accuracy']:.3f} "
+                       f"({e['pairs']} pairs of unseen people) |"] +
+                      [f"| {name} | blur farther {r['blur']:.2f}, colour shift farther {r['colour']:.2f} |"
+                       for name, r in p.items()])
+    write_results(Path(args.out), f"judges {args.judges}", table,
+                  ["E_id: two frames per unseen person, each a random pose, expression, backdrop and light; "
+                   "threshold chosen on the 'tune' people, accuracy on the 'report' people",
+                   "φ rows: share of held-out frames whose degraded copy is farther than the clip's frame "
+                   "two steps later (phi_untrained: the same layout with random weights; l1: pixels)"],
+                  dict(judges=args.judges, **q))
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
-        if args.bench:
-            metrics.bench_metrics(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        elif args.judges:
-            if not args.out:
-                raise ValueError("--judges needs --out DIR")
-            q = judge_quality(args.judges)
-            e, p = q["e_id"], q["phi"]
-            table = "\n".join(["| judge | held-out quality |", "|---|---|",
-                               f"| E_id (ArcFace) | verification AUC {e['auc']:.3f}, accuracy {e['accuracy']:.3f} "
-                               f"({e['pairs']} pairs of unseen people) |"] +
-                              [f"| {name} | blur farther {r['blur']:.2f}, colour shift farther {r['colour']:.2f} |"
-                               for name, r in p.items()])
-            write_results(Path(args.out), f"judges {args.judges}", table,
-                          ["E_id: two frames per unseen person, each a random pose, expression, backdrop and light; "
-                           "threshold chosen on the 'tune' people, accuracy on the 'report' people",
-                           "φ rows: share of held-out frames whose degraded copy is farther than the clip's frame "
-                           "two steps later (phi_untrained: the same layout with random weights; l1: pixels)"],
-                          dict(judges=args.judges, **q))
-        elif args.train_probe:
-            if not args.out:
-                raise ValueError("--train-probe needs --out FILE.pt")
-            metrics.train_probe(args.out, n_train=args.probe_frames, steps=args.probe_steps, seed=args.seed)
-        else:
-            evaluate(args)
+        with stylegan2.terminate_as_interrupt():
+            if args.bench:
+                metrics.bench_metrics(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            elif args.judges:
+                report_judges(args)
+            elif args.train_probe:
+                if not args.out:
+                    raise ValueError("--train-probe needs --out FILE.pt")
+                metrics.train_probe(args.out, n_train=args.probe_frames, steps=args.probe_steps, seed=args.seed)
+            else:
+                evaluate(args)
     except (ValueError, OSError) as e:                     # OSError: FileNotFoundError, PermissionError, ...
         where = f" ({e.filename})" if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e) else ""
         msg = " ".join(f"{e}{where}".split())  # one line, even when torch's own message spans several

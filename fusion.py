@@ -41,6 +41,8 @@ ToRGB); as in the paper, the finest layers keep the source's code and so its tex
 Not here: the losses of Eq. 3-9 (losses.py), the decoder G and image D (stylegan2.py), E_inv
 (inversion.py), E_a (audio.py), the training loop (train.py).
 """
+import contextlib
+
 import torch
 from torch import nn
 
@@ -212,7 +214,9 @@ class TemporalFusion(nn.Module):
       "none": identity.
     window=None: the whole T axis of the input is one window (train.py feeds one window per sample);
     window=k: the input is cut into consecutive windows of k frames (the last may be shorter) and each
-    is processed on its own (infer.py on a long clip)."""
+    is processed on its own: the paper's inference (Sec. 4.4.2), whose window borders show as seams.
+    halo(): the neighbours a frame needs to be fused as inside one window spanning the whole clip;
+    FCTFG.generate and infer.py (continuous mode, their default) pass them across window borders."""
 
     def __init__(self,
                  n_layers=8,        # manipulated w vectors fed to it (the others are not touched)
@@ -241,6 +245,20 @@ class TemporalFusion(nn.Module):
             for lin in self.outs:
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
+
+    def halo(self):
+        """(frames before, frames after) that frame t's output reads: the conv's k // 2 on each side; the
+        LSTM's state summarises every earlier frame, approximated by one training window before (causal)."""
+        return {"conv": (self.k // 2, self.k // 2), "lstm": (self.window or 5, 0), "none": (0, 0)}[self.mode]
+
+    @contextlib.contextmanager
+    def one_window(self, on=True):
+        """Inside (on=True): every input is one window, borders and all: for chunks that carry their halo."""
+        win, self.window = self.window, None if on else self.window
+        try:
+            yield
+        finally:
+            self.window = win
 
     def forward(self, z):
         """z [B, T, n, C] -> [B, T, n, C]."""
@@ -398,15 +416,16 @@ class FCTFG(nn.Module):
         B, T = ws.shape[:2]
         return self.G.synthesis(ws.flatten(0, 1), weight_deltas=deltas).unflatten(0, (B, T))
 
-    def decode(self, z_s, deltas, z_d, x_a):
+    def decode(self, z_s, deltas, z_d, x_a, keep=slice(None)):
         """Fig. 3 after the visual encoder, for whole temporal windows: z_s [B, L, C] and the source's
         deltas, driving codes z_d [B, T, L, C] = E_inv(x_d) and mel windows x_a [B, T, 1, 80, 16] ->
-        dict(x_g [B, T, 3, H, W], z_a, z_sc, z_cd, z_sd_raw, z_sd). Every caller (training, evaluation,
-        inference, figures) goes through here."""
+        dict(x_g [B, T', 3, H, W], z_a, z_sc, z_cd, z_sd_raw, z_sd) of the frames `keep` selects (T' of T:
+        the others are neighbours that the temporal fusion reads and nobody renders). Every caller
+        (training, evaluation, inference, figures) goes through here."""
         B, T = z_d.shape[:2]
         z_a = self.E_a(x_a.flatten(0, 1)).unflatten(0, (B, T))          # Eq. (2): E_a(x_a)
-        codes = self.fusion(z_s, z_d, z_a)                               # Eq. (1)-(2), temporal fusion
-        return dict(x_g=self.render(codes["z_sd"], deltas), z_a=z_a, **codes)
+        codes = {k: v[:, keep] for k, v in dict(z_a=z_a, **self.fusion(z_s, z_d, z_a)).items()}  # Eq. (1)-(2)
+        return dict(x_g=self.render(codes["z_sd"], deltas), **codes)
 
     def forward(self, x_s, x_d, mel, hyper_steps=0):
         """x_s [B, 3, H, W], x_d [B, T, 3, H, W], mel [B, T, 1, 80, 16] ->
@@ -415,18 +434,25 @@ class FCTFG(nn.Module):
         z_d = self.E_inv(x_d.flatten(0, 1)).unflatten(0, x_d.shape[:2])   # Eq. (2): E_inv(x_d)
         return dict(z_s=z_s, z_d=z_d, deltas=deltas, **self.decode(z_s, deltas, z_d, mel))
 
-    def generate(self, x_s, x_d, mel, hyper_steps=0, chunk=40):
+    def generate(self, x_s, x_d, mel, hyper_steps=0, chunk=40, continuous=True):
         """One clip: x_s [3, H, W], x_d [T, 3, H, W], mel [T, 1, 80, 16] -> dict(x_g [T, 3, H, W],
         z_d, z_sc, z_sd [T, L, C]). The source is inverted once; the clip then goes through decode in
-        chunks of whole temporal windows (Sec. 4.4.2: windows do not overlap), so chunking changes
-        nothing; window None = the whole clip in one call."""
+        chunks of whole temporal windows, so chunking changes nothing:
+          continuous=True: each chunk carries its temporal halo (the neighbours across its borders), so
+            every frame is fused as inside one window spanning the clip: no seams;
+          continuous=False: the paper's non-overlapping windows (Sec. 4.4.2), each fused on its own.
+        window None = the whole clip in one call either way."""
         z_s, deltas = self.encode_source(x_s[None], hyper_steps)
-        win = self.fusion.temporal.window
-        step = x_d.shape[0] if win is None else win * max(1, chunk // win)
+        win, T = self.fusion.temporal.window, x_d.shape[0]
+        step = T if win is None else win * max(1, chunk // win)
+        before, after = self.fusion.temporal.halo() if continuous and win is not None else (0, 0)
         outs = []
-        for t0 in range(0, x_d.shape[0], step):
-            z_d = self.E_inv(x_d[t0:t0 + step])[None]
-            outs.append(dict(z_d=z_d, **self.decode(z_s, deltas, z_d, mel[t0:t0 + step][None])))
+        with self.fusion.temporal.one_window(before or after):
+            for t0 in range(0, T, step):
+                a, b = max(0, t0 - before), min(T, t0 + step + after)     # the chunk and its halo
+                z_d = self.E_inv(x_d[a:b])[None]
+                keep = slice(t0 - a, t0 - a + min(step, T - t0))
+                outs.append(dict(z_d=z_d[:, keep], **self.decode(z_s, deltas, z_d, mel[a:b][None], keep)))
         return {k: torch.cat([o[k][0] for o in outs]) for k in ("x_g", "z_d", "z_sc", "z_sd")}
 
     def canonical(self, z, deltas=None):

@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import math
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -310,10 +309,12 @@ class Driver:
 
 @torch.no_grad()
 def animate(model, z_s, deltas, drivers, mel, n_frames, fps, batch, timer=None, canonical=False,
-            amp=contextlib.nullcontext):
+            amp=contextlib.nullcontext, continuous=True):
     """Yield (k0, faces uint8 [n, S, S, 3], codes) for consecutive batches of output frames.
 
     model    FCTFG with model.fusion.temporal.window set;  batch: a multiple of it (whole windows, Sec. 4.4.2)
+    continuous  each batch is fused with its temporal halo (fusion.TemporalFusion.halo: the neighbouring frames
+             across its borders), so no seam shows where windows meet; False: the paper's non-overlapping windows
     z_s      [1, L, C] source code;  deltas: HyperStyle weight deltas of the source ([1, ...] or None)
     drivers  {group: Driver} for every group of routing_groups (the same Driver may serve several)
     mel      [80, M] mel spectrogram of the whole audio (audio.melspectrogram)
@@ -326,17 +327,21 @@ def animate(model, z_s, deltas, drivers, mel, n_frames, fps, batch, timer=None, 
     groups = routing_groups(model.G.size, model.fusion.layers)
     windows = torch.from_numpy(audio.mel_windows(mel, n_frames, fps)).to(z_s.device)  # [K, 1, 80, 16]
     unique = {id(d): d for d in drivers.values()}
+    before, after = model.fusion.temporal.halo() if continuous and not canonical else (0, 0)
     for k0 in range(0, n_frames, batch):
-        ks = list(range(k0, min(k0 + batch, n_frames)))
-        per = {i: d.codes(ks) for i, d in unique.items()}   # each video decoded/encoded once
-        z_d = route({g: per[id(d)] for g, d in drivers.items()}, groups)[None]  # [1, n, L, C]
+        n = min(batch, n_frames - k0)
+        ks = list(range(max(0, k0 - before), min(n_frames, k0 + n + after)))   # the batch and its halo
+        keep = slice(k0 - ks[0], k0 - ks[0] + n)
+        per = {i: d.codes(ks) for i, d in unique.items()}   # each video decoded/encoded once (cached codes)
+        z_d = route({g: per[id(d)] for g, d in drivers.items()}, groups)[None]  # [1, n + halo, L, C]
         with timer("generate"), amp():
             if canonical:   # Fig. 5(b): each driving frame taken to canonical space, no source deltas
                 y, codes = model.canonical(z_d[0]), dict(z_d=z_d)
             else:           # Fig. 3: Eq. (1)-(2), temporal fusion, G with the source's deltas
-                x_a = windows[k0:k0 + len(ks)][None]
-                codes = {k: v.float() for k, v in model.decode(z_s, deltas, z_d, x_a).items()}
-                y, codes["z_d"] = codes.pop("x_g")[0], z_d
+                with model.fusion.temporal.one_window(before or after):
+                    out = model.decode(z_s, deltas, z_d, windows[ks[0]:ks[-1] + 1][None], keep)
+                codes = {k: v.float() for k, v in out.items()}
+                y, codes["z_d"] = codes.pop("x_g")[0], z_d[:, keep]
         yield k0, to_uint8(y), codes
 
 
@@ -411,6 +416,8 @@ def parse_args(argv=None):
     ap.add_argument("--fps", type=float, help="output frame rate (default: the driving video's; 25 procedural)")
     ap.add_argument("--hyper-steps", type=int, help="HyperStyle steps on the source (0: pSp only; default: as trained)")
     ap.add_argument("--window", type=int, help="temporal fusion window (default: the checkpoint's, else 5)")
+    ap.add_argument("--paper-windows", action="store_true", help="fuse each temporal window on its own, as the "
+                    "paper's inference (Sec. 4.4.2; seams where windows meet); default: windows see their neighbours")
     ap.add_argument("--batch", type=int, help="frames per batch, in whole windows (default 20 on CPU, 100 on CUDA)")
     ap.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     amp = ap.add_mutually_exclusive_group()
@@ -442,7 +449,7 @@ class Progress:
 
 
 # The numeric flags and the values they accept (one place): (minimum, maximum, why the bound)
-NUMBERS = dict(seconds=(1e-3, 3600.0, "the procedural default clip, in seconds"),
+NUMBERS = dict(seconds=(1e-3, 3600.0, "the procedural default clip, in seconds"), seed=(0, 2 ** 31 - 1, "seed"),
                fps=(1.0, 240.0, "frames per second"), hyper_steps=(0, 100, "HyperStyle refinement steps"),
                window=(1, 10_000, "frames per temporal-fusion window"), batch=(1, 10_000, "frames per batch"),
                sheet_frames=(1, 1000, "columns of the contact sheet"))
@@ -604,7 +611,7 @@ def run(args):
     t0 = time.perf_counter()
     with data.VideoWriter(out, W, H, fps, wav, metadata=METADATA) as writer:   # aborted on any exception
         for k0, faces, _ in animate(model, z_s, deltas, drivers, audio.melspectrogram(wav), K, fps, batch,
-                                    timer, args.canonical, amp):
+                                    timer, args.canonical, amp, continuous=not args.paper_windows):
             sheet += [(drivers["pose"].crop_at(k), f.copy()) for k, f in enumerate(faces, k0) if k in sheet_ks]
             with timer("write"):
                 for face in faces:
@@ -655,20 +662,16 @@ def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None):
     return st
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM ends a run as Ctrl-C does: the writer deletes its temporary file
-
-
 def main(argv=None):
     """CLI entry. -> exit status: 0 ok, 1 bad input (one line on stderr, no output file), 130 interrupted
     (Ctrl-C or SIGTERM: one line, no output file, no temporary file left)."""
     args = parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        if args.bench:
-            bench(args.seconds if args.seconds != 6.0 else 4.0, args.device, args.bf16, args.preset, args.batch)
-        else:
-            run(args)
+        with stylegan2.terminate_as_interrupt():
+            if args.bench:
+                bench(args.seconds if args.seconds != 6.0 else 4.0, args.device, args.bf16, args.preset, args.batch)
+            else:
+                run(args)
     except (ValueError, ImportError, OSError) as e:        # OSError includes FileNotFoundError
         where = f" ({e.filename})" if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e) else ""
         print(f"infer.py: error: {e}{where}".splitlines()[0], file=sys.stderr)
@@ -676,8 +679,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"infer.py: interrupted: nothing written to {args.out}", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

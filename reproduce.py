@@ -241,6 +241,8 @@ def main(argv=None):
     t.add_argument("--out", help="also write the markdown here")
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "export" and Path(args.dst).resolve() == Path(args.src).resolve():
+            raise ValueError(f"export {args.src} onto itself would replace the full checkpoint; give another DST")
         if args.cmd == "export":
             print(f"wrote {args.dst} ({export(args.src, args.dst) / 2 ** 20:.1f} MiB)")
         elif args.cmd == "figures":
@@ -253,9 +255,12 @@ def main(argv=None):
             print(md)
             if args.out:
                 stylegan2.write_atomic(args.out, lambda tmp: Path(tmp).write_text(md))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -24,10 +24,12 @@ Not here: training loops and EMA (train.py), the GAN/identity losses of Eq. 4-9 
 inversion encoders (inversion.py).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -527,6 +529,19 @@ def path_length_penalty(img, ws, mean_path_length, decay=0.01):
 # load_checkpoint, load_strict, temp_path, write_atomic, save_checkpoint, the two PNG writers, save_image_grid (an
 # image grid) and plot_losses (the loss curves of a log.jsonl), and ArgumentParser (every CLI: one-line errors)
 
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """Inside: SIGTERM (kill, a job scheduler) raises KeyboardInterrupt as Ctrl-C does, so the writers' cleanup
+    runs (VideoWriter.abort, write_atomic) and the entry point ends with its one line instead of vanishing."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """Every command line of the project: a bad flag or value is reported in ONE line, `prog: error: what
     (--help lists the flags)`, exit status 2, instead of argparse's usage block above the message."""
@@ -763,6 +778,9 @@ def main(argv=None):
     ap.add_argument("--bench", action="store_true", help="print img/s figures instead of sampling")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
+    if not (1 <= a.n <= 1024 and math.isfinite(a.psi)) or (a.checkpoint and Path(a.out).resolve() ==
+                                                           Path(a.checkpoint).resolve()):
+        ap.error(f"--n {a.n} must be 1..1024, --psi {a.psi} finite, and --out not the --checkpoint file")
     if a.bench:
         impls = ("ref", "cuda") if a.device.startswith("cuda") else ("ref",)
         bench(device=a.device, impls=impls)

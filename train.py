@@ -462,8 +462,14 @@ def load_judges(args, device):
     """The frozen pre-trained networks of Eq. (5) and (7): ArcFace E_id and VGG19, or None where
     --arcface / --vgg is not given (a randomly initialised judge would only add noise). Each flag takes the
     published weights or a checkpoint of the judges stage."""
-    return (inversion.load_arcface(args.arcface).to(device) if args.arcface else None,
-            losses.load_vgg19(args.vgg).to(device).eval().requires_grad_(False) if args.vgg else None)
+    judges = []
+    for flag, load in (("arcface", inversion.load_arcface), ("vgg", losses.load_vgg19)):
+        try:
+            judges.append(load(getattr(args, flag)).to(device).eval().requires_grad_(False)
+                          if getattr(args, flag) else None)
+        except ValueError as e:                                  # name the flag and the file in the one line
+            raise ValueError(f"--{flag} {getattr(args, flag)}: {e}") from None
+    return tuple(judges)
 
 
 def load_stage_models(path, names):
@@ -916,9 +922,11 @@ def train(argv=None):
 
 
 def main(argv=None):
-    """The command line: train(), and Ctrl-C before the loop has begun (while data are rendered) in one line."""
+    """The command line: train(), and Ctrl-C or SIGTERM before the loop has begun (while data are rendered) in one
+    line (in the loop both save a checkpoint and stop)."""
     try:
-        return train(argv)
+        with stylegan2.terminate_as_interrupt():
+            return train(argv)
     except KeyboardInterrupt:
         print("error: interrupted before the first step: nothing was saved", file=sys.stderr)
         return 130

@@ -215,6 +215,19 @@ def test_flicker_separates_window_borders_hand_values():
     assert f["border"] is None and f["inside"] == pytest.approx(1)
 
 
+def test_steadiness_hand_values():
+    """jitter = mean |x_t+1 - x_t| of gen / of truth; seam = gen's border/inside ratio over the truth's. A truth
+    that ramps by 1 per frame; gen ramps by 2 inside windows of 3 and jumps by 8 at the borders."""
+    truth = torch.arange(7, dtype=torch.float64)[:, None]
+    gen = torch.tensor([0, 2, 4, 12, 14, 16, 24], dtype=torch.float64)[:, None]
+    s = ev.steadiness(gen, truth, 3)
+    steps = [2, 2, 8, 2, 2, 8]
+    assert s["jitter"] == pytest.approx(sum(steps) / 6) and s["seam"] == pytest.approx(8 / 2)
+    assert ev.steadiness(truth, truth, 3) == dict(jitter=1.0, seam=1.0)
+    still = ev.steadiness(torch.zeros(7, 1), truth, 3)                  # a still copy: no motion, no seam
+    assert still["jitter"] == 0 and still["seam"] is None
+
+
 # ---------------------------------------------------------------------------------------------------
 # attribute transfer (issue 18)
 # ---------------------------------------------------------------------------------------------------

@@ -408,3 +408,28 @@ def test_twenty_step_overfit_lowers_the_total_loss():
     assert all(v == v and abs(v) < 1e6 for v in totals), totals
     assert totals[-1] < 0.9 * totals[0], totals
     assert history[-1]["rec"] < history[0]["rec"], (history[0], history[-1])
+
+
+def test_generate_continuous_is_one_window_and_paper_mode_is_per_window():
+    """FCTFG.generate in chunks: continuous (each chunk with its halo) == the temporal layer over the whole clip as
+    one window; continuous=False == each 5-frame window fused alone (the paper's mode, Sec. 4.4.2); the two differ
+    only near window borders for the conv (it reads one frame on each side)."""
+    torch.manual_seed(0)
+    m = fusion.FCTFG("tiny", window=5).eval()
+    with torch.no_grad():
+        for mlp in m.fusion.E_m.mlps.values():
+            torch.nn.init.normal_(mlp[-1].weight, std=0.05)
+        m.fusion.temporal.conv.weight.add_(0.05 * torch.randn_like(m.fusion.temporal.conv.weight))
+        x_s, x_d, mel = torch.rand(3, 64, 64) * 2 - 1, torch.rand(13, 3, 64, 64) * 2 - 1, torch.randn(13, 1, 80, 16)
+        z_s, deltas = m.encode_source(x_s[None])
+        z_d = m.E_inv(x_d)[None]
+        outs = {}
+        for continuous in (True, False):
+            outs[continuous] = m.generate(x_s, x_d, mel, chunk=10, continuous=continuous)["z_sd"]
+            with m.fusion.temporal.one_window(continuous):
+                ref = m.decode(z_s, deltas, z_d, mel[None])["z_sd"][0]
+            torch.testing.assert_close(outs[continuous], ref, atol=1e-5, rtol=1e-5)
+    assert m.fusion.temporal.window == 5                                   # restored after each call
+    moved = (outs[True] - outs[False]).abs().flatten(1).amax(1) > 1e-4     # frames that differ
+    assert moved.tolist() == [t in (4, 5, 9, 10) for t in range(13)]      # the frames beside the two borders
+    assert m.fusion.temporal.halo() == (1, 1)

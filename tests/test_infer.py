@@ -160,8 +160,11 @@ def _collect(model, z_s, deltas, drivers, mel, K, batch=10, **kw):
     return np.concatenate(faces), cat
 
 
-def test_streamed_windows_equal_one_shot_forward():
-    """13 frames in batches of 10 (two windows of 5, then 3) == FCTFG on the whole clip with window 5."""
+@pytest.mark.parametrize("continuous", [True, False])
+def test_streamed_windows_equal_one_shot_forward(continuous):
+    """13 frames in batches of 10 (two windows of 5, then 3) == FCTFG on the whole clip: fused as ONE window
+    (continuous: every batch carries its neighbours, so no border is visible) or as windows of 5 (the paper's
+    non-overlapping windows, Sec. 4.4.2)."""
     model = _random_model()
     frames, wav = _clip(procedural.TEST_IDS[1], 7, 13)
     x_s = infer.to_tensor(frames[:1], "cpu")
@@ -170,10 +173,11 @@ def test_streamed_windows_equal_one_shot_forward():
         z_s, deltas = model.encode_source(x_s, 2)
         assert any(d is not None for d in deltas)
         drivers = _drivers(model, dict(pose=frames, expression=frames, eyes=frames))
-        faces, codes = _collect(model, z_s, deltas, drivers, mel, 13)
+        faces, codes = _collect(model, z_s, deltas, drivers, mel, 13, continuous=continuous)
         x_a = torch.from_numpy(audio.mel_windows(mel, 13, data.FPS))[None]     # one call on the whole clip
         z_d = model.E_inv(infer.to_tensor(frames, "cpu"))[None]
-        ref = model.decode(z_s, deltas, z_d, x_a)
+        with model.fusion.temporal.one_window(continuous):
+            ref = model.decode(z_s, deltas, z_d, x_a)
         z_a, x_g = ref["z_a"], ref["x_g"][0]
     torch.testing.assert_close(codes["z_d"], z_d, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(codes["z_a"], z_a, atol=1e-5, rtol=1e-5)

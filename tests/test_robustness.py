@@ -90,6 +90,9 @@ def inputs(tmp_path_factory):
           "fctfg": fusion.FCTFG("tiny", window=5).state_dict()}
     torch.save(ck, d / "model.pt")
     torch.save({**ck, "cfg": {"model": "tiny"}}, d / "incomplete.pt")
+    torch.save({"stage": "judges", "cfg": cfg}, d / "judges.pt")                   # another stage's checkpoint
+    for name in ("empty.wav", "empty.png", "empty.mp4"):
+        (d / name).write_bytes(b"")
     return d
 
 
@@ -104,8 +107,10 @@ BAD_INFER = [
     (["--seconds", "1e12"], "--seconds"), (["--driving", "drive.mp4", "--fps", "0"], "--fps 0"),
     (["--hyper-steps", "-2"], "--hyper-steps -2"), (["--sheet", "s.png", "--sheet-frames", "0"], "--sheet-frames 0"),
     (["--window", "x"], "--window"),
-    (["--checkpoint", "incomplete.pt"], "incomplete.pt"),        # class 3: a foreign / damaged file
-    (["--checkpoint", "speech.wav"], "speech.wav"),
+    (["--checkpoint", "incomplete.pt"], "incomplete.pt"),        # class 3: a foreign / damaged / empty file
+    (["--checkpoint", "speech.wav"], "speech.wav"), (["--checkpoint", "judges.pt"], "judges.pt"),
+    (["--driving", "drive.mp4", "--audio", "empty.wav"], "empty.wav"), (["--source", "empty.png"], "empty.png"),
+    (["--driving", "empty.mp4"], "empty.mp4"), (["--driving", "drive.mp4", "--audio", "src.png"], "src.png"),
 ]
 
 
@@ -123,6 +128,9 @@ BAD_TRAIN = [
     (["--lr", "nan"], "--lr nan"), (["--mixing", "1.5"], "--mixing 1.5"), (["--batch", "1000000"], "--batch"),
     (["--ckpt_every", "0"], "--ckpt_every 0"), (["--size", "256"], "--size 256"),
     (["--stage", "fctfg", "--init", "run/last.pt"], "--init"),       # --out would replace its own --init
+    (["--stage", "fctfg", "--init", "other.pt"], "other.pt"),          # another stage's checkpoint
+    (["--stage", "fctfg", "--syncnet", "other.pt"], "other.pt"), (["--stage", "inversion", "--vgg", "other.pt"], "other"),
+    (["--stage", "inversion", "--arcface", "empty.pt"], "empty.pt"),
 ]
 
 
@@ -130,6 +138,8 @@ BAD_TRAIN = [
 def test_train_refuses_in_one_line_and_touches_nothing(tmp_path, argv, names):
     (tmp_path / "run").mkdir()
     torch.save({"stage": "inversion"}, tmp_path / "run" / "last.pt")
+    torch.save({"stage": "syncnet", "cfg": {"model": "tiny"}}, tmp_path / "other.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
     before = digest(tmp_path)
     rc, out, err = run("train.py", "--out", "run", *argv, cwd=tmp_path)
     assert_one_clean_error(rc, out, err, names)
@@ -141,6 +151,9 @@ BAD_EVALUATE = [
     (["--checkpoint", "model.pt", "--out", "model.pt"], "--out model.pt"),
     (["--train-probe", "--out", "model.pt"], "is not a motion probe"),
     (["--checkpoint", "incomplete.pt", "--out", "e"], "incomplete.pt"),
+    (["--checkpoint", "model.pt", "--probe", "judges.pt", "--protocol", "cross"], "judges.pt"),
+    (["--checkpoint", "model.pt", "--syncnet", "model.pt"], "model.pt"), (["--judges", "model.pt"], "model.pt"),
+    (["--data", "."], "prepared"),
 ]
 
 
