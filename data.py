@@ -38,8 +38,8 @@ from PIL import Image
 import audio as audio_mod  # as audio_mod: `audio` names a sample array throughout this file
 import procedural
 from audio import FPS, SAMPLE_RATE as SR, SAMPLES_PER_FRAME as SPF  # 25 fps, 16 kHz, 640 samples per frame
-from stylegan2 import (ArgumentParser, temp_path, terminate_as_interrupt,  # CLI; the one atomic writer and
-                       write_atomic)                                       # its temporary name
+from stylegan2 import (ArgumentParser, remove_temporaries, temp_path,  # CLI; the one atomic writer, its
+                       terminate_as_interrupt, write_atomic)             # temporary name and their clean-up
 
 
 # ==== 1. The sample format (procedural and real clips) and the PC-AVS split =======================
@@ -501,8 +501,7 @@ def prepare_one(src, dst_stem, size=256, detector=None, min_frames=64, min_face=
     crop, box, shrunk = crop_square(frames, fomm_enlarge(union), size, strict=strict)
     dst_stem = Path(dst_stem)
     dst_stem.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dst_stem.parent.glob(f".{dst_stem.name}.tmp*"):   # a run killed (-9) while writing this clip
-        stale.unlink()
+    remove_temporaries(dst_stem.parent, dst_stem.name)   # a run killed (-9) while it wrote this clip
     write_video(dst_stem.with_suffix(".mp4"), crop, FPS, audio, SR)
     write_wav(dst_stem.with_suffix(".wav"), audio, SR)
     return dict(status="ok", source=str(src), n_frames=K, n_samples=len(audio), fps=FPS, sr=SR,

@@ -497,7 +497,10 @@ def judge_quality(path, n_people=200):
     random weights and pixel L1 for context."""
     import inversion
     import losses
-    e_id, vgg = inversion.load_arcface(path), losses.load_vgg19(path)
+    try:
+        e_id, vgg = inversion.load_arcface(path), losses.load_vgg19(path)
+    except ValueError as e:
+        raise ValueError(f"--judges {path}: {e}") from None
     sim, same = verification(e_id, "tune", n_people)
     best = max(sorted(sim.tolist()), key=lambda t: float(((sim >= t) == same).float().mean()))
     sim, same = verification(e_id, "report", n_people)
@@ -732,6 +735,7 @@ def evaluate(args):
         paper = "mead" if args.mead or "mead" in args.data.lower() else "voxceleb2"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    stylegan2.remove_temporaries(out)                     # what a killed run's atomic writes left behind
     run = dict(protocol=args.protocol, method=method, checkpoint=args.checkpoint, data=args.data,
                clip_frames=args.clip_frames if synthetic else None, size=size, hyper_steps=hyper_steps,
                syncnet=args.syncnet, syncnet_v2=args.syncnet_v2, probe=args.probe, seed=args.seed, mead=args.mead,

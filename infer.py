@@ -609,6 +609,7 @@ def run(args):
     sheet_ks = set(np.linspace(0, K - 1, args.sheet_frames).round().astype(int).tolist()) if args.sheet else ()
     sheet = []                                             # (driving crop, generated face) at sheet_ks
     t0 = time.perf_counter()
+    stylegan2.remove_temporaries(out.parent, out.stem)    # a previous run of this --out killed mid-write (-9)
     with data.VideoWriter(out, W, H, fps, wav, metadata=METADATA) as writer:   # aborted on any exception
         for k0, faces, _ in animate(model, z_s, deltas, drivers, audio.melspectrogram(wav), K, fps, batch,
                                     timer, args.canonical, amp, continuous=not args.paper_windows):
@@ -630,7 +631,7 @@ def run(args):
                 device=str(device))
 
 
-def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None):
+def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None, paper_windows=False):
     """End-to-end speed of the pipeline on procedural FILE inputs (so decoding is real): a driving mp4
     with audio at the model size and a source png (max(128, size) px), --no-detect, untrained `preset`
     weights unless the shipped checkpoint exists (tiny only). fps excludes model loading and the
@@ -642,6 +643,7 @@ def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None):
         data.write_video(f"{d}/drive.mp4", np.stack(list(frames)), data.FPS, wav)
         st = run(parse_args(["--source", f"{d}/src.png", "--driving", f"{d}/drive.mp4", "--out", f"{d}/out.mp4",
                              "--no-detect", "--quiet", "--preset", preset] + ["--bf16"] * bf16 +
+                            ["--paper-windows"] * paper_windows +
                             (["--device", device] if device else []) + (["--batch", str(batch)] if batch else [])))
     print(f"bench: {st['frames']} frames {preset} on {st['device']} ({st['threads']} threads): "
           f"{st['e2e_fps']:.1f} fps end to end (source inversion {st['stages']['invert'] * 1000:.0f} ms, "
@@ -669,7 +671,8 @@ def main(argv=None):
     try:
         with stylegan2.terminate_as_interrupt():
             if args.bench:
-                bench(args.seconds if args.seconds != 6.0 else 4.0, args.device, args.bf16, args.preset, args.batch)
+                bench(args.seconds if args.seconds != 6.0 else 4.0, args.device, args.bf16, args.preset, args.batch,
+                      args.paper_windows)
             else:
                 run(args)
     except (ValueError, ImportError, OSError) as e:        # OSError includes FileNotFoundError

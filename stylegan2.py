@@ -589,6 +589,14 @@ def temp_path(path):
     return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
 
 
+def remove_temporaries(folder, stem="*"):
+    """Delete what a writer killed mid-write (kill -9, power loss) left in `folder`: temp_path's names,
+    .<stem>.tmp<pid><suffix>, for `stem` or any. The next run of the same job calls it before writing."""
+    for tmp in Path(folder).glob(f".{stem}.tmp*"):
+        if tmp.is_file() and re.fullmatch(r"\..+\.tmp\d+(\.[^.]+)?", tmp.name):
+            tmp.unlink()
+
+
 def write_atomic(path, write):
     """write(temporary path) then rename it onto `path`: readers, and a run killed mid-write, see the
     old file or the new one, never half of one. The temporary file is removed if write() fails."""

@@ -116,7 +116,8 @@ AT_LEAST_1 = ("batch", "accum", "max_steps", "n_identities", "clips_per_identity
               "log_every", "ckpt_every", "gan_every", "mbstd_group", "pl_batch_shrink", "size")
 FRACTION = ("mixing", "hyper_from", "drive_colour", "grad_ckpt")
 ABOVE_0 = ("lr", "lr_fctfg", "lr_syncnet", "lr_inversion", "lr_judges", "ema_kimg")
-AT_MOST = dict(batch=4096, accum=4096, grad_ckpt=1)
+AT_MOST = dict(batch=4096, accum=4096, grad_ckpt=1, frame_pool=10 ** 6, workers=64, clip_frames=10_000, hyper_steps=100,
+               mbstd_group=4096)
 STAGES = ("judges", "stylegan2", "syncnet", "inversion", "fctfg")
 # the run flags only some stages read: given to another stage they would do nothing, so they are refused
 STAGE_FLAGS = dict(init=("inversion", "fctfg"), arcface=("stylegan2", "inversion", "fctfg"),
@@ -812,9 +813,7 @@ def check_paths(args, out):
 def clean_leftovers(out, step):
     """A run killed mid-write leaves .*.tmp<pid>.* files (stylegan2.temp_path) and, resumed at `step`, a log
     whose lines past that step will be written again: drop both (rank 0, at start)."""
-    for tmp in out.glob(".*.tmp*"):
-        if tmp.is_file() and re.fullmatch(r"\..+\.tmp\d+(\..+)?", tmp.name):
-            tmp.unlink()
+    stylegan2.remove_temporaries(out)
     log = out / "log.jsonl"
     if log.is_file():
         keep = [line for line in log.read_text().splitlines(keepends=True)
@@ -930,6 +929,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("error: interrupted before the first step: nothing was saved", file=sys.stderr)
         return 130
+    except OSError as e:                                   # a folder that cannot be written, a full disk, ...
+        print(f"error: {e}" + (f" ({e.filename})" if e.filename and str(e.filename) not in str(e) else ""),
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

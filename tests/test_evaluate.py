@@ -69,15 +69,21 @@ def test_untrained_model_renders_source_recon_and_chunking_is_exact():
     rec = ev.run_model(model, x_s, x_s[None].expand(7, -1, -1, -1), mel, "encoder_recon")["x_g"]
     torch.testing.assert_close(rec, out["x_g"], rtol=0, atol=1e-5)
     # Perturb the fusion so windows matter; chunks of whole windows must equal FCTFG.forward on the
-    # whole clip (TemporalFusion cuts it into the same windows itself), a chunk of 2 windows too.
+    # whole clip: as one window (continuous, the default: each chunk carries its neighbours) or cut into
+    # windows of 3 (the paper's mode; TemporalFusion cuts it into the same windows itself)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.fusion.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-        ref = model(x_s[None], x_d[None], mel[None])["x_g"][0]
+        refs = {}
+        for continuous in (True, False):
+            with model.fusion.temporal.one_window(continuous):
+                refs[continuous] = model(x_s[None], x_d[None], mel[None])["x_g"][0]
+    assert (refs[True] - refs[False]).abs().max() > 1e-3                # the borders do differ
     for chunk in (3, 6, 100):
-        torch.testing.assert_close(ev.run_model(model, x_s, x_d, mel, "model", chunk=chunk)["x_g"], ref,
-                                   rtol=0, atol=1e-5)
+        for continuous, ref in refs.items():
+            torch.testing.assert_close(ev.run_model(model, x_s, x_d, mel, "model", chunk=chunk,
+                                                    continuous=continuous)["x_g"], ref, rtol=0, atol=1e-5)
     copy = ev.run_model(None, x_s, x_d, mel, "copy_source")     # no network
     assert torch.equal(copy["x_g"], x_s[None].expand(7, -1, -1, -1)) and copy["ws"] is None
     with pytest.raises(ValueError, match="method"):

@@ -259,7 +259,7 @@ def test_contact_sheet_and_procedural_checkpoint_note(files, tmp_path, capsys):
                         "--checkpoint", tmp_path / "proc.pt", "--out", tmp_path / "o.mp4",
                         "--sheet", tmp_path / "s.png", "--sheet-frames", "4"], capsys)
     assert rc == 0, err
-    assert "trained on procedural faces only" in err and "contact sheet, 4 frames" in so
+    assert "trained on procedural cartoon faces only" in err and "contact sheet, 4 frames" in so
     sheet = np.asarray(Image.open(tmp_path / "s.png"))
     assert sheet.shape == (2 * (128 + 14) + 4, 5 * (128 + 4) + 4, 3)
     # row 2, column 1 is the source (enlarged 2x nearest); row 1, column 1 stays blank

@@ -153,7 +153,7 @@ BAD_EVALUATE = [
     (["--checkpoint", "incomplete.pt", "--out", "e"], "incomplete.pt"),
     (["--checkpoint", "model.pt", "--probe", "judges.pt", "--protocol", "cross"], "judges.pt"),
     (["--checkpoint", "model.pt", "--syncnet", "model.pt"], "model.pt"), (["--judges", "model.pt"], "model.pt"),
-    (["--data", "."], "prepared"),
+    (["--data", "."], "--data"), (["--checkpoint", "model.pt", "--data", "src.png"], "src.png"),
 ]
 
 
@@ -270,3 +270,14 @@ def test_crop_of_an_already_cropped_clip_stays_inside_it():
     frame[0, :, :, 0] = np.arange(224)[:, None]                                 # rows numbered in red
     out, box, shrunk = data.crop_square(frame, data.fomm_enlarge((16, 16, 208, 208)), 224)   # 230 px
     assert shrunk and box == (0, 0, 224, 224) and np.array_equal(out, frame)
+
+
+def test_remove_temporaries_takes_only_what_writers_leave(tmp_path):
+    import stylegan2
+    for name in (".last.tmp123.pt", ".clip.tmp9.mp4", ".results.tmp77.json", ".notes.txt", "keep.tmp1.pt",
+                 ".last.tmpX.pt", "last.pt"):
+        (tmp_path / name).write_text("x")
+    stylegan2.remove_temporaries(tmp_path, "clip")
+    assert not (tmp_path / ".clip.tmp9.mp4").exists() and (tmp_path / ".last.tmp123.pt").exists()
+    stylegan2.remove_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.tmpX.pt", ".notes.txt", "keep.tmp1.pt", "last.pt"]
