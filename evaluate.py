@@ -60,12 +60,22 @@ def to_255(x):
 
 
 def load_model(checkpoint, preset="tiny", window=5, device="cpu", seed=0):
-    """'untrained' -> a freshly initialised FCTFG(preset) (seeded) with temporal window `window`;
-    otherwise fusion.FCTFG.load(checkpoint). -> (model, cfg)."""
+    """'untrained' -> a freshly initialised FCTFG(preset) (seeded) with temporal window `window`; a decoder
+    (stylegan2 stage with its joint encoder) or inversion checkpoint -> an FCTFG holding its G, E_inv (and
+    HyperStyle), for the baselines that use only those (the decoder + inversion ceiling of a stage); otherwise
+    fusion.FCTFG.load(checkpoint). -> (model, cfg); cfg["stage"] names a stage checkpoint."""
     if checkpoint == "untrained":
         torch.manual_seed(seed)
         model = fusion.FCTFG(preset, window=window or None)
         return model.to(device).eval(), dict(model=preset, window=window, hyper_steps=0)
+    ck = stylegan2.load_checkpoint(checkpoint)
+    if isinstance(ck, dict) and ck.get("stage") in ("stylegan2", "inversion") and "e_inv" in ck:
+        model = fusion.FCTFG(ck["cfg"]["model"], window=window)
+        model.G.load_state_dict(ck["g_ema"]), model.E_inv.load_state_dict(ck["e_inv"])
+        if "hyper" in ck:
+            model.H.load_state_dict(ck["hyper"])
+        return model.to(device).eval(), dict(ck["cfg"], stage=ck["stage"], window=window,
+                                             hyper_steps=ck["cfg"]["hyper_steps"] if "hyper" in ck else 0)
     model, cfg = fusion.FCTFG.load(checkpoint, device)
     return model, dict(cfg)
 
@@ -723,6 +733,9 @@ def evaluate(args):
     model, cfg = (load_model(args.checkpoint, args.preset, args.window, device, args.seed)
                   if args.checkpoint is not None and method != "copy_source" else (None, {}))
     hyper_steps = args.hyper_steps if args.hyper_steps is not None else int(cfg.get("hyper_steps", 0))
+    if cfg.get("stage") and (method not in ("encoder_recon", "truth_recon") or args.protocol == "attributes"):
+        raise ValueError(f"--checkpoint {args.checkpoint} is a {cfg['stage']} checkpoint (no FC-TFG yet): it can "
+                         f"score --baseline truth_recon / encoder_recon only")
     if args.protocol == "attributes":
         return evaluate_attributes(args, model, hyper_steps, device)
     synthetic = args.data == "synthetic"

@@ -309,3 +309,21 @@ def test_judges_report_runs_on_a_judges_checkpoint(tmp_path, capsys):
     assert set(q["phi"]) == {"phi", "phi_untrained", "l1"} and "verification AUC" in out
     rc, out, err = _run(["--judges", tmp_path / "j" / "last.pt"], capsys)
     assert rc == 2 and "--judges needs --out" in err
+
+
+def test_stage_checkpoints_score_the_decoder_ceiling_only(tmp_path, capsys):
+    """A decoder-stage checkpoint (G + its joint encoder) scores --baseline truth_recon: G(E_inv(truth)) with the
+    stage's own weights; it has no FC-TFG to score the model row with, which is refused in one line."""
+    import train
+    assert train.train(["--stage", "stylegan2", "--out", str(tmp_path / "sg"), "--max_steps", "1", "--batch", "4",
+                        "--n_identities", "2", "--frame_pool", "4", "--sample_every", "0", "--log_every", "1"]) == 0
+    ck = tmp_path / "sg" / "last.pt"
+    model, cfg = ev.load_model(str(ck))
+    state = torch.load(ck, weights_only=True)
+    assert cfg["stage"] == "stylegan2" and cfg["hyper_steps"] == 0
+    assert all(torch.equal(v, state["e_inv"][k]) for k, v in model.E_inv.state_dict().items())
+    rc, out, err = _run(["--protocol", "cross", "--baseline", "truth_recon", "--checkpoint", ck, "--n_clips", 1,
+                         "--clip_frames", 6, "--examples", 0, "--out", tmp_path / "c"], capsys)
+    assert rc == 0 and "decoder + inversion ceiling" in out, err
+    rc, out, err = _run(["--protocol", "cross", "--checkpoint", ck, "--n_clips", 1, "--out", tmp_path / "m"], capsys)
+    assert rc == 2 and "truth_recon / encoder_recon only" in err
