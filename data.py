@@ -17,7 +17,6 @@ shrunk to the frame when larger (already-cropped clips), not rejected (--strict:
 Not here: the mel spectrogram and its window convention (audio.py), face landmarks for LMD (metrics.py),
 the procedural world (procedural.py), the stages that consume batches (train.py).
 """
-import argparse
 import contextlib
 import dataclasses
 import json

@@ -19,7 +19,6 @@ Run:  python evaluate.py --checkpoint runs/fctfg/last.pt --data synthetic --out 
 
 Not here: the metrics themselves and the motion probe (metrics.py), the networks evaluated (fusion.py), data and its
 renderer (data.py, procedural.py), training (train.py)."""
-import argparse
 import json
 import math
 import os

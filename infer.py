@@ -38,7 +38,6 @@ Choices the paper leaves open (ours, stated here once):
 Not here: networks (fusion.py, inversion.py, audio.py, stylegan2.py), training (train.py), metrics
 (evaluate.py), dataset preparation (data.py).
 """
-import argparse
 import contextlib
 import math
 import os

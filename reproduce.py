@@ -15,7 +15,6 @@ Everything runs on the procedural TEST split (procedural.TEST_IDS), which no tra
 The study's layer, at the top of the import graph: it uses the public functions of train.py (the FLOP count
 runs the real training step) and evaluate.py (the attribute clips, the table format); nothing imports it.
 """
-import argparse
 import json
 import math
 import sys

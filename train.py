@@ -116,8 +116,8 @@ AT_LEAST_1 = ("batch", "accum", "max_steps", "n_identities", "clips_per_identity
               "log_every", "ckpt_every", "gan_every", "mbstd_group", "pl_batch_shrink", "size")
 FRACTION = ("mixing", "hyper_from", "drive_colour", "grad_ckpt")
 ABOVE_0 = ("lr", "lr_fctfg", "lr_syncnet", "lr_inversion", "lr_judges", "ema_kimg")
-AT_MOST = dict(batch=4096, accum=4096, grad_ckpt=1, frame_pool=10 ** 6, workers=64, clip_frames=10_000, hyper_steps=100,
-               mbstd_group=4096)
+AT_MOST = dict(batch=4096, accum=4096, grad_ckpt=1, frame_pool=10 ** 6, workers=64, clip_frames=10_000,
+               hyper_steps=100, mbstd_group=4096)
 STAGES = ("judges", "stylegan2", "syncnet", "inversion", "fctfg")
 # the run flags only some stages read: given to another stage they would do nothing, so they are refused
 STAGE_FLAGS = dict(init=("inversion", "fctfg"), arcface=("stylegan2", "inversion", "fctfg"),
@@ -161,7 +161,7 @@ def parse_args(argv=None):
         lo = 1 if k in AT_LEAST_1 else 0
         if not (math.isfinite(v) and v >= lo and (v > 0 or k not in ABOVE_0) and v <= AT_MOST.get(k, math.inf)
                 and (v <= 1 or k not in FRACTION)):
-            rule = ("> 0" if k in ABOVE_0 else f"between 0 and 1" if k in FRACTION else f">= {lo}")
+            rule = "> 0" if k in ABOVE_0 else "between 0 and 1" if k in FRACTION else f">= {lo}"
             ap.error(f"--{k} {v}: must be {rule}" + (f" and <= {AT_MOST[k]}" if k in AT_MOST else ""))
     size = stylegan2.PRESETS[args.model]["size"]
     if args.size != size:
@@ -838,7 +838,7 @@ def train(argv=None):
     except ValueError as e:
         print(f"error: {e}" + ("; delete it to start afresh" if "not a loadable" in str(e) else ""), file=sys.stderr)
         return 2
-    if ck is not None and ck.get("stage") == args.stage and ck.get("step", 0) >= n_steps:
+    if isinstance(ck, dict) and ck.get("stage") == args.stage and ck.get("step", 0) >= n_steps:
         print(f"{last} is already at step {ck['step']} (--max_steps {n_steps}): nothing to do")
         return 0  # a finished stage: return before building its dataset
     rank, world, device = setup_distributed(args.device)

@@ -20,7 +20,6 @@ from PIL import Image
 import data
 import fusion
 import infer
-import procedural
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
