@@ -83,6 +83,7 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30)):
         gen = model.generate(src["frames"][0], drv["frames"], drv["mel"], hs)["x_g"]
         rows += [torch.cat([src["frames"][:1], f[sel]]) for f in (drv["frames"], gt["frames"], gen)]
     save("fig4_cross_identity.png", rows, len(sel) + 1)
+    save("fig_window_seam.png", seam_strip(model, ds, hs), 8)
     # The attribute-transfer table as pictures (its first pair of the 'report' split): for each attribute,
     # the driving clip of person B (only that attribute moves; lips: B's mouth stays shut, the audio speaks),
     # the ground truth (A doing it) and FC-TFG (A's neutral still + B's clip + the audio)
@@ -93,6 +94,22 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30)):
         rows += [x_d["frames"][sel], gt[sel], gen[sel]]
     save("fig_attributes.png", rows, len(sel))
     return written
+
+
+def seam_strip(model, ds, hs, pair=(4, 5), gain=4):
+    """Eight consecutive frames across the second temporal-window border (Sec. 4.4.2) of person A driven
+    by person B (`pair`: indices into ds) -> image rows: A's truth, FC-TFG with the paper's non-overlapping windows, FC-TFG whose
+    windows see their neighbours, then each row's frame-to-frame change |x_t - x_{t-1}| x gain (black =
+    none). A seam is invisible in one still and shows in the change rows as a bright column at the
+    border (between the 4th and 5th frames)."""
+    W = model.fusion.temporal.window or 5
+    sel = list(range(2 * W - 4, 2 * W + 4))
+    src, drv, gt = ds[pair[0]], ds[pair[1]], ds.cross(*pair)
+    clip = slice(0, max(sel) + 1)
+    outs = [gt["frames"][clip]] + [model.generate(src["frames"][0], drv["frames"][clip], drv["mel"][clip],
+                                                  hs, continuous=c)["x_g"] for c in (False, True)]
+    change = [((x[sel] - x[[t - 1 for t in sel]]).abs() * gain).clamp(0, 2) - 1 for x in outs]
+    return [x[sel] for x in outs] + change
 
 
 # ----------------------------------------------------------------------------------------------------
