@@ -7,6 +7,7 @@ draw the paper's figures on procedural test identities, and collect the tables o
                             attribute-transfer sheet (one attribute per row triple)
   tables RUNS               the attribute table and Table 1 / 3 / 4 analogues from the evaluate.py
                             results under RUNS (markdown)
+  trend PNG STEP=DIR ...    attribute correlations along training, from evaluate.py results
   cost [--preset paper]     FLOPs per training sample of every stage (the paper-scale cost estimate)
 
 Paper map: Fig. 4 (reenactment comparison), Fig. 5 (canonical space), Fig. 6 (pose spread of the
@@ -173,6 +174,18 @@ def cost(preset="paper"):
     return out
 
 
+def trend(points, png):
+    """Attribute correlations along training: points = [(step, folder of an evaluate.py --protocol
+    attributes run of that step's checkpoint)] -> one panel per attribute (stylegan2.plot_losses) in png."""
+    rows = []
+    for step, folder in sorted(points):
+        res = json.loads((Path(folder) / "results.json").read_text())["attributes"]["model"]
+        rows.append(json.dumps(dict(step=step, **{a: res[a]["corr"] for a in procedural.ATTRIBUTE_CLIPS})))
+    log = Path(png).with_suffix(".jsonl")
+    stylegan2.write_atomic(log, lambda tmp: Path(tmp).write_text("\n".join(rows) + "\n"))
+    return stylegan2.plot_losses(log, png, smooth=1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tables: read evaluate.py's results.json files (RUNS/eval/<name>/results.json)
 # ----------------------------------------------------------------------------------------------------
@@ -252,6 +265,9 @@ def main(argv=None):
     f.add_argument("out", help="folder for the PNGs")
     c = sub.add_parser("cost", help="FLOPs per training sample of every stage (Sec. 4.1.2 at paper scale)")
     c.add_argument("--preset", default="paper", help="train.py preset to count")
+    r = sub.add_parser("trend", help="attribute correlations along training (evaluate.py results), a PNG")
+    r.add_argument("out", help="the PNG (its .jsonl holds the numbers)")
+    r.add_argument("points", nargs="+", help="STEP=FOLDER: an evaluate.py --protocol attributes output")
     t = sub.add_parser("tables", help="markdown of every table from RUNS/eval/*/results.json")
     t.add_argument("runs", help="the reproduce.sh output folder")
     t.add_argument("--out", help="also write the markdown here")
@@ -264,6 +280,12 @@ def main(argv=None):
         elif args.cmd == "figures":
             for p in figures(args.checkpoint, args.out):
                 print(f"wrote {p}")
+        elif args.cmd == "trend":
+            points = [(int(p.split("=", 1)[0]), p.split("=", 1)[1]) for p in args.points if "=" in p]
+            if len(points) != len(args.points):
+                raise ValueError("trend: every point must be STEP=FOLDER")
+            trend(points, args.out)
+            print(f"wrote {args.out}")
         elif args.cmd == "cost":
             cost(args.preset)
         else:

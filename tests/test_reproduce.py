@@ -44,6 +44,24 @@ def test_ablation_rows_read_their_evaluations(tmp_path):
     assert "Tiny-scale deviations" in md
 
 
+def test_trend_plots_each_attribute_in_step_order(tmp_path, capsys):
+    """trend: the correlations of each STEP=FOLDER evaluation, sorted by step, into a PNG (one panel per
+    attribute) and its .jsonl; a point without a step is refused in one line, nothing written."""
+    points = []
+    for step in (200, 50):
+        d = tmp_path / f"s{step}"
+        d.mkdir()
+        attrs = {a: {"corr": step / 1000 + i / 100} for i, a in enumerate(procedural.ATTRIBUTE_CLIPS)}
+        (d / "results.json").write_text(json.dumps({"attributes": {"model": attrs}}))
+        points.append(f"{step}={d}")
+    png = tmp_path / "trend.png"
+    assert reproduce.main(["trend", str(png)] + points) == 0 and png.is_file()
+    rows = [json.loads(line) for line in png.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [50, 200] and rows[1]["lips"] == pytest.approx(0.2 + 0.05)
+    assert reproduce.main(["trend", str(tmp_path / "bad.png"), str(tmp_path / "s50")]) == 2
+    assert "STEP=FOLDER" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
+
+
 def test_export_rejects_other_stages(tmp_path, capsys):
     torch.save({"stage": "syncnet", "step": 1}, tmp_path / "s.pt")
     assert reproduce.main(["export", str(tmp_path / "s.pt"), str(tmp_path / "o.pt")]) == 2
