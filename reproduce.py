@@ -98,17 +98,18 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30)):
 
 
 def seam_strip(model, ds, hs, pair=(4, 5), gain=4):
-    """Eight consecutive frames across the second temporal-window border (Sec. 4.4.2) of person A driven
-    by person B (`pair`: indices into ds) -> image rows: A's truth, FC-TFG with the paper's non-overlapping windows, FC-TFG whose
-    windows see their neighbours, then each row's frame-to-frame change |x_t - x_{t-1}| x gain (black =
-    none). A seam is invisible in one still and shows in the change rows as a bright column at the
-    border (between the 4th and 5th frames)."""
+    """Eight consecutive frames across the second temporal-window border (Sec. 4.4.2) of person A
+    driven by person B (`pair`: indices into ds) -> image rows: A's truth, FC-TFG with the paper's
+    non-overlapping windows, FC-TFG whose windows see their neighbours, then each row's frame-to-
+    frame change |x_t - x_{t-1}| x gain (black = none). A seam is invisible in one still; in the
+    change rows it shows at the border (between the 4th and 5th frames)."""
     W = model.fusion.temporal.window or 5
     sel = list(range(2 * W - 4, 2 * W + 4))
     src, drv, gt = ds[pair[0]], ds[pair[1]], ds.cross(*pair)
     clip = slice(0, max(sel) + 1)
-    outs = [gt["frames"][clip]] + [model.generate(src["frames"][0], drv["frames"][clip], drv["mel"][clip],
-                                                  hs, continuous=c)["x_g"] for c in (False, True)]
+    x_s, x_d, mel = src["frames"][0], drv["frames"][clip], drv["mel"][clip]
+    drive = lambda continuous: model.generate(x_s, x_d, mel, hs, continuous=continuous)["x_g"]
+    outs = [gt["frames"][clip], drive(False), drive(True)]
     change = [((x[sel] - x[[t - 1 for t in sel]]).abs() * gain).clamp(0, 2) - 1 for x in outs]
     return [x[sel] for x in outs] + change
 
@@ -176,11 +177,13 @@ def cost(preset="paper"):
 
 def trend(points, png):
     """Attribute correlations along training: points = [(step, folder of an evaluate.py --protocol
-    attributes run of that step's checkpoint)] -> one panel per attribute (stylegan2.plot_losses) in png."""
+    attributes run of that step's checkpoint)] -> one panel per attribute in png
+    (stylegan2.plot_losses; the numbers beside it as .jsonl)."""
     rows = []
     for step, folder in sorted(points):
         res = json.loads((Path(folder) / "results.json").read_text())["attributes"]["model"]
-        rows.append(json.dumps(dict(step=step, **{a: res[a]["corr"] for a in procedural.ATTRIBUTE_CLIPS})))
+        corr = {a: res[a]["corr"] for a in procedural.ATTRIBUTE_CLIPS}
+        rows.append(json.dumps(dict(step=step, **corr)))
     log = Path(png).with_suffix(".jsonl")
     stylegan2.write_atomic(log, lambda tmp: Path(tmp).write_text("\n".join(rows) + "\n"))
     return stylegan2.plot_losses(log, png, smooth=1)
@@ -265,9 +268,10 @@ def main(argv=None):
     f.add_argument("out", help="folder for the PNGs")
     c = sub.add_parser("cost", help="FLOPs per training sample of every stage (Sec. 4.1.2 at paper scale)")
     c.add_argument("--preset", default="paper", help="train.py preset to count")
-    r = sub.add_parser("trend", help="attribute correlations along training (evaluate.py results), a PNG")
+    r = sub.add_parser("trend", help="attribute correlations along training, a PNG")
     r.add_argument("out", help="the PNG (its .jsonl holds the numbers)")
-    r.add_argument("points", nargs="+", help="STEP=FOLDER: an evaluate.py --protocol attributes output")
+    r.add_argument("points", nargs="+",
+                   help="STEP=FOLDER, FOLDER the output of evaluate.py --protocol attributes")
     t = sub.add_parser("tables", help="markdown of every table from RUNS/eval/*/results.json")
     t.add_argument("runs", help="the reproduce.sh output folder")
     t.add_argument("--out", help="also write the markdown here")
@@ -281,7 +285,8 @@ def main(argv=None):
             for p in figures(args.checkpoint, args.out):
                 print(f"wrote {p}")
         elif args.cmd == "trend":
-            points = [(int(p.split("=", 1)[0]), p.split("=", 1)[1]) for p in args.points if "=" in p]
+            points = [(int(p.split("=", 1)[0]), p.split("=", 1)[1])
+                      for p in args.points if "=" in p]
             if len(points) != len(args.points):
                 raise ValueError("trend: every point must be STEP=FOLDER")
             trend(points, args.out)

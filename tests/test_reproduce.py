@@ -45,13 +45,15 @@ def test_ablation_rows_read_their_evaluations(tmp_path):
 
 
 def test_trend_plots_each_attribute_in_step_order(tmp_path, capsys):
-    """trend: the correlations of each STEP=FOLDER evaluation, sorted by step, into a PNG (one panel per
-    attribute) and its .jsonl; a point without a step is refused in one line, nothing written."""
+    """trend: the correlations of each STEP=FOLDER evaluation, sorted by step, into a PNG (one panel
+    per attribute) and its .jsonl; a point without a step is refused in one line, nothing
+    written."""
     points = []
     for step in (200, 50):
         d = tmp_path / f"s{step}"
         d.mkdir()
-        attrs = {a: {"corr": step / 1000 + i / 100} for i, a in enumerate(procedural.ATTRIBUTE_CLIPS)}
+        attrs = {a: {"corr": step / 1000 + i / 100}
+                 for i, a in enumerate(procedural.ATTRIBUTE_CLIPS)}
         (d / "results.json").write_text(json.dumps({"attributes": {"model": attrs}}))
         points.append(f"{step}={d}")
     png = tmp_path / "trend.png"
@@ -104,8 +106,8 @@ def test_smoke_recipe_end_to_end(tmp_path):
     row = [line for line in tables.splitlines() if line.startswith("| recipe (conv, image D, cosine, plain E_can)")]
     assert len(row) == 2 and " - |" not in row[0].split("|", 2)[2][:8]   # the main run's row, in Tables 3 and 4
     assert (out / "figures" / "demo.mp4").is_file() and (out / "figures" / "demo_sheet.png").is_file()
-    for fig in ("fig5_canonical_space.png", "fig5b_one_video_canonical.png", "fig4_cross_identity.png",
-                "fig_window_seam.png"):
+    for fig in ("fig5_canonical_space.png", "fig5b_one_video_canonical.png",
+                "fig4_cross_identity.png", "fig_window_seam.png"):
         assert (out / "figures" / fig).is_file()
     r = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--checkpoint", str(export), "--seconds", "0.4",
                         "--out", str(tmp_path / "o.mp4")], env=env, capture_output=True, text=True, timeout=300)
