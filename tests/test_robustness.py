@@ -238,8 +238,12 @@ def test_resume_clears_stale_temporaries_and_repeated_log_lines(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_infer_interrupted_leaves_nothing(tmp_path, sig):
+    # Ctrl-C as at a terminal: a suite started in the background (`cmd &` in a script) hands its children
+    # SIGINT ignored, and Python then rightly keeps it ignored; the child starts with the default again
+    sigint_default = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     p = subprocess.Popen([sys.executable, str(ROOT / "infer.py"), "--seconds", "60", "--out", "o.mp4"], cwd=tmp_path,
-                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=sigint_default)
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".o.tmp*")):     # the writer has opened its file
         time.sleep(0.1)
