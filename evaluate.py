@@ -75,7 +75,7 @@ def load_model(checkpoint, preset="tiny", window=5, device="cpu", seed=0):
             model.H.load_state_dict(ck["hyper"])
         return model.to(device).eval(), dict(ck["cfg"], stage=ck["stage"], window=window,
                                              hyper_steps=ck["cfg"]["hyper_steps"] if "hyper" in ck else 0)
-    model, cfg = fusion.FCTFG.load(checkpoint, device)
+    model, cfg = fusion.FCTFG.load(checkpoint, device, ck)
     return model, dict(cfg)
 
 
