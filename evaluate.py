@@ -80,7 +80,8 @@ def load_model(checkpoint, preset="tiny", window=5, device="cpu", seed=0):
 
 
 @torch.no_grad()
-def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, canonical=False, continuous=True):
+def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, canonical=False, continuous=True,
+              deflicker=fusion.DEFLICKER_TAU):
     """One clip through FC-TFG (fusion.FCTFG.generate; continuous=False: the paper's non-overlapping windows) or a
     baseline. x_s [3, H, W], x_d [T, 3, H, W] in [-1, 1], mel [T, 1, 80, 16] -> dict(x_g, canon (or None)
     [T, 3, H, W], z_sc_spread float or None, ws [T, L, C] or None, window).
@@ -90,17 +91,18 @@ def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, can
                     the ground truth as x_d for the decoder + inversion ceiling, the 'truth_recon' rows)
       copy_source   x_s repeated (no network; model may be None)
     canonical=True also renders G(E_can(E_inv(x_d,t))) for every frame t (Fig. 5b: every frame of one video
-    taken to canonical space), without deltas (each frame is its own 'source')."""
+    taken to canonical space), without deltas (each frame is its own 'source'). deflicker: fusion.Deflicker's
+    tau on the rendered frames of model and encoder_recon alike (0: the raw renders, as the paper)."""
     if method == "copy_source":
         return dict(x_g=x_s[None].expand(x_d.shape[0], -1, -1, -1), canon=None, z_sc_spread=None, ws=None, window=None)
     if method == "model":
-        out = model.generate(x_s, x_d, mel, hyper_steps, chunk, continuous)
+        out = model.generate(x_s, x_d, mel, hyper_steps, chunk, continuous, deflicker)
         z_d, ws = out["z_d"], out["z_sd"]
         spread = float(out["z_sc"].std(0).max()) if x_d.shape[0] > 1 else None
     elif method == "encoder_recon":
         _, deltas = model.encode_source(x_s[None], hyper_steps)
         z_d = ws = model.E_inv(x_d)
-        out, spread = dict(x_g=model.render(ws[None], deltas)[0]), None
+        out, spread = dict(x_g=fusion.Deflicker(deflicker)(model.render(ws[None], deltas)[0])), None
     else:
         raise ValueError(f"run_model: method must be 'model', 'encoder_recon' or 'copy_source', got {method!r}")
     return dict(x_g=out["x_g"], canon=model.canonical(z_d) if canonical else None, z_sc_spread=spread, ws=ws,
@@ -173,7 +175,8 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
     x_s = frames[0] if x_s is None else x_s
     drive, kind = (gt["frames"], "encoder_recon") if method == "truth_recon" else (frames, method)
     out = run_model(model, x_s, drive, mel, kind, tools.get("hyper_steps", 0), tools.get("chunk", 40),
-                    canonical=method == "model", continuous=tools.get("continuous", True))
+                    canonical=method == "model", continuous=tools.get("continuous", True),
+                    deflicker=tools.get("deflicker", fusion.DEFLICKER_TAU))
     scored = slice(0, T) if cross else slice(1, T)
     g255, t255 = to_255(out["x_g"][scored]), to_255(gt["frames"][scored])
     p = metrics.psnr(g255, t255)
@@ -287,7 +290,8 @@ def attribute_pair(k, split="report", T=32, size=64, n_pairs=2):
 
 
 @torch.no_grad()
-def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hyper_steps=0, continuous=True):
+def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hyper_steps=0, continuous=True,
+                       deflicker=fusion.DEFLICKER_TAU):
     """The attribute-transfer table over pairs attribute_pair(0 .. n_pairs-1); rows:
       model         FC-TFG(x_s = A neutral, x_d = B moving one attribute, x_a) vs A's ground truth
       copy_source   x_s repeated (0 by construction)
@@ -314,7 +318,7 @@ def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hype
             for row, (src, drv, ref) in rows.items():
                 kind = "encoder_recon" if row == "truth_recon" else row
                 g255 = to_255(run_model(model, src.to(dev), drv.to(dev), mel, kind, hyper_steps,
-                                        continuous=continuous)["x_g"].cpu())
+                                        continuous=continuous, deflicker=deflicker)["x_g"].cpu())
                 d, gt255 = acc[row][a], to_255(gt)
                 d["corr"].append(transfer_correlation(g255, to_255(ref))[0])
                 fid = {**metrics.fidelity(g255, gt255, masks), **steadiness(g255, gt255, window)}
@@ -556,6 +560,9 @@ def parse_args(argv=None):
     ap.add_argument("--chunk", type=int, default=40, help="frames per forward pass (rounded down to whole windows)")
     ap.add_argument("--paper_windows", action="store_true", help="fuse each temporal window on its own, as the "
                     "paper's inference does (Sec. 4.4.2; Table 3's row); default: windows see their neighbours")
+    ap.add_argument("--deflicker", type=float, default=fusion.DEFLICKER_TAU,
+                    help="not in the paper: fusion.Deflicker's tau in grey levels, a temporal filter on the "
+                         "rendered frames that holds the shimmering backdrop and skin still; 0 = raw renders")
     ap.add_argument("--examples", type=int, default=2, help="side-by-side example videos to save")
     ap.add_argument("--paper_table", default="auto", choices=("auto", "voxceleb2", "mead", "none"),
                     help="Table 1 rows of the paper printed beside ours on real data (auto: from --data / --mead)")
@@ -573,7 +580,7 @@ def parse_args(argv=None):
 # The numeric flags and the values they accept (one place; None = the flag's "not given"): (minimum, maximum)
 NUMBERS = dict(n_clips=(1, 100_000), clip_frames=(2, 10_000), hyper_steps=(0, 100), window=(1, 10_000),
                chunk=(1, 10_000), examples=(0, 1000), seed=(0, 2 ** 31 - 1), probe_frames=(64, 10_000_000),
-               probe_steps=(1, 10_000_000))
+               probe_steps=(1, 10_000_000), deflicker=(0, 255))
 
 
 def check_args(args):
@@ -633,7 +640,9 @@ def clip_set(args, size):
 def load_tools(args, synthetic, hyper_steps, device):
     """The scorers the flags ask for (lip-sync experts, landmark probe or dlib) and the table's notes on
     each. -> (tools dict for evaluate_clip, notes)."""
-    tools, notes = dict(hyper_steps=hyper_steps, chunk=args.chunk, continuous=not args.paper_windows), []
+    tools = dict(hyper_steps=hyper_steps, chunk=args.chunk, continuous=not args.paper_windows,
+                 deflicker=args.deflicker)
+    notes = []
     if args.syncnet:
         # "paper" sizes a Wav2Lip lipsync_expert.pth; our checkpoints carry their own preset
         tools["syncnet"] = audio.load_expert(args.syncnet, "paper", device)
@@ -752,7 +761,7 @@ def evaluate(args):
                clip_frames=args.clip_frames if synthetic else None, size=size, hyper_steps=hyper_steps,
                syncnet=args.syncnet, syncnet_v2=args.syncnet_v2, probe=args.probe, seed=args.seed, mead=args.mead,
                split=args.split if synthetic else None, paper_windows=args.paper_windows,
-               window=(model.fusion.temporal.window if model is not None else None))
+               deflicker=args.deflicker, window=(model.fusion.temporal.window if model is not None else None))
     old = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else run
     if diff := sorted(k for k in run if old.get(k) != run[k]):
         raise ValueError(f"{out} holds clips of a different evaluation (differs in {diff}); use another --out")
@@ -786,7 +795,7 @@ def evaluate_attributes(args, model, hyper_steps, device):
         raise ValueError("--protocol attributes needs the renderer's ground truth: use --data synthetic")
     probe, held = metrics.load_probe(args.probe, device) if args.probe else (None, None)
     res = attribute_transfer(model, args.n_clips, args.split, args.clip_frames, probe, hyper_steps,
-                             not args.paper_windows)
+                             not args.paper_windows, args.deflicker)
     notes = [f"{args.n_clips} pairs (A, B) of held-out people, split '{args.split}', {args.clip_frames} "
              f"frames; corr = temporal correlation of luminance with the reference over the pixels that move in it "
              f"(> {ATTR_MOVE_THR} grey levels std): 1 = reproduced, 0 = still",
@@ -797,7 +806,7 @@ def evaluate_attributes(args, model, hyper_steps, device):
                      f"error on rendered frames {metrics.format_attrs(held)})")
     header = f"FC-TFG attribute transfer | checkpoint {args.checkpoint} | hyper_steps {hyper_steps}"
     run = dict(protocol="attributes", checkpoint=args.checkpoint, split=args.split, n_pairs=args.n_clips,
-               paper_windows=args.paper_windows,
+               paper_windows=args.paper_windows, deflicker=args.deflicker,
                clip_frames=args.clip_frames, probe=args.probe, hyper_steps=hyper_steps)
     write_results(Path(args.out), header, format_attribute_table(res), notes,
                   dict(run=run, attributes=res, notes=notes))

@@ -11,6 +11,8 @@ Paper map ("That's What I Said: Fully-Controllable Talking Face Generation", ACM
                                             into 7 and 8                        -> paper_layers()
   Sec. 4.4.2, Table 3                       video discriminator (frames stacked on channels)
                                                                                 -> VideoDiscriminator
+  not in the paper (inference only)         hold still what should: a temporal filter on the frames
+                                                                                -> Deflicker
 
 Which w index is "layer k" (Sec. 4.1.2)? We read the paper's numbers as 0-based positions in the
 [B, 14, 512] code (what a Python list in the authors' code would hold):
@@ -286,6 +288,45 @@ class TemporalFusion(nn.Module):
         return torch.stack(out, 2)
 
 
+# ==== Not in the paper: holding still what should hold still (inference only) ======================
+
+DEFLICKER_TAU = 6.0   # grey levels; chosen on tune people (RESULTS.md 0.1); 0 turns the filter off
+
+
+class Deflicker:
+    """An edge-preserving temporal filter on the rendered frames, applied at inference only (a deviation:
+    the paper renders G(z_s->d) frame by frame). Every driving frame is inverted on its own, so the codes
+    carry a little noise that the decoder draws as a shimmer over the backdrop and the skin, regions the
+    truth holds still (RESULTS.md 0.1 measures where the frame-to-frame change comes from). Per pixel:
+        y_0 = x_0,    y_t = y_t-1 + a_t * (x_t - y_t-1),    a_t = 1 - exp(-(|x_t - y_t-1| / tau)^2)
+    with |.| the mean over RGB. A change much smaller than tau (the shimmer) is mostly held back, one much
+    larger (a blink, the lips, a moving outline) passes at once; a slow drift of d per frame is followed a
+    few grey levels behind (the gap g where g (1 - exp(-(g / tau)^2)) = d: 2.7 for d = 0.5, tau = 6).
+    Causal, with one frame of state: a clip fed in chunks, in order, gives what it gives fed whole
+    (FCTFG.generate, infer.animate)."""
+
+    def __init__(self,
+                 tau=DEFLICKER_TAU):   # grey levels on 0..255 where a change passes ~63 %; 0 = off
+        if not tau >= 0:
+            raise ValueError(f"Deflicker: tau must be >= 0 grey levels, got {tau}")
+        self.tau, self.prev = tau * 2 / 255, None    # frames are in [-1, 1]: 255 grey levels span 2
+
+    def __call__(self, x):
+        """x [T, 3, H, W], the next T frames of the clip -> the filtered frames, same shape and dtype."""
+        if not self.tau:
+            return x
+        out = []
+        for x_t in x.float():
+            if self.prev is None:
+                self.prev = x_t                                          # y_0 = x_0
+            else:
+                d = x_t - self.prev
+                a = 1 - torch.exp(-(d.abs().mean(0, keepdim=True) / self.tau) ** 2)
+                self.prev = self.prev + a * d                            # y_t
+            out.append(self.prev)
+        return torch.stack(out).to(x.dtype)
+
+
 # ==== Fig. 3: the whole Latent Fusion Network =====================================================
 
 class LatentFusion(nn.Module):
@@ -434,25 +475,29 @@ class FCTFG(nn.Module):
         z_d = self.E_inv(x_d.flatten(0, 1)).unflatten(0, x_d.shape[:2])   # Eq. (2): E_inv(x_d)
         return dict(z_s=z_s, z_d=z_d, deltas=deltas, **self.decode(z_s, deltas, z_d, mel))
 
-    def generate(self, x_s, x_d, mel, hyper_steps=0, chunk=40, continuous=True):
+    def generate(self, x_s, x_d, mel, hyper_steps=0, chunk=40, continuous=True,
+                 deflicker=DEFLICKER_TAU):
         """One clip: x_s [3, H, W], x_d [T, 3, H, W], mel [T, 1, 80, 16] -> dict(x_g [T, 3, H, W],
         z_d, z_sc, z_sd [T, L, C]). The source is inverted once; the clip then goes through decode in
         chunks of whole temporal windows, so chunking changes nothing:
           continuous=True: each chunk carries its temporal halo (the neighbours across its borders), so
             every frame is fused as inside one window spanning the clip: no seams;
           continuous=False: the paper's non-overlapping windows (Sec. 4.4.2), each fused on its own.
-        window None = the whole clip in one call either way."""
+        window None = the whole clip in one call either way. deflicker: Deflicker's tau (0 = the raw
+        renders, as the paper)."""
         z_s, deltas = self.encode_source(x_s[None], hyper_steps)
         win, T = self.fusion.temporal.window, x_d.shape[0]
         step = T if win is None else win * max(1, chunk // win)
         before, after = self.fusion.temporal.halo() if continuous and win is not None else (0, 0)
-        outs = []
+        outs, hold_still = [], Deflicker(deflicker)
         with self.fusion.temporal.one_window(before or after):
             for t0 in range(0, T, step):
                 a, b = max(0, t0 - before), min(T, t0 + step + after)     # the chunk and its halo
                 z_d = self.E_inv(x_d[a:b])[None]
                 keep = slice(t0 - a, t0 - a + min(step, T - t0))
-                outs.append(dict(z_d=z_d[:, keep], **self.decode(z_s, deltas, z_d, mel[a:b][None], keep)))
+                out = self.decode(z_s, deltas, z_d, mel[a:b][None], keep)
+                out["x_g"] = hold_still(out["x_g"][0])[None]                 # chunks in order
+                outs.append(dict(z_d=z_d[:, keep], **out))
         return {k: torch.cat([o[k][0] for o in outs]) for k in ("x_g", "z_d", "z_sc", "z_sd")}
 
     def canonical(self, z, deltas=None):

@@ -308,7 +308,7 @@ class Driver:
 
 @torch.no_grad()
 def animate(model, z_s, deltas, drivers, mel, n_frames, fps, batch, timer=None, canonical=False,
-            amp=contextlib.nullcontext, continuous=True):
+            amp=contextlib.nullcontext, continuous=True, deflicker=fusion.DEFLICKER_TAU):
     """Yield (k0, faces uint8 [n, S, S, 3], codes) for consecutive batches of output frames.
 
     model    FCTFG with model.fusion.temporal.window set;  batch: a multiple of it (whole windows, Sec. 4.4.2)
@@ -318,7 +318,8 @@ def animate(model, z_s, deltas, drivers, mel, n_frames, fps, batch, timer=None, 
     drivers  {group: Driver} for every group of routing_groups (the same Driver may serve several)
     mel      [80, M] mel spectrogram of the whole audio (audio.melspectrogram)
     codes    dict(z_d, z_a, z_sc, z_cd, z_sd) of this batch, each [1, n, ...] (tests read them)
-    canonical=True renders G(E_can(z_d,t)) instead: each driving frame taken to canonical space (Fig. 5b)."""
+    canonical=True renders G(E_can(z_d,t)) instead: each driving frame taken to canonical space (Fig. 5b).
+    deflicker  fusion.Deflicker's tau on the generated faces, batch after batch (0: the raw renders)."""
     timer = timer or Timer()
     win = model.fusion.temporal.window
     if win is None or batch % win:
@@ -327,6 +328,7 @@ def animate(model, z_s, deltas, drivers, mel, n_frames, fps, batch, timer=None, 
     windows = torch.from_numpy(audio.mel_windows(mel, n_frames, fps)).to(z_s.device)  # [K, 1, 80, 16]
     unique = {id(d): d for d in drivers.values()}
     before, after = model.fusion.temporal.halo() if continuous and not canonical else (0, 0)
+    hold_still = fusion.Deflicker(0 if canonical else deflicker)   # its state runs across the batches
     for k0 in range(0, n_frames, batch):
         n = min(batch, n_frames - k0)
         ks = list(range(max(0, k0 - before), min(n_frames, k0 + n + after)))   # the batch and its halo
@@ -340,7 +342,7 @@ def animate(model, z_s, deltas, drivers, mel, n_frames, fps, batch, timer=None, 
                 with model.fusion.temporal.one_window(before or after):
                     out = model.decode(z_s, deltas, z_d, windows[ks[0]:ks[-1] + 1][None], keep)
                 codes = {k: v.float() for k, v in out.items()}
-                y, codes["z_d"] = codes.pop("x_g")[0], z_d[:, keep]
+                y, codes["z_d"] = hold_still(codes.pop("x_g")[0]), z_d[:, keep]
         yield k0, to_uint8(y), codes
 
 
@@ -417,6 +419,9 @@ def parse_args(argv=None):
     ap.add_argument("--window", type=int, help="temporal fusion window (default: the checkpoint's, else 5)")
     ap.add_argument("--paper-windows", action="store_true", help="fuse each temporal window on its own, as the "
                     "paper's inference (Sec. 4.4.2; seams where windows meet); default: windows see their neighbours")
+    ap.add_argument("--deflicker", type=float, default=fusion.DEFLICKER_TAU,
+                    help="not in the paper: fusion.Deflicker's tau in grey levels, a temporal filter on the "
+                         "generated faces that holds a shimmering backdrop and skin still; 0 = off")
     ap.add_argument("--batch", type=int, help="frames per batch, in whole windows (default 20 on CPU, 100 on CUDA)")
     ap.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     amp = ap.add_mutually_exclusive_group()
@@ -451,7 +456,8 @@ class Progress:
 NUMBERS = dict(seconds=(1e-3, 3600.0, "the procedural default clip, in seconds"), seed=(0, 2 ** 31 - 1, "seed"),
                fps=(1.0, 240.0, "frames per second"), hyper_steps=(0, 100, "HyperStyle refinement steps"),
                window=(1, 10_000, "frames per temporal-fusion window"), batch=(1, 10_000, "frames per batch"),
-               sheet_frames=(1, 1000, "columns of the contact sheet"))
+               sheet_frames=(1, 1000, "columns of the contact sheet"),
+               deflicker=(0, 255, "the deflicker's tau, in grey levels,"))
 INPUTS = ("source", "driving", "audio", "pose_from", "eyes_from", "expression_from", "checkpoint")
 
 
@@ -611,7 +617,8 @@ def run(args):
     stylegan2.remove_temporaries(out.parent, out.stem)    # a previous run of this --out killed mid-write (-9)
     with data.VideoWriter(out, W, H, fps, wav, metadata=METADATA) as writer:   # aborted on any exception
         for k0, faces, _ in animate(model, z_s, deltas, drivers, audio.melspectrogram(wav), K, fps, batch,
-                                    timer, args.canonical, amp, continuous=not args.paper_windows):
+                                    timer, args.canonical, amp, continuous=not args.paper_windows,
+                                    deflicker=args.deflicker):
             sheet += [(drivers["pose"].crop_at(k), f.copy()) for k, f in enumerate(faces, k0) if k in sheet_ks]
             with timer("write"):
                 for face in faces:
@@ -630,7 +637,8 @@ def run(args):
                 device=str(device))
 
 
-def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None, paper_windows=False):
+def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None, paper_windows=False,
+          deflicker=fusion.DEFLICKER_TAU):
     """End-to-end speed of the pipeline on procedural FILE inputs (so decoding is real): a driving mp4
     with audio at the model size and a source png (max(128, size) px), --no-detect, untrained `preset`
     weights unless the shipped checkpoint exists (tiny only). fps excludes model loading and the
@@ -642,7 +650,7 @@ def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None, paper
         data.write_video(f"{d}/drive.mp4", np.stack(list(frames)), data.FPS, wav)
         st = run(parse_args(["--source", f"{d}/src.png", "--driving", f"{d}/drive.mp4", "--out", f"{d}/out.mp4",
                              "--no-detect", "--quiet", "--preset", preset] + ["--bf16"] * bf16 +
-                            ["--paper-windows"] * paper_windows +
+                            ["--paper-windows"] * paper_windows + ["--deflicker", str(deflicker)] +
                             (["--device", device] if device else []) + (["--batch", str(batch)] if batch else [])))
     print(f"bench: {st['frames']} frames {preset} on {st['device']} ({st['threads']} threads): "
           f"{st['e2e_fps']:.1f} fps end to end (source inversion {st['stages']['invert'] * 1000:.0f} ms, "
@@ -671,7 +679,7 @@ def main(argv=None):
         with stylegan2.terminate_as_interrupt():
             if args.bench:
                 bench(args.seconds if args.seconds != 6.0 else 4.0, args.device, args.bf16, args.preset, args.batch,
-                      args.paper_windows)
+                      args.paper_windows, args.deflicker)
             else:
                 run(args)
     except (ValueError, ImportError, OSError) as e:        # OSError includes FileNotFoundError

@@ -99,17 +99,19 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30)):
 
 def seam_strip(model, ds, hs, pair=(4, 5), gain=4):
     """Eight consecutive frames across the second temporal-window border (Sec. 4.4.2) of person A
-    driven by person B (`pair`: indices into ds) -> image rows: A's truth, FC-TFG with the paper's
-    non-overlapping windows, FC-TFG whose windows see their neighbours, then each row's frame-to-
-    frame change |x_t - x_{t-1}| x gain (black = none). A seam is invisible in one still; in the
-    change rows it shows at the border (between the 4th and 5th frames)."""
+    driven by person B (`pair`: indices into ds) -> image rows: A's truth; FC-TFG with the paper's
+    non-overlapping windows and raw renders; windows that see their neighbours, raw; the same with
+    fusion.Deflicker (the default); then each row's frame-to-frame change |x_t - x_{t-1}| x gain
+    (black = none). A seam is invisible in one still; in the change rows it shows at the border
+    (between the 4th and 5th frames), the shimmer of the backdrop and skin everywhere."""
     W = model.fusion.temporal.window or 5
     sel = list(range(2 * W - 4, 2 * W + 4))
     src, drv, gt = ds[pair[0]], ds[pair[1]], ds.cross(*pair)
     clip = slice(0, max(sel) + 1)
     x_s, x_d, mel = src["frames"][0], drv["frames"][clip], drv["mel"][clip]
-    drive = lambda continuous: model.generate(x_s, x_d, mel, hs, continuous=continuous)["x_g"]
-    outs = [gt["frames"][clip], drive(False), drive(True)]
+    drive = lambda continuous, deflicker: model.generate(x_s, x_d, mel, hs, continuous=continuous,
+                                                         deflicker=deflicker)["x_g"]
+    outs = [gt["frames"][clip], drive(False, 0), drive(True, 0), drive(True, fusion.DEFLICKER_TAU)]
     change = [((x[sel] - x[[t - 1 for t in sel]]).abs() * gain).clamp(0, 2) - 1 for x in outs]
     return [x[sel] for x in outs] + change
 

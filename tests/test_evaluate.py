@@ -13,6 +13,7 @@ import torch
 
 import data
 import evaluate as ev
+import fusion
 import metrics
 import procedural
 
@@ -80,10 +81,13 @@ def test_untrained_model_renders_source_recon_and_chunking_is_exact():
             with model.fusion.temporal.one_window(continuous):
                 refs[continuous] = model(x_s[None], x_d[None], mel[None])["x_g"][0]
     assert (refs[True] - refs[False]).abs().max() > 1e-3                # the borders do differ
+    # and the deflicker (fusion.Deflicker), its state carried from chunk to chunk, as on the whole clip
     for chunk in (3, 6, 100):
         for continuous, ref in refs.items():
-            torch.testing.assert_close(ev.run_model(model, x_s, x_d, mel, "model", chunk=chunk,
-                                                    continuous=continuous)["x_g"], ref, rtol=0, atol=1e-5)
+            for tau in (0, fusion.DEFLICKER_TAU):
+                torch.testing.assert_close(ev.run_model(model, x_s, x_d, mel, "model", chunk=chunk,
+                                                        continuous=continuous, deflicker=tau)["x_g"],
+                                           fusion.Deflicker(tau)(ref), rtol=0, atol=1e-5)
     copy = ev.run_model(None, x_s, x_d, mel, "copy_source")     # no network
     assert torch.equal(copy["x_g"], x_s[None].expand(7, -1, -1, -1)) and copy["ws"] is None
     with pytest.raises(ValueError, match="method"):

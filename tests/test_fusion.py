@@ -1,5 +1,7 @@
 """Tests for fusion.py: layer choice (Sec. 4.1.2), E_can / E_m (Sec. 3.1-3.2), Eq. (1), Temporal Fusion
 (Table 3), the video discriminator, and a short end-to-end overfit with every loss of Eq. (9)."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -433,3 +435,62 @@ def test_generate_continuous_is_one_window_and_paper_mode_is_per_window():
     moved = (outs[True] - outs[False]).abs().flatten(1).amax(1) > 1e-4     # frames that differ
     assert moved.tolist() == [t in (4, 5, 9, 10) for t in range(13)]      # the frames beside the two borders
     assert m.fusion.temporal.halo() == (1, 1)
+
+
+# ---- the deflicker (not in the paper: a temporal filter on the rendered frames, inference only) ----
+
+def _step_clip(change, channels=(0, 1, 2)):
+    """Two frames: all zeros, then `change` (on 0..1 of the [-1, 1] range) in the given channels."""
+    x = torch.zeros(2, 3, 2, 2)
+    x[1, list(channels)] = change
+    return x
+
+
+def test_deflicker_one_step_is_the_printed_gate():
+    """y_1 = y_0 + a (x_1 - y_0), a = 1 - exp(-(|x_1 - y_0|_rgb / tau)^2), values derived by hand: a change of
+    tau passes 1 - 1/e, a quarter of tau passes 1 - e^(-1/16), three taus pass all but e^-9; the gate reads
+    the mean over RGB (a change in one channel counts a third). float32: 1 - exp(-1/16) loses ~4 of 24 bits to
+    cancellation, hence rtol 1e-5."""
+    tau = 6.0 * 2 / 255                                           # 6 grey levels in [-1, 1] units
+    for c, kept in ((tau, 1 - math.exp(-1)), (tau / 4, 1 - math.exp(-1 / 16)), (3 * tau, 1 - math.exp(-9))):
+        y = fusion.Deflicker(6.0)(_step_clip(c))
+        assert torch.equal(y[0], torch.zeros(3, 2, 2))            # y_0 = x_0
+        torch.testing.assert_close(y[1], torch.full((3, 2, 2), c * kept), rtol=1e-5, atol=0)
+    y = fusion.Deflicker(6.0)(_step_clip(3 * tau, channels=(0,)))   # gate sees 3 tau / 3 = tau
+    torch.testing.assert_close(y[1, 0], torch.full((2, 2), 3 * tau * (1 - math.exp(-1))), rtol=1e-5, atol=0)
+    assert torch.equal(y[1, 1:], torch.zeros(2, 2, 2))            # an unchanged channel stays put
+
+
+def test_deflicker_keeps_a_still_clip_and_off_is_the_identity():
+    x = torch.rand(1, 3, 8, 8).expand(6, -1, -1, -1)
+    assert torch.equal(fusion.Deflicker()(x), x)
+    x = torch.rand(6, 3, 8, 8)
+    assert fusion.Deflicker(0)(x) is x
+
+
+def test_deflicker_in_chunks_equals_whole_clip():
+    """One frame of state carried across calls: chunks in order give exactly the whole clip's frames."""
+    x = torch.rand(13, 3, 8, 8) * 2 - 1
+    whole = fusion.Deflicker()(x)
+    f = fusion.Deflicker()
+    chunked = torch.cat([f(c) for c in x.split((5, 1, 7))])
+    assert torch.equal(chunked, whole)
+    assert (whole - x).abs().max() > 0.01                         # it did act on this noise
+
+
+def test_deflicker_follows_a_slow_drift_with_the_predicted_lag():
+    """A ramp of d per frame: the filter settles where what it lets through equals d, i.e. where the gap it
+    sees before its update, G = lag + d, solves G (1 - exp(-(G / tau)^2)) = d; the root is found by scipy's
+    brentq (the oracle). The lag stays well below tau."""
+    brentq = pytest.importorskip("scipy.optimize").brentq
+    tau, d = 6.0 * 2 / 255, 0.5 * 2 / 255                         # half a grey level per frame
+    G = brentq(lambda G: G * (1 - math.exp(-(G / tau) ** 2)) - d, 1e-9, tau)
+    x = (torch.arange(400, dtype=torch.float32) * d).view(-1, 1, 1, 1).expand(-1, 3, 1, 1)
+    lag = float((x - fusion.Deflicker(6.0)(x))[-1].mean())
+    assert lag == pytest.approx(G - d, rel=1e-3) and lag < 0.5 * tau
+
+
+@pytest.mark.parametrize("tau", [-1.0, float("nan")])
+def test_deflicker_rejects_bad_tau(tau):
+    with pytest.raises(ValueError, match="tau"):
+        fusion.Deflicker(tau)

@@ -105,7 +105,7 @@ BAD_INFER = [
     (["--window", "-1"], "--window -1"), (["--batch", "0"], "--batch 0"), (["--seconds", "nan"], "--seconds nan"),
     (["--seconds", "1e12"], "--seconds"), (["--driving", "drive.mp4", "--fps", "0"], "--fps 0"),
     (["--hyper-steps", "-2"], "--hyper-steps -2"), (["--sheet", "s.png", "--sheet-frames", "0"], "--sheet-frames 0"),
-    (["--window", "x"], "--window"),
+    (["--window", "x"], "--window"), (["--deflicker", "-1"], "--deflicker -1"),
     (["--checkpoint", "incomplete.pt"], "incomplete.pt"),        # class 3: a foreign / damaged / empty file
     (["--checkpoint", "speech.wav"], "speech.wav"), (["--checkpoint", "judges.pt"], "judges.pt"),
     (["--driving", "drive.mp4", "--audio", "empty.wav"], "empty.wav"), (["--source", "empty.png"], "empty.png"),
@@ -147,6 +147,7 @@ def test_train_refuses_in_one_line_and_touches_nothing(tmp_path, argv, names):
 
 BAD_EVALUATE = [
     (["--n_clips", "0"], "--n_clips 0"), (["--clip_frames", "-1"], "--clip_frames -1"), (["--chunk", "0"], "--chunk 0"),
+    (["--deflicker", "nan"], "--deflicker nan"),
     (["--checkpoint", "model.pt", "--out", "model.pt"], "--out model.pt"),
     (["--train-probe", "--out", "model.pt"], "is not a motion probe"),
     (["--checkpoint", "incomplete.pt", "--out", "e"], "incomplete.pt"),
