@@ -51,7 +51,6 @@ def _uint8(frames):
 
 
 def test_untrained_model_renders_source_recon_and_chunking_is_exact():
-    import fusion
     torch.manual_seed(0)
     model = fusion.FCTFG("tiny", canonical_skip=True, window=3).eval()
     with torch.no_grad():                      # E_m's last layers zeroed by hand: z_c->d = 0
