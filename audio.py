@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.signal import resample_poly
 
-from stylegan2 import load_checkpoint, load_strict  # the project's one safe reader and strict loader
+from files import load_checkpoint, load_strict  # the project's one safe reader and strict loader
 
 # ---------------------------------------------------------------------------------------------------
 # Constants of the mel recipe (Wav2Lip hparams.py; Sec. 4.1.2 names the first four).

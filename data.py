@@ -37,8 +37,8 @@ from PIL import Image
 import audio as audio_mod  # as audio_mod: `audio` names a sample array throughout this file
 import procedural
 from audio import FPS, SAMPLE_RATE as SR, SAMPLES_PER_FRAME as SPF  # 25 fps, 16 kHz, 640 samples per frame
-from stylegan2 import (ArgumentParser, remove_temporaries, temp_path,  # CLI; the one atomic writer, its
-                       terminate_as_interrupt, write_atomic)             # temporary name and their clean-up
+from files import (ArgumentParser, remove_temporaries, temp_path,  # CLI; the one atomic writer, its
+                   terminate_as_interrupt, write_atomic, write_text)     # temporary name and their clean-up
 
 
 # ==== 1. The sample format (procedural and real clips) and the PC-AVS split =======================
@@ -537,7 +537,7 @@ def prepare(src_dir, dst_dir, size=256, detector=None, min_frames=64, min_face=6
             log(f"{head}: SKIPPED ({e})")
         n[rec["status"]] += 1
         stem.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(rec, indent=1)))
+        write_text(stem.with_suffix(".json"), json.dumps(rec, indent=1))
     log(f"prepare: {n['ok']} ok, {n['skipped']} skipped, {len(files) - sum(n.values())} done before")
     return n["ok"], n["skipped"]
 

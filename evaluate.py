@@ -31,10 +31,10 @@ import torch
 
 import audio
 import data
+import files
 import fusion
 import metrics
 import procedural
-import stylegan2
 
 # ==== Protocol (Sec. 4.2.3, PC-AVS) and the controllability benchmark on procedural data ==========
 # pcavs: x_s = frame 0 of the clip; x_d = all its frames (pose/expression); x_a = its audio (lips); scored on
@@ -67,7 +67,7 @@ def load_model(checkpoint, preset="tiny", window=5, device="cpu", seed=0):
         torch.manual_seed(seed)
         model = fusion.FCTFG(preset, window=window or None)
         return model.to(device).eval(), dict(model=preset, window=window, hyper_steps=0)
-    ck = stylegan2.load_checkpoint(checkpoint)
+    ck = files.load_checkpoint(checkpoint)
     if isinstance(ck, dict) and ck.get("stage") in ("stylegan2", "inversion") and "e_inv" in ck:
         model = fusion.FCTFG(ck["cfg"]["model"], window=window)
         model.G.load_state_dict(ck["g_ema"]), model.E_inv.load_state_dict(ck["e_inv"])
@@ -389,10 +389,6 @@ def _restore_nonfinite(v):
     return _map_leaves(v, lambda x: float(x) if isinstance(x, str) and x in ("inf", "-inf", "nan") else x)
 
 
-def _write_atomic(path, text):
-    stylegan2.write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def read_done(path):
     """Per-clip JSON lines -> {clip index: record}. A torn last line (killed mid-write) is ignored."""
     done = {}
@@ -531,7 +527,7 @@ def judge_quality(path, n_people=200):
 
 
 def parse_args(argv=None):
-    ap = stylegan2.ArgumentParser(description="FC-TFG evaluation: Table 1 metrics under the PC-AVS protocol "
+    ap = files.ArgumentParser(description="FC-TFG evaluation: Table 1 metrics under the PC-AVS protocol "
                                  "(Sec. 4.2.3), baselines, and controllability on procedural data")
     ap.add_argument("--checkpoint", help="train.py fctfg checkpoint, or 'untrained' (random tiny weights)")
     ap.add_argument("--data", default="synthetic",
@@ -718,8 +714,8 @@ def write_results(out, header, table, notes, payload):
     """Print the table and write results.json (payload) and results.md (header, table, notes) into out/."""
     out.mkdir(parents=True, exist_ok=True)
     print(header + "\n" + table + "\n" + "\n".join("- " + s for s in notes))
-    _write_atomic(out / "results.json", json.dumps(_strip_nonfinite(payload), indent=1))
-    _write_atomic(out / "results.md", f"# {header}\n\n{table}\n\n" + "\n".join("- " + s for s in notes) + "\n")
+    files.write_text(out / "results.json", json.dumps(_strip_nonfinite(payload), indent=1))
+    files.write_text(out / "results.md", f"# {header}\n\n{table}\n\n" + "\n".join("- " + s for s in notes) + "\n")
 
 
 def evaluate(args):
@@ -756,7 +752,7 @@ def evaluate(args):
         paper = "mead" if args.mead or "mead" in args.data.lower() else "voxceleb2"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stylegan2.remove_temporaries(out)                     # what a killed run's atomic writes left behind
+    files.remove_temporaries(out)                     # what a killed run's atomic writes left behind
     run = dict(protocol=args.protocol, method=method, checkpoint=args.checkpoint, data=args.data,
                clip_frames=args.clip_frames if synthetic else None, size=size, hyper_steps=hyper_steps,
                syncnet=args.syncnet, syncnet_v2=args.syncnet_v2, probe=args.probe, seed=args.seed, mead=args.mead,
@@ -766,7 +762,7 @@ def evaluate(args):
     if diff := sorted(k for k in run if old.get(k) != run[k]):
         raise ValueError(f"{out} holds clips of a different evaluation (differs in {diff}); use another --out")
     if old is run:
-        _write_atomic(out / "run.json", json.dumps(run, indent=1))
+        files.write_text(out / "run.json", json.dumps(run, indent=1))
     label = {"model": f"FC-TFG ({'untrained ' + args.preset if args.checkpoint == 'untrained' else 'ours'})",
              "copy_source": "baseline: copy source frame",
              "encoder_recon": "baseline: G(E_inv(x_d)) (upper bound)",
@@ -854,7 +850,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
-        with stylegan2.terminate_as_interrupt():
+        with files.terminate_as_interrupt():
             if args.bench:
                 metrics.bench_metrics(device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
             elif args.judges:

@@ -48,6 +48,7 @@ import contextlib
 import torch
 from torch import nn
 
+import files
 import inversion
 import stylegan2
 
@@ -510,7 +511,7 @@ class FCTFG(nn.Module):
         """Rebuild from a train.py fctfg checkpoint ({'stage': 'fctfg', 'cfg': ..., 'fctfg': ...});
         ck: that file's contents when the caller has read them already (no second read).
         -> (model in eval mode, cfg with the checkpoint's 'run' dict of non-preset flags, e.g. 'data')."""
-        ck = stylegan2.load_checkpoint(path) if ck is None else ck
+        ck = files.load_checkpoint(path) if ck is None else ck
         if not isinstance(ck, dict) or ck.get("stage") != "fctfg" or "fctfg" not in ck:
             stage = ck.get("stage") if isinstance(ck, dict) else type(ck).__name__
             raise ValueError(f"{path}: not an FC-TFG checkpoint (stage {stage!r})")

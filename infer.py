@@ -52,6 +52,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import audio
 import data
+import files
 import procedural
 import fusion
 import stylegan2
@@ -360,7 +361,7 @@ def contact_sheet(path, source, driving, output):
         for c, im in enumerate(row):
             if im is not None:
                 sheet.paste(fit(im), (pad + c * (S + pad), y))
-    stylegan2.write_atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
+    files.write_atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
 # ==== 5. Model, procedural default inputs, the command line =========================================
@@ -393,7 +394,7 @@ def procedural_inputs(size, seconds, seed=0):
 
 
 def parse_args(argv=None):
-    ap = stylegan2.ArgumentParser(description=__doc__.split("\n")[0],
+    ap = files.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog="With no inputs, procedural ones are used (see procedural_inputs).")
     ap.add_argument("--source", help="face image (jpg/png/...; a video gives its first frame); default: procedural")
     ap.add_argument("--driving", help="driving video for pose, eyes and expression; default: procedural")
@@ -614,7 +615,7 @@ def run(args):
     sheet_ks = set(np.linspace(0, K - 1, args.sheet_frames).round().astype(int).tolist()) if args.sheet else ()
     sheet = []                                             # (driving crop, generated face) at sheet_ks
     t0 = time.perf_counter()
-    stylegan2.remove_temporaries(out.parent, out.stem)    # a previous run of this --out killed mid-write (-9)
+    files.remove_temporaries(out.parent, out.stem)    # a previous run of this --out killed mid-write (-9)
     with data.VideoWriter(out, W, H, fps, wav, metadata=METADATA) as writer:   # aborted on any exception
         for k0, faces, _ in animate(model, z_s, deltas, drivers, audio.melspectrogram(wav), K, fps, batch,
                                     timer, args.canonical, amp, continuous=not args.paper_windows,
@@ -676,7 +677,7 @@ def main(argv=None):
     (Ctrl-C or SIGTERM: one line, no output file, no temporary file left)."""
     args = parse_args(argv)
     try:
-        with stylegan2.terminate_as_interrupt():
+        with files.terminate_as_interrupt():
             if args.bench:
                 bench(args.seconds if args.seconds != 6.0 else 4.0, args.device, args.bf16, args.preset, args.batch,
                       args.paper_windows, args.deflicker)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import stylegan2
+import files
 import stylegan2_ops as ops
 from stylegan2 import EqualLinear  # equalised-lr linear (keys weight [out, in], bias [out]) as pSp/HyperStyle use
 
@@ -505,19 +505,19 @@ def load_arcface(path, **cfg):
     """InsightFace IR-SE50 (`model_ir_se50.pth`: a plain state dict with keys input_layer.*, body.N.*,
     output_layer.*) -> frozen IdentityEncoder. cfg overrides PRESETS['paper']['arcface']. A checkpoint of
     train.py's judges stage (the tiny judges) holds the same layout under 'e_id', sized by its preset."""
-    sd = stylegan2.load_checkpoint(path, "ArcFace checkpoint")
+    sd = files.load_checkpoint(path, "ArcFace checkpoint")
     if isinstance(sd, dict) and sd.get("stage") == "judges":
         cfg, sd = {**PRESETS[sd["cfg"]["model"]]["arcface"], **cfg}, sd["e_id"]
     if not isinstance(sd, dict) or "state_dict" in sd:
         raise ValueError(f"{path}: expected a plain IR-SE50 state dict (keys input_layer.*, body.N.*, "
                          f"output_layer.*), got a {'wrapped checkpoint' if isinstance(sd, dict) else type(sd)}")
     E_id = IdentityEncoder(**{**PRESETS["paper"]["arcface"], **cfg})
-    stylegan2.load_strict(E_id, sd, "ArcFace")
+    files.load_strict(E_id, sd, "ArcFace")
     return E_id
 
 
 def _unwrap(path, what, prefix):
-    ckpt = stylegan2.load_checkpoint(path, f"{what} checkpoint")
+    ckpt = files.load_checkpoint(path, f"{what} checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"{path}: a {what} checkpoint is a dict with a 'state_dict' entry; this one has "
                          f"{sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt)}")
@@ -532,7 +532,7 @@ def _load_decoder(G, ckpt, path):
     dec = _strip(ckpt["state_dict"], "decoder.")
     if not dec:
         raise ValueError(f"{path}: no 'decoder.*' keys to load into G")
-    stylegan2.load_strict(G, dec, "decoder (StyleGAN2)")
+    files.load_strict(G, dec, "decoder (StyleGAN2)")
 
 
 def load_psp(path, G=None, **cfg):
@@ -546,7 +546,7 @@ def load_psp(path, G=None, **cfg):
     if "latent_avg" in ckpt:  # absent when pSp was trained without start_from_latent_avg
         E_inv.set_latent_avg(ckpt["latent_avg"])
     sd = {**sd, "latent_avg": E_inv.latent_avg}  # our buffer; the file keeps it outside state_dict
-    stylegan2.load_strict(E_inv, sd, "pSp encoder")
+    files.load_strict(E_inv, sd, "pSp encoder")
     if G is not None:
         _load_decoder(G, ckpt, path)
     return E_inv
@@ -560,7 +560,7 @@ def load_hyperstyle(path, G, **cfg):
     The pSp encoder lives in its own file (load_psp)."""
     ckpt, sd = _unwrap(path, "HyperStyle", "hypernet.")
     H = HyperStyle(layer_shapes(G), **{**PRESETS["paper"]["hyperstyle"], **cfg})
-    stylegan2.load_strict(H, sd, "HyperStyle")
+    files.load_strict(H, sd, "HyperStyle")
     for name in ("w1", "b1", "w2", "b2"):
         copies = [v for k, v in sd.items() if k.endswith(f"hypernet.{name}")]
         if any(not torch.equal(c, copies[0]) for c in copies):

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stylegan2 import load_checkpoint, load_strict, r1_penalty  # the project's one reader/loader; R1 of Eq. 8
+from files import load_checkpoint, load_strict  # the project's one reader and strict loader
+from stylegan2 import r1_penalty  # R1 of Eq. 8
 
 # φ of Eq. (7) per preset: VGG19 itself (paper: torchvision's weights) or the same layout at a quarter width,
 # trained by train.py's judges stage (tiny).

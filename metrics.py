@@ -38,8 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import files
 import procedural
-import stylegan2
 
 # ==== SSIM / MS-SSIM / PSNR (Sec. 4.2.1, refs [56], [57]) =========================================
 SSIM_WIN = 11          # Gaussian window side (Wang et al. 2004)
@@ -368,10 +368,10 @@ def load_syncnet_v2(path, device="cpu"):
     Returns the network in eval mode (BatchNorm uses the stored running statistics)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SyncNet v2 weights not found: {path}")
-    sd = stylegan2.load_checkpoint(path, "SyncNet v2 checkpoint")
+    sd = files.load_checkpoint(path, "SyncNet v2 checkpoint")
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path}: expected a plain state dict of tensors (the syncnet_v2.model layout)")
-    return stylegan2.load_strict(SyncNetV2(), sd, f"{path} (the SyncNet v2 layout)").to(device).eval()
+    return files.load_strict(SyncNetV2(), sd, f"{path} (the SyncNet v2 layout)").to(device).eval()
 
 
 def lse_from_embeddings(v, a, vshift=SYNC_VSHIFT):
@@ -712,7 +712,7 @@ def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr
           "heldout": attribute_errors(probe_frames(probe, xh, 256), yh),
           "heldout_mse": mse(xh, yhz), "train_mse": mse(x[:512], yz[:512]), **mse_init,
           "heldout_mean_predictor": attribute_errors(probe.mean.expand_as(yh), yh)}  # context: 'knows nothing'
-    stylegan2.save_checkpoint(out_path, ck)
+    files.save_checkpoint(out_path, ck)
     log("probe: held-out error " + format_attrs(ck["heldout"]) + " | mean predictor " +
         format_attrs(ck["heldout_mean_predictor"]) + f" | saved {out_path}")
     return ck
@@ -723,7 +723,7 @@ def load_probe(path, device="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"motion probe not found: {path} "
                                 f"(train one: python evaluate.py --train-probe --out {path})")
-    ck = stylegan2.load_checkpoint(path, "probe checkpoint")
+    ck = files.load_checkpoint(path, "probe checkpoint")
     if not isinstance(ck, dict) or ck.get("kind") != "motion_probe":
         raise ValueError(f"{path}: not a motion-probe checkpoint (written by python evaluate.py --train-probe)")
     probe = MotionProbe(ck["width"], ck["hidden"])

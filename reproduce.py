@@ -26,9 +26,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import files
 import fusion
 import procedural
-import stylegan2
 import train
 from evaluate import attribute_pair, cell, format_attribute_table
 
@@ -37,7 +37,7 @@ def export(src, dst):
     """Keep what infer.py needs (the FCTFG state dict, cfg, step) in float16; the discriminator and the
     optimiser states stay behind. HyperStyle's shared hypernetwork appears under several keys that
     share storage: convert (and store) each storage once, or the file doubles."""
-    ck = stylegan2.load_checkpoint(src)
+    ck = files.load_checkpoint(src)
     if ck.get("stage") != "fctfg":
         raise ValueError(f"{src} is a {ck.get('stage')!r} checkpoint; export needs an fctfg one")
     halves = {}
@@ -52,7 +52,7 @@ def export(src, dst):
             "fctfg": {k: half(v) for k, v in ck["fctfg"].items()}}
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    stylegan2.save_checkpoint(dst, slim)
+    files.save_checkpoint(dst, slim)
     return dst.stat().st_size
 
 
@@ -69,7 +69,7 @@ def figures(ckpt, out, n=6, frames=(0, 6, 12, 18, 24, 30)):
 
     def save(name, rows, nrow):
         written.append(out / name)
-        stylegan2.save_image_grid(torch.cat(rows), out / name, nrow=nrow)
+        files.save_image_grid(torch.cat(rows), out / name, nrow=nrow)
     # Fig. 5a: one frame of each of n people (all with their own pose) and its canonical image
     x = torch.stack([ds[i]["frames"][frames[i % len(frames)]] for i in range(n)])
     z = model.E_inv(x)
@@ -180,15 +180,15 @@ def cost(preset="paper"):
 def trend(points, png):
     """Attribute correlations along training: points = [(step, folder of an evaluate.py --protocol
     attributes run of that step's checkpoint)] -> one panel per attribute in png
-    (stylegan2.plot_losses; the numbers beside it as .jsonl)."""
+    (files.plot_losses; the numbers beside it as .jsonl)."""
     rows = []
     for step, folder in sorted(points):
         res = json.loads((Path(folder) / "results.json").read_text())["attributes"]["model"]
         corr = {a: res[a]["corr"] for a in procedural.ATTRIBUTE_CLIPS}
         rows.append(json.dumps(dict(step=step, **corr)))
     log = Path(png).with_suffix(".jsonl")
-    stylegan2.write_atomic(log, lambda tmp: Path(tmp).write_text("\n".join(rows) + "\n"))
-    return stylegan2.plot_losses(log, png, smooth=1)
+    files.write_text(log, "\n".join(rows) + "\n")
+    return files.plot_losses(log, png, smooth=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def tables(runs):
 
 
 def main(argv=None):
-    ap = stylegan2.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = files.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="fp16 generator-side copy of an fctfg checkpoint (infer.py's default)")
     e.add_argument("src", help="train.py fctfg checkpoint")
@@ -299,7 +299,7 @@ def main(argv=None):
             md = tables(args.runs)
             print(md)
             if args.out:
-                stylegan2.write_atomic(args.out, lambda tmp: Path(tmp).write_text(md))
+                files.write_text(args.out, md)
     except (ValueError, OSError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

@@ -21,23 +21,18 @@ Two low-level ops carry all the resampling and activations, upfirdn2d and bias_a
 a pure-PyTorch reference path beside a fused CUDA kernel); activation checkpointing is there too.
 
 Not here: training loops and EMA (train.py), the GAN/identity losses of Eq. 4-9 (losses.py),
-inversion encoders (inversion.py).
+inversion encoders (inversion.py), reading and writing files (files.py), speed (bench.py).
 """
-import argparse
-import contextlib
-import json
 import math
-import os
 import re
-import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import files
 import stylegan2_ops as ops  # upfirdn2d, bias_act (reference + CUDA), activation checkpointing
 
 # ----------------------------------------------------------------------------------------------------
@@ -524,96 +519,6 @@ def path_length_penalty(img, ws, mean_path_length, decay=0.01):
     return (lengths - a).pow(2).mean(), a, lengths.detach().mean()
 
 
-# ==== Files: the one checkpoint reader, strict loader, atomic writer and picture writers of the project ==
-# (every module uses them; this file is near the bottom of the import graph, so it is their home):
-# load_checkpoint, load_strict, temp_path, write_atomic, save_checkpoint, the two PNG writers, save_image_grid (an
-# image grid) and plot_losses (the loss curves of a log.jsonl), and ArgumentParser (every CLI: one-line errors)
-
-@contextlib.contextmanager
-def terminate_as_interrupt():
-    """Inside: SIGTERM (kill, a job scheduler) raises KeyboardInterrupt as Ctrl-C does, so the writers' cleanup
-    runs (VideoWriter.abort, write_atomic) and the entry point ends with its one line instead of vanishing."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """Every command line of the project: a bad flag or value is reported in ONE line, `prog: error: what
-    (--help lists the flags)`, exit status 2, instead of argparse's usage block above the message."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
-
-
-def load_checkpoint(path, what="checkpoint"):
-    """torch.load with weights_only=True (tensors, dicts, lists, numbers, strings only), and one clear
-    FileNotFoundError / ValueError for a missing or unreadable file. rosinality training checkpoints
-    pickle their argparse Namespace under `args`; we allow-list exactly that class (it holds plain
-    values) and nothing else."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling/zip errors come in many types; report them as one clear error
-        raise ValueError(f"{path}: not a loadable {what} ({type(e).__name__}: {e})") from None
-
-
-def load_strict(module, sd, what, may_lack=("num_batches_tracked",)):
-    """module.load_state_dict(sd) where every key must match by name and shape, with one ValueError
-    that names the offending keys. Keys ending in an entry of `may_lack` may be absent (BatchNorm's
-    num_batches_tracked counters: missing from files of old PyTorch versions and published key lists,
-    Wav2Lip#247; unused in eval mode); they keep the module's own value. -> module."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith(tuple(may_lack))]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{what}: checkpoint does not match the network: {len(missing)} missing keys "
-                         f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
-                         f"{len(wrong)} shape mismatches {wrong[:5]}")
-    module.load_state_dict({k: sd.get(k, own[k]) for k in own}, strict=True)
-    return module
-
-
-def temp_path(path):
-    """A temporary name beside `path` with the same suffix (writers that pick the format from it)."""
-    path = Path(path)
-    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-
-
-def remove_temporaries(folder, stem="*"):
-    """Delete what a writer killed mid-write (kill -9, power loss) left in `folder`: temp_path's names,
-    .<stem>.tmp<pid><suffix>, for `stem` or any. The next run of the same job calls it before writing."""
-    for tmp in Path(folder).glob(f".{stem}.tmp*"):
-        if tmp.is_file() and re.fullmatch(r"\..+\.tmp\d+(\.[^.]+)?", tmp.name):
-            tmp.unlink()
-
-
-def write_atomic(path, write):
-    """write(temporary path) then rename it onto `path`: readers, and a run killed mid-write, see the
-    old file or the new one, never half of one. The temporary file is removed if write() fails."""
-    tmp = temp_path(path)
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_checkpoint(path, obj):
-    """torch.save, atomically (write_atomic); load_checkpoint reads it back."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
 def _generator_config(sd):
     """Infer Generator kwargs from a rosinality-layout state dict (shapes, not metadata)."""
     n_mlp = sum(1 for k in sd if re.fullmatch(r"style\.\d+\.weight", k))
@@ -643,7 +548,7 @@ def load_stylegan2(path, device="cpu"):
     - a pSp/HyperStyle checkpoint {state_dict with 'decoder.*' keys, latent_avg, opts},
     - our own train.py checkpoints, which use the same keys.
     Fixed noise buffers (noises.*) may be missing in old files; they then keep their random init."""
-    ckpt = load_checkpoint(path)
+    ckpt = files.load_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     g_sd = ckpt.get("g_ema") or ckpt.get("g")
@@ -669,132 +574,20 @@ def load_stylegan2(path, device="cpu"):
     return G.to(device), (D.to(device) if D is not None else None), latent_avg
 
 
-def save_image_grid(images, path, nrow=None):
-    """Save [N, 3, H, W] images in [-1, 1] as one PNG grid, written atomically."""
-    from PIL import Image
-    import numpy as np
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    N, _, H, W = x.shape
-    nrow = nrow or math.ceil(math.sqrt(N))
-    ncol = math.ceil(N / nrow)
-    grid = torch.zeros(3, ncol * H, nrow * W, dtype=torch.uint8)
-    for i in range(N):
-        r, c = divmod(i, nrow)
-        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
-    grid = np.ascontiguousarray(grid.permute(1, 2, 0).numpy())
-    write_atomic(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
-
-
-def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
-    """Loss curves of a log.jsonl as one PNG (pillow only): a panel per logged quantity, raw values in grey, a
-    `smooth`-point running mean in colour, y range 1st..99th percentile (a spike does not flatten it). -> the number
-    of panels (0: nothing to plot, no file)"""
-    from PIL import Image, ImageDraw
-    import numpy as np
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    keys = [k for k in (rows[0] if rows else {}) if k not in ("step", "time", "img_per_s", "peak_mem_gb")]
-    if not keys:
-        return 0
-    (W, H), ncol = panel, min(3, len(keys))
-    img = Image.new("RGB", (W * ncol, H * math.ceil(len(keys) / ncol)), "white")
-    draw = ImageDraw.Draw(img)
-    for i, key in enumerate(keys):
-        pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
-        ox, oy = (i % ncol) * W, (i // ncol) * H
-        draw.rectangle([ox + 40, oy + 18, ox + W - 8, oy + H - 20], outline=(180, 180, 180))
-        if len(pts) < 2:
-            draw.text((ox + 44, oy + 3), f"{key}: {len(pts)} point(s)", fill="black")
-            continue
-        steps, vals = (np.array(c, float) for c in zip(*pts))
-        mean = np.convolve(vals, np.ones(min(smooth, len(vals))) / min(smooth, len(vals)), mode="valid")
-        lo, hi = np.percentile(vals, [1, 99])
-        hi = hi if hi > lo else lo + 1e-8
-        fx = lambda s: ox + 40 + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (W - 48)
-        fy = lambda v: oy + H - 20 - (np.clip(v, lo, hi) - lo) / (hi - lo) * (H - 38)
-        draw.line([(fx(s), fy(v)) for s, v in zip(steps, vals)], fill=(200, 200, 200))
-        draw.line([(fx(s), fy(v)) for s, v in zip(steps[len(steps) - len(mean):], mean)], fill=(20, 90, 200), width=2)
-        draw.text((ox + 44, oy + 3), f"{key}: {mean[0]:.4g} -> {mean[-1]:.4g}", fill="black")
-        for (x, y), label in (((2, 18), f"{hi:.3g}"), ((2, H - 30), f"{lo:.3g}"),          # y range, step range
-                              ((40, H - 16), f"step {int(steps[0])}"), ((W - 70, H - 16), f"{int(steps[-1])}")):
-            draw.text((ox + x, oy + y), label, fill=(90, 90, 90))
-    write_atomic(png_path, lambda tmp: img.save(tmp, format="PNG"))
-    return len(keys)
-
-
-# ==== Benchmark: python stylegan2.py --bench   (results go to BENCHMARKS.md) ======================
-
-def _timeit(fn, n, sync):
-    fn()  # warm-up (and CUDA build / cudnn autotune)
-    sync()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / n
-
-
-def bench(presets=("tiny", "paper"), batch=4, iters=3, device="cpu", impls=("ref",)):
-    """img/s for G forward and for one G+D training step with R1, per preset and op implementation."""
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    rows = []
-    for name in presets:
-        G, D = Generator.from_preset(name).to(dev), Discriminator.from_preset(name).to(dev)
-        for impl in impls:
-            ops.allow_cuda_ops(impl != "ref")
-            z = torch.randn(batch, G.style_dim, device=dev)
-
-            def g_fwd():
-                with torch.no_grad():
-                    G.sample(z)
-
-            def train_step():
-                fake = G.sample(z)
-                real = fake.detach().clone().requires_grad_(True)
-                loss = F.softplus(D(fake)).mean() + F.softplus(-D(real)).mean()
-                loss = loss + 5.0 * r1_penalty(D(real), real)
-                loss.backward()
-
-            t_g, t_s = _timeit(g_fwd, iters, sync), _timeit(train_step, iters, sync)
-            mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
-            rows.append((name, impl, batch, batch / t_g, batch / t_s, mem))
-            print(f"{name:6s} {impl:4s} batch {batch}: G forward {batch / t_g:8.1f} img/s | "
-                  f"G+D step with R1 {batch / t_s:8.2f} img/s | peak mem {mem:.2f} GiB", flush=True)
-    return rows
-
-
-def bench_ops(device="cuda", iters=50):
-    """Pure vs CUDA: upfirdn2d for G's x2 upsample and bias_act (bias + lrelu) on [16, 512, 64, 64]."""
-    x = torch.randn(16, 512, 64, 64, device=device)
-    f, b = ops.make_kernel(gain=4).to(device), torch.randn(512, device=device)
-    sync = torch.cuda.synchronize
-    for name, op in (("upfirdn2d up2", lambda impl: ops.upfirdn2d(x, f, up=2, pad=(2, 1, 2, 1), impl=impl)),
-                     ("bias_act lrelu", lambda impl: ops.bias_act(x, b, impl=impl))):
-        t_ref, t_cuda = _timeit(lambda: op("ref"), iters, sync), _timeit(lambda: op("cuda"), iters, sync)
-        print(f"{name} [16,512,64,64]: ref {t_ref * 1e3:.2f} ms, cuda {t_cuda * 1e3:.2f} ms, "
-              f"ratio {t_ref / t_cuda:.2f}x", flush=True)
-
-
 def main(argv=None):
-    ap = ArgumentParser(description="StyleGAN2 decoder of FC-TFG: sample a grid or benchmark.")
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap = files.ArgumentParser(description="StyleGAN2 decoder of FC-TFG: sample a grid (speed: bench.py).")
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="size without --checkpoint")
     ap.add_argument("--checkpoint", help="rosinality/pSp/train.py checkpoint (default: untrained weights)")
     ap.add_argument("--out", default="samples_stylegan2.png", help="PNG grid to write")
     ap.add_argument("--n", type=int, default=16, help="number of samples")
     ap.add_argument("--psi", type=float, default=1.0, help="truncation psi")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bench", action="store_true", help="print img/s figures instead of sampling")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the latents (and untrained weights)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu | cuda | cuda:N")
     a = ap.parse_args(argv)
     if not (1 <= a.n <= 1024 and math.isfinite(a.psi)) or (a.checkpoint and Path(a.out).resolve() ==
                                                            Path(a.checkpoint).resolve()):
         ap.error(f"--n {a.n} must be 1..1024, --psi {a.psi} finite, and --out not the --checkpoint file")
-    if a.bench:
-        impls = ("ref", "cuda") if a.device.startswith("cuda") else ("ref",)
-        bench(device=a.device, impls=impls)
-        if a.device.startswith("cuda"):
-            bench_ops(a.device)
-        return 0
     torch.manual_seed(a.seed)
     if a.checkpoint:
         try:
@@ -808,7 +601,7 @@ def main(argv=None):
     G.eval()
     with torch.no_grad():
         imgs = G.sample(torch.randn(a.n, G.style_dim, device=a.device), psi=a.psi, w_avg=w_avg)
-    save_image_grid(imgs, a.out)
+    files.save_image_grid(imgs, a.out)
     print(f"wrote {a.n} samples ({G.size}px) to {a.out}")
     return 0
 

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 import audio
 import data
+import files
 import fusion
 import inversion
 import losses
@@ -127,11 +128,11 @@ STAGE_FLAGS = dict(init=("inversion", "fctfg"), arcface=("stylegan2", "inversion
 
 def parse_args(argv=None):
     """--preset picks a dict from PRESETS; every key of it can then be overridden as --key value."""
-    pre = stylegan2.ArgumentParser(add_help=False)
+    pre = files.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                      help="defaults of every flag below: tiny (CPU reproduction) | paper (Sec. 4.1.2)")
     known, _ = pre.parse_known_args(argv)
-    ap = stylegan2.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
+    ap = files.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
     ap.add_argument("--stage", default="stylegan2", choices=STAGES, help="training stage, in paper order (Sec. 4.1.2)")
     ap.add_argument("--data", default="synthetic", help="'synthetic' or a folder prepared by data.py")
     ap.add_argument("--out", default="runs/default", help="checkpoints, log.jsonl, samples/")
@@ -475,7 +476,7 @@ def load_judges(args, device):
 
 def load_stage_models(path, names):
     """State dicts `names` from a train.py checkpoint (clear error if the file lacks them)."""
-    ck = stylegan2.load_checkpoint(path)
+    ck = files.load_checkpoint(path)
     missing = [n for n in names if n not in ck]
     if missing:
         raise SystemExit(f"error: {path} has no {missing} (a {ck.get('stage')!r} checkpoint); "
@@ -705,7 +706,7 @@ def save_state(path, stage, args, cfg, step, rank, world):
         return
     # the other run flags: how the checkpoint was made (infer.py reads run["data"] to flag procedural-only models)
     run = {k: getattr(args, k) for k in ("data", "preset", *STAGE_FLAGS)}
-    stylegan2.save_checkpoint(path, {
+    files.save_checkpoint(path, {
         "stage": args.stage, "step": step, "cfg": dict(cfg), "run": run, "world": world, "rng": rngs,
         "extra": {n: getattr(stage, n).detach().cpu() for n in stage.extra_state},
         **{n: {k: v.detach().cpu() for k, v in getattr(stage, n).state_dict().items()} for n in stage.models},
@@ -811,14 +812,14 @@ def check_paths(args, out):
 
 
 def clean_leftovers(out, step):
-    """A run killed mid-write leaves .*.tmp<pid>.* files (stylegan2.temp_path) and, resumed at `step`, a log
+    """A run killed mid-write leaves .*.tmp<pid>.* files (files.temp_path) and, resumed at `step`, a log
     whose lines past that step will be written again: drop both (rank 0, at start)."""
-    stylegan2.remove_temporaries(out)
+    files.remove_temporaries(out)
     log = out / "log.jsonl"
     if log.is_file():
         keep = [line for line in log.read_text().splitlines(keepends=True)
                 if _logged_step(line) is not None and _logged_step(line) <= step]
-        stylegan2.write_atomic(log, lambda tmp: Path(tmp).write_text("".join(keep)))
+        files.write_text(log, "".join(keep))
 
 
 def _logged_step(line):
@@ -834,7 +835,7 @@ def train(argv=None):
     last = out / "last.pt"
     try:
         check_paths(args, out)
-        ck = stylegan2.load_checkpoint(last) if args.resume and last.is_file() else None  # what --resume continues
+        ck = files.load_checkpoint(last) if args.resume and last.is_file() else None  # what --resume continues
     except ValueError as e:
         print(f"error: {e}" + ("; delete it to start afresh" if "not a loadable" in str(e) else ""), file=sys.stderr)
         return 2
@@ -895,7 +896,7 @@ def train(argv=None):
                 log_step(log_file, done, vals, n_img / (time.time() - t0),
                          (n_steps - done) * (time.time() - t0) / (done - start), peak_memory_gb(device))
             if is_main and cfg["sample_every"] and done % cfg["sample_every"] == 0:
-                stylegan2.save_image_grid(stage.samples(micro[0], cfg["seed"]), out / "samples" / f"{done:07d}.png",
+                files.save_image_grid(stage.samples(micro[0], cfg["seed"]), out / "samples" / f"{done:07d}.png",
                                           nrow=stage.grid_nrow)
             if done % cfg["ckpt_every"] == 0 or done == n_steps or stop:
                 save_state(last, stage, args, cfg, done, rank, world)
@@ -904,7 +905,7 @@ def train(argv=None):
                     print(f"signal {stop[-1]}: saved {last} at step {done}, exiting")
                 break
         if is_main:  # every log line was flushed: the file is complete
-            stylegan2.plot_losses(out / "log.jsonl", out / "loss.png")  # the run's loss curves, one PNG
+            files.plot_losses(out / "log.jsonl", out / "loss.png")  # the run's loss curves, one PNG
     except StopTraining as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr)
@@ -924,7 +925,7 @@ def main(argv=None):
     """The command line: train(), and Ctrl-C or SIGTERM before the loop has begun (while data are rendered) in one
     line (in the loop both save a checkpoint and stop)."""
     try:
-        with stylegan2.terminate_as_interrupt():
+        with files.terminate_as_interrupt():
             return train(argv)
     except KeyboardInterrupt:
         print("error: interrupted before the first step: nothing was saved", file=sys.stderr)

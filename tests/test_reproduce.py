@@ -1,6 +1,6 @@
 """Tests for the reproduction recipe: reproduce.sh end to end in its SMOKE mode (every stage, export,
 every evaluation, figures and tables), and the pieces it relies on (export, tables; the loss plot is
-stylegan2.plot_losses, tested in test_stylegan2.py)."""
+files.plot_losses, tested in test_stylegan2.py)."""
 import json
 import os
 import subprocess

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import data
+import files
 import fusion
 import infer
 import train
@@ -277,11 +278,10 @@ def test_crop_of_an_already_cropped_clip_stays_inside_it():
 
 
 def test_remove_temporaries_takes_only_what_writers_leave(tmp_path):
-    import stylegan2
     for name in (".last.tmp123.pt", ".clip.tmp9.mp4", ".results.tmp77.json", ".notes.txt", "keep.tmp1.pt",
                  ".last.tmpX.pt", "last.pt"):
         (tmp_path / name).write_text("x")
-    stylegan2.remove_temporaries(tmp_path, "clip")
+    files.remove_temporaries(tmp_path, "clip")
     assert not (tmp_path / ".clip.tmp9.mp4").exists() and (tmp_path / ".last.tmp123.pt").exists()
-    stylegan2.remove_temporaries(tmp_path)
+    files.remove_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".last.tmpX.pt", ".notes.txt", "keep.tmp1.pt", "last.pt"]

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.autograd import gradcheck, gradgradcheck
 
+import files
 import stylegan2 as sg
 import stylegan2_ops as ops
 from conftest import requires_cuda
@@ -635,13 +636,13 @@ def test_plot_losses_draws_one_panel_per_quantity(tmp_path):
             for k in range(1, 30)]
     rows[5]["rec"] = float("nan")                       # a non-finite value is skipped, not drawn
     log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert sg.plot_losses(log, tmp_path / "loss.png") == 2   # step/time/img_per_s are not losses
+    assert files.plot_losses(log, tmp_path / "loss.png") == 2   # step/time/img_per_s are not losses
     im = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB"))
     assert im.shape == (170, 640, 3)
     blue = (im[..., 2] > 150) & (im[..., 0] < 80)       # the running-mean curve is drawn in each panel
     assert blue[:, :320].any() and blue[:, 320:].any()
     log.write_text("")
-    assert sg.plot_losses(log, tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
+    assert files.plot_losses(log, tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -712,3 +713,12 @@ def test_cuda_generator_r1_and_pl_match_reference():
     ops.allow_cuda_ops(True)
     for a, c in zip(out["ref"], out["cuda"]):
         torch.testing.assert_close(c, a, atol=1e-4, rtol=1e-4)
+
+
+def test_every_cli_flag_says_what_it_does(cli_actions):
+    """The sampling CLI here and the speed CLI beside it (bench.py): help text on every flag."""
+    import bench
+    for fn in (sg.main, bench.main):
+        missing = [a.option_strings for a in cli_actions(fn, []) if not a.help]
+        assert not missing, (fn.__module__, missing)
+

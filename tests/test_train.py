@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import files
 import stylegan2
 import train
 
@@ -424,7 +425,7 @@ def test_clear_errors(tmp_path, capsys):
                      str(_save(tmp_path / "sg.pt", {"stage": "stylegan2", "g_ema": {}}))])
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a loadable"):
-        stylegan2.load_checkpoint(tmp_path / "junk.pt")
+        files.load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(SystemExit):
         train.parse_args(["--no_such_option", "1"])
     # a stage-specific run flag given to a stage that never reads it: refused, not silently ignored
@@ -452,8 +453,8 @@ def test_batches_shards_partition_the_global_batch():
 def test_checkpoint_rng_roundtrip(tmp_path):
     state = train.rng_state()
     a = (torch.rand(3), __import__("numpy").random.rand(2), __import__("random").random())
-    stylegan2.save_checkpoint(tmp_path / "r.pt", {"rng": state})
-    train.set_rng_state(stylegan2.load_checkpoint(tmp_path / "r.pt")["rng"])
+    files.save_checkpoint(tmp_path / "r.pt", {"rng": state})
+    train.set_rng_state(files.load_checkpoint(tmp_path / "r.pt")["rng"])
     b = (torch.rand(3), __import__("numpy").random.rand(2), __import__("random").random())
     assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
 
