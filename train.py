@@ -601,30 +601,35 @@ class FCTFGStage(Stage):
         return x if self.cfg["disc"] == "video" else x.flatten(0, 1)
 
     def step(self, k, micro, world, autocast):
-        cfg, L, m, D, sn = self.cfg, losses, self.fctfg, self.d, self.syncnet
+        """One step of each side on windows x_d with their source x_s and audio x_a: D on Eq. (8), then
+        G (every network of Fig. 3 that trains) on Eq. (9). -> the logged values."""
+        cfg, m, D = self.cfg, self.fctfg, self.d
         m.train()
         for net in self.frozen_nets:  # frozen networks keep their BatchNorm statistics
             net.eval()
         # One micro-batch: its forward (with graph) serves the D step and then the G step. Several
-        # (--accum): the D step generates without a graph and each G step redoes its own forward (BatchNorm
-        # statistics counted once), so only one micro-batch's activations live at a time.
+        # (--accum): the D step generates without a graph and each G step redoes its own forward
+        # (BatchNorm statistics counted once), so only one micro-batch's activations live at a time.
         keep, outs = len(micro) == 1, []
         forward = lambda mb: m(mb["source"], mb["drive"], mb["mel"], hyper_steps=cfg["hyper_steps"])
-        # --- D step (Eq. 8), on detached generations ---
+
+        # --- D step, Eq. (8): L_D = -log D(x_d) - log(1 - D(x_g)), on detached x_g, + lazy R1 ---
         D.requires_grad_(True)
         self.opt_d.zero_grad(set_to_none=True)
         for mb in micro:
             with autocast(), torch.set_grad_enabled(keep):
-                out = forward(mb)
+                out = forward(mb)                                         # Eq. (1)-(2), Fig. 3
             real, fake = self._d_batch(mb["frames"]), self._d_batch(out["x_g"].detach())
-            loss_d = L.gan_loss_d_backward(D, real, fake, 1 / len(micro), autocast)   # backward inside, by D group
-            if cfg["r1_every"] and k % cfg["r1_every"] == 0:   # R1 per sample, a window: the image D sums T frames
+            # computed and back-propagated one minibatch-stddev group at a time (memory)
+            loss_d = losses.gan_loss_d_backward(D, real, fake, 1 / len(micro), autocast)
+            if cfg["r1_every"] and k % cfg["r1_every"] == 0:
+                # R1 per sample, a window: the image D sums the T frames of a window
                 per = real.shape[0] // mb["frames"].shape[0]    # T for the image D, 1 for the video D
-                L.lazy_r1(D, real, cfg["r1_gamma"], cfg["r1_every"], 1 / len(micro), per_sample=per)
+                losses.lazy_r1(D, real, cfg["r1_gamma"], cfg["r1_every"], 1 / len(micro), per_sample=per)
             outs.append(out if keep else None)
         step_optimizer(self.opt_d, world)
 
-        # --- G step: Eq. (9) ---
+        # --- G step, Eq. (9) ---
         D.requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
         for mb, out in zip(micro, outs):
@@ -633,33 +638,59 @@ class FCTFGStage(Stage):
                     out = forward(mb)
                 if outs[0] is None:                                      # for the logs and samples
                     outs[0] = out
-            x_g, x_d = out["x_g"], mb["frames"]
             with autocast():
-                terms = {"ortho": None if cfg["ortho"] == "none" else
-                         L.orthogonality_loss(out["z_sc"], out["z_cd"], cfg["ortho"], layers=m.fusion.layers),
-                         "sync": None if sn is None or x_g.shape[1] % sn.n_frames else
-                         L.sync_loss(sn, x_g, mb["mel"], size=sn.face_hw[1], bgr=sn.input_bgr),
-                         "id": L.identity_loss(self.e_id, x_g, x_d) if self.e_id is not None else None,
-                         "rec": L.reconstruction_loss(x_g, x_d, mb.get("weight")),
-                         "lpips": L.perceptual_loss(self.vgg, x_g, x_d) if self.vgg is not None else None,
-                         "gan": L.gan_loss_g(D(self._d_batch(x_g)))}
-                total, parts = L.total_loss(terms, {"ortho": cfg["ortho_weight"], "sync": cfg["sync_weight"]})
-                if cfg["latent_weight"] > 0:  # tiny-scale aid, not in Eq. (9): losses.latent_reconstruction_loss
-                    # the target is the code of the TARGET frames (not of the driving input, whose mouth
-                    # may come from another clip: --drive_mouth swap): E_inv of x_d frame by frame, [B, T, L, C]
-                    with torch.no_grad():
-                        z_t = out["z_d"] if cfg["drive_mouth"] == "own" else \
-                            m.E_inv(x_d.flatten(0, 1)).unflatten(0, x_d.shape[:2])
-                    lat = L.latent_reconstruction_loss(out["z_sd"], z_t.detach(), m.fusion.layers)
-                    total = total + cfg["latent_weight"] * lat
-                    parts["latent"] = float(lat.detach())
+                total, parts = self.eq9(mb, out)
+                total = self.tiny_aids(total, parts, mb, out)
             (total / len(micro)).backward()
         step_optimizer(self.opt_g, world)
         self.last = (micro[0], outs[0])  # for samples()
-        # Motion-collapse watch (RESULTS.md): per-frame motion of z_s->d (0: a static source copy) and of z_d; |z_cd|
+        # Motion-collapse watch (RESULTS.md): per-frame motion of z_s->d (0: a static source copy) and
+        # of z_d; |z_c->d|
         z_sd, z_d, z_cd = (outs[0][n].detach() for n in ("z_sd", "z_d", "z_cd"))
         motion = lambda z: (z[:, 1:] - z[:, :-1]).abs().mean() if z.shape[1] > 1 else z.new_zeros(())
-        return {"loss_d": loss_d, **parts, "dw": motion(z_sd), "dw_drv": motion(z_d), "z_cd": z_cd.abs().mean()}
+        return {"loss_d": loss_d, **parts, "dw": motion(z_sd), "dw_drv": motion(z_d),
+                "z_cd": z_cd.abs().mean()}
+
+    def eq9(self, mb, out):
+        """The generator's loss, Eq. (9), each term under its equation (losses.py has the details).
+        A term whose judge was not given (--syncnet, --arcface, --vgg) is None: off, said at start-up.
+        -> (L_total, {term: unweighted value, 'total': value})."""
+        x_g, x_d, sn = out["x_g"], mb["frames"], self.syncnet
+        terms = {}
+        # Eq. (3): L_ortho = (1/N) Σ_c |z_s->c ⊙ z_c->d| per manipulated w vector (the form: --ortho,
+        # Table 4; 'none' is its × row)
+        terms["ortho"] = None if self.cfg["ortho"] == "none" else losses.orthogonality_loss(
+            out["z_sc"], out["z_cd"], self.cfg["ortho"], layers=self.fctfg.fusion.layers)
+        # Eq. (4): L_sync = 1 - cos(f_v(x_g), f_a(x_a)), the frozen lip-sync expert on 5-frame windows
+        terms["sync"] = None if sn is None or x_g.shape[1] % sn.n_frames else losses.sync_loss(
+            sn, x_g, mb["mel"], size=sn.face_hw[1], bgr=sn.input_bgr)
+        # Eq. (5): L_id = 1 - cos(E_id(x_g), E_id(x_d))
+        terms["id"] = losses.identity_loss(self.e_id, x_g, x_d) if self.e_id is not None else None
+        # Eq. (6): L_rec = ||x_g - x_d||_1 (mb["weight"]: the tiny recipe's weight on eyes, brows and
+        # mouth, --feature_weight; absent in the paper preset)
+        terms["rec"] = losses.reconstruction_loss(x_g, x_d, mb.get("weight"))
+        # Eq. (7): L_LPIPS = Σ_i d(φ_i(x_g), φ_i(x_d)) over VGG19 features
+        terms["lpips"] = losses.perceptual_loss(self.vgg, x_g, x_d) if self.vgg is not None else None
+        # Eq. (8), G side: L_GAN = -log D(x_g)
+        terms["gan"] = losses.gan_loss_g(self.d(self._d_batch(x_g)))
+        # Eq. (9): L_total = λ1 L_ortho + λ2 L_sync + λ3 L_id + λ4 L_rec + λ5 L_LPIPS + λ6 L_GAN
+        return losses.total_loss(terms, {"ortho": self.cfg["ortho_weight"], "sync": self.cfg["sync_weight"]})
+
+    # ---- not in Eq. (9): the tiny recipe's aid, fenced here (its weight is 0 in the paper preset) ----
+    def tiny_aids(self, total, parts, mb, out):
+        """--latent_weight > 0: + w |z_s->d - E_inv(target frames)| (losses.latent_reconstruction_loss;
+        without it the motion collapses at tiny scale, RESULTS.md). The target is the code of the TARGET
+        frames, not of the driving input, whose mouth may come from another clip (--drive_mouth swap).
+        -> the total with the aid added (parts gains 'latent'); the total unchanged when it is off."""
+        if not self.cfg["latent_weight"] > 0:
+            return total
+        m, x_d = self.fctfg, mb["frames"]
+        with torch.no_grad():                               # E_inv of x_d frame by frame, [B, T, L, C]
+            z_t = out["z_d"] if self.cfg["drive_mouth"] == "own" else \
+                m.E_inv(x_d.flatten(0, 1)).unflatten(0, x_d.shape[:2])
+        lat = losses.latent_reconstruction_loss(out["z_sd"], z_t.detach(), m.fusion.layers)
+        parts["latent"] = float(lat.detach())
+        return total + self.cfg["latent_weight"] * lat
 
     @torch.no_grad()
     def samples(self, batch, seed):
