@@ -27,7 +27,8 @@ def _timeit(fn, n, sync):
 
 
 def bench(presets=("tiny", "paper"), batch=4, iters=3, device="cpu", impls=("ref",)):
-    """img/s for G forward and for one G+D training step with R1, per preset and op implementation."""
+    """img/s for G forward and for one G+D training step with R1, per preset and op
+    implementation."""
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows = []
@@ -50,7 +51,8 @@ def bench(presets=("tiny", "paper"), batch=4, iters=3, device="cpu", impls=("ref
                 loss.backward()
 
             t_g, t_s = _timeit(g_fwd, iters, sync), _timeit(train_step, iters, sync)
-            mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
+            mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float(
+                "nan")
             rows.append((name, impl, batch, batch / t_g, batch / t_s, mem))
             print(f"{name:6s} {impl:4s} batch {batch}: G forward {batch / t_g:8.1f} img/s | "
                   f"G+D step with R1 {batch / t_s:8.2f} img/s | peak mem {mem:.2f} GiB", flush=True)
@@ -58,13 +60,16 @@ def bench(presets=("tiny", "paper"), batch=4, iters=3, device="cpu", impls=("ref
 
 
 def bench_ops(device="cuda", iters=50):
-    """Pure vs CUDA: upfirdn2d for G's x2 upsample and bias_act (bias + lrelu) on [16, 512, 64, 64]."""
+    """Pure vs CUDA: upfirdn2d for G's x2 upsample and bias_act (bias + lrelu) on
+    [16, 512, 64, 64]."""
     x = torch.randn(16, 512, 64, 64, device=device)
     f, b = ops.make_kernel(gain=4).to(device), torch.randn(512, device=device)
     sync = torch.cuda.synchronize
-    for name, op in (("upfirdn2d up2", lambda impl: ops.upfirdn2d(x, f, up=2, pad=(2, 1, 2, 1), impl=impl)),
+    for name, op in (("upfirdn2d up2",
+                      lambda impl: ops.upfirdn2d(x, f, up=2, pad=(2, 1, 2, 1), impl=impl)),
                      ("bias_act lrelu", lambda impl: ops.bias_act(x, b, impl=impl))):
-        t_ref, t_cuda = _timeit(lambda: op("ref"), iters, sync), _timeit(lambda: op("cuda"), iters, sync)
+        t_ref, t_cuda = _timeit(lambda: op("ref"), iters, sync), _timeit(lambda: op("cuda"),
+                                                                         iters, sync)
         print(f"{name} [16,512,64,64]: ref {t_ref * 1e3:.2f} ms, cuda {t_cuda * 1e3:.2f} ms, "
               f"ratio {t_ref / t_cuda:.2f}x", flush=True)
 

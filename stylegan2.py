@@ -10,15 +10,19 @@ StyleGAN2 paper map (Karras et al. 2020, "Analyzing and Improving the Image Qual
   Sec. 2   mapping network z -> w (8 layers, lr_mul 0.01)        -> Generator.style, .mapping
   Sec. 2.2 weight modulation / demodulation (Eq. 1-3)           -> ModulatedConv2d
   Sec. 4   skip generator (ToRGB at every scale), residual D     -> Generator, Discriminator
-  App. B   noise inputs, constant input, style mixing, truncation -> NoiseInjection, ConstantInput, ...
-  Sec. 3 / App. C  minibatch stddev, R1, path length        -> minibatch_stddev, r1_penalty, path_length_penalty
+  App. B   noise inputs, constant input, style mixing, truncation -> NoiseInjection, ConstantInput,
+                                                                     ...
+  Sec. 3 / App. C  minibatch stddev, R1, path length        -> minibatch_stddev, r1_penalty,
+                                                               path_length_penalty
 
 The key layout and parameter counts follow rosinality/stylegan2-pytorch so that its checkpoints (and
-pSp/HyperStyle checkpoints built on it) load: G 30,034,338 and D 28,864,129 parameters at 256 px with
-channel_multiplier 2. Every line here was written from the maths (StyleGAN2 paper and appendix).
+pSp/HyperStyle checkpoints built on it) load: G 30,034,338 and D 28,864,129 parameters at 256 px
+with channel_multiplier 2. Every line here was written from the maths (StyleGAN2 paper and
+appendix).
 
-Two low-level ops carry all the resampling and activations, upfirdn2d and bias_act (stylegan2_ops.py:
-a pure-PyTorch reference path beside a fused CUDA kernel); activation checkpointing is there too.
+Two low-level ops carry all the resampling and activations, upfirdn2d and bias_act
+(stylegan2_ops.py: a pure-PyTorch reference path beside a fused CUDA kernel); activation
+checkpointing is there too.
 
 Not here: training loops and EMA (train.py), the GAN/identity losses of Eq. 4-9 (losses.py),
 inversion encoders (inversion.py), reading and writing files (files.py), speed (bench.py).
@@ -35,10 +39,11 @@ from torch import nn
 import files
 import stylegan2_ops as ops  # upfirdn2d, bias_act (reference + CUDA), activation checkpointing
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Presets: plain dicts of Generator kwargs. The Discriminator uses size/channel_multiplier/channels.
 # `paper`: the FC-TFG decoder (Sec. 4.1.2): 256 px, 14 w vectors of 512, config-F widths.
-# `tiny`:  our CPU preset: 64 px, 10 w vectors of 128, narrow channels (trains on 2 cores in minutes).
+# `tiny`:  our CPU preset: 64 px, 10 w vectors of 128, narrow channels (trains on 2 cores in
+# minutes).
 PRESETS = {
     "paper": dict(size=256, style_dim=512, n_mlp=8, channel_multiplier=2, channels=None),
     "tiny": dict(size=64, style_dim=128, n_mlp=2, channel_multiplier=2,
@@ -47,7 +52,8 @@ PRESETS = {
 
 
 def default_channels(size, channel_multiplier=2):
-    """Feature maps per resolution: min(512, 32768/res) for cm=2 (StyleGAN2 config-F; rosinality's table)."""
+    """Feature maps per resolution: min(512, 32768/res) for cm=2 (StyleGAN2 config-F; rosinality's
+    table)."""
     cm = channel_multiplier
     table = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * cm, 128: 128 * cm, 256: 64 * cm,
              512: 32 * cm, 1024: 16 * cm}
@@ -55,10 +61,10 @@ def default_channels(size, channel_multiplier=2):
 
 
 # ==== Equalized learning rate (StyleGAN2 App. B / ProGAN Sec. 4.1) ================================
-# Weights are stored as N(0, 1) and scaled by 1/sqrt(fan_in) at run time, so Adam's per-parameter step
-# size is the same for every layer regardless of its fan-in. lr_mul additionally slows a layer down
-# (the mapping network uses 0.01): storing w/lr_mul and multiplying by lr_mul at run time divides its
-# effective learning rate by 100 without touching the optimiser.
+# Weights are stored as N(0, 1) and scaled by 1/sqrt(fan_in) at run time, so Adam's per-parameter
+# step size is the same for every layer regardless of its fan-in. lr_mul additionally slows a layer
+# down (the mapping network uses 0.01): storing w/lr_mul and multiplying by lr_mul at run time
+# divides its effective learning rate by 100 without touching the optimiser.
 
 class EqualLinear(nn.Module):
     def __init__(self, in_dim, out_dim, bias_init=0.0, lr_mul=1.0, activation=None):
@@ -75,7 +81,8 @@ class EqualLinear(nn.Module):
 
 
 class EqualConv2d(nn.Module):
-    """Without bias: in D the bias lives in the BiasLeakyReLU that follows (or, in the skip, nowhere)."""
+    """Without bias: in D the bias lives in the BiasLeakyReLU that follows (or, in the skip,
+    nowhere)."""
 
     def __init__(self, in_channel, out_channel, kernel_size, stride=1, padding=0):
         super().__init__()
@@ -99,7 +106,8 @@ class BiasLeakyReLU(nn.Module):
 
 
 class Blur(nn.Module):
-    """[1,3,3,1] low-pass filter (upfirdn2d, up=down=1), pad (p0, p1) on both axes. gain 4 after a x2 upsample."""
+    """[1,3,3,1] low-pass filter (upfirdn2d, up=down=1), pad (p0, p1) on both axes. gain 4 after a
+    x2 upsample."""
 
     def __init__(self, pad, gain=1.0):
         super().__init__()
@@ -107,12 +115,13 @@ class Blur(nn.Module):
         self.pad = pad
 
     def forward(self, x):
-        return ops.upfirdn2d(x, self.kernel, pad=(self.pad[0], self.pad[1], self.pad[0], self.pad[1]))
+        return ops.upfirdn2d(x, self.kernel,
+                             pad=(self.pad[0], self.pad[1], self.pad[0], self.pad[1]))
 
 
 class Upsample(nn.Module):
-    """x2 upsampling of the RGB skip path: zero insertion + blur with gain 4 (= 2^2); pads (2, 1) give
-    2H + 3 - 4 + 1 = 2H outputs for the 4 taps, centred as in rosinality's Upsample."""
+    """x2 upsampling of the RGB skip path: zero insertion + blur with gain 4 (= 2^2); pads (2, 1)
+    give 2H + 3 - 4 + 1 = 2H outputs for the 4 taps, centred as in rosinality's Upsample."""
 
     def __init__(self):
         super().__init__()
@@ -143,25 +152,28 @@ class ModulatedConv2d(nn.Module):
     Per-sample weights are realised as ONE grouped convolution: the batch is folded into the channel
     axis ([1, B*I, H, W]) and each sample is its own group.
 
-    HyperStyle (inversion.py) edits the *generator weights* per image: W -> W * (1 + delta), delta of
-    shape [B or 1, O, I, k, k]; it enters before modulation, so demodulation still normalises it."""
+    HyperStyle (inversion.py) edits the *generator weights* per image: W -> W * (1 + delta), delta
+    of shape [B or 1, O, I, k, k]; it enters before modulation, so demodulation still normalises
+    it."""
 
     def __init__(self,
-                 in_channel,            # I: input feature maps
-                 out_channel,           # O: output feature maps
-                 kernel_size,           # k: 3 for styled convs, 1 for ToRGB
-                 style_dim,             # C: width of the w vector that drives this layer
-                 demodulate=True,       # False only in ToRGB (colours should keep the style's scale)
-                 upsample=False):       # x2: transposed conv (stride 2) + blur
+                 in_channel,           # I: input feature maps
+                 out_channel,          # O: output feature maps
+                 kernel_size,          # k: 3 for styled convs, 1 for ToRGB
+                 style_dim,            # C: width of the w vector that drives this layer
+                 demodulate=True,      # False only in ToRGB (colours should keep the style's scale)
+                 upsample=False):      # x2: transposed conv (stride 2) + blur
         super().__init__()
         self.in_channel, self.out_channel, self.kernel_size = in_channel, out_channel, kernel_size
         self.demodulate, self.upsample = demodulate, upsample
-        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size,
+                                               kernel_size))
         self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)  # equalized lr
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1.0)  # s starts near 1
         if upsample:
             # conv_transpose2d(stride 2) maps H -> 2H+k-2 = 2H+1; the blur trims it back to 2H with
-            # rosinality's pad rule p = (K - 2) - (k - 1), pads ((p+1)//2 + 1, p//2 + 1) for K blur taps.
+            # rosinality's pad rule p = (K - 2) - (k - 1), pads ((p+1)//2 + 1, p//2 + 1) for K blur
+            # taps.
             p = (len(ops.BLUR_KERNEL) - 2) - (kernel_size - 1)
             self.blur = Blur(((p + 1) // 2 + 1, p // 2 + 1), gain=4)
 
@@ -170,16 +182,19 @@ class ModulatedConv2d(nn.Module):
                 f"demodulate={self.demodulate}, upsample={self.upsample}")
 
     def styled_weight(self, style, delta=None):
-        """Per-sample weights W'' [B, O, I, k, k] for styles [B, C] (Eq. 1 and 3). delta [D, O, I, k, k]
-        with D = 1, B, or a divisor of B: one delta per group of B / D consecutive samples (FC-TFG: one
-        source's deltas for all T frames of its window), broadcast, never copied per sample."""
+        """Per-sample weights W'' [B, O, I, k, k] for styles [B, C] (Eq. 1 and 3).
+        delta [D, O, I, k, k] with D = 1, B, or a divisor of B: one delta per group of B / D
+        consecutive samples (FC-TFG: one source's deltas for all T frames of its window), broadcast,
+        never copied per sample."""
         B = style.shape[0]
         s = self.modulation(style)                                   # [B, I]
-        w = self.weight if delta is None else self.weight * (1 + delta)   # HyperStyle: W * (1 + delta)
+        # HyperStyle: W * (1 + delta)
+        w = self.weight if delta is None else self.weight * (1 + delta)
         D = w.shape[0]
         if B % D:
             raise ValueError(f"weight delta batch {D} does not divide the input batch {B}")
-        w = (self.scale * w[:, None] * s.view(D, B // D, 1, -1, 1, 1)).flatten(0, 1)   # [B, O, I, k, k]
+        # [B, O, I, k, k]
+        w = (self.scale * w[:, None] * s.view(D, B // D, 1, -1, 1, 1)).flatten(0, 1)
         if self.demodulate:
             d = torch.rsqrt(w.pow(2).sum([2, 3, 4]) + 1e-8)          # [B, O]
             w = w * d.view(B, self.out_channel, 1, 1, 1)
@@ -195,7 +210,8 @@ class ModulatedConv2d(nn.Module):
             raise ValueError(f"style batch {w.shape[0]} does not match input batch {B}")
         x = x.reshape(1, B * I, H, W)  # fold the batch into channels: one group per sample
         if self.upsample:
-            # conv_transpose2d wants weights [in, out/groups, k, k]: swap O and I within each sample.
+            # conv_transpose2d wants weights [in, out/groups, k, k]: swap O and I within each
+            # sample.
             w = w.transpose(1, 2).reshape(B * I, O, k, k)
             out = F.conv_transpose2d(x, w, stride=2, groups=B)       # [1, B*O, 2H+1, 2W+1]
             return self.blur(out.view(B, O, *out.shape[2:]))         # [B, O, 2H, 2W]
@@ -231,7 +247,8 @@ class StyledConv(nn.Module):
 
     def __init__(self, in_channel, out_channel, kernel_size, style_dim, upsample=False):
         super().__init__()
-        self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim, upsample=upsample)
+        self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim,
+                                    upsample=upsample)
         self.noise = NoiseInjection()
         self.activate = BiasLeakyReLU(out_channel)
 
@@ -269,8 +286,10 @@ class Generator(nn.Module):
                  size,                  # output resolution (power of two, >= 8)
                  style_dim=512,         # C: width of z and w
                  n_mlp=8,               # mapping network depth
-                 channel_multiplier=2,  # config-F widths above 32 px; 1 = the narrower "ADA paper256"
-                 channels=None,         # optional {res: channels} overriding the formula (tiny preset)
+                 channel_multiplier=2,  # config-F widths above 32 px; 1 = the narrower
+                                        # "ADA paper256"
+                 channels=None,         # optional {res: channels} overriding the formula (tiny
+                                        # preset)
                  lr_mlp=0.01):          # mapping network learning-rate multiplier
         super().__init__()
         log_size = int(math.log2(size))
@@ -283,11 +302,14 @@ class Generator(nn.Module):
             raise ValueError(f"Generator: channels lacks resolutions {missing}")
         ch = self.channels
         self.n_latent = 2 * log_size - 2       # 14 at 256 px, 10 at 64 px
-        self.checkpointing = False  # activation checkpointing per resolution (checkpointed(); memory only)
+        # activation checkpointing per resolution (checkpointed(); memory only)
+        self.checkpointing = False
         self.num_layers = 2 * (log_size - 2) + 1  # styled convs (= noise maps): 13 at 256 px
 
-        # Mapping network: PixelNorm + n_mlp equalized lrelu layers; keys style.1 ... style.n (0 is the norm).
-        self.style = nn.Sequential(PixelNorm(), *[EqualLinear(style_dim, style_dim, lr_mul=lr_mlp, activation="lrelu")
+        # Mapping network: PixelNorm + n_mlp equalized lrelu layers; keys style.1 ... style.n (0 is
+        # the norm).
+        self.style = nn.Sequential(PixelNorm(), *[EqualLinear(style_dim, style_dim, lr_mul=lr_mlp,
+                                                              activation="lrelu")
                                                   for _ in range(n_mlp)])
         self.input = ConstantInput(ch[4])
         self.conv1 = StyledConv(ch[4], ch[4], 3, style_dim)
@@ -310,14 +332,15 @@ class Generator(nn.Module):
     def from_preset(cls, name):
         return cls(**PRESETS[name])
 
-    # --- mapping side ------------------------------------------------------------------------------
+    # --- mapping side -----------------------------------------------------------------------------
     def mapping(self, z):
         """z [B, C] -> w [B, C]."""
         return self.style(z)
 
     @torch.no_grad()
     def mean_latent(self, n=4096):
-        """w_avg: the centre of W estimated from n random z -> [1, C] (truncation, pSp's latent_avg)."""
+        """w_avg: the centre of W estimated from n random z -> [1, C] (truncation, pSp's
+        latent_avg)."""
         z = torch.randn(n, self.style_dim, device=self.input.input.device)
         return self.mapping(z).mean(0, keepdim=True)
 
@@ -326,7 +349,8 @@ class Generator(nn.Module):
         return w[:, None, :].expand(-1, self.n_latent, -1)
 
     def mix(self, w1, w2, crossover):
-        """Style mixing (StyleGAN Sec. 3.1): layers < crossover take w1, the rest w2. -> [B, L, C]."""
+        """Style mixing (StyleGAN Sec. 3.1): layers < crossover take w1, the rest w2.
+        -> [B, L, C]."""
         ws = self.broadcast(w1).clone()
         ws[:, crossover:] = w2[:, None, :]
         return ws
@@ -351,7 +375,7 @@ class Generator(nn.Module):
             return self.mix(w, w2, int(torch.randint(1, self.n_latent, ())))
         return self.broadcast(w)
 
-    # --- synthesis side ----------------------------------------------------------------------------
+    # --- synthesis side ---------------------------------------------------------------------------
     def modulated_convs(self):
         """All ModulatedConv2d modules in synthesis order; `weight_deltas` is indexed the same way:
         [conv1, to_rgb1, convs[0], convs[1], to_rgbs[0], convs[2], convs[3], to_rgbs[1], ...]."""
@@ -368,7 +392,8 @@ class Generator(nn.Module):
         return idx
 
     def _noise(self, l, B, noise_mode, like):
-        """Noise of styled conv l: None, the stored map ('const') or a fresh draw of its size ('random')."""
+        """Noise of styled conv l: None, the stored map ('const') or a fresh draw of its size
+        ('random')."""
         if noise_mode == "none":
             return None
         fixed = getattr(self.noises, f"noise_{l}")
@@ -385,22 +410,26 @@ class Generator(nn.Module):
         if noise_mode not in ("const", "random", "none"):
             raise ValueError(f"noise_mode must be 'const', 'random' or 'none', got {noise_mode!r}")
         if ws.ndim != 3 or ws.shape[1:] != (self.n_latent, self.style_dim):
-            raise ValueError(f"synthesis: want ws [B, {self.n_latent}, {self.style_dim}], got {tuple(ws.shape)}")
+            raise ValueError(f"synthesis: want ws [B, {self.n_latent}, {self.style_dim}], "
+                             f"got {tuple(ws.shape)}")
         n_mods = 2 + 3 * len(self.to_rgbs)
         deltas = list(weight_deltas) if weight_deltas is not None else [None] * n_mods
         if len(deltas) != n_mods:
-            raise ValueError(f"weight_deltas has {len(deltas)} entries, G has {n_mods} modulated convs")
+            raise ValueError(f"weight_deltas has {len(deltas)} entries, "
+                             f"G has {n_mods} modulated convs")
         B = ws.shape[0]
         x = self.conv1(self.input(B), ws[:, 0], self._noise(0, B, noise_mode, ws), deltas[0])
         skip = self.to_rgb1(x, ws[:, 1], delta=deltas[1])
         for i in range(len(self.to_rgbs)):
             noises = [self._noise(l, B, noise_mode, ws) for l in (2 * i + 1, 2 * i + 2)]
-            x, skip = ops.checkpointed(self._block, i, x, skip, [ws[:, 2 * i + k] for k in (1, 2, 3)], noises,
+            x, skip = ops.checkpointed(self._block, i, x, skip,
+                                       [ws[:, 2 * i + k] for k in (1, 2, 3)], noises,
                                        deltas[2 + 3 * i:5 + 3 * i], on=self.checkpointing)
         return skip
 
     def _block(self, i, x, skip, w, noises, deltas):
-        """Resolution 2^(i+3): up-conv <- w[0], conv <- w[1], ToRGB <- w[2] (added to the upsampled skip)."""
+        """Resolution 2^(i+3): up-conv <- w[0], conv <- w[1], ToRGB <- w[2] (added to the upsampled
+        skip)."""
         x = self.convs[2 * i](x, w[0], noises[0], deltas[0])
         x = self.convs[2 * i + 1](x, w[1], noises[1], deltas[1])
         return x, self.to_rgbs[i](x, w[2], skip, delta=deltas[2])
@@ -418,9 +447,11 @@ class ConvLayer(nn.Sequential):
     def __init__(self, in_channel, out_channel, kernel_size, downsample=False, activate=True):
         layers = []
         if downsample:
-            p = (len(ops.BLUR_KERNEL) - 2) + (kernel_size - 1)  # total blur pad: 4 for k=3, 2 for k=1
+            # total blur pad: 4 for k=3, 2 for k=1
+            p = (len(ops.BLUR_KERNEL) - 2) + (kernel_size - 1)
             layers.append(Blur(((p + 1) // 2, p // 2)))
-        layers.append(EqualConv2d(in_channel, out_channel, kernel_size, stride=2 if downsample else 1,
+        layers.append(EqualConv2d(in_channel, out_channel, kernel_size,
+                                  stride=2 if downsample else 1,
                                   padding=0 if downsample else kernel_size // 2))
         if activate:
             layers.append(BiasLeakyReLU(out_channel))
@@ -470,7 +501,8 @@ class Discriminator(nn.Module):
             raise ValueError(f"Discriminator: size must be a power of two >= 8, got {size}")
         ch = dict(channels) if channels else default_channels(size, channel_multiplier)
         self.size, self.in_channels, self.stddev_group = size, in_channels, stddev_group
-        self.checkpointing = False  # activation checkpointing per block (checkpointed(); memory only)
+        # activation checkpointing per block (checkpointed(); memory only)
+        self.checkpointing = False
         blocks = [ConvLayer(in_channels, ch[size], 1)]
         in_ch = ch[size]
         for r in range(log_size, 2, -1):
@@ -489,7 +521,8 @@ class Discriminator(nn.Module):
     def forward(self, x):
         """x [B, in_channels, size, size] -> logits [B, 1]."""
         if x.ndim != 4 or x.shape[1:] != (self.in_channels, self.size, self.size):
-            raise ValueError(f"Discriminator: want [B, {self.in_channels}, {self.size}, {self.size}], "
+            raise ValueError(f"Discriminator: want "
+                             f"[B, {self.in_channels}, {self.size}, {self.size}], "
                              f"got {tuple(x.shape)}")
         out = x
         for block in self.convs:
@@ -503,7 +536,8 @@ class Discriminator(nn.Module):
 
 def r1_penalty(real_logits, real_img):
     """R1 (Mescheder et al. 2018): E[ ||dD(x)/dx||^2 ] on real images, per-sample sum, batch mean.
-    Multiply by gamma/2 (and by the lazy interval) at the call site. Needs real_img.requires_grad."""
+    Multiply by gamma/2 (and by the lazy interval) at the call site. Needs
+    real_img.requires_grad."""
     (grad,) = torch.autograd.grad(real_logits.sum(), real_img, create_graph=True)
     return grad.pow(2).flatten(1).sum(1).mean()
 
@@ -552,10 +586,13 @@ def load_stylegan2(path, device="cpu"):
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     g_sd = ckpt.get("g_ema") or ckpt.get("g")
-    if g_sd is None and isinstance(ckpt.get("state_dict"), dict):  # pSp: decoder.* inside state_dict
-        g_sd = {k[len("decoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}
+    # pSp: decoder.* inside state_dict
+    if g_sd is None and isinstance(ckpt.get("state_dict"), dict):
+        g_sd = {k[len("decoder."):]: v for k, v in ckpt["state_dict"].items()
+                if k.startswith("decoder.")}
     if not g_sd or "style.1.weight" not in g_sd:
-        raise ValueError(f"{path}: no StyleGAN2 generator weights (looked for g_ema, g, state_dict/decoder.*)")
+        raise ValueError(f"{path}: no StyleGAN2 generator weights "
+                         f"(looked for g_ema, g, state_dict/decoder.*)")
     try:
         G = Generator(**_generator_config(g_sd))
         missing, unexpected = G.load_state_dict(g_sd, strict=False)
@@ -567,7 +604,8 @@ def load_stylegan2(path, device="cpu"):
             D = Discriminator(**_discriminator_config(ckpt["d"]))
             D.load_state_dict(ckpt["d"], strict=True)
     except (KeyError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{path}: StyleGAN2 weights do not match the expected layout ({e})") from None
+        raise ValueError(f"{path}: StyleGAN2 weights do not match the expected layout "
+                         f"({e})") from None
     latent_avg = ckpt.get("latent_avg")
     if latent_avg is not None:
         latent_avg = latent_avg.reshape(-1, latent_avg.shape[-1])[:1].to(device)  # [1, C]
@@ -575,19 +613,24 @@ def load_stylegan2(path, device="cpu"):
 
 
 def main(argv=None):
-    ap = files.ArgumentParser(description="StyleGAN2 decoder of FC-TFG: sample a grid (speed: bench.py).")
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="size without --checkpoint")
-    ap.add_argument("--checkpoint", help="rosinality/pSp/train.py checkpoint (default: untrained weights)")
+    ap = files.ArgumentParser(
+        description="StyleGAN2 decoder of FC-TFG: sample a grid (speed: bench.py).")
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                    help="size without --checkpoint")
+    ap.add_argument("--checkpoint",
+                    help="rosinality/pSp/train.py checkpoint (default: untrained weights)")
     ap.add_argument("--out", default="samples_stylegan2.png", help="PNG grid to write")
     ap.add_argument("--n", type=int, default=16, help="number of samples")
     ap.add_argument("--psi", type=float, default=1.0, help="truncation psi")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the latents (and untrained weights)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the latents (and untrained weights)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu | cuda | cuda:N")
     a = ap.parse_args(argv)
     if not (1 <= a.n <= 1024 and math.isfinite(a.psi)) or (a.checkpoint and Path(a.out).resolve() ==
                                                            Path(a.checkpoint).resolve()):
-        ap.error(f"--n {a.n} must be 1..1024, --psi {a.psi} finite, and --out not the --checkpoint file")
+        ap.error(f"--n {a.n} must be 1..1024, --psi {a.psi} finite, "
+                 f"and --out not the --checkpoint file")
     torch.manual_seed(a.seed)
     if a.checkpoint:
         try:
