@@ -1,21 +1,24 @@
-"""audio.py: 16 kHz audio, the Wav2Lip mel-spectrogram, the audio encoder E_a and the lip-sync expert
-(Sec. 3.3.2, Sec. 4.1.2, Eq. 4).
+"""audio.py: 16 kHz audio, the Wav2Lip mel-spectrogram, the audio encoder E_a and the lip-sync
+expert (Sec. 3.3.2, Sec. 4.1.2, Eq. 4).
 
 Sec. 4.1.2 "downsample the audio to 16kHz"                      -> load_audio
 Sec. 4.1.2 "FFT window 800, hop 200, 80 Mel filter banks"        -> mel_filterbank, melspectrogram,
-                                                                    melspectrogram_torch (batched, GPU)
+                                                                    melspectrogram_torch
+                                                                    (batched, GPU)
 audio <-> video frame alignment (Wav2Lip, 80 mel columns/s)      -> mel_windows
 Sec. 4.1.2 "pre-trained audio encoder introduced in [7]" (E_a)   -> AudioEncoder, load_audio_encoder
-Sec. 3.3.2 / Eq. (4) SyncNet f_a, f_v for L_sync = 1 - cos(.,.)  -> SyncNet, load_expert, expert_window
+Sec. 3.3.2 / Eq. (4) SyncNet f_a, f_v for L_sync = 1 - cos(.,.)  -> SyncNet, load_expert,
+                                                                    expert_window
 Training the expert itself (Wav2Lip's BCE on the cosine)         -> loss_expert_bce
 
-Which SyncNet? The paper uses "a modified SyncNet introduced in [22]" (StyleTalker). StyleTalker has no
-public code or weights, so we use the closest published network with the same role: the Wav2Lip
-lip-sync expert (`SyncNet_color`, ref. [7], the same paper the audio encoder comes from). Its two encoders
-end in ReLU and are L2-normalised, so cos(f_v, f_a) lies in [0, 1] and Eq. (4) is bounded in [0, 1].
+Which SyncNet? The paper uses "a modified SyncNet introduced in [22]" (StyleTalker). StyleTalker has
+no public code or weights, so we use the closest published network with the same role: the Wav2Lip
+lip-sync expert (`SyncNet_color`, ref. [7], the same paper the audio encoder comes from). Its two
+encoders end in ReLU and are L2-normalised, so cos(f_v, f_a) lies in [0, 1] and Eq. (4) is bounded
+in [0, 1].
 
-Every number of the mel recipe and of the networks is Wav2Lip's (hparams.py, models/), taken from its
-published code as numbers only; the code here is written from those numbers and the maths.
+Every number of the mel recipe and of the networks is Wav2Lip's (hparams.py, models/), taken from
+its published code as numbers only; the code here is written from those numbers and the maths.
 
 Not here: the sync loss Eq. (4) itself and its weight (losses.py), LSE-C/LSE-D with syncnet_python's
 SyncNet v2 (metrics), dataset windows of frames (data.py), face detection/cropping (data.py).
@@ -32,9 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.signal import resample_poly
 
-from stylegan2 import load_checkpoint, load_strict  # the project's one safe reader and strict loader
+from files import load_checkpoint, load_strict  # the project's one safe reader and strict loader
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Constants of the mel recipe (Wav2Lip hparams.py; Sec. 4.1.2 names the first four).
 SAMPLE_RATE = 16000     # Hz; Sec. 4.1.2 "downsample the audio to 16kHz"
 N_FFT = 800             # FFT size = window length (50 ms); Sec. 4.1.2
@@ -48,12 +51,13 @@ REF_LEVEL_DB = 20.0     # subtracted from the dB value before normalising
 MAX_ABS_VALUE = 4.0     # symmetric normalisation target range [-4, 4]
 AMP_FLOOR = 1e-5        # magnitudes below this are clipped before log10 (= MIN_LEVEL_DB)
 FPS = 25                # video frame rate the Wav2Lip alignment was designed for
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640: frame k <-> samples [640k, 640k + 640) (the project's time base)
+# 640: frame k <-> samples [640k, 640k + 640) (the project's time base)
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
 MEL_STEP = 16           # mel columns per audio window = 16 / 80 s = 200 ms = 5 frames at 25 fps
 MELS_PER_SECOND = SAMPLE_RATE / HOP  # 80.0 columns per second of audio
 SILENCE = -MAX_ABS_VALUE  # the normalised value of a silent column (used for padding windows)
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Network sizes. `paper` = the published Wav2Lip networks (so published checkpoints load strictly);
 # `tiny` = narrow versions that train on 2 CPU cores in minutes, for 64 px frames and style_dim 128.
 PRESETS = {  # SyncNet(**PRESETS[name])
@@ -64,12 +68,14 @@ PRESETS = {  # SyncNet(**PRESETS[name])
                   face_res=(2, 3, 2, 2, 0)),
     "tiny": dict(audio_channels=(8, 16, 32, 64, 128),
                  audio_res=(1, 1, 1, 1),
-                 face_hw=(32, 64),                         # lower half of a 64x64 face (tiny pipeline)
+                 face_hw=(32, 64),                         # lower half of a 64x64 face (tiny
+                                                           # pipeline)
                  face_channels=(16, 32, 64, 128, 128),
                  face_res=(1, 1, 1, 0)),
 }
 AUDIO_ENCODER_PRESETS = {  # AudioEncoder(**AUDIO_ENCODER_PRESETS[name]); this is E_a of FC-TFG
-    "paper": dict(channels=(32, 64, 128, 256, 512), n_res=(2, 2, 2, 1)),  # Wav2Lip generator, -> 512
+    # Wav2Lip generator, -> 512
+    "paper": dict(channels=(32, 64, 128, 256, 512), n_res=(2, 2, 2, 1)),
     "tiny": dict(channels=(16, 32, 64, 128, 128), n_res=(1, 1, 1, 1)),    # -> 128 = tiny style_dim
 }
 
@@ -78,9 +84,10 @@ AUDIO_ENCODER_PRESETS = {  # AudioEncoder(**AUDIO_ENCODER_PRESETS[name]); this i
 def load_audio(path, sr=SAMPLE_RATE):
     """Read an audio file as float32 mono at `sr` Hz (Sec. 4.1.2: 16 kHz).  -> [N] numpy.
 
-    wav/flac/ogg go through soundfile; anything soundfile cannot open (mp4, m4a, ...) through PyAV if
-    it is installed. Stereo is averaged to mono; other sample rates are converted with
-    scipy.signal.resample_poly (a polyphase FIR filter: exact rational ratio, no drift over long clips).
+    wav/flac/ogg go through soundfile; anything soundfile cannot open (mp4, m4a, ...) through PyAV
+    if it is installed. Stereo is averaged to mono; other sample rates are converted with
+    scipy.signal.resample_poly (a polyphase FIR filter: exact rational ratio, no drift over long
+    clips).
     Wav2Lip itself used librosa.load (resampy); the two differ only by their anti-alias filters.
     """
     path = os.fspath(path)
@@ -89,7 +96,8 @@ def load_audio(path, sr=SAMPLE_RATE):
     if os.path.getsize(path) == 0:
         raise ValueError(f"audio file is empty (0 bytes): {path}")
     try:
-        x, sr_in = sf.read(path, dtype="float32", always_2d=True)  # [N, channels], ints scaled to [-1,1)
+        # [N, channels], ints scaled to [-1,1)
+        x, sr_in = sf.read(path, dtype="float32", always_2d=True)
     except sf.SoundFileError as err:  # unknown container or corrupt data
         x, sr_in = _read_with_pyav(path, err)
     if x.shape[0] == 0:
@@ -105,12 +113,14 @@ def load_audio(path, sr=SAMPLE_RATE):
         x = resample_poly(x, sr // g, sr_in // g)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.any(x):
-        warnings.warn(f"audio is completely silent: {path}; its mel spectrogram is constant {SILENCE}")
+        warnings.warn(f"audio is completely silent: {path}; its mel spectrogram is constant "
+                      f"{SILENCE}")
     return x
 
 
 def _read_with_pyav(path, sf_error):
-    """Decode the first audio stream with PyAV (FFmpeg).  -> ([N, channels] float32, sample rate)."""
+    """Decode the first audio stream with PyAV (FFmpeg).
+    -> ([N, channels] float32, sample rate)."""
     try:
         import av  # optional dependency: only needed for video containers (mp4, m4a, mkv, ...)
     except ImportError:
@@ -125,15 +135,18 @@ def _read_with_pyav(path, sf_error):
             for frame in container.decode(stream):
                 if resampler is None:  # convert to planar float32 only; the rate is kept as is
                     rate = frame.sample_rate
-                    resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=rate)
+                    resampler = av.AudioResampler(format="fltp", layout=frame.layout.name,
+                                                  rate=rate)
                 for f in resampler.resample(frame):
                     chunks.append(f.to_ndarray())  # [channels, n] for a planar format
             if resampler is not None:
                 for f in resampler.resample(None):  # flush samples buffered inside the resampler
                     chunks.append(f.to_ndarray())
-            # AAC decodes whole 1024-sample frames: past the stream's stated duration hang up to 2112 samples of
-            # encoder padding (FFmpeg's 1024, Apple's 2112), one video frame's worth and more. Cut them.
-            seconds = (float(stream.duration * stream.time_base) if stream.duration and stream.time_base
+            # AAC decodes whole 1024-sample frames: past the stream's stated duration hang up to
+            # 2112 samples of encoder padding (FFmpeg's 1024, Apple's 2112), one video frame's worth
+            # and more. Cut them.
+            seconds = (float(stream.duration * stream.time_base)
+                       if stream.duration and stream.time_base
                        else container.duration / 1e6 if container.duration else None)
     except av.FFmpegError as err:
         raise ValueError(f"cannot decode audio {path}: soundfile said '{sf_error}', "
@@ -145,8 +158,10 @@ def _read_with_pyav(path, sf_error):
     return (x[:n] if 0 < len(x) - n <= 2112 else x), rate
 
 
-# ==== 2. Mel spectrogram (Wav2Lip audio.py + hparams.py). numpy = the definition, torch = batched copy. ====
-_F_SP = 200.0 / 3                 # Slaney scale: 66.67 Hz per mel in the linear part (1000 Hz -> 15 mel)
+# ==== 2. Mel spectrogram (Wav2Lip audio.py + hparams.py). numpy = the definition, torch = batched
+# copy. ====
+_F_SP = 200.0 / 3                 # Slaney scale: 66.67 Hz per mel in the linear part (1000 Hz ->
+                                  # 15 mel)
 _LOGSTEP = math.log(6.4) / 27.0   # and 27 mels per factor 6.4 in frequency above 1 kHz
 
 
@@ -167,15 +182,17 @@ def mel_to_hz(m):
 def mel_filterbank(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX):
     """Triangular Slaney-normalised mel filters.  -> [M, n_fft//2 + 1] float32 (read-only, cached).
 
-    Filter i rises from edge e_i to e_{i+1} and falls to e_{i+2}; the edges are n_mels+2 points evenly
-    spaced on the mel scale. Each triangle is scaled by 2/(e_{i+2}-e_i) so it has unit area in Hz
-    ("Slaney" normalisation): wide high-frequency bands do not get more energy just for being wide.
+    Filter i rises from edge e_i to e_{i+1} and falls to e_{i+2}; the edges are n_mels+2 points
+    evenly spaced on the mel scale. Each triangle is scaled by 2/(e_{i+2}-e_i) so it has unit area
+    in Hz ("Slaney" normalisation): wide high-frequency bands do not get more energy just for being
+    wide.
     """
     if not (0 <= fmin < fmax <= sr / 2):
         raise ValueError(f"need 0 <= fmin < fmax <= sr/2, got fmin={fmin}, fmax={fmax}, sr={sr}")
     if n_mels < 1 or n_fft < 2:
         raise ValueError(f"need n_mels >= 1 and n_fft >= 2, got {n_mels}, {n_fft}")
-    freqs = np.arange(n_fft // 2 + 1) * (sr / n_fft)                               # [K] bin centres, Hz
+    # [K] bin centres, Hz
+    freqs = np.arange(n_fft // 2 + 1) * (sr / n_fft)
     edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))  # [M+2] Hz
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]            # [M, 1] each
     rising = (freqs - lo) / (mid - lo)     # [M, K] 0 at e_i, 1 at e_{i+1}
@@ -192,7 +209,8 @@ def hann_window(n=WIN):
 
 
 def reflect_indices(n, pad):
-    """Sample indices of x padded by `pad` on each side in 'reflect' mode (mirror, edge not repeated).
+    """Sample indices of x padded by `pad` on each side in 'reflect' mode (mirror, edge not
+    repeated).
 
     Written as a periodic mirror of period 2(n-1), so it also works when pad >= n (np.pad does the
     same by reflecting repeatedly; torch's reflect padding refuses that case).  -> [n + 2 pad] int64
@@ -218,9 +236,11 @@ def _check_wave(wav, ndims):
 
 
 def melspectrogram(wav):
-    """Wav2Lip mel spectrogram of a mono 16 kHz waveform.  [N] float -> [M=80, T] float32, T = 1 + N//200.
+    """Wav2Lip mel spectrogram of a mono 16 kHz waveform.  [N] float -> [M=80, T] float32,
+    T = 1 + N//200.
 
-    Computed in float64 and rounded once at the end, so it is the precise reference for the torch copy.
+    Computed in float64 and rounded once at the end, so it is the precise reference for the torch
+    copy.
     Column c is centred on sample 200 c; values lie in [-4, 4], silence is exactly -4.
     """
     x = np.asarray(wav, dtype=np.float64)
@@ -251,8 +271,8 @@ def melspectrogram_torch(wav):
     """Batched torch copy of `melspectrogram` (same steps), for the GPU inside training.
 
     [N] or [B, N] float tensor -> [M, T] or [B, M, T] in wav's dtype and device. Differentiable.
-    float32 agrees with the float64 numpy reference to ~1e-3 in the worst column (bands near the dB floor
-    amplify float32 rounding); pass float64 for bit-level agreement.
+    float32 agrees with the float64 numpy reference to ~1e-3 in the worst column (bands near the dB
+    floor amplify float32 rounding); pass float64 for bit-level agreement.
     """
     if not torch.is_tensor(wav) or not wav.is_floating_point():
         raise ValueError("melspectrogram_torch expects a floating-point torch tensor")
@@ -274,28 +294,30 @@ def melspectrogram_torch(wav):
 def window_starts(n_frames, fps=FPS):
     """First mel column of the window of each video frame: floor(80 k / fps).  -> [n_frames] int64.
 
-    At 25 fps this is floor(3.2 k): 0, 3, 6, 9, 12, 16, ... (Wav2Lip). Other frame rates just change the
-    ratio; windows still span 16 columns = 200 ms (5 frames at 25 fps, 6 at 30 fps).
+    At 25 fps this is floor(3.2 k): 0, 3, 6, 9, 12, 16, ... (Wav2Lip). Other frame rates just change
+    the ratio; windows still span 16 columns = 200 ms (5 frames at 25 fps, 6 at 30 fps).
     """
     if not (isinstance(n_frames, (int, np.integer)) and n_frames >= 1):
         raise ValueError(f"n_frames must be a positive int, got {n_frames!r}")
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be positive, got {fps!r}")
-    # k * 80 is an exact integer and float division rounds correctly, so integer ratios floor exactly
-    return np.array([math.floor(k * MELS_PER_SECOND / fps) for k in range(n_frames)], dtype=np.int64)
+    # k * 80 is an exact integer and float division rounds correctly, so integer ratios floor
+    # exactly
+    return np.array([math.floor(k * MELS_PER_SECOND / fps) for k in range(n_frames)],
+                    dtype=np.int64)
 
 
 def mel_windows(mel, n_frames, fps=FPS):
-    """Cut one 16-column mel window per video frame.  [M, T] -> [n_frames, 1, M, 16] (numpy or torch in,
-    same type out).
+    """Cut one 16-column mel window per video frame.  [M, T] -> [n_frames, 1, M, 16] (numpy or torch
+    in, same type out).
 
     Convention (used for training AND testing): frame k gets columns [floor(80k/fps), +16), i.e. the
-    200 ms of audio starting at frame k. This is Wav2Lip's inference convention and exactly the window
-    its lip-sync expert pairs with frames k..k+4, so the generator and L_sync (Eq. 4) see the same
-    alignment. (Wav2Lip's generator training used frame k-1's window instead; we do not.)
+    200 ms of audio starting at frame k. This is Wav2Lip's inference convention and exactly the
+    window its lip-sync expert pairs with frames k..k+4, so the generator and L_sync (Eq. 4) see the
+    same alignment. (Wav2Lip's generator training used frame k-1's window instead; we do not.)
     Edge handling: windows that run past the last column are padded at the end with SILENCE (-4, the
-    value silent audio produces), as if the audio were padded with silence. Never an index error; frames
-    beyond the audio get all-silence windows.
+    value silent audio produces), as if the audio were padded with silence. Never an index error;
+    frames beyond the audio get all-silence windows.
     """
     if mel.ndim != 2 or mel.shape[0] != N_MELS:
         raise ValueError(f"mel must be [{N_MELS}, T], got shape {tuple(mel.shape)}")
@@ -353,18 +375,21 @@ class AudioEncoder(nn.Sequential):
 
     [B, 1, M=80, 16] -> [B, C] (C = channels[-1], 512 for the paper). Strides shrink the mel window
     80x16 -> 80x16 -> 27x16 -> 9x6 -> 3x3, then a 3x3 valid conv and a 1x1 conv give 1x1.
-    A Sequential subclass so the blocks are children "0", "1", ...: the keys of a published checkpoint
-    (`audio_encoder.<i>.conv_block...`) then load with strict=True and no renaming.
+    A Sequential subclass so the blocks are children "0", "1", ...: the keys of a published
+    checkpoint (`audio_encoder.<i>.conv_block...`) then load with strict=True and no renaming.
     """
 
     def __init__(self,
-                 channels=(32, 64, 128, 256, 512),  # widths: stem, after each of 3 strided convs, output
-                 n_res=(2, 2, 2, 1),                # residual blocks after the stem and each strided conv
+                 channels=(32, 64, 128, 256, 512),  # widths: stem, after each of 3 strided convs,
+                                                    # output
+                 n_res=(2, 2, 2, 1),                # residual blocks after the stem and each
+                                                    # strided conv
                  ):
         if len(channels) != 5 or len(n_res) != 4:
             raise ValueError(f"need 5 channels and 4 residual counts, got {channels}, {n_res}")
         blocks, cin = [], 1
-        for cout, stride, n in zip(channels, (1, (3, 1), 3, (3, 2)), n_res):  # -> 80x16, 27x16, 9x6, 3x3
+        # -> 80x16, 27x16, 9x6, 3x3
+        for cout, stride, n in zip(channels, (1, (3, 1), 3, (3, 2)), n_res):
             blocks += [ConvBlock(cin, cout, 3, stride, 1)] + _res(cout, n)
             cin = cout
         c4 = channels[4]
@@ -374,7 +399,8 @@ class AudioEncoder(nn.Sequential):
 
     def forward(self, mel):
         if mel.ndim != 4 or tuple(mel.shape[1:]) != (1, N_MELS, MEL_STEP):
-            raise ValueError(f"AudioEncoder expects [B, 1, {N_MELS}, {MEL_STEP}], got {tuple(mel.shape)}")
+            raise ValueError(f"AudioEncoder expects [B, 1, {N_MELS}, {MEL_STEP}], "
+                             f"got {tuple(mel.shape)}")
         return super().forward(mel).flatten(1)  # [B, C, 1, 1] -> [B, C]
 
 
@@ -382,9 +408,9 @@ class FaceEncoder(nn.Sequential):
     """Wav2Lip lip-sync expert's visual encoder f_v: 5 stacked lower-half frames -> a C-dim feature.
 
     [B, 3*5, H, W] -> [B, C]. Paper preset: 48x96 -> 48x96 (7x7 stem) -> 46x47 (5x5, stride (1,2),
-    halves the width so the map becomes square) -> 23x24 -> 12x12 -> 6x6 -> 3x3 -> 1x1 (valid conv whose
-    kernel equals the remaining size) -> 1x1 conv. The final kernel is computed from face_hw so other
-    input sizes (the tiny 32x64) work; it is 3 for the paper size, as published.
+    halves the width so the map becomes square) -> 23x24 -> 12x12 -> 6x6 -> 3x3 -> 1x1 (valid conv
+    whose kernel equals the remaining size) -> 1x1 conv. The final kernel is computed from face_hw
+    so other input sizes (the tiny 32x64) work; it is 3 for the paper size, as published.
     """
 
     def __init__(self,
@@ -398,13 +424,15 @@ class FaceEncoder(nn.Sequential):
         h, w = face_hw
         blocks = [ConvBlock(3 * n_frames, channels[0], 7, 1, 3)]  # same size
         for s, (cin, cout) in enumerate(zip(channels[:-1], channels[1:])):
-            # Wav2Lip's first stage: 5x5, stride (1, 2) (W ~ 2H becomes ~square); later ones halve both sides
+            # Wav2Lip's first stage: 5x5, stride (1, 2) (W ~ 2H becomes ~square); later ones halve
+            # both sides
             k, st, p = (5, (1, 2), 1) if s == 0 else (3, (2, 2), 1)
             blocks.append(ConvBlock(cin, cout, k, st, p))
             h, w = (h + 2 * p - k) // st[0] + 1, (w + 2 * p - k) // st[1] + 1  # conv output size
             blocks += _res(cout, n_res[s])
         if h != w or h < 1:
-            raise ValueError(f"face_hw={face_hw} with {len(n_res)} stages ends at {h}x{w}; need a square "
+            raise ValueError(f"face_hw={face_hw} with {len(n_res)} stages ends at {h}x{w}; "
+                             "need a square "
                              "map (add/remove a stage or change the input size)")
         c = channels[-1]
         blocks += [ConvBlock(c, c, h, 1, 0), ConvBlock(c, c, 1, 1, 0)]  # h x h -> 1 x 1
@@ -419,7 +447,8 @@ class FaceEncoder(nn.Sequential):
 
 
 class SyncNet(nn.Module):
-    """Lip-sync expert (Wav2Lip SyncNet_color), standing in for the paper's modified SyncNet (Sec. 3.3.2).
+    """Lip-sync expert (Wav2Lip SyncNet_color), standing in for the paper's modified SyncNet
+    (Sec. 3.3.2).
 
     f_a = audio_encoder, f_v = face_encoder; both embeddings are L2-normalised, and because both
     encoders end in ReLU their cosine is in [0, 1], which Wav2Lip reads as P(in sync).
@@ -427,7 +456,8 @@ class SyncNet(nn.Module):
     """
 
     def __init__(self,
-                 audio_channels=(32, 64, 128, 256, 512),      # AudioEncoder widths (last = embedding C)
+                 audio_channels=(32, 64, 128, 256, 512),      # AudioEncoder widths (last =
+                                                              # embedding C)
                  audio_res=(2, 2, 2, 2),                      # AudioEncoder residual counts
                  face_hw=(48, 96),                            # lower-half crop size (H, W)
                  face_channels=(32, 64, 128, 256, 512, 512),  # FaceEncoder widths (last = C)
@@ -465,7 +495,8 @@ class SyncNet(nn.Module):
 
 
 def loss_expert_bce(p, y, eps=1e-7):
-    """Training loss of the expert (Wav2Lip): BCE(cos(a, v), y), y = 1 in sync, 0 for a shifted clip.
+    """Training loss of the expert (Wav2Lip): BCE(cos(a, v), y), y = 1 in sync, 0 for a shifted
+    clip.
 
     [B], [B] -> scalar (mean over the batch). An all-zero ReLU output gives cos = 0 and log(0); p is
     clamped to [eps, 1-eps] (torch's BCELoss clamps the log at -100 instead; same purpose).
@@ -477,9 +508,10 @@ def loss_expert_bce(p, y, eps=1e-7):
 def loss_expert_nce(a, v, temperature=0.1):
     """Contrastive alternative to loss_expert_bce (the tiny recipe's; see train.SyncNetStage).
 
-    a, v: [N, C] unit embeddings of N in-sync (audio, face) pairs. Row i of a @ v.T / temperature holds
-    pair i's cosine and its N-1 mismatches; cross-entropy picks the diagonal in both directions
-    (audio -> face and face -> audio), as CLIP does. Needs N >= 2 (0 returned otherwise)."""
+    a, v: [N, C] unit embeddings of N in-sync (audio, face) pairs. Row i of a @ v.T / temperature
+    holds pair i's cosine and its N-1 mismatches; cross-entropy picks the diagonal in both
+    directions (audio -> face and face -> audio), as CLIP does. Needs N >= 2 (0 returned
+    otherwise)."""
     if a.shape != v.shape or a.ndim != 2:
         raise ValueError(f"a and v must both be [N, C], got {tuple(a.shape)} and {tuple(v.shape)}")
     if a.shape[0] < 2:
@@ -493,36 +525,39 @@ def expert_window(frames, size=None, bgr=False):
     """Turn 5 consecutive generated/real frames into the expert's input.
 
     frames [B, 5, 3, H, W] in [-1, 1] (our RGB convention) -> [B, 15, H'/2, W'] in [0, 1]:
-    optional resize to size x size (96 for the paper preset; bilinear, antialiased), optional RGB->BGR
-    (the published Wav2Lip expert was trained on OpenCV BGR images), keep the lower half of the rows
-    (the mouth), stack frames on channels frame-major (f0 c0,c1,c2, f1 c0, ...). Differentiable, so
-    L_sync's gradient reaches x_g.
+    optional resize to size x size (96 for the paper preset; bilinear, antialiased), optional
+    RGB->BGR (the published Wav2Lip expert was trained on OpenCV BGR images), keep the lower half of
+    the rows (the mouth), stack frames on channels frame-major (f0 c0,c1,c2, f1 c0, ...).
+    Differentiable, so L_sync's gradient reaches x_g.
     """
     if frames.ndim != 5 or frames.shape[2] != 3:
         raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
     B, T = frames.shape[:2]
-    x = (frames.flatten(0, 1) + 1) / 2                                      # [B*T, 3, H, W] in [0, 1]
+    x = (frames.flatten(0, 1) + 1) / 2                                    # [B*T, 3, H, W] in [0, 1]
     if size is not None and tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True)
     if bgr:
         x = x.flip(1)
     H = x.shape[-2]
     if H % 2:
         raise ValueError(f"frame height must be even to take the lower half, got {H}")
-    x = x[:, :, H // 2:]                                                    # [B*T, 3, H/2, W]
-    return x.unflatten(0, (B, T)).flatten(1, 2)                             # [B, 3T, H/2, W]
+    x = x[:, :, H // 2:]                                                  # [B*T, 3, H/2, W]
+    return x.unflatten(0, (B, T)).flatten(1, 2)                           # [B, 3T, H/2, W]
 
 
 # ==== 5. Loaders for the published checkpoint formats =============================================
 def _read_state_dict(path):
     """torch.load (weights only) -> a plain state dict with DataParallel `module.` prefixes removed.
 
-    Wav2Lip saves {'state_dict', 'optimizer', 'global_step', 'global_epoch'}; a bare state dict works too.
+    Wav2Lip saves {'state_dict', 'optimizer', 'global_step', 'global_epoch'}; a bare state dict
+    works too.
     """
     path = os.fspath(path)
     try:
         ckpt = load_checkpoint(path)  # FileNotFoundError passes through as it is
-    except ValueError as err:  # any unpickling failure: random bytes can raise IndexError, KeyError, ...
+    # any unpickling failure: random bytes can raise IndexError, KeyError, ...
+    except ValueError as err:
         raise ValueError(f"cannot read checkpoint {path}: {err}") from None
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
@@ -540,7 +575,8 @@ def load_audio_encoder(path, preset="paper"):
     if not sub:
         raise ValueError(f"{path}: no '{prefix}*' keys; is this a Wav2Lip generator checkpoint? "
                          f"first keys: {list(sd)[:5]}")
-    return load_strict(AudioEncoder(**AUDIO_ENCODER_PRESETS[preset]), sub, f"load_audio_encoder({path})")
+    return load_strict(AudioEncoder(**AUDIO_ENCODER_PRESETS[preset]), sub,
+                       f"load_audio_encoder({path})")
 
 
 def load_expert(path, preset="paper", device="cpu"):
@@ -561,8 +597,8 @@ def load_expert(path, preset="paper", device="cpu"):
 
 
 def load_syncnet(path, preset="paper"):
-    """The lip-sync expert from a Wav2Lip expert checkpoint (lipsync_expert.pth). All keys must match.
-    Returned frozen (eval mode, no gradients), as used for L_sync (Eq. 4): the loss then moves only the
-    generator, never the judge."""
+    """The lip-sync expert from a Wav2Lip expert checkpoint (lipsync_expert.pth). All keys must
+    match. Returned frozen (eval mode, no gradients), as used for L_sync (Eq. 4): the loss then
+    moves only the generator, never the judge."""
     model = load_strict(SyncNet(**PRESETS[preset]), _read_state_dict(path), f"load_syncnet({path})")
     return model.eval().requires_grad_(False)

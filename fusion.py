@@ -1,44 +1,52 @@
-"""fusion.py: the Latent Fusion Network of FC-TFG (Sec. 3, 3.1, 3.2, Fig. 3) and the video D of Table 3.
+"""fusion.py: the Latent Fusion Network of FC-TFG (Sec. 3, 3.1, 3.2, Fig. 3) and the video D of
+Table 3.
 
 Paper map ("That's What I Said: Fully-Controllable Talking Face Generation", ACM MM 2023):
   Sec. 3.1, "E_can is a 2-layer MLP"        z_s->c = E_can(z_s)                 -> CanonicalEncoder
   Eq. (2), "E_m is a 3-layer MLP"           z_c->d = E_m(E_a(x_a) ⊕ E_inv(x_d)) -> MotionEncoder
-  Eq. (1)                                   z_s->d = z_s->c + z_c->d            -> LatentFusion.forward
+  Eq. (1)                                   z_s->d = z_s->c + z_c->d
+                                                                             -> LatentFusion.forward
   Sec. 3.2 / 4.4.2, Table 3                 Temporal Fusion: one Conv1d over T  -> TemporalFusion
   Fig. 3 caption                            "each model (E_can and E_m) has L independent weights"
-                                            -> one small MLP per w index (a ModuleDict, keyed "1", "2", ...)
+                                            -> one small MLP per w index (a ModuleDict, keyed
+                                               "1", "2", ...)
   Sec. 4.1.2                                manipulate layers 1,2,3,4,7,8,9,10 of 14; audio only
                                             into 7 and 8                        -> paper_layers()
   Sec. 4.4.2, Table 3                       video discriminator (frames stacked on channels)
-                                                                                -> VideoDiscriminator
+                                                                               -> VideoDiscriminator
   not in the paper (inference only)         hold still what should: a temporal filter on the frames
                                                                                 -> Deflicker
 
 Which w index is "layer k" (Sec. 4.1.2)? We read the paper's numbers as 0-based positions in the
 [B, 14, 512] code (what a Python list in the authors' code would hold):
-    paper layer = w index : 1   2   3    4    7    8    9     10     (untouched: 0, 5, 6, 11, 12, 13)
-    drives                : 8px 8px 16px 16px 64px 64px 128px 128px (up-conv + conv of one resolution)
+    paper layer = w index : 1   2   3    4    7    8    9     10     (untouched: 0, 5, 6, 11, 12,
+                                                                     13)
+    drives                : 8px 8px 16px 16px 64px 64px 128px 128px (up-conv + conv of one
+                                                                     resolution)
 With the StyleGAN2 index map (stylegan2.Generator: resolution 2^r uses w(2r-5) for its up-conv and
-w(2r-4) for its conv) every two consecutive paper layers are then the two styled convs of ONE resolution,
-and the audio pair 7, 8 is the 64 px block: the scale at which the mouth of a 256 px face (~60 px wide)
-is shaped. The 1-based reading (w0-w3, w6-w9) would split the audio pair and every other pair across two
-resolutions, so we consider it the less likely intent. Both sets are constructor arguments.
+w(2r-4) for its conv) every two consecutive paper layers are then the two styled convs of ONE
+resolution, and the audio pair 7, 8 is the 64 px block: the scale at which the mouth of a 256 px
+face (~60 px wide) is shaped. The 1-based reading (w0-w3, w6-w9) would split the audio pair and
+every other pair across two resolutions, so we consider it the less likely intent. Both sets are
+constructor arguments.
 
 Tiny preset (64 px, 10 codes), derived by resolution in paper_layers(size): the coarse group (paper
 w1-w4, the 8 and 16 px blocks, where StyleGAN places head pose and global layout) keeps the same
 ABSOLUTE resolutions, as layout is decided in the first octaves above the 4x4 constant at any output
-size; the detail group (paper w7-w10, the size/4 and size/2 blocks: mouth, eyes, expression) keeps the
-same RELATIVE resolution, as those parts cover a fixed fraction of the face. At 256 px this gives back
-{1,2,3,4,7,8,9,10} with audio {7,8}; at 64 px {1,...,6} (8, 16, 32 px) with audio {3,4} (16 px = size/4).
-  The tiny preset adds w0 (the 4 px const conv): our trained 64 px decoder keeps much of the head's yaw
-there (the driver's codes with the source's w0 drop the yaw correlation of the attribute table from 0.88
-to 0.57; pitch, eyes, brows, lips unaffected; RESULTS.md), so without w0 no model could turn the head.
-It is the 1-based reading's first layer; train.py --layers sets any list (an ablation row runs
-paper_layers(64)). It also feeds the audio to every manipulated layer: our decoder spreads the mouth over
-w0-w6 (the driver's codes on w3, w4 alone move the lips with correlation 0.15, on w0-w6 0.88), and with
-audio in w3, w4 only a 300-step run's lips correlation was 0.49 against 0.65 (--audio_layers; an ablation
-row keeps the derived (3, 4)). Untouched at 64 px: w7, w8 (64 px, the finest texture) and w9 (last
-ToRGB); as in the paper, the finest layers keep the source's code and so its texture.
+size; the detail group (paper w7-w10, the size/4 and size/2 blocks: mouth, eyes, expression) keeps
+the same RELATIVE resolution, as those parts cover a fixed fraction of the face. At 256 px this
+gives back {1,2,3,4,7,8,9,10} with audio {7,8}; at 64 px {1,...,6} (8, 16, 32 px) with audio {3,4}
+(16 px = size/4).
+  The tiny preset adds w0 (the 4 px const conv): our trained 64 px decoder keeps much of the head's
+yaw there (the driver's codes with the source's w0 drop the yaw correlation of the attribute table
+from 0.88 to 0.57; pitch, eyes, brows, lips unaffected; RESULTS.md), so without w0 no model could
+turn the head. It is the 1-based reading's first layer; train.py --layers sets any list (an ablation
+row runs paper_layers(64)). It also feeds the audio to every manipulated layer: our decoder spreads
+the mouth over w0-w6 (the driver's codes on w3, w4 alone move the lips with correlation 0.15, on
+w0-w6 0.88), and with audio in w3, w4 only a 300-step run's lips correlation was 0.49 against 0.65
+(--audio_layers; an ablation row keeps the derived (3, 4)). Untouched at 64 px: w7, w8 (64 px, the
+finest texture) and w9 (last ToRGB); as in the paper, the finest layers keep the source's code and
+so its texture.
 
 Not here: the losses of Eq. 3-9 (losses.py), the decoder G and image D (stylegan2.py), E_inv
 (inversion.py), E_a (audio.py), the training loop (train.py).
@@ -48,17 +56,19 @@ import contextlib
 import torch
 from torch import nn
 
+import files
 import inversion
 import stylegan2
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Presets: plain dicts of LatentFusion kwargs (see LatentFusion.__init__ for the meaning of each).
-# A = width of the audio code z_a = E_a(x_a): 512 for the Wav2Lip audio encoder (Sec. 4.1.2), 128 for
-# audio.AUDIO_ENCODER_PRESETS["tiny"].
+# A = width of the audio code z_a = E_a(x_a): 512 for the Wav2Lip audio encoder (Sec. 4.1.2), 128
+# for audio.AUDIO_ENCODER_PRESETS["tiny"].
 PRESETS = {
     "paper": dict(L=14, C=512, A=512, layers=(1, 2, 3, 4, 7, 8, 9, 10), audio_layers=(7, 8),
                   hidden=512, temporal="conv", kernel_size=3, window=None),
-    "tiny": dict(L=10, C=128, A=128, layers=(0, 1, 2, 3, 4, 5, 6), audio_layers=(0, 1, 2, 3, 4, 5, 6),
+    "tiny": dict(L=10, C=128, A=128, layers=(0, 1, 2, 3, 4, 5, 6),
+                 audio_layers=(0, 1, 2, 3, 4, 5, 6),
                  hidden=128, temporal="conv", kernel_size=3, window=None),
 }
 TEMPORAL_MODES = ("conv", "lstm", "none")  # Table 3 rows: 1D conv (ours), LSTM, no temporal layer
@@ -74,9 +84,10 @@ def w_indices_at(res):
 
 
 def paper_layers(size):
-    """Sec. 4.1.2 layer choice for a generator of output `size` -> (layers, audio_layers), sorted tuples
-    of 0-based w indices. Coarse group by absolute resolution (8, 16 px), detail group by relative
-    resolution (size/4, size/2); audio = the size/4 block. paper_layers(256) == ((1,2,3,4,7,8,9,10), (7,8))."""
+    """Sec. 4.1.2 layer choice for a generator of output `size` -> (layers, audio_layers), sorted
+    tuples of 0-based w indices. Coarse group by absolute resolution (8, 16 px), detail group by
+    relative resolution (size/4, size/2); audio = the size/4 block. paper_layers(256) ==
+    ((1,2,3,4,7,8,9,10), (7,8))."""
     if size < 32 or 2 ** (int(size).bit_length() - 1) != size:
         raise ValueError(f"paper_layers: size must be a power of two >= 32, got {size}")
     coarse = w_indices_at(8) + w_indices_at(16)                    # head pose, layout (absolute)
@@ -90,17 +101,18 @@ def parse_layers(text):
     try:
         return tuple(int(k) for k in str(text).split(","))
     except ValueError:
-        raise ValueError(f"layers must be comma-separated w indices such as '1,2,3,4', got {text!r}") from None
+        raise ValueError(f"layers must be comma-separated w indices such as '1,2,3,4', "
+                         f"got {text!r}") from None
 
 
 def _mlp(d_in, d_hidden, d_out, n_layers):
-    """n_layers Linear layers with LeakyReLU(0.2) between them (the paper gives depth only; width and
-    activation are our choice: StyleGAN's own mapping network uses the same slope)."""
+    """n_layers Linear layers with LeakyReLU(0.2) between them (the paper gives depth only; width
+    and activation are our choice: StyleGAN's own mapping network uses the same slope)."""
     dims = [d_in] + [d_hidden] * (n_layers - 1) + [d_out]
     mods = []
     for a, b in zip(dims, dims[1:]):
         mods += [nn.Linear(a, b), nn.LeakyReLU(0.2)]
-    return nn.Sequential(*mods[:-1])                                    # no activation after the last
+    return nn.Sequential(*mods[:-1])                                  # no activation after the last
 
 
 def _check_layers(L, layers, audio_layers):
@@ -108,7 +120,8 @@ def _check_layers(L, layers, audio_layers):
     if not layers or len(set(layers)) != len(layers) or not all(0 <= k < L for k in layers):
         raise ValueError(f"layers must be distinct w indices in [0, {L}), got {layers}")
     if not set(audio_layers) <= set(layers):
-        raise ValueError(f"audio_layers {audio_layers} must be a subset of the manipulated layers {layers}")
+        raise ValueError(f"audio_layers {audio_layers} must be a subset of the manipulated layers "
+                         f"{layers}")
     return tuple(sorted(layers)), tuple(sorted(audio_layers))
 
 
@@ -116,13 +129,14 @@ def _check_layers(L, layers, audio_layers):
 
 class CanonicalEncoder(nn.Module):
     """E_can (Sec. 3.1): per manipulated w index l, an independent 2-layer MLP C -> hidden -> C.
-    Layers outside `layers` pass z_s through unchanged (the decoder then renders them from the source).
+    Layers outside `layers` pass z_s through unchanged (the decoder then renders them from the
+    source).
 
     skip=False (the paper: "a 2-layer MLP"): z_s->c = MLP(z_s). skip=True (train.py --canonical
-    residual, an ablation row): z_s->c = z_s + MLP(z_s) with the MLP's last layer zero-initialised, so
-    training starts from "canonical = source". That keeps z_s->c dense and far from zero, and then
-    Eq. (3)'s |z_s->c ⊙ z_c->d| is an L1 pull of the motion code to 0 instead of a channel split
-    (RESULTS.md, Table 4)."""
+    residual, an ablation row): z_s->c = z_s + MLP(z_s) with the MLP's last layer zero-initialised,
+    so training starts from "canonical = source". That keeps z_s->c dense and far from zero, and
+    then Eq. (3)'s |z_s->c ⊙ z_c->d| is an L1 pull of the motion code to 0 instead of a channel
+    split (RESULTS.md, Table 4)."""
 
     def __init__(self,
                  L=14,                          # number of w vectors of the generator
@@ -142,9 +156,11 @@ class CanonicalEncoder(nn.Module):
     def forward(self, z_s):
         """z_s [B, L, C] -> z_s->c [B, L, C]."""
         if z_s.ndim != 3 or z_s.shape[1:] != (self.L, self.C):
-            raise ValueError(f"CanonicalEncoder: z_s must be [B, {self.L}, {self.C}], got {tuple(z_s.shape)}")
+            raise ValueError(f"CanonicalEncoder: z_s must be [B, {self.L}, {self.C}], got "
+                             f"{tuple(z_s.shape)}")
         out = []
-        for l in range(self.L):  # the obvious loop: one independent MLP per w index (Fig. 3 caption)
+        # the obvious loop: one independent MLP per w index (Fig. 3 caption)
+        for l in range(self.L):
             z = z_s[:, l]                                               # [B, C]
             if l in self.layers:
                 h = self.mlps[str(l)](z)
@@ -156,9 +172,9 @@ class CanonicalEncoder(nn.Module):
 # ==== Sec. 3.2, Eq. (2): multimodal motion encoder E_m, z_c->d = E_m(E_a(x_a) ⊕ E_inv(x_d)) =======
 
 class MotionEncoder(nn.Module):
-    """E_m (Eq. 2): per manipulated w index l, an independent 3-layer MLP. Its input is the driving code
-    z_d[:, :, l] alone, or z_a ⊕ z_d[:, :, l] (channel concat, audio first as written in Eq. 2) in the
-    audio layers. Untouched layers get z_c->d = 0, so Eq. (1) leaves them equal to z_s."""
+    """E_m (Eq. 2): per manipulated w index l, an independent 3-layer MLP. Its input is the driving
+    code z_d[:, :, l] alone, or z_a ⊕ z_d[:, :, l] (channel concat, audio first as written in Eq. 2)
+    in the audio layers. Untouched layers get z_c->d = 0, so Eq. (1) leaves them equal to z_s."""
 
     def __init__(self,
                  L=14,                          # number of w vectors
@@ -171,26 +187,30 @@ class MotionEncoder(nn.Module):
         self.L, self.C, self.A = L, C, A
         self.layers, self.audio_layers = _check_layers(L, layers, audio_layers)
         self.mlps = nn.ModuleDict({
-            str(l): _mlp(C + (A if l in self.audio_layers else 0), hidden, C, 3) for l in self.layers})
-        # PyTorch's default init (the paper does not say): z_c->d starts small and random. A zero-init
-        # last layer would sit in the dead zone of Eq. (3)'s |z_s->c ⊙ z_c->d|: at z_c->d = 0 that term
-        # is an L1 pull of strength |z_s->c| per element, stronger than the reconstruction gradient of
-        # a still-blurry decoder, so the motion code never left 0 (measured; RESULTS.md, "motion collapse").
+            str(l): _mlp(C + (A if l in self.audio_layers else 0), hidden, C, 3)
+            for l in self.layers})
+        # PyTorch's default init (the paper does not say): z_c->d starts small and random. A
+        # zero-init last layer would sit in the dead zone of Eq. (3)'s |z_s->c ⊙ z_c->d|: at z_c->d
+        # = 0 that term is an L1 pull of strength |z_s->c| per element, stronger than the
+        # reconstruction gradient of a still-blurry decoder, so the motion code never left 0
+        # (measured; RESULTS.md, "motion collapse").
 
     def forward(self, z_d, z_a):
         """z_d [B, T, L, C], z_a [B, T, A] -> z_c->d [B, T, L, C]."""
         if z_d.ndim != 4 or z_d.shape[2:] != (self.L, self.C):
-            raise ValueError(f"MotionEncoder: z_d must be [B, T, {self.L}, {self.C}], got {tuple(z_d.shape)}")
+            raise ValueError(f"MotionEncoder: z_d must be [B, T, {self.L}, {self.C}], got "
+                             f"{tuple(z_d.shape)}")
         if z_a.ndim != 3 or z_a.shape != (*z_d.shape[:2], self.A):
-            raise ValueError(f"MotionEncoder: z_a must be [B, T, {self.A}] = {(*z_d.shape[:2], self.A)}, "
+            raise ValueError(f"MotionEncoder: z_a must be [B, T, {self.A}] = "
+                             f"{(*z_d.shape[:2], self.A)}, "
                              f"got {tuple(z_a.shape)}")
         out = []
         for l in range(self.L):
             if l in self.layers:
-                x = z_d[:, :, l]                                        # [B, T, C]
+                x = z_d[:, :, l]                                       # [B, T, C]
                 if l in self.audio_layers:
-                    x = torch.cat([z_a, x], -1)                         # [B, T, A + C]  (⊕ of Eq. 2)
-                out.append(self.mlps[str(l)](x))                        # [B, T, C]
+                    x = torch.cat([z_a, x], -1)                        # [B, T, A + C]  (⊕ of Eq. 2)
+                out.append(self.mlps[str(l)](x))                       # [B, T, C]
             else:
                 out.append(z_d.new_zeros(*z_d.shape[:2], self.C))
         return torch.stack(out, 2)                                      # [B, T, L, C]
@@ -199,26 +219,27 @@ class MotionEncoder(nn.Module):
 # ==== Sec. 3.2 / 4.4.2, Table 3: Temporal Fusion over time ========================================
 
 class TemporalFusion(nn.Module):
-    """Refines z_s->d along TIME inside non-overlapping windows (Sec. 4.4.2: "our window size ... does
-    not have any overlap along the temporal dimension"). Modes (Table 3):
-      "conv" (the paper's): ONE Conv1d over T. Channels = the n manipulated w vectors x C, grouped per
-             w vector (groups = n): each w index mixes its own C channels over k frames and never
-             another index's, matching the per-layer independence of Fig. 3. Parameters n*C*C*k + n*C
-             (6.3 M at paper size) instead of (14*512)^2*k = 157 M for an ungrouped kernel.
-             Initialised to the identity (centre tap = I, the rest 0, bias 0), so training starts with
-             no smoothing at all.
-             Window borders: replicate padding, i.e. frames before the first / after the last frame of a
-             window are copies of that frame. A constant sequence therefore stays constant and border
-             frames never see zeros (a zero w is a strange face for the decoder).
-      "lstm": per w vector, an LSTM(C, C) over the window followed by a zero-initialised Linear(C, C)
-             added to the input (residual), so this variant is the identity at init as well. Causal:
-             frame t sees frames <= t of its window.
+    """Refines z_s->d along TIME inside non-overlapping windows (Sec. 4.4.2: "our window size ...
+    does not have any overlap along the temporal dimension"). Modes (Table 3):
+      "conv" (the paper's): ONE Conv1d over T. Channels = the n manipulated w vectors x C,
+             grouped per w vector (groups = n): each w index mixes its own C channels over k frames
+             and never another index's, matching the per-layer independence of Fig. 3. Parameters
+             n*C*C*k + n*C (6.3 M at paper size) instead of (14*512)^2*k = 157 M for an ungrouped
+             kernel. Initialised to the identity (centre tap = I, the rest 0, bias 0), so training
+             starts with no smoothing at all.
+             Window borders: replicate padding, i.e. frames before the first / after the last frame
+             of a window are copies of that frame. A constant sequence therefore stays constant and
+             border frames never see zeros (a zero w is a strange face for the decoder).
+      "lstm": per w vector, an LSTM(C, C) over the window followed by a zero-initialised
+             Linear(C, C) added to the input (residual), so this variant is the identity at init as
+             well. Causal: frame t sees frames <= t of its window.
       "none": identity.
     window=None: the whole T axis of the input is one window (train.py feeds one window per sample);
-    window=k: the input is cut into consecutive windows of k frames (the last may be shorter) and each
-    is processed on its own: the paper's inference (Sec. 4.4.2), whose window borders show as seams.
-    halo(): the neighbours a frame needs to be fused as inside one window spanning the whole clip;
-    FCTFG.generate and infer.py (continuous mode, their default) pass them across window borders."""
+    window=k: the input is cut into consecutive windows of k frames (the last may be shorter) and
+    each is processed on its own: the paper's inference (Sec. 4.4.2), whose window borders show as
+    seams. halo(): the neighbours a frame needs to be fused as inside one window spanning the whole
+    clip; FCTFG.generate and infer.py (continuous mode, their default) pass them across window
+    borders."""
 
     def __init__(self,
                  n_layers=8,        # manipulated w vectors fed to it (the others are not touched)
@@ -237,8 +258,8 @@ class TemporalFusion(nn.Module):
         if mode == "conv":
             self.conv = nn.Conv1d(n_layers * C, n_layers * C, kernel_size, groups=n_layers)
             with torch.no_grad():
-                self.conv.weight.zero_()                                # [n*C, C, k]
-                eye = torch.eye(C).repeat(n_layers, 1)                  # row o of group g -> input o % C
+                self.conv.weight.zero_()                           # [n*C, C, k]
+                eye = torch.eye(C).repeat(n_layers, 1)             # row o of group g -> input o % C
                 self.conv.weight[:, :, kernel_size // 2] = eye
                 self.conv.bias.zero_()
         elif mode == "lstm":
@@ -249,13 +270,16 @@ class TemporalFusion(nn.Module):
                 nn.init.zeros_(lin.bias)
 
     def halo(self):
-        """(frames before, frames after) that frame t's output reads: the conv's k // 2 on each side; the
-        LSTM's state summarises every earlier frame, approximated by one training window before (causal)."""
-        return {"conv": (self.k // 2, self.k // 2), "lstm": (self.window or 5, 0), "none": (0, 0)}[self.mode]
+        """(frames before, frames after) that frame t's output reads: the conv's k // 2 on each
+        side; the LSTM's state summarises every earlier frame, approximated by one training window
+        before (causal)."""
+        return {"conv": (self.k // 2, self.k // 2), "lstm": (self.window or 5, 0),
+                "none": (0, 0)}[self.mode]
 
     @contextlib.contextmanager
     def one_window(self, on=True):
-        """Inside (on=True): every input is one window, borders and all: for chunks that carry their halo."""
+        """Inside (on=True): every input is one window, borders and all: for chunks that carry their
+        halo."""
         win, self.window = self.window, None if on else self.window
         try:
             yield
@@ -265,7 +289,8 @@ class TemporalFusion(nn.Module):
     def forward(self, z):
         """z [B, T, n, C] -> [B, T, n, C]."""
         if z.ndim != 4 or z.shape[2:] != (self.n, self.C):
-            raise ValueError(f"TemporalFusion: want [B, T, {self.n}, {self.C}], got {tuple(z.shape)}")
+            raise ValueError(f"TemporalFusion: want [B, T, {self.n}, {self.C}], got "
+                             f"{tuple(z.shape)}")
         if self.mode == "none":
             return z
         if self.window is None:
@@ -288,22 +313,23 @@ class TemporalFusion(nn.Module):
         return torch.stack(out, 2)
 
 
-# ==== Not in the paper: holding still what should hold still (inference only) ======================
+# ==== Not in the paper: holding still what should hold still (inference only) =====================
 
 DEFLICKER_TAU = 6.0   # grey levels; chosen on tune people (RESULTS.md 0.1); 0 turns the filter off
 
 
 class Deflicker:
-    """An edge-preserving temporal filter on the rendered frames, applied at inference only (a deviation:
-    the paper renders G(z_s->d) frame by frame). Every driving frame is inverted on its own, so the codes
-    carry a little noise that the decoder draws as a shimmer over the backdrop and the skin, regions the
-    truth holds still (RESULTS.md 0.1 measures where the frame-to-frame change comes from). Per pixel:
+    """An edge-preserving temporal filter on the rendered frames, applied at inference only (a
+    deviation: the paper renders G(z_s->d) frame by frame). Every driving frame is inverted on its
+    own, so the codes carry a little noise that the decoder draws as a shimmer over the backdrop and
+    the skin, regions the truth holds still (RESULTS.md 0.1 measures where the frame-to-frame change
+    comes from). Per pixel:
         y_0 = x_0,    y_t = y_t-1 + a_t * (x_t - y_t-1),    a_t = 1 - exp(-(|x_t - y_t-1| / tau)^2)
-    with |.| the mean over RGB. A change much smaller than tau (the shimmer) is mostly held back, one much
-    larger (a blink, the lips, a moving outline) passes at once; a slow drift of d per frame is followed a
-    few grey levels behind (the gap g where g (1 - exp(-(g / tau)^2)) = d: 2.7 for d = 0.5, tau = 6).
-    Causal, with one frame of state: a clip fed in chunks, in order, gives what it gives fed whole
-    (FCTFG.generate, infer.animate)."""
+    with |.| the mean over RGB. A change much smaller than tau (the shimmer) is mostly held back,
+    one much larger (a blink, the lips, a moving outline) passes at once; a slow drift of d per
+    frame is followed a few grey levels behind (the gap g where g (1 - exp(-(g / tau)^2)) = d: 2.7
+    for d = 0.5, tau = 6). Causal, with one frame of state: a clip fed in chunks, in order, gives
+    what it gives fed whole (FCTFG.generate, infer.animate)."""
 
     def __init__(self,
                  tau=DEFLICKER_TAU):   # grey levels on 0..255 where a change passes ~63 %; 0 = off
@@ -312,7 +338,8 @@ class Deflicker:
         self.tau, self.prev = tau * 2 / 255, None    # frames are in [-1, 1]: 255 grey levels span 2
 
     def __call__(self, x):
-        """x [T, 3, H, W], the next T frames of the clip -> the filtered frames, same shape and dtype."""
+        """x [T, 3, H, W], the next T frames of the clip -> the filtered frames, same shape and
+        dtype."""
         if not self.tau:
             return x
         out = []
@@ -334,16 +361,16 @@ class LatentFusion(nn.Module):
     Eq. (1) z_s->d = E_can(z_s) + E_m(z_a, z_d), then Temporal Fusion on the manipulated layers."""
 
     def __init__(self,
-                 L=14,                          # w vectors of the generator (14 at 256 px, 10 at 64 px)
-                 C=512,                         # width of one w vector
-                 A=512,                         # width of the audio code z_a
+                 L=14,                      # w vectors of the generator (14 at 256 px, 10 at 64 px)
+                 C=512,                     # width of one w vector
+                 A=512,                     # width of the audio code z_a
                  layers=(1, 2, 3, 4, 7, 8, 9, 10),  # manipulated w indices (Sec. 4.1.2, 0-based)
-                 audio_layers=(7, 8),           # w indices that also receive audio (Sec. 4.1.2)
-                 hidden=512,                    # width of every MLP (not in the paper)
-                 temporal="conv",               # Temporal Fusion: "conv" | "lstm" | "none" (Table 3)
-                 kernel_size=3,                 # temporal conv taps (not in the paper)
-                 window=None,                   # temporal window in frames; None = the whole T axis
-                 canonical_skip=False):         # E_can residual + zero init (see CanonicalEncoder)
+                 audio_layers=(7, 8),       # w indices that also receive audio (Sec. 4.1.2)
+                 hidden=512,                # width of every MLP (not in the paper)
+                 temporal="conv",           # Temporal Fusion: "conv" | "lstm" | "none" (Table 3)
+                 kernel_size=3,             # temporal conv taps (not in the paper)
+                 window=None,               # temporal window in frames; None = the whole T axis
+                 canonical_skip=False):     # E_can residual + zero init (see CanonicalEncoder)
         super().__init__()
         self.L, self.C, self.A = L, C, A
         self.layers, self.audio_layers = _check_layers(L, layers, audio_layers)
@@ -363,15 +390,18 @@ class LatentFusion(nn.Module):
           z_sd_raw = z_sc + z_cd, exactly Eq. (1)
           z_sd     = Temporal Fusion of z_sd_raw on the manipulated layers: what G renders
         Untouched layers hold z_s in all four (z_cd there is 0)."""
-        if z_s.ndim != 3 or z_d.ndim != 4 or z_s.shape[0] != z_d.shape[0] or z_s.shape[1:] != z_d.shape[2:]:
-            raise ValueError(f"LatentFusion: want z_s [B, L, C] and z_d [B, T, L, C] with the same B, L, C; "
+        if (z_s.ndim != 3 or z_d.ndim != 4 or z_s.shape[0] != z_d.shape[0]
+                or z_s.shape[1:] != z_d.shape[2:]):
+            raise ValueError(f"LatentFusion: want z_s [B, L, C] and z_d [B, T, L, C] with the same "
+                             f"B, L, C; "
                              f"got {tuple(z_s.shape)} and {tuple(z_d.shape)}")
         B, T = z_d.shape[:2]
-        z_sc = self.E_can(z_s).unsqueeze(1).expand(B, T, self.L, self.C)   # [B, T, L, C] (same for every t)
-        z_cd = self.E_m(z_d, z_a)                                          # [B, T, L, C]
-        z_sd_raw = z_sc + z_cd                                             # Eq. (1)
-        fused = self.temporal(z_sd_raw.index_select(2, self._idx))         # [B, T, n, C]
-        z_sd = z_sd_raw.index_copy(2, self._idx, fused)                    # untouched layers stay z_s
+        # [B, T, L, C] (same for every t)
+        z_sc = self.E_can(z_s).unsqueeze(1).expand(B, T, self.L, self.C)
+        z_cd = self.E_m(z_d, z_a)                                        # [B, T, L, C]
+        z_sd_raw = z_sc + z_cd                                           # Eq. (1)
+        fused = self.temporal(z_sd_raw.index_select(2, self._idx))       # [B, T, n, C]
+        z_sd = z_sd_raw.index_copy(2, self._idx, fused)                  # untouched layers stay z_s
         return dict(z_sc=z_sc, z_cd=z_cd, z_sd_raw=z_sd_raw, z_sd=z_sd)
 
 
@@ -382,29 +412,34 @@ class VideoDiscriminator(stylegan2.Discriminator):
     -> [B, 3T, H, W] -> logits [B, 1]. Channel order is frame-major (f0 R,G,B, f1 R,G,B, ...).
     The paper's default is the image D (stylegan2.Discriminator applied to every frame); this class
     is the "video" column of Table 3. State-dict keys are those of stylegan2.Discriminator, only
-    the first 1x1 conv is wider, so from_image_discriminator() can start it from a trained image D."""
+    the first 1x1 conv is wider, so from_image_discriminator() can start it from a trained image
+    D."""
 
     def __init__(self,
                  size,                  # frame resolution
                  T,                     # frames per clip (stacked on channels)
                  channel_multiplier=2,  # widths as stylegan2.Discriminator
-                 channels=None,         # optional {res: channels}, e.g. stylegan2.PRESETS["tiny"]["channels"]
+                 # optional {res: channels}, e.g. stylegan2.PRESETS["tiny"]["channels"]
+                 channels=None,
                  stddev_group=4):       # minibatch-stddev group size
-        super().__init__(size, channel_multiplier, channels, in_channels=3 * T, stddev_group=stddev_group)
+        super().__init__(size, channel_multiplier, channels, in_channels=3 * T,
+                         stddev_group=stddev_group)
         self.T = T
 
     def forward(self, x):
         """x [B, T, 3, H, W] -> logits [B, 1]."""
         if x.ndim != 5 or x.shape[1:3] != (self.T, 3):
-            raise ValueError(f"VideoDiscriminator: want [B, {self.T}, 3, H, W], got {tuple(x.shape)}")
+            raise ValueError(f"VideoDiscriminator: want [B, {self.T}, 3, H, W], got "
+                             f"{tuple(x.shape)}")
         return super().forward(x.flatten(1, 2))
 
     @torch.no_grad()
     def init_from_image_discriminator(self, D_img):
-        """Copy a trained image D; the first (fromRGB) conv sees each frame with 1/T of the image D's
-        weight, so on a static clip (T copies of one frame) this D returns exactly D_img's logit.
-        Equalized lr stores W and multiplies by scale = 1/sqrt(fan_in) at run time; fan_in grows T-fold,
-        so the stored weights are rescaled by scale_img / scale_video / T = 1/sqrt(T)."""
+        """Copy a trained image D; the first (fromRGB) conv sees each frame with 1/T of the image
+        D's weight, so on a static clip (T copies of one frame) this D returns exactly D_img's
+        logit. Equalized lr stores W and multiplies by scale = 1/sqrt(fan_in) at run time; fan_in
+        grows T-fold, so the stored weights are rescaled by scale_img / scale_video / T =
+        1/sqrt(T)."""
         sd = D_img.state_dict()
         own = self.state_dict()
         first = next(m for m in self.modules() if isinstance(m, stylegan2.EqualConv2d))
@@ -421,13 +456,14 @@ class VideoDiscriminator(stylegan2.Discriminator):
 # ==== Fig. 3 end to end: the whole generator side of FC-TFG in one module =========================
 
 class FCTFG(nn.Module):
-    """x_s, x_d, x_a -> x_g. Holds every network of Fig. 3 that the FC-TFG stage trains or fine-tunes:
+    """x_s, x_d, x_a -> x_g. Holds every network of Fig. 3 that the FC-TFG stage trains or
+    fine-tunes:
         E_inv  pSp encoder (inversion.PSPEncoder): z_s = E_inv(x_s), z_d = E_inv(x_d)
         H      HyperStyle (inversion.HyperStyle): per-source weight deltas of G (identity detail)
         E_a    Wav2Lip audio encoder (audio.AudioEncoder): z_a = E_a(x_a)
         fusion LatentFusion: E_can, E_m, Eq. (1), Temporal Fusion
-        G      StyleGAN2 decoder, rendering z_sd with the SOURCE's HyperStyle deltas for every frame:
-               the deltas carry who the person is, the codes carry how they move.
+        G      StyleGAN2 decoder, rendering z_sd with the SOURCE's HyperStyle deltas for every
+               frame: the deltas carry who the person is, the codes carry how they move.
     State-dict keys are prefixed by these names; FCTFG.load(path) rebuilds one from a train.py
     checkpoint of the fctfg stage."""
 
@@ -445,27 +481,29 @@ class FCTFG(nn.Module):
             raise ValueError(f"audio code width {self.E_a.out_dim} != fusion A {self.fusion.A}")
 
     def encode_source(self, x_s, hyper_steps=0):
-        """x_s [B, 3, H, W] -> (z_s [B, L, C], weight deltas list). hyper_steps = 0: pSp codes only."""
+        """x_s [B, 3, H, W] -> (z_s [B, L, C], weight deltas list). hyper_steps = 0: pSp codes
+        only."""
         z_s, deltas, _ = inversion.invert(self.G, x_s, self.E_inv, self.H if hyper_steps else None,
                                           steps=hyper_steps, recon=False)
         return z_s, deltas
 
     def render(self, ws, deltas):
-        """ws [B, T, L, C] with per-source deltas (entries [B, O, I, k, k] or None) -> [B, T, 3, H, W].
-        Each source's deltas serve its T frames by broadcasting inside the modulated convs (no per-frame
-        copies: at 256 px one copy of every tuned layer's delta is ~100 MB per frame)."""
+        """ws [B, T, L, C] with per-source deltas (entries [B, O, I, k, k] or None) -> [B, T, 3, H,
+        W]. Each source's deltas serve its T frames by broadcasting inside the modulated convs (no
+        per-frame copies: at 256 px one copy of every tuned layer's delta is ~100 MB per frame)."""
         B, T = ws.shape[:2]
         return self.G.synthesis(ws.flatten(0, 1), weight_deltas=deltas).unflatten(0, (B, T))
 
     def decode(self, z_s, deltas, z_d, x_a, keep=slice(None)):
-        """Fig. 3 after the visual encoder, for whole temporal windows: z_s [B, L, C] and the source's
-        deltas, driving codes z_d [B, T, L, C] = E_inv(x_d) and mel windows x_a [B, T, 1, 80, 16] ->
-        dict(x_g [B, T', 3, H, W], z_a, z_sc, z_cd, z_sd_raw, z_sd) of the frames `keep` selects (T' of T:
-        the others are neighbours that the temporal fusion reads and nobody renders). Every caller
-        (training, evaluation, inference, figures) goes through here."""
+        """Fig. 3 after the visual encoder, for whole temporal windows: z_s [B, L, C] and the
+        source's deltas, driving codes z_d [B, T, L, C] = E_inv(x_d) and mel windows x_a [B, T, 1,
+        80, 16] -> dict(x_g [B, T', 3, H, W], z_a, z_sc, z_cd, z_sd_raw, z_sd) of the frames `keep`
+        selects (T' of T: the others are neighbours that the temporal fusion reads and nobody
+        renders). Every caller (training, evaluation, inference, figures) goes through here."""
         B, T = z_d.shape[:2]
         z_a = self.E_a(x_a.flatten(0, 1)).unflatten(0, (B, T))          # Eq. (2): E_a(x_a)
-        codes = {k: v[:, keep] for k, v in dict(z_a=z_a, **self.fusion(z_s, z_d, z_a)).items()}  # Eq. (1)-(2)
+        # Eq. (1)-(2)
+        codes = {k: v[:, keep] for k, v in dict(z_a=z_a, **self.fusion(z_s, z_d, z_a)).items()}
         return dict(x_g=self.render(codes["z_sd"], deltas), **codes)
 
     def forward(self, x_s, x_d, mel, hyper_steps=0):
@@ -478,10 +516,10 @@ class FCTFG(nn.Module):
     def generate(self, x_s, x_d, mel, hyper_steps=0, chunk=40, continuous=True,
                  deflicker=DEFLICKER_TAU):
         """One clip: x_s [3, H, W], x_d [T, 3, H, W], mel [T, 1, 80, 16] -> dict(x_g [T, 3, H, W],
-        z_d, z_sc, z_sd [T, L, C]). The source is inverted once; the clip then goes through decode in
-        chunks of whole temporal windows, so chunking changes nothing:
-          continuous=True: each chunk carries its temporal halo (the neighbours across its borders), so
-            every frame is fused as inside one window spanning the clip: no seams;
+        z_d, z_sc, z_sd [T, L, C]). The source is inverted once; the clip then goes through decode
+        in chunks of whole temporal windows, so chunking changes nothing:
+          continuous=True: each chunk carries its temporal halo (the neighbours across its
+            borders), so every frame is fused as inside one window spanning the clip: no seams;
           continuous=False: the paper's non-overlapping windows (Sec. 4.4.2), each fused on its own.
         window None = the whole clip in one call either way. deflicker: Deflicker's tau (0 = the raw
         renders, as the paper)."""
@@ -501,36 +539,42 @@ class FCTFG(nn.Module):
         return {k: torch.cat([o[k][0] for o in outs]) for k in ("x_g", "z_d", "z_sc", "z_sd")}
 
     def canonical(self, z, deltas=None):
-        """Fig. 5: the canonical image G(E_can(z)) of codes z [N, L, C] (deltas: the source's, or None
-        for codes of other frames or people) -> [N, 3, H, W]."""
+        """Fig. 5: the canonical image G(E_can(z)) of codes z [N, L, C] (deltas: the source's, or
+        None for codes of other frames or people) -> [N, 3, H, W]."""
         return self.G.synthesis(self.fusion.E_can(z), weight_deltas=deltas)
 
     @classmethod
     def load(cls, path, device="cpu", ck=None):
         """Rebuild from a train.py fctfg checkpoint ({'stage': 'fctfg', 'cfg': ..., 'fctfg': ...});
         ck: that file's contents when the caller has read them already (no second read).
-        -> (model in eval mode, cfg with the checkpoint's 'run' dict of non-preset flags, e.g. 'data')."""
-        ck = stylegan2.load_checkpoint(path) if ck is None else ck
+        -> (model in eval mode, cfg with the checkpoint's 'run' dict of non-preset flags, e.g.
+        'data')."""
+        ck = files.load_checkpoint(path) if ck is None else ck
         if not isinstance(ck, dict) or ck.get("stage") != "fctfg" or "fctfg" not in ck:
             stage = ck.get("stage") if isinstance(ck, dict) else type(ck).__name__
             raise ValueError(f"{path}: not an FC-TFG checkpoint (stage {stage!r})")
         cfg = ck.get("cfg")
-        missing = [k for k in ("model", "temporal", "window") if not isinstance(cfg, dict) or k not in cfg]
+        missing = [k for k in ("model", "temporal", "window")
+                   if not isinstance(cfg, dict) or k not in cfg]
         if missing:
-            raise ValueError(f"{path}: its settings ('cfg') lack {missing}: not a checkpoint train.py wrote "
+            raise ValueError(f"{path}: its settings ('cfg') lack {missing}: not a checkpoint "
+                             f"train.py wrote "
                              f"(or a damaged one)")
-        # checkpoints from before the --canonical / --layers / --audio_layers flags: the residual E_can
-        # and the layers derived by paper_layers
+        # checkpoints from before the --canonical / --layers / --audio_layers flags: the residual
+        # E_can and the layers derived by paper_layers
         derived = paper_layers(stylegan2.PRESETS[cfg["model"]]["size"])
         layers = parse_layers(cfg["layers"]) if cfg.get("layers") else derived[0]
         audio_layers = parse_layers(cfg["audio_layers"]) if cfg.get("audio_layers") else derived[1]
         if cfg["model"] not in PRESETS:
-            raise ValueError(f"{path}: unknown model preset {cfg['model']!r} (known: {sorted(PRESETS)})")
+            raise ValueError(f"{path}: unknown model preset {cfg['model']!r} (known: "
+                             f"{sorted(PRESETS)})")
         model = cls(cfg["model"], temporal=cfg["temporal"], window=cfg["window"] or None,
                     canonical_skip=cfg.get("canonical", "residual") == "residual", layers=layers,
                     audio_layers=audio_layers)
         try:
             model.load_state_dict(ck["fctfg"])
         except RuntimeError as e:
-            raise ValueError(f"{path}: weights do not fit the {cfg['model']!r} FC-TFG ({e})") from None
-        return model.to(device).eval(), {**cfg, "run": ck.get("run", {})}  # run: train.py's other flags
+            raise ValueError(f"{path}: weights do not fit the {cfg['model']!r} FC-TFG "
+                             f"({e})") from None
+        # run: train.py's other flags
+        return model.to(device).eval(), {**cfg, "run": ck.get("run", {})}

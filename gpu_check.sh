@@ -4,7 +4,7 @@
 #   bash gpu_check.sh [OUT]        (default OUT=gpu_check; everything it prints is also in OUT/log.txt)
 #
 # 1. builds the fused CUDA ops (stylegan2_ops.cu) and runs the CUDA parity tests against the pure path;
-# 2. prints CUDA-vs-pure ratios for upfirdn2d, bias_act and a G+D step with R1 (python stylegan2.py --bench);
+# 2. prints CUDA-vs-pure ratios for upfirdn2d, bias_act and a G+D step with R1 (python bench.py);
 # 3. runs `torchrun --nproc_per_node 1` for 3 paper-preset steps of every stage (bf16 autocast, the
 #    paper preset's default; --grad_ckpt 1), printing each step's peak memory (torch.cuda.max_memory_allocated);
 # 4. times paper-size inference (256 px, bf16, after the one-time source inversion; goal >= 100 fps).
@@ -24,7 +24,7 @@ python -c "import stylegan2_ops; assert stylegan2_ops.cuda_ops(); print('CUDA op
 python -m pytest -q -p no:cacheprovider -m cuda tests/
 
 stamp "2. CUDA vs pure: ops and a G+D step"
-python stylegan2.py --bench --device cuda
+python bench.py --device cuda
 
 stamp "3. paper preset, 3 steps of each stage, torchrun 1 process, bf16, activation checkpointing"
 STEPS="--preset paper --max_steps 3 --log_every 1 --sample_every 0 --ckpt_every 3 --workers 2 --n_identities 4"

@@ -10,23 +10,31 @@ MS-SSIM [57] Wang et al. 2003, 5 scales                      -> ms_ssim
 PSNR    10 log10(L^2 / MSE), per frame, float64             -> psnr
 Fidelity (ours): sharpness, background / skin error, PSNR   -> fidelity, laplacian_energy
           on procedural frames, masks from the renderer
-LMD     [11] mouth landmarks 48-67 (dlib 68 points)          -> lmd, lmd_from_landmarks, mouth_landmarks
+LMD     [11] mouth landmarks 48-67 (dlib 68 points)          -> lmd, lmd_from_landmarks,
+                                                                mouth_landmarks
           the same distance for any point set                -> lmd_points
-LSE-D / LSE-C [42] SyncNet v2 of syncnet_python              -> lse, sync_scores, lse_from_embeddings
+LSE-D / LSE-C [42] SyncNet v2 of syncnet_python              -> lse, sync_scores,
+                                                                lse_from_embeddings
           its MFCC front-end (python_speech_features)        -> mfcc
           its network and published weights                 -> SyncNetV2, load_syncnet_v2
-Motion probe: a CNN reading procedural frames' pose, blink,  -> MotionProbe, train_probe, load_probe,
-          gaze, brow, mouth and 4 mouth landmarks               probe_frames, attribute_errors, format_attrs
-          Here because it is the detector the metrics need on cartoon heads, where dlib finds no face: the
-          sibling of DlibLandmarker (68 points for LMD on real video). Trained by python evaluate.py --train-probe.
-Throughput of all of the above vs the test oracles           -> bench_metrics (python evaluate.py --bench)
+Motion probe: a CNN reading procedural frames' pose, blink,  -> MotionProbe, train_probe,
+                                                                load_probe,
+          gaze, brow, mouth and 4 mouth landmarks               probe_frames, attribute_errors,
+                                                                format_attrs
+          Here because it is the detector the metrics need on cartoon heads, where dlib finds no
+          face: the sibling of DlibLandmarker (68 points for LMD on real video). Trained by python
+          evaluate.py --train-probe.
+Throughput of all of the above vs the test oracles           -> bench_metrics
+                                                                (python evaluate.py --bench)
 
 Conventions in one place (details next to the code):
 - Images are [B, C, H, W] RGB tensors, either uint8 or float in 0..data_range; a video is just B=T.
-- Metric values are per image ([B]); averaging over frames / videos is the protocol's job (evaluate.py).
+- Metric values are per image ([B]); averaging over frames / videos is the protocol's job
+  (evaluate.py).
 - All maths runs on the input's device and dtype (float64 inputs give oracle-level agreement).
-Not here: the protocols and tables (evaluate.py), the renderer whose labels train the probe (procedural.py),
-the Wav2Lip mel front-end and the SyncNet_color expert used for training (audio.py)."""
+Not here: the protocols and tables (evaluate.py), the renderer whose labels train the probe
+(procedural.py), the Wav2Lip mel front-end and the SyncNet_color expert used for training
+(audio.py)."""
 import importlib.util
 import math
 import os
@@ -38,15 +46,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import files
 import procedural
-import stylegan2
 
 # ==== SSIM / MS-SSIM / PSNR (Sec. 4.2.1, refs [56], [57]) =========================================
 SSIM_WIN = 11          # Gaussian window side (Wang et al. 2004)
 SSIM_SIGMA = 1.5       # its standard deviation in pixels
 SSIM_K1, SSIM_K2 = 0.01, 0.03  # stabilisers: C1 = (K1 L)^2, C2 = (K2 L)^2, L = data_range
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, finest -> coarsest
-MS_SSIM_MIN_SIDE = (SSIM_WIN - 1) * 2 ** 4  # 160: image sides must exceed it for one window at the 5th scale
+# 160: image sides must exceed it for one window at the 5th scale
+MS_SSIM_MIN_SIDE = (SSIM_WIN - 1) * 2 ** 4
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B (used when color="luma")
 
 
@@ -58,18 +67,22 @@ def _check_images(x, y, data_range, min_side):
         if t.ndim != 4:
             raise ValueError(f"{name} must be [B, C, H, W], got shape {tuple(t.shape)}")
     if x.shape != y.shape:
-        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
     if not data_range > 0:
-        raise ValueError(f"data_range must be > 0 (255 for uint8-range images, 1 for [0,1]); got {data_range}")
+        raise ValueError(f"data_range must be > 0 (255 for uint8-range images, 1 for [0,1]); "
+                         f"got {data_range}")
     if min(x.shape[-2:]) < min_side:
-        raise ValueError(f"images are {tuple(x.shape[-2:])} but this metric needs both sides >= {min_side}")
+        raise ValueError(f"images are {tuple(x.shape[-2:])} but this metric needs both sides "
+                         f">= {min_side}")
 
 
 def _check_frames(frames):
     """The video metrics' input check: one [T, 3, H, W] RGB tensor."""
     if not torch.is_tensor(frames) or frames.ndim != 4 or frames.shape[1] != 3:
-        raise ValueError(f"frames must be a [T, 3, H, W] RGB tensor, got "
-                         f"{tuple(frames.shape) if torch.is_tensor(frames) else type(frames).__name__}")
+        raise ValueError(
+            f"frames must be a [T, 3, H, W] RGB tensor, got "
+            f"{tuple(frames.shape) if torch.is_tensor(frames) else type(frames).__name__}")
 
 
 def _prepare(x, y, color):
@@ -101,11 +114,13 @@ def _band_matrix(n, g):
     is a 'valid' 1-D correlation with g (no padding)."""
     K = g.numel()
     idx = torch.arange(n - K + 1, device=g.device)[:, None] + torch.arange(K, device=g.device)[None]
-    return torch.zeros(n - K + 1, n, dtype=g.dtype, device=g.device).scatter_(1, idx, g.expand(n - K + 1, K))
+    return torch.zeros(n - K + 1, n, dtype=g.dtype, device=g.device).scatter_(
+        1, idx, g.expand(n - K + 1, K))
 
 
 def _blur_valid(x):
-    """Gaussian filtering with the 11x11 SSIM window, valid region only: [..., H, W] -> [..., H-10, W-10].
+    """Gaussian filtering with the 11x11 SSIM window, valid region only: [..., H, W] ->
+    [..., H-10, W-10].
     The obvious version is two depthwise F.conv2d calls (rows, then columns; tests compare with it).
     Written as two matrix products with banded matrices instead, A_H x A_W^T: more arithmetic but
     a single well-tuned matmul, ~4x faster than depthwise conv on CPU and just as fast on GPU."""
@@ -118,11 +133,13 @@ def _ssim_terms(x, y, data_range):
     """Per-channel SSIM and contrast-structure term cs, each [B, C] (Wang et al. 2004).
 
     Local statistics under the Gaussian window w:  mu = w*x, sigma_x^2 = w*x^2 - mu_x^2 (biased,
-    i.e. weights sum to 1, not N/(N-1): scikit-image's use_sample_covariance=False), likewise sigma_xy.
+    i.e. weights sum to 1, not N/(N-1): scikit-image's use_sample_covariance=False), likewise
+    sigma_xy.
       l  = (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1)            luminance
       cs = (2 sigma_xy + C2) / (sigma_x^2 + sigma_y^2 + C2)        contrast x structure (C3 = C2/2)
-      SSIM map = l * cs, averaged over the *valid* region only (no padding: the border pixels whose
-      window leaves the image are not scored, as in Wang's code, scikit-image and pytorch-msssim)."""
+      SSIM map = l * cs, averaged over the *valid* region only (no padding: the border pixels
+      whose window leaves the image are not scored, as in Wang's code, scikit-image and
+      pytorch-msssim)."""
     B = x.shape[0]
     # The five local means of all channels in one go: [5B, C, H, W] -> [5B, C, H-10, W-10].
     stack = _blur_valid(torch.cat([x, y, x * x, y * y, x * y], dim=0))
@@ -151,7 +168,8 @@ def _halve(x):
     """2x2 average then keep every 2nd pixel. An odd side is first extended by repeating its last
     row/column, which is what Wang's MATLAB reference does (imfilter 'symmetric' + 1:2:end), so the
     side becomes ceil(side/2). pytorch-msssim pads odd sides with zeros instead (darkening that
-    edge); both agree on even sides, i.e. every size where H and W are divisible by 16 (224, 256)."""
+    edge); both agree on even sides, i.e. every size where H and W are divisible by 16 (224,
+    256)."""
     H, W = x.shape[-2:]
     if H % 2 or W % 2:
         x = F.pad(x, (0, W % 2, 0, H % 2), mode="replicate")
@@ -169,7 +187,8 @@ def ms_ssim(x, y, data_range=255.0, color="mean"):
     _check_images(x, y, data_range, 1)
     if min(x.shape[-2:]) <= MS_SSIM_MIN_SIDE:
         raise ValueError(f"ms_ssim needs both image sides > {MS_SSIM_MIN_SIDE} for 5 scales "
-                         f"of an {SSIM_WIN}x{SSIM_WIN} window; got {tuple(x.shape[-2:])} (use ssim instead)")
+                         f"of an {SSIM_WIN}x{SSIM_WIN} window; got {tuple(x.shape[-2:])} "
+                         f"(use ssim instead)")
     x, y = _prepare(x, y, color)
     w = torch.tensor(MS_SSIM_WEIGHTS, dtype=x.dtype, device=x.device)
     terms = []
@@ -199,27 +218,32 @@ def psnr(x, y, data_range=255.0):
 
 
 # ==== Fidelity on procedural frames (ours): sharp, and the source's own colours where they belong ====
-# Table 1's SSIM / PSNR average over the whole frame; these four say WHERE a generated face departs from its
-# ground truth: a blurred head (the smoothing Eq. 7 is there to fight), a background or skin taken from the
-# driver instead of the source (the identity Eq. 5 is there to keep). Masks: procedural.region_masks.
+# Table 1's SSIM / PSNR average over the whole frame; these four say WHERE a generated face departs
+# from its ground truth: a blurred head (the smoothing Eq. 7 is there to fight), a background or
+# skin taken from the driver instead of the source (the identity Eq. 5 is there to keep). Masks:
+# procedural.region_masks.
 LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))  # the 5-point discrete Laplacian
 
 
 def laplacian_energy(x255, mask):
     """Sum over frames and masked pixels of the squared Laplacian of luminance (BT.601, 0..255).
-    x255 [T, 3, H, W], mask bool [T, H, W]; the outermost pixel ring (no full 3x3 stencil) is left out."""
-    y = (x255.double() * x255.new_tensor(LUMA, dtype=torch.float64).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x255 [T, 3, H, W], mask bool [T, H, W]; the outermost pixel ring (no full 3x3 stencil) is left
+    out."""
+    y = (x255.double() * x255.new_tensor(LUMA, dtype=torch.float64).view(1, 3, 1, 1)).sum(
+        1, keepdim=True)
     lap = F.conv2d(y, y.new_tensor(LAPLACIAN).view(1, 1, 3, 3))[:, 0]           # [T, H-2, W-2]
     return float((lap.pow(2) * torch.as_tensor(mask)[:, 1:-1, 1:-1].to(lap.device)).sum())
 
 
 def fidelity(gen255, gt255, masks):
-    """gen255, gt255 [T, 3, H, W] on 0..255; masks: dict head / background / skin of bool [T, H, W] (the
-    ground truth's) -> dict of
-      sharpness      laplacian_energy over the head, generated / ground truth (1 = as sharp, < 1 blurred)
+    """gen255, gt255 [T, 3, H, W] on 0..255; masks: dict head / background / skin of bool
+    [T, H, W] (the ground truth's) -> dict of
+      sharpness      laplacian_energy over the head, generated / ground truth (1 = as sharp,
+                     < 1 blurred)
       background_err mean |gen - gt| in grey levels over the background pixels (all channels)
       skin_err       the same over the face skin
-      psnr           PSNR of the whole frame, mean over frames (psnr above; identical frames: inf)."""
+      psnr           PSNR of the whole frame, mean over frames (psnr above; identical frames:
+                     inf)."""
     err = (gen255.double() - gt255.double()).abs().mean(1)                        # [T, H, W]
 
     def masked_mean(name):
@@ -241,25 +265,26 @@ SYNC_VSHIFT = 15       # offsets searched: -15..+15 frames (the published evalua
 
 
 def _mel_filterbank(n_filt, n_fft, sr, device):
-    """Triangular filters [n_filt, n_fft//2+1] (float64) placed like python_speech_features: n_filt+2 edges
-    evenly spaced on the HTK mel scale m = 2595 log10(1 + f/700) from 0 Hz to sr/2, each edge
-    snapped *down* to an FFT bin b = floor((n_fft+1) f / sr); filter i rises linearly from edge i to
-    edge i+1 and falls to edge i+2, peak 1 (no area normalisation)."""
+    """Triangular filters [n_filt, n_fft//2+1] (float64) placed like python_speech_features:
+    n_filt+2 edges evenly spaced on the HTK mel scale m = 2595 log10(1 + f/700) from 0 Hz to sr/2,
+    each edge snapped *down* to an FFT bin b = floor((n_fft+1) f / sr); filter i rises linearly
+    from edge i to edge i+1 and falls to edge i+2, peak 1 (no area normalisation)."""
     top_mel = 2595 * math.log10(1 + (sr / 2) / 700)
     mel = torch.linspace(0, top_mel, n_filt + 2, dtype=torch.float64, device=device)
     hz = 700 * (10 ** (mel / 2595) - 1)
     b = torch.floor((n_fft + 1) * hz / sr)  # [n_filt+2] bin index of every edge
     k = torch.arange(n_fft // 2 + 1, dtype=torch.float64, device=device)[None]  # [1, K]
     lo, mid, hi = b[:-2, None], b[1:-1, None], b[2:, None]  # [n_filt, 1] each
-    # clamp_min(1): when two edges share a bin the matching slope covers no bin, so the value is unused.
+    # clamp_min(1): when two edges share a bin the matching slope covers no bin, so the value is
+    # unused.
     rise = torch.where((k >= lo) & (k < mid), (k - lo) / (mid - lo).clamp_min(1), 0.0)
     fall = torch.where((k >= mid) & (k < hi), (hi - k) / (hi - mid).clamp_min(1), 0.0)
     return rise + fall
 
 
 def _dct2_ortho(n, device):
-    """Orthonormal DCT-II matrix [n, n] (float64): row k = sqrt(2/n) cos(pi k (2i+1) / 2n), row 0 / sqrt(2)
-    (scipy.fft.dct(type=2, norm='ortho') as a matrix)."""
+    """Orthonormal DCT-II matrix [n, n] (float64): row k = sqrt(2/n) cos(pi k (2i+1) / 2n),
+    row 0 / sqrt(2) (scipy.fft.dct(type=2, norm='ortho') as a matrix)."""
     k = torch.arange(n, dtype=torch.float64, device=device)[:, None]
     i = torch.arange(n, dtype=torch.float64, device=device)[None]
     D = math.sqrt(2 / n) * torch.cos(math.pi * k * (2 * i + 1) / (2 * n))
@@ -279,7 +304,8 @@ def mfcc(audio, sample_rate=SYNC_SR):
     5. orthonormal DCT-II, keep 13, lifter c_n *= 1 + 11 sin(pi n / 22);
     6. c_0 replaced by log of the frame's total power (sum of the power spectrum).
     The values are used as given: syncnet_python feeds int16 sample *values* (-32768..32767), and
-    because the log turns a scale s into + 2 ln s only c_0 depends on it (lse() does the scaling)."""
+    because the log turns a scale s into + 2 ln s only c_0 depends on it (lse() does the
+    scaling)."""
     x = torch.as_tensor(audio)
     if x.ndim != 1 or x.numel() == 0:
         raise ValueError(f"mfcc expects one non-empty mono signal [N], got shape {tuple(x.shape)}")
@@ -305,15 +331,17 @@ def mfcc(audio, sample_rate=SYNC_SR):
 
 
 def _cbr(conv):
-    """conv -> BatchNorm (2-D or 3-D, as the conv) -> ReLU: three Sequential entries, so state-dict indices match
-    the published file (conv at i, BN at i+1; ReLU and max-pool have no parameters but take indices)."""
+    """conv -> BatchNorm (2-D or 3-D, as the conv) -> ReLU: three Sequential entries, so state-dict
+    indices match the published file (conv at i, BN at i+1; ReLU and max-pool have no parameters
+    but take indices)."""
     bn = nn.BatchNorm3d if isinstance(conv, nn.Conv3d) else nn.BatchNorm2d
     return [conv, bn(conv.out_channels), nn.ReLU(inplace=True)]
 
 
 def _fc_head():
     """Linear 512->512, BN1d, ReLU, Linear 512->1024 (keys 0, 1, 3)."""
-    return nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Linear(512, 1024))
+    return nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
+                         nn.Linear(512, 1024))
 
 
 class SyncNetV2(nn.Module):
@@ -329,7 +357,8 @@ class SyncNetV2(nn.Module):
         c2, c3, p3 = nn.Conv2d, nn.Conv3d, (0, 1, 1)
         self.netcnnaud = nn.Sequential(                                  # [N, 1, 13, 20]
             *_cbr(c2(1, 64, 3, padding=1)),                               # 0-2   13x20
-            nn.MaxPool2d(1, 1),                                           # 3     a no-op kept for the key indices
+            nn.MaxPool2d(1, 1),                                           # 3     a no-op kept for
+                                                                          #       the key indices
             *_cbr(c2(64, 192, 3, padding=1)),                             # 4-6
             nn.MaxPool2d(3, stride=(1, 2)),                               # 7     11x9
             *_cbr(c2(192, 384, 3, padding=1)),                            # 8-10
@@ -368,10 +397,11 @@ def load_syncnet_v2(path, device="cpu"):
     Returns the network in eval mode (BatchNorm uses the stored running statistics)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SyncNet v2 weights not found: {path}")
-    sd = stylegan2.load_checkpoint(path, "SyncNet v2 checkpoint")
+    sd = files.load_checkpoint(path, "SyncNet v2 checkpoint")
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path}: expected a plain state dict of tensors (the syncnet_v2.model layout)")
-    return stylegan2.load_strict(SyncNetV2(), sd, f"{path} (the SyncNet v2 layout)").to(device).eval()
+        raise ValueError(f"{path}: expected a plain state dict of tensors (the syncnet_v2.model "
+                         f"layout)")
+    return files.load_strict(SyncNetV2(), sd, f"{path} (the SyncNet v2 layout)").to(device).eval()
 
 
 def lse_from_embeddings(v, a, vshift=SYNC_VSHIFT):
@@ -386,10 +416,12 @@ def lse_from_embeddings(v, a, vshift=SYNC_VSHIFT):
     best matched by the audio k windows later gives offset -k).
     Returns dict(lse_d, lse_c, offset, mdist [2 vshift + 1])."""
     if v.ndim != 2 or v.shape != a.shape or v.shape[0] < 1:
-        raise ValueError(f"v and a must be equal [n, D] with n >= 1, got {tuple(v.shape)} and {tuple(a.shape)}")
+        raise ValueError(f"v and a must be equal [n, D] with n >= 1, got {tuple(v.shape)} and "
+                         f"{tuple(a.shape)}")
     n = v.shape[0]
     a_pad = F.pad(a, (0, 0, vshift, vshift))  # [n + 2 vshift, D], zero rows at both ends
-    idx = torch.arange(n, device=v.device)[:, None] + torch.arange(2 * vshift + 1, device=v.device)[None]
+    idx = torch.arange(n, device=v.device)[:, None] + torch.arange(2 * vshift + 1,
+                                                                   device=v.device)[None]
     d = (v[:, None, :] - a_pad[idx] + 1e-6).norm(dim=-1)  # [n, 2 vshift + 1]
     mdist = d.mean(0)
     lse_d, j = mdist.min(0)
@@ -400,10 +432,12 @@ def lse_from_embeddings(v, a, vshift=SYNC_VSHIFT):
 def _audio_to_int16_scale(audio):
     """Audio as syncnet_python sees it: int16 sample values. Integer input is used as is; float
     input is taken as soundfile-style [-1, 1) samples (int16 / 32768) and scaled back by 32768.
-    Only MFCC c_0 depends on this (+ 20.79 = ln 32768^2), but SyncNet was trained on int16 values."""
+    Only MFCC c_0 depends on this (+ 20.79 = ln 32768^2), but SyncNet was trained on int16
+    values."""
     a = torch.as_tensor(audio)
     if a.ndim != 1:
-        raise ValueError(f"audio must be mono [N] (downmix stereo by the channel mean first), got {tuple(a.shape)}")
+        raise ValueError(f"audio must be mono [N] (downmix stereo by the channel mean first), "
+                         f"got {tuple(a.shape)}")
     return a.to(torch.float64) * (32768.0 if a.is_floating_point() else 1.0)
 
 
@@ -421,18 +455,20 @@ def sync_scores(frames, audio, syncnet, sample_rate=SYNC_SR, vshift=SYNC_VSHIFT,
     MFCC columns 4i..4i+19. Runs on the device of syncnet; returns lse_from_embeddings(...) plus
     n_windows."""
     if sample_rate != SYNC_SR:
-        raise ValueError(f"SyncNet v2 needs {SYNC_SR} Hz audio, got {sample_rate} Hz: resample first "
-                         "(e.g. scipy.signal.resample_poly)")
+        raise ValueError(f"SyncNet v2 needs {SYNC_SR} Hz audio, got {sample_rate} Hz: resample "
+                         "first (e.g. scipy.signal.resample_poly)")
     _check_frames(frames)
     if frames.is_floating_point() and float(frames.min()) < -1e-3:
-        raise ValueError("frames contain negative values: SyncNet v2 expects 0..255 (map [-1,1] with (x+1)*127.5)")
+        raise ValueError("frames contain negative values: SyncNet v2 expects 0..255 (map [-1,1] "
+                         "with (x+1)*127.5)")
     audio = _audio_to_int16_scale(audio)
     L = min(frames.shape[0], audio.numel() // (SYNC_SR // SYNC_FPS))
-    n_win = L - SYNC_FRAMES  # syncnet_python's count (its last possible window, start L-5, is never used)
+    # syncnet_python's count (its last possible window, start L-5, is never used)
+    n_win = L - SYNC_FRAMES
     if n_win < 1:
         raise ValueError(f"need at least {SYNC_FRAMES + 1} frames with their audio "
-                         f"({(SYNC_FRAMES + 1) * SYNC_SR // SYNC_FPS} samples); got {frames.shape[0]} frames, "
-                         f"{audio.numel()} samples")
+                         f"({(SYNC_FRAMES + 1) * SYNC_SR // SYNC_FPS} samples); "
+                         f"got {frames.shape[0]} frames, {audio.numel()} samples")
     dev = next(syncnet.parameters()).device
     cc = mfcc(audio.to(dev)).to(torch.float32)  # [13, n_mfcc]
     v, a = [], []
@@ -442,12 +478,15 @@ def sync_scores(frames, audio, syncnet, sample_rate=SYNC_SR, vshift=SYNC_VSHIFT,
             # frames s .. e+3 cover all windows starting in [s, e): resize once, then slice.
             chunk = frames[s:e + SYNC_FRAMES - 1].to(dev, torch.float32).flip(1)  # RGB -> BGR
             if chunk.shape[-2:] != (SYNC_SIZE, SYNC_SIZE):
-                chunk = F.interpolate(chunk, size=(SYNC_SIZE, SYNC_SIZE), mode="bilinear", align_corners=False)
-            clips = torch.stack([chunk[i:i + SYNC_FRAMES] for i in range(e - s)])  # [n, 5, 3, 224, 224]
-            v.append(syncnet.embed_lips(clips.permute(0, 2, 1, 3, 4)))            # [n, 3, 5, 224, 224]
-            wins = torch.stack([cc[:, MFCC_PER_FRAME * i:MFCC_PER_FRAME * i + MFCC_PER_FRAME * SYNC_FRAMES]
-                                for i in range(s, e)])                             # [n, 13, 20]
-            a.append(syncnet.embed_audio(wins[:, None]))                           # [n, 1, 13, 20]
+                chunk = F.interpolate(chunk, size=(SYNC_SIZE, SYNC_SIZE), mode="bilinear",
+                                      align_corners=False)
+            # [n, 5, 3, 224, 224]
+            clips = torch.stack([chunk[i:i + SYNC_FRAMES] for i in range(e - s)])
+            v.append(syncnet.embed_lips(clips.permute(0, 2, 1, 3, 4)))         # [n, 3, 5, 224, 224]
+            wins = torch.stack([cc[:, MFCC_PER_FRAME * i:MFCC_PER_FRAME * i
+                                   + MFCC_PER_FRAME * SYNC_FRAMES]
+                                for i in range(s, e)])                          # [n, 13, 20]
+            a.append(syncnet.embed_audio(wins[:, None]))                        # [n, 1, 13, 20]
     out = lse_from_embeddings(torch.cat(v), torch.cat(a), vshift)
     out["n_windows"] = n_win
     return out
@@ -455,7 +494,8 @@ def sync_scores(frames, audio, syncnet, sample_rate=SYNC_SR, vshift=SYNC_VSHIFT,
 
 def lse(frames, audio, syncnet, sample_rate=SYNC_SR, vshift=SYNC_VSHIFT):
     """(LSE-D, LSE-C) of one video; see sync_scores. Lower LSE-D and higher LSE-C are better.
-    Table 1 reports LSE-C only; a dataset score is the plain mean over videos (Wav2Lip's scripts)."""
+    Table 1 reports LSE-C only; a dataset score is the plain mean over videos (Wav2Lip's
+    scripts)."""
     s = sync_scores(frames, audio, syncnet, sample_rate, vshift)
     return s["lse_d"], s["lse_c"]
 
@@ -473,8 +513,10 @@ def lmd_from_landmarks(lm_gen, lm_gt):
     centroid from each set (removes head translation), Euclidean distance per point, *mean* over
     the 20 points. ATVGnet sums over the points instead, i.e. 20x our value. No face-size
     normalisation; units are pixels of whatever frame the landmarks come from (lmd uses 224)."""
-    lm_gen, lm_gt = torch.as_tensor(lm_gen, dtype=torch.float64), torch.as_tensor(lm_gt, dtype=torch.float64)
-    if lm_gen.shape != lm_gt.shape or lm_gen.ndim != 3 or lm_gen.shape[1:] not in ((20, 2), (68, 2)):
+    lm_gen, lm_gt = torch.as_tensor(lm_gen, dtype=torch.float64), torch.as_tensor(
+        lm_gt, dtype=torch.float64)
+    if lm_gen.shape != lm_gt.shape or lm_gen.ndim != 3 or lm_gen.shape[1:] not in ((20, 2),
+                                                                                    (68, 2)):
         raise ValueError(f"landmarks must be equal [T, 20 or 68, 2], got {tuple(lm_gen.shape)} and "
                          f"{tuple(lm_gt.shape)}")
     mouth = MOUTH if lm_gen.shape[1] == 68 else slice(None)
@@ -482,12 +524,14 @@ def lmd_from_landmarks(lm_gen, lm_gt):
 
 
 def lmd_points(lm_gen, lm_gt):
-    """lmd_from_landmarks for any number of points P: [T, P, 2] x2 -> [T] (same convention: each set
-    centred on its own centroid, per-point Euclidean distance, mean over the P points). The procedural
-    renderer has 4 mouth points (corners, inner upper and lower lip), not dlib's 20."""
-    lm_gen, lm_gt = torch.as_tensor(lm_gen, dtype=torch.float64), torch.as_tensor(lm_gt, dtype=torch.float64)
+    """lmd_from_landmarks for any number of points P: [T, P, 2] x2 -> [T] (same convention: each
+    set centred on its own centroid, per-point Euclidean distance, mean over the P points). The
+    procedural renderer has 4 mouth points (corners, inner upper and lower lip), not dlib's 20."""
+    lm_gen, lm_gt = torch.as_tensor(lm_gen, dtype=torch.float64), torch.as_tensor(
+        lm_gt, dtype=torch.float64)
     if lm_gen.shape != lm_gt.shape or lm_gen.ndim != 3 or lm_gen.shape[-1] != 2:
-        raise ValueError(f"landmarks must be equal [T, P, 2], got {tuple(lm_gen.shape)} and {tuple(lm_gt.shape)}")
+        raise ValueError(f"landmarks must be equal [T, P, 2], got {tuple(lm_gen.shape)} and "
+                         f"{tuple(lm_gt.shape)}")
     c_gen = lm_gen - lm_gen.mean(1, keepdim=True)  # [T, P, 2], each set centred on its own centroid
     c_gt = lm_gt - lm_gt.mean(1, keepdim=True)
     return (c_gen - c_gt).norm(dim=-1).mean(-1)   # [T]; NaN propagates from missing frames
@@ -508,8 +552,9 @@ class DlibLandmarker:
             # the package (its __init__ needs pkg_resources, gone from recent setuptools).
             spec = importlib.util.find_spec("face_recognition_models")
             if spec is None or not spec.submodule_search_locations:
-                raise ImportError("LMD needs the 68-point predictor: pip install face_recognition_models "
-                                  "(or pass predictor_path=shape_predictor_68_face_landmarks.dat)")
+                raise ImportError("LMD needs the 68-point predictor: pip install "
+                                  "face_recognition_models (or pass "
+                                  "predictor_path=shape_predictor_68_face_landmarks.dat)")
             predictor_path = os.path.join(spec.submodule_search_locations[0], "models",
                                           "shape_predictor_68_face_landmarks.dat")
         if not os.path.isfile(predictor_path):
@@ -540,7 +585,8 @@ def mouth_landmarks(frames, landmarker=None):
         landmarker = _LANDMARKER
     _check_frames(frames)
     w = torch.tensor(LUMA, dtype=torch.float64).view(1, 3, 1, 1)
-    gray = (frames.detach().cpu().to(torch.float64) * w).sum(1).round().clamp(0, 255).to(torch.uint8)
+    gray = (frames.detach().cpu().to(torch.float64) * w).sum(1).round().clamp(0, 255).to(
+        torch.uint8)
     out = np.full((frames.shape[0], 20, 2), np.nan)
     for t, g in enumerate(gray.numpy()):
         pts = landmarker(np.ascontiguousarray(g))
@@ -573,28 +619,33 @@ def lmd(frames_gen, frames_gt, landmarker=None):
 
 
 # ==== The motion probe: a small CNN that reads the renderer's parameters back from a procedural frame ====
-# Why: the procedural set (procedural.py) knows the exact pose / blink / gaze / mouth of every frame it renders, but
-# nothing knows them for a *generated* frame: dlib finds no face in cartoon heads, and no pose estimator was
-# trained on them. So we train one: a regressor from rendered frames to the 12 motion parameters and the 4 mouth
-# landmarks, the renderer's values as labels. Its held-out error (in its checkpoint, printed with every result
-# that uses it) is the resolution of every number it produces; generated frames are a different distribution
-# from rendered ones, which adds an error it cannot measure on itself.
+# Why: the procedural set (procedural.py) knows the exact pose / blink / gaze / mouth of every frame
+# it renders, but nothing knows them for a *generated* frame: dlib finds no face in cartoon heads,
+# and no pose estimator was trained on them. So we train one: a regressor from rendered frames to
+# the 12 motion parameters and the 4 mouth landmarks, the renderer's values as labels. Its held-out
+# error (in its checkpoint, printed with every result that uses it) is the resolution of every
+# number it produces; generated frames are a different distribution from rendered ones, which adds
+# an error it cannot measure on itself.
 PROBE_SIZE = 64                               # frames are resized to this side before the probe
-PROBE_MOUTH = (9, 10, 11, 12)                 # procedural.LANDMARK_NAMES: mouth_l, mouth_r, mouth_top, mouth_bottom
+PROBE_MOUTH = (9, 10, 11, 12)                 # procedural.LANDMARK_NAMES: mouth_l, mouth_r,
+                                              # mouth_top, mouth_bottom
 N_MOTION = len(procedural.MOTION_KEYS)        # 12
 N_OUT = N_MOTION + 2 * len(PROBE_MOUTH)       # 20 probe outputs
-ATTRIBUTES = {                                # reported attribute: (MOTION_KEYS columns, unit scale, unit)
-    "yaw": ((0,), 180 / math.pi, "deg"), "pitch": ((1,), 180 / math.pi, "deg"), "roll": ((2,), 180 / math.pi, "deg"),
-    "blink": ((5, 6), 1.0, "0..1"), "gaze": ((7, 8), 1.0, "-1..1"),   # means over both eyes / over x and y
+ATTRIBUTES = {                                # reported attribute: (MOTION_KEYS columns, unit
+                                              # scale, unit)
+    "yaw": ((0,), 180 / math.pi, "deg"), "pitch": ((1,), 180 / math.pi, "deg"),
+    "roll": ((2,), 180 / math.pi, "deg"),
+    # means over both eyes / over x and y
+    "blink": ((5, 6), 1.0, "0..1"), "gaze": ((7, 8), 1.0, "-1..1"),
     "brow": ((9,), 1.0, "0..1"), "mouth_open": ((10,), 1.0, "0..1"),
 }
 
 
 class MotionProbe(nn.Module):
-    """[B, 3, H, W] frames in [-1, 1] -> [B, 20]: the 12 motion parameters (procedural.MOTION_KEYS units), then
-    (x, y) of the 4 mouth landmarks as fractions of the image side. Four stride-2 3x3 convs with BatchNorm
-    (64 -> 4 px), a 2-layer head; outputs de-standardised with the training targets' mean/std, kept as
-    buffers so the checkpoint alone reproduces the predictions."""
+    """[B, 3, H, W] frames in [-1, 1] -> [B, 20]: the 12 motion parameters (procedural.MOTION_KEYS
+    units), then (x, y) of the 4 mouth landmarks as fractions of the image side. Four stride-2 3x3
+    convs with BatchNorm (64 -> 4 px), a 2-layer head; outputs de-standardised with the training
+    targets' mean/std, kept as buffers so the checkpoint alone reproduces the predictions."""
 
     def __init__(self,
             width=32,   # channels of the first conv (then 2x, 3x, 4x)
@@ -604,17 +655,21 @@ class MotionProbe(nn.Module):
         c = (3, width, 2 * width, 3 * width, 4 * width)
         layers = []
         for i in range(4):                                                     # 32, 16, 8, 4 px
-            layers += [nn.Conv2d(c[i], c[i + 1], 3, stride=2, padding=1), nn.BatchNorm2d(c[i + 1]), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(c[i], c[i + 1], 3, stride=2, padding=1), nn.BatchNorm2d(c[i + 1]),
+                       nn.LeakyReLU(0.2)]
         self.features = nn.Sequential(*layers)                                 # [B, 4w, 4, 4]
-        self.head = nn.Sequential(nn.Linear(4 * width * 16, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, N_OUT))
+        self.head = nn.Sequential(nn.Linear(4 * width * 16, hidden), nn.LeakyReLU(0.2),
+                                  nn.Linear(hidden, N_OUT))
         self.register_buffer("mean", torch.zeros(N_OUT))
         self.register_buffer("std", torch.ones(N_OUT))
 
     def forward_standardised(self, x):
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"MotionProbe wants [B, 3, H, W] frames in [-1, 1], got {tuple(x.shape)}")
+            raise ValueError(f"MotionProbe wants [B, 3, H, W] frames in [-1, 1], "
+                             f"got {tuple(x.shape)}")
         if x.shape[-2:] != (PROBE_SIZE, PROBE_SIZE):
-            x = F.interpolate(x, size=(PROBE_SIZE, PROBE_SIZE), mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=(PROBE_SIZE, PROBE_SIZE), mode="bilinear",
+                              align_corners=False, antialias=True)
         return self.head(self.features(x).flatten(1))
 
     def forward(self, x):
@@ -622,26 +677,31 @@ class MotionProbe(nn.Module):
 
 
 def probe_target(ident, motion_row):
-    """Label of one rendered frame: motion [12] ++ mouth landmarks [4 x (x, y)] / image side -> [20]."""
+    """Label of one rendered frame: motion [12] ++ mouth landmarks [4 x (x, y)] / image side ->
+    [20]."""
     xy, _ = procedural.landmarks(ident, motion_row, PROBE_SIZE)
-    return np.concatenate([np.asarray(motion_row, np.float64), (xy[list(PROBE_MOUTH)] / PROBE_SIZE).reshape(-1)])
+    return np.concatenate([np.asarray(motion_row, np.float64),
+                           (xy[list(PROBE_MOUTH)] / PROBE_SIZE).reshape(-1)])
 
 
 def probe_dataset(split, n, seed=0, ss=None):
-    """n rendered 64 px frames with labels -> (frames uint8 [n, 3, 64, 64], targets float32 [n, 20]).
-    ss: the renderer's supersampling (None = its default, 3 at 64 px; training uses 2: ~2x cheaper and, box-averaged
-    like 3, nearly the same picture). Identities and motion come from procedural.py's own generators (train or test
-    ranges: the held-out set has unseen people), 8 random rows of each 48-frame motion clip, one person per clip.
-    Blinks are rare in real motion (~0.3/s), so for 40 % of the frames the lids are redrawn uniformly (15 % of
-    those one eye only): otherwise the probe could score well by always answering 'open'."""
+    """n rendered 64 px frames with labels -> (frames uint8 [n, 3, 64, 64], targets float32
+    [n, 20]).
+    ss: the renderer's supersampling (None = its default, 3 at 64 px; training uses 2: ~2x cheaper
+    and, box-averaged like 3, nearly the same picture). Identities and motion come from
+    procedural.py's own generators (train or test ranges: the held-out set has unseen people), 8
+    random rows of each 48-frame motion clip, one person per clip. Blinks are rare in real motion
+    (~0.3/s), so for 40 % of the frames the lids are redrawn uniformly (15 % of those one eye only):
+    otherwise the probe could score well by always answering 'open'."""
     test = split != "train"
     ids = procedural.TEST_IDS if test else procedural.TRAIN_IDS
     r = np.random.default_rng((seed, int(test)))
     frames, targets = [], []
     for k in range(n):
-        if k % 8 == 0:  # 8 frames per (person, clip): the slow parts (background, speech track) once per clip
-            motion, _ = procedural.make_motion(procedural.MOTION_BASE[split] + int(r.integers(1 << 30)), 48,
-                                               audio=False)
+        # 8 frames per (person, clip): the slow parts (background, speech track) once per clip
+        if k % 8 == 0:
+            motion, _ = procedural.make_motion(
+                procedural.MOTION_BASE[split] + int(r.integers(1 << 30)), 48, audio=False)
             ident = procedural.make_identity(ids[int(r.integers(min(len(ids), 100_000)))])
         row = motion[int(r.integers(48))].astype(np.float64)
         if r.random() < 0.4:
@@ -655,7 +715,8 @@ def probe_dataset(split, n, seed=0, ss=None):
 
 @torch.no_grad()
 def probe_frames(probe, x255, chunk=64):
-    """The probe on frames on the 0..255 grid (uint8, or to_255's floats: as saved) -> [N, 20] on the CPU."""
+    """The probe on frames on the 0..255 grid (uint8, or to_255's floats: as saved) -> [N, 20] on
+    the CPU."""
     dev = next(probe.parameters()).device
     return torch.cat([probe(data.to_unit(c.to(dev))) for c in x255.split(chunk)]).cpu()
 
@@ -666,17 +727,20 @@ def attribute_errors(pred, target):
     pred, target = pred.double(), target.double()
     out = {name: float((pred[:, list(cols)] - target[:, list(cols)]).abs().mean() * scale)
            for name, (cols, scale, _) in ATTRIBUTES.items()}
-    mouth = [x[:, N_MOTION:].reshape(-1, len(PROBE_MOUTH), 2) * LMD_SIZE for x in (pred, target)]  # px at 224
+    # px at 224
+    mouth = [x[:, N_MOTION:].reshape(-1, len(PROBE_MOUTH), 2) * LMD_SIZE for x in (pred, target)]
     out["lmd"] = float(lmd_points(*mouth).mean())
     return out
 
 
-def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr=2e-3, seed=0, log=print):
-    """Train MotionProbe on rendered frames (MSE on standardised targets, Adam, cosine decay) and save atomically
-    {'kind': 'motion_probe', 'state_dict', 'width', 'hidden', 'heldout', 'heldout_mean_predictor', 'heldout_mse',
-    'train_mse' and their values before training (*_init), 'n_train', 'steps'}; held-out = test-split identities
-    and motion. -> the checkpoint dict. The default (20000 frames, 1500 steps) takes ~2-3 min on one busy CPU
-    core; with fewer frames it memorises them (at 6000 frames: yaw error 2.8 deg on seen frames, 11 on unseen)."""
+def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr=2e-3, seed=0,
+                log=print):
+    """Train MotionProbe on rendered frames (MSE on standardised targets, Adam, cosine decay) and
+    save atomically {'kind': 'motion_probe', 'state_dict', 'width', 'hidden', 'heldout',
+    'heldout_mean_predictor', 'heldout_mse', 'train_mse' and their values before training
+    (*_init), 'n_train', 'steps'}; held-out = test-split identities and motion. -> the checkpoint
+    dict. The default (20000 frames, 1500 steps) takes ~2-3 min on one busy CPU core; with fewer
+    frames it memorises them (at 6000 frames: yaw error 2.8 deg on seen frames, 11 on unseen)."""
     torch.manual_seed(seed)
     t0 = time.time()
     x, y = probe_dataset("train", n_train, seed, ss=2)
@@ -692,7 +756,8 @@ def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr
 
     def mse(x, yz):  # mean squared error in standardised units: 1.0 = the 'always the mean' guess
         with torch.no_grad():
-            return float(torch.cat([F.mse_loss(probe.forward_standardised(data.to_unit(c)), t, reduction="none")
+            return float(torch.cat([F.mse_loss(probe.forward_standardised(data.to_unit(c)), t,
+                                               reduction="none")
                                     for c, t in zip(x.split(256), yz.split(256))]).mean())
     probe.eval()
     mse_init = dict(heldout_mse_init=mse(xh, yhz), train_mse_init=mse(x[:512], yz[:512]))
@@ -707,12 +772,14 @@ def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr
         if (step + 1) % max(1, steps // 5) == 0:
             log(f"probe: step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
     probe.eval()
-    ck = {"kind": "motion_probe", "width": probe.features[0].out_channels, "hidden": probe.head[0].out_features,
+    ck = {"kind": "motion_probe", "width": probe.features[0].out_channels,
+          "hidden": probe.head[0].out_features,
           "n_train": n_train, "steps": steps, "state_dict": probe.state_dict(),
           "heldout": attribute_errors(probe_frames(probe, xh, 256), yh),
           "heldout_mse": mse(xh, yhz), "train_mse": mse(x[:512], yz[:512]), **mse_init,
-          "heldout_mean_predictor": attribute_errors(probe.mean.expand_as(yh), yh)}  # context: 'knows nothing'
-    stylegan2.save_checkpoint(out_path, ck)
+          # context: 'knows nothing'
+          "heldout_mean_predictor": attribute_errors(probe.mean.expand_as(yh), yh)}
+    files.save_checkpoint(out_path, ck)
     log("probe: held-out error " + format_attrs(ck["heldout"]) + " | mean predictor " +
         format_attrs(ck["heldout_mean_predictor"]) + f" | saved {out_path}")
     return ck
@@ -723,16 +790,18 @@ def load_probe(path, device="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"motion probe not found: {path} "
                                 f"(train one: python evaluate.py --train-probe --out {path})")
-    ck = stylegan2.load_checkpoint(path, "probe checkpoint")
+    ck = files.load_checkpoint(path, "probe checkpoint")
     if not isinstance(ck, dict) or ck.get("kind") != "motion_probe":
-        raise ValueError(f"{path}: not a motion-probe checkpoint (written by python evaluate.py --train-probe)")
+        raise ValueError(f"{path}: not a motion-probe checkpoint (written by python evaluate.py "
+                         f"--train-probe)")
     probe = MotionProbe(ck["width"], ck["hidden"])
     probe.load_state_dict(ck["state_dict"], strict=True)
     return probe.to(device).eval(), ck["heldout"]
 
 
 def format_attrs(e):
-    return " ".join(f"{k} {v:.3g}{'°' if k in ('yaw', 'pitch', 'roll') else ''}" for k, v in e.items())
+    return " ".join(f"{k} {v:.3g}{'°' if k in ('yaw', 'pitch', 'roll') else ''}"
+                    for k, v in e.items())
 
 
 # ==== Throughput benchmark (python evaluate.py --bench): ours vs the test-only oracles, same frames ====
@@ -756,7 +825,8 @@ def bench_metrics(n=16, size=224, device="cpu"):
     if device == "cpu":
         torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    x = F.avg_pool2d(torch.rand(n, 3, size + 8, size + 8, generator=g), 9, stride=1) * 255  # smooth images
+    # smooth images
+    x = F.avg_pool2d(torch.rand(n, 3, size + 8, size + 8, generator=g), 9, stride=1) * 255
     y = (x + 12 * torch.randn(x.shape, generator=g)).clamp(0, 255)
     xd, yd = x.to(device), y.to(device)
     xn, yn = (t.permute(0, 2, 3, 1).numpy().astype(np.float64) for t in (x, y))
@@ -769,7 +839,8 @@ def bench_metrics(n=16, size=224, device="cpu"):
     net = SyncNetV2().to(device).eval()  # random weights: the speed does not depend on them
     sync = lambda: torch.cuda.synchronize() if device != "cpu" else None
 
-    def oracle(name, module, fn, items=n, repeat=3):  # an optional package's row: None when not installed
+    # an optional package's row: None when not installed
+    def oracle(name, module, fn, items=n, repeat=3):
         try:
             mod = importlib.import_module(module)
         except ImportError:
@@ -780,9 +851,10 @@ def bench_metrics(n=16, size=224, device="cpu"):
             ("psnr (ours, float64)", _rate(lambda: (psnr(xd, yd), sync()), n)),
             ("psnr (numpy float64)", _rate(lambda: [10 * np.log10(255 ** 2 / np.mean((a - b) ** 2))
                                                     for a, b in zip(xn, yn)], n)),
-            oracle("ssim (scikit-image, per frame)", "skimage.metrics", lambda sk: [sk.structural_similarity(
-                a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255,
-                channel_axis=2) for a, b in zip(xn, yn)], repeat=1),
+            oracle("ssim (scikit-image, per frame)", "skimage.metrics",
+                   lambda sk: [sk.structural_similarity(
+                       a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                       data_range=255, channel_axis=2) for a, b in zip(xn, yn)], repeat=1),
             oracle("ssim (pytorch-msssim)", "pytorch_msssim",
                    lambda m: m.ssim(x, y, data_range=255, size_average=False)),
             oracle("ms_ssim (pytorch-msssim)", "pytorch_msssim",
@@ -790,8 +862,10 @@ def bench_metrics(n=16, size=224, device="cpu"):
             ("mfcc (ours), video frames/s", _rate(lambda: mfcc(wav.to(device)), sec * SYNC_FPS)),
             oracle("mfcc (python_speech_features)", "python_speech_features",
                    lambda psf: psf.mfcc(wn, SYNC_SR), sec * SYNC_FPS),
-            ("sync_scores (ours, SyncNet v2, random w)", _rate(lambda: sync_scores(frames, audio, net), T, repeat=1))]
-    print(f"metric throughput, {n} frames {size}x{size} RGB, device {device}, {torch.get_num_threads()} threads")
+            ("sync_scores (ours, SyncNet v2, random w)",
+             _rate(lambda: sync_scores(frames, audio, net), T, repeat=1))]
+    print(f"metric throughput, {n} frames {size}x{size} RGB, device {device}, "
+          f"{torch.get_num_threads()} threads")
     for name, r in rows:
         print(f"  {name:44s} " + ("not installed" if r is None else f"{r:10.1f} frames/s"))
     return rows

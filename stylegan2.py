@@ -10,40 +10,40 @@ StyleGAN2 paper map (Karras et al. 2020, "Analyzing and Improving the Image Qual
   Sec. 2   mapping network z -> w (8 layers, lr_mul 0.01)        -> Generator.style, .mapping
   Sec. 2.2 weight modulation / demodulation (Eq. 1-3)           -> ModulatedConv2d
   Sec. 4   skip generator (ToRGB at every scale), residual D     -> Generator, Discriminator
-  App. B   noise inputs, constant input, style mixing, truncation -> NoiseInjection, ConstantInput, ...
-  Sec. 3 / App. C  minibatch stddev, R1, path length        -> minibatch_stddev, r1_penalty, path_length_penalty
+  App. B   noise inputs, constant input, style mixing, truncation -> NoiseInjection, ConstantInput,
+                                                                     ...
+  Sec. 3 / App. C  minibatch stddev, R1, path length        -> minibatch_stddev, r1_penalty,
+                                                               path_length_penalty
 
 The key layout and parameter counts follow rosinality/stylegan2-pytorch so that its checkpoints (and
-pSp/HyperStyle checkpoints built on it) load: G 30,034,338 and D 28,864,129 parameters at 256 px with
-channel_multiplier 2. Every line here was written from the maths (StyleGAN2 paper and appendix).
+pSp/HyperStyle checkpoints built on it) load: G 30,034,338 and D 28,864,129 parameters at 256 px
+with channel_multiplier 2. Every line here was written from the maths (StyleGAN2 paper and
+appendix).
 
-Two low-level ops carry all the resampling and activations, upfirdn2d and bias_act (stylegan2_ops.py:
-a pure-PyTorch reference path beside a fused CUDA kernel); activation checkpointing is there too.
+Two low-level ops carry all the resampling and activations, upfirdn2d and bias_act
+(stylegan2_ops.py: a pure-PyTorch reference path beside a fused CUDA kernel); activation
+checkpointing is there too.
 
 Not here: training loops and EMA (train.py), the GAN/identity losses of Eq. 4-9 (losses.py),
-inversion encoders (inversion.py).
+inversion encoders (inversion.py), reading and writing files (files.py), speed (bench.py).
 """
-import argparse
-import contextlib
-import json
 import math
-import os
 import re
-import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import files
 import stylegan2_ops as ops  # upfirdn2d, bias_act (reference + CUDA), activation checkpointing
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Presets: plain dicts of Generator kwargs. The Discriminator uses size/channel_multiplier/channels.
 # `paper`: the FC-TFG decoder (Sec. 4.1.2): 256 px, 14 w vectors of 512, config-F widths.
-# `tiny`:  our CPU preset: 64 px, 10 w vectors of 128, narrow channels (trains on 2 cores in minutes).
+# `tiny`:  our CPU preset: 64 px, 10 w vectors of 128, narrow channels (trains on 2 cores in
+# minutes).
 PRESETS = {
     "paper": dict(size=256, style_dim=512, n_mlp=8, channel_multiplier=2, channels=None),
     "tiny": dict(size=64, style_dim=128, n_mlp=2, channel_multiplier=2,
@@ -52,7 +52,8 @@ PRESETS = {
 
 
 def default_channels(size, channel_multiplier=2):
-    """Feature maps per resolution: min(512, 32768/res) for cm=2 (StyleGAN2 config-F; rosinality's table)."""
+    """Feature maps per resolution: min(512, 32768/res) for cm=2 (StyleGAN2 config-F; rosinality's
+    table)."""
     cm = channel_multiplier
     table = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * cm, 128: 128 * cm, 256: 64 * cm,
              512: 32 * cm, 1024: 16 * cm}
@@ -60,10 +61,10 @@ def default_channels(size, channel_multiplier=2):
 
 
 # ==== Equalized learning rate (StyleGAN2 App. B / ProGAN Sec. 4.1) ================================
-# Weights are stored as N(0, 1) and scaled by 1/sqrt(fan_in) at run time, so Adam's per-parameter step
-# size is the same for every layer regardless of its fan-in. lr_mul additionally slows a layer down
-# (the mapping network uses 0.01): storing w/lr_mul and multiplying by lr_mul at run time divides its
-# effective learning rate by 100 without touching the optimiser.
+# Weights are stored as N(0, 1) and scaled by 1/sqrt(fan_in) at run time, so Adam's per-parameter
+# step size is the same for every layer regardless of its fan-in. lr_mul additionally slows a layer
+# down (the mapping network uses 0.01): storing w/lr_mul and multiplying by lr_mul at run time
+# divides its effective learning rate by 100 without touching the optimiser.
 
 class EqualLinear(nn.Module):
     def __init__(self, in_dim, out_dim, bias_init=0.0, lr_mul=1.0, activation=None):
@@ -80,7 +81,8 @@ class EqualLinear(nn.Module):
 
 
 class EqualConv2d(nn.Module):
-    """Without bias: in D the bias lives in the BiasLeakyReLU that follows (or, in the skip, nowhere)."""
+    """Without bias: in D the bias lives in the BiasLeakyReLU that follows (or, in the skip,
+    nowhere)."""
 
     def __init__(self, in_channel, out_channel, kernel_size, stride=1, padding=0):
         super().__init__()
@@ -104,7 +106,8 @@ class BiasLeakyReLU(nn.Module):
 
 
 class Blur(nn.Module):
-    """[1,3,3,1] low-pass filter (upfirdn2d, up=down=1), pad (p0, p1) on both axes. gain 4 after a x2 upsample."""
+    """[1,3,3,1] low-pass filter (upfirdn2d, up=down=1), pad (p0, p1) on both axes. gain 4 after a
+    x2 upsample."""
 
     def __init__(self, pad, gain=1.0):
         super().__init__()
@@ -112,12 +115,13 @@ class Blur(nn.Module):
         self.pad = pad
 
     def forward(self, x):
-        return ops.upfirdn2d(x, self.kernel, pad=(self.pad[0], self.pad[1], self.pad[0], self.pad[1]))
+        return ops.upfirdn2d(x, self.kernel,
+                             pad=(self.pad[0], self.pad[1], self.pad[0], self.pad[1]))
 
 
 class Upsample(nn.Module):
-    """x2 upsampling of the RGB skip path: zero insertion + blur with gain 4 (= 2^2); pads (2, 1) give
-    2H + 3 - 4 + 1 = 2H outputs for the 4 taps, centred as in rosinality's Upsample."""
+    """x2 upsampling of the RGB skip path: zero insertion + blur with gain 4 (= 2^2); pads (2, 1)
+    give 2H + 3 - 4 + 1 = 2H outputs for the 4 taps, centred as in rosinality's Upsample."""
 
     def __init__(self):
         super().__init__()
@@ -148,25 +152,28 @@ class ModulatedConv2d(nn.Module):
     Per-sample weights are realised as ONE grouped convolution: the batch is folded into the channel
     axis ([1, B*I, H, W]) and each sample is its own group.
 
-    HyperStyle (inversion.py) edits the *generator weights* per image: W -> W * (1 + delta), delta of
-    shape [B or 1, O, I, k, k]; it enters before modulation, so demodulation still normalises it."""
+    HyperStyle (inversion.py) edits the *generator weights* per image: W -> W * (1 + delta), delta
+    of shape [B or 1, O, I, k, k]; it enters before modulation, so demodulation still normalises
+    it."""
 
     def __init__(self,
-                 in_channel,            # I: input feature maps
-                 out_channel,           # O: output feature maps
-                 kernel_size,           # k: 3 for styled convs, 1 for ToRGB
-                 style_dim,             # C: width of the w vector that drives this layer
-                 demodulate=True,       # False only in ToRGB (colours should keep the style's scale)
-                 upsample=False):       # x2: transposed conv (stride 2) + blur
+                 in_channel,           # I: input feature maps
+                 out_channel,          # O: output feature maps
+                 kernel_size,          # k: 3 for styled convs, 1 for ToRGB
+                 style_dim,            # C: width of the w vector that drives this layer
+                 demodulate=True,      # False only in ToRGB (colours should keep the style's scale)
+                 upsample=False):      # x2: transposed conv (stride 2) + blur
         super().__init__()
         self.in_channel, self.out_channel, self.kernel_size = in_channel, out_channel, kernel_size
         self.demodulate, self.upsample = demodulate, upsample
-        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size,
+                                               kernel_size))
         self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)  # equalized lr
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1.0)  # s starts near 1
         if upsample:
             # conv_transpose2d(stride 2) maps H -> 2H+k-2 = 2H+1; the blur trims it back to 2H with
-            # rosinality's pad rule p = (K - 2) - (k - 1), pads ((p+1)//2 + 1, p//2 + 1) for K blur taps.
+            # rosinality's pad rule p = (K - 2) - (k - 1), pads ((p+1)//2 + 1, p//2 + 1) for K blur
+            # taps.
             p = (len(ops.BLUR_KERNEL) - 2) - (kernel_size - 1)
             self.blur = Blur(((p + 1) // 2 + 1, p // 2 + 1), gain=4)
 
@@ -175,16 +182,19 @@ class ModulatedConv2d(nn.Module):
                 f"demodulate={self.demodulate}, upsample={self.upsample}")
 
     def styled_weight(self, style, delta=None):
-        """Per-sample weights W'' [B, O, I, k, k] for styles [B, C] (Eq. 1 and 3). delta [D, O, I, k, k]
-        with D = 1, B, or a divisor of B: one delta per group of B / D consecutive samples (FC-TFG: one
-        source's deltas for all T frames of its window), broadcast, never copied per sample."""
+        """Per-sample weights W'' [B, O, I, k, k] for styles [B, C] (Eq. 1 and 3).
+        delta [D, O, I, k, k] with D = 1, B, or a divisor of B: one delta per group of B / D
+        consecutive samples (FC-TFG: one source's deltas for all T frames of its window), broadcast,
+        never copied per sample."""
         B = style.shape[0]
         s = self.modulation(style)                                   # [B, I]
-        w = self.weight if delta is None else self.weight * (1 + delta)   # HyperStyle: W * (1 + delta)
+        # HyperStyle: W * (1 + delta)
+        w = self.weight if delta is None else self.weight * (1 + delta)
         D = w.shape[0]
         if B % D:
             raise ValueError(f"weight delta batch {D} does not divide the input batch {B}")
-        w = (self.scale * w[:, None] * s.view(D, B // D, 1, -1, 1, 1)).flatten(0, 1)   # [B, O, I, k, k]
+        # [B, O, I, k, k]
+        w = (self.scale * w[:, None] * s.view(D, B // D, 1, -1, 1, 1)).flatten(0, 1)
         if self.demodulate:
             d = torch.rsqrt(w.pow(2).sum([2, 3, 4]) + 1e-8)          # [B, O]
             w = w * d.view(B, self.out_channel, 1, 1, 1)
@@ -200,7 +210,8 @@ class ModulatedConv2d(nn.Module):
             raise ValueError(f"style batch {w.shape[0]} does not match input batch {B}")
         x = x.reshape(1, B * I, H, W)  # fold the batch into channels: one group per sample
         if self.upsample:
-            # conv_transpose2d wants weights [in, out/groups, k, k]: swap O and I within each sample.
+            # conv_transpose2d wants weights [in, out/groups, k, k]: swap O and I within each
+            # sample.
             w = w.transpose(1, 2).reshape(B * I, O, k, k)
             out = F.conv_transpose2d(x, w, stride=2, groups=B)       # [1, B*O, 2H+1, 2W+1]
             return self.blur(out.view(B, O, *out.shape[2:]))         # [B, O, 2H, 2W]
@@ -236,7 +247,8 @@ class StyledConv(nn.Module):
 
     def __init__(self, in_channel, out_channel, kernel_size, style_dim, upsample=False):
         super().__init__()
-        self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim, upsample=upsample)
+        self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim,
+                                    upsample=upsample)
         self.noise = NoiseInjection()
         self.activate = BiasLeakyReLU(out_channel)
 
@@ -274,8 +286,10 @@ class Generator(nn.Module):
                  size,                  # output resolution (power of two, >= 8)
                  style_dim=512,         # C: width of z and w
                  n_mlp=8,               # mapping network depth
-                 channel_multiplier=2,  # config-F widths above 32 px; 1 = the narrower "ADA paper256"
-                 channels=None,         # optional {res: channels} overriding the formula (tiny preset)
+                 channel_multiplier=2,  # config-F widths above 32 px; 1 = the narrower
+                                        # "ADA paper256"
+                 channels=None,         # optional {res: channels} overriding the formula (tiny
+                                        # preset)
                  lr_mlp=0.01):          # mapping network learning-rate multiplier
         super().__init__()
         log_size = int(math.log2(size))
@@ -288,11 +302,14 @@ class Generator(nn.Module):
             raise ValueError(f"Generator: channels lacks resolutions {missing}")
         ch = self.channels
         self.n_latent = 2 * log_size - 2       # 14 at 256 px, 10 at 64 px
-        self.checkpointing = False  # activation checkpointing per resolution (checkpointed(); memory only)
+        # activation checkpointing per resolution (checkpointed(); memory only)
+        self.checkpointing = False
         self.num_layers = 2 * (log_size - 2) + 1  # styled convs (= noise maps): 13 at 256 px
 
-        # Mapping network: PixelNorm + n_mlp equalized lrelu layers; keys style.1 ... style.n (0 is the norm).
-        self.style = nn.Sequential(PixelNorm(), *[EqualLinear(style_dim, style_dim, lr_mul=lr_mlp, activation="lrelu")
+        # Mapping network: PixelNorm + n_mlp equalized lrelu layers; keys style.1 ... style.n (0 is
+        # the norm).
+        self.style = nn.Sequential(PixelNorm(), *[EqualLinear(style_dim, style_dim, lr_mul=lr_mlp,
+                                                              activation="lrelu")
                                                   for _ in range(n_mlp)])
         self.input = ConstantInput(ch[4])
         self.conv1 = StyledConv(ch[4], ch[4], 3, style_dim)
@@ -315,14 +332,15 @@ class Generator(nn.Module):
     def from_preset(cls, name):
         return cls(**PRESETS[name])
 
-    # --- mapping side ------------------------------------------------------------------------------
+    # --- mapping side -----------------------------------------------------------------------------
     def mapping(self, z):
         """z [B, C] -> w [B, C]."""
         return self.style(z)
 
     @torch.no_grad()
     def mean_latent(self, n=4096):
-        """w_avg: the centre of W estimated from n random z -> [1, C] (truncation, pSp's latent_avg)."""
+        """w_avg: the centre of W estimated from n random z -> [1, C] (truncation, pSp's
+        latent_avg)."""
         z = torch.randn(n, self.style_dim, device=self.input.input.device)
         return self.mapping(z).mean(0, keepdim=True)
 
@@ -331,7 +349,8 @@ class Generator(nn.Module):
         return w[:, None, :].expand(-1, self.n_latent, -1)
 
     def mix(self, w1, w2, crossover):
-        """Style mixing (StyleGAN Sec. 3.1): layers < crossover take w1, the rest w2. -> [B, L, C]."""
+        """Style mixing (StyleGAN Sec. 3.1): layers < crossover take w1, the rest w2.
+        -> [B, L, C]."""
         ws = self.broadcast(w1).clone()
         ws[:, crossover:] = w2[:, None, :]
         return ws
@@ -356,7 +375,7 @@ class Generator(nn.Module):
             return self.mix(w, w2, int(torch.randint(1, self.n_latent, ())))
         return self.broadcast(w)
 
-    # --- synthesis side ----------------------------------------------------------------------------
+    # --- synthesis side ---------------------------------------------------------------------------
     def modulated_convs(self):
         """All ModulatedConv2d modules in synthesis order; `weight_deltas` is indexed the same way:
         [conv1, to_rgb1, convs[0], convs[1], to_rgbs[0], convs[2], convs[3], to_rgbs[1], ...]."""
@@ -373,7 +392,8 @@ class Generator(nn.Module):
         return idx
 
     def _noise(self, l, B, noise_mode, like):
-        """Noise of styled conv l: None, the stored map ('const') or a fresh draw of its size ('random')."""
+        """Noise of styled conv l: None, the stored map ('const') or a fresh draw of its size
+        ('random')."""
         if noise_mode == "none":
             return None
         fixed = getattr(self.noises, f"noise_{l}")
@@ -390,22 +410,26 @@ class Generator(nn.Module):
         if noise_mode not in ("const", "random", "none"):
             raise ValueError(f"noise_mode must be 'const', 'random' or 'none', got {noise_mode!r}")
         if ws.ndim != 3 or ws.shape[1:] != (self.n_latent, self.style_dim):
-            raise ValueError(f"synthesis: want ws [B, {self.n_latent}, {self.style_dim}], got {tuple(ws.shape)}")
+            raise ValueError(f"synthesis: want ws [B, {self.n_latent}, {self.style_dim}], "
+                             f"got {tuple(ws.shape)}")
         n_mods = 2 + 3 * len(self.to_rgbs)
         deltas = list(weight_deltas) if weight_deltas is not None else [None] * n_mods
         if len(deltas) != n_mods:
-            raise ValueError(f"weight_deltas has {len(deltas)} entries, G has {n_mods} modulated convs")
+            raise ValueError(f"weight_deltas has {len(deltas)} entries, "
+                             f"G has {n_mods} modulated convs")
         B = ws.shape[0]
         x = self.conv1(self.input(B), ws[:, 0], self._noise(0, B, noise_mode, ws), deltas[0])
         skip = self.to_rgb1(x, ws[:, 1], delta=deltas[1])
         for i in range(len(self.to_rgbs)):
             noises = [self._noise(l, B, noise_mode, ws) for l in (2 * i + 1, 2 * i + 2)]
-            x, skip = ops.checkpointed(self._block, i, x, skip, [ws[:, 2 * i + k] for k in (1, 2, 3)], noises,
+            x, skip = ops.checkpointed(self._block, i, x, skip,
+                                       [ws[:, 2 * i + k] for k in (1, 2, 3)], noises,
                                        deltas[2 + 3 * i:5 + 3 * i], on=self.checkpointing)
         return skip
 
     def _block(self, i, x, skip, w, noises, deltas):
-        """Resolution 2^(i+3): up-conv <- w[0], conv <- w[1], ToRGB <- w[2] (added to the upsampled skip)."""
+        """Resolution 2^(i+3): up-conv <- w[0], conv <- w[1], ToRGB <- w[2] (added to the upsampled
+        skip)."""
         x = self.convs[2 * i](x, w[0], noises[0], deltas[0])
         x = self.convs[2 * i + 1](x, w[1], noises[1], deltas[1])
         return x, self.to_rgbs[i](x, w[2], skip, delta=deltas[2])
@@ -423,9 +447,11 @@ class ConvLayer(nn.Sequential):
     def __init__(self, in_channel, out_channel, kernel_size, downsample=False, activate=True):
         layers = []
         if downsample:
-            p = (len(ops.BLUR_KERNEL) - 2) + (kernel_size - 1)  # total blur pad: 4 for k=3, 2 for k=1
+            # total blur pad: 4 for k=3, 2 for k=1
+            p = (len(ops.BLUR_KERNEL) - 2) + (kernel_size - 1)
             layers.append(Blur(((p + 1) // 2, p // 2)))
-        layers.append(EqualConv2d(in_channel, out_channel, kernel_size, stride=2 if downsample else 1,
+        layers.append(EqualConv2d(in_channel, out_channel, kernel_size,
+                                  stride=2 if downsample else 1,
                                   padding=0 if downsample else kernel_size // 2))
         if activate:
             layers.append(BiasLeakyReLU(out_channel))
@@ -475,7 +501,8 @@ class Discriminator(nn.Module):
             raise ValueError(f"Discriminator: size must be a power of two >= 8, got {size}")
         ch = dict(channels) if channels else default_channels(size, channel_multiplier)
         self.size, self.in_channels, self.stddev_group = size, in_channels, stddev_group
-        self.checkpointing = False  # activation checkpointing per block (checkpointed(); memory only)
+        # activation checkpointing per block (checkpointed(); memory only)
+        self.checkpointing = False
         blocks = [ConvLayer(in_channels, ch[size], 1)]
         in_ch = ch[size]
         for r in range(log_size, 2, -1):
@@ -494,7 +521,8 @@ class Discriminator(nn.Module):
     def forward(self, x):
         """x [B, in_channels, size, size] -> logits [B, 1]."""
         if x.ndim != 4 or x.shape[1:] != (self.in_channels, self.size, self.size):
-            raise ValueError(f"Discriminator: want [B, {self.in_channels}, {self.size}, {self.size}], "
+            raise ValueError(f"Discriminator: want "
+                             f"[B, {self.in_channels}, {self.size}, {self.size}], "
                              f"got {tuple(x.shape)}")
         out = x
         for block in self.convs:
@@ -508,7 +536,8 @@ class Discriminator(nn.Module):
 
 def r1_penalty(real_logits, real_img):
     """R1 (Mescheder et al. 2018): E[ ||dD(x)/dx||^2 ] on real images, per-sample sum, batch mean.
-    Multiply by gamma/2 (and by the lazy interval) at the call site. Needs real_img.requires_grad."""
+    Multiply by gamma/2 (and by the lazy interval) at the call site. Needs
+    real_img.requires_grad."""
     (grad,) = torch.autograd.grad(real_logits.sum(), real_img, create_graph=True)
     return grad.pow(2).flatten(1).sum(1).mean()
 
@@ -522,96 +551,6 @@ def path_length_penalty(img, ws, mean_path_length, decay=0.01):
     lengths = grad.pow(2).sum(2).mean(1).sqrt()                            # [B]
     a = mean_path_length + decay * (lengths.detach().mean() - mean_path_length)
     return (lengths - a).pow(2).mean(), a, lengths.detach().mean()
-
-
-# ==== Files: the one checkpoint reader, strict loader, atomic writer and picture writers of the project ==
-# (every module uses them; this file is near the bottom of the import graph, so it is their home):
-# load_checkpoint, load_strict, temp_path, write_atomic, save_checkpoint, the two PNG writers, save_image_grid (an
-# image grid) and plot_losses (the loss curves of a log.jsonl), and ArgumentParser (every CLI: one-line errors)
-
-@contextlib.contextmanager
-def terminate_as_interrupt():
-    """Inside: SIGTERM (kill, a job scheduler) raises KeyboardInterrupt as Ctrl-C does, so the writers' cleanup
-    runs (VideoWriter.abort, write_atomic) and the entry point ends with its one line instead of vanishing."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """Every command line of the project: a bad flag or value is reported in ONE line, `prog: error: what
-    (--help lists the flags)`, exit status 2, instead of argparse's usage block above the message."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
-
-
-def load_checkpoint(path, what="checkpoint"):
-    """torch.load with weights_only=True (tensors, dicts, lists, numbers, strings only), and one clear
-    FileNotFoundError / ValueError for a missing or unreadable file. rosinality training checkpoints
-    pickle their argparse Namespace under `args`; we allow-list exactly that class (it holds plain
-    values) and nothing else."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling/zip errors come in many types; report them as one clear error
-        raise ValueError(f"{path}: not a loadable {what} ({type(e).__name__}: {e})") from None
-
-
-def load_strict(module, sd, what, may_lack=("num_batches_tracked",)):
-    """module.load_state_dict(sd) where every key must match by name and shape, with one ValueError
-    that names the offending keys. Keys ending in an entry of `may_lack` may be absent (BatchNorm's
-    num_batches_tracked counters: missing from files of old PyTorch versions and published key lists,
-    Wav2Lip#247; unused in eval mode); they keep the module's own value. -> module."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith(tuple(may_lack))]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{what}: checkpoint does not match the network: {len(missing)} missing keys "
-                         f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
-                         f"{len(wrong)} shape mismatches {wrong[:5]}")
-    module.load_state_dict({k: sd.get(k, own[k]) for k in own}, strict=True)
-    return module
-
-
-def temp_path(path):
-    """A temporary name beside `path` with the same suffix (writers that pick the format from it)."""
-    path = Path(path)
-    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-
-
-def remove_temporaries(folder, stem="*"):
-    """Delete what a writer killed mid-write (kill -9, power loss) left in `folder`: temp_path's names,
-    .<stem>.tmp<pid><suffix>, for `stem` or any. The next run of the same job calls it before writing."""
-    for tmp in Path(folder).glob(f".{stem}.tmp*"):
-        if tmp.is_file() and re.fullmatch(r"\..+\.tmp\d+(\.[^.]+)?", tmp.name):
-            tmp.unlink()
-
-
-def write_atomic(path, write):
-    """write(temporary path) then rename it onto `path`: readers, and a run killed mid-write, see the
-    old file or the new one, never half of one. The temporary file is removed if write() fails."""
-    tmp = temp_path(path)
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_checkpoint(path, obj):
-    """torch.save, atomically (write_atomic); load_checkpoint reads it back."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _generator_config(sd):
@@ -643,14 +582,17 @@ def load_stylegan2(path, device="cpu"):
     - a pSp/HyperStyle checkpoint {state_dict with 'decoder.*' keys, latent_avg, opts},
     - our own train.py checkpoints, which use the same keys.
     Fixed noise buffers (noises.*) may be missing in old files; they then keep their random init."""
-    ckpt = load_checkpoint(path)
+    ckpt = files.load_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     g_sd = ckpt.get("g_ema") or ckpt.get("g")
-    if g_sd is None and isinstance(ckpt.get("state_dict"), dict):  # pSp: decoder.* inside state_dict
-        g_sd = {k[len("decoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}
+    # pSp: decoder.* inside state_dict
+    if g_sd is None and isinstance(ckpt.get("state_dict"), dict):
+        g_sd = {k[len("decoder."):]: v for k, v in ckpt["state_dict"].items()
+                if k.startswith("decoder.")}
     if not g_sd or "style.1.weight" not in g_sd:
-        raise ValueError(f"{path}: no StyleGAN2 generator weights (looked for g_ema, g, state_dict/decoder.*)")
+        raise ValueError(f"{path}: no StyleGAN2 generator weights "
+                         f"(looked for g_ema, g, state_dict/decoder.*)")
     try:
         G = Generator(**_generator_config(g_sd))
         missing, unexpected = G.load_state_dict(g_sd, strict=False)
@@ -662,139 +604,33 @@ def load_stylegan2(path, device="cpu"):
             D = Discriminator(**_discriminator_config(ckpt["d"]))
             D.load_state_dict(ckpt["d"], strict=True)
     except (KeyError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{path}: StyleGAN2 weights do not match the expected layout ({e})") from None
+        raise ValueError(f"{path}: StyleGAN2 weights do not match the expected layout "
+                         f"({e})") from None
     latent_avg = ckpt.get("latent_avg")
     if latent_avg is not None:
         latent_avg = latent_avg.reshape(-1, latent_avg.shape[-1])[:1].to(device)  # [1, C]
     return G.to(device), (D.to(device) if D is not None else None), latent_avg
 
 
-def save_image_grid(images, path, nrow=None):
-    """Save [N, 3, H, W] images in [-1, 1] as one PNG grid, written atomically."""
-    from PIL import Image
-    import numpy as np
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    N, _, H, W = x.shape
-    nrow = nrow or math.ceil(math.sqrt(N))
-    ncol = math.ceil(N / nrow)
-    grid = torch.zeros(3, ncol * H, nrow * W, dtype=torch.uint8)
-    for i in range(N):
-        r, c = divmod(i, nrow)
-        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
-    grid = np.ascontiguousarray(grid.permute(1, 2, 0).numpy())
-    write_atomic(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
-
-
-def plot_losses(log_path, png_path, smooth=10, panel=(320, 170)):
-    """Loss curves of a log.jsonl as one PNG (pillow only): a panel per logged quantity, raw values in grey, a
-    `smooth`-point running mean in colour, y range 1st..99th percentile (a spike does not flatten it). -> the number
-    of panels (0: nothing to plot, no file)"""
-    from PIL import Image, ImageDraw
-    import numpy as np
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    keys = [k for k in (rows[0] if rows else {}) if k not in ("step", "time", "img_per_s", "peak_mem_gb")]
-    if not keys:
-        return 0
-    (W, H), ncol = panel, min(3, len(keys))
-    img = Image.new("RGB", (W * ncol, H * math.ceil(len(keys) / ncol)), "white")
-    draw = ImageDraw.Draw(img)
-    for i, key in enumerate(keys):
-        pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
-        ox, oy = (i % ncol) * W, (i // ncol) * H
-        draw.rectangle([ox + 40, oy + 18, ox + W - 8, oy + H - 20], outline=(180, 180, 180))
-        if len(pts) < 2:
-            draw.text((ox + 44, oy + 3), f"{key}: {len(pts)} point(s)", fill="black")
-            continue
-        steps, vals = (np.array(c, float) for c in zip(*pts))
-        mean = np.convolve(vals, np.ones(min(smooth, len(vals))) / min(smooth, len(vals)), mode="valid")
-        lo, hi = np.percentile(vals, [1, 99])
-        hi = hi if hi > lo else lo + 1e-8
-        fx = lambda s: ox + 40 + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (W - 48)
-        fy = lambda v: oy + H - 20 - (np.clip(v, lo, hi) - lo) / (hi - lo) * (H - 38)
-        draw.line([(fx(s), fy(v)) for s, v in zip(steps, vals)], fill=(200, 200, 200))
-        draw.line([(fx(s), fy(v)) for s, v in zip(steps[len(steps) - len(mean):], mean)], fill=(20, 90, 200), width=2)
-        draw.text((ox + 44, oy + 3), f"{key}: {mean[0]:.4g} -> {mean[-1]:.4g}", fill="black")
-        for (x, y), label in (((2, 18), f"{hi:.3g}"), ((2, H - 30), f"{lo:.3g}"),          # y range, step range
-                              ((40, H - 16), f"step {int(steps[0])}"), ((W - 70, H - 16), f"{int(steps[-1])}")):
-            draw.text((ox + x, oy + y), label, fill=(90, 90, 90))
-    write_atomic(png_path, lambda tmp: img.save(tmp, format="PNG"))
-    return len(keys)
-
-
-# ==== Benchmark: python stylegan2.py --bench   (results go to BENCHMARKS.md) ======================
-
-def _timeit(fn, n, sync):
-    fn()  # warm-up (and CUDA build / cudnn autotune)
-    sync()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / n
-
-
-def bench(presets=("tiny", "paper"), batch=4, iters=3, device="cpu", impls=("ref",)):
-    """img/s for G forward and for one G+D training step with R1, per preset and op implementation."""
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    rows = []
-    for name in presets:
-        G, D = Generator.from_preset(name).to(dev), Discriminator.from_preset(name).to(dev)
-        for impl in impls:
-            ops.allow_cuda_ops(impl != "ref")
-            z = torch.randn(batch, G.style_dim, device=dev)
-
-            def g_fwd():
-                with torch.no_grad():
-                    G.sample(z)
-
-            def train_step():
-                fake = G.sample(z)
-                real = fake.detach().clone().requires_grad_(True)
-                loss = F.softplus(D(fake)).mean() + F.softplus(-D(real)).mean()
-                loss = loss + 5.0 * r1_penalty(D(real), real)
-                loss.backward()
-
-            t_g, t_s = _timeit(g_fwd, iters, sync), _timeit(train_step, iters, sync)
-            mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
-            rows.append((name, impl, batch, batch / t_g, batch / t_s, mem))
-            print(f"{name:6s} {impl:4s} batch {batch}: G forward {batch / t_g:8.1f} img/s | "
-                  f"G+D step with R1 {batch / t_s:8.2f} img/s | peak mem {mem:.2f} GiB", flush=True)
-    return rows
-
-
-def bench_ops(device="cuda", iters=50):
-    """Pure vs CUDA: upfirdn2d for G's x2 upsample and bias_act (bias + lrelu) on [16, 512, 64, 64]."""
-    x = torch.randn(16, 512, 64, 64, device=device)
-    f, b = ops.make_kernel(gain=4).to(device), torch.randn(512, device=device)
-    sync = torch.cuda.synchronize
-    for name, op in (("upfirdn2d up2", lambda impl: ops.upfirdn2d(x, f, up=2, pad=(2, 1, 2, 1), impl=impl)),
-                     ("bias_act lrelu", lambda impl: ops.bias_act(x, b, impl=impl))):
-        t_ref, t_cuda = _timeit(lambda: op("ref"), iters, sync), _timeit(lambda: op("cuda"), iters, sync)
-        print(f"{name} [16,512,64,64]: ref {t_ref * 1e3:.2f} ms, cuda {t_cuda * 1e3:.2f} ms, "
-              f"ratio {t_ref / t_cuda:.2f}x", flush=True)
-
-
 def main(argv=None):
-    ap = ArgumentParser(description="StyleGAN2 decoder of FC-TFG: sample a grid or benchmark.")
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--checkpoint", help="rosinality/pSp/train.py checkpoint (default: untrained weights)")
+    ap = files.ArgumentParser(
+        description="StyleGAN2 decoder of FC-TFG: sample a grid (speed: bench.py).")
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                    help="size without --checkpoint")
+    ap.add_argument("--checkpoint",
+                    help="rosinality/pSp/train.py checkpoint (default: untrained weights)")
     ap.add_argument("--out", default="samples_stylegan2.png", help="PNG grid to write")
     ap.add_argument("--n", type=int, default=16, help="number of samples")
     ap.add_argument("--psi", type=float, default=1.0, help="truncation psi")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bench", action="store_true", help="print img/s figures instead of sampling")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the latents (and untrained weights)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu | cuda | cuda:N")
     a = ap.parse_args(argv)
     if not (1 <= a.n <= 1024 and math.isfinite(a.psi)) or (a.checkpoint and Path(a.out).resolve() ==
                                                            Path(a.checkpoint).resolve()):
-        ap.error(f"--n {a.n} must be 1..1024, --psi {a.psi} finite, and --out not the --checkpoint file")
-    if a.bench:
-        impls = ("ref", "cuda") if a.device.startswith("cuda") else ("ref",)
-        bench(device=a.device, impls=impls)
-        if a.device.startswith("cuda"):
-            bench_ops(a.device)
-        return 0
+        ap.error(f"--n {a.n} must be 1..1024, --psi {a.psi} finite, "
+                 f"and --out not the --checkpoint file")
     torch.manual_seed(a.seed)
     if a.checkpoint:
         try:
@@ -808,7 +644,7 @@ def main(argv=None):
     G.eval()
     with torch.no_grad():
         imgs = G.sample(torch.randn(a.n, G.style_dim, device=a.device), psi=a.psi, w_avg=w_avg)
-    save_image_grid(imgs, a.out)
+    files.save_image_grid(imgs, a.out)
     print(f"wrote {a.n} samples ({G.size}px) to {a.out}")
     return 0
 

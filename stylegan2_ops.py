@@ -1,13 +1,16 @@
 """stylegan2_ops.py: the low-level operations under every network of FC-TFG (not in the paper; the
 machinery of StyleGAN2's decoder and of our memory budget).
 
-  upfirdn2d(x, f, up, down, pad)  upsample by zero insertion, pad, FIR filter, downsample: all of StyleGAN2's
-                                  blurs and resamplings (the op of NVlabs stylegan2-ada-pytorch, torch_utils/ops)
+  upfirdn2d(x, f, up, down, pad)  upsample by zero insertion, pad, FIR filter, downsample: all of
+                                  StyleGAN2's blurs and resamplings (the op of NVlabs
+                                  stylegan2-ada-pytorch, torch_utils/ops)
   bias_act(x, b, act)             bias + leaky ReLU + gain, one elementwise pass
-  checkpointed(block, *args)      activation checkpointing (Chen et al. 2016) that leaves BatchNorm's
-                                  running statistics alone; batchnorm_stats_frozen, use_checkpointing
-Each op has a pure-PyTorch reference path (the definition; always correct, always tested) and an optional
-fused CUDA kernel (stylegan2_ops.cu), compiled lazily on first use on a CUDA tensor, once per process.
+  checkpointed(block, *args)      activation checkpointing (Chen et al. 2016) that leaves
+                                  BatchNorm's running statistics alone; batchnorm_stats_frozen,
+                                  use_checkpointing
+Each op has a pure-PyTorch reference path (the definition; always correct, always tested) and an
+optional fused CUDA kernel (stylegan2_ops.cu), compiled lazily on first use on a CUDA tensor, once
+per process.
 
 Not here: the layers built from these ops (stylegan2.py)."""
 import contextlib
@@ -22,24 +25,27 @@ import torch.utils.checkpoint
 from torch import nn
 
 BLUR_KERNEL = (1, 3, 3, 1)  # binomial [1,3,3,1]: the low-pass filter of every resampling step
-LRELU_SLOPE, LRELU_GAIN = 0.2, math.sqrt(2)  # sqrt(2) keeps activations' second moment ~1 after lrelu
+# sqrt(2) keeps activations' second moment ~1 after lrelu
+LRELU_SLOPE, LRELU_GAIN = 0.2, math.sqrt(2)
 
 
 # ==== Low-level op 1: upfirdn2d  (upsample -> pad -> FIR -> downsample) ===========================
 # Per axis, for every channel: (1) insert up-1 zeros AFTER every sample, (2) zero-pad by (p0, p1), a
-# negative pad crops, (3) TRUE convolution with f (i.e. correlation with the flipped filter), (4) keep
-# every down-th sample. Output length (L*up + p0 + p1 - K + down) // down.
+# negative pad crops, (3) TRUE convolution with f (i.e. correlation with the flipped filter), (4)
+# keep every down-th sample. Output length (L*up + p0 + p1 - K + down) // down.
 
 def _parse_updown(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def _upfirdn2d_ref(x, f, up=(1, 1), down=(1, 1), pad=(0, 0, 0, 0)):
-    """Reference implementation from native ops. x [B,C,H,W], f [KH,KW]; up/down are (x, y) pairs."""
+    """Reference implementation from native ops. x [B,C,H,W], f [KH,KW]; up/down are (x, y)
+    pairs."""
     (upx, upy), (downx, downy) = up, down
     px0, px1, py0, py1 = pad
     B, C, H, W = x.shape
-    # (1) zero insertion: give each sample a trailing axis of length `up`, pad it with zeros, flatten.
+    # (1) zero insertion: give each sample a trailing axis of length `up`, pad it with zeros,
+    # flatten.
     x = x.reshape(B, C, H, 1, W, 1)
     x = F.pad(x, [0, upx - 1, 0, 0, 0, upy - 1])
     x = x.reshape(B, C, H * upy, W * upx)
@@ -54,8 +60,8 @@ def _upfirdn2d_ref(x, f, up=(1, 1), down=(1, 1), pad=(0, 0, 0, 0)):
 
 
 def _grad_pads(in_size, out_size, k, up, down, p0):
-    """Pads of the gradient op on one axis, so that dL/dx has length in_size again (the same arithmetic
-    as the backward of stylegan2-ada-pytorch's upfirdn2d)."""
+    """Pads of the gradient op on one axis, so that dL/dx has length in_size again (the same
+    arithmetic as the backward of stylegan2-ada-pytorch's upfirdn2d)."""
     g0 = k - p0 - 1
     g1 = in_size * up - out_size * down + p0 - up + 1
     return g0, g1
@@ -80,7 +86,8 @@ class _UpFirDn2d(torch.autograd.Function):
         xs, ys, (upx, upy), (downx, downy), (px0, px1, py0, py1), kernel = ctx.args
         gx0, gx1 = _grad_pads(xs[3], ys[3], f.shape[1], upx, downx, px0)
         gy0, gy1 = _grad_pads(xs[2], ys[2], f.shape[0], upy, downy, py0)
-        dx = _UpFirDn2d.apply(dy, f.flip([0, 1]), (downx, downy), (upx, upy), (gx0, gx1, gy0, gy1), kernel)
+        dx = _UpFirDn2d.apply(dy, f.flip([0, 1]), (downx, downy), (upx, upy), (gx0, gx1, gy0, gy1),
+                              kernel)
         return dx, None, None, None, None, None
 
 
@@ -93,18 +100,21 @@ def upfirdn2d(x, f, up=1, down=1, pad=(0, 0, 0, 0), impl="auto"):
     down: int or (down_x, down_y)
     pad:  (x0, x1, y0, y1) applied after upsampling; negative values crop
     impl: 'auto' (CUDA kernel for CUDA tensors when it built, else reference), 'cuda', 'ref'
-    Returns [B, C, (H*up_y + y0 + y1 - KH + down_y)//down_y, (W*up_x + x0 + x1 - KW + down_x)//down_x]."""
+    Returns [B, C, (H*up_y + y0 + y1 - KH + down_y)//down_y,
+    (W*up_x + x0 + x1 - KW + down_x)//down_x]."""
     up, down = _parse_updown(up), _parse_updown(down)
     if len(pad) != 4:
         raise ValueError(f"upfirdn2d: pad must be (x0, x1, y0, y1), got {pad}")
     if x.ndim != 4 or f.ndim != 2:
-        raise ValueError(f"upfirdn2d: want x [B,C,H,W] and f [KH,KW], got {tuple(x.shape)}, {tuple(f.shape)}")
+        raise ValueError(f"upfirdn2d: want x [B,C,H,W] and f [KH,KW], got {tuple(x.shape)}, "
+                         f"{tuple(f.shape)}")
     if min(up + down) < 1:
         raise ValueError(f"upfirdn2d: up/down must be >= 1, got up={up} down={down}")
     out_w = (x.shape[3] * up[0] + pad[0] + pad[1] - f.shape[1] + down[0]) // down[0]
     out_h = (x.shape[2] * up[1] + pad[2] + pad[3] - f.shape[0] + down[1]) // down[1]
     if out_w < 1 or out_h < 1:
-        raise ValueError(f"upfirdn2d: output would be empty ({out_h}x{out_w}) for input {tuple(x.shape)}")
+        raise ValueError(f"upfirdn2d: output would be empty ({out_h}x{out_w}) for input "
+                         f"{tuple(x.shape)}")
     if _use_cuda(x, impl):
         return _UpFirDn2d.apply(x, f, up, down, tuple(pad), _upfirdn2d_cuda_kernel)
     return _upfirdn2d_ref(x, f, up, down, tuple(pad))
@@ -169,7 +179,8 @@ class _BiasActGrad(torch.autograd.Function):
     def backward(ctx, ddx):
         (y,) = ctx.saved_tensors
         alpha, gain, kernel = ctx.args
-        # d(dx)/d(dy) is the same mask; d(dx)/dy is zero almost everywhere (y only chooses the mask).
+        # d(dx)/d(dy) is the same mask; d(dx)/dy is zero almost everywhere (y only chooses the
+        # mask).
         return _BiasActGrad.apply(ddx, y, alpha, gain, kernel), None, None, None, None
 
 
@@ -186,9 +197,9 @@ def bias_act(x, b=None, act="lrelu", alpha=LRELU_SLOPE, gain=LRELU_GAIN, impl="a
     return _bias_act_ref(x, b, act, alpha, gain)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The optional CUDA path: built lazily, once per process; a failed build is remembered (no retries).
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 _ext = None  # None: not tried yet; False: unavailable in this process; else the compiled module
 
 
@@ -202,8 +213,10 @@ def cuda_ops():
         try:
             from torch.utils.cpp_extension import load
             src = Path(__file__).with_name("stylegan2_ops.cu")
-            _ext = load(name="fctfg_ops", sources=[str(src)], extra_cuda_cflags=["-O3"], verbose=False)
-        except (RuntimeError, OSError, ImportError, ValueError) as e:  # compiler, headers, ninja, ...
+            _ext = load(name="fctfg_ops", sources=[str(src)], extra_cuda_cflags=["-O3"],
+                        verbose=False)
+        # compiler, headers, ninja, ...
+        except (RuntimeError, OSError, ImportError, ValueError) as e:
             warnings.warn(f"stylegan2: CUDA ops unavailable, using the pure PyTorch path ({e})")
     return _ext
 
@@ -225,7 +238,8 @@ def _use_cuda(x, impl):
         return False
     ok = bool(cuda_ops())
     if impl == "cuda" and not ok:
-        raise RuntimeError("impl='cuda' requested but the CUDA ops failed to build (see the warning)")
+        raise RuntimeError("impl='cuda' requested but the CUDA ops failed to build "
+                           "(see the warning)")
     return ok
 
 
@@ -240,19 +254,24 @@ def _bias_act_cuda_kernel(x, b, ref, grad, alpha, gain):
     return cuda_ops().bias_act(x.contiguous(), b, ref, grad, alpha, gain)
 
 
-# ==== Activation checkpointing (memory, not in the paper; Chen et al. 2016, "Sublinear Memory Cost") ====
-# A checkpointed block keeps only its inputs and reruns its forward when the gradient reaches it: one
-# more forward for dropping every activation inside (the paper preset's FC-TFG step needs it; BENCHMARKS.md).
-# Trap: a train-mode BatchNorm would update its running statistics again during the rerun, so the rerun
-# uses momentum 0 and its batch counter is put back. Gradients equal the plain forward's (tests, float64).
+# ==== Activation checkpointing (memory, not in the paper; Chen et al. 2016, "Sublinear Memory
+# Cost") ====
+# A checkpointed block keeps only its inputs and reruns its forward when the gradient reaches it:
+# one more forward for dropping every activation inside (the paper preset's FC-TFG step needs it;
+# BENCHMARKS.md).
+# Trap: a train-mode BatchNorm would update its running statistics again during the rerun, so the
+# rerun uses momentum 0 and its batch counter is put back. Gradients equal the plain forward's
+# (tests, float64).
 
 @contextlib.contextmanager
 def batchnorm_stats_frozen(module):
-    """Inside: train-mode BatchNorms of `module` normalise with batch statistics but keep their running
-    statistics and counters (momentum 0), for a forward that repeats one already counted."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] \
+    """Inside: train-mode BatchNorms of `module` normalise with batch statistics but keep their
+    running statistics and counters (momentum 0), for a forward that repeats one already counted."""
+    bns = [m for m in module.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] \
         if isinstance(module, nn.Module) else []
-    kept = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+    kept = [(m.momentum,
+             m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
             for m in bns]
     for m in bns:
         m.momentum = 0.0
@@ -266,9 +285,9 @@ def batchnorm_stats_frozen(module):
 
 
 def checkpointed(block, *args, on=True):
-    """block(*args), keeping only args for backward when `on` and autograd records; else a plain call.
-    block: an nn.Module (its train-mode BatchNorms are recomputed without a second statistics update)
-    or a function without BatchNorm (e.g. one resolution of G.synthesis)."""
+    """block(*args), keeping only args for backward when `on` and autograd records; else a plain
+    call. block: an nn.Module (its train-mode BatchNorms are recomputed without a second statistics
+    update) or a function without BatchNorm (e.g. one resolution of G.synthesis)."""
     if not (on and torch.is_grad_enabled()):
         return block(*args)
     calls = [0]
@@ -285,7 +304,8 @@ def checkpointed(block, *args, on=True):
 
 def use_checkpointing(modules, on=True):
     """Switch checkpointed() on or off in every block-structured network inside `modules` (G, D,
-    PSPEncoder, HyperStyle, IdentityEncoder carry a .checkpointing attribute). -> how many were set."""
+    PSPEncoder, HyperStyle, IdentityEncoder carry a .checkpointing attribute). -> how many were
+    set."""
     nets = [m for net in modules for m in net.modules() if hasattr(m, "checkpointing")]
     for m in nets:
         m.checkpointing = on

@@ -35,14 +35,15 @@ def probe_ckpt(tmp_path_factory):
     training moves the held-out error, not a useful probe."""
     import metrics
     path = tmp_path_factory.mktemp("probe") / "probe.pt"
-    ck = metrics.train_probe(str(path), n_train=160, n_heldout=48, steps=80, batch=32, log=lambda *a: None)
+    ck = metrics.train_probe(str(path), n_train=160, n_heldout=48, steps=80, batch=32,
+                             log=lambda *a: None)
     return path, ck
 
 
 @pytest.fixture
 def cli_actions():
-    """cli_actions(fn, argv) -> the argparse actions (options and positionals, every sub-parser's too)
-    that fn builds before it parses argv; parse_args is stubbed out, so nothing runs."""
+    """cli_actions(fn, argv) -> the argparse actions (options and positionals, every sub-parser's
+    too) that fn builds before it parses argv; parse_args is stubbed out, so nothing runs."""
     import argparse
     from unittest import mock
 

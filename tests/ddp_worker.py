@@ -1,6 +1,7 @@
-"""Run under torchrun by tests/test_train.py: checks that train.average_gradients turns per-rank shard
-gradients into the gradient of the mean loss over the GLOBAL batch, computed here independently on the
-full batch by every rank. Writes one JSON line per rank to the file named in argv[1]."""
+"""Run under torchrun by tests/test_train.py: checks that train.average_gradients turns per-rank
+shard gradients into the gradient of the mean loss over the GLOBAL batch, computed here
+independently on the full batch by every rank. Writes one JSON line per rank to the file named in
+argv[1]."""
 import json
 import os
 import sys
@@ -17,7 +18,8 @@ model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Lin
 x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
 
 # oracle: full-batch gradient on one process
-full = [g.clone() for g in torch.autograd.grad((model(x) - y).pow(2).mean(), list(model.parameters()))]
+full = [g.clone() for g in torch.autograd.grad((model(x) - y).pow(2).mean(),
+                                              list(model.parameters()))]
 
 # DDP arithmetic: each rank its strided shard (as DistributedSampler deals), then the all-reduce
 xs, ys = x[rank::world], y[rank::world]

@@ -1,7 +1,7 @@
-"""Tests for audio.py. Oracles: hand-derived Slaney mel values, librosa (test-only, skipped if absent),
-scipy (lfilter pre-emphasis, analytic tones), regression values computed offline with librosa (+ reflect
-padding, as librosa 0.7 which Wav2Lip pins), published Wav2Lip key layouts written out independently below, float64
-gradcheck."""
+"""Tests for audio.py. Oracles: hand-derived Slaney mel values, librosa (test-only, skipped if
+absent), scipy (lfilter pre-emphasis, analytic tones), regression values computed offline with
+librosa (+ reflect padding, as librosa 0.7 which Wav2Lip pins), published Wav2Lip key layouts
+written out independently below, float64 gradcheck."""
 import math
 import os
 
@@ -18,8 +18,8 @@ SR = 16000
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """The networks here are small; on a shared, oversubscribed 2-core box one intra-op thread was ~15x
-    faster than two (threads spin-wait for each other). Restored after each test."""
+    """The networks here are small; on a shared, oversubscribed 2-core box one intra-op thread was
+    ~15x faster than two (threads spin-wait for each other). Restored after each test."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -31,7 +31,8 @@ def tone(freq, n, sr=SR, amp=0.5):
 
 
 def vowel(n, f0=120.0, formants=(700, 1200, 2600), seed=0):
-    """Speech-like test signal: a glottal pulse train through three formant resonators + a little noise."""
+    """Speech-like test signal: a glottal pulse train through three formant resonators + a little
+    noise."""
     rng = np.random.default_rng(seed)
     x = np.zeros(n)
     x[:: int(SR / f0)] = 1.0
@@ -42,9 +43,9 @@ def vowel(n, f0=120.0, formants=(700, 1200, 2600), seed=0):
     return x
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # mel scale and filterbank
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_slaney_mel_scale_hand_values():
     # Hand-derived: linear part 3 mel per 200 Hz; 1 kHz = 15 mel; above, 27 mel per factor 6.4.
     assert audio.hz_to_mel(200.0) == pytest.approx(3.0)
@@ -59,14 +60,16 @@ def test_slaney_mel_scale_hand_values():
 def test_filterbank_hand_values():
     fb = audio.mel_filterbank()
     assert fb.shape == (80, 401) and fb.dtype == np.float32
-    # librosa's values: filter 0 lives on bins 3..6 (60..120 Hz), peak 0.02081245; filter 79 on 353..379
+    # librosa's values: filter 0 lives on bins 3..6 (60..120 Hz), peak 0.02081245; filter 79 on
+    # 353..379
     np.testing.assert_array_equal(np.nonzero(fb[0])[0], [3, 4, 5, 6])
     assert fb[0].max() == pytest.approx(0.02081245, abs=1e-8)
     nz = np.nonzero(fb[79])[0]
     assert (nz[0], nz[-1]) == (353, 379)
     # Slaney normalisation: each triangle has unit area in Hz -> sum of weights * bin width ~ 1
     area = fb.sum(1) * (SR / 800)
-    np.testing.assert_allclose(area[40:], 1.0, atol=0.02)  # wide bands: sampling of the triangle is fine
+    # wide bands: sampling of the triangle is fine
+    np.testing.assert_allclose(area[40:], 1.0, atol=0.02)
     with pytest.raises(ValueError, match="fmax"):
         audio.mel_filterbank(16000, 800, 80, 55, 9000)
 
@@ -79,13 +82,14 @@ def test_filterbank_vs_librosa():
     np.testing.assert_allclose(audio.mel_filterbank(22050, 1024, 40, 0.0, 11025.0), ref2, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # mel spectrogram
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_reflect_indices_match_numpy_pad():
     for n, pad in [(2, 5), (3, 1), (5, 13), (401, 400), (1000, 400)]:
         x = np.arange(n)
-        np.testing.assert_array_equal(x[audio.reflect_indices(n, pad)], np.pad(x, pad, mode="reflect"))
+        np.testing.assert_array_equal(x[audio.reflect_indices(n, pad)],
+                                      np.pad(x, pad, mode="reflect"))
 
 
 def test_mel_spec_regression_vectors():
@@ -96,13 +100,16 @@ def test_mel_spec_regression_vectors():
     assert m.shape == (80, 81) and m.dtype == np.float32
     assert m.mean() == pytest.approx(-3.500328, abs=2e-6)
     assert m.max() == pytest.approx(2.020512, abs=2e-6)
-    for (i, j), v in {(0, 0): -0.844186, (10, 40): 1.989764, (20, 0): -0.884267, (79, 80): -1.468158}.items():
+    for (i, j), v in {(0, 0): -0.844186, (10, 40): 1.989764, (20, 0): -0.884267,
+                      (79, 80): -1.468158}.items():
         assert m[i, j] == pytest.approx(v, abs=2e-6), (i, j)
     assert m[:, 40].argmax() == 10
     b = (0.5 * chirp(t, f0=100, t1=1, f1=7000, method="linear")).astype(np.float32)
     m = audio.melspectrogram(b)
-    assert m.mean() == pytest.approx(-3.373635, abs=2e-6) and m.std() == pytest.approx(1.576005, abs=2e-6)
-    assert m[0, 0] == pytest.approx(-0.156701, abs=2e-6) and m[79, 80] == pytest.approx(1.493521, abs=2e-6)
+    assert m.mean() == pytest.approx(-3.373635, abs=2e-6) and m.std() == pytest.approx(1.576005,
+                                                                                       abs=2e-6)
+    assert m[0, 0] == pytest.approx(-0.156701, abs=2e-6) and m[79, 80] == pytest.approx(1.493521,
+                                                                                        abs=2e-6)
     assert [int(m[:, c].argmax()) for c in (10, 40, 70)] == [24, 59, 74]
 
 
@@ -110,7 +117,8 @@ def _librosa_wav2lip_mel(x):
     """The Wav2Lip recipe written with librosa + scipy (its audio.py structure), float64."""
     librosa = pytest.importorskip("librosa")
     y = lfilter([1, -0.97], [1], x)
-    D = librosa.stft(y=y, n_fft=800, hop_length=200, win_length=800, center=True, pad_mode="reflect")
+    D = librosa.stft(y=y, n_fft=800, hop_length=200, win_length=800, center=True,
+                     pad_mode="reflect")
     S = librosa.filters.mel(sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600) @ np.abs(D)
     S = 20 * np.log10(np.maximum(1e-5, S)) - 20
     return np.clip(8 * (S + 100) / 100 - 4, -4, 4)
@@ -142,7 +150,8 @@ def test_mel_spec_shape_formula(n):
 
 
 def test_torch_mel_matches_numpy_batched():
-    xs = np.stack([vowel(8000), 0.3 * np.random.default_rng(2).standard_normal(8000), np.zeros(8000)])
+    xs = np.stack([vowel(8000), 0.3 * np.random.default_rng(2).standard_normal(8000),
+                   np.zeros(8000)])
     ref = np.stack([audio.melspectrogram(x) for x in xs])
     out64 = audio.melspectrogram_torch(torch.from_numpy(xs))
     assert out64.shape == (3, 80, 41) and out64.dtype == torch.float64
@@ -150,7 +159,8 @@ def test_torch_mel_matches_numpy_batched():
     out32 = audio.melspectrogram_torch(torch.from_numpy(xs).float())
     assert out32.dtype == torch.float32
     np.testing.assert_allclose(out32.numpy(), ref, atol=2e-3)  # float32 STFT near the dB floor
-    np.testing.assert_allclose(audio.melspectrogram_torch(torch.from_numpy(xs[0])).numpy(), ref[0], atol=1e-6)
+    np.testing.assert_allclose(audio.melspectrogram_torch(torch.from_numpy(xs[0])).numpy(), ref[0],
+                               atol=1e-6)
 
 
 def test_torch_mel_gradient_is_finite():
@@ -170,11 +180,12 @@ def test_mel_spec_bad_input():
         audio.melspectrogram_torch(torch.zeros(100, dtype=torch.long))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # mel windows
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_window_starts_hand_values():
-    np.testing.assert_array_equal(audio.window_starts(8, 25), [0, 3, 6, 9, 12, 16, 19, 22])  # floor(3.2 k), Wav2Lip
+    # floor(3.2 k), Wav2Lip
+    np.testing.assert_array_equal(audio.window_starts(8, 25), [0, 3, 6, 9, 12, 16, 19, 22])
     # 30 fps: 80/30 = 2.667 columns per frame -> floor(8k/3)
     np.testing.assert_array_equal(audio.window_starts(7, 30), [0, 2, 5, 8, 10, 13, 16])
     assert audio.window_starts(251, 25)[250] == 800  # frame 250 = 10.0 s = column 800 exactly
@@ -188,9 +199,9 @@ def test_mel_windows_first_middle_last(fps):
     w = audio.mel_windows(mel, n_frames, fps=fps)
     assert w.shape == (n_frames, 1, 80, 16)
     np.testing.assert_array_equal(w[0, 0], mel[:, 0:16])    # first frame
-    k, s = {25: (12, 38), 30: (15, 40)}[fps]                # middle frame, hand-computed floor(80k/fps)
+    k, s = {25: (12, 38), 30: (15, 40)}[fps]            # middle frame, hand-computed floor(80k/fps)
     np.testing.assert_array_equal(w[k, 0], mel[:, s:s + 16])
-    last = math.floor(80 * (n_frames - 1) / fps)            # last frame runs past column 80 -> padded
+    last = math.floor(80 * (n_frames - 1) / fps)          # last frame runs past column 80 -> padded
     valid = T - last
     np.testing.assert_array_equal(w[-1, 0, :, :valid], mel[:, last:])
     assert np.all(w[-1, 0, :, valid:] == audio.SILENCE)
@@ -212,9 +223,9 @@ def test_mel_windows_torch_equals_numpy_and_errors():
         audio.mel_windows(mel, 5, fps=0)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # load_audio
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sr_in", [44100, 48000, 8000, 16000])
 def test_load_audio_resamples_to_16k(tmp_path, sr_in):
     dur, f = 0.5, 440.0
@@ -303,13 +314,13 @@ def test_load_audio_m4a_through_pyav(tmp_path):
     assert 0.3 < np.abs(x[4000:12000]).max() < 0.7
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # networks: published layouts written out independently of audio.py
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # (cin, cout, kh, kw) per block index, read off Wav2Lip's models/ (wav2lip.py, syncnet.py).
-W2L_AUDIO = [(1, 32, 3, 3), (32, 32, 3, 3), (32, 32, 3, 3), (32, 64, 3, 3), (64, 64, 3, 3), (64, 64, 3, 3),
-             (64, 128, 3, 3), (128, 128, 3, 3), (128, 128, 3, 3), (128, 256, 3, 3), (256, 256, 3, 3),
-             (256, 512, 3, 3), (512, 512, 1, 1)]
+W2L_AUDIO = [(1, 32, 3, 3), (32, 32, 3, 3), (32, 32, 3, 3), (32, 64, 3, 3), (64, 64, 3, 3),
+             (64, 64, 3, 3), (64, 128, 3, 3), (128, 128, 3, 3), (128, 128, 3, 3), (128, 256, 3, 3),
+             (256, 256, 3, 3), (256, 512, 3, 3), (512, 512, 1, 1)]
 SYNC_AUDIO = W2L_AUDIO[:11] + [(256, 256, 3, 3)] + W2L_AUDIO[11:]
 SYNC_FACE = [(15, 32, 7, 7), (32, 64, 5, 5), (64, 64, 3, 3), (64, 64, 3, 3), (64, 128, 3, 3)] + \
             [(128, 128, 3, 3)] * 3 + [(128, 256, 3, 3), (256, 256, 3, 3), (256, 256, 3, 3),
@@ -339,7 +350,7 @@ def save_wav2lip_ckpt(path, sd):
 
 def test_paper_sizes_match_published_counts():
     enc = audio.AudioEncoder(**audio.AUDIO_ENCODER_PRESETS["paper"])
-    assert sum(p.numel() for p in enc.parameters()) == 2_812_672              # Wav2Lip's audio_encoder, counted
+    assert sum(p.numel() for p in enc.parameters()) == 2_812_672  # Wav2Lip's audio_encoder, counted
     net = audio.SyncNet(**audio.PRESETS["paper"])
     assert sum(p.numel() for p in net.parameters()) == 16_435_072
     sd = net.state_dict()
@@ -349,7 +360,8 @@ def test_paper_sizes_match_published_counts():
 
 def test_load_syncnet_from_published_layout(tmp_path):
     g = torch.Generator().manual_seed(0)
-    sd = {**published_state_dict("face_encoder", SYNC_FACE, g), **published_state_dict("audio_encoder", SYNC_AUDIO, g)}
+    sd = {**published_state_dict("face_encoder", SYNC_FACE, g),
+          **published_state_dict("audio_encoder", SYNC_AUDIO, g)}
     assert len(sd) == 217
     path = tmp_path / "lipsync_expert.pth"
     save_wav2lip_ckpt(path, sd)
@@ -371,7 +383,8 @@ def test_load_expert_knows_its_colour_order_and_sync_loss_feeds_it(tmp_path):
     the channel-reversed frames with bgr off (oracle: the flip written out here)."""
     import losses
     g = torch.Generator().manual_seed(0)
-    sd = {**published_state_dict("face_encoder", SYNC_FACE, g), **published_state_dict("audio_encoder", SYNC_AUDIO, g)}
+    sd = {**published_state_dict("face_encoder", SYNC_FACE, g),
+          **published_state_dict("audio_encoder", SYNC_AUDIO, g)}
     save_wav2lip_ckpt(tmp_path / "lipsync_expert.pth", sd)
     w2l = audio.load_expert(tmp_path / "lipsync_expert.pth", "paper")
     assert w2l.input_bgr and not w2l.training and not any(p.requires_grad for p in w2l.parameters())
@@ -379,7 +392,8 @@ def test_load_expert_knows_its_colour_order_and_sync_loss_feeds_it(tmp_path):
         torch.testing.assert_close(v, sd[k], rtol=0, atol=0)
     torch.manual_seed(0)
     ours = audio.SyncNet(**audio.PRESETS["tiny"])
-    torch.save({"stage": "syncnet", "cfg": {"model": "tiny"}, "syncnet": ours.state_dict()}, tmp_path / "ours.pt")
+    torch.save({"stage": "syncnet", "cfg": {"model": "tiny"}, "syncnet": ours.state_dict()},
+               tmp_path / "ours.pt")
     mine = audio.load_expert(tmp_path / "ours.pt", "paper")        # its own preset wins
     assert mine.input_bgr is False and mine.face_hw == (32, 64)
     x_g = torch.rand(2, 5, 3, 96, 96) * 2 - 1
@@ -387,13 +401,15 @@ def test_load_expert_knows_its_colour_order_and_sync_loss_feeds_it(tmp_path):
     a = losses.sync_loss(w2l.double(), x_g.double(), mel.double(), size=96, bgr=True)
     b = losses.sync_loss(w2l.double(), x_g.double().flip(2), mel.double(), size=96, bgr=False)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    assert not torch.allclose(a, losses.sync_loss(w2l.double(), x_g.double(), mel.double(), size=96, bgr=False))
+    assert not torch.allclose(a, losses.sync_loss(w2l.double(), x_g.double(), mel.double(), size=96,
+                                                  bgr=False))
 
 
 def test_load_audio_encoder_from_generator_ckpt(tmp_path):
     g = torch.Generator().manual_seed(1)
     sd = published_state_dict("audio_encoder", W2L_AUDIO, g)
-    other = {"face_encoder_blocks.0.0.conv_block.0.weight": torch.randn(16, 6, 7, 7),  # ignored parts
+    # ignored parts
+    other = {"face_encoder_blocks.0.0.conv_block.0.weight": torch.randn(16, 6, 7, 7),
              "output_block.1.weight": torch.randn(3, 32, 1, 1)}
     path = tmp_path / "wav2lip.pth"
     save_wav2lip_ckpt(path, {**sd, **other})
@@ -416,7 +432,8 @@ def test_loaders_report_problems(tmp_path):
         audio.load_audio_encoder(tmp_path / "bad.pth")
     msg = str(e.value)
     assert "12.conv_block.0.bias" in msg and "3.conv_block.0.weight" in msg and "13.conv_block" in msg
-    save_wav2lip_ckpt(tmp_path / "expert_only.pth", published_state_dict("face_encoder", SYNC_FACE, g))
+    save_wav2lip_ckpt(tmp_path / "expert_only.pth",
+                      published_state_dict("face_encoder", SYNC_FACE, g))
     with pytest.raises(ValueError, match="audio_encoder"):
         audio.load_audio_encoder(tmp_path / "expert_only.pth")
     save_wav2lip_ckpt(tmp_path / "gen.pth", sd)  # a generator checkpoint is not an expert
@@ -424,8 +441,8 @@ def test_loaders_report_problems(tmp_path):
         audio.load_syncnet(tmp_path / "gen.pth")
     with pytest.raises(FileNotFoundError):
         audio.load_syncnet(tmp_path / "nope.pth")
-    # junk of many shapes: the unpickler fails with RuntimeError, EOFError, IndexError, KeyError, ...
-    # depending on the bytes; every one must come out as the same clear error
+    # junk of many shapes: the unpickler fails with RuntimeError, EOFError, IndexError, KeyError,
+    # ... depending on the bytes; every one must come out as the same clear error
     for seed in range(200):
         (tmp_path / "junk.pth").write_bytes(np.random.default_rng(seed).bytes(300))
         with pytest.raises(ValueError, match="cannot read"):
@@ -469,7 +486,8 @@ def test_expert_window_layout_and_gradient():
     frames = torch.rand(2, 5, 3, 8, 6) * 2 - 1          # [B, T, 3, H, W] in [-1, 1]
     w = audio.expert_window(frames, bgr=True)
     assert w.shape == (2, 15, 4, 6)
-    # channel 3*t + c is frame t, BGR channel c, lower rows 4..7, mapped to [0, 1] (naive loop oracle)
+    # channel 3*t + c is frame t, BGR channel c, lower rows 4..7, mapped to [0, 1] (naive loop
+    # oracle)
     for t in range(5):
         for c in range(3):
             torch.testing.assert_close(w[:, 3 * t + c], (frames[:, t, 2 - c, 4:] + 1) / 2)
@@ -501,7 +519,8 @@ def test_audio_encoder_gradcheck_small():
     torch.manual_seed(0)
     enc = audio.AudioEncoder(channels=(2, 2, 3, 3, 4), n_res=(1, 1, 1, 1)).double().eval()
     with torch.no_grad():
-        for m in enc.modules():  # lift BN biases so ReLUs are active (avoid a dead, zero-gradient net)
+        # lift BN biases so ReLUs are active (avoid a dead, zero-gradient net)
+        for m in enc.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.bias.fill_(0.5)
     mel = torch.randn(1, 1, 80, 16, dtype=torch.float64)
@@ -561,7 +580,8 @@ def test_expert_nce_loss_hand_values_and_gradient():
     t = 0.1
     expect = math.log(1 + math.exp(-1 / t))
     assert float(audio.loss_expert_nce(a, a.clone(), t)) == pytest.approx(expect, rel=1e-12)
-    assert float(audio.loss_expert_nce(a, a.flip(0), t)) == pytest.approx(math.log(1 + math.exp(1 / t)), rel=1e-12)
+    assert float(audio.loss_expert_nce(a, a.flip(0), t)) == pytest.approx(
+        math.log(1 + math.exp(1 / t)), rel=1e-12)
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     y = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     unit = lambda u: torch.nn.functional.normalize(u, dim=1)

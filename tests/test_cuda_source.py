@@ -3,10 +3,11 @@
 1. The index arithmetic of both upfirdn2d kernels (simple and tiled), transliterated line by line
    into Python below, against an independent oracle: scipy.signal.upfirdn along each axis with a
    separable filter (upfirdn2d's definition: zero-stuff, pad/crop, true convolution, keep every
-   down-th sample, as in NVlabs/stylegan2-ada-pytorch's torch_utils/ops/upfirdn2d.py), over a grid of up/down/pad/filter sizes including
-   negative pads (crops), up != down on each axis and asymmetric filters (which catch a missing
-   flip). The mirrors also assert every shared-memory/global index they form is in range and that
-   every output pixel is written exactly once.
+   down-th sample, as in NVlabs/stylegan2-ada-pytorch's torch_utils/ops/upfirdn2d.py), over a grid
+   of up/down/pad/filter sizes including negative pads (crops), up != down on each axis and
+   asymmetric filters (which catch a missing flip). The mirrors also assert every
+   shared-memory/global index they form is in range and that every output pixel is written exactly
+   once.
    KEEP IN SYNC with stylegan2_ops.cu: each mirror uses the kernel's variable names and loop
    structure; a change to a tap loop there must be made here too.
 2. The bias_act kernel's channel indexing and its two modes, mirrored, against torch autograd.
@@ -156,7 +157,8 @@ def tiled_kernel_mirror(x, f, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0
 
 
 # --------------------------------------------------------------------------------------------
-# Oracle (independent of the code above): scipy.signal.upfirdn along each axis. Y = upfirdn(f1, x, up) is the full convolution of the zero-stuffed signal (no trailing
+# Oracle (independent of the code above): scipy.signal.upfirdn along each axis.
+# Y = upfirdn(f1, x, up) is the full convolution of the zero-stuffed signal (no trailing
 # zeros); out[n] = Y[n*down + K - 1 - p0], 0 outside Y.
 # --------------------------------------------------------------------------------------------
 def scipy_axis(x, f1, up, down, p0, p1, axis):
@@ -213,7 +215,8 @@ def test_kernel_index_mirrors_match_scipy(cx, cy):
 
 
 def test_mirrors_on_non_separable_filter_vs_direct_loop():
-    # Second oracle, not separable: the op's four steps (zero-stuff, pad, convolve, subsample) done literally with numpy.
+    # Second oracle, not separable: the op's four steps (zero-stuff, pad, convolve, subsample) done
+    # literally with numpy.
     rng = np.random.default_rng(1)
     x, f = rng.standard_normal((4, 5)), rng.standard_normal((3, 4))
     up_x, up_y, down_x, down_y, px0, px1, py0, py1 = 2, 3, 1, 2, 2, -1, -2, 3
@@ -352,9 +355,11 @@ def test_nvcc_compiles_the_extension(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_gpu_check_script_refuses_in_one_line_without_a_gpu(tmp_path):
-    """gpu_check.sh on a machine without CUDA: one clear line, non-zero exit, before building anything."""
+    """gpu_check.sh on a machine without CUDA: one clear line, non-zero exit, before building
+    anything."""
     script = CU_FILE.parent / "gpu_check.sh"
-    r = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode != 0
     assert "no CUDA GPU visible to torch" in r.stdout + r.stderr
     assert "CUDA ops built" not in r.stdout

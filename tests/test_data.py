@@ -1,5 +1,5 @@
-"""Tests for data.py: the sample format, I/O by round trips, preparation on a generated video with a known
-face position, the datasets (cache, mouth swap) and the command line."""
+"""Tests for data.py: the sample format, I/O by round trips, preparation on a generated video with a
+known face position, the datasets (cache, mouth swap) and the command line."""
 import json
 import os
 
@@ -17,7 +17,8 @@ SIZE = 64
 
 def test_sample_format_and_alignment():
     import audio
-    ds = data.SyntheticTalkingFaces("train", n_identities=2, clips_per_identity=2, n_frames=10, size=32)
+    ds = data.SyntheticTalkingFaces("train", n_identities=2, clips_per_identity=2, n_frames=10,
+                                    size=32)
     s = ds[3]
     assert s["frames"].shape == (10, 3, 32, 32) and s["frames"].dtype == torch.float32
     assert -1 <= s["frames"].min() and s["frames"].max() <= 1
@@ -31,12 +32,13 @@ def test_sample_format_and_alignment():
     assert torch.equal(ref["x_s"], s["frames"][0]) and ref["x_a"] is s["mel"]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # real-data helpers
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _nearest_frame_indices(times, fps, duration):
-    """Test oracle for VideoFrames.frames(fps), written as one batch over known timestamps: output frame k =
-    the source frame nearest to k / fps (ties: the earlier), K = floor(duration * fps).  -> int [K]."""
+    """Test oracle for VideoFrames.frames(fps), written as one batch over known timestamps: output
+    frame k = the source frame nearest to k / fps (ties: the earlier), K = floor(duration * fps).
+    -> int [K]."""
     times = np.asarray(times, dtype=np.float64)
     K = int(np.floor(duration * fps + 1e-6))
     if len(times) < 2:
@@ -65,14 +67,17 @@ def test_fomm_enlarge_and_iou_hand_values():
 
 def test_crop_square_shift_pad_and_strict():
     fr = np.arange(2 * 40 * 60 * 3, dtype=np.uint8).reshape(2, 40, 60, 3)
-    out, box, padded = data.crop_square(fr, (-10, 5, 20, 35), 16)   # crosses the left edge: shifted in
+    # crosses the left edge: shifted in
+    out, box, padded = data.crop_square(fr, (-10, 5, 20, 35), 16)
     assert out.shape == (2, 16, 16, 3) and box == (0, 5, 30, 35) and not padded
     with pytest.raises(ValueError, match="leaves the frame"):
         data.crop_square(fr, (-10, 5, 20, 35), 16, strict=True)
-    out, box, shrunk = data.crop_square(fr, (0, -5, 50, 45), 16)    # larger than the frame: shrunk to fit
-    assert shrunk and out.shape == (2, 16, 16, 3) and box == (5, 0, 45, 40)   # 40 px about the centre (25, 20)
+    # larger than the frame: shrunk to fit
+    out, box, shrunk = data.crop_square(fr, (0, -5, 50, 45), 16)
+    # 40 px about the centre (25, 20)
+    assert shrunk and out.shape == (2, 16, 16, 3) and box == (5, 0, 45, 40)
     side = np.asarray(Image.fromarray(fr[0, :, 5:45]).resize((16, 16), Image.LANCZOS))
-    np.testing.assert_array_equal(out[0], side)                      # only filmed pixels, no edge padding
+    np.testing.assert_array_equal(out[0], side)                # only filmed pixels, no edge padding
 
 
 def test_wav_round_trip_is_atomic(tmp_path):
@@ -100,10 +105,11 @@ def test_mead_clip_list_on_a_fake_tree(tmp_path):
     assert len(clips) == 200 and clips == data.mead_clip_list(tmp_path)
     assert len({c.parts[-6] for c in clips}) == 5
     assert all((c.parts[-2] == "level_1") == (c.parts[-3] == "neutral") for c in clips)
-    # a prepared folder mirrors the source paths (mp4 + wav + JSON): VideoFolderDataset(only=...) keeps
-    # exactly the listed clips (evaluate.py --mead), and refuses a list with unprepared clips
+    # a prepared folder mirrors the source paths (mp4 + wav + JSON): VideoFolderDataset(only=...)
+    # keeps exactly the listed clips (evaluate.py --mead), and refuses a list with unprepared clips
     for c in tmp_path.rglob("*.mp4"):
-        c.with_suffix(".json").write_text(json.dumps({"status": "ok", "n_frames": 50, "identity": c.parts[-6]}))
+        c.with_suffix(".json").write_text(json.dumps({"status": "ok", "n_frames": 50,
+                                                      "identity": c.parts[-6]}))
     ds = data.VideoFolderDataset(tmp_path, only=clips)
     assert len(ds) == 200 and {stem for stem, _ in ds.items} == {c.with_suffix("") for c in clips}
     clips[0].with_suffix(".json").write_text(json.dumps({"status": "no face"}))
@@ -111,9 +117,9 @@ def test_mead_clip_list_on_a_fake_tree(tmp_path):
         data.VideoFolderDataset(tmp_path, only=clips)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # mp4 I/O and preparation (need PyAV)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _psnr(a, b):
     return 10 * np.log10(255 ** 2 / ((a.astype(np.float64) - b) ** 2).mean())
 
@@ -130,8 +136,8 @@ def test_mp4_round_trip(tmp_path):
     assert _psnr(got, frames) > 30
     assert len(a) == len(audio)
     lag = np.argmax(np.correlate(a[3200:9600], audio[3200:9600], "full")) - 6399
-    assert lag == 0 and np.corrcoef(a, audio)[0, 1] > 0.95       # AAC priming handled: no offset
-    raw, fps_raw, a_raw, _ = data.read_video(p)                  # native mode: every frame, own rate
+    assert lag == 0 and np.corrcoef(a, audio)[0, 1] > 0.95      # AAC priming handled: no offset
+    raw, fps_raw, a_raw, _ = data.read_video(p)                 # native mode: every frame, own rate
     assert len(raw) == 30 and fps_raw == pytest.approx(25) and abs(len(a_raw) - len(audio)) < 1024
 
 
@@ -155,8 +161,8 @@ def test_video_failure_paths(tmp_path):
 
 
 def _write_vfr(path, frames, rng, rotation=None):
-    """An mp4 written with PyAV directly: jittered pts (1/1000 s units, 20-50 ms apart), optionally a
-    display rotation (degrees counter-clockwise), no audio."""
+    """An mp4 written with PyAV directly: jittered pts (1/1000 s units, 20-50 ms apart), optionally
+    a display rotation (degrees counter-clockwise), no audio."""
     import av
     from fractions import Fraction
     with av.open(str(path), "w", format="mp4") as c:
@@ -174,7 +180,8 @@ def _write_vfr(path, frames, rng, rotation=None):
 
 
 def _pyav_frames(path):
-    """Oracle decode: every frame as stored (no rotation), its time in s, and the stream's average rate."""
+    """Oracle decode: every frame as stored (no rotation), its time in s, and the stream's average
+    rate."""
     import av
     with av.open(str(path)) as c:
         rate = float(c.streams.video[0].average_rate)
@@ -183,8 +190,9 @@ def _pyav_frames(path):
 
 
 def test_video_frames_stream_matches_timestamp_oracle(tmp_path):
-    """VideoFrames.frames(fps) against the batch nearest-frame rule over timestamps PyAV reports, on a
-    constant-rate file (write_video) and a variable-rate one; fps=None gives every decoded frame."""
+    """VideoFrames.frames(fps) against the batch nearest-frame rule over timestamps PyAV reports, on
+    a constant-rate file (write_video) and a variable-rate one; fps=None gives every decoded
+    frame."""
     pytest.importorskip("av")
     motion, audio = procedural.make_motion(1, 40)
     frames = procedural.render_clip(procedural.make_identity(2), motion, 32)
@@ -195,44 +203,50 @@ def test_video_frames_stream_matches_timestamp_oracle(tmp_path):
         v = data.VideoFrames(tmp_path / name)
         assert v.t0 == times[0] and v.shape == raw.shape[1:] and v.fps == pytest.approx(rate)
         for fps in (None, 10, 25, 40):
-            idx = range(len(raw)) if fps is None else _nearest_frame_indices(times - times[0], fps,
-                                                                             times[-1] - times[0] + 1 / rate)
+            idx = range(len(raw)) if fps is None else _nearest_frame_indices(
+                times - times[0], fps, times[-1] - times[0] + 1 / rate)
             got = np.stack(list(v.frames(fps)))
             assert got.shape == raw[idx].shape, (name, fps)
             np.testing.assert_array_equal(got, raw[idx])
-            np.testing.assert_array_equal(data.read_video(tmp_path / name, fps=fps)[0], got)  # read_video's frames
+            # read_video's frames
+            np.testing.assert_array_equal(data.read_video(tmp_path / name, fps=fps)[0], got)
 
 
 def test_rotated_video_is_turned_upright_once(tmp_path):
-    """A display rotation of 90 degrees (counter-clockwise, PyAV's convention) = np.rot90(stored, 1), in the
-    decoder that read_video and infer.py share."""
+    """A display rotation of 90 degrees (counter-clockwise, PyAV's convention) = np.rot90(stored,
+    1), in the decoder that read_video and infer.py share."""
     av = pytest.importorskip("av")
     if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
         pytest.skip("this PyAV cannot write a display rotation")
-    frames = procedural.render_clip(procedural.make_identity(2), procedural.make_motion(1, 5)[0], 32)[:, :16]
-    _write_vfr(tmp_path / "rot.mp4", np.ascontiguousarray(frames), np.random.default_rng(1), rotation=90)
+    frames = procedural.render_clip(procedural.make_identity(2), procedural.make_motion(1, 5)[0],
+                                    32)[:, :16]
+    _write_vfr(tmp_path / "rot.mp4", np.ascontiguousarray(frames), np.random.default_rng(1),
+               rotation=90)
     _, raw, _ = _pyav_frames(tmp_path / "rot.mp4")
-    want = np.rot90(raw, 1, axes=(1, 2))                       # [T, 32, 16, 3]: width and height swapped
+    want = np.rot90(raw, 1, axes=(1, 2))                  # [T, 32, 16, 3]: width and height swapped
     assert data.VideoFrames(tmp_path / "rot.mp4").shape == want.shape[1:]
-    np.testing.assert_array_equal(np.stack(list(data.VideoFrames(tmp_path / "rot.mp4").frames())), want)
+    np.testing.assert_array_equal(np.stack(list(data.VideoFrames(tmp_path / "rot.mp4").frames())),
+                                  want)
     np.testing.assert_array_equal(data.read_video(tmp_path / "rot.mp4")[0], want)
 
 
 def test_video_writer_tags_audio_and_abort(tmp_path):
-    """VideoWriter: metadata only when asked, no audio track without audio, abort() leaves nothing."""
+    """VideoWriter: metadata only when asked, no audio track without audio, abort() leaves
+    nothing."""
     av = pytest.importorskip("av")
     with data.VideoWriter(tmp_path / "t.mp4", 16, 16, 25, metadata=dict(comment="hello")) as w:
         for _ in range(3):
             w.write(np.zeros((16, 16, 3), np.uint8))
     with av.open(str(tmp_path / "t.mp4")) as c:
-        assert c.metadata.get("comment") == "hello" and not c.streams.audio and c.streams.video[0].frames == 3
+        assert c.metadata.get("comment") == "hello" and not c.streams.audio and c.streams.video[
+            0].frames == 3
     data.write_video(tmp_path / "u.mp4", np.zeros((2, 16, 16, 3), np.uint8), audio=np.zeros(1000))
     with av.open(str(tmp_path / "u.mp4")) as c:
         assert "comment" not in c.metadata and len(c.streams.audio) == 1
     w = data.VideoWriter(tmp_path / "x.mp4", 16, 16, 25, np.zeros(2000, np.float32))
     w.write(np.zeros((16, 16, 3), np.uint8))
     w.abort()
-    with pytest.raises(RuntimeError):                          # an exception inside `with` aborts too
+    with pytest.raises(RuntimeError):                        # an exception inside `with` aborts too
         with data.VideoWriter(tmp_path / "y.mp4", 16, 16) as w:
             w.write(np.zeros((16, 16, 3), np.uint8))
             raise RuntimeError
@@ -241,10 +255,12 @@ def test_video_writer_tags_audio_and_abort(tmp_path):
 
 def test_face_track_probe_rule_iou_chain_and_message():
     """Probes: every frame below 50, then every 5th, from a generator; the chain keeps the box that
-    overlaps the previous pick, not the larger one; too many misses name the first faceless frame."""
+    overlaps the previous pick, not the larger one; too many misses name the first faceless
+    frame."""
     probed = []
 
-    def detector(img):   # frame i (pixel value i): a small face at x = i, and from frame 1 a big one listed first
+    # frame i (pixel value i): a small face at x = i, and from frame 1 a big one listed first
+    def detector(img):
         i = int(img[0, 0, 0])
         probed.append(i)
         small = (float(i), 0.0, i + 20.0, 20.0)
@@ -254,8 +270,10 @@ def test_face_track_probe_rule_iou_chain_and_message():
     assert probed == list(range(50)) + [50, 55, 60]
     np.testing.assert_array_equal(boxes[:, 0], probed)         # the small face all along
     answers = iter([[(0, 0, 4, 4)]] * 3 + [[]] + [[(0, 0, 4, 4)]] * 2 + [[]] * 2)
-    assert len(data.face_track(np.zeros((4, 8, 8, 3), np.uint8), lambda img: next(answers))) == 3  # 25 %: kept
-    with pytest.raises(ValueError, match=r"no face found in clip x: frame 2 \(no face in 2 of the 4 probed frames, 50%\)"):
+    # 25 %: kept
+    assert len(data.face_track(np.zeros((4, 8, 8, 3), np.uint8), lambda img: next(answers))) == 3
+    with pytest.raises(ValueError, match=r"no face found in clip x: frame 2 \(no face in 2 of the "
+                                         r"4 probed frames, 50%\)"):
         data.face_track(np.zeros((4, 8, 8, 3), np.uint8), lambda img: next(answers), "clip x")
 
 
@@ -263,7 +281,8 @@ def _pasted_face_video(T=40, H=128, W=160, fx=70, fy=30):
     """A procedural face (48 px) pasted with its corner at (fx, fy) on a uniform grey frame."""
     motion, audio = procedural.make_motion(5, T)
     video = np.full((T, H, W, 3), 90, np.uint8)
-    video[:, fy:fy + 48, fx:fx + 48] = procedural.render_clip(procedural.make_identity(3), motion, 48)
+    video[:, fy:fy + 48, fx:fx + 48] = procedural.render_clip(procedural.make_identity(3), motion,
+                                                              48)
     return video, audio
 
 
@@ -297,18 +316,22 @@ def test_prepare_crops_a_centred_face_and_skips_bad_files(tmp_path):
     assert any("SKIPPED" in line for line in logs)
     crop, fps, a, sr = data.read_video(dst / "00001.mp4", fps=25, sr=16000)
     assert crop.shape == (T, 64, 64, 3)
-    # centred: the non-grey region of each crop is centred within 3 px (the box is the union over frames)
+    # centred: the non-grey region of each crop is centred within 3 px (the box is the union over
+    # frames)
     ys, xs = np.nonzero(np.abs(crop[0].astype(int) - 90).max(-1) > 20)
     l, t, r, b = rec["box_ltrb"]
     assert abs((l + r) / 2 - (fx + 24)) <= 3 and abs((t + b) / 2 - (fy + 24)) <= 3
-    assert abs((xs.min() + xs.max() + 1) / 2 - 32) <= 3 and abs((ys.min() + ys.max() + 1) / 2 - 32) <= 3
+    assert abs((xs.min() + xs.max() + 1) / 2 - 32) <= 3 and abs(
+        (ys.min() + ys.max() + 1) / 2 - 32) <= 3
     wav, sr = data.read_wav(dst / "00001.wav")
     assert len(wav) == T * 640 and np.corrcoef(wav, audio)[0, 1] > 0.99
     # resumable: a second run touches nothing
-    assert data.prepare(tmp_path / "src", tmp_path / "dst", detector=detector, log=logs.append) == (0, 0)
+    assert data.prepare(tmp_path / "src", tmp_path / "dst", detector=detector,
+                        log=logs.append) == (0, 0)
     ds = data.VideoFolderDataset(tmp_path / "dst", n_frames=16, random_window=False)
     s = ds[0]
-    assert len(ds) == 1 and s["frames"].shape == (16, 3, 64, 64) and s["mel"].shape == (16, 1, 80, 16)
+    assert len(ds) == 1 and s["frames"].shape == (16, 3, 64, 64) and s["mel"].shape == (
+        16, 1, 80, 16)
     assert s["identity"] == 0 and s["audio"].shape == (16 * 640,)
     with pytest.raises(ValueError, match="no prepared clips"):
         data.VideoFolderDataset(tmp_path / "src")
@@ -328,15 +351,19 @@ def test_prepare_mead_layout_uses_the_separate_audio(tmp_path):
     adir = tmp_path / "src" / "W011" / "audio" / "happy" / "level_3"
     vdir.mkdir(parents=True); adir.mkdir(parents=True)
     data.write_video(vdir / "001.mp4", video)                    # MEAD video: no audio track
-    data.write_video(tmp_path / "src" / "W011" / "video" / "left_30.mp4", video)  # not selected by glob
+    # not selected by glob
+    data.write_video(tmp_path / "src" / "W011" / "video" / "left_30.mp4", video)
     a48 = resample_poly(audio.astype(np.float64), 3, 1)          # MEAD audio: 48 kHz stereo
-    sf.write(adir / "001.m4a", np.stack([a48, a48], 1), 48000, format="WAV")  # WAV bytes; soundfile sniffs
+    # WAV bytes; soundfile sniffs
+    sf.write(adir / "001.m4a", np.stack([a48, a48], 1), 48000, format="WAV")
     logs = []
-    assert data.prepare(tmp_path / "src", tmp_path / "dst", size=32, detector=_grey_detector, min_frames=16,
-                        min_face=16, log=logs.append, glob="*/video/front/**/*.mp4") == (1, 0)
+    assert data.prepare(tmp_path / "src", tmp_path / "dst", size=32, detector=_grey_detector,
+                        min_frames=16, min_face=16, log=logs.append,
+                        glob="*/video/front/**/*.mp4") == (1, 0)
     stem = tmp_path / "dst" / "W011" / "video" / "front" / "happy" / "level_3" / "001"
     rec = json.loads(stem.with_suffix(".json").read_text())
-    assert (rec["identity"], rec["emotion"], rec["level"], rec["view"]) == ("W011", "happy", "level_3", "front")
+    assert (rec["identity"], rec["emotion"], rec["level"], rec["view"]) == ("W011", "happy",
+                                                                            "level_3", "front")
     wav, _ = data.read_wav(stem.with_suffix(".wav"))
     assert len(wav) == 30 * 640 and np.corrcoef(wav, audio)[0, 1] > 0.99
 
@@ -367,23 +394,26 @@ def _uint8(frames):
 def test_mouth_of_renders_another_clips_mouth_and_caches_it(tmp_path):
     kw = dict(n_identities=2, clips_per_identity=2, n_frames=24, size=32)
     ds = data.SyntheticTalkingFaces("train", **kw)
-    own, donor = procedural.make_motion(ds.motion_seed(1), 24)[0], procedural.make_motion(ds.motion_seed(3), 24)[0]
+    own, donor = procedural.make_motion(ds.motion_seed(1), 24)[0], procedural.make_motion(
+        ds.motion_seed(3), 24)[0]
     swapped = own.copy()
     swapped[:, [K["mouth_open"], K["mouth_width"]]] = donor[:, [K["mouth_open"], K["mouth_width"]]]
     np.testing.assert_array_equal(data.mouth_swapped(own, donor), swapped)
     want = procedural.render_clip(ds.identity(1), swapped, 32)
-    np.testing.assert_array_equal(ds.mouth_of(1, 3), want)                 # identity and motion of 1, mouth of 3
-    assert not np.array_equal(want, _uint8(ds[1]["frames"]))                # the mouth really differs
+    np.testing.assert_array_equal(ds.mouth_of(1, 3), want)    # identity and motion of 1, mouth of 3
+    assert not np.array_equal(want, _uint8(ds[1]["frames"]))              # the mouth really differs
     cached = data.SyntheticTalkingFaces("train", cache_dir=tmp_path, **kw)
     np.testing.assert_array_equal(cached.mouth_of(1, 3), want)
-    np.testing.assert_array_equal(cached.mouth_of(1, 3), want)             # read back from the cache
-    assert len(list(tmp_path.glob("*mouth*.npz"))) == 1 and not list(tmp_path.glob(".*"))  # no temporaries
-    closed = own.copy()                                                    # j = None: the mouth shut
+    np.testing.assert_array_equal(cached.mouth_of(1, 3), want)            # read back from the cache
+    # no temporaries
+    assert len(list(tmp_path.glob("*mouth*.npz"))) == 1 and not list(tmp_path.glob(".*"))
+    closed = own.copy()                                                   # j = None: the mouth shut
     closed[:, [K["mouth_open"], K["mouth_width"]]] = 0
-    np.testing.assert_array_equal(cached.mouth_of(1, None), procedural.render_clip(ds.identity(1), closed, 32))
+    np.testing.assert_array_equal(cached.mouth_of(1, None),
+                                  procedural.render_clip(ds.identity(1), closed, 32))
 
 
 def test_every_cli_flag_says_what_it_does(cli_actions):
-    """Every option of data.py's command line has help text (issue 20); train, evaluate and infer have
-    the same test in their own files."""
+    """Every option of data.py's command line has help text (issue 20); train, evaluate and infer
+    have the same test in their own files."""
     assert all(a.help for a in cli_actions(data.main, ["bench"]))

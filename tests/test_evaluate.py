@@ -56,11 +56,12 @@ def test_untrained_model_renders_source_recon_and_chunking_is_exact():
     with torch.no_grad():                      # E_m's last layers zeroed by hand: z_c->d = 0
         for mlp in model.fusion.E_m.mlps.values():
             mlp[-1].weight.zero_(), mlp[-1].bias.zero_()
-    ds = data.SyntheticTalkingFaces("test", n_identities=1, clips_per_identity=1, n_frames=7, size=64)
+    ds = data.SyntheticTalkingFaces("test", n_identities=1, clips_per_identity=1, n_frames=7,
+                                    size=64)
     s = ds[0]
     x_s, x_d, mel = s["frames"][0], s["frames"], s["mel"]
-    # residual E_can is the identity at init, z_c->d = 0 and the temporal conv the identity: every frame
-    # is then G(E_inv(x_s)), the encoder reconstruction of the source.
+    # residual E_can is the identity at init, z_c->d = 0 and the temporal conv the identity: every
+    # frame is then G(E_inv(x_s)), the encoder reconstruction of the source.
     out = ev.run_model(model, x_s, x_d, mel, "model", chunk=3)
     with torch.no_grad():
         recon = model.G.synthesis(model.E_inv(x_s[None]))
@@ -69,8 +70,8 @@ def test_untrained_model_renders_source_recon_and_chunking_is_exact():
     rec = ev.run_model(model, x_s, x_s[None].expand(7, -1, -1, -1), mel, "encoder_recon")["x_g"]
     torch.testing.assert_close(rec, out["x_g"], rtol=0, atol=1e-5)
     # Perturb the fusion so windows matter; chunks of whole windows must equal FCTFG.forward on the
-    # whole clip: as one window (continuous, the default: each chunk carries its neighbours) or cut into
-    # windows of 3 (the paper's mode; TemporalFusion cuts it into the same windows itself)
+    # whole clip: as one window (continuous, the default: each chunk carries its neighbours) or cut
+    # into windows of 3 (the paper's mode; TemporalFusion cuts it into the same windows itself)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.fusion.parameters():
@@ -80,12 +81,14 @@ def test_untrained_model_renders_source_recon_and_chunking_is_exact():
             with model.fusion.temporal.one_window(continuous):
                 refs[continuous] = model(x_s[None], x_d[None], mel[None])["x_g"][0]
     assert (refs[True] - refs[False]).abs().max() > 1e-3                # the borders do differ
-    # and the deflicker (fusion.Deflicker), its state carried from chunk to chunk, as on the whole clip
+    # and the deflicker (fusion.Deflicker), its state carried from chunk to chunk, as on the whole
+    # clip
     for chunk in (3, 6, 100):
         for continuous, ref in refs.items():
             for tau in (0, fusion.DEFLICKER_TAU):
                 torch.testing.assert_close(ev.run_model(model, x_s, x_d, mel, "model", chunk=chunk,
-                                                        continuous=continuous, deflicker=tau)["x_g"],
+                                                        continuous=continuous,
+                                                        deflicker=tau)["x_g"],
                                            fusion.Deflicker(tau)(ref), rtol=0, atol=1e-5)
     copy = ev.run_model(None, x_s, x_d, mel, "copy_source")     # no network
     assert torch.equal(copy["x_g"], x_s[None].expand(7, -1, -1, -1)) and copy["ws"] is None
@@ -109,47 +112,58 @@ def test_copy_source_static_clip_is_perfect():
 
 def test_copy_source_cli_matches_hand_computation(tmp_path, capsys):
     sk = pytest.importorskip("skimage.metrics")
-    rc, out, _ = _run(["--baseline", "copy_source", "--n_clips", 1, "--clip_frames", 6, "--out", tmp_path / "p",
-                       "--examples", 0], capsys)
+    rc, out, _ = _run(["--baseline", "copy_source", "--n_clips", 1, "--clip_frames", 6,
+                       "--out", tmp_path / "p", "--examples", 0], capsys)
     assert rc == 0 and "baseline: copy source frame" in out
     clip = _results(tmp_path / "p")["clips"][0]
-    f = _uint8(data.SyntheticTalkingFaces("test", n_identities=2, clips_per_identity=1, n_frames=6, size=64,
-                                          first=procedural.ATTRIBUTE_SPLITS["report"])[0]["frames"])  # the default
+    # the default
+    f = _uint8(data.SyntheticTalkingFaces("test", n_identities=2, clips_per_identity=1, n_frames=6,
+                                          size=64,
+                                          first=procedural.ATTRIBUTE_SPLITS["report"])[0]["frames"])
     # PC-AVS protocol: frame 0 is the source, frames 1..5 are scored; per-frame values then the mean
-    assert clip["psnr"] == pytest.approx(np.mean([_psnr_np(f[0], f[t]) for t in range(1, 6)]), abs=1e-9)
-    want = np.mean([sk.structural_similarity(f[0], f[t], gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                             data_range=255, channel_axis=2) for t in range(1, 6)])
+    assert clip["psnr"] == pytest.approx(np.mean([_psnr_np(f[0], f[t]) for t in range(1, 6)]),
+                                         abs=1e-9)
+    want = np.mean([sk.structural_similarity(f[0], f[t], gaussian_weights=True, sigma=1.5,
+                                             use_sample_covariance=False, data_range=255,
+                                             channel_axis=2) for t in range(1, 6)])
     assert clip["ssim"] == pytest.approx(want, abs=1e-5)
-    # cross protocol: source = frame 0 of clip 0 (person A), ground truth = A with clip 1's motion, all frames
-    rc, out, _ = _run(["--baseline", "copy_source", "--protocol", "cross", "--n_clips", 1, "--clip_frames", 6,
-                       "--out", tmp_path / "c", "--examples", 0], capsys)
+    # cross protocol: source = frame 0 of clip 0 (person A), ground truth = A with clip 1's motion,
+    # all frames
+    rc, out, _ = _run(["--baseline", "copy_source", "--protocol", "cross", "--n_clips", 1,
+                       "--clip_frames", 6, "--out", tmp_path / "c", "--examples", 0], capsys)
     assert rc == 0
     clip = _results(tmp_path / "c")["clips"][0]
-    ds = data.SyntheticTalkingFaces("test", n_identities=2, clips_per_identity=1, n_frames=6, size=64,
-                                    first=procedural.ATTRIBUTE_SPLITS["report"])    # --split report, the default
+    # --split report, the default
+    ds = data.SyntheticTalkingFaces("test", n_identities=2, clips_per_identity=1, n_frames=6,
+                                    size=64, first=procedural.ATTRIBUTE_SPLITS["report"])
     src, gt = _uint8(ds[0]["frames"])[0], _uint8(ds.cross(0, 1)["frames"])
     assert clip["pair"] == [0, 1]
     assert clip["psnr"] == pytest.approx(np.mean([_psnr_np(src, g) for g in gt]), abs=1e-9)
     masks = procedural.region_masks(ds.identity(0), ds.cross(0, 1)["motion"].numpy())
     err = np.abs(src[None].astype(float) - gt.astype(float)).mean(-1)        # [T, H, W] grey levels
     assert clip["background_err"] == pytest.approx(err[masks["background"]].mean(), abs=1e-9)
-    assert clip["skin_err"] == pytest.approx(err[masks["skin"]].mean(), abs=1e-9) and clip["sharpness"] > 0
+    assert (clip["skin_err"] == pytest.approx(err[masks["skin"]].mean(), abs=1e-9)
+            and clip["sharpness"] > 0)
     assert "background err" in out
 
 
 def test_cli_end_to_end_untrained_tiny(tmp_path, capsys, probe_ckpt, syncnet_ckpt):
     d = tmp_path / "run"
-    rc, out, err = _run(["--checkpoint", "untrained", "--n_clips", 2, "--clip_frames", 10, "--out", d,
-                         "--syncnet", syncnet_ckpt, "--probe", probe_ckpt[0], "--examples", 1], capsys)
+    rc, out, err = _run(["--checkpoint", "untrained", "--n_clips", 2, "--clip_frames", 10,
+                         "--out", d, "--syncnet", syncnet_ckpt, "--probe", probe_ckpt[0],
+                         "--examples", 1], capsys)
     assert rc == 0, err
-    assert "| Method | SSIM" in out and "FC-TFG (untrained tiny)" in out and "frames/s" in out and "ETA" in out
+    assert ("| Method | SSIM" in out and "FC-TFG (untrained tiny)" in out and "frames/s" in out
+            and "ETA" in out)
     res = _results(d)
     s = res["summary"]
-    for k in ("ssim", "psnr", "lmd", "lse_c_ours", "lse_d_ours", "lse_c_ours_real", "canon_var", "drive_var"):
+    for k in ("ssim", "psnr", "lmd", "lse_c_ours", "lse_d_ours", "lse_c_ours_real", "canon_var",
+              "drive_var"):
         assert isinstance(s[k], float) and math.isfinite(s[k]), (k, s[k])
     assert s["ms_ssim"] is None and s["n_clips"] == 2 and s["z_sc_spread"] == 0
     assert len(res["clips"]) == 2 and all(math.isfinite(v) for v in s["attr"].values())
-    assert any("NOT comparable" in n for n in res["notes"]) and any("held-out error" in n for n in res["notes"])
+    assert (any("NOT comparable" in n for n in res["notes"])
+            and any("held-out error" in n for n in res["notes"]))
     md = (d / "results.md").read_text()
     assert "| FC-TFG (untrained tiny) |" in md and "MS-SSIM: '-'" in md
     assert not list(d.glob("*.tmp*"))  # atomic writes leave no temporaries
@@ -160,14 +174,18 @@ def test_cli_end_to_end_untrained_tiny(tmp_path, capsys, probe_ckpt, syncnet_ckp
 
 
 def test_cli_cross_protocol_controllability(tmp_path, capsys, probe_ckpt):
-    rc, out, err = _run(["--checkpoint", "untrained", "--protocol", "cross", "--n_clips", 2, "--clip_frames", 6,
-                         "--out", tmp_path, "--probe", probe_ckpt[0], "--examples", 0], capsys)
+    rc, out, err = _run(["--checkpoint", "untrained", "--protocol", "cross", "--n_clips", 2,
+                         "--clip_frames", 6, "--out", tmp_path, "--probe", probe_ckpt[0],
+                         "--examples", 0], capsys)
     assert rc == 0, err
-    assert "yaw err (deg)" in out and "probe on ground truth (its floor)" in out and "Fig. 5b" in out
+    assert ("yaw err (deg)" in out and "probe on ground truth (its floor)" in out
+            and "Fig. 5b" in out)
     s = _results(tmp_path)["summary"]
     for group in ("attr", "attr_floor"):
-        assert set(s[group]) == set(metrics.ATTRIBUTES) and all(math.isfinite(v) for v in s[group].values())
-    for k in ("canon_var", "drive_var", "canon_pose_std", "drive_pose_std", "lmd", "lmd_vs_renderer"):
+        assert (set(s[group]) == set(metrics.ATTRIBUTES)
+                and all(math.isfinite(v) for v in s[group].values()))
+    for k in ("canon_var", "drive_var", "canon_pose_std", "drive_pose_std", "lmd",
+              "lmd_vs_renderer"):
         assert math.isfinite(s[k]), k
     assert [c["pair"] for c in _results(tmp_path)["clips"]] == [[0, 1], [1, 0]]
 
@@ -196,65 +214,79 @@ def test_cli_bad_checkpoint_one_line_error(tmp_path, capsys, syncnet_ckpt):
     for ck, msg in [(garbage, "not a loadable checkpoint"), (tmp_path / "missing.pt", "not found"),
                     (syncnet_ckpt, "not an FC-TFG checkpoint")]:
         rc, out, err = _run(["--checkpoint", ck, "--out", tmp_path / "o", "--n_clips", 1], capsys)
-        assert rc == 2 and msg in err and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
-    # a flag that acts only with another one, given alone, is refused in one line, not silently ignored
+        assert (rc == 2 and msg in err and err.startswith("error:")
+                and len(err.strip().splitlines()) == 1), err
+    # a flag that acts only with another one, given alone, is refused in one line, not silently
+    # ignored
     for argv, msg in [(["--probe_steps", 5], "--probe_steps has no effect without --train-probe"),
-                      (["--checkpoint", garbage, "--window", 3], "--window has no effect without --checkpoint"),
-                      (["--split", "tune", "--data", "/nonexistent"], "--split has no effect without --data synthetic"),
-                      (["--paper_table", "mead"], "--paper_table has no effect without --data FOLDER")]:
+                      (["--checkpoint", garbage, "--window", 3],
+                       "--window has no effect without --checkpoint"),
+                      (["--split", "tune", "--data", "/nonexistent"],
+                       "--split has no effect without --data synthetic"),
+                      (["--paper_table", "mead"],
+                       "--paper_table has no effect without --data FOLDER")]:
         rc, out, err = _run([*argv, "--out", tmp_path / "o"], capsys)
-        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists(), err
+        assert (rc == 2 and msg in err and len(err.strip().splitlines()) == 1
+                and not (tmp_path / "o").exists()), err
     # and as a real process: non-zero exit status, no traceback
-    p = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(garbage), "--out", str(tmp_path / "o")],
+    p = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(garbage),
+                        "--out", str(tmp_path / "o")],
                        cwd=Path(ev.__file__).parent, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error:"), p.stderr
+    assert (p.returncode == 2 and "Traceback" not in p.stderr
+            and p.stderr.startswith("error:")), p.stderr
 
 
 def test_flicker_separates_window_borders_hand_values():
-    """Window 3 over T=7: pairs (2,3) and (5,6) straddle borders. A sequence that only jumps at borders
-    has inside change 0; a ramp has equal change everywhere (ratio 1)."""
+    """Window 3 over T=7: pairs (2,3) and (5,6) straddle borders. A sequence that only jumps at
+    borders has inside change 0; a ramp has equal change everywhere (ratio 1)."""
     jumps = torch.tensor([0, 0, 0, 5, 5, 5, 9], dtype=torch.float64)[:, None]
     f = ev.flicker(jumps, 3)
     assert f["border"] == pytest.approx((5 + 4) / 2) and f["inside"] == 0 and f["ratio"] is None
     ramp = torch.arange(7, dtype=torch.float64)[:, None, None] * torch.ones(1, 2, 2)
     f = ev.flicker(ramp, 3)
-    assert f["border"] == pytest.approx(1) and f["inside"] == pytest.approx(1) and f["ratio"] == pytest.approx(1)
+    assert (f["border"] == pytest.approx(1) and f["inside"] == pytest.approx(1)
+            and f["ratio"] == pytest.approx(1))
     assert ev.flicker(ramp, None)["ratio"] is None and ev.flicker(ramp[:1], 3)["border"] is None
     f = ev.flicker(ramp[:3], 5)                    # one window: no border pair at all
     assert f["border"] is None and f["inside"] == pytest.approx(1)
 
 
 def test_steadiness_hand_values():
-    """jitter = mean |x_t+1 - x_t| of gen / of truth; seam = gen's border/inside ratio over the truth's. A truth
-    that ramps by 1 per frame; gen ramps by 2 inside windows of 3 and jumps by 8 at the borders."""
+    """jitter = mean |x_t+1 - x_t| of gen / of truth; seam = gen's border/inside ratio over the
+    truth's. A truth that ramps by 1 per frame; gen ramps by 2 inside windows of 3 and jumps by 8 at
+    the borders."""
     truth = torch.arange(7, dtype=torch.float64)[:, None]
     gen = torch.tensor([0, 2, 4, 12, 14, 16, 24], dtype=torch.float64)[:, None]
     s = ev.steadiness(gen, truth, 3)
     steps = [2, 2, 8, 2, 2, 8]
     assert s["jitter"] == pytest.approx(sum(steps) / 6) and s["seam"] == pytest.approx(8 / 2)
     assert ev.steadiness(truth, truth, 3) == dict(jitter=1.0, seam=1.0)
-    still = ev.steadiness(torch.zeros(7, 1), truth, 3)                  # a still copy: no motion, no seam
+    still = ev.steadiness(torch.zeros(7, 1), truth, 3)  # a still copy: no motion, no seam
     assert still["jitter"] == 0 and still["seam"] is None
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # attribute transfer (issue 18)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_transfer_correlation_against_numpy_and_hand_cases():
     """Oracle: np.corrcoef of the pooled, per-pixel-centred luminance on the moving pixels, computed
     here from the definition; plus the cases the score exists for: a copy scores 0, the reference 1,
-    its photographic negative -1, and a brighter copy of the motion still 1 (correlation, not error)."""
+    its photographic negative -1, and a brighter copy of the motion still 1 (correlation, not
+    error)."""
     g = torch.Generator().manual_seed(0)
     T, H, W = 8, 6, 5
     ref = torch.full((T, 3, H, W), 100.0)
-    ref[:, :, :3, :2] += torch.rand(T, 1, 3, 2, generator=g) * 80        # 6 moving pixels, same in RGB
+    ref[:, :, :3, :2] += torch.rand(T, 1, 3, 2, generator=g) * 80  # 6 moving pixels, same in RGB
     gen = ref + torch.randn(T, 3, H, W, generator=g) * 20
     corr, n = ev.transfer_correlation(gen, ref)
     assert n == 6
-    luma = lambda x: (x.double() * torch.tensor(metrics.LUMA, dtype=torch.float64).view(1, 3, 1, 1)).sum(1).numpy()
+    luma = lambda x: (x.double() * torch.tensor(metrics.LUMA, dtype=torch.float64)
+                      .view(1, 3, 1, 1)).sum(1).numpy()
     gl, rl = luma(gen)[:, :3, :2], luma(ref)[:, :3, :2]
-    gc, rc = (gl - gl.mean(0)).ravel(), (rl - rl.mean(0)).ravel()       # per-pixel centring, then pooled
-    assert corr == pytest.approx(float(np.corrcoef(np.r_[gc, -gc], np.r_[rc, -rc])[0, 1]), abs=1e-12)
+    # per-pixel centring, then pooled
+    gc, rc = (gl - gl.mean(0)).ravel(), (rl - rl.mean(0)).ravel()
+    assert corr == pytest.approx(float(np.corrcoef(np.r_[gc, -gc], np.r_[rc, -rc])[0, 1]),
+                                 abs=1e-12)
     assert ev.transfer_correlation(ref, ref)[0] == pytest.approx(1, abs=1e-12)
     assert ev.transfer_correlation(255 - ref, ref)[0] == pytest.approx(-1, abs=1e-12)
     assert ev.transfer_correlation(1.5 * ref, ref)[0] == pytest.approx(1, abs=1e-12)
@@ -266,30 +298,40 @@ def test_attribute_table_rows_and_cli(tmp_path, capsys, probe_ckpt):
     """Copy-source is exactly 0 on every attribute; the driver's own codes of an untrained model are
     rendered through the model, so their rows are finite; the CLI prints and saves the table."""
     rc, out, err = _run(["--checkpoint", "untrained", "--protocol", "attributes", "--n_clips", 1,
-                         "--clip_frames", 12, "--split", "tune", "--out", tmp_path, "--probe", probe_ckpt[0]],
+                         "--clip_frames", 12, "--split", "tune", "--out", tmp_path,
+                         "--probe", probe_ckpt[0]],
                         capsys)
     assert rc == 0, err
     assert "blink corr" in out and "copy source" in out and "driver's own codes" in out
     res = _results(tmp_path)["attributes"]
     attrs = procedural.ATTRIBUTE_CLIPS
-    assert set(res) == {"model", "copy_source", "encoder_recon", "truth_recon"} and set(res["model"]) == set(attrs)
+    assert (set(res) == {"model", "copy_source", "encoder_recon", "truth_recon"}
+            and set(res["model"]) == set(attrs))
     assert all(res["copy_source"][a]["corr"] == 0 for a in attrs)
     for row in res.values():
         for a in attrs:
-            assert -1 <= row[a]["corr"] <= 1 and math.isfinite(row[a]["psnr"]) and math.isfinite(row[a]["err"])
-            assert row[a]["sharpness"] > 0 and row[a]["background_err"] >= 0 and row[a]["skin_err"] >= 0
-    # A's still copied: its backdrop is A's own, so only pixels the moving head uncovers differ (yaw, pitch)
-    assert all(res["copy_source"][a]["background_err"] < 1.0 for a in ("blink", "gaze", "brow", "lips"))
+            assert (-1 <= row[a]["corr"] <= 1 and math.isfinite(row[a]["psnr"])
+                    and math.isfinite(row[a]["err"]))
+            assert (row[a]["sharpness"] > 0 and row[a]["background_err"] >= 0
+                    and row[a]["skin_err"] >= 0)
+    # A's still copied: its backdrop is A's own, so only pixels the moving head uncovers differ
+    # (yaw, pitch)
+    assert all(res["copy_source"][a]["background_err"] < 1.0
+               for a in ("blink", "gaze", "brow", "lips"))
     assert "background err" in out and "decoder + inversion redrawing A" in out
-    rc, _, err = _run(["--protocol", "attributes", "--baseline", "copy_source", "--out", tmp_path / "b"], capsys)
+    rc, _, err = _run(["--protocol", "attributes", "--baseline", "copy_source", "--out",
+                       tmp_path / "b"], capsys)
     assert rc == 2 and err.startswith("error:")
 
 
 def test_attribute_standard_error_over_pairs_and_its_cell():
-    """corr_se = sample std / sqrt(n) over the pairs (hand values); the table writes it beside the mean."""
-    assert ev._se([0.2, 0.4, 0.9]) == pytest.approx(float(np.std([0.2, 0.4, 0.9], ddof=1)) / math.sqrt(3))
+    """corr_se = sample std / sqrt(n) over the pairs (hand values); the table writes it beside the
+    mean."""
+    assert ev._se([0.2, 0.4, 0.9]) == pytest.approx(float(np.std([0.2, 0.4, 0.9], ddof=1))
+                                                    / math.sqrt(3))
     assert ev._se([0.5]) is None and ev._se([]) is None
-    row = {a: {"corr": 0.5, "corr_se": 0.04, "psnr": 20.0, "err": 0.1} for a in procedural.ATTRIBUTE_CLIPS}
+    row = {a: {"corr": 0.5, "corr_se": 0.04, "psnr": 20.0, "err": 0.1}
+           for a in procedural.ATTRIBUTE_CLIPS}
     table = ev.format_attribute_table({"model": row})
     assert "0.50 ± 0.04" in table and table.count("±") == len(procedural.ATTRIBUTE_CLIPS)
 
@@ -301,32 +343,39 @@ def test_every_cli_flag_says_what_it_does(cli_actions):
 
 
 def test_judges_report_runs_on_a_judges_checkpoint(tmp_path, capsys):
-    """evaluate.py --judges: E_id verification and φ rankings on unseen people, written to --out; --out needed."""
+    """evaluate.py --judges: E_id verification and φ rankings on unseen people, written to --out;
+    --out needed."""
     import train
-    assert train.train(["--stage", "judges", "--out", str(tmp_path / "j"), "--max_steps", "2", "--batch", "4",
-                        "--n_identities", "4", "--frame_pool", "8", "--log_every", "1", "--sample_every", "0"]) == 0
+    assert train.train(["--stage", "judges", "--out", str(tmp_path / "j"), "--max_steps", "2",
+                        "--batch", "4", "--n_identities", "4", "--frame_pool", "8",
+                        "--log_every", "1", "--sample_every", "0"]) == 0
     rc, out, err = _run(["--judges", tmp_path / "j" / "last.pt", "--out", tmp_path / "q"], capsys)
     assert rc == 0, err
     q = _results(tmp_path / "q")
-    assert 0 <= q["e_id"]["auc"] <= 1 and 0 <= q["e_id"]["accuracy"] <= 1 and q["e_id"]["pairs"] == 400
+    assert (0 <= q["e_id"]["auc"] <= 1 and 0 <= q["e_id"]["accuracy"] <= 1
+            and q["e_id"]["pairs"] == 400)
     assert set(q["phi"]) == {"phi", "phi_untrained", "l1"} and "verification AUC" in out
     rc, out, err = _run(["--judges", tmp_path / "j" / "last.pt"], capsys)
     assert rc == 2 and "--judges needs --out" in err
 
 
 def test_stage_checkpoints_score_the_decoder_ceiling_only(tmp_path, capsys):
-    """A decoder-stage checkpoint (G + its joint encoder) scores --baseline truth_recon: G(E_inv(truth)) with the
-    stage's own weights; it has no FC-TFG to score the model row with, which is refused in one line."""
+    """A decoder-stage checkpoint (G + its joint encoder) scores --baseline truth_recon:
+    G(E_inv(truth)) with the stage's own weights; it has no FC-TFG to score the model row with,
+    which is refused in one line."""
     import train
-    assert train.train(["--stage", "stylegan2", "--out", str(tmp_path / "sg"), "--max_steps", "1", "--batch", "4",
-                        "--n_identities", "2", "--frame_pool", "4", "--sample_every", "0", "--log_every", "1"]) == 0
+    assert train.train(["--stage", "stylegan2", "--out", str(tmp_path / "sg"), "--max_steps", "1",
+                        "--batch", "4", "--n_identities", "2", "--frame_pool", "4",
+                        "--sample_every", "0", "--log_every", "1"]) == 0
     ck = tmp_path / "sg" / "last.pt"
     model, cfg = ev.load_model(str(ck))
     state = torch.load(ck, weights_only=True)
     assert cfg["stage"] == "stylegan2" and cfg["hyper_steps"] == 0
     assert all(torch.equal(v, state["e_inv"][k]) for k, v in model.E_inv.state_dict().items())
-    rc, out, err = _run(["--protocol", "cross", "--baseline", "truth_recon", "--checkpoint", ck, "--n_clips", 1,
-                         "--clip_frames", 6, "--examples", 0, "--out", tmp_path / "c"], capsys)
+    rc, out, err = _run(["--protocol", "cross", "--baseline", "truth_recon", "--checkpoint", ck,
+                         "--n_clips", 1, "--clip_frames", 6, "--examples", 0,
+                         "--out", tmp_path / "c"], capsys)
     assert rc == 0 and "decoder + inversion ceiling" in out, err
-    rc, out, err = _run(["--protocol", "cross", "--checkpoint", ck, "--n_clips", 1, "--out", tmp_path / "m"], capsys)
+    rc, out, err = _run(["--protocol", "cross", "--checkpoint", ck, "--n_clips", 1,
+                         "--out", tmp_path / "m"], capsys)
     assert rc == 2 and "truth_recon / encoder_recon only" in err

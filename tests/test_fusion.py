@@ -1,5 +1,6 @@
-"""Tests for fusion.py: layer choice (Sec. 4.1.2), E_can / E_m (Sec. 3.1-3.2), Eq. (1), Temporal Fusion
-(Table 3), the video discriminator, and a short end-to-end overfit with every loss of Eq. (9)."""
+"""Tests for fusion.py: layer choice (Sec. 4.1.2), E_can / E_m (Sec. 3.1-3.2), Eq. (1), Temporal
+Fusion (Table 3), the video discriminator, and a short end-to-end overfit with every loss of
+Eq. (9)."""
 import math
 
 import pytest
@@ -34,12 +35,13 @@ def codes(B=2, T=4, L=14, C=6, A=5):
             torch.randn(B, T, A, dtype=torch.float64))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Sec. 4.1.2 layer selection
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_w_indices_follow_the_stylegan2_index_map():
-    # Hand-read from rosinality's layer order: resolution 2^r uses w(2r-5) (up-conv) and w(2r-4) (conv).
+    # Hand-read from rosinality's layer order: resolution 2^r uses w(2r-5) (up-conv) and w(2r-4)
+    # (conv).
     assert fusion.w_indices_at(8) == [1, 2]
     assert fusion.w_indices_at(16) == [3, 4]
     assert fusion.w_indices_at(64) == [7, 8]
@@ -55,10 +57,11 @@ def test_paper_layers_reproduce_the_paper_and_derive_tiny():
     assert fusion.PRESETS["paper"]["audio_layers"] == PAPER_AUDIO
     layers, audio = fusion.paper_layers(64)
     assert (layers, audio) == ((1, 2, 3, 4, 5, 6), (3, 4))
-    # the tiny preset adds w0 (the 4 px conv, where our decoder keeps the yaw; fusion docstring), and
-    # train.py's tiny default says the same (its checkpoints record it)
-    # and the audio to every manipulated layer (our decoder spreads the mouth over them)
-    assert fusion.PRESETS["tiny"]["layers"] == (0,) + layers == fusion.PRESETS["tiny"]["audio_layers"]
+    # the tiny preset adds w0 (the 4 px conv, where our decoder keeps the yaw; fusion docstring),
+    # and train.py's tiny default says the same (its checkpoints record it) and the audio to every
+    # manipulated layer (our decoder spreads the mouth over them)
+    assert fusion.PRESETS["tiny"]["layers"] == (0,) + layers == fusion.PRESETS["tiny"][
+        "audio_layers"]
     import train
     for name in ("tiny", "paper"):
         for key in ("layers", "audio_layers"):
@@ -67,7 +70,8 @@ def test_paper_layers_reproduce_the_paper_and_derive_tiny():
     with pytest.raises(ValueError, match="comma-separated"):
         fusion.parse_layers("1;2")
     # every manipulated index is a real w index of the tiny generator (10 codes)
-    assert max(layers) < stylegan2.Generator(**stylegan2.PRESETS["tiny"]).n_latent == fusion.PRESETS["tiny"]["L"]
+    assert max(layers) < stylegan2.Generator(
+        **stylegan2.PRESETS["tiny"]).n_latent == fusion.PRESETS["tiny"]["L"]
     with pytest.raises(ValueError):
         fusion.paper_layers(48)
 
@@ -81,9 +85,9 @@ def test_presets_match_the_other_modules():
         assert E_a.out_dim == fusion.PRESETS[name]["A"], name
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # E_can, E_m: architecture against a hand-written formula, per-layer independence
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def lrelu(x):
     return torch.where(x > 0, x, 0.2 * x)
@@ -103,7 +107,7 @@ def test_canonical_encoder_is_a_per_layer_2_layer_mlp(skip):
         if l in PAPER_LAYERS:
             m = E.mlps[str(l)]
             W1, b1, W2, b2 = m[0].weight, m[0].bias, m[2].weight, m[2].bias
-            want = (z_s[:, l] if skip else 0) + lrelu(z_s[:, l] @ W1.T + b1) @ W2.T + b2   # Sec. 3.1
+            want = (z_s[:, l] if skip else 0) + lrelu(z_s[:, l] @ W1.T + b1) @ W2.T + b2  # Sec. 3.1
         else:
             want = z_s[:, l]
         torch.testing.assert_close(out[:, l], want)
@@ -118,7 +122,8 @@ def test_motion_encoder_is_a_per_layer_3_layer_mlp_on_audio_concat_driving():
         if l not in PAPER_LAYERS:
             assert (out[:, :, l] == 0).all()
             continue
-        x = torch.cat([z_a, z_d[:, :, l]], -1) if l in PAPER_AUDIO else z_d[:, :, l]  # Eq. (2): E_a ⊕ E_inv
+        # Eq. (2): E_a ⊕ E_inv
+        x = torch.cat([z_a, z_d[:, :, l]], -1) if l in PAPER_AUDIO else z_d[:, :, l]
         m = E.mlps[str(l)]
         h = lrelu(x @ m[0].weight.T + m[0].bias)
         h = lrelu(h @ m[2].weight.T + m[2].bias)
@@ -188,9 +193,10 @@ def test_fresh_motion_code_depends_on_the_driving_frame():
     z_s, z_d, z_a = codes()
     out = F_(z_s, z_d, z_a)
     moved = (out["z_cd"] != 0).any(-1)                      # [B, T, L]: which w vectors got motion
-    assert moved[..., list(F_.layers)].all() and not moved[..., [l for l in range(F_.L) if l not in F_.layers]].any()
+    assert moved[..., list(F_.layers)].all() and not moved[..., [l for l in range(F_.L)
+                                                                 if l not in F_.layers]].any()
     z_d2 = z_d.clone()
-    z_d2[:, 1] += 1.0                                       # another driving frame 1: only its code changes
+    z_d2[:, 1] += 1.0                               # another driving frame 1: only its code changes
     out2 = F_(z_s, z_d2, z_a)
     assert not torch.allclose(out2["z_cd"][:, 1], out["z_cd"][:, 1])
     torch.testing.assert_close(out2["z_cd"][:, 0], out["z_cd"][:, 0])
@@ -224,20 +230,20 @@ def test_bad_inputs_raise():
         LatentFusion(L=14, C=6, A=5, temporal="gru")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Temporal Fusion (Sec. 3.2, 4.4.2, Table 3)
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def naive_grouped_conv_replicate(z, weight, bias, k):
-    """Frame loop: y[t, g] = b_g + Σ_j W_g[:, :, j] @ z[clamp(t + j - k//2), g], with W_g the g-th C x C
-    block of the grouped Conv1d weight [n*C, C, k]."""
+    """Frame loop: y[t, g] = b_g + Σ_j W_g[:, :, j] @ z[clamp(t + j - k//2), g], with W_g the g-th C
+    x C block of the grouped Conv1d weight [n*C, C, k]."""
     B, T, n, C = z.shape
     y = torch.zeros_like(z)
     for t in range(T):
         for g in range(n):
             acc = bias[g * C:(g + 1) * C].clone().expand(B, C).clone()
             for j in range(k):
-                s = min(max(t + j - k // 2, 0), T - 1)      # replicate padding at the window borders
+                s = min(max(t + j - k // 2, 0), T - 1)     # replicate padding at the window borders
                 acc = acc + z[:, s, g] @ weight[g * C:(g + 1) * C, :, j].T
             y[:, t, g] = acc
     return y
@@ -246,7 +252,8 @@ def naive_grouped_conv_replicate(z, weight, bias, k):
 def test_temporal_conv_matches_a_naive_frame_loop():
     tf = randomize_(TemporalFusion(n_layers=3, C=4, mode="conv", kernel_size=5).double())
     z = torch.randn(2, 7, 3, 4, dtype=torch.float64)
-    torch.testing.assert_close(tf(z), naive_grouped_conv_replicate(z, tf.conv.weight, tf.conv.bias, 5))
+    torch.testing.assert_close(tf(z), naive_grouped_conv_replicate(z, tf.conv.weight, tf.conv.bias,
+                                                                   5))
 
 
 @pytest.mark.parametrize("mode", ["conv", "lstm", "none"])
@@ -263,7 +270,7 @@ def test_temporal_conv_parameter_count_is_grouped_per_layer():
 @pytest.mark.parametrize("mode", ["conv", "lstm"])
 def test_temporal_output_depends_only_on_frames_of_its_window(mode):
     tf = randomize_(TemporalFusion(2, 3, mode, kernel_size=3, window=4).double())
-    T = 10                                                  # windows [0..3], [4..7], [8, 9] (short last one)
+    T = 10                                         # windows [0..3], [4..7], [8, 9] (short last one)
     z = torch.randn(1, T, 2, 3, dtype=torch.float64)
     jac = torch.autograd.functional.jacobian(tf, z)          # [1, T, 2, 3, 1, T, 2, 3]
     dep = jac.abs().sum(dim=(0, 2, 3, 4, 6, 7)) > 0          # dep[t_out, t_in]
@@ -285,7 +292,8 @@ def test_temporal_conv_border_padding_repeats_the_edge_frame():
     frame = torch.randn(1, 1, 2, 3, dtype=torch.float64)
     z = frame.expand(1, 6, 2, 3)                             # a still clip
     y = tf(z)
-    # replicate padding: every output frame (borders included) is the same; zero padding would differ
+    # replicate padding: every output frame (borders included) is the same; zero padding would
+    # differ
     torch.testing.assert_close(y, y[:, :1].expand_as(y))
     # the first output frame equals the conv applied to [z0, z0, z0, z1, z2]
     z2 = torch.randn(1, 6, 2, 3, dtype=torch.float64)
@@ -303,9 +311,9 @@ def test_temporal_bad_arguments_raise():
         TemporalFusion(2, 3, "lstm")(torch.randn(1, 4, 3, 3))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Video discriminator (Sec. 4.4.2, Table 3)
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def tiny_d_kwargs():
     p = stylegan2.PRESETS["tiny"]
@@ -339,16 +347,17 @@ def test_video_discriminator_rejects_bad_input():
         D_vid.init_from_image_discriminator(stylegan2.Discriminator(**kw, in_channels=6))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # End to end: 20 Adam steps of the tiny fusion network on one fixed batch, every term of Eq. (9)
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 class ToyIdentity(torch.nn.Module):
     """Stand-in for ArcFace: a fixed random conv net -> unit vectors."""
 
     def __init__(self):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, 4), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 4, 4),
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, 4), torch.nn.ReLU(),
+                                       torch.nn.Conv2d(8, 16, 4, 4),
                                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
         self.requires_grad_(False)
 
@@ -357,9 +366,10 @@ class ToyIdentity(torch.nn.Module):
 
 
 class ToyDecoder(torch.nn.Module):
-    """Stand-in for G on 2 CPU cores: codes [N, L, C] -> images [N, 3, 64, 64] in (-1, 1). A fixed random
-    linear map to 16x16 then 4x nearest upsampling; like G it sees every w index. (The real tiny G costs
-    seconds per step on a loaded 2-core machine; its wiring to these losses is the job of train.py.)"""
+    """Stand-in for G on 2 CPU cores: codes [N, L, C] -> images [N, 3, 64, 64] in (-1, 1). A fixed
+    random linear map to 16x16 then 4x nearest upsampling; like G it sees every w index. (The real
+    tiny G costs seconds per step on a loaded 2-core machine; its wiring to these losses is the job
+    of train.py.)"""
 
     def __init__(self, L, C):
         super().__init__()
@@ -377,16 +387,17 @@ def test_twenty_step_overfit_lowers_the_total_loss():
     net = LatentFusion.from_preset("tiny")
     B, T, L, C = 1, 5, net.L, net.C
     G = ToyDecoder(L, C)
-    D = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 8, 8), torch.nn.LeakyReLU(0.2), torch.nn.Flatten(),
-                            torch.nn.Linear(8 * 8 * 8, 1)).requires_grad_(False)  # cheap stand-in image D
+    # cheap stand-in image D
+    D = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 8, 8), torch.nn.LeakyReLU(0.2),
+                            torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 1)).requires_grad_(False)
     syncnet = audio.SyncNet(**audio.PRESETS["tiny"]).eval().requires_grad_(False)
     E_a = audio.AudioEncoder(**audio.AUDIO_ENCODER_PRESETS["tiny"]).eval().requires_grad_(False)
-    vgg = losses.VGG19Features(base=8)                                    # narrower than "tiny": CPU time
+    vgg = losses.VGG19Features(base=8)                              # narrower than "tiny": CPU time
     E_id = ToyIdentity()
     with torch.no_grad():
-        z_s = torch.randn(B, L, C)                                        # source codes [B, L, C]
-        z_d = torch.randn(B, T, L, C)                                     # driving codes [B, T, L, C]
-        x_d = G(z_d.flatten(0, 1)).view(B, T, 3, 64, 64)                  # driving frames = targets
+        z_s = torch.randn(B, L, C)                                      # source codes [B, L, C]
+        z_d = torch.randn(B, T, L, C)                                   # driving codes [B, T, L, C]
+        x_d = G(z_d.flatten(0, 1)).view(B, T, 3, 64, 64)                # driving frames = targets
         mel = torch.randn(B, 1, 80, 16)
         z_a = E_a(mel.repeat_interleave(T, 0)).view(B, T, -1)             # [B, T, A]
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -413,16 +424,18 @@ def test_twenty_step_overfit_lowers_the_total_loss():
 
 
 def test_generate_continuous_is_one_window_and_paper_mode_is_per_window():
-    """FCTFG.generate in chunks: continuous (each chunk with its halo) == the temporal layer over the whole clip as
-    one window; continuous=False == each 5-frame window fused alone (the paper's mode, Sec. 4.4.2); the two differ
-    only near window borders for the conv (it reads one frame on each side)."""
+    """FCTFG.generate in chunks: continuous (each chunk with its halo) == the temporal layer over
+    the whole clip as one window; continuous=False == each 5-frame window fused alone (the paper's
+    mode, Sec. 4.4.2); the two differ only near window borders for the conv (it reads one frame on
+    each side)."""
     torch.manual_seed(0)
     m = fusion.FCTFG("tiny", window=5).eval()
     with torch.no_grad():
         for mlp in m.fusion.E_m.mlps.values():
             torch.nn.init.normal_(mlp[-1].weight, std=0.05)
         m.fusion.temporal.conv.weight.add_(0.05 * torch.randn_like(m.fusion.temporal.conv.weight))
-        x_s, x_d, mel = torch.rand(3, 64, 64) * 2 - 1, torch.rand(13, 3, 64, 64) * 2 - 1, torch.randn(13, 1, 80, 16)
+        x_s, x_d, mel = torch.rand(3, 64, 64) * 2 - 1, torch.rand(
+            13, 3, 64, 64) * 2 - 1, torch.randn(13, 1, 80, 16)
         z_s, deltas = m.encode_source(x_s[None])
         z_d = m.E_inv(x_d)[None]
         outs = {}
@@ -431,9 +444,10 @@ def test_generate_continuous_is_one_window_and_paper_mode_is_per_window():
             with m.fusion.temporal.one_window(continuous):
                 ref = m.decode(z_s, deltas, z_d, mel[None])["z_sd"][0]
             torch.testing.assert_close(outs[continuous], ref, atol=1e-5, rtol=1e-5)
-    assert m.fusion.temporal.window == 5                                   # restored after each call
-    moved = (outs[True] - outs[False]).abs().flatten(1).amax(1) > 1e-4     # frames that differ
-    assert moved.tolist() == [t in (4, 5, 9, 10) for t in range(13)]      # the frames beside the two borders
+    assert m.fusion.temporal.window == 5                                  # restored after each call
+    moved = (outs[True] - outs[False]).abs().flatten(1).amax(1) > 1e-4    # frames that differ
+    # the frames beside the two borders
+    assert moved.tolist() == [t in (4, 5, 9, 10) for t in range(13)]
     assert m.fusion.temporal.halo() == (1, 1)
 
 
@@ -447,17 +461,19 @@ def _step_clip(change, channels=(0, 1, 2)):
 
 
 def test_deflicker_one_step_is_the_printed_gate():
-    """y_1 = y_0 + a (x_1 - y_0), a = 1 - exp(-(|x_1 - y_0|_rgb / tau)^2), values derived by hand: a change of
-    tau passes 1 - 1/e, a quarter of tau passes 1 - e^(-1/16), three taus pass all but e^-9; the gate reads
-    the mean over RGB (a change in one channel counts a third). float32: 1 - exp(-1/16) loses ~4 of 24 bits to
-    cancellation, hence rtol 1e-5."""
+    """y_1 = y_0 + a (x_1 - y_0), a = 1 - exp(-(|x_1 - y_0|_rgb / tau)^2), values derived by hand: a
+    change of tau passes 1 - 1/e, a quarter of tau passes 1 - e^(-1/16), three taus pass all but
+    e^-9; the gate reads the mean over RGB (a change in one channel counts a third). float32:
+    1 - exp(-1/16) loses ~4 of 24 bits to cancellation, hence rtol 1e-5."""
     tau = 6.0 * 2 / 255                                           # 6 grey levels in [-1, 1] units
-    for c, kept in ((tau, 1 - math.exp(-1)), (tau / 4, 1 - math.exp(-1 / 16)), (3 * tau, 1 - math.exp(-9))):
+    for c, kept in ((tau, 1 - math.exp(-1)), (tau / 4, 1 - math.exp(-1 / 16)),
+                    (3 * tau, 1 - math.exp(-9))):
         y = fusion.Deflicker(6.0)(_step_clip(c))
         assert torch.equal(y[0], torch.zeros(3, 2, 2))            # y_0 = x_0
         torch.testing.assert_close(y[1], torch.full((3, 2, 2), c * kept), rtol=1e-5, atol=0)
     y = fusion.Deflicker(6.0)(_step_clip(3 * tau, channels=(0,)))   # gate sees 3 tau / 3 = tau
-    torch.testing.assert_close(y[1, 0], torch.full((2, 2), 3 * tau * (1 - math.exp(-1))), rtol=1e-5, atol=0)
+    torch.testing.assert_close(y[1, 0], torch.full((2, 2), 3 * tau * (1 - math.exp(-1))), rtol=1e-5,
+                               atol=0)
     assert torch.equal(y[1, 1:], torch.zeros(2, 2, 2))            # an unchanged channel stays put
 
 
@@ -469,7 +485,8 @@ def test_deflicker_keeps_a_still_clip_and_off_is_the_identity():
 
 
 def test_deflicker_in_chunks_equals_whole_clip():
-    """One frame of state carried across calls: chunks in order give exactly the whole clip's frames."""
+    """One frame of state carried across calls: chunks in order give exactly the whole clip's
+    frames."""
     x = torch.rand(13, 3, 8, 8) * 2 - 1
     whole = fusion.Deflicker()(x)
     f = fusion.Deflicker()
@@ -479,9 +496,9 @@ def test_deflicker_in_chunks_equals_whole_clip():
 
 
 def test_deflicker_follows_a_slow_drift_with_the_predicted_lag():
-    """A ramp of d per frame: the filter settles where what it lets through equals d, i.e. where the gap it
-    sees before its update, G = lag + d, solves G (1 - exp(-(G / tau)^2)) = d; the root is found by scipy's
-    brentq (the oracle). The lag stays well below tau."""
+    """A ramp of d per frame: the filter settles where what it lets through equals d, i.e. where the
+    gap it sees before its update, G = lag + d, solves G (1 - exp(-(G / tau)^2)) = d; the root is
+    found by scipy's brentq (the oracle). The lag stays well below tau."""
     brentq = pytest.importorskip("scipy.optimize").brentq
     tau, d = 6.0 * 2 / 255, 0.5 * 2 / 255                         # half a grey level per frame
     G = brentq(lambda G: G * (1 - math.exp(-(G / tau) ** 2)) - d, 1e-9, tau)

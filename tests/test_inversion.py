@@ -1,10 +1,10 @@
 """Tests for inversion.py: pSp encoder, HyperStyle, ArcFace identity network, invert(), loaders.
 
 Oracles: key names / shapes / parameter counts written out independently from the published layouts
-(the pSp / HyperStyle / InsightFace key layouts and shapes), hand-derived outputs (zeroed heads, zero deltas,
-align_corners bilinear weights via numpy), a float64 functional re-derivation of one IR-SE unit, and
-properties (unit norm, crop locality, batch independence). Paper-size networks are only built on the
-`meta` device (shapes and counts without memory or compute)."""
+(the pSp / HyperStyle / InsightFace key layouts and shapes), hand-derived outputs (zeroed heads,
+zero deltas, align_corners bilinear weights via numpy), a float64 functional re-derivation of one
+IR-SE unit, and properties (unit norm, crop locality, batch independence). Paper-size networks are
+only built on the `meta` device (shapes and counts without memory or compute)."""
 import math
 
 import numpy as np
@@ -74,7 +74,8 @@ def psp_keys(n_latent=14, style_dim=512, units=(3, 4, 14, 3), widths=(64, 128, 2
 
 
 def shapes_of(module):
-    return {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()
+            if not k.endswith("num_batches_tracked")}
 
 
 def random_sd(keys, scale=0.1):
@@ -85,35 +86,40 @@ def random_sd(keys, scale=0.1):
     return sd
 
 
-# HyperStyle's table of the 20 modulated convs of a 256 px config-F generator (its layer indexing), (O, I, k).
+# HyperStyle's table of the 20 modulated convs of a 256 px config-F generator (its layer indexing),
+# (O, I, k).
 C512 = (512, 512, 3)
 PAPER_SHAPES = [C512, None, C512, C512, None, C512, C512, None, C512, C512, None, C512, C512, None,
                 (256, 512, 3), (256, 256, 3), None, (128, 256, 3), (128, 128, 3), None]
 
 
 def micro():
-    """A 64 px generator, encoder and hypernetwork narrower than `tiny`, for the optimisation tests."""
-    G = stylegan2.Generator(size=64, style_dim=32, n_mlp=1, channels={4: 32, 8: 32, 16: 16, 32: 16, 64: 8})
+    """A 64 px generator, encoder and hypernetwork narrower than `tiny`, for the optimisation
+    tests."""
+    G = stylegan2.Generator(size=64, style_dim=32, n_mlp=1,
+                            channels={4: 32, 8: 32, 16: 16, 32: 16, 64: 8})
     E = I.PSPEncoder(size=64, n_latent=10, style_dim=32, units=(1, 1, 1, 1), widths=(8, 8, 16, 16))
     H = I.HyperStyle(I.layer_shapes(G), size=64, blocks=(1, 1, 1, 1), widths=(8, 8, 16, 16),
                      shared_inner=8, other_inner=8)
     return G, E, H
 
 
-# =====================================================================================================
+# ==================================================================================================
 # 1. IR-SE backbone
-# =====================================================================================================
+# ==================================================================================================
 
 def test_irse_unit_matches_functional_derivation_float64():
     unit = I.BottleneckIRSE(16, 32, stride=2).double().eval()
     for m in unit.modules():  # non-trivial BatchNorm statistics so the eval path is exercised
         if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(); m.running_var.uniform_(0.5, 2); m.weight.data.normal_(); m.bias.data.normal_()
+            m.running_mean.normal_(); m.running_var.uniform_(
+                0.5, 2); m.weight.data.normal_(); m.bias.data.normal_()
     x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
     r, s = unit.res_layer, unit.shortcut_layer
 
     def bn(m, h):
-        return (h - m.running_mean[:, None, None]) / torch.sqrt(m.running_var[:, None, None] + m.eps) \
+        return (h - m.running_mean[:, None, None]) / torch.sqrt(m.running_var[:, None, None]
+                                                                + m.eps) \
             * m.weight[:, None, None] + m.bias[:, None, None]
 
     h = bn(r[0], x)
@@ -121,7 +127,8 @@ def test_irse_unit_matches_functional_derivation_float64():
     h = torch.where(h > 0, h, r[2].weight[:, None, None] * h)
     h = F.conv2d(h, r[3].weight, stride=2, padding=1)       # ... stride on the second conv
     h = bn(r[4], h)
-    g = torch.sigmoid(F.conv2d(F.relu(F.conv2d(h.mean((2, 3), keepdim=True), r[5].fc1.weight)), r[5].fc2.weight))
+    g = torch.sigmoid(F.conv2d(F.relu(F.conv2d(h.mean((2, 3), keepdim=True), r[5].fc1.weight)),
+                               r[5].fc2.weight))
     want = h * g + bn(s[1], F.conv2d(x, s[0].weight, stride=2))
     torch.testing.assert_close(unit(x), want, rtol=1e-10, atol=1e-10)
 
@@ -138,9 +145,9 @@ def test_ir_se_layers_rejects_wrong_stage_count():
         I.ir_se_layers((3, 4, 14), (64, 128, 256))
 
 
-# =====================================================================================================
+# ==================================================================================================
 # 2. pSp encoder
-# =====================================================================================================
+# ==================================================================================================
 
 def test_psp_paper_keys_and_param_counts_match_published():
     with torch.device("meta"):
@@ -150,13 +157,15 @@ def test_psp_paper_keys_and_param_counts_match_published():
     got = shapes_of(E14)
     got.pop("latent_avg")  # ours is a buffer; the pSp file stores it outside state_dict
     assert got == want
-    assert n_params(E14) == 209_450_688 and n_params(E18) == 267_136_704       # pSp's own encoder, counted
+    # pSp's own encoder, counted
+    assert n_params(E14) == 209_450_688 and n_params(E18) == 267_136_704
     assert n_params(E14.input_layer) + n_params(E14.body) == 30_950_080
     assert n_params(E14.latlayer1) + n_params(E14.latlayer2) == 197_632
     assert [n_params(E14.styles[k]) for k in (0, 3, 7)] == [9_701_888, 12_061_696, 14_421_504]
 
 
-@pytest.mark.parametrize("preset,n_latent,size,style_dim", [("paper", 14, 256, 512), ("paper", 18, 256, 512),
+@pytest.mark.parametrize("preset,n_latent,size,style_dim", [("paper", 14, 256, 512),
+                                                             ("paper", 18, 256, 512),
                                                              ("tiny", 10, 64, 128)])
 def test_psp_output_shape_and_coarse_middle_fine_routing(preset, n_latent, size, style_dim):
     cfg = {**I.PRESETS[preset]["psp"], "n_latent": n_latent}
@@ -215,16 +224,17 @@ def test_psp_rejects_bad_config_and_input():
         E.set_latent_avg(torch.zeros(3, 128))
 
 
-# =====================================================================================================
+# ==================================================================================================
 # 3. ArcFace identity network
-# =====================================================================================================
+# ==================================================================================================
 
 def test_arcface_paper_keys_and_param_count_match_published():
     with torch.device("meta"):
         E_id = I.IdentityEncoder(**PAPER["arcface"])
         emb = E_id(torch.randn(2, 3, 256, 256))
     assert shapes_of(E_id) == arcface_keys()
-    assert len(shapes_of(E_id)) == 343 and len(E_id.state_dict()) == 397     # the released model_ir_se50.pth layout
+    # the released model_ir_se50.pth layout
+    assert len(shapes_of(E_id)) == 343 and len(E_id.state_dict()) == 397
     assert n_params(E_id) == 43_797_696
     assert tuple(emb.shape) == (2, 512)
 
@@ -251,15 +261,15 @@ def test_arcface_ignores_pixels_outside_the_face_crop_and_passes_gradients():
     assert g[r0:r1, c0:c1].sum() > 0 and g[:r0].sum() == 0 and g[:, c1:].sum() == 0
 
 
-# =====================================================================================================
+# ==================================================================================================
 # 4. HyperStyle and invert()
-# =====================================================================================================
+# ==================================================================================================
 
 def test_hyperstyle_paper_param_count_and_shared_keys():
     with torch.device("meta"):
         H = I.HyperStyle(PAPER_SHAPES, **PAPER["hyperstyle"])
         deltas = H(torch.randn(1, 3, 256, 256), torch.randn(1, 3, 256, 256))
-    assert n_params(H) == 312_984_640                                   # HyperStyle's own hypernet, counted
+    assert n_params(H) == 312_984_640                           # HyperStyle's own hypernet, counted
     assert n_params(H.conv1) + n_params(H.bn1) + n_params(H.relu) == 19_008
     assert n_params(H.body) == 21_275_136 and n_params(H.shared_weight_hypernet) == 136_843_776
     tuned = [i for i, b in enumerate(H.refinement_blocks) if b is not None]
@@ -267,7 +277,7 @@ def test_hyperstyle_paper_param_count_and_shared_keys():
     assert [n_params(H.refinement_blocks[i]) for i in (14, 15, 17, 18)] == [70_190_080, 36_570_112,
                                                                             19_760_128, 11_355_136]
     shared = sorted(int(k.split(".")[1]) for k in H.state_dict() if k.endswith(".hypernet.w1"))
-    assert shared == [0, 2, 3, 5, 6, 8, 9, 11, 12]           # + shared_weight_hypernet: 10 key paths
+    assert shared == [0, 2, 3, 5, 6, 8, 9, 11, 12]          # + shared_weight_hypernet: 10 key paths
     assert H.state_dict()["shared_weight_hypernet.w2"].shape == (512, 512 * 512)
     assert [None if d is None else tuple(d.shape) for d in deltas] == \
         [None if s is None else (1, s[0], s[1], s[2], s[2]) for s in PAPER_SHAPES]
@@ -302,7 +312,8 @@ def test_invert_zero_deltas_equal_plain_synthesis_and_encoder_only_mode():
         ws, deltas, recon = I.invert(G, x, E, H, steps=2)
         plain = G.synthesis(E(x), noise_mode="const")
         ws0, deltas0, recon0 = I.invert(G, x, E, H=None)
-    assert all(d is None or (d == 0).all() for d in deltas) and sum(d is not None for d in deltas) == 9
+    assert all(d is None or (d == 0).all() for d in deltas) and sum(d is not None
+                                                                    for d in deltas) == 9
     torch.testing.assert_close(recon, plain, rtol=1e-6, atol=1e-6)
     assert deltas0 == [None] * len(G.modulated_convs())
     torch.testing.assert_close(recon0, plain)
@@ -331,8 +342,8 @@ def test_invert_accumulates_the_running_sum_of_deltas():
 
 
 def test_invert_gradients_flow_through_the_deltas_not_through_the_renders_h_looks_at():
-    """Fine-tuning through invert (FC-TFG, Sec. 4.1.2): the renders y_hat^t fed to H are detached, as
-    in HyperStyle's own training; the oracle is the unrolled loop with explicit .detach()."""
+    """Fine-tuning through invert (FC-TFG, Sec. 4.1.2): the renders y_hat^t fed to H are detached,
+    as in HyperStyle's own training; the oracle is the unrolled loop with explicit .detach()."""
     torch.manual_seed(0)
     G, E, H = micro()
     G, E, H = G.double(), E.double(), H.double().eval()
@@ -346,7 +357,8 @@ def test_invert_gradients_flow_through_the_deltas_not_through_the_renders_h_look
     got = grads(recon.square().mean())
     w = E(x)
     d1 = H(x, G.synthesis(w).detach())
-    d2 = [None if a is None else a + b for a, b in zip(d1, H(x, G.synthesis(w, weight_deltas=d1).detach()))]
+    d2 = [None if a is None else a + b
+          for a, b in zip(d1, H(x, G.synthesis(w, weight_deltas=d1).detach()))]
     want = grads(G.synthesis(w, weight_deltas=d2).square().mean())
     for a, b in zip(got, want):
         assert (a is None) == (b is None)
@@ -356,17 +368,20 @@ def test_invert_gradients_flow_through_the_deltas_not_through_the_renders_h_look
 
 
 def test_checkpointing_keeps_gradients_and_batchnorm_statistics_of_psp_and_hyperstyle():
-    """Train-mode BatchNorm in a checkpointed block would update its running statistics twice (forward
-    and recomputation); ops.checkpointed recomputes with momentum 0. Same gradients, same buffers."""
+    """Train-mode BatchNorm in a checkpointed block would update its running statistics twice
+    (forward and recomputation); ops.checkpointed recomputes with momentum 0. Same gradients, same
+    buffers."""
     torch.manual_seed(0)
     G, E, H = micro()
     G, E, H = G.double(), E.double(), H.double().train()
     E.train()
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64) * 2 - 1
     out = {}
-    E0, H0 = ({k: v.clone() for k, v in net.state_dict().items()} for net in (E, H))  # buffers before the first run
+    # buffers before the first run
+    E0, H0 = ({k: v.clone() for k, v in net.state_dict().items()} for net in (E, H))
     for on in (False, True):
-        E.load_state_dict(E0), H.load_state_dict(H0)   # both runs start from the same BatchNorm statistics
+        # both runs start from the same BatchNorm statistics
+        E.load_state_dict(E0), H.load_state_dict(H0)
         E.checkpointing = H.checkpointing = on
         E.zero_grad(), H.zero_grad()
         ws, deltas, recon = I.invert(G, x, E, H, steps=2)
@@ -429,7 +444,8 @@ def test_hyperstyle_training_lowers_reconstruction_loss_on_a_fixed_batch():
     with torch.no_grad():
         encoder_only = F.mse_loss(G.synthesis(ws), x).item()  # y_hat^0, what HyperStyle starts from
     assert after < 0.8 * before, (before, after)
-    assert after < encoder_only, (after, encoder_only)  # the learned Delta beats encoder-only inversion
+    # the learned Delta beats encoder-only inversion
+    assert after < encoder_only, (after, encoder_only)
 
 
 def test_loss_inversion_terms_and_weights():
@@ -443,7 +459,8 @@ def test_loss_inversion_terms_and_weights():
     id_want = (1 - F.cosine_similarity(e1, e2)).mean()
     torch.testing.assert_close(parts["l2"], torch.tensor(0.01), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(parts["id"], id_want, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(total, 1.0 * parts["l2"] + 0.8 * 2.0 + 0.1 * id_want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(total, 1.0 * parts["l2"] + 0.8 * 2.0 + 0.1 * id_want, rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_hyperstyle_rejects_bad_input():
@@ -456,9 +473,9 @@ def test_hyperstyle_rejects_bad_input():
         H(torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 32, 32))
 
 
-# =====================================================================================================
+# ==================================================================================================
 # 5. Loaders
-# =====================================================================================================
+# ==================================================================================================
 
 ARC_TINY = dict(units=TINY["arcface"]["units"], widths=TINY["arcface"]["widths"],
                 face=TINY["arcface"]["face_size"], emb=TINY["arcface"]["emb_dim"])
@@ -477,7 +494,8 @@ def test_load_arcface_round_trip_with_published_key_names(tmp_path):
 
 @pytest.mark.slow
 def test_load_arcface_paper_size_round_trip(tmp_path):
-    """The released IR-SE50 layout at full size (175 MB of random weights) loads with the defaults."""
+    """The released IR-SE50 layout at full size (175 MB of random weights) loads with the
+    defaults."""
     sd = random_sd(arcface_keys(), scale=0.02)
     torch.save(sd, tmp_path / "model_ir_se50.pth")
     E_id = I.load_arcface(tmp_path / "model_ir_se50.pth")
@@ -490,12 +508,14 @@ def test_load_arcface_paper_size_round_trip(tmp_path):
 
 def test_load_psp_round_trip_infers_code_count_and_loads_decoder(tmp_path):
     cfg = TINY["psp"]
-    enc = random_sd(psp_keys(cfg["n_latent"], cfg["style_dim"], cfg["units"], cfg["widths"], cfg["size"]))
+    enc = random_sd(psp_keys(cfg["n_latent"], cfg["style_dim"], cfg["units"], cfg["widths"],
+                             cfg["size"]))
     G_src = stylegan2.Generator(**stylegan2.PRESETS["tiny"])
     dec = {k: v + 0.5 for k, v in G_src.state_dict().items()}
     ckpt = {"state_dict": {**{"encoder." + k: v for k, v in enc.items()},
                            **{"decoder." + k: v for k, v in dec.items()}},
-            "opts": {"output_size": 64, "start_from_latent_avg": True}, "latent_avg": torch.randn(128)}
+            "opts": {"output_size": 64, "start_from_latent_avg": True},
+            "latent_avg": torch.randn(128)}
     torch.save(ckpt, tmp_path / "psp.pt")
     G = stylegan2.Generator(**stylegan2.PRESETS["tiny"])
     E = I.load_psp(tmp_path / "psp.pt", G=G, **{k: v for k, v in cfg.items() if k != "n_latent"})
@@ -511,7 +531,8 @@ def test_load_psp_round_trip_infers_code_count_and_loads_decoder(tmp_path):
 def _hyperstyle_ckpt(H):
     sd = {"hypernet." + k: torch.randn_like(v) if v.is_floating_point() else v.clone()
           for k, v in H.state_dict().items()}
-    for k in list(sd):  # the shared projection is one tensor: all its key paths hold the same values
+    # the shared projection is one tensor: all its key paths hold the same values
+    for k in list(sd):
         for name in ("w1", "b1", "w2", "b2"):
             if k.endswith(f"hypernet.{name}"):
                 sd[k] = sd["hypernet.shared_weight_hypernet." + name]
@@ -543,17 +564,19 @@ def test_loaders_refuse_missing_junk_and_wrong_network(tmp_path):
     for load in (I.load_arcface, I.load_psp):
         with pytest.raises(ValueError, match="not a loadable"):
             load(tmp_path / "junk.pt")
-    torch.save({"x": nn.Linear(2, 2)}, tmp_path / "pickled_module.pt")  # weights_only refuses modules
+    # weights_only refuses modules
+    torch.save({"x": nn.Linear(2, 2)}, tmp_path / "pickled_module.pt")
     with pytest.raises(ValueError, match="not a loadable"):
         I.load_arcface(tmp_path / "pickled_module.pt")
     arc = random_sd(arcface_keys(**ARC_TINY))
     torch.save(arc, tmp_path / "arc.pth")
-    with pytest.raises(ValueError, match="state_dict"):        # ArcFace file handed to the pSp loader
+    with pytest.raises(ValueError, match="state_dict"):      # ArcFace file handed to the pSp loader
         I.load_psp(tmp_path / "arc.pth")
     torch.save({"state_dict": {"hypernet.conv1.weight": torch.zeros(1)}}, tmp_path / "hs.pt")
-    with pytest.raises(ValueError, match="encoder"):          # HyperStyle file handed to the pSp loader
+    with pytest.raises(ValueError, match="encoder"):      # HyperStyle file handed to the pSp loader
         I.load_psp(tmp_path / "hs.pt")
-    with pytest.raises(ValueError, match="plain IR-SE50"):    # pSp-style file handed to the ArcFace loader
+    # pSp-style file handed to the ArcFace loader
+    with pytest.raises(ValueError, match="plain IR-SE50"):
         I.load_arcface(tmp_path / "hs.pt")
     with pytest.raises(ValueError, match="shape mismatches"):  # tiny weights into the paper network
         I.load_arcface(tmp_path / "arc.pth", **{**TINY["arcface"], "emb_dim": 32})
@@ -564,31 +587,34 @@ def test_loaders_refuse_missing_junk_and_wrong_network(tmp_path):
 
 
 def test_arcface_loss_matches_a_per_sample_float64_oracle():
-    """Oracle written from ArcFace's Eq. 3, one sample at a time with math.acos / math.cos, including a sample
-    whose theta + m passes pi (the linear continuation); gradcheck in float64."""
+    """Oracle written from ArcFace's Eq. 3, one sample at a time with math.acos / math.cos,
+    including a sample whose theta + m passes pi (the linear continuation); gradcheck in float64."""
     import math as m_
     g = torch.Generator().manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(5, 6, generator=g, dtype=torch.float64), dim=1)
     centres = torch.randn(4, 6, generator=g, dtype=torch.float64)
     labels = torch.tensor([0, 3, 1, 2, 3])
-    emb[4] = -torch.nn.functional.normalize(centres[3], dim=0)        # theta_y = pi: past the margin's range
+    # theta_y = pi: past the margin's range
+    emb[4] = -torch.nn.functional.normalize(centres[3], dim=0)
     s, margin = 30.0, 0.5
     want = 0.0
     for e, y in zip(emb, labels):
-        cos = [max(-1 + 1e-7, min(1 - 1e-7, float(e @ c / c.norm()))) for c in centres]   # acos' safe range
+        # acos' safe range
+        cos = [max(-1 + 1e-7, min(1 - 1e-7, float(e @ c / c.norm()))) for c in centres]
         th = m_.acos(cos[y])
         cos[y] = m_.cos(th + margin) if th + margin < m_.pi else cos[y] - margin * m_.sin(margin)
         z = [s * c for c in cos]
         want += -(z[y] - m_.log(sum(m_.exp(v) for v in z))) / len(labels)
     got = I.arcface_loss(emb, centres, labels, s, margin)
     assert float(got) == pytest.approx(want, rel=1e-9)
-    ok = emb[:4].clone().requires_grad_(True)                          # away from the kink and the clamp
+    ok = emb[:4].clone().requires_grad_(True)                     # away from the kink and the clamp
     assert torch.autograd.gradcheck(lambda e, c: I.arcface_loss(e, c, labels[:4], s, margin),
                                     (ok, centres.clone().requires_grad_(True)))
 
 
 def test_identity_encoder_frozen_is_a_judge_unfrozen_trains():
-    judge, learner = I.IdentityEncoder(**TINY["arcface"]), I.IdentityEncoder(**TINY["arcface"], frozen=False)
+    judge, learner = I.IdentityEncoder(**TINY["arcface"]), I.IdentityEncoder(**TINY["arcface"],
+                                                                             frozen=False)
     judge.train(), learner.train()
     assert not judge.training and not any(p.requires_grad for p in judge.parameters())
     assert learner.training and all(p.requires_grad for p in learner.parameters())

@@ -1,5 +1,5 @@
-"""Tests for losses.py: Eq. (3)-(9) against hand-worked values, naive loops and torch's own BCE, and the
-hand-written VGG19 against a functional re-computation from a torchvision-layout state dict."""
+"""Tests for losses.py: Eq. (3)-(9) against hand-worked values, naive loops and torch's own BCE, and
+the hand-written VGG19 against a functional re-computation from a torchvision-layout state dict."""
 import math
 
 import pytest
@@ -11,9 +11,9 @@ from losses import (LAMBDA, VGG19Features, gan_loss_d, gan_loss_g, identity_loss
                     orthogonality_loss, perceptual_loss, r1_penalty, reconstruction_loss, sync_loss,
                     total_loss)
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Eq. (3) orthogonality
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_ortho_hand_worked_values():
@@ -24,7 +24,8 @@ def test_ortho_hand_worked_values():
     assert orthogonality_loss(z_sc, z_cd, "signed").item() == pytest.approx(-1 / 4)
     assert orthogonality_loss(z_sc, z_cd, "squared").item() == pytest.approx(17 / 4)
     # cos = -1 / (sqrt(6) sqrt(39))
-    assert orthogonality_loss(z_sc, z_cd, "cosine").item() == pytest.approx(1 / math.sqrt(234), rel=1e-6)
+    assert orthogonality_loss(z_sc, z_cd, "cosine").item() == pytest.approx(1 / math.sqrt(234),
+                                                                            rel=1e-6)
     assert orthogonality_loss(z_sc, z_cd, None).item() == 0
 
 
@@ -50,7 +51,8 @@ def test_hadamard_differs_from_cosine_on_orthogonal_but_overlapping_codes():
 
 
 def test_ortho_reduction_matches_a_naive_loop():
-    z_sc, z_cd = torch.randn(2, 3, 5, 7, dtype=torch.float64), torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    z_sc, z_cd = torch.randn(2, 3, 5, 7, dtype=torch.float64), torch.randn(2, 3, 5, 7,
+                                                                           dtype=torch.float64)
     vals = [sum(abs(z_sc[b, t, l, c] * z_cd[b, t, l, c]) for c in range(7)) / 7
             for b in range(2) for t in range(3) for l in range(5)]
     torch.testing.assert_close(orthogonality_loss(z_sc, z_cd), sum(vals) / len(vals))
@@ -101,12 +103,13 @@ def test_ortho_layers_hand_values_and_gradient():
     assert torch.autograd.gradcheck(lambda x, y: orthogonality_loss(x, y, layers=(0, 2)), (a, b))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Eq. (4) sync
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def manual_face_stack(frames):
-    """[B, 5, 3, H, W] in [-1, 1] -> [B, 15, H/2, W] in [0, 1]: lower half, frames stacked frame-major."""
+    """[B, 5, 3, H, W] in [-1, 1] -> [B, 15, H/2, W] in [0, 1]: lower half, frames stacked
+    frame-major."""
     x = (frames + 1) / 2
     x = x[..., x.shape[-2] // 2:, :]
     return torch.cat([x[:, t] for t in range(x.shape[1])], 1)
@@ -133,7 +136,7 @@ def test_sync_loss_equals_one_minus_cosine_of_the_expert_embeddings():
 def test_sync_loss_cuts_long_clips_into_5_frame_chunks():
     net = tiny_syncnet()
     x_g = torch.rand(2, 10, 3, 64, 64) * 2 - 1
-    mels = torch.randn(2, 10, 1, 80, 16)                    # one window per frame (audio.mel_windows)
+    mels = torch.randn(2, 10, 1, 80, 16)                  # one window per frame (audio.mel_windows)
     with torch.no_grad():
         chunks = [sync_loss(net, x_g[:, k:k + 5], mels[:, k]) for k in (0, 5)]
         torch.testing.assert_close(sync_loss(net, x_g, mels), sum(chunks) / 2, rtol=1e-5, atol=1e-6)
@@ -158,15 +161,16 @@ def test_sync_loss_bad_input_raises():
         sync_loss(net, torch.zeros(1, 5, 64, 64), torch.zeros(1, 1, 80, 16))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Eq. (5) identity
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 class ToyIdentity(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(2),
-                                       torch.nn.Flatten(), torch.nn.Linear(32, 16))
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2), torch.nn.Tanh(),
+                                       torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                                       torch.nn.Linear(32, 16))
         self.requires_grad_(False)
 
     def forward(self, x):
@@ -212,9 +216,9 @@ def test_identity_loss_shape_mismatch_raises():
         identity_loss(ToyIdentity(), torch.zeros(2, 3, 16, 16), torch.zeros(1, 3, 16, 16))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Eq. (6) L1
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_reconstruction_loss():
     x = torch.rand(2, 5, 3, 8, 8)
@@ -226,13 +230,13 @@ def test_reconstruction_loss():
         reconstruction_loss(x, y[:, :4])
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Eq. (7) VGG19 and the perceptual loss
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # torchvision VGG19 `features` (cfg 'E'), written out by hand (index: (out, in)).
 TV_CONVS = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128), 12: (256, 256),
-            14: (256, 256), 16: (256, 256), 19: (512, 256), 21: (512, 512), 23: (512, 512), 25: (512, 512),
-            28: (512, 512), 30: (512, 512), 32: (512, 512), 34: (512, 512)}
+            14: (256, 256), 16: (256, 256), 19: (512, 256), 21: (512, 512), 23: (512, 512),
+            25: (512, 512), 28: (512, 512), 30: (512, 512), 32: (512, 512), 34: (512, 512)}
 TV_POOLS = (4, 9, 18, 27)
 
 
@@ -250,7 +254,8 @@ def random_torchvision_vgg19_sd():
 
 
 def naive_vgg19_taps(sd, x, taps):
-    """Re-compute the activations from the raw state dict with functional ops, module index by index."""
+    """Re-compute the activations from the raw state dict with functional ops, module index by
+    index."""
     out = {}
     for i in range(max(taps) + 1):
         if i in TV_CONVS:
@@ -271,7 +276,8 @@ def test_vgg19_layout_and_parameter_count():
     assert set(sd) == want
     for i, (o, c) in TV_CONVS.items():
         assert sd[f"features.{i}.weight"].shape == (o, c, 3, 3)
-    assert sum(v.numel() for v in sd.values()) == 20_024_384        # torchvision's vgg19().features, counted
+    # torchvision's vgg19().features, counted
+    assert sum(v.numel() for v in sd.values()) == 20_024_384
     assert all(not p.requires_grad for p in vgg.parameters())
 
 
@@ -330,7 +336,7 @@ def test_perceptual_lpips_mode_matches_a_per_tap_oracle():
     x_d = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
     mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
-    vgg.set_taps((3, 8, 17, 26, 35))                         # relu1_2, relu2_2, relu3_4, relu4_4, relu5_4
+    vgg.set_taps((3, 8, 17, 26, 35))                   # relu1_2, relu2_2, relu3_4, relu4_4, relu5_4
     fg = vgg(((x_g + 1) / 2 - mean) / std)
     fd = vgg(((x_d + 1) / 2 - mean) / std)
     per_tap = []
@@ -346,7 +352,8 @@ def test_perceptual_pix2pixhd_mode_matches_a_per_tap_oracle():
     x_g = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
     x_d = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
     vgg.set_taps((1, 6, 11, 20, 29))                          # relu1_1 .. relu5_1
-    want = sum(w * (a - b).abs().mean() for w, a, b in zip((1 / 32, 1 / 16, 1 / 8, 1 / 4, 1), vgg(x_g), vgg(x_d)))
+    want = sum(w * (a - b).abs().mean() for w, a, b in zip((1 / 32, 1 / 16, 1 / 8, 1 / 4, 1),
+                                                           vgg(x_g), vgg(x_d)))
     torch.testing.assert_close(perceptual_loss(vgg, x_g, x_d, "pix2pixhd"), want)
 
 
@@ -360,9 +367,9 @@ def test_perceptual_loss_bad_input_raises():
         VGG19Features(base=8, taps=(40,))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Eq. (8) GAN, R1
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_gan_losses_match_binary_cross_entropy():
     real, fake = torch.randn(6, 1) * 3, torch.randn(6, 1) * 3
@@ -377,11 +384,11 @@ def test_gan_losses_match_binary_cross_entropy():
 
 def test_gan_losses_are_stable_for_confident_logits():
     big = torch.full((3, 1), 1e4, requires_grad=True)
-    loss = gan_loss_g(-big) + gan_loss_d(big, -big)          # fakes rejected hard, reals accepted hard
+    loss = gan_loss_g(-big) + gan_loss_d(big, -big)       # fakes rejected hard, reals accepted hard
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(big.grad).all()
-    assert loss.item() == pytest.approx(1e4, rel=1e-6)      # only the G term is large: softplus(1e4)
-    assert big.grad.abs().sum() > 0                          # non-saturating: G still gets a gradient
+    assert loss.item() == pytest.approx(1e4, rel=1e-6)     # only the G term is large: softplus(1e4)
+    assert big.grad.abs().sum() > 0                        # non-saturating: G still gets a gradient
 
 
 def test_r1_penalty_of_a_linear_discriminator():
@@ -393,9 +400,9 @@ def test_r1_penalty_of_a_linear_discriminator():
 
 @pytest.mark.parametrize("n, group", [(8, 4), (6, 2), (5, 1), (3, 4)])
 def test_d_side_group_by_group_equals_the_whole_batch(n, group):
-    """lazy_r1 and gan_loss_d_backward run one minibatch-stddev group at a time (memory); the values and
-    D's gradients must be those of one R1 / one gan_loss_d over the whole batch, written out directly
-    (float64, a tiny D with its stddev layer)."""
+    """lazy_r1 and gan_loss_d_backward run one minibatch-stddev group at a time (memory); the values
+    and D's gradients must be those of one R1 / one gan_loss_d over the whole batch, written out
+    directly (float64, a tiny D with its stddev layer)."""
     import stylegan2
     torch.manual_seed(0)
     D = stylegan2.Discriminator(16, channels={4: 8, 8: 8, 16: 8}, stddev_group=group).double()
@@ -403,15 +410,17 @@ def test_d_side_group_by_group_equals_the_whole_batch(n, group):
     x = real.clone().requires_grad_(True)
     logits = D(x)
     want = r1_penalty(logits, x)
-    (0.5 * (2.0 / 2 * 16 * want + 0 * logits.sum())).backward()   # scale 0.5 x (gamma / 2 x every x R1)
+    # scale 0.5 x (gamma / 2 x every x R1)
+    (0.5 * (2.0 / 2 * 16 * want + 0 * logits.sum())).backward()
     want_grads = [p.grad.clone() for p in D.parameters()]
     D.zero_grad()
     got = losses.lazy_r1(D, real, 2.0, 16, scale=0.5)
     assert float(got) == pytest.approx(float(want.detach()), rel=1e-12)
     for g, w in zip([p.grad for p in D.parameters()], want_grads):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
-    # R1 per sample when a sample is several images (the FC-TFG stage's image D sees a window's frames):
-    # the squared gradient norm w.r.t. the whole window, i.e. r1_penalty over [windows, frames, ...]
+    # R1 per sample when a sample is several images (the FC-TFG stage's image D sees a window's
+    # frames): the squared gradient norm w.r.t. the whole window, i.e. r1_penalty over [windows,
+    # frames, ...]
     if n % 2 == 0:
         win = real.view(n // 2, 2, 3, 16, 16).clone().requires_grad_(True)
         D.zero_grad()
@@ -437,9 +446,9 @@ def test_d_side_group_by_group_equals_the_whole_batch(n, group):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Eq. (9) total
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_lambda_defaults_are_the_papers():
     assert LAMBDA == dict(ortho=1, sync=0.1, id=0.5, rec=1, lpips=1, gan=0.1)
@@ -451,9 +460,10 @@ def test_latent_reconstruction_loss_hand_values_gradient_and_errors():
     z_d[:, :, 2] = -1.0
     z = torch.zeros_like(z_d, requires_grad=True)
     assert float(losses.latent_reconstruction_loss(z, z_d, (2,)).detach()) == 1.0
-    assert float(losses.latent_reconstruction_loss(z, z_d, (0, 2)).detach()) == 3.0          # mean of 5 and 1
-    assert float(losses.latent_reconstruction_loss(z, z_d, (1,)).detach()) == 0.0            # untouched layer
-    y = torch.randn(1, 2, 3, 4, dtype=torch.float64)                               # away from |x| kinks
+    # mean of 5 and 1
+    assert float(losses.latent_reconstruction_loss(z, z_d, (0, 2)).detach()) == 3.0
+    assert float(losses.latent_reconstruction_loss(z, z_d, (1,)).detach()) == 0.0  # untouched layer
+    y = torch.randn(1, 2, 3, 4, dtype=torch.float64)                           # away from |x| kinks
     x = (y + 0.5 * torch.sign(torch.randn_like(y))).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a: losses.latent_reconstruction_loss(a, y, (0, 2)), (x,))
     with pytest.raises(ValueError, match="latent_reconstruction_loss"):

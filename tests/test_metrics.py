@@ -40,8 +40,10 @@ def astronaut_pairs():
     spec's [computed] values (scikit-image 0.26 / pytorch-msssim 1.0) apply to them."""
     data = pytest.importorskip("skimage.data")
     img = data.astronaut()  # 512x512x3 uint8 RGB
-    noisy = np.clip(np.round(img + np.random.default_rng(0).normal(0.0, 10.0, img.shape)), 0, 255).astype(np.uint8)
-    blur = np.clip(np.round(scipy.ndimage.gaussian_filter(img.astype(np.float64), sigma=(2, 2, 0))), 0, 255).astype(np.uint8)
+    noisy = np.clip(np.round(img + np.random.default_rng(0).normal(0.0, 10.0, img.shape)), 0,
+                    255).astype(np.uint8)
+    blur = np.clip(np.round(scipy.ndimage.gaussian_filter(img.astype(np.float64), sigma=(2, 2, 0))),
+                   0, 255).astype(np.uint8)
     return img, dict(noisy=noisy, blur=blur, jpeg=_jpeg(img, 20))
 
 
@@ -53,7 +55,8 @@ def test_blur_valid_matches_depthwise_conv():
     ref = F.conv2d(F.conv2d(x, g.view(1, 1, 1, -1).expand(3, 1, 1, 11), groups=3),
                    g.view(1, 1, -1, 1).expand(3, 1, 11, 1), groups=3)
     torch.testing.assert_close(metrics._blur_valid(x), ref, rtol=0, atol=1e-12)
-    assert abs(float(g.sum()) - 1) < 1e-15 and float(g[5] / g[4]) == pytest.approx(math.exp(1 / 4.5))
+    assert abs(float(g.sum()) - 1) < 1e-15 and float(g[5] / g[4]) == pytest.approx(
+        math.exp(1 / 4.5))
 
 
 @pytest.mark.parametrize("kind", ["noisy", "blur", "jpeg"])
@@ -62,14 +65,16 @@ def test_ssim_matches_skimage_rgb(astronaut_pairs, kind):
     img, deg = astronaut_pairs
     c = slice(128, 384)  # 256x256 centre: keeps the test fast, the full image is checked below
     img, deg = img[c, c], {k: v[c, c] for k, v in deg.items()}
-    ref = structural_similarity(img, deg[kind], gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                data_range=255, channel_axis=2)
+    ref = structural_similarity(img, deg[kind], gaussian_weights=True, sigma=1.5,
+                                use_sample_covariance=False, data_range=255, channel_axis=2)
     ours = metrics.ssim(_nchw(img), _nchw(deg[kind]))
     assert ours.shape == (1,) and ours.dtype == torch.float64
     assert abs(float(ours) - ref) < 1e-6
     # uint8 input -> float32 path, same value to 1e-4; [0,1] with data_range 1 gives the same value
-    assert abs(float(metrics.ssim(_nchw(img).to(torch.uint8), _nchw(deg[kind]).to(torch.uint8))) - ref) < 1e-4
-    assert abs(float(metrics.ssim(_nchw(img) / 255, _nchw(deg[kind]) / 255, data_range=1.0)) - ref) < 1e-6
+    assert abs(float(metrics.ssim(_nchw(img).to(torch.uint8),
+                                  _nchw(deg[kind]).to(torch.uint8))) - ref) < 1e-4
+    assert abs(float(metrics.ssim(_nchw(img) / 255, _nchw(deg[kind]) / 255,
+                                  data_range=1.0)) - ref) < 1e-6
 
 
 def test_ssim_spec_values_and_luma(astronaut_pairs):
@@ -90,7 +95,8 @@ def test_ssim_batch_is_per_image_and_grey(astronaut_pairs):
     from skimage.metrics import structural_similarity
     data = pytest.importorskip("skimage.data")
     cam = data.camera()[::2, ::2]  # 256x256 grey, C = 1
-    degs = [np.clip(cam + np.random.default_rng(s).normal(0, 5 + 10 * s, cam.shape), 0, 255) for s in range(3)]
+    degs = [np.clip(cam + np.random.default_rng(s).normal(0, 5 + 10 * s, cam.shape), 0, 255)
+            for s in range(3)]
     x = torch.cat([_nchw(cam)] * 3)
     y = torch.cat([_nchw(d) for d in degs])
     ours = metrics.ssim(x, y)
@@ -102,14 +108,17 @@ def test_ssim_batch_is_per_image_and_grey(astronaut_pairs):
 
 def test_ssim_identical_is_one_and_gradient():
     x = torch.rand(2, 3, 32, 40, dtype=torch.float64)
-    torch.testing.assert_close(metrics.ssim(x, x, data_range=1.0), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(metrics.ssim(x, x, data_range=1.0),
+                               torch.ones(2, dtype=torch.float64))
     # gradcheck on a small float64 case (SSIM is used as a loss elsewhere)
     a = torch.rand(1, 2, 13, 14, dtype=torch.float64, requires_grad=True)
     b = torch.rand(1, 2, 13, 14, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda t: metrics.ssim(t, b, data_range=1.0), (a,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda t: metrics.ssim(t, b, data_range=1.0), (a,),
+                                    fast_mode=True)
     b3 = torch.rand(1, 3, 12, 12, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda t: metrics.ssim(t, b3, data_range=1.0, color="luma"),
-                                    (torch.rand(1, 3, 12, 12, dtype=torch.float64, requires_grad=True),), fast_mode=True)
+                                    (torch.rand(1, 3, 12, 12, dtype=torch.float64,
+                                                requires_grad=True),), fast_mode=True)
 
 
 def test_ssim_bad_inputs():
@@ -134,7 +143,8 @@ def test_ms_ssim_matches_pytorch_msssim(astronaut_pairs, kind):
     pm = pytest.importorskip("pytorch_msssim")
     img, deg = astronaut_pairs
     x, y = _nchw(img), _nchw(deg[kind])
-    c = slice(144, 368)  # the centre 224 crop (the full 512 image is checked in test_ms_ssim_spec_values)
+    # the centre 224 crop (the full 512 image is checked in test_ms_ssim_spec_values)
+    c = slice(144, 368)
     xs, ys = x[..., c, c], y[..., c, c]
     ref = float(pm.ms_ssim(xs, ys, data_range=255, size_average=False))
     # pytorch-msssim keeps its window in float32, which moves its float64 results by ~1e-6
@@ -144,11 +154,16 @@ def test_ms_ssim_matches_pytorch_msssim(astronaut_pairs, kind):
 
 def test_ms_ssim_spec_values(astronaut_pairs):
     img, deg = astronaut_pairs
-    # spec: "pytorch-msssim ms_ssim, RGB, 255" 0.951542 / 0.953506 (own float64 0.951541); crop 0.956570 / 0.938550
-    assert float(metrics.ms_ssim(_nchw(img), _nchw(deg["noisy"]))) == pytest.approx(0.951542, abs=2e-6)
-    assert float(metrics.ms_ssim(_nchw(img), _nchw(deg["blur"]))) == pytest.approx(0.953506, abs=2e-6)
+    # spec: "pytorch-msssim ms_ssim, RGB, 255" 0.951542 / 0.953506 (own float64 0.951541); crop
+    # 0.956570 / 0.938550
+    assert float(metrics.ms_ssim(_nchw(img), _nchw(deg["noisy"]))) == pytest.approx(0.951542,
+                                                                                    abs=2e-6)
+    assert float(metrics.ms_ssim(_nchw(img), _nchw(deg["blur"]))) == pytest.approx(0.953506,
+                                                                                   abs=2e-6)
     c = slice(144, 368)
-    assert float(metrics.ms_ssim(_nchw(img)[..., c, c], _nchw(deg["blur"])[..., c, c])) == pytest.approx(0.938550, abs=2e-6)
+    assert float(metrics.ms_ssim(_nchw(img)[..., c, c],
+                                 _nchw(deg["blur"])[..., c, c])) == pytest.approx(0.938550,
+                                                                                  abs=2e-6)
 
 
 def test_halve_matches_naive_loop_on_odd_sides():
@@ -166,7 +181,8 @@ def test_halve_matches_naive_loop_on_odd_sides():
 
 def test_ms_ssim_identical_small_and_gradient():
     x = torch.rand(2, 3, 161, 170, dtype=torch.float64)  # smallest legal side, odd sizes
-    torch.testing.assert_close(metrics.ms_ssim(x, x, data_range=1.0), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(metrics.ms_ssim(x, x, data_range=1.0),
+                               torch.ones(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="> 160"):
         metrics.ms_ssim(torch.rand(1, 3, 160, 224), torch.rand(1, 3, 160, 224))
     with pytest.raises(ValueError, match="> 160"):
@@ -183,7 +199,8 @@ def test_psnr_hand_computed_and_inf():
     y = torch.zeros(1, 1, 2, 2)
     y[0, 0, 0, 0] = 255  # MSE = 255^2 / 4 -> PSNR = 10 log10(4)
     assert float(metrics.psnr(x, y)) == pytest.approx(10 * math.log10(4), abs=1e-12)
-    assert float(metrics.psnr(x / 255, y / 255, data_range=1.0)) == pytest.approx(10 * math.log10(4), abs=1e-12)
+    assert float(metrics.psnr(x / 255, y / 255, data_range=1.0)) == pytest.approx(
+        10 * math.log10(4), abs=1e-12)
     # batch: per frame, identical frame -> +inf (not NaN)
     xb, yb = torch.cat([x, x]), torch.cat([y, x])
     out = metrics.psnr(xb, yb)
@@ -201,13 +218,16 @@ def test_psnr_uint8_no_wraparound():
 def test_psnr_spec_values(astronaut_pairs):
     img, deg = astronaut_pairs
     a = torch.from_numpy(img).permute(2, 0, 1)[None]  # uint8 tensors straight in
-    assert float(metrics.psnr(a, torch.from_numpy(deg["noisy"]).permute(2, 0, 1)[None])) == pytest.approx(28.574696, abs=1e-6)
-    assert float(metrics.psnr(a, torch.from_numpy(deg["blur"]).permute(2, 0, 1)[None])) == pytest.approx(24.979051, abs=1e-6)
+    assert float(metrics.psnr(a, torch.from_numpy(
+        deg["noisy"]).permute(2, 0, 1)[None])) == pytest.approx(28.574696, abs=1e-6)
+    assert float(metrics.psnr(a, torch.from_numpy(
+        deg["blur"]).permute(2, 0, 1)[None])) == pytest.approx(24.979051, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------ MFCC
 def test_laplacian_energy_matches_scipy_laplace():
-    """Oracle: scipy.ndimage.laplace (the same 5-point stencil) on BT.601 luminance, interior pixels only."""
+    """Oracle: scipy.ndimage.laplace (the same 5-point stencil) on BT.601 luminance, interior pixels
+    only."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (3, 3, 17, 19), generator=g).float()
     mask = torch.rand(3, 17, 19, generator=g) > 0.4
@@ -218,27 +238,31 @@ def test_laplacian_energy_matches_scipy_laplace():
 
 
 def test_fidelity_hand_cases():
-    """The truth against itself: as sharp, no error, PSNR inf; a blurred copy is less sharp; a colour shift of
-    +10 grey levels on the backdrop only reads exactly 10 there and 0 on the skin."""
+    """The truth against itself: as sharp, no error, PSNR inf; a blurred copy is less sharp; a
+    colour shift of +10 grey levels on the backdrop only reads exactly 10 there and 0 on the
+    skin."""
     ident = procedural.make_identity(procedural.TEST_IDS[3])
     motion = procedural.make_motion(procedural.MOTION_BASE["test"] + 3, 4)[0]
     gt = torch.from_numpy(procedural.render_clip(ident, motion)).permute(0, 3, 1, 2).double()
     masks = procedural.region_masks(ident, motion)
     same = metrics.fidelity(gt, gt, masks)
-    assert same["sharpness"] == 1 and same["background_err"] == same["skin_err"] == 0 and same["psnr"] == math.inf
+    assert same["sharpness"] == 1 and same["background_err"] == same["skin_err"] == 0 and same[
+        "psnr"] == math.inf
     blurred = torch.from_numpy(scipy.ndimage.gaussian_filter(gt.numpy(), (0, 0, 1, 1)))
     assert metrics.fidelity(blurred, gt, masks)["sharpness"] < 0.5
     bg = torch.from_numpy(masks["background"])[:, None]
     shifted = torch.where(bg, (gt + 10).clamp(max=255), gt)
     f = metrics.fidelity(shifted, gt, masks)
-    exact = float(((shifted - gt).abs().mean(1))[bg[:, 0]].mean())    # clamped pixels move less than 10
+    # clamped pixels move less than 10
+    exact = float(((shifted - gt).abs().mean(1))[bg[:, 0]].mean())
     assert f["background_err"] == pytest.approx(exact) and 9 < exact <= 10 and f["skin_err"] == 0
 
 
 def test_mfcc_matches_python_speech_features():
     psf = pytest.importorskip("python_speech_features")
     rng = np.random.default_rng(1)
-    for n in (16000 + 123, 400, 399, 401, 57):  # generic, exactly one window, shorter, one more, tiny
+    # generic, exactly one window, shorter, one more, tiny
+    for n in (16000 + 123, 400, 399, 401, 57):
         audio = np.round(rng.normal(0, 3000, n)).astype(np.int16)
         ref = psf.mfcc(audio, 16000)  # [T, 13]
         ours = metrics.mfcc(torch.from_numpy(audio))
@@ -246,7 +270,8 @@ def test_mfcc_matches_python_speech_features():
         np.testing.assert_allclose(ours.T.numpy(), ref, rtol=1e-9, atol=1e-9)
     # silence: every energy is exactly 0 -> the eps floors; psf gives log(eps) everywhere in c0
     z = np.zeros(1000, dtype=np.int16)
-    np.testing.assert_allclose(metrics.mfcc(torch.from_numpy(z)).T.numpy(), psf.mfcc(z, 16000), atol=1e-9)
+    np.testing.assert_allclose(metrics.mfcc(torch.from_numpy(z)).T.numpy(), psf.mfcc(z, 16000),
+                               atol=1e-9)
 
 
 def test_mfcc_spec_regression_vector():
@@ -271,10 +296,12 @@ def _published_keys():
     for tower in ("netcnnaud", "netcnnlip"):
         for i in (0, 4, 8, 11, 14, 18):
             keys += [f"{tower}.{i}.weight", f"{tower}.{i}.bias"]
-            keys += [f"{tower}.{i + 1}.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+            keys += [f"{tower}.{i + 1}.{p}" for p in ("weight", "bias", "running_mean",
+                                                      "running_var", "num_batches_tracked")]
     for head in ("netfcaud", "netfclip"):
         keys += [f"{head}.0.weight", f"{head}.0.bias", f"{head}.3.weight", f"{head}.3.bias"]
-        keys += [f"{head}.1.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+        keys += [f"{head}.1.{p}" for p in ("weight", "bias", "running_mean", "running_var",
+                                           "num_batches_tracked")]
     return keys
 
 
@@ -293,7 +320,8 @@ def _random_syncnet():
 def test_syncnet_layout_and_shapes():
     net = metrics.SyncNetV2()
     sd = net.state_dict()
-    assert sorted(sd) == sorted(_published_keys()) and len(sd) == 102  # spec: 102 entries, 88 w/o counters
+    # spec: 102 entries, 88 w/o counters
+    assert sorted(sd) == sorted(_published_keys()) and len(sd) == 102
     assert sum(p.numel() for p in net.parameters()) == 13_631_616      # spec [computed]
     assert sd["netcnnlip.0.weight"].shape == (96, 3, 5, 7, 7)
     assert sd["netcnnaud.18.weight"].shape == (512, 256, 5, 4)
@@ -307,7 +335,8 @@ def test_syncnet_layout_and_shapes():
 
 def test_load_syncnet_v2_roundtrip_and_errors(tmp_path):
     net = _random_syncnet()
-    sd = {k: v.clone() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    sd = {k: v.clone() for k, v in net.state_dict().items()
+          if not k.endswith("num_batches_tracked")}
     p = tmp_path / "syncnet_v2.model"
     torch.save(sd, p)  # published layout: plain state dict (here without the BN counters)
     loaded = load = metrics.load_syncnet_v2(str(p))
@@ -337,9 +366,11 @@ def test_load_syncnet_v2_roundtrip_and_errors(tmp_path):
 
 
 def _naive_scores(v, a, vshift):
-    """syncnet_python's calc_pdist + scoring, written as its per-frame loop with pairwise_distance."""
+    """syncnet_python's calc_pdist + scoring, written as its per-frame loop with
+    pairwise_distance."""
     a_pad = F.pad(a, (0, 0, vshift, vshift))
-    dists = [F.pairwise_distance(v[[i]].repeat(2 * vshift + 1, 1), a_pad[i:i + 2 * vshift + 1]) for i in range(len(v))]
+    dists = [F.pairwise_distance(v[[i]].repeat(2 * vshift + 1, 1), a_pad[i:i + 2 * vshift + 1])
+             for i in range(len(v))]
     mdist = torch.stack(dists, 1).mean(1)
     minval, minidx = mdist.min(0)
     return float(minval), float(mdist.median() - minval), vshift - int(minidx), mdist
@@ -356,7 +387,8 @@ def test_offset_search_finds_constructed_shift(k):
     out = metrics.lse_from_embeddings(v, a, vshift=15)
     d, c, off, mdist = _naive_scores(v, a, 15)
     assert out["offset"] == off == -k
-    assert out["lse_d"] == pytest.approx(d, abs=1e-12) and out["lse_c"] == pytest.approx(c, abs=1e-12)
+    assert out["lse_d"] == pytest.approx(d, abs=1e-12) and out["lse_c"] == pytest.approx(
+        c, abs=1e-12)
     torch.testing.assert_close(out["mdist"], mdist)
     # LSE-C = median - min: sorted 16th value minus the smallest, by hand
     s = np.sort(mdist.numpy())
@@ -369,8 +401,10 @@ def test_sync_scores_windowing_matches_naive_loop():
     T, H = 9, 40
     g = torch.Generator().manual_seed(3)
     frames = (torch.rand(T, 3, H, H, generator=g) * 255).to(torch.uint8)
-    audio_i16 = (torch.randn(8 * 640 + 300, generator=g) * 2000).round().to(torch.int16)  # 8 frames of audio
-    out = metrics.sync_scores(frames, audio_i16.float() / 32768, net, vshift=5, batch_size=2)  # float audio path
+    # 8 frames of audio
+    audio_i16 = (torch.randn(8 * 640 + 300, generator=g) * 2000).round().to(torch.int16)
+    # float audio path
+    out = metrics.sync_scores(frames, audio_i16.float() / 32768, net, vshift=5, batch_size=2)
     L = 8
     assert out["n_windows"] == L - 5
     # naive oracle: window by window, MFCC from python_speech_features when installed
@@ -382,14 +416,17 @@ def test_sync_scores_windowing_matches_naive_loop():
     v, a = [], []
     with torch.no_grad():
         for i in range(L - 5):
-            fr = [F.interpolate(frames[t][[2, 1, 0]][None].float(), size=(224, 224), mode="bilinear",
-                                align_corners=False)[0] for t in range(i, i + 5)]  # BGR, 224
+            fr = [F.interpolate(frames[t][[2, 1, 0]][None].float(), size=(224, 224),
+                                mode="bilinear", align_corners=False)[0]
+                  for t in range(i, i + 5)]  # BGR, 224
             v.append(net.embed_lips(torch.stack(fr, 1)[None]))  # [1, 3, 5, 224, 224]
             a.append(net.embed_audio(cc[:, 4 * i:4 * i + 20][None, None]))
     d, c, off, _ = _naive_scores(torch.cat(v), torch.cat(a), 5)
-    assert out["lse_d"] == pytest.approx(d, rel=1e-4) and out["lse_c"] == pytest.approx(c, rel=1e-3, abs=1e-4)
+    assert out["lse_d"] == pytest.approx(d, rel=1e-4) and out["lse_c"] == pytest.approx(c, rel=1e-3,
+                                                                                        abs=1e-4)
     assert out["offset"] == off
-    assert metrics.lse(frames, audio_i16, net, vshift=5) == pytest.approx((out["lse_d"], out["lse_c"]), rel=1e-4, abs=1e-4)
+    assert metrics.lse(frames, audio_i16, net, vshift=5) == pytest.approx(
+        (out["lse_d"], out["lse_c"]), rel=1e-4, abs=1e-4)
 
 
 def test_sync_scores_bad_inputs():
@@ -450,7 +487,8 @@ def test_lmd_counts_missing_faces_and_scales_to_224():
     base = np.zeros((68, 2))
     base[48:68] = _mouth(rng) / 2  # landmarks of a 112x112 frame
 
-    def fake_landmarker(gray):  # grey level 0: no face; level v: mouth point 0 moved right by v/10 px
+    # grey level 0: no face; level v: mouth point 0 moved right by v/10 px
+    def fake_landmarker(gray):
         v = int(gray[0, 0])
         if v == 0:
             return None
@@ -461,8 +499,10 @@ def test_lmd_counts_missing_faces_and_scales_to_224():
     def video(levels):
         return torch.stack([torch.full((3, 112, 112), float(v)) for v in levels])
 
-    out = metrics.lmd(video([10, 0, 10, 50, 30]), video([10, 10, 0, 10, 10]), landmarker=fake_landmarker)
-    assert (out["n_frames"], out["n_used"], out["n_missing_gen"], out["n_missing_gt"]) == (5, 3, 1, 1)
+    out = metrics.lmd(video([10, 0, 10, 50, 30]), video([10, 10, 0, 10, 10]),
+                      landmarker=fake_landmarker)
+    assert (out["n_frames"], out["n_used"], out["n_missing_gen"], out["n_missing_gt"]) == (
+        5, 3, 1, 1)
     # per frame, one point off by dx (x only) -> 1.9 |dx| / 20, then x2 for 112 -> 224 pixels
     expected = [0.0, math.nan, math.nan, 1.9 * 4.0 / 20 * 2, 1.9 * 2.0 / 20 * 2]
     np.testing.assert_allclose(out["per_frame"].numpy(), expected, atol=1e-9)
@@ -490,7 +530,8 @@ def test_lmd_real_dlib_on_a_photo():
     out = metrics.lmd(gen, gt)
     assert out["n_missing_gen"] == 1 and out["n_missing_gt"] == 0 and out["n_used"] == 2
     assert float(out["per_frame"][0]) == 0.0       # same image, same landmarks
-    assert float(out["per_frame"][1]) < 2.0        # translation is removed up to detector jitter (224 px units)
+    # translation is removed up to detector jitter (224 px units)
+    assert float(out["per_frame"][1]) < 2.0
     mouth_c = lm[0].mean(0)                        # the mouth sits in the lower middle of the face
     assert 100 < float(mouth_c[0]) < 170 and 60 < float(mouth_c[1]) < 160, mouth_c
 
@@ -498,9 +539,10 @@ def test_lmd_real_dlib_on_a_photo():
 def test_lmd_points_matches_20_point_version_and_hand_case():
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(4, 20, 2)) * 10, rng.normal(size=(4, 20, 2)) * 10
-    torch.testing.assert_close(metrics.lmd_points(a, b), metrics.lmd_from_landmarks(a, b), rtol=0, atol=1e-12)
-    # 4 points, one moved by (3, 4) (length 5): the centroid moves by d/4, so that point is off by 3/4*5
-    # and the three others by 1/4*5: mean (3.75 + 3 * 1.25) / 4 = 1.875
+    torch.testing.assert_close(metrics.lmd_points(a, b), metrics.lmd_from_landmarks(a, b), rtol=0,
+                               atol=1e-12)
+    # 4 points, one moved by (3, 4) (length 5): the centroid moves by d/4, so that point is off by
+    # 3/4*5 and the three others by 1/4*5: mean (3.75 + 3 * 1.25) / 4 = 1.875
     gt = torch.tensor([[[0.0, 0], [10, 0], [5, -3], [5, 3]]])
     gen = gt.clone()
     gen[0, 1] += torch.tensor([3.0, 4.0])
@@ -513,11 +555,12 @@ def test_lmd_points_matches_20_point_version_and_hand_case():
 # ------------------------------------------------------------------------------------ motion probe
 def test_attribute_errors_hand_values():
     target = torch.zeros(3, 20, dtype=torch.float64)
-    target[:, 12:] = torch.tensor([0.4, 0.6, 0.6, 0.6, 0.5, 0.55, 0.5, 0.65], dtype=torch.float64)  # 4 mouth points
+    # 4 mouth points
+    target[:, 12:] = torch.tensor([0.4, 0.6, 0.6, 0.6, 0.5, 0.55, 0.5, 0.65], dtype=torch.float64)
     pred = target.clone()
-    pred[:, 0] += 0.1                     # yaw off by 0.1 rad = 5.7296 deg
-    pred[:, 5] += 0.4                     # one eye's blink off by 0.4 -> mean over both eyes 0.2
-    pred[:, 12:] += 0.25                  # all mouth points shifted together: LMD 0 (translation removed)
+    pred[:, 0] += 0.1               # yaw off by 0.1 rad = 5.7296 deg
+    pred[:, 5] += 0.4               # one eye's blink off by 0.4 -> mean over both eyes 0.2
+    pred[:, 12:] += 0.25            # all mouth points shifted together: LMD 0 (translation removed)
     e = metrics.attribute_errors(pred, target)
     assert e["yaw"] == pytest.approx(0.1 * 180 / math.pi, rel=1e-6)
     assert e["blink"] == pytest.approx(0.2, rel=1e-6)
@@ -527,12 +570,13 @@ def test_attribute_errors_hand_values():
 
 def test_probe_training_lowers_heldout_error_and_roundtrip(probe_ckpt, tmp_path):
     path, ck = probe_ckpt
-    # standardised MSE (1.0 = always guessing the mean), untrained net vs after 80 steps: clearly lower
-    # on its training frames, and lower on unseen people too (160 frames generalise only a little)
+    # standardised MSE (1.0 = always guessing the mean), untrained net vs after 80 steps: clearly
+    # lower on its training frames, and lower on unseen people too (160 frames generalise only a
+    # little)
     assert ck["train_mse"] < 0.7 * ck["train_mse_init"], (ck["train_mse"], ck["train_mse_init"])
     assert ck["heldout_mse"] < ck["heldout_mse_init"], (ck["heldout_mse"], ck["heldout_mse_init"])
-    assert set(ck["heldout"]) == set(metrics.ATTRIBUTES) | {"lmd"} and all(math.isfinite(v)
-                                                                           for v in ck["heldout"].values())
+    assert set(ck["heldout"]) == set(metrics.ATTRIBUTES) | {"lmd"} and all(
+        math.isfinite(v) for v in ck["heldout"].values())
     probe, held = metrics.load_probe(str(path))
     assert held == ck["heldout"] and not probe.training
     x, y = metrics.probe_dataset("test", 8, seed=5)

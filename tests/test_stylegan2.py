@@ -1,5 +1,6 @@
-"""Tests for stylegan2.py: shapes, parameter counts, upfirdn2d / bias_act against independent oracles,
-gradients to second order, modulated-conv properties, HyperStyle weight deltas, w-index map, loader, loss plot."""
+"""Tests for stylegan2.py: shapes, parameter counts, upfirdn2d / bias_act against independent
+oracles, gradients to second order, modulated-conv properties, HyperStyle weight deltas, w-index
+map, loader, loss plot."""
 import argparse
 import itertools
 import json
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 from torch.autograd import gradcheck, gradgradcheck
 
+import files
 import stylegan2 as sg
 import stylegan2_ops as ops
 from conftest import requires_cuda
@@ -23,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
 
 
-# ---------------------------------------------------------------------------------------------------
-# Architecture: parameter counts are those of rosinality/stylegan2-pytorch's model.py, not our own output.
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Architecture: parameter counts are those of rosinality/stylegan2-pytorch's model.py, not our own
+# output.
+# --------------------------------------------------------------------------------------------------
 
 def test_paper_parameter_counts_match_rosinality_layout():
     G, D = sg.Generator.from_preset("paper"), sg.Discriminator.from_preset("paper")
@@ -58,11 +61,11 @@ def test_published_key_names_and_shapes():
     sd = sg.Generator.from_preset("paper").state_dict()
     expect = {"style.1.weight": (512, 512), "style.8.bias": (512,), "input.input": (1, 512, 4, 4),
               "conv1.conv.weight": (1, 512, 512, 3, 3), "conv1.conv.modulation.weight": (512, 512),
-              "conv1.noise.weight": (1,), "conv1.activate.bias": (512,), "to_rgb1.bias": (1, 3, 1, 1),
-              "to_rgb1.conv.weight": (1, 3, 512, 1, 1), "convs.0.conv.blur.kernel": (4, 4),
-              "convs.11.conv.weight": (1, 128, 128, 3, 3), "to_rgbs.5.upsample.kernel": (4, 4),
-              "convs.6.conv.weight": (1, 512, 512, 3, 3), "noises.noise_12": (1, 1, 256, 256),
-              "noises.noise_0": (1, 1, 4, 4)}
+              "conv1.noise.weight": (1,), "conv1.activate.bias": (512,),
+              "to_rgb1.bias": (1, 3, 1, 1), "to_rgb1.conv.weight": (1, 3, 512, 1, 1),
+              "convs.0.conv.blur.kernel": (4, 4), "convs.11.conv.weight": (1, 128, 128, 3, 3),
+              "to_rgbs.5.upsample.kernel": (4, 4), "convs.6.conv.weight": (1, 512, 512, 3, 3),
+              "noises.noise_12": (1, 1, 256, 256), "noises.noise_0": (1, 1, 4, 4)}
     for k, shape in expect.items():
         assert tuple(sd[k].shape) == shape, k
     assert not any(k.startswith("style.0") for k in sd)
@@ -117,9 +120,9 @@ def test_bad_arguments_raise_clear_errors():
         sg.minibatch_stddev(torch.randn(6, 2, 4, 4), 4)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # upfirdn2d against scipy.signal.upfirdn (separable) and a direct numpy loop (non-separable)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def _scipy_axis(x, f1, up, down, p0, p1, axis):
     """scipy oracle: Y = scipy.signal.upfirdn(f1, x, up) is the full convolution of the
@@ -156,7 +159,8 @@ def _numpy_direct(x, f, up, down, pad):
 
 
 SEPARABLE_CASES = list(itertools.product(
-    [1, 2, 3], [1, 2], [(0, 0), (2, 1), (1, 2), (-1, 2), (3, -2)], [[1, 3, 3, 1], [1, 2, 5], [2.0, -1.0]]))
+    [1, 2, 3], [1, 2], [(0, 0), (2, 1), (1, 2), (-1, 2), (3, -2)],
+    [[1, 3, 3, 1], [1, 2, 5], [2.0, -1.0]]))
 
 
 @pytest.mark.parametrize("up,down,pads,f1", SEPARABLE_CASES)
@@ -174,13 +178,17 @@ def test_upfirdn2d_matches_scipy_separable(up, down, pads, f1):
     np.testing.assert_allclose(got.numpy(), ref, atol=1e-12)
 
 
-@pytest.mark.parametrize("up,down,pad", [((1, 1), (1, 1), (1, 1, 1, 1)), ((2, 1), (1, 2), (2, 0, -1, 1)),
-                                         ((3, 2), (2, 1), (0, 2, 1, 1)), ((1, 1), (2, 2), (-1, 1, 2, -1))])
+@pytest.mark.parametrize("up,down,pad", [((1, 1), (1, 1), (1, 1, 1, 1)),
+                                         ((2, 1), (1, 2), (2, 0, -1, 1)),
+                                         ((3, 2), (2, 1), (0, 2, 1, 1)),
+                                         ((1, 1), (2, 2), (-1, 1, 2, -1))])
 def test_upfirdn2d_matches_direct_loop_nonseparable(up, down, pad):
     rng = np.random.default_rng(2)
-    x, f = rng.standard_normal((3, 6, 5)), rng.standard_normal((3, 4))  # asymmetric: checks the flip
+    # asymmetric: checks the flip
+    x, f = rng.standard_normal((3, 6, 5)), rng.standard_normal((3, 4))
     ref = _numpy_direct(x, f, up, down, pad)
-    got = ops.upfirdn2d(torch.from_numpy(x)[None], torch.from_numpy(f), up=up, down=down, pad=pad, impl="ref")
+    got = ops.upfirdn2d(torch.from_numpy(x)[None], torch.from_numpy(f), up=up, down=down, pad=pad,
+                        impl="ref")
     np.testing.assert_allclose(got[0].numpy(), ref, atol=1e-12)
 
 
@@ -196,8 +204,9 @@ def test_upfirdn2d_errors():
         ops.upfirdn2d(x, f, impl="cuda")
 
 
-GRAD_CASES = [((2, 2), (1, 1), (2, 1, 2, 1)), ((1, 1), (2, 2), (1, 1, 1, 1)), ((1, 1), (2, 2), (2, 2, 2, 2)),
-              ((3, 3), (2, 2), (1, 0, 1, 0)), ((2, 1), (1, 2), (-1, 2, 0, 1))]
+GRAD_CASES = [((2, 2), (1, 1), (2, 1, 2, 1)), ((1, 1), (2, 2), (1, 1, 1, 1)),
+              ((1, 1), (2, 2), (2, 2, 2, 2)), ((3, 3), (2, 2), (1, 0, 1, 0)),
+              ((2, 1), (1, 2), (-1, 2, 0, 1))]
 
 
 @pytest.mark.parametrize("up,down,pad", GRAD_CASES)
@@ -234,14 +243,15 @@ def test_resampling_kernels_keep_constants():
     torch.testing.assert_close(blur[..., 1:-1, 1:-1], torch.full((1, 1, 5, 5), 3.0))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # bias_act
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_bias_act_reference_values():
     x = torch.tensor([[-2.0, 0.5], [1.0, -0.1]]).view(1, 2, 2, 1)
     b = torch.tensor([1.0, -1.0])
-    want = torch.tensor([[-1.0 * 0.2, 1.5], [0.0 * 0.2, -1.1 * 0.2]]).view(1, 2, 2, 1) * math.sqrt(2)
+    want = torch.tensor([[-1.0 * 0.2, 1.5], [0.0 * 0.2, -1.1 * 0.2]]).view(
+        1, 2, 2, 1) * math.sqrt(2)
     torch.testing.assert_close(ops.bias_act(x, b), want)
     torch.testing.assert_close(ops.bias_act(x, b, act="linear"), x + b.view(1, 2, 1, 1))
     with pytest.raises(ValueError, match="does not match"):
@@ -255,14 +265,15 @@ def test_bias_act_function_gradients_to_second_order():
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     x = (x + 0.2 * x.sign()).requires_grad_(True)
     b = (0.01 * torch.randn(3, dtype=torch.float64)).requires_grad_(True)
-    fn = lambda t, c: ops._BiasAct.apply(t, c, 0.2, math.sqrt(2), ops._bias_act_kernel_ref)  # noqa: E731
+    fn = lambda t, c: ops._BiasAct.apply(t, c, 0.2, math.sqrt(2),  # noqa: E731
+                                         ops._bias_act_kernel_ref)
     assert gradcheck(fn, (x, b)) and gradgradcheck(fn, (x, b))
     torch.testing.assert_close(fn(x, b), ops._bias_act_ref(x, b))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Modulated convolution
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_demodulation_gives_unit_variance():
     """StyleGAN2 Eq. (3): with i.i.d. unit-variance input, each output channel has unit variance."""
@@ -280,7 +291,8 @@ def test_demodulation_gives_unit_variance():
 
 
 def _nonfused(conv, x, style):
-    """The same maths without per-sample weights (NVIDIA's training form): conv(x * s, W * scale) * d."""
+    """The same maths without per-sample weights (NVIDIA's training form): conv(x * s, W * scale)
+    * d."""
     B = x.shape[0]
     s = conv.modulation(style)                                   # [B, I]
     w = conv.weight[0] * conv.scale                              # [O, I, k, k]
@@ -309,9 +321,9 @@ def test_modulated_conv_gradgradcheck():
     assert gradcheck(conv, (x, s)) and gradgradcheck(conv, (x, s))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Generator behaviour: noise, weight deltas, w-index map, mixing, truncation
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def small_G():
@@ -327,7 +339,8 @@ def test_fresh_generator_ignores_noise_and_const_is_reproducible(small_G):
     with torch.no_grad():
         small_G.conv1.noise.weight.fill_(0.5)
     try:
-        b1, b2 = small_G.synthesis(ws, noise_mode="const"), small_G.synthesis(ws, noise_mode="const")
+        b1, b2 = small_G.synthesis(ws, noise_mode="const"), small_G.synthesis(ws,
+                                                                              noise_mode="const")
         torch.testing.assert_close(b1, b2)
         assert not torch.allclose(b1, small_G.synthesis(ws, noise_mode="random"))
     finally:
@@ -337,8 +350,8 @@ def test_fresh_generator_ignores_noise_and_const_is_reproducible(small_G):
 
 def _record_layer_outputs(G, fn, part=lambda m: m):
     """Outputs of part(m) for every modulated conv m of G during fn(), in call order."""
-    outs, hooks = [], [part(m).register_forward_hook(lambda m, i, o: outs.append(o.detach().clone()))
-                       for m in G.modulated_convs()]
+    outs, hooks = [], [part(m).register_forward_hook(lambda m, i, o: outs.append(
+        o.detach().clone())) for m in G.modulated_convs()]
     try:
         fn()
     finally:
@@ -367,22 +380,26 @@ def test_nonzero_delta_changes_only_its_layer_onward(small_G):
 
 
 def test_per_source_deltas_broadcast_over_consecutive_samples_like_explicit_copies():
-    """FC-TFG renders T frames per source with that source's HyperStyle deltas: a delta batch D dividing
-    the sample batch B applies delta[j] to samples j*B/D .. (j+1)*B/D-1; the oracle copies it per sample."""
+    """FC-TFG renders T frames per source with that source's HyperStyle deltas: a delta batch D
+    dividing the sample batch B applies delta[j] to samples j*B/D .. (j+1)*B/D-1; the oracle copies
+    it per sample."""
     torch.manual_seed(0)
     for up in (False, True):
         conv = sg.ModulatedConv2d(4, 6, 3, 8, upsample=up).double()
-        x, style = torch.randn(6, 4, 8, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+        x, style = torch.randn(6, 4, 8, 8, dtype=torch.float64), torch.randn(6, 8,
+                                                                             dtype=torch.float64)
         delta = 0.2 * torch.randn(2, 6, 4, 3, 3, dtype=torch.float64)
-        torch.testing.assert_close(conv(x, style, delta), conv(x, style, delta.repeat_interleave(3, 0)),
+        torch.testing.assert_close(conv(x, style, delta),
+                                   conv(x, style, delta.repeat_interleave(3, 0)),
                                    rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="does not divide"):
         conv(x, style, 0.2 * torch.randn(4, 6, 4, 3, 3, dtype=torch.float64))
 
 
 def test_uniform_delta_cancels_under_demodulation_but_scales_torgb(small_G):
-    """Hand-derived: demodulation divides out a uniform weight scale (1+c); ToRGB does not demodulate,
-    so a uniform delta on the last ToRGB scales its contribution to the image by exactly (1+c)."""
+    """Hand-derived: demodulation divides out a uniform weight scale (1+c); ToRGB does not
+    demodulate, so a uniform delta on the last ToRGB scales its contribution to the image by exactly
+    (1+c)."""
     ws = torch.randn(2, small_G.n_latent, 16).double()
     G = small_G.double()
     try:
@@ -401,13 +418,16 @@ def test_uniform_delta_cancels_under_demodulation_but_scales_torgb(small_G):
 
 def test_w_index_map_matches_the_layer_table(small_G):
     """Perturbing w_k must change the style (modulation output) of exactly the layers rosinality's
-    layer order assigns to k: 4 px conv1<-w0, to_rgb1<-w1; at 2^r: up<-w(2r-5), conv<-w(2r-4), rgb<-w(2r-3)."""
+    layer order assigns to k: 4 px conv1<-w0, to_rgb1<-w1; at 2^r: up<-w(2r-5), conv<-w(2r-4),
+    rgb<-w(2r-3)."""
     G = small_G
     expected = {}  # layer position in modulated_convs() -> w index, from that table
     expected[0], expected[1] = 0, 1
     for n, r in enumerate(range(3, G.log_size + 1)):
-        expected[2 + 3 * n], expected[3 + 3 * n], expected[4 + 3 * n] = 2 * r - 5, 2 * r - 4, 2 * r - 3
-    styles = lambda ws: _record_layer_outputs(G, lambda: G.synthesis(ws), lambda m: m.modulation)  # noqa: E731
+        expected[2 + 3 * n], expected[3 + 3 * n], expected[
+            4 + 3 * n] = 2 * r - 5, 2 * r - 4, 2 * r - 3
+    styles = lambda ws: _record_layer_outputs(G, lambda: G.synthesis(ws),  # noqa: E731
+                                              lambda m: m.modulation)
     ws = torch.randn(1, G.n_latent, 16)
     base = styles(ws)
     for k in range(G.n_latent):
@@ -440,9 +460,9 @@ def test_mapping_pixel_norm_and_lr_mul():
     torch.testing.assert_close(G.mapping(z), want)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Discriminator pieces and regularisers
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_minibatch_stddev_strided_groups():
     x = torch.randn(8, 2, 3, 3, dtype=torch.float64)
@@ -507,7 +527,8 @@ def test_checkpointing_changes_no_gradient_of_G_and_D_also_through_r1_and_path_l
     G = sg.Generator(32, style_dim=16, n_mlp=2, channels={4: 8, 8: 8, 16: 8, 32: 8}).double()
     D = sg.Discriminator(32, channels={4: 8, 8: 8, 16: 8, 32: 8}, stddev_group=2).double()
     ws = torch.randn(2, G.n_latent, 16, dtype=torch.float64)
-    deltas = [None if not m.demodulate else 0.1 * torch.randn(1, *m.weight.shape[1:], dtype=torch.float64)
+    deltas = [None if not m.demodulate else 0.1 * torch.randn(1, *m.weight.shape[1:],
+                                                              dtype=torch.float64)
               for m in G.modulated_convs()]
     real = torch.randn(2, 3, 32, 32, dtype=torch.float64)
 
@@ -541,9 +562,9 @@ def test_bf16_autocast_is_finite():
     assert torch.isfinite(out.float()).all()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoint loading
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def _tiny_pair():
     return sg.Generator.from_preset("tiny").eval(), sg.Discriminator.from_preset("tiny")
@@ -571,7 +592,8 @@ def test_load_converted_and_psp_layouts_without_noise_buffers(tmp_path):
     torch.save({"g_ema": sd, "latent_avg": latent_avg}, tmp_path / "conv.pt")
     G2, D2, avg = sg.load_stylegan2(tmp_path / "conv.pt")
     ws = torch.randn(1, 10, 128)
-    torch.testing.assert_close(G2.synthesis(ws, noise_mode="none"), G.synthesis(ws, noise_mode="none"))
+    torch.testing.assert_close(G2.synthesis(ws, noise_mode="none"),
+                               G.synthesis(ws, noise_mode="none"))
     assert D2 is None and torch.equal(avg, latent_avg[None])
     psp = {"state_dict": {**{f"decoder.{k}": v for k, v in G.state_dict().items()},
                           "encoder.input_layer.0.weight": torch.zeros(1)},
@@ -623,34 +645,39 @@ def test_cli_writes_grid_and_fails_cleanly(tmp_path):
     from PIL import Image
     assert Image.open(out).size == (128, 128) and "UNTRAINED" in r.stdout
     bad_out = tmp_path / "never.png"
-    r = subprocess.run([sys.executable, str(ROOT / "stylegan2.py"), "--checkpoint", str(tmp_path / "x.pt"),
-                        "--out", str(bad_out)], capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([sys.executable, str(ROOT / "stylegan2.py"), "--checkpoint",
+                        str(tmp_path / "x.pt"), "--out", str(bad_out)], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(
+        r.stderr.strip().splitlines()) == 1
     assert not bad_out.exists()
 
 
 def test_plot_losses_draws_one_panel_per_quantity(tmp_path):
     log = tmp_path / "log.jsonl"
-    rows = [{"step": k, "time": 0.0, "img_per_s": 5.0, "peak_mem_gb": 1.0, "loss_d": 1.0 / k, "rec": float(k % 3)}
+    rows = [{"step": k, "time": 0.0, "img_per_s": 5.0, "peak_mem_gb": 1.0, "loss_d": 1.0 / k,
+             "rec": float(k % 3)}
             for k in range(1, 30)]
     rows[5]["rec"] = float("nan")                       # a non-finite value is skipped, not drawn
     log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert sg.plot_losses(log, tmp_path / "loss.png") == 2   # step/time/img_per_s are not losses
+    assert files.plot_losses(log, tmp_path / "loss.png") == 2   # step/time/img_per_s are not losses
     im = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB"))
     assert im.shape == (170, 640, 3)
-    blue = (im[..., 2] > 150) & (im[..., 0] < 80)       # the running-mean curve is drawn in each panel
+    blue = (im[..., 2] > 150) & (im[..., 0] < 80)    # the running-mean curve is drawn in each panel
     assert blue[:, :320].any() and blue[:, 320:].any()
     log.write_text("")
-    assert sg.plot_losses(log, tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
+    assert files.plot_losses(log, tmp_path / "none.png") == 0 and not (tmp_path
+                                                                       / "none.png").exists()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CUDA parity (skip without a GPU)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("naive", ["0", "1"])  # the tiled kernel and the one-thread-per-pixel kernel
+# the tiled kernel and the one-thread-per-pixel kernel
+@pytest.mark.parametrize("naive", ["0", "1"])
 @pytest.mark.parametrize("up,down,pad", GRAD_CASES + [((1, 1), (1, 1), (1, 1, 1, 1))])
 def test_cuda_upfirdn2d_matches_reference(up, down, pad, naive, monkeypatch):
     monkeypatch.setenv("FCTFG_UPFIRDN_NAIVE", naive)
@@ -667,10 +694,10 @@ def test_cuda_upfirdn2d_matches_reference(up, down, pad, naive, monkeypatch):
     # double backward: d/dx of <grad, v> through both paths
     gy2 = torch.randn_like(y_ref, requires_grad=True)
     v = torch.randn_like(x)
-    a = torch.autograd.grad((torch.autograd.grad(ops.upfirdn2d(x, f, up, down, pad, impl="ref"), x, gy2,
-                                                 create_graph=True)[0] * v).sum(), gy2)[0]
-    b = torch.autograd.grad((torch.autograd.grad(ops.upfirdn2d(x, f, up, down, pad, impl="cuda"), x, gy2,
-                                                 create_graph=True)[0] * v).sum(), gy2)[0]
+    a = torch.autograd.grad((torch.autograd.grad(ops.upfirdn2d(x, f, up, down, pad, impl="ref"), x,
+                                                 gy2, create_graph=True)[0] * v).sum(), gy2)[0]
+    b = torch.autograd.grad((torch.autograd.grad(ops.upfirdn2d(x, f, up, down, pad, impl="cuda"), x,
+                                                 gy2, create_graph=True)[0] * v).sum(), gy2)[0]
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
@@ -708,7 +735,17 @@ def test_cuda_generator_r1_and_pl_match_reference():
         real = img.detach().clone().requires_grad_(True)
         pen, _, _ = sg.path_length_penalty(img, w, 0.0)
         (pen + sg.r1_penalty(D(real), real)).backward()
-        out[impl] = (img.detach(), G.convs[2].conv.weight.grad.clone(), D.convs[1].conv1[0].weight.grad.clone())
+        out[impl] = (img.detach(), G.convs[2].conv.weight.grad.clone(),
+                     D.convs[1].conv1[0].weight.grad.clone())
     ops.allow_cuda_ops(True)
     for a, c in zip(out["ref"], out["cuda"]):
         torch.testing.assert_close(c, a, atol=1e-4, rtol=1e-4)
+
+
+def test_every_cli_flag_says_what_it_does(cli_actions):
+    """The sampling CLI here and the speed CLI beside it (bench.py): help text on every flag."""
+    import bench
+    for fn in (sg.main, bench.main):
+        missing = [a.option_strings for a in cli_actions(fn, []) if not a.help]
+        assert not missing, (fn.__module__, missing)
+
