@@ -280,7 +280,7 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
                      audio=sample["audio"])
 
 
-# ==== Attribute transfer (issue 18): does each controlled attribute move the generated face? ======
+# ==== Attribute transfer: does each controlled attribute move the generated face? ===============
 # The paper claims full control: pose, blinks, gaze, brows, lips. Table 1's metrics average over the
 # whole face, where a still copy of the source already scores well, so they cannot show whether a
 # blink transfers. This test changes ONE attribute at a time (procedural.attribute_motion): person
@@ -624,8 +624,8 @@ def parse_args(argv=None):
                     help="'synthetic' (procedural test split) or a folder prepared by data.py")
     ap.add_argument("--protocol", default="pcavs", choices=("pcavs", "cross", "attributes"),
                     help="pcavs: Sec. 4.2.3 (Table 1); cross: cross-identity with the renderer's "
-                         "ground truth; attributes: one attribute at a time (issue 18's transfer "
-                         "table, procedural data)")
+                         "ground truth; attributes: one attribute at a time (the attribute-"
+                         "transfer table, procedural data)")
     ap.add_argument("--split", default="report", choices=sorted(procedural.ATTRIBUTE_SPLITS),
                     help="procedural data: which held-out people and motions (settings are tuned "
                          "on 'tune', numbers reported on 'report')")

@@ -38,13 +38,11 @@ the same RELATIVE resolution, as those parts cover a fixed fraction of the face.
 gives back {1,2,3,4,7,8,9,10} with audio {7,8}; at 64 px {1,...,6} (8, 16, 32 px) with audio {3,4}
 (16 px = size/4).
   The tiny preset adds w0 (the 4 px const conv): our trained 64 px decoder keeps much of the head's
-yaw there (the driver's codes with the source's w0 drop the yaw correlation of the attribute table
-from 0.88 to 0.57; pitch, eyes, brows, lips unaffected; RESULTS.md), so without w0 no model could
-turn the head. It is the 1-based reading's first layer; train.py --layers sets any list (an ablation
-row runs paper_layers(64)). It also feeds the audio to every manipulated layer: our decoder spreads
-the mouth over w0-w6 (the driver's codes on w3, w4 alone move the lips with correlation 0.15, on
-w0-w6 0.88), and with audio in w3, w4 only a 300-step run's lips correlation was 0.49 against 0.65
-(--audio_layers; an ablation row keeps the derived (3, 4)). Untouched at 64 px: w7, w8 (64 px, the
+yaw there, so without w0 no model could turn the head (RESULTS.md, "where the layers hold what").
+It is the 1-based reading's first layer; train.py --layers sets any list (an ablation row runs
+paper_layers(64)). It also feeds the audio to every manipulated layer: our decoder spreads the
+mouth over w0-w6, and the lips follow the audio less with the derived (3, 4) alone (RESULTS.md, the
+ablation rows; --audio_layers). Untouched at 64 px: w7, w8 (64 px, the
 finest texture) and w9 (last ToRGB); as in the paper, the finest layers keep the source's code and
 so its texture.
 

@@ -9,6 +9,8 @@ Paper map ("That's What I Said: Fully-Controllable Talking Face Generation", ACM
                     frame                                           -> Driver.codes, animate()
   Eq. (1), Sec. 3.2 z_sd = E_can(z_s) + E_m(z_a ⊕ z_d), Temporal
                     Fusion                                          -> fusion.LatentFusion (called)
+  not in the paper   the faces through a deflicker (the backdrop and
+                    skin shimmer with per-frame inversion noise)    -> fusion.Deflicker, --deflicker
   Sec. 4.3.1        "fully controllable": pose / eyes / expression
                     from different videos, lips from audio          -> routing_groups, route
   Fig. 5(b)         canonical images G(E_can(z)) of every frame of

@@ -332,25 +332,26 @@ def gan_loss_d(real_logits, fake_logits):
 
 
 def stddev_groups(D, n):
-    """D's minibatch-stddev groups in a batch of n -> (list of index slices, group size G). The
-    groups are strided (stylegan2.minibatch_stddev: group j = samples j, j + n/G, ...), so D on one
+    """D's minibatch-stddev groups in a batch of n -> (list of index slices, group size). The groups
+    are strided (stylegan2.minibatch_stddev: group j = samples j, j + n/size, ...), so D on one
     group's samples gives exactly the logits those samples get in the whole batch: the D-side terms
     below can run their forward and backward group by group, holding one group's graph at a time
     (memory; the sums are the same, BENCHMARKS.md "Paper-preset memory")."""
-    G = min(n, D.stddev_group)
-    return [slice(j, None, n // G) for j in range(n // G)], G
+    size = min(n, D.stddev_group)
+    return [slice(j, None, n // size) for j in range(n // size)], size
 
 
 def gan_loss_d_backward(D, real, fake, scale=1.0, autocast=contextlib.nullcontext):
     """The D step of Eq. (8) with its backward run HERE, one stddev group at a time: the batch's
-    gan_loss_d(D(real), D(fake)) is the sum of the groups' G/n shares. fake: detached generations.
-    D: a module with .stddev_group (image or video D). -> the loss (detached, for the log)."""
+    gan_loss_d(D(real), D(fake)) is the sum of the groups' size/n shares. fake: detached
+    generations. D: a module with .stddev_group (image or video D). -> the loss (detached, for the
+    log)."""
     n = real.shape[0]
-    groups, G = stddev_groups(D, n)
+    groups, size = stddev_groups(D, n)
     total = real.new_zeros(())
     for g in groups:
         with autocast():
-            part = gan_loss_d(D(real[g]), D(fake[g])) * (G / n)
+            part = gan_loss_d(D(real[g]), D(fake[g])) * (size / n)
         (scale * part).backward()
         total = total + part.detach()
     return total
@@ -359,20 +360,21 @@ def gan_loss_d_backward(D, real, fake, scale=1.0, autocast=contextlib.nullcontex
 def lazy_r1(D, real, gamma, every, scale=1.0, per_sample=1):
     """The D step's R1 regulariser of Eq. (8), lazily every `every` D steps (StyleGAN2 Sec. 3.2),
     with its backward of scale * gamma / 2 * every * R1 run HERE, one stddev group at a time (R1 is
-    a per-sample mean: the sum of the groups' G/n shares; in one piece, the paper preset's R1 over a
-    window's 5 frames held ~2.7 GiB more than a plain step). -> R1 (detached, for the log). The
-    interval multiplies the weight so the average pull is that of R1 on every step; the
-    zero-weighted logits keep D's whole graph in each backward (every parameter gets a gradient).
+    a per-sample mean: the sum of the groups' size/n shares; in one piece, the paper preset's R1
+    over a window's 5 frames needs GiBs more than a plain step, BENCHMARKS.md). -> R1 (detached, for
+    the log). The interval multiplies the weight so the average pull is that of R1 on every step;
+    the zero-weighted logits keep D's whole graph in each backward (every parameter gets a
+    gradient).
     per_sample: images of `real` per training sample. R1 is a mean over samples of the squared
     gradient norm w.r.t. the whole sample, so for the FC-TFG stage's image D (a window of T frames
     passed as T images) the T frames' norms add up: T x StyleGAN2's per-image R1 (per_sample=T)."""
     n = real.shape[0]
-    groups, G = stddev_groups(D, n)
+    groups, size = stddev_groups(D, n)
     r1_total = real.new_zeros(())
     for g in groups:
         part = real[g].detach().requires_grad_(True)
         logits = D(part)                            # in full precision: R1 squares gradients
-        r1 = r1_penalty(logits, part) * (G / n * per_sample)
+        r1 = r1_penalty(logits, part) * (size / n * per_sample)
         (scale * (gamma / 2 * every * r1 + 0 * logits.sum())).backward()
         r1_total = r1_total + r1.detach()
     return r1_total

@@ -48,7 +48,7 @@ BLINK_RATE = 1.0              # blinks per second in make_motion
 # ==== 1. Identity: everything fixed for one synthetic person ======================================
 @dataclasses.dataclass(frozen=True)
 class Identity:
-    """One person. The face is designed for a 64 px decoder (issue 18, RESULTS.md "the tiny world"):
+    """One person. The face is designed for a 64 px decoder (RESULTS.md, "the tiny world"):
     every feature a motion parameter moves is large and high-contrast (eyes ~10 x 7 px with a dark
     iris that travels ~5 px, brows ~2 px thick that rise ~3 px, a wide mouth), and the nuisance
     factors a tiny decoder would spend its capacity on are gone (no glasses, beards, long hair or
@@ -419,8 +419,9 @@ JAW_DROP = 0.15     # the mouth centre moves down by this much at full opening; 
                     # upper lip stays put and only the lower lip and jaw move, as in real speech
 
 
-# Eyes and brows (face units). Large on purpose (issue 18): at 64 px the eye is ~10 x 7 px, the iris
-# ~5 px across and travels ~+-2.5 px with the gaze, a brow is ~2 px thick and rises ~3 px.
+# Eyes and brows (face units). Large on purpose (the attribute table must see them move): at 64 px
+# the eye is ~10 x 7 px, the iris ~5 px across and travels ~+-2.5 px with the gaze, a brow is ~2 px
+# thick and rises ~3 px.
 GAZE_U = 0.5        # iris centre travel at gaze_x = +-1, in eye half-widths
 GAZE_V = 0.3        # ... at gaze_y = +-1, in eye half-heights
 IRIS_R = 0.72       # iris radius in eye half-heights (the pupil has half of it)

@@ -290,10 +290,8 @@ def batchnorm_across_ranks(stage, world, device):
 def lr_factor(step, max_steps, rampdown):
     """Multiplier of every optimiser's lr at `step`: 1, then a half cosine from 1 down to 0 over the
     last `rampdown` steps (0: constant lr, the paper's recipe). Why, in the tiny StyleGAN2 stage: at
-    2e-3 with beta1 = 0 the jointly trained decoder hovers around its optimum; 800 steps at a tenth
-    of the lr took it from 24.3 to
-    25.3 dB on held-out frames (RESULTS.md). The steps before the ramp do not depend on it: --resume
-    can add one."""
+    2e-3 with beta1 = 0 the jointly trained decoder hovers around its optimum, and a ramp settles it
+    (RESULTS.md). The steps before the ramp do not depend on it: --resume can add one."""
     if rampdown <= 0 or step < max_steps - rampdown:
         return 1.0
     return 0.5 + 0.5 * math.cos(math.pi * ((step - (max_steps - rampdown)) / rampdown))
