@@ -53,6 +53,7 @@ import stylegan2_ops as ops
 # reproduction; paper: Sec. 4.1.2); every row is then also a flag --name of the value's type. TINY:
 # not the paper's, see RESULTS.md.
 TINY = "tiny-scale deviation, see RESULTS.md"
+_csv = lambda ints: ",".join(map(str, ints))   # fusion.PRESETS' layer tuples as --layers text
 SETTINGS = dict(
     # keys of each module's PRESETS
     model=("tiny", "paper", "architecture preset of every network (tiny | paper)"),
@@ -94,8 +95,8 @@ SETTINGS = dict(
     disc=("image", "image", "FC-TFG discriminator (Table 3): image (the paper's) | video"),
     ortho=("hadamard_abs", "hadamard_abs",
            "Eq. (3) form (Table 4): hadamard_abs | signed | squared | cosine | none"),
-    ortho_weight=(1.0, 1.0, "λ_ortho of Eq. (9) (the paper's 1)"),
-    sync_weight=(0.1, 0.1, "λ_sync of Eq. (9) (the paper's 0.1)"),
+    ortho_weight=(losses.LAMBDA["ortho"],) * 2 + ("λ_ortho of Eq. (9) (losses.LAMBDA: the paper's)",),
+    sync_weight=(losses.LAMBDA["sync"],) * 2 + ("λ_sync of Eq. (9) (losses.LAMBDA: the paper's)",),
     hyper_steps=(1, 3,
                  "HyperStyle refinement steps (inversion stage training; FC-TFG's source "
                  "inversion)"),
@@ -128,9 +129,9 @@ SETTINGS = dict(
                   f"FC-TFG stage: recolour the driving frames E_m sees, per-channel gain and "
                   f"offset up "
                   f"to +-this ({TINY})"),
-    layers=("0,1,2,3,4,5,6", "1,2,3,4,7,8,9,10",
+    layers=(*(_csv(fusion.PRESETS[p]["layers"]) for p in ("tiny", "paper")),
             "FC-TFG stage: manipulated w indices (Sec. 4.1.2; tiny adds w0, see fusion.py)"),
-    audio_layers=("0,1,2,3,4,5,6", "7,8",
+    audio_layers=(*(_csv(fusion.PRESETS[p]["audio_layers"]) for p in ("tiny", "paper")),
                   f"FC-TFG stage: manipulated w indices whose E_m also sees z_a (Sec. 4.1.2: 7, 8; "
                   f"tiny: all, {TINY})"),
     grad_ckpt=(0, 1,
