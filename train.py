@@ -94,7 +94,8 @@ SETTINGS = dict(
     temporal=("conv", "conv", "FC-TFG temporal fusion (Table 3): conv (the paper's) | lstm | none"),
     disc=("image", "image", "FC-TFG discriminator (Table 3): image (the paper's) | video"),
     ortho=("hadamard_abs", "hadamard_abs",
-           "Eq. (3) form (Table 4): hadamard_abs | signed | squared | cosine | none"),
+           "Eq. (3) form (Table 4): hadamard_abs (the paper column: |z_s->c ⊙ z_c->d|, not the "
+           "printed signed sum, see losses.orthogonality_loss) | signed | squared | cosine | none"),
     ortho_weight=(losses.LAMBDA["ortho"],) * 2 + ("λ_ortho of Eq. (9) (losses.LAMBDA: the paper's)",),
     sync_weight=(losses.LAMBDA["sync"],) * 2 + ("λ_sync of Eq. (9) (losses.LAMBDA: the paper's)",),
     hyper_steps=(1, 3,
