@@ -23,58 +23,46 @@ SEED=${SEED:-0}
 EXPORT=${EXPORT:-checkpoints/fctfg_tiny.pt}
 ABLATIONS=${ABLATIONS:-1}
 FIGS=${FIGS:-results}      # PNGs for RESULTS.md (the smoke run keeps its own under OUT)
-if [ "${SMOKE:-0}" = 1 ]; then   # every stage and every evaluation, a few steps each
-    N_IDS=8; IMG_IDS=16; SYNC=4; SG2=6; RAMP=2; INV=4; FCTFG=4; ABL=2; CLIPS=2; PAIRS=1; FRAMES=10
-    PROBE="--probe_frames 64 --probe_steps 3"; POOL=32; EVERY=2; FIGS=$OUT/results; DEMO=0.8
-else
-    N_IDS=200; IMG_IDS=2000; SYNC=600; SG2=12000; RAMP=2000; INV=500; FCTFG=200; ABL=$FCTFG; CLIPS=20; PAIRS=10
-    FRAMES=32; PROBE="--probe_frames 12000 --probe_steps 800"; POOL=4096; EVERY=100; DEMO=6
-fi
-COMMON="--preset tiny --device cpu --seed $SEED --n_identities $N_IDS --clips_per_identity 5 --clip_frames 16"
-COMMON="$COMMON --sample_every $EVERY --ckpt_every $EVERY --log_every $(( EVERY < 10 ? 1 : 10 )) --resume"
+# The recipe is the tiny preset: `train.py --stage S --preset tiny` carries every setting of it (the
+# tiny column of train.SETTINGS with train.STAGE_PRESETS; each tiny-scale deviation's flag says so in
+# its help and is an ablation row below, RESULTS.md sections 3-4 say why). Here only paths, the seed,
+# --resume and, for the smoke run, smaller sizes and step counts.
+COMMON="--preset tiny --device cpu --seed $SEED --resume"
 COMMON="$COMMON --cache_dir $OUT/clip_cache"   # the clip stages render their 1000 clips once, not per run
-# The image stages see one frame each of IMG_IDS people (a fixed pool of POOL frames): with the 200
-# people of the clip stages the decoder reconstructed training faces 2 dB better than new ones.
-IMG="--n_identities $IMG_IDS --frame_pool $POOL"
-# FC-TFG at this scale (RESULTS.md, "Deviations"; each one is an ablation row below): Eq. (9) with
-# Eq. (3) in its cosine form (below) and the paper's plain 2-layer MLP E_can. Tiny preset defaults: w0
-# manipulated too (--layers: our decoder keeps the yaw there), the audio fed to every manipulated layer
-# (--audio_layers: it spreads the mouth over them), the driving frames shown with another clip's mouth
-# (--drive_mouth swap: the lips must come from the audio), x_s from another clip of the person. Here:
-# G, E_inv and HyperStyle frozen (fine-tuning them at batch 4 damaged them); the target frame's own
-# code as a second target (losses.latent_reconstruction_loss; without it the motion collapses); Eq. (6)
-# weighted 11x on eyes, brows and mouth (lips 0.41 -> 0.59 on the tune people with hadamard_abs; 0.49 -> 0.57
-# on the report people with cosine, within one seed's noise: RESULTS.md); Adam's lr 1e-3
-# instead of the paper's 1e-4 and 200 steps, not hundreds of thousands: chosen on the 'tune' people,
-# where the lips correlation fell with longer training (0.59 at 200 steps, 0.53 at 500, 0.28 at 1000)
-# while the other attributes stayed put (RESULTS.md). Eq. (3) in its cosine form (losses.orthogonality_loss;
-# scale-free, so the large non-zero-mean codes do not turn it into an L1 pull of the motion code), also
-# chosen on the 'tune' people (10 pairs): lips 0.69 vs 0.53 with hadamard_abs and 0.66 without Eq. (3), the
-# other attributes within 0.03 (RESULTS.md; hadamard_abs is an ablation row).
-ORTHO=cosine
-FREEZE="--freeze_pretrained"
-FC="--latent_weight 1 --feature_weight 10 --lr_fctfg 1e-3 --ortho $ORTHO --batch 4"
+if [ "${SMOKE:-0}" = 1 ]; then   # every stage and every evaluation, a few steps each
+    EVERY="--sample_every 2 --ckpt_every 2 --log_every 1"
+    CLIP_SCALE="--n_identities 8 $EVERY"; IMG_SCALE="--n_identities 16 --frame_pool 32 $EVERY"
+    SYNC="$CLIP_SCALE --max_steps 4"; SG2="$IMG_SCALE --max_steps 6 --lr_rampdown 2"
+    INV="$IMG_SCALE --max_steps 4"; FCTFG="$CLIP_SCALE --max_steps 4"; ABL="$CLIP_SCALE --max_steps 2"
+    CLIPS=2; PAIRS=1; FRAMES=10
+    PROBE="--probe_frames 64 --probe_steps 3"; FIGS=$OUT/results; DEMO=0.8
+else
+    SYNC=""; SG2=""; INV=""; FCTFG=""; ABL=""   # the tiny preset as it is (ABL: as many steps as FC-TFG)
+    CLIPS=20; PAIRS=10; FRAMES=32; PROBE="--probe_frames 12000 --probe_steps 800"; DEMO=6
+fi
 T0=$(date +%s)
 stamp() { echo "[$(( ($(date +%s) - T0) / 60 )) min] $*"; }
 
 # 1. Lip-sync expert (Sec. 3.3.2): InfoNCE on in-sync (audio, lower-face) windows (train.SyncNetStage)
 stamp "syncnet"
-python train.py --stage syncnet   $COMMON --out "$OUT/syncnet"   --max_steps $SYNC  --batch 32
+python train.py --stage syncnet   $COMMON $SYNC --out "$OUT/syncnet"
 # 2. StyleGAN2 (Sec. 4.1.2), with the tiny recipe's jointly trained encoder (recon_weight; see
 #    train.StyleGAN2Stage), no path-length term, the GAN terms on every 4th step, 101x the L1 weight on
 #    eyes, brows and mouth (data.FramePool; from the first step: with 11x the decoder drew no eyes by
 #    step 1500, with 101x it drew eyes, irises, brows and mouths by step 3000) and every lr ramped down
-#    to 0 over the last RAMP steps (train.lr_factor)
+#    to 0 over the last 2000 steps (train.lr_factor); all of it the tiny preset's stylegan2 defaults
 stamp "stylegan2"
-python train.py --stage stylegan2 $COMMON $IMG --out "$OUT/stylegan2" --max_steps $SG2 --batch 8 \
-    --recon_weight 10 --pl_every 0 --gan_every 4 --feature_weight 100 --lr_rampdown $RAMP
+python train.py --stage stylegan2 $COMMON $SG2 --out "$OUT/stylegan2"
 # 3. Inversion: pSp encoder on the frozen G (first half), then HyperStyle (second half)
 stamp "inversion"
-python train.py --stage inversion $COMMON $IMG --out "$OUT/inversion" --max_steps $INV --batch 8 \
-    --init "$OUT/stylegan2/last.pt"
-# 4. FC-TFG (Sec. 3): E_can, E_m, temporal fusion, Eq. (3)-(9) with the settings in FC above
+python train.py --stage inversion $COMMON $INV --out "$OUT/inversion" --init "$OUT/stylegan2/last.pt"
+# 4. FC-TFG (Sec. 3): E_can, E_m, temporal fusion, Eq. (3)-(9), with the tiny preset's deviations:
+#    G, E_inv and HyperStyle frozen (fine-tuning them at batch 4 damaged them), the target frame's own
+#    code as a second target (--latent_weight 1; without it the motion collapses), Eq. (6) weighted
+#    11x on eyes, brows and mouth, Adam's lr 1e-3 for 200 steps and Eq. (3) in its cosine form, all
+#    chosen on the 'tune' people (RESULTS.md, section 4); each is an ablation row below
 stamp "fctfg"
-python train.py --stage fctfg $COMMON $FC $FREEZE --out "$OUT/fctfg" --max_steps $FCTFG \
+python train.py --stage fctfg $COMMON $FCTFG --out "$OUT/fctfg" \
     --init "$OUT/inversion/last.pt" --syncnet "$OUT/syncnet/last.pt"
 python reproduce.py export "$OUT/fctfg/last.pt" "$EXPORT"
 
@@ -102,10 +90,10 @@ python infer.py --checkpoint "$OUT/fctfg/last.pt" --seconds $DEMO --out "$OUT/fi
 #    the main run, which is the "recipe" row), one setting changed; scored by the attribute table and
 #    the cross protocol on the same test people.
 #    Table 3 (temporal layer x D), Table 4 (L_ortho, plain and residual E_can), and one row per
-#    tiny-scale deviation of FC above. name | table | what changed | flags (FREEZE unless "finetune")
+#    tiny-scale deviation of the preset. name | table | what changed | flags
 ABL_LIST="$OUT/ablations.tsv"
 cat > "$ABL_LIST" <<EOF
-recipe	3,4	recipe (conv, image D, $ORTHO, plain E_can)	
+recipe	3,4	recipe (conv, image D, cosine, plain E_can)	
 conv_video	3	video D	--disc video
 lstm_image	3	LSTM temporal layer	--temporal lstm
 lstm_video	3	LSTM, video D	--temporal lstm --disc video
@@ -114,7 +102,7 @@ ortho_none	4	no L_ortho (×)	--ortho none
 residual_ecan	4	residual identity-initialised E_can	--canonical residual
 residual_hadamard_abs	4	residual E_can, hadamard_abs L_ortho	--canonical residual --ortho hadamard_abs
 residual_none	4	residual E_can, no L_ortho	--canonical residual --ortho none
-finetune	dev	G, E_inv, HyperStyle fine-tuned (the paper)	finetune
+finetune	dev	G, E_inv, HyperStyle fine-tuned (the paper)	--no-freeze_pretrained
 no_latent	dev	no latent target	--latent_weight 0
 no_feature_weight	dev	plain Eq. (6), no eye/brow/mouth weight	--feature_weight 0
 drive_own	dev	driving frames keep their own mouth	--drive_mouth own
@@ -129,16 +117,14 @@ if [ "$ABLATIONS" = 1 ]; then
     while IFS=$'\t' read -r name table label flags; do
         if [ "$name" = recipe ]; then continue; fi        # the main run itself (ABL = FCTFG steps)
         if [ "${SMOKE:-0}" = 1 ] && [[ "$SMOKE_ROWS" != *" $name "* ]]; then continue; fi
-        freeze=$FREEZE
-        if [ "$flags" = finetune ]; then freeze=""; flags=""; fi
         stamp "ablation $name"
-        python train.py --stage fctfg $COMMON $FC $freeze $flags --out "$OUT/abl_$name" --max_steps $ABL \
+        python train.py --stage fctfg $COMMON $ABL $flags --out "$OUT/abl_$name" \
             --init "$OUT/inversion/last.pt" --syncnet "$OUT/syncnet/last.pt"   # (a finished run is skipped)
         attributes "$OUT/eval/abl_${name}_attr" "$OUT/abl_$name/last.pt"
         evaluate "$OUT/eval/abl_$name" --protocol cross --checkpoint "$OUT/abl_$name/last.pt" --examples 0
         if [ "${SEED2:-0}" = 1 ] && [ "$table" != dev ]; then   # a second training seed for Tables 3 / 4
-            python train.py --stage fctfg $COMMON $FC $freeze $flags --seed $(( SEED + 1 )) \
-                --out "$OUT/abl_${name}_s1" --max_steps $ABL --init "$OUT/inversion/last.pt" --syncnet "$OUT/syncnet/last.pt"
+            python train.py --stage fctfg $COMMON $ABL $flags --seed $(( SEED + 1 )) \
+                --out "$OUT/abl_${name}_s1" --init "$OUT/inversion/last.pt" --syncnet "$OUT/syncnet/last.pt"
             attributes "$OUT/eval/abl_${name}_s1_attr" "$OUT/abl_${name}_s1/last.pt"
             evaluate "$OUT/eval/abl_${name}_s1" --protocol cross --checkpoint "$OUT/abl_${name}_s1/last.pt" --examples 0
         fi

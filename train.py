@@ -65,7 +65,7 @@ SETTINGS = dict(
     max_steps=(2000, 800_000, "optimiser steps of the stage"),
     seed=(0, 0, "seed of initialisation and data order"),
     lr=(0.002, 0.002, "StyleGAN2 stage: Adam lr of G and D (StyleGAN2's 0.002)"),
-    lr_fctfg=(1e-4, 1e-4, "FC-TFG stage: Adam lr (Sec. 4.1.2: 1e-4)"),
+    lr_fctfg=(1e-3, 1e-4, f"FC-TFG stage: Adam lr (Sec. 4.1.2: 1e-4; tiny: 1e-3, {TINY})"),
     lr_syncnet=(1e-3, 1e-4, "syncnet stage: Adam lr of the lip-sync expert (Wav2Lip: 1e-4)"),
     lr_inversion=(1e-3, 1e-4,
                   "inversion stage (and the jointly trained encoder of --recon_weight): Adam lr"),
@@ -87,14 +87,15 @@ SETTINGS = dict(
     frame_pool=(512, 0,
                 "image stages: procedural frames rendered once and reused (0: render every batch)"),
     log_every=(10, 100, "steps between log lines"),
-    sample_every=(200, 5000, "steps between sample grids (0: none)"),
-    ckpt_every=(200, 5000, "steps between checkpoints"),
+    sample_every=(100, 5000, "steps between sample grids (0: none)"),
+    ckpt_every=(100, 5000, "steps between checkpoints"),
     workers=(0, 4, "background threads assembling the next step's batch (0: none)"),
     amp=("none", "bf16", "bf16 autocast on GPUs (none | bf16)"),
     temporal=("conv", "conv", "FC-TFG temporal fusion (Table 3): conv (the paper's) | lstm | none"),
     disc=("image", "image", "FC-TFG discriminator (Table 3): image (the paper's) | video"),
-    ortho=("hadamard_abs", "hadamard_abs",
-           "Eq. (3) form (Table 4): hadamard_abs (the paper column: |z_s->c ⊙ z_c->d|, not the "
+    ortho=("cosine", "hadamard_abs",
+           f"Eq. (3) form (Table 4; tiny: cosine, {TINY}): hadamard_abs (the paper column: "
+           "|z_s->c ⊙ z_c->d|, not the "
            "printed signed sum, see losses.orthogonality_loss) | signed | squared | cosine | none"),
     ortho_weight=(losses.LAMBDA["ortho"],) * 2 + ("λ_ortho of Eq. (9) (losses.LAMBDA: the paper's)",),
     sync_weight=(losses.LAMBDA["sync"],) * 2 + ("λ_sync of Eq. (9) (losses.LAMBDA: the paper's)",),
@@ -115,7 +116,7 @@ SETTINGS = dict(
     feature_weight=(0.0, 0.0,
                     f"StyleGAN2 and FC-TFG stages: extra L1 weight on eyes, brows and mouth "
                     f"({TINY})"),
-    latent_weight=(0.0, 0.0,
+    latent_weight=(1.0, 0.0,
                    f"FC-TFG stage: weight of |z_s->d - E_inv(x_d)|, not in Eq. (9) ({TINY})"),
     source_from=("identity", "clip",
                  f"FC-TFG stage: x_s from the same clip (clip) | any clip of the person (identity; "
@@ -144,6 +145,20 @@ SETTINGS = dict(
 )
 PRESETS = {name: {k: row[i] for k, row in SETTINGS.items()}
            for i, name in enumerate(("tiny", "paper"))}
+# The tiny recipe stage by stage: where a stage's value differs from the tiny column above. With
+# these, `train.py --stage S --preset tiny` IS the recipe reproduce.sh runs (it adds only paths, the
+# seed and --resume); why each value: RESULTS.md, sections 3-4. The paper preset has one value per
+# setting. freeze_pretrained is a run flag (recorded under 'run', not 'cfg').
+STAGE_PRESETS = dict(
+    tiny=dict(
+        syncnet=dict(batch=32, max_steps=600),
+        # the image stages see one frame each of 2000 people (a fixed pool of 4096 frames): with the
+        # clip stages' 200 people the decoder reconstructed training faces 2 dB better than new ones
+        stylegan2=dict(max_steps=12000, n_identities=2000, frame_pool=4096, pl_every=0, gan_every=4,
+                       feature_weight=100.0, lr_rampdown=2000),
+        inversion=dict(max_steps=500, n_identities=2000, frame_pool=4096),
+        fctfg=dict(batch=4, max_steps=200, feature_weight=10.0, freeze_pretrained=True)),
+    paper={})
 CHOICES = dict(  # the keys with a fixed set of values (argparse refuses others in one line)
     amp=("none", "bf16"), temporal=("conv", "lstm", "none"), disc=("image", "video"),
     ortho=("hadamard_abs", "signed", "squared", "cosine", "none"), expert_loss=("bce", "nce"),
@@ -169,15 +184,17 @@ STAGE_FLAGS = dict(init=("inversion", "fctfg"), arcface=("stylegan2", "inversion
 
 
 def parse_args(argv=None):
-    """--preset picks a dict from PRESETS; every key of it can then be overridden as --key value."""
+    """--preset (and --stage) pick the defaults, PRESETS with the stage's STAGE_PRESETS; every key
+    of them can then be overridden as --key value."""
     pre = files.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                      help="defaults of every flag below: tiny (CPU reproduction) | paper "
                      "(Sec. 4.1.2)")
+    pre.add_argument("--stage", default="stylegan2", choices=STAGES, help="training stage, in paper "
+                     "order (Sec. 4.1.2)")
     known, _ = pre.parse_known_args(argv)
+    defaults = {**PRESETS[known.preset], **STAGE_PRESETS[known.preset].get(known.stage, {})}
     ap = files.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
-    ap.add_argument("--stage", default="stylegan2", choices=STAGES, help="training stage, in paper "
-                    "order (Sec. 4.1.2)")
     ap.add_argument("--data", default="synthetic",
                     help="'synthetic' or a folder prepared by data.py")
     ap.add_argument("--out", default="runs/default", help="checkpoints, log.jsonl, samples/")
@@ -187,8 +204,10 @@ def parse_args(argv=None):
                     "in later runs (speed only: the pixels are identical; the recipe's ablations "
                     "share one)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    ap.add_argument("--freeze_pretrained", action="store_true", help="FC-TFG stage: keep "
-                    "G/E_inv/HyperStyle fixed")
+    ap.add_argument("--freeze_pretrained", action=argparse.BooleanOptionalAction,
+                    default=defaults.get("freeze_pretrained", False),
+                    help="FC-TFG stage: keep G/E_inv/HyperStyle fixed (the paper fine-tunes them, "
+                    f"Sec. 4.1.2; the tiny recipe keeps them, {TINY})")
     ap.add_argument("--freeze_audio", action="store_true", help="FC-TFG stage: keep the audio "
                     "encoder E_a fixed "
                     "too (a pre-trained one; its BatchNorm then uses running statistics)")
@@ -206,7 +225,8 @@ def parse_args(argv=None):
                     "L_id (Eq. 5) is off")
     ap.add_argument("--vgg", help="inversion/FC-TFG: torchvision-layout VGG19 weights; without "
                     "them Eq. (7) is off")
-    for k, v in PRESETS[known.preset].items():
+    for k in PRESETS[known.preset]:
+        v = defaults[k]
         ap.add_argument(f"--{k}", type=type(v), default=v, choices=CHOICES.get(k),
                         help=f"{SETTINGS[k][2]} (default {v})")
     args = ap.parse_args(argv)

@@ -68,6 +68,33 @@ def test_trend_plots_each_attribute_in_step_order(tmp_path, capsys):
     assert "STEP=FOLDER" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
 
 
+def test_the_recipe_is_the_tiny_preset():
+    """reproduce.sh's training lines set no setting of train.SETTINGS: outside its smoke mode (whose
+    sizes and step counts sit in $SYNC ... $ABL) they run `train.py --stage S --preset tiny` with
+    paths, the seed and --resume only, so the tiny preset (with train.STAGE_PRESETS) is the
+    recipe."""
+    import re
+    import train
+    sh = (ROOT / "reproduce.sh").read_text()
+    common = re.findall(r'^COMMON="(.*)"$', sh, re.M)
+    run_flags = ("--preset", "--device", "--seed", "--resume", "--cache_dir", "$COMMON")
+    assert common and all(f in run_flags for c in common
+                          for f in re.findall(r"(?:^|\s)(--\w+|\$COMMON)(?=\s|$)", c))
+    assert 'SYNC=""; SG2=""; INV=""; FCTFG=""; ABL=""' in sh      # the full recipe: no overrides
+    lines = re.findall(r"^\s*python train\.py --stage (\w+)(.*?)(?<!\\)$",
+                       sh.replace("\\\n", " "), re.M)
+    stages = {st for st, _ in lines}
+    assert {"syncnet", "stylegan2", "inversion", "fctfg"} <= stages
+    for st, rest in lines:
+        flags = set(re.findall(r"--(\w[\w-]*)", rest))
+        assert flags <= {"out", "init", "syncnet", "seed"}, (st, flags)
+    for stage, over in train.STAGE_PRESETS["tiny"].items():   # each value has its column's type
+        assert stage in train.STAGES
+        for k, v in over.items():
+            ref = False if k == "freeze_pretrained" else train.PRESETS["tiny"][k]
+            assert type(v) is type(ref), (stage, k)
+
+
 def test_export_rejects_other_stages(tmp_path, capsys):
     torch.save({"stage": "syncnet", "step": 1}, tmp_path / "s.pt")
     assert reproduce.main(["export", str(tmp_path / "s.pt"), str(tmp_path / "o.pt")]) == 2

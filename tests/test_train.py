@@ -20,7 +20,13 @@ import train
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--device", "cpu", "--n_identities", "2", "--clips_per_identity", "2",
          "--clip_frames", "8", "--frame_pool", "8", "--batch", "4", "--log_every", "1",
-         "--sample_every", "2", "--ckpt_every", "2"]
+         "--sample_every", "2", "--ckpt_every", "2",
+         # the plain stages these tests were written for, not the tiny recipe's aids (those are
+         # run by reproduce.sh's smoke test): every term on every step, a constant lr, Eq. (3) as
+         # the paper column has it, nothing frozen
+         "--gan_every", "1", "--pl_every", "4", "--feature_weight", "0", "--lr_rampdown", "0",
+         "--latent_weight", "0", "--lr_fctfg", "1e-4", "--ortho", "hadamard_abs",
+         "--no-freeze_pretrained"]
 
 
 def run(stage, out, steps, *extra):
@@ -113,8 +119,8 @@ def test_frame_pool_feature_weight_marks_eyes_brows_and_mouth(tmp_path):
     # the stage takes it
     run("stylegan2", tmp_path, 1, "--feature_weight", "10", "--gan_every", "4")
     with pytest.raises(SystemExit, match="needs --recon_weight"):                  # no silent no-op
-        train.train(["--stage", "stylegan2", "--gan_every", "4", "--recon_weight", "0", "--out",
-                     str(tmp_path / "x"), *SMALL])
+        train.train(["--stage", "stylegan2", "--out", str(tmp_path / "x"), *SMALL, "--gan_every",
+                     "4", "--recon_weight", "0"])
 
 
 def test_clip_windows_feature_weight_marks_each_frames_features(tmp_path):
@@ -309,8 +315,9 @@ def test_grad_ckpt_trains_the_same_weights(tmp_path):
     ckpt = run("fctfg", tmp_path / "b", 2, *args, "--grad_ckpt", "1")
     for net in ("fctfg", "d"):
         assert_same_state(plain[net], ckpt[net])
-    assert not all(torch.equal(v, run("fctfg", tmp_path / "c", 1, *args)["fctfg"][k])
-                   for k, v in plain["fctfg"].items())  # the 2 steps did move the weights
+    one = run("fctfg", tmp_path / "c", 1, *args)["fctfg"]
+    moved = {k.split(".")[0] for k, v in plain["fctfg"].items() if not torch.equal(v, one[k])}
+    assert {"G", "E_inv", "H", "E_a", "fusion"} <= moved   # the 2nd step moved every network
 
 
 @pytest.mark.slow
