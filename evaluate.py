@@ -661,9 +661,7 @@ def parse_args(argv=None):
                     "own, as the paper's inference does (Sec. 4.4.2; Table 3's row); default: "
                     "windows see their neighbours")
     ap.add_argument("--deflicker", type=float, default=fusion.DEFLICKER_TAU,
-                    help="not in the paper: fusion.Deflicker's tau in grey levels, a temporal "
-                         "filter on the rendered frames that holds the shimmering backdrop and "
-                         "skin still; 0 = raw renders")
+                    help=fusion.DEFLICKER_HELP)
     ap.add_argument("--examples", type=int, default=2, help="side-by-side example videos to save")
     ap.add_argument("--paper_table", default="auto", choices=("auto", "voxceleb2", "mead", "none"),
                     help="Table 1 rows of the paper printed beside ours on real data (auto: from "

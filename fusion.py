@@ -314,6 +314,9 @@ class TemporalFusion(nn.Module):
 # ==== Not in the paper: holding still what should hold still (inference only) =====================
 
 DEFLICKER_TAU = 6.0   # grey levels; chosen on tune people (RESULTS.md 0.1); 0 turns the filter off
+DEFLICKER_HELP = ("not in the paper: fusion.Deflicker's tau in grey levels, a temporal filter on "
+                  "the generated frames that holds a shimmering backdrop and skin still; 0 = raw "
+                  "renders")
 
 
 class Deflicker:

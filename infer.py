@@ -492,9 +492,7 @@ def parse_args(argv=None):
                     "its own, as the paper's inference (Sec. 4.4.2; seams where windows meet); "
                     "default: windows see their neighbours")
     ap.add_argument("--deflicker", type=float, default=fusion.DEFLICKER_TAU,
-                    help="not in the paper: fusion.Deflicker's tau in grey levels, a temporal "
-                         "filter on the generated faces that holds a shimmering backdrop and skin "
-                         "still; 0 = off")
+                    help=fusion.DEFLICKER_HELP)
     ap.add_argument("--batch", type=int,
                     help="frames per batch, in whole windows (default 20 on CPU, 100 on CUDA)")
     ap.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
