@@ -105,6 +105,16 @@ def sync_loss(syncnet, x_g, mel, size=None, bgr=False):
     # local import: audio.py pulls in soundfile/scipy, not needed elsewhere
     from audio import expert_window
 
+    chunks, mels = _expert_windows(syncnet, x_g, mel)   # 5-frame chunks with their audio windows
+    # Eq. (4): L_sync = 1 - cos(f_v(x_g), f_a(x_a)), on the lower half of each chunk's faces
+    face = expert_window(chunks, size=size, bgr=bgr)                   # [B*K, 15, H/2, W]
+    return (1 - syncnet.cosine(mels, face)).mean()
+
+
+def _expert_windows(syncnet, x_g, mel):
+    """sync_loss's inputs checked and cut into the expert's windows: x_g [B, T, 3, H, W] and mel
+    [B, 1, 80, 16] (T == 5) or [B, T, 1, 80, 16] -> (chunks [B*K, 5, 3, H, W], mels
+    [B*K, 1, 80, 16]), K = T / 5, chunk k with the audio window of its first frame."""
     if x_g.ndim != 5 or x_g.shape[2] != 3:
         raise ValueError(f"sync_loss: x_g must be [B, T, 3, H, W], got {tuple(x_g.shape)}")
     B, T = x_g.shape[:2]
@@ -125,8 +135,7 @@ def sync_loss(syncnet, x_g, mel, size=None, bgr=False):
     K = T // n
     chunks = x_g.reshape(B * K, n, *x_g.shape[2:])                     # [B*K, 5, 3, H, W]
     mels = mel[:, ::n].reshape(B * K, *mel.shape[2:])                  # [B*K, 1, 80, 16]
-    face = expert_window(chunks, size=size, bgr=bgr)                   # [B*K, 15, H/2, W]
-    return (1 - syncnet.cosine(mels, face)).mean()
+    return chunks, mels
 
 
 def _frames(who, x_g, x_d):
