@@ -431,9 +431,8 @@ class FaceEncoder(nn.Sequential):
             h, w = (h + 2 * p - k) // st[0] + 1, (w + 2 * p - k) // st[1] + 1  # conv output size
             blocks += _res(cout, n_res[s])
         if h != w or h < 1:
-            raise ValueError(f"face_hw={face_hw} with {len(n_res)} stages ends at {h}x{w}; "
-                             "need a square "
-                             "map (add/remove a stage or change the input size)")
+            raise ValueError(f"face_hw={face_hw} with {len(n_res)} stages ends at {h}x{w}; need a "
+                             f"square map (add/remove a stage or change the input size)")
         c = channels[-1]
         blocks += [ConvBlock(c, c, h, 1, 0), ConvBlock(c, c, 1, 1, 0)]  # h x h -> 1 x 1
         super().__init__(*blocks)

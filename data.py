@@ -515,9 +515,8 @@ def face_track(frames, detector, where="the video", every=5, dense=2 * FPS, max_
                 missing.append(i)
     n = len(boxes) + len(missing)
     if not boxes or len(missing) > max_missing * n:
-        raise ValueError(f"no face found in {where}: frame {missing[0] if missing else '-'} "
-                         f"(no face in "
-                         f"{len(missing)} of the {n} probed frames, "
+        raise ValueError(f"no face found in {where}: frame {missing[0] if missing else '-'} (no "
+                         f"face in {len(missing)} of the {n} probed frames, "
                          f"{100 * len(missing) / max(n, 1):.0f}%)")
     return np.array(boxes, dtype=np.float64)
 
@@ -596,8 +595,7 @@ def prepare(src_dir, dst_dir, size=256, detector=None, min_frames=64, min_face=6
     if (dst_dir.resolve() == src_dir.resolve()
             or dst_dir.resolve().is_relative_to(src_dir.resolve())):
         raise ValueError(f"DST {dst_dir} lies inside SRC {src_dir}: the prepared mp4s would be "
-                         f"read back as "
-                         f"sources; choose a folder outside it")
+                         f"read back as sources; choose a folder outside it")
     # before the first file: a missing dlib is one line, not a skip each
     detector = detector or dlib_detector()
     files = sorted(p for p in src_dir.glob(glob)
@@ -659,8 +657,7 @@ def _record(path):
     if not isinstance(rec, dict) or (rec.get("status") == "ok"
                                      and not {"n_frames", "identity"} <= set(rec)):
         raise ValueError(f"{path}: not a prepared clip's record (want a JSON object with status, "
-                         f"n_frames and "
-                         f"identity); delete it or rerun data.py prepare")
+                         f"n_frames and identity); delete it or rerun data.py prepare")
     return rec
 
 
@@ -685,9 +682,8 @@ class VideoFolderDataset(torch.utils.data.Dataset):
                       and rec.get("status") == "ok"
                       and (n_frames is None or rec["n_frames"] >= n_frames)]
         if keep is not None and len(self.items) != len(keep):
-            raise ValueError(f"{len(keep) - len(self.items)} of the {len(keep)} listed clips "
-                             f"are not prepared "
-                             f"(status 'ok') under {root}")
+            raise ValueError(f"{len(keep) - len(self.items)} of the {len(keep)} listed clips are "
+                             f"not prepared (status 'ok') under {root}")
         if not self.items:
             raise ValueError(f"no prepared clips (JSON with status 'ok') under {root}")
         self.identities = sorted({rec["identity"] for _, rec in self.items})
@@ -872,9 +868,8 @@ class ClipWindows(torch.utils.data.Dataset):
         if drive_mouth not in ("own", "swap", "closed"):
             raise ValueError(f"drive_mouth must be 'own', 'swap' or 'closed', got {drive_mouth!r}")
         if drive_mouth != "own" and not synthetic:
-            raise ValueError("--drive_mouth swap re-renders the driving frames: "
-                             "procedural data only "
-                             "(use --drive_mouth own with --data PATH)")
+            raise ValueError("--drive_mouth swap re-renders the driving frames: procedural data "
+                             "only (use --drive_mouth own with --data PATH)")
         if feature_weight and not synthetic:
             raise ValueError("--feature_weight needs the renderer's masks: procedural data only")
         self.drive_mouth, self.feature_weight, self.drive_colour = (drive_mouth,
@@ -987,9 +982,8 @@ class Prefetch:
 
 # ==== 5. Command line =============================================================================
 def main(argv=None):
-    ap = ArgumentParser(description="FC-TFG data: prepare real videos (Sec. 4.1.1), "
-                                    "benchmark or preview "
-                                    "the procedural set")
+    ap = ArgumentParser(description="FC-TFG data: prepare real videos (Sec. 4.1.1), benchmark or "
+                                    "preview the procedural set")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="crop/resample a folder of videos (FOMM-style)")
     p.add_argument("src", help="folder of source videos (VoxCeleb2 / MEAD layout, Sec. 4.1.1)")

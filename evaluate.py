@@ -430,11 +430,10 @@ def format_fidelity_table(rows, labels):
              "skin err ↓ | PSNR vs A ↑ | jitter (1 = truth's) | seam (1 = none) |",
              "|---|---|---|---|---|---|---|"]
     for row, f in rows.items():
-        lines.append(f"| {labels[row]} | {cell(f['sharpness'], '{:.2f}')} "
-                     f"| {cell(f['background_err'], '{:.1f}')} "
-                     f"| {cell(f['skin_err'], '{:.1f}')} | {cell(f['psnr'], '{:.2f}')} "
-                     f"| {cell(f.get('jitter'), '{:.2f}')} "
-                     f"| {cell(f.get('seam'), '{:.2f}')} |")
+        lines.append(f"| {labels[row]} | {cell(f['sharpness'], '{:.2f}')} | "
+                     f"{cell(f['background_err'], '{:.1f}')} | {cell(f['skin_err'], '{:.1f}')} | "
+                     f"{cell(f['psnr'], '{:.2f}')} | {cell(f.get('jitter'), '{:.2f}')} | "
+                     f"{cell(f.get('seam'), '{:.2f}')} |")
     return "\n".join(lines)
 
 
@@ -911,9 +910,8 @@ def evaluate(args):
         notes.append(f"MS-SSIM: '-': 5 scales of an {metrics.SSIM_WIN}x{metrics.SSIM_WIN} window "
                      f"need sides > {metrics.MS_SSIM_MIN_SIDE} px; frames are {size} px")
     run["method_label"], run["paper_table"] = label, paper
-    header = (f"FC-TFG evaluation | protocol {args.protocol} | data {args.data} "
-              f"({n} clips, {size} px) | method {label} | checkpoint {args.checkpoint} | "
-              f"hyper_steps {hyper_steps}")
+    header = (f"FC-TFG evaluation | protocol {args.protocol} | data {args.data} ({n} clips, {size} "
+              f"px) | method {label} | checkpoint {args.checkpoint} | hyper_steps {hyper_steps}")
     table = format_table(summary, run, notes)
     write_results(out, header, table, notes,
                   dict(run=run, summary=summary, notes=notes, clips=records))

@@ -76,9 +76,8 @@ def load_strict(module, sd, what, may_lack=("num_batches_tracked",)):
     wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
-        raise ValueError(f"{what}: checkpoint does not match the network: "
-                         f"{len(missing)} missing keys "
-                         f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
+        raise ValueError(f"{what}: checkpoint does not match the network: {len(missing)} missing "
+                         f"keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
                          f"{len(wrong)} shape mismatches {wrong[:5]}")
     module.load_state_dict({k: sd.get(k, own[k]) for k in own}, strict=True)
     return module

@@ -200,8 +200,7 @@ class MotionEncoder(nn.Module):
                              f"{tuple(z_d.shape)}")
         if z_a.ndim != 3 or z_a.shape != (*z_d.shape[:2], self.A):
             raise ValueError(f"MotionEncoder: z_a must be [B, T, {self.A}] = "
-                             f"{(*z_d.shape[:2], self.A)}, "
-                             f"got {tuple(z_a.shape)}")
+                             f"{(*z_d.shape[:2], self.A)}, got {tuple(z_a.shape)}")
         out = []
         for l in range(self.L):
             if l in self.layers:
@@ -394,8 +393,7 @@ class LatentFusion(nn.Module):
         if (z_s.ndim != 3 or z_d.ndim != 4 or z_s.shape[0] != z_d.shape[0]
                 or z_s.shape[1:] != z_d.shape[2:]):
             raise ValueError(f"LatentFusion: want z_s [B, L, C] and z_d [B, T, L, C] with the same "
-                             f"B, L, C; "
-                             f"got {tuple(z_s.shape)} and {tuple(z_d.shape)}")
+                             f"B, L, C; got {tuple(z_s.shape)} and {tuple(z_d.shape)}")
         B, T = z_d.shape[:2]
         # [B, T, L, C] (same for every t)
         z_sc = self.E_can(z_s).unsqueeze(1).expand(B, T, self.L, self.C)
@@ -559,8 +557,7 @@ class FCTFG(nn.Module):
                    if not isinstance(cfg, dict) or k not in cfg]
         if missing:
             raise ValueError(f"{path}: its settings ('cfg') lack {missing}: not a checkpoint "
-                             f"train.py wrote "
-                             f"(or a damaged one)")
+                             f"train.py wrote (or a damaged one)")
         # checkpoints from before the --canonical / --layers / --audio_layers flags: the residual
         # E_can and the layers derived by paper_layers
         derived = paper_layers(stylegan2.PRESETS[cfg["model"]]["size"])

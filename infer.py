@@ -428,10 +428,9 @@ def load_model(checkpoint, preset, device, seed=0):
         return model, cfg, True
     torch.manual_seed(seed)
     why = f"{DEFAULT_CHECKPOINT.relative_to(HERE)} is missing" if preset == "tiny" else "the shipped one is tiny"
-    print(f"infer.py: NOTE: no trained checkpoint ({why}): "
-          f"using UNTRAINED {preset!r} weights (random init, seed {seed}). The video only shows "
-          f"that the pipeline runs; train one with `python train.py --stage fctfg ...` and pass "
-          f"--checkpoint.")
+    print(f"infer.py: NOTE: no trained checkpoint ({why}): using UNTRAINED {preset!r} weights "
+          f"(random init, seed {seed}). The video only shows that the pipeline runs; train one "
+          f"with `python train.py --stage fctfg ...` and pass --checkpoint.")
     return fusion.FCTFG(preset).to(device).eval(), dict(model=preset), False
 
 

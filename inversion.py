@@ -374,9 +374,8 @@ class HyperStyle(nn.Module):
     # 2x [B, 3, H, W] -> list (one per modulated conv) of [B, O, I, k, k] or None
     def forward(self, x, y_hat):
         if x.shape != y_hat.shape or x.shape[1:] != (3, self.size, self.size):
-            raise ValueError(f"HyperStyle expects x and y_hat of shape "
-                             f"[B, 3, {self.size}, {self.size}], "
-                             f"got {tuple(x.shape)} and {tuple(y_hat.shape)}")
+            raise ValueError(f"HyperStyle expects x and y_hat of shape [B, 3, {self.size}, "
+                             f"{self.size}], got {tuple(x.shape)} and {tuple(y_hat.shape)}")
         feat = self.relu(self.bn1(self.conv1(torch.cat([x, y_hat], 1))))  # [B, widths[0], H/2, W/2]
         for block in self.body:  # -> [B, widths[3], H/16, W/16]
             feat = ops.checkpointed(block, feat, on=self.checkpointing)
@@ -569,14 +568,12 @@ def load_arcface(path, **cfg):
 def _unwrap(path, what, prefix):
     ckpt = files.load_checkpoint(path, f"{what} checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"{path}: a {what} checkpoint is a dict with a 'state_dict' entry; "
-                         f"this one has "
-                         f"{sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt)}")
+        raise ValueError(f"{path}: a {what} checkpoint is a dict with a 'state_dict' entry; this "
+                         f"one has {sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt)}")
     sd = _strip(ckpt["state_dict"], prefix)
     if not sd:
-        raise ValueError(f"{path}: no '{prefix}*' keys in state_dict; "
-                         f"is this really a {what} checkpoint? "
-                         f"first keys: {list(ckpt['state_dict'])[:3]}")
+        raise ValueError(f"{path}: no '{prefix}*' keys in state_dict; is this really a {what} "
+                         f"checkpoint? first keys: {list(ckpt['state_dict'])[:3]}")
     return ckpt, sd
 
 

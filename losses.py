@@ -67,8 +67,7 @@ def orthogonality_loss(z_sc, z_cd, mode="hadamard_abs", layers=None):
         raise ValueError(f"orthogonality_loss: mode must be one of {ORTHO_MODES}, got {mode!r}")
     if z_sc.shape != z_cd.shape or z_sc.ndim < 2:
         raise ValueError(f"orthogonality_loss: z_sc and z_cd must have the same [..., L, C] shape, "
-                         f"got "
-                         f"{tuple(z_sc.shape)} and {tuple(z_cd.shape)}")
+                         f"got {tuple(z_sc.shape)} and {tuple(z_cd.shape)}")
     if layers is not None:
         idx = torch.as_tensor(list(layers), device=z_sc.device, dtype=torch.long)
         z_sc, z_cd = z_sc.index_select(-2, idx), z_cd.index_select(-2, idx)

@@ -253,9 +253,8 @@ def tables(runs):
               "4": "Table 4 analogue (orthogonality loss; plain and residual E_can)",
               "dev": "Tiny-scale deviations (each one undone)"}
     attrs = procedural.ATTRIBUTE_CLIPS
-    head = ("| run | " + " | ".join(f"{a} corr ↑" for a in attrs) + " | SSIM ↑ | PSNR ↑ | "
-            "LMD vs renderer ↓ | LSE-C (ours) ↑ | flicker px border/inside | "
-            "canonical pose std (deg) ↓ |")
+    head = ("| run | " + " | ".join(f"{a} corr ↑" for a in attrs) + " | SSIM ↑ | PSNR ↑ | LMD vs "
+            "renderer ↓ | LSE-C (ours) ↑ | flicker px border/inside | canonical pose std (deg) ↓ |")
     tsv = Path(runs) / "ablations.tsv"   # name | tables | label | flags
     abl = [line.split("\t") for line in tsv.read_text().splitlines()
            if line.strip()] if tsv.is_file() else []

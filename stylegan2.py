@@ -521,9 +521,8 @@ class Discriminator(nn.Module):
     def forward(self, x):
         """x [B, in_channels, size, size] -> logits [B, 1]."""
         if x.ndim != 4 or x.shape[1:] != (self.in_channels, self.size, self.size):
-            raise ValueError(f"Discriminator: want "
-                             f"[B, {self.in_channels}, {self.size}, {self.size}], "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(f"Discriminator: want [B, {self.in_channels}, {self.size}, "
+                             f"{self.size}], got {tuple(x.shape)}")
         out = x
         for block in self.convs:
             out = ops.checkpointed(block, out, on=self.checkpointing)

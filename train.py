@@ -129,8 +129,7 @@ SETTINGS = dict(
                  f"({TINY})"),
     drive_colour=(0.0, 0.0,
                   f"FC-TFG stage: recolour the driving frames E_m sees, per-channel gain and "
-                  f"offset up "
-                  f"to +-this ({TINY})"),
+                  f"offset up to +-this ({TINY})"),
     layers=(*(_csv(fusion.PRESETS[p]["layers"]) for p in ("tiny", "paper")),
             "FC-TFG stage: manipulated w indices (Sec. 4.1.2; tiny adds w0, see fusion.py)"),
     audio_layers=(*(_csv(fusion.PRESETS[p]["audio_layers"]) for p in ("tiny", "paper")),
@@ -138,10 +137,8 @@ SETTINGS = dict(
                   f"tiny: all, {TINY})"),
     grad_ckpt=(0, 1,
                "1: activation checkpointing of the G, D, E_inv, HyperStyle and ArcFace blocks, "
-               "recomputed in "
-               "backward (memory for ~1/3 more compute; not in the paper: it lets the paper "
-               "preset's fine-tuned "
-               "FC-TFG step fit, BENCHMARKS.md); 0: off"),
+               "recomputed in backward (memory for ~1/3 more compute; not in the paper: it lets "
+               "the paper preset's fine-tuned FC-TFG step fit, BENCHMARKS.md); 0: off"),
 )
 PRESETS = {name: {k: row[i] for k, row in SETTINGS.items()}
            for i, name in enumerate(("tiny", "paper"))}
@@ -200,9 +197,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="runs/default", help="checkpoints, log.jsonl, samples/")
     ap.add_argument("--init", help="checkpoint of the previous stage")
     ap.add_argument("--cache_dir", help="procedural data: render each clip once into this folder "
-                    "and reuse it "
-                    "in later runs (speed only: the pixels are identical; the recipe's ablations "
-                    "share one)")
+                    "and reuse it in later runs (speed only: the pixels are identical; the "
+                    "recipe's ablations share one)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     ap.add_argument("--freeze_pretrained", action=argparse.BooleanOptionalAction,
                     default=defaults.get("freeze_pretrained", False),
@@ -218,9 +214,8 @@ def parse_args(argv=None):
                     help="FC-TFG stage: lip-sync expert (our syncnet stage or a Wav2Lip "
                     "lipsync_expert.pth); without it L_sync (Eq. 4) is off")
     ap.add_argument("--audio_encoder", help="FC-TFG stage: a Wav2Lip generator checkpoint "
-                    "(wav2lip.pth); its "
-                    "audio_encoder.* weights start E_a (Sec. 4.1.2, 'a pre-trained audio encoder "
-                    "introduced in [7]')")
+                    "(wav2lip.pth); its audio_encoder.* weights start E_a (Sec. 4.1.2, 'a "
+                    "pre-trained audio encoder introduced in [7]')")
     ap.add_argument("--arcface", help="inversion/FC-TFG: InsightFace IR-SE50 weights; without them "
                     "L_id (Eq. 5) is off")
     ap.add_argument("--vgg", help="inversion/FC-TFG: torchvision-layout VGG19 weights; without "
@@ -244,8 +239,7 @@ def parse_args(argv=None):
     size = stylegan2.PRESETS[args.model]["size"]
     if args.size != size:
         ap.error(f"--size {args.size}: the {args.model!r} networks draw {size} px frames (--data "
-                 f"clips of another "
-                 f"size are resized to it)")
+                 f"clips of another size are resized to it)")
     idle = [f"--{k} (read by {' / '.join(st)})" for k, st in STAGE_FLAGS.items()
             if getattr(args, k) and args.stage not in st]
     if idle:
@@ -387,8 +381,7 @@ class StyleGAN2Stage(Stage):
                            else None)
         if (self.e_id is not None or vgg is not None) and self.e_inv is None:
             raise SystemExit("error: --arcface / --vgg judge the jointly trained encoder's "
-                             "reconstructions; "
-                             "they need --recon_weight > 0")
+                             "reconstructions; they need --recon_weight > 0")
         self.pl_mean = torch.zeros((), device=device)
 
     def dataset(self, clips):
@@ -512,8 +505,7 @@ class SyncNetStage(Stage):
         self.frames_per_sample = self.syncnet.n_frames
         if cfg["batch"] < 2:  # BatchNorm normalises over the batch; one sample has no statistics
             raise SystemExit(f"error: the syncnet stage needs --batch >= 2 per process (its "
-                             f"BatchNorm layers "
-                             f"need two samples), got {cfg['batch']}")
+                             f"BatchNorm layers need two samples), got {cfg['batch']}")
 
     def dataset(self, clips):
         return data.ClipWindows(clips, self.syncnet.n_frames, self.cfg["seed"], off_sync=True)
@@ -954,9 +946,8 @@ def resume(stage, ck, stage_name, rank, device):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         msg = " ".join(str(e).split())[:300]
         raise SystemExit(f"error: --resume: the checkpoint in --out does not fit this run "
-                         f"({type(e).__name__}: "
-                         f"{msg}); resume with the flags it was made with, "
-                         f"or use another --out") from None
+                         f"({type(e).__name__}: {msg}); resume with the flags it was made with, or "
+                         f"use another --out") from None
 
 # ==== The loop ====================================================================================
 class StopTraining(Exception):
@@ -1002,10 +993,8 @@ def memory_check(stage, stage_name, cfg, device):
             + (f"; {free:.1f} GiB available on {device.type}" if free is not None else ""))
     if free is not None and est > free:
         line += ("\nWARNING: this will not fit: the run will be killed for memory (CPU) or stop "
-                 "with out of "
-                 "memory (GPU). Lower --batch (--accum keeps the effective batch), set --grad_ckpt "
-                 "1, or "
-                 "--freeze_pretrained (FC-TFG).")
+                 "with out of memory (GPU). Lower --batch (--accum keeps the effective batch), set "
+                 "--grad_ckpt 1, or --freeze_pretrained (FC-TFG).")
     return line
 
 
@@ -1053,8 +1042,7 @@ def check_paths(args, out):
         src = getattr(args, flag)
         if src is not None and Path(src).resolve() == (out / "last.pt").resolve():
             raise ValueError(f"--out {out} holds the --{flag} checkpoint {src}: this run's last.pt "
-                             f"would replace "
-                             f"it; choose another --out")
+                             f"would replace it; choose another --out")
 
 
 def clean_leftovers(out, step):
@@ -1111,8 +1099,8 @@ def train(argv=None):
     start = 0 if ck is None else resume(stage, ck, args.stage, rank, device)
 
     stop = []  # SIGTERM / SIGINT caught while training: finish the current step, save, exit
-    handlers = {s: signal.signal(s, lambda sig,
-                                 frame: stop.append(sig)) for s in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {s: signal.signal(s, lambda sig, frame: stop.append(sig))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     if is_main:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         clean_leftovers(out, start)
@@ -1123,9 +1111,8 @@ def train(argv=None):
     try:
         for step in range(start, n_steps):
             try:
-                micro = [{k: v.to(device) if torch.is_tensor(v) else v for k,
-                          v in batch_cpu.items()}
-                         for batch_cpu in prefetch(step)]
+                micro = [{k: v.to(device) if torch.is_tensor(v) else v
+                          for k, v in batch_cpu.items()} for batch_cpu in prefetch(step)]
             except (ValueError, OSError) as e:   # e.g. a prepared clip that no longer decodes
                 raise StopTraining(f"training data at step {step}: {e}; last good checkpoint: "
                                    f"{last}") from None
@@ -1140,15 +1127,13 @@ def train(argv=None):
                 sync_bn()
             except torch.cuda.OutOfMemoryError:
                 raise StopTraining(f"out of GPU memory at batch {cfg['batch']}: lower --batch and "
-                                   f"raise "
-                                   f"--accum to keep the same effective batch") from None
+                                   f"raise --accum to keep the same effective batch") from None
             # a non-finite term stops the run, the last checkpoint stays good (--inject_nan: the
             # tests' NaN)
-            vals = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k,
-                    v in logs.items()}
-            bad = [k for k,
-                   v in vals.items()
-                   if not math.isfinite(v)] + ["injected"] * (args.inject_nan == step)
+            vals = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
+                    for k, v in logs.items()}
+            bad = ([k for k, v in vals.items() if not math.isfinite(v)]
+                   + ["injected"] * (args.inject_nan == step))
             if bad:
                 raise StopTraining(f"non-finite loss {bad} at step {step}; last good checkpoint: "
                                    f"{last}")
