@@ -505,7 +505,7 @@ def loss_expert_bce(p, y, eps=1e-7):
 
 
 def loss_expert_nce(a, v, temperature=0.1):
-    """Contrastive alternative to loss_expert_bce (the tiny recipe's; see train.SyncNetStage).
+    """Contrastive alternative to loss_expert_bce (the tiny recipe's; see stages.SyncNetStage).
 
     a, v: [N, C] unit embeddings of N in-sync (audio, face) pairs. Row i of a @ v.T / temperature
     holds pair i's cosine and its N-1 mismatches; cross-entropy picks the diagonal in both

@@ -47,7 +47,7 @@ finest texture) and w9 (last ToRGB); as in the paper, the finest layers keep the
 so its texture.
 
 Not here: the losses of Eq. 3-9 (losses.py), the decoder G and image D (stylegan2.py), E_inv
-(inversion.py), E_a (audio.py), the training loop (train.py).
+(inversion.py), E_a (audio.py), the training step (stages.py).
 """
 import contextlib
 

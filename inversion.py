@@ -13,7 +13,7 @@ Published checkpoint formats (pSp, HyperStyle, InsightFace IR-SE50) -> load_psp,
                 load_arcface
 Sections below: 1 IR-SE backbone, 2 pSp, 3 HyperStyle, 4 ArcFace, 5 invert + losses, 6 loaders.
 Not here: the generator G and its weight_deltas plumbing (stylegan2.py), the VGG19 perceptual loss
-(passed in as a callable), the FC-TFG losses of Eq. (3)-(9) and any training loop (train.py).
+(passed in as a callable), the FC-TFG losses of Eq. (3)-(9) and the training steps (stages.py).
 """
 import math
 

@@ -17,7 +17,7 @@ RGB in [-1, 1]; every loss returns a scalar (the mean over everything the paper 
 each function says which mean).
 
 Not here: the networks themselves (audio.py, inversion.py, stylegan2.py, fusion.py); the D step's
-lazy-regularisation schedule and the optimiser (train.py).
+lazy-regularisation schedule and the optimiser (stages.py).
 """
 import contextlib
 import os

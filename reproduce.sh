@@ -43,11 +43,11 @@ fi
 T0=$(date +%s)
 stamp() { echo "[$(( ($(date +%s) - T0) / 60 )) min] $*"; }
 
-# 1. Lip-sync expert (Sec. 3.3.2): InfoNCE on in-sync (audio, lower-face) windows (train.SyncNetStage)
+# 1. Lip-sync expert (Sec. 3.3.2): InfoNCE on in-sync (audio, lower-face) windows (stages.SyncNetStage)
 stamp "syncnet"
 python train.py --stage syncnet   $COMMON $SYNC --out "$OUT/syncnet"
 # 2. StyleGAN2 (Sec. 4.1.2), with the tiny recipe's jointly trained encoder (recon_weight; see
-#    train.StyleGAN2Stage), no path-length term, the GAN terms on every 4th step, 101x the L1 weight on
+#    stages.StyleGAN2Stage), no path-length term, the GAN terms on every 4th step, 101x the L1 weight on
 #    eyes, brows and mouth (data.FramePool; from the first step: with 11x the decoder drew no eyes by
 #    step 1500, with 101x it drew eyes, irises, brows and mouths by step 3000) and every lr ramped down
 #    to 0 over the last 2000 steps (train.lr_factor); all of it the tiny preset's stylegan2 defaults

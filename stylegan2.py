@@ -24,7 +24,7 @@ Two low-level ops carry all the resampling and activations, upfirdn2d and bias_a
 (stylegan2_ops.py: a pure-PyTorch reference path beside a fused CUDA kernel); activation
 checkpointing is there too.
 
-Not here: training loops and EMA (train.py), the GAN/identity losses of Eq. 4-9 (losses.py),
+Not here: training steps and EMA (stages.py), the GAN/identity losses of Eq. 4-9 (losses.py),
 inversion encoders (inversion.py), reading and writing files (files.py), speed (bench.py).
 """
 import math

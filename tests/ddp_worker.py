@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_train.py: checks that train.average_gradients turns per-rank
+"""Run under torchrun by tests/test_train.py: checks that stages.average_gradients turns per-rank
 shard gradients into the gradient of the mean loss over the GLOBAL batch, computed here
 independently on the full batch by every rank. Writes one JSON line per rank to the file named in
 argv[1]."""
@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import stages  # noqa: E402
 import train  # noqa: E402
 
 rank, world, device = train.setup_distributed("cpu")
@@ -25,7 +26,7 @@ full = [g.clone() for g in torch.autograd.grad((model(x) - y).pow(2).mean(),
 xs, ys = x[rank::world], y[rank::world]
 model.zero_grad()
 (model(xs) - ys).pow(2).mean().backward()
-train.average_gradients(list(model.parameters()), world)
+stages.average_gradients(list(model.parameters()), world)
 err = max(float((p.grad - g).abs().max()) for p, g in zip(model.parameters(), full))
 with open(f"{sys.argv[1]}.{rank}", "w") as f:
     f.write(json.dumps({"rank": rank, "world": world, "max_err": err}) + "\n")

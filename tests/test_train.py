@@ -14,6 +14,7 @@ import torch
 
 import data
 import files
+import stages
 import stylegan2
 import train
 
@@ -58,7 +59,7 @@ def test_ema_half_life_and_buffers():
     G = stylegan2.Generator(8, style_dim=4, n_mlp=1, channels={4: 2, 8: 2})
     ema = stylegan2.Generator(8, style_dim=4, n_mlp=1, channels={4: 2, 8: 2})
     before = [p.clone() for p in ema.parameters()]
-    train.accumulate_ema(ema, G, 0.75)
+    stages.accumulate_ema(ema, G, 0.75)
     for pe, pm, pb in zip(ema.parameters(), G.parameters(), before):
         torch.testing.assert_close(pe, 0.75 * pb + 0.25 * pm)
     for be, bm in zip(ema.buffers(), G.buffers()):
@@ -71,7 +72,7 @@ def test_recon_weight_trains_an_encoder_that_the_inversion_stage_starts_from(tmp
     assert "e_inv" in ck and "opt_e" in ck and all(l["recon_l1"] > 0 for l in log)
     args, cfg = train.parse_args(["--stage", "inversion", "--init",
                                   str(tmp_path / "sg" / "last.pt")])
-    st = train.InversionStage(cfg, torch.device("cpu"), args)
+    st = stages.InversionStage(cfg, torch.device("cpu"), args)
     assert_same_state(st.e_inv.state_dict(), ck["e_inv"])
     plain = run("stylegan2", tmp_path / "plain", 1, "--recon_weight", "0")   # the paper's plain GAN
     assert "e_inv" not in plain and "opt_e" not in plain
@@ -242,14 +243,14 @@ def test_fctfg_audio_encoder_flag_loads_wav2lip_weights_into_E_a(tmp_path):
     torch.save({"state_dict": sd, "optimizer": None, "global_step": 0}, tmp_path / "wav2lip.pth")
     args, cfg = train.parse_args(["--stage", "fctfg", "--audio_encoder",
                                   str(tmp_path / "wav2lip.pth"), *SMALL])
-    stage = train.FCTFGStage(cfg, torch.device("cpu"), args)
+    stage = stages.FCTFGStage(cfg, torch.device("cpu"), args)
     assert_same_state(stage.fctfg.E_a.state_dict(), enc.state_dict())
     ck = run("fctfg", tmp_path / "f", 1, "--hyper_steps", "0", "--audio_encoder",
              str(tmp_path / "wav2lip.pth"))
     assert ck["run"]["audio_encoder"] == str(tmp_path / "wav2lip.pth")
     with pytest.raises(ValueError, match="audio_encoder"):
         torch.save({"state_dict": {"x.weight": torch.zeros(1)}}, tmp_path / "other.pth")
-        train.FCTFGStage(cfg, torch.device("cpu"), train.parse_args(
+        stages.FCTFGStage(cfg, torch.device("cpu"), train.parse_args(
             ["--stage", "fctfg", "--audio_encoder", str(tmp_path / "other.pth"), *SMALL])[0])
 
 
@@ -277,10 +278,10 @@ def test_syncnet_stage_losses_log_pair_auc(tmp_path, loss, capsys):
 
 def test_pair_auc_hand_values():
     y = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    assert float(train.pair_auc(torch.tensor([0.9, 0.1, 0.8, 0.2]), y)) == 1.0
+    assert float(stages.pair_auc(torch.tensor([0.9, 0.1, 0.8, 0.2]), y)) == 1.0
     # only 0.8 > 0.2 of 4 pairs
-    assert float(train.pair_auc(torch.tensor([0.1, 0.9, 0.8, 0.2]), y)) == 0.25
-    assert torch.isnan(train.pair_auc(torch.tensor([0.3, 0.4]), torch.ones(2)))
+    assert float(stages.pair_auc(torch.tensor([0.1, 0.9, 0.8, 0.2]), y)) == 0.25
+    assert torch.isnan(stages.pair_auc(torch.tensor([0.3, 0.4]), torch.ones(2)))
 
 
 @pytest.mark.slow
@@ -668,7 +669,7 @@ def test_judges_stage_trains_both_judges_that_the_later_stages_load(tmp_path):
     args, cfg = train.parse_args(["--stage", "inversion",
                                   "--arcface", str(tmp_path / "j" / "last.pt"),
                                   "--vgg", str(tmp_path / "j" / "last.pt")])
-    st = train.InversionStage(cfg, torch.device("cpu"), args)
+    st = stages.InversionStage(cfg, torch.device("cpu"), args)
     assert st.e_id is not None and st.perceptual is not None
     # real clips have no procedural identities to label: one clear line
     with pytest.raises(ValueError, match="judges stage trains on procedural people"):
