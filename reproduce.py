@@ -165,7 +165,7 @@ def step_flops(stage_name, preset="paper", batch=2, **overrides):
     args, cfg = train.parse_args(["--preset", preset, "--stage", stage_name, "--batch", str(batch),
                                   *[a for k, v in overrides.items() for a in (f"--{k}", str(v))]])
     torch.manual_seed(0)
-    stage = stages.STAGE_CLASSES[stage_name](cfg, torch.device("cpu"), args)
+    stage = stages.stage_class(stage_name, cfg)(cfg, torch.device("cpu"), args)
     mb = _fake_batch(stage_name, cfg, batch)
     counter = FlopCounterMode(
         display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})

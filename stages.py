@@ -8,9 +8,10 @@
 
 train.py holds the settings and the loop that drives a stage (its `Stage` interface below). The
 FC-TFG step reads as the paper: the D step under Eq. (8), then the G step's terms, each under its
-printed formula, summed as Eq. (9) (FCTFGStage.eq9); the tiny recipe's one aid outside Eq. (9) is
-fenced in FCTFGStage.tiny_aids. Networks: stylegan2.py, inversion.py, audio.py, fusion.py; losses:
-losses.py; data: data.py.
+printed formula (FCTFGStage.loss_terms), summed as Eq. (9) (FCTFGStage.eq9). The tiny recipe's two
+aids (a weight map on Eq. 6's pixels, a latent target beside Eq. 9) are fenced in a subclass,
+TinyRecipeFCTFGStage, that the paper preset never builds. Networks: stylegan2.py, inversion.py,
+audio.py, fusion.py; losses: losses.py; data: data.py.
 
 Several processes (torchrun): every rank computes gradients on its own shard of the batch and
 `step_optimizer` averages them with ONE all-reduce per optimiser step (DDP's arithmetic, without
@@ -110,8 +111,9 @@ class StyleGAN2Stage(Stage):
                              "reconstruction recipe; it needs --recon_weight > 0 (a plain GAN step "
                              "always has them)")
         # Tiny-scale deviation (recon_weight > 0): from scratch G needs hundreds of kimg to cover
-        # the data, beyond a CPU budget (RESULTS.md, section 8). So the pSp encoder trains *with* G, G(E(x)) ~ x by L1 next to the GAN loss: G becomes a decoder whose W+ space holds
-        # the faces, and the inversion stage starts from this E.
+        # the data, beyond a CPU budget (RESULTS.md, section 8). So the pSp encoder trains *with*
+        # G, G(E(x)) ~ x by L1 next to the GAN loss: G becomes a decoder whose W+ space holds the
+        # faces, and the inversion stage starts from this E.
         self.e_inv = None
         if cfg["recon_weight"] > 0:
             self.e_inv = inversion.PSPEncoder(**inversion.PRESETS[cfg["model"]]["psp"]).to(device)
@@ -238,7 +240,7 @@ class SyncNetStage(Stage):
       expert_loss="bce" (paper preset): Wav2Lip's BCE(cos, y) on in-sync (y=1) / shifted (y=0)
       pairs; expert_loss="nce" (tiny preset): symmetric InfoNCE over the batch's in-sync pairs
       (CLIP-style). Why: cos of ReLU embeddings starts near 1 for every pair and one negative per
-      positive is a weak signal, where InfoNCE has B-1 negatives per pair (RESULTS.md, section 8)."""
+      positive is a weak signal; InfoNCE has B-1 negatives per pair (RESULTS.md, section 8)."""
     models, optimizers, extra_state = ("syncnet",), ("opt",), ()
 
     def __init__(self, cfg, device, args):
@@ -543,7 +545,6 @@ class FCTFGStage(Stage):
                     outs[0] = out
             with autocast():
                 total, parts = self.eq9(mb, out)
-                total = self.tiny_aids(total, parts, mb, out)
             (total / len(micro)).backward()
         step_optimizer(self.opt_g, world)
         self.last = (micro[0], outs[0])  # for samples()
@@ -555,11 +556,10 @@ class FCTFGStage(Stage):
         return {"loss_d": loss_d, **parts, "dw": motion(z_sd), "dw_drv": motion(z_d),
                 "z_cd": z_cd.abs().mean()}
 
-    def eq9(self, mb, out):
-        """The generator's loss, Eq. (9), each term under its equation (losses.py has the details).
-        A term whose judge was not given (--syncnet, --arcface, --vgg) is None: off, said at
-        start-up.
-        -> (L_total, {term: unweighted value, 'total': value})."""
+    def loss_terms(self, mb, out):
+        """The generator's loss terms, Eq. (3)-(8), each under its printed formula (losses.py has
+        the details). A term whose judge was not given (--syncnet, --arcface, --vgg) is None: off,
+        said at start-up. -> {term: scalar tensor or None}."""
         x_g, x_d, sn = out["x_g"], mb["frames"], self.syncnet
         terms = {}
         # Eq. (3): L_ortho = (1/N) Σ_c |z_s->c ⊙ z_c->d| per manipulated w vector (the form:
@@ -572,36 +572,25 @@ class FCTFGStage(Stage):
             sn, x_g, mb["mel"], size=sn.face_hw[1], bgr=sn.input_bgr)
         # Eq. (5): L_id = 1 - cos(E_id(x_g), E_id(x_d))
         terms["id"] = losses.identity_loss(self.e_id, x_g, x_d) if self.e_id is not None else None
-        # Eq. (6): L_rec = ||x_g - x_d||_1 (mb["weight"]: the tiny recipe's weight on eyes, brows
-        # and mouth, --feature_weight; absent in the paper preset)
-        terms["rec"] = losses.reconstruction_loss(x_g, x_d, mb.get("weight"))
+        # Eq. (6): L_rec = ||x_g - x_d||_1
+        terms["rec"] = self.l_rec(x_g, x_d, mb)
         # Eq. (7): L_LPIPS = Σ_i d(φ_i(x_g), φ_i(x_d)) over VGG19 features
-        terms["lpips"] = losses.perceptual_loss(self.vgg, x_g,
-                                                x_d) if self.vgg is not None else None
+        terms["lpips"] = (losses.perceptual_loss(self.vgg, x_g, x_d) if self.vgg is not None
+                          else None)
         # Eq. (8), G side: L_GAN = -log D(x_g)
         terms["gan"] = losses.gan_loss_g(self.d(self._d_batch(x_g)))
-        # Eq. (9): L_total = λ1 L_ortho + λ2 L_sync + λ3 L_id + λ4 L_rec + λ5 L_LPIPS + λ6 L_GAN
-        return losses.total_loss(terms, {"ortho": self.cfg["ortho_weight"],
-                                         "sync": self.cfg["sync_weight"]})
+        return terms
 
-    # ---- not in Eq. (9): the tiny recipe's aid, fenced here (its weight is 0 in the paper
-    # preset) ----
-    def tiny_aids(self, total, parts, mb, out):
-        """--latent_weight > 0: + w |z_s->d - E_inv(target frames)|
-        (losses.latent_reconstruction_loss; without it the motion collapses at tiny scale,
-        RESULTS.md). The target is the code of the TARGET frames, not of the driving input, whose
-        mouth may come from another clip (--drive_mouth swap).
-        -> the total with the aid added (parts gains 'latent'); the total unchanged when it is
-        off."""
-        if not self.cfg["latent_weight"] > 0:
-            return total
-        m, x_d = self.fctfg, mb["frames"]
-        with torch.no_grad():                            # E_inv of x_d frame by frame, [B, T, L, C]
-            z_t = out["z_d"] if self.cfg["drive_mouth"] == "own" else \
-                m.E_inv(x_d.flatten(0, 1)).unflatten(0, x_d.shape[:2])
-        lat = losses.latent_reconstruction_loss(out["z_sd"], z_t.detach(), m.fusion.layers)
-        parts["latent"] = float(lat.detach())
-        return total + self.cfg["latent_weight"] * lat
+    def l_rec(self, x_g, x_d, mb):
+        """Eq. (6) as printed (a method only so that the tiny recipe's subclass can weigh it)."""
+        return losses.reconstruction_loss(x_g, x_d)
+
+    def eq9(self, mb, out):
+        """The generator's loss, Eq. (9), with λ_ortho and λ_sync from --ortho_weight/--sync_weight
+        (losses.LAMBDA: the paper's). -> (L_total, {term: unweighted value, 'total': value})."""
+        # Eq. (9): L_total = λ1 L_ortho + λ2 L_sync + λ3 L_id + λ4 L_rec + λ5 L_LPIPS + λ6 L_GAN
+        return losses.total_loss(self.loss_terms(mb, out), {"ortho": self.cfg["ortho_weight"],
+                                                            "sync": self.cfg["sync_weight"]})
 
     @torch.no_grad()
     def samples(self, batch, seed):
@@ -614,6 +603,42 @@ class FCTFGStage(Stage):
         return torch.cat([mb["source"][:n], mb["frames"][:n, 0], out["x_g"][:n, 0].detach(), canon])
 
 
+# ==== Not in the paper: the tiny recipe's two aids, fenced in a subclass ==========================
+class TinyRecipeFCTFGStage(FCTFGStage):
+    """The FC-TFG stage with the tiny recipe's aids (tiny-scale deviations, RESULTS.md section 4);
+    stage_class picks it only when their weights are set, and both are 0 in the paper preset:
+      --feature_weight w: Eq. (6)'s L1 weighs the eyes, brows and mouth pixels 1 + w (the batch's
+      "weight" map, data.ClipWindows), so those few pixels are not averaged away;
+      --latent_weight w: + w |z_s->d - E_inv(target frames)| beside Eq. (9)
+      (losses.latent_reconstruction_loss; without it the motion collapses at tiny scale). The
+      target is the code of the TARGET frames, not of the driving input, whose mouth may come from
+      another clip (--drive_mouth swap)."""
+
+    def l_rec(self, x_g, x_d, mb):
+        """Eq. (6)'s L1, pixel by pixel under the batch's weight map where it has one."""
+        return losses.reconstruction_loss(x_g, x_d, mb.get("weight"))
+
+    def eq9(self, mb, out):
+        """Eq. (9) + the latent target (parts gains 'latent'; 'total' stays Eq. 9's value)."""
+        total, parts = super().eq9(mb, out)
+        if not self.cfg["latent_weight"] > 0:
+            return total, parts
+        m, x_d = self.fctfg, mb["frames"]
+        with torch.no_grad():                            # E_inv of x_d frame by frame, [B, T, L, C]
+            z_t = out["z_d"] if self.cfg["drive_mouth"] == "own" else \
+                m.E_inv(x_d.flatten(0, 1)).unflatten(0, x_d.shape[:2])
+        lat = losses.latent_reconstruction_loss(out["z_sd"], z_t.detach(), m.fusion.layers)
+        parts["latent"] = float(lat.detach())
+        return total + self.cfg["latent_weight"] * lat, parts
+
+
 # the stages in paper order (Sec. 4.1.2); train.py --stage picks one by name
 STAGE_CLASSES = dict(judges=JudgesStage, stylegan2=StyleGAN2Stage, syncnet=SyncNetStage,
                      inversion=InversionStage, fctfg=FCTFGStage)
+
+
+def stage_class(name, cfg):
+    """The class of stage `name` for the settings `cfg`: STAGE_CLASSES[name], or the FC-TFG stage
+    with the tiny recipe's aids where their weights are set (never in the paper preset)."""
+    aids = name == "fctfg" and (cfg["feature_weight"] > 0 or cfg["latent_weight"] > 0)
+    return TinyRecipeFCTFGStage if aids else STAGE_CLASSES[name]

@@ -479,7 +479,7 @@ def _logged_step(line):
 def build_stage(args, cfg, rank, world, device):
     """The stage's networks (activation checkpointing as --grad_ckpt says), the hook that keeps
     BatchNorm statistics alike across ranks, and this rank's batches of the stage's dataset."""
-    stage = stages.STAGE_CLASSES[args.stage](cfg, device, args)
+    stage = stages.stage_class(args.stage, cfg)(cfg, device, args)
     ops.use_checkpointing(stage_networks(stage), bool(cfg["grad_ckpt"]))
     sync_bn = batchnorm_across_ranks(stage, world, device)
     clips = data.make_clip_dataset(cfg, args.data, cache_dir=args.cache_dir)

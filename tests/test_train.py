@@ -14,6 +14,7 @@ import torch
 
 import data
 import files
+import losses
 import stages
 import stylegan2
 import train
@@ -252,6 +253,34 @@ def test_fctfg_audio_encoder_flag_loads_wav2lip_weights_into_E_a(tmp_path):
         torch.save({"state_dict": {"x.weight": torch.zeros(1)}}, tmp_path / "other.pth")
         stages.FCTFGStage(cfg, torch.device("cpu"), train.parse_args(
             ["--stage", "fctfg", "--audio_encoder", str(tmp_path / "other.pth"), *SMALL])[0])
+
+
+def test_the_tiny_aids_are_fenced_in_their_own_subclass():
+    """The paper preset builds the paper's FC-TFG stage; the tiny recipe builds
+    TinyRecipeFCTFGStage, whose L_rec is Eq. (6)'s L1 under the batch's feature-weight map and
+    whose total is Eq. (9)'s weighted sum of its terms plus w x the latent term."""
+    paper = train.parse_args(["--preset", "paper", "--stage", "fctfg"])[1]
+    assert stages.stage_class("fctfg", paper) is stages.FCTFGStage
+    assert stages.stage_class("fctfg", train.parse_args(["--stage", "fctfg"])[1]) \
+        is stages.TinyRecipeFCTFGStage
+    args, cfg = train.parse_args(["--stage", "fctfg", *SMALL, "--hyper_steps", "0",
+                                  "--feature_weight", "10", "--latent_weight", "2"])
+    torch.manual_seed(0)
+    stage = stages.stage_class("fctfg", cfg)(cfg, torch.device("cpu"), args)
+    mb = data.Batches(stage.dataset(data.make_clip_dataset(cfg, "synthetic")), 4, 0, 1, 0).get(0)
+    assert mb["weight"].max() == 11.0                 # 1 + w on the features, 1 elsewhere
+    with torch.no_grad():
+        out = stage.fctfg(mb["source"], mb["drive"], mb["mel"], hyper_steps=0)
+        ours = stage.loss_terms(mb, out)
+        paper_terms = {**ours, "rec": stages.FCTFGStage.l_rec(stage, out["x_g"], mb["frames"], mb)}
+        err = (out["x_g"] - mb["frames"]).abs()
+        assert torch.allclose(ours["rec"], (err * mb["weight"]).mean(), rtol=1e-6)
+        assert torch.allclose(paper_terms["rec"], err.mean(), rtol=1e-6)
+        assert not torch.allclose(ours["rec"], paper_terms["rec"])
+        total, parts = stage.eq9(mb, out)
+        lam = {**losses.LAMBDA, "ortho": cfg["ortho_weight"], "sync": cfg["sync_weight"]}
+        expect = sum(lam[k] * v for k, v in ours.items() if v is not None) + 2 * parts["latent"]
+        assert parts["latent"] > 0 and torch.allclose(total, expect, rtol=1e-5)
 
 
 def test_impossible_batch_settings_get_one_line_or_a_valid_default(tmp_path, capsys):
