@@ -21,7 +21,8 @@ Every number of the mel recipe and of the networks is Wav2Lip's (hparams.py, mod
 its published code as numbers only; the code here is written from those numbers and the maths.
 
 Not here: the sync loss Eq. (4) itself and its weight (losses.py), LSE-C/LSE-D with syncnet_python's
-SyncNet v2 (metrics), dataset windows of frames (data.py), face detection/cropping (data.py).
+SyncNet v2 (metrics), dataset windows of frames (data.py), face detection/cropping and wav / video
+files (media.py).
 """
 import functools
 import math

@@ -38,6 +38,7 @@ import torch
 import audio
 import data
 import files
+import media
 import fusion
 import metrics
 import procedural
@@ -969,7 +970,7 @@ def _save_example(path, ex, protocol):
         torch.uint8).cpu().numpy()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data.write_video(path, video, audio=ex["audio"].cpu().numpy())
+        media.write_video(path, video, audio=ex["audio"].cpu().numpy())
         return True
     except ImportError as e:
         print(f"note: example videos skipped ({e})")

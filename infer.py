@@ -38,10 +38,10 @@ Choices the paper leaves open (ours, stated here once):
     are kept (only) so that --extend can revisit earlier frames. Batches are whole temporal-fusion
     windows (non-overlapping, Sec. 4.4.2), so streaming gives exactly the codes of one pass over the
     clip.
-  * Face handling is data.py's preparation, its tracker included (data.face_track: dlib HOG boxes,
-    every frame for the first 2 s, then every 5th), the union box of the clip, FOMM enlargement,
-    square crop. Without dlib, or with --no-detect, the largest centred square is used (a warning
-    says so unless --no-detect).
+  * Face handling is data.py's preparation, done by media.py, its tracker included
+    (media.face_track: dlib HOG boxes, every frame for the first 2 s, then every 5th), the union box
+    of the clip, FOMM enlargement, square crop. Without dlib, or with --no-detect, the largest
+    centred square is used (a warning says so unless --no-detect).
   * Paste-back: the generated crop is resized to the crop box and blended into the source frame with
     a separable smoothstep mask that fades over the outer 12 % of the box (--no-paste writes the
     crop).
@@ -65,6 +65,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 import audio
 import data
 import files
+import media
 import procedural
 import fusion
 import stylegan2
@@ -203,8 +204,8 @@ def load_image(path):
     applied; RGBA and LA are composited over white, greyscale/palette/CMYK/16-bit converted to RGB;
     huge images are downscaled (LANCZOS). A video file gives its first frame."""
     path = Path(path)
-    if path.suffix.lower() in data.VIDEO_EXTS:
-        img = Image.fromarray(next(iter(data.VideoFrames(path, "--source").frames())))
+    if path.suffix.lower() in media.VIDEO_EXTS:
+        img = Image.fromarray(next(iter(media.VideoFrames(path, "--source").frames())))
     else:
         try:
             with Image.open(path) as im:
@@ -240,24 +241,24 @@ def centre_box(H, W):
 
 
 def track_box(frames, where, detector, timer):
-    """The FOMM-enlarged union box of the face data.face_track follows through `frames` (detection
+    """The FOMM-enlarged union box of the face media.face_track follows through `frames` (detection
     timed). Raises ValueError naming `where` (flag and file) and its first faceless frame."""
     try:
-        b = data.face_track(frames, timer.wrap("detect", detector), where)
+        b = media.face_track(frames, timer.wrap("detect", detector), where)
     except ValueError as e:
         raise ValueError(f"{e}; pass --no-detect if it is already a face crop") from None
-    return data.fomm_enlarge((*b[:, :2].min(0), *b[:, 2:].max(0)))
+    return media.fomm_enlarge((*b[:, :2].min(0), *b[:, 2:].max(0)))
 
 
 def crop_fn(box, size, shape):
-    """frame uint8 [H, W, 3] -> uint8 [size, size, 3] crop of `box` (data.crop_square: shifted
+    """frame uint8 [H, W, 3] -> uint8 [size, size, 3] crop of `box` (media.crop_square: shifted
     inside the frame, edge-padded when larger; None: centre_box). Identity for frames that already
     are size x size."""
     H, W = shape[:2]
     if box is None and H == W == size:
         return lambda f: f
     box = box or centre_box(H, W)
-    return lambda f: data.crop_square(f[None], box, size)[0][0]
+    return lambda f: media.crop_square(f[None], box, size)[0][0]
 
 
 # ==== 3. Driving sources -> codes z_d (Eq. 2), cached per driving frame ===========================
@@ -601,7 +602,7 @@ def read_inputs(args, S):
     # --pose-from, ...
     own = {g: getattr(args, f"{g}_from") for g in ("pose", "expression", "eyes")}
     paths = {g: p or args.driving for g, p in own.items()}
-    videos = {p: data.VideoFrames(p, f"--{g}-from" if own[g] else "--driving")
+    videos = {p: media.VideoFrames(p, f"--{g}-from" if own[g] else "--driving")
               for g, p in paths.items() if p is not None}
     for p, v in videos.items():
         if v.still:
@@ -637,7 +638,7 @@ def find_faces(args, src_img, videos, S, fps, timer):
     detector = None
     if not args.no_detect and (args.source or videos):    # all procedural: nothing to detect
         try:
-            detector = data.dlib_detector()
+            detector = media.dlib_detector()
         except ImportError:
             print("infer.py: warning: dlib is not installed, using centre crops (inputs should be "
                   "face crops; `pip install dlib-bin` to detect faces, --no-detect to silence "
@@ -647,7 +648,7 @@ def find_faces(args, src_img, videos, S, fps, timer):
         src_box = centre_box(*src_img.shape[:2])
     else:
         src_box = track_box([src_img], f"--source {args.source}", detector, timer)
-    src_crop, src_box, _ = data.crop_square(src_img[None], src_box, S)
+    src_crop, src_box, _ = media.crop_square(src_img[None], src_box, S)
     crops = {}
     for p, v in videos.items():
         box = None if detector is None else track_box(timer.iter("decode", v.frames(fps)),
@@ -714,7 +715,7 @@ def run(args):
     # a previous run of this --out killed mid-write (-9)
     files.remove_temporaries(out.parent, out.stem)
     # aborted on any exception
-    with data.VideoWriter(out, W, H, fps, wav, metadata=METADATA) as writer:
+    with media.VideoWriter(out, W, H, fps, wav, metadata=METADATA) as writer:
         for k0, faces, _ in animate(model, z_s, deltas, drivers, audio.melspectrogram(wav), K, fps,
                                     batch, timer, args.canonical, amp,
                                     continuous=not args.paper_windows, deflicker=args.deflicker):
@@ -748,7 +749,7 @@ def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None, paper
     with tempfile.TemporaryDirectory() as d:
         src, frames, wav = procedural_inputs(stylegan2.PRESETS[preset]["size"], seconds)
         Image.fromarray(src).save(f"{d}/src.png")
-        data.write_video(f"{d}/drive.mp4", np.stack(list(frames)), data.FPS, wav)
+        media.write_video(f"{d}/drive.mp4", np.stack(list(frames)), data.FPS, wav)
         st = run(parse_args(["--source", f"{d}/src.png", "--driving", f"{d}/drive.mp4",
                              "--out", f"{d}/out.mp4",
                              "--no-detect", "--quiet", "--preset", preset] + ["--bf16"] * bf16 +
@@ -764,7 +765,7 @@ def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None, paper
         print(f"  {k:7s} {1000 * v / st['frames']:7.2f} ms/frame  "
               f"{100 * v / max(sum(parts.values()), 1e-9):5.1f} %")
     try:
-        det = data.dlib_detector()
+        det = media.dlib_detector()
         img = procedural_inputs(256, 0.4)[0]               # the neutral source face, 256 px
         t = time.perf_counter()
         for _ in range(10):

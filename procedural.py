@@ -12,7 +12,8 @@ identity seed and a motion seed, and any identity can be rendered with any motio
 Plain numpy code: the torch dataset over this world is data.SyntheticTalkingFaces. Time base:
 audio.py's 25 fps / 16 kHz (frame k <-> audio samples [640k, 640k + 640)). Why the eyes, brows and
 mouth are as large as they are at 64 px: RESULTS.md, section 2.
-Not here: the torch dataset, the sample format, video I/O, real-video preparation (data.py)."""
+Not here: the torch dataset, the sample format, real-video preparation (data.py), video I/O
+(media.py)."""
 import dataclasses
 import functools
 import math

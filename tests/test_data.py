@@ -1,5 +1,5 @@
-"""Tests for data.py: the sample format, I/O by round trips, preparation on a generated video with a
-known face position, the datasets (cache, mouth swap) and the command line."""
+"""Tests for data.py and media.py: the sample format, I/O by round trips, preparation on a generated
+video with a known face position, the datasets (cache, mouth swap) and the command line."""
 import json
 import os
 
@@ -9,6 +9,7 @@ from PIL import Image
 import torch
 
 import data
+import media
 import procedural
 
 K = {k: i for i, k in enumerate(procedural.MOTION_KEYS)}
@@ -59,21 +60,21 @@ def test_nearest_frame_indices_oracle_matches_naive_loop():
 
 def test_fomm_enlarge_and_iou_hand_values():
     # w=100, h=50: wi = max(.1, (60-100)/200) = .1, hi = max(.1, (120-50)/100) = .7
-    assert data.fomm_enlarge((0, 0, 100, 50)) == pytest.approx((-10, -35, 110, 85))
-    assert data.iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert media.fomm_enlarge((0, 0, 100, 50)) == pytest.approx((-10, -35, 110, 85))
+    assert media.iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
     with pytest.raises(ValueError):
-        data.fomm_enlarge((5, 5, 5, 9))
+        media.fomm_enlarge((5, 5, 5, 9))
 
 
 def test_crop_square_shift_pad_and_strict():
     fr = np.arange(2 * 40 * 60 * 3, dtype=np.uint8).reshape(2, 40, 60, 3)
     # crosses the left edge: shifted in
-    out, box, padded = data.crop_square(fr, (-10, 5, 20, 35), 16)
+    out, box, padded = media.crop_square(fr, (-10, 5, 20, 35), 16)
     assert out.shape == (2, 16, 16, 3) and box == (0, 5, 30, 35) and not padded
     with pytest.raises(ValueError, match="leaves the frame"):
-        data.crop_square(fr, (-10, 5, 20, 35), 16, strict=True)
+        media.crop_square(fr, (-10, 5, 20, 35), 16, strict=True)
     # larger than the frame: shrunk to fit
-    out, box, shrunk = data.crop_square(fr, (0, -5, 50, 45), 16)
+    out, box, shrunk = media.crop_square(fr, (0, -5, 50, 45), 16)
     # 40 px about the centre (25, 20)
     assert shrunk and out.shape == (2, 16, 16, 3) and box == (5, 0, 45, 40)
     side = np.asarray(Image.fromarray(fr[0, :, 5:45]).resize((16, 16), Image.LANCZOS))
@@ -83,14 +84,14 @@ def test_crop_square_shift_pad_and_strict():
 def test_wav_round_trip_is_atomic(tmp_path):
     x = (0.5 * np.sin(np.arange(1600) / 5)).astype(np.float32)
     p = tmp_path / "a.wav"
-    data.write_wav(p, x)
-    y, sr = data.read_wav(p)
+    media.write_wav(p, x)
+    y, sr = media.read_wav(p)
     assert sr == 16000 and np.abs(y - x).max() < 1e-4
     assert os.listdir(tmp_path) == ["a.wav"]                     # no temporary file left behind
     with pytest.raises(FileNotFoundError):
-        data.read_wav(tmp_path / "missing.wav")
+        media.read_wav(tmp_path / "missing.wav")
     with pytest.raises(ValueError):
-        data.write_wav(p, np.zeros((2, 3)))
+        media.write_wav(p, np.zeros((2, 3)))
 
 
 def test_mead_clip_list_on_a_fake_tree(tmp_path):
@@ -129,34 +130,34 @@ def test_mp4_round_trip(tmp_path):
     motion, audio = procedural.make_motion(2, 30)
     frames = procedural.render_clip(procedural.make_identity(4), motion, SIZE)
     p = tmp_path / "clip.mp4"
-    data.write_video(p, frames, 25, audio)
+    media.write_video(p, frames, 25, audio)
     assert os.listdir(tmp_path) == ["clip.mp4"]
-    got, fps, a, sr = data.read_video(p, fps=25, sr=16000)
+    got, fps, a, sr = media.read_video(p, fps=25, sr=16000)
     assert got.shape == frames.shape and fps == 25 and sr == 16000
     assert _psnr(got, frames) > 30
     assert len(a) == len(audio)
     lag = np.argmax(np.correlate(a[3200:9600], audio[3200:9600], "full")) - 6399
     assert lag == 0 and np.corrcoef(a, audio)[0, 1] > 0.95      # AAC priming handled: no offset
-    raw, fps_raw, a_raw, _ = data.read_video(p)                 # native mode: every frame, own rate
+    raw, fps_raw, a_raw, _ = media.read_video(p)                # native mode: every frame, own rate
     assert len(raw) == 30 and fps_raw == pytest.approx(25) and abs(len(a_raw) - len(audio)) < 1024
 
 
 def test_video_failure_paths(tmp_path):
     pytest.importorskip("av")
     with pytest.raises(FileNotFoundError):
-        data.read_video(tmp_path / "nope.mp4")
+        media.read_video(tmp_path / "nope.mp4")
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"definitely not a video" * 10)
     with pytest.raises(ValueError, match="cannot decode"):
-        data.read_video(bad)
+        media.read_video(bad)
     silent = tmp_path / "silent.mp4"
-    data.write_video(silent, np.zeros((3, 16, 16, 3), np.uint8))
+    media.write_video(silent, np.zeros((3, 16, 16, 3), np.uint8))
     with pytest.raises(ValueError, match="no audio"):
-        data.read_video(silent, need_audio=True)
+        media.read_video(silent, need_audio=True)
     with pytest.raises(ValueError, match="even"):
-        data.write_video(tmp_path / "odd.mp4", np.zeros((2, 15, 16, 3), np.uint8))
+        media.write_video(tmp_path / "odd.mp4", np.zeros((2, 15, 16, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
-        data.write_video(tmp_path / "f.mp4", np.zeros((2, 16, 16, 3)))
+        media.write_video(tmp_path / "f.mp4", np.zeros((2, 16, 16, 3)))
     assert sorted(os.listdir(tmp_path)) == ["bad.mp4", "silent.mp4"]
 
 
@@ -196,11 +197,11 @@ def test_video_frames_stream_matches_timestamp_oracle(tmp_path):
     pytest.importorskip("av")
     motion, audio = procedural.make_motion(1, 40)
     frames = procedural.render_clip(procedural.make_identity(2), motion, 32)
-    data.write_video(tmp_path / "cfr.mp4", frames, 25, audio)
+    media.write_video(tmp_path / "cfr.mp4", frames, 25, audio)
     _write_vfr(tmp_path / "vfr.mp4", frames, np.random.default_rng(0))
     for name in ("cfr.mp4", "vfr.mp4"):
         times, raw, rate = _pyav_frames(tmp_path / name)
-        v = data.VideoFrames(tmp_path / name)
+        v = media.VideoFrames(tmp_path / name)
         assert v.t0 == times[0] and v.shape == raw.shape[1:] and v.fps == pytest.approx(rate)
         for fps in (None, 10, 25, 40):
             idx = range(len(raw)) if fps is None else _nearest_frame_indices(
@@ -209,7 +210,7 @@ def test_video_frames_stream_matches_timestamp_oracle(tmp_path):
             assert got.shape == raw[idx].shape, (name, fps)
             np.testing.assert_array_equal(got, raw[idx])
             # read_video's frames
-            np.testing.assert_array_equal(data.read_video(tmp_path / name, fps=fps)[0], got)
+            np.testing.assert_array_equal(media.read_video(tmp_path / name, fps=fps)[0], got)
 
 
 def test_rotated_video_is_turned_upright_once(tmp_path):
@@ -224,30 +225,30 @@ def test_rotated_video_is_turned_upright_once(tmp_path):
                rotation=90)
     _, raw, _ = _pyav_frames(tmp_path / "rot.mp4")
     want = np.rot90(raw, 1, axes=(1, 2))                  # [T, 32, 16, 3]: width and height swapped
-    assert data.VideoFrames(tmp_path / "rot.mp4").shape == want.shape[1:]
-    np.testing.assert_array_equal(np.stack(list(data.VideoFrames(tmp_path / "rot.mp4").frames())),
+    assert media.VideoFrames(tmp_path / "rot.mp4").shape == want.shape[1:]
+    np.testing.assert_array_equal(np.stack(list(media.VideoFrames(tmp_path / "rot.mp4").frames())),
                                   want)
-    np.testing.assert_array_equal(data.read_video(tmp_path / "rot.mp4")[0], want)
+    np.testing.assert_array_equal(media.read_video(tmp_path / "rot.mp4")[0], want)
 
 
 def test_video_writer_tags_audio_and_abort(tmp_path):
     """VideoWriter: metadata only when asked, no audio track without audio, abort() leaves
     nothing."""
     av = pytest.importorskip("av")
-    with data.VideoWriter(tmp_path / "t.mp4", 16, 16, 25, metadata=dict(comment="hello")) as w:
+    with media.VideoWriter(tmp_path / "t.mp4", 16, 16, 25, metadata=dict(comment="hello")) as w:
         for _ in range(3):
             w.write(np.zeros((16, 16, 3), np.uint8))
     with av.open(str(tmp_path / "t.mp4")) as c:
         assert c.metadata.get("comment") == "hello" and not c.streams.audio and c.streams.video[
             0].frames == 3
-    data.write_video(tmp_path / "u.mp4", np.zeros((2, 16, 16, 3), np.uint8), audio=np.zeros(1000))
+    media.write_video(tmp_path / "u.mp4", np.zeros((2, 16, 16, 3), np.uint8), audio=np.zeros(1000))
     with av.open(str(tmp_path / "u.mp4")) as c:
         assert "comment" not in c.metadata and len(c.streams.audio) == 1
-    w = data.VideoWriter(tmp_path / "x.mp4", 16, 16, 25, np.zeros(2000, np.float32))
+    w = media.VideoWriter(tmp_path / "x.mp4", 16, 16, 25, np.zeros(2000, np.float32))
     w.write(np.zeros((16, 16, 3), np.uint8))
     w.abort()
     with pytest.raises(RuntimeError):                        # an exception inside `with` aborts too
-        with data.VideoWriter(tmp_path / "y.mp4", 16, 16) as w:
+        with media.VideoWriter(tmp_path / "y.mp4", 16, 16) as w:
             w.write(np.zeros((16, 16, 3), np.uint8))
             raise RuntimeError
     assert sorted(os.listdir(tmp_path)) == ["t.mp4", "u.mp4"]
@@ -266,15 +267,15 @@ def test_face_track_probe_rule_iou_chain_and_message():
         small = (float(i), 0.0, i + 20.0, 20.0)
         return [small] if i == 0 else [(200.0, 0.0, 300.0, 100.0), small]
 
-    boxes = data.face_track((np.full((8, 8, 3), i, np.uint8) for i in range(62)), detector)
+    boxes = media.face_track((np.full((8, 8, 3), i, np.uint8) for i in range(62)), detector)
     assert probed == list(range(50)) + [50, 55, 60]
     np.testing.assert_array_equal(boxes[:, 0], probed)         # the small face all along
     answers = iter([[(0, 0, 4, 4)]] * 3 + [[]] + [[(0, 0, 4, 4)]] * 2 + [[]] * 2)
     # 25 %: kept
-    assert len(data.face_track(np.zeros((4, 8, 8, 3), np.uint8), lambda img: next(answers))) == 3
+    assert len(media.face_track(np.zeros((4, 8, 8, 3), np.uint8), lambda img: next(answers))) == 3
     with pytest.raises(ValueError, match=r"no face found in clip x: frame 2 \(no face in 2 of the "
                                          r"4 probed frames, 50%\)"):
-        data.face_track(np.zeros((4, 8, 8, 3), np.uint8), lambda img: next(answers), "clip x")
+        media.face_track(np.zeros((4, 8, 8, 3), np.uint8), lambda img: next(answers), "clip x")
 
 
 def _pasted_face_video(T=40, H=128, W=160, fx=70, fy=30):
@@ -298,8 +299,8 @@ def test_prepare_crops_a_centred_face_and_skips_bad_files(tmp_path):
     video, audio = _pasted_face_video(T, fx=fx, fy=fy)
     src = tmp_path / "src" / "id00017" / "yt1"
     src.mkdir(parents=True)
-    data.write_video(src / "00001.mp4", video, 25, audio)
-    data.write_video(src / "00002.mp4", video)                   # no audio -> skipped
+    media.write_video(src / "00001.mp4", video, 25, audio)
+    media.write_video(src / "00002.mp4", video)                   # no audio -> skipped
     (src / "00003.mp4").write_bytes(b"garbage")                  # unreadable -> skipped
 
     detector = _grey_detector
@@ -314,7 +315,7 @@ def test_prepare_crops_a_centred_face_and_skips_bad_files(tmp_path):
     assert json.loads((dst / "00002.json").read_text())["status"] == "skipped"
     assert "no audio" in json.loads((dst / "00002.json").read_text())["reason"]
     assert any("SKIPPED" in line for line in logs)
-    crop, fps, a, sr = data.read_video(dst / "00001.mp4", fps=25, sr=16000)
+    crop, fps, a, sr = media.read_video(dst / "00001.mp4", fps=25, sr=16000)
     assert crop.shape == (T, 64, 64, 3)
     # centred: the non-grey region of each crop is centred within 3 px (the box is the union over
     # frames)
@@ -323,7 +324,7 @@ def test_prepare_crops_a_centred_face_and_skips_bad_files(tmp_path):
     assert abs((l + r) / 2 - (fx + 24)) <= 3 and abs((t + b) / 2 - (fy + 24)) <= 3
     assert abs((xs.min() + xs.max() + 1) / 2 - 32) <= 3 and abs(
         (ys.min() + ys.max() + 1) / 2 - 32) <= 3
-    wav, sr = data.read_wav(dst / "00001.wav")
+    wav, sr = media.read_wav(dst / "00001.wav")
     assert len(wav) == T * 640 and np.corrcoef(wav, audio)[0, 1] > 0.99
     # resumable: a second run touches nothing
     assert data.prepare(tmp_path / "src", tmp_path / "dst", detector=detector,
@@ -339,7 +340,7 @@ def test_prepare_crops_a_centred_face_and_skips_bad_files(tmp_path):
 
 def test_dlib_detector_runs():
     pytest.importorskip("dlib")
-    assert data.dlib_detector()(np.zeros((120, 160, 3), np.uint8)) == []
+    assert media.dlib_detector()(np.zeros((120, 160, 3), np.uint8)) == []
 
 
 def test_prepare_mead_layout_uses_the_separate_audio(tmp_path):
@@ -350,9 +351,9 @@ def test_prepare_mead_layout_uses_the_separate_audio(tmp_path):
     vdir = tmp_path / "src" / "W011" / "video" / "front" / "happy" / "level_3"
     adir = tmp_path / "src" / "W011" / "audio" / "happy" / "level_3"
     vdir.mkdir(parents=True); adir.mkdir(parents=True)
-    data.write_video(vdir / "001.mp4", video)                    # MEAD video: no audio track
+    media.write_video(vdir / "001.mp4", video)                    # MEAD video: no audio track
     # not selected by glob
-    data.write_video(tmp_path / "src" / "W011" / "video" / "left_30.mp4", video)
+    media.write_video(tmp_path / "src" / "W011" / "video" / "left_30.mp4", video)
     a48 = resample_poly(audio.astype(np.float64), 3, 1)          # MEAD audio: 48 kHz stereo
     # WAV bytes; soundfile sniffs
     sf.write(adir / "001.m4a", np.stack([a48, a48], 1), 48000, format="WAV")
@@ -364,7 +365,7 @@ def test_prepare_mead_layout_uses_the_separate_audio(tmp_path):
     rec = json.loads(stem.with_suffix(".json").read_text())
     assert (rec["identity"], rec["emotion"], rec["level"], rec["view"]) == ("W011", "happy",
                                                                             "level_3", "front")
-    wav, _ = data.read_wav(stem.with_suffix(".wav"))
+    wav, _ = media.read_wav(stem.with_suffix(".wav"))
     assert len(wav) == 30 * 640 and np.corrcoef(wav, audio)[0, 1] > 0.99
 
 

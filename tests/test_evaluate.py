@@ -15,6 +15,7 @@ import data
 import evaluate as ev
 import fusion
 import metrics
+import media
 import procedural
 
 
@@ -168,7 +169,7 @@ def test_cli_end_to_end_untrained_tiny(tmp_path, capsys, probe_ckpt, syncnet_ckp
     assert "| FC-TFG (untrained tiny) |" in md and "MS-SSIM: '-'" in md
     assert not list(d.glob("*.tmp*"))  # atomic writes leave no temporaries
     if importlib.util.find_spec("av") is not None:
-        frames, _, audio, _ = data.read_video(d / "examples" / "clip0000.mp4", need_audio=True)
+        frames, _, audio, _ = media.read_video(d / "examples" / "clip0000.mp4", need_audio=True)
         assert frames.shape == (10, 64, 3 * 64, 3)  # source | ground truth | generated
         assert not (d / "examples" / "clip0001.mp4").exists()
 

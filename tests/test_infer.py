@@ -1,4 +1,4 @@
-"""Tests for infer.py (its decoder, writer and face tracker are data.py's, tested in test_data.py).
+"""Tests for infer.py (its decoder, writer and face tracker are media.py's, tested in test_data.py).
 Oracles: one-shot FCTFG calls over the whole clip (streamed windows must give the same codes and
 frames), audio.mel_windows, hand-listed index sequences and layer groups, decoded output files
 (frame count, audio length, metadata), and the exit status / stderr / absence of files on bad
@@ -15,6 +15,7 @@ from PIL import Image
 
 import audio
 import data
+import media
 import procedural
 import fusion
 import infer
@@ -39,19 +40,19 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("infer_inputs")
     src, frames, wav = infer.procedural_inputs(S, T_DRIVE / data.FPS)
     Image.fromarray(src).save(d / "src.png")
-    data.write_video(d / "drive.mp4", np.stack(list(frames)), data.FPS, wav)
+    media.write_video(d / "drive.mp4", np.stack(list(frames)), data.FPS, wav)
     ident = procedural.make_identity(procedural.TEST_IDS[5])
     motion, speech = procedural.make_motion(procedural.TEST_IDS[5], K_AUDIO)
-    data.write_video(d / "drive_silent.mp4", procedural.render_clip(ident, motion[:T_DRIVE], S),
-                     data.FPS)
+    media.write_video(d / "drive_silent.mp4", procedural.render_clip(ident, motion[:T_DRIVE], S),
+                      data.FPS)
     # 20 frames + 200 samples
-    data.write_wav(d / "speech.wav", np.concatenate([speech, speech[:200]]))
+    media.write_wav(d / "speech.wav", np.concatenate([speech, speech[:200]]))
     return d
 
 
 def _decode(path):
     import av
-    frames, fps, wav, sr = data.read_video(path)
+    frames, fps, wav, sr = media.read_video(path)
     with av.open(str(path)) as c:
         meta = dict(c.metadata)
     return frames, fps, wav, sr, meta
@@ -288,14 +289,14 @@ def test_contact_sheet_and_procedural_checkpoint_note(files, tmp_path, capsys):
     cell = lambda r, c: sheet[r * 142 + 14: r * 142 + 142, 4 + c * 132: 4 + c * 132 + 128]
     assert (cell(0, 0) == 255).all() and np.abs(cell(1, 0)[::2, ::2].astype(int) - src).mean() < 3
     # the driving crops of the first and last sheet frame are the first and last frames of the clip
-    first = data.read_video(files / "drive.mp4")[0][0]
+    first = media.read_video(files / "drive.mp4")[0][0]
     assert np.abs(cell(0, 1)[::2, ::2].astype(int) - first).mean() < 1e-9
     # a still image as --driving: used as a one-frame video, and said so
     rc, so, err = _run(["--source", files / "src.png", "--driving", files / "src.png",
                         "--audio", files / "speech.wav",
                         "--no-detect", "--quiet", "--out", tmp_path / "still.mp4"], capsys)
     assert rc == 0 and "is a still image: it is used as a one-frame video" in err
-    assert len(data.read_video(tmp_path / "still.mp4")[0]) == K_AUDIO
+    assert len(media.read_video(tmp_path / "still.mp4")[0]) == K_AUDIO
     # the procedural default (no files) does not warn
     rc, so, err = _run(["--checkpoint", tmp_path / "proc.pt", "--out", tmp_path / "d.mp4",
                         "--seconds", "0.4", "--quiet"], capsys)
@@ -326,7 +327,7 @@ def test_cli_detects_real_face_and_routes_files(tmp_path, capsys, files):
     img = skdata.astronaut()                                             # a real face, 512 px
     Image.fromarray(img).save(tmp_path / "face.jpg")
     shifted = np.stack([np.roll(img, (2 * k, 3 * k), (0, 1)) for k in range(8)])
-    data.write_video(tmp_path / "drive.mp4", shifted, data.FPS)
+    media.write_video(tmp_path / "drive.mp4", shifted, data.FPS)
     out = tmp_path / "o.mp4"
     rc, _, err = _run(["--source", tmp_path / "face.jpg", "--driving", tmp_path / "drive.mp4",
                        "--audio", files / "speech.wav", "--eyes-from", files / "drive_silent.mp4",

@@ -22,6 +22,7 @@ import data
 import files
 import fusion
 import infer
+import media
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +58,8 @@ def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("robust")
     src, frames, wav = infer.procedural_inputs(64, 0.8)
     Image.fromarray(src).save(d / "src.png")
-    data.write_video(d / "drive.mp4", np.stack(list(frames)), data.FPS, wav)
-    data.write_wav(d / "speech.wav", wav)
+    media.write_video(d / "drive.mp4", np.stack(list(frames)), data.FPS, wav)
+    media.write_wav(d / "speech.wav", wav)
     Image.fromarray(src).resize((16, 16)).save(d / "tiny.png")
     # an m4a of exactly 2 s (32000 samples): AAC pads it to whole 1024-sample frames
     import av
@@ -212,10 +213,10 @@ def _prepared(folder, n=2, size=256, frames=20):
         s = ds[i]
         stem = folder / f"id{i:05d}" / "clip"
         stem.parent.mkdir(parents=True)
-        data.write_video(stem.with_suffix(".mp4"),
-                         ((s["frames"] + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
-                         .numpy(), data.FPS, s["audio"].numpy())
-        data.write_wav(stem.with_suffix(".wav"), s["audio"].numpy())
+        media.write_video(stem.with_suffix(".mp4"),
+                          ((s["frames"] + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
+                          .numpy(), data.FPS, s["audio"].numpy())
+        media.write_wav(stem.with_suffix(".wav"), s["audio"].numpy())
         stem.with_suffix(".json").write_text(json.dumps(dict(status="ok", n_frames=frames,
                                                              identity=f"id{i:05d}")))
 
@@ -309,7 +310,8 @@ def test_crop_of_an_already_cropped_clip_stays_inside_it():
     every output pixel was filmed (no edge-repeated streaks above the head)."""
     frame = np.zeros((1, 224, 224, 3), np.uint8)
     frame[0, :, :, 0] = np.arange(224)[:, None]                               # rows numbered in red
-    out, box, shrunk = data.crop_square(frame, data.fomm_enlarge((16, 16, 208, 208)), 224)  # 230 px
+    box = media.fomm_enlarge((16, 16, 208, 208))                              # 230 px
+    out, box, shrunk = media.crop_square(frame, box, 224)
     assert shrunk and box == (0, 0, 224, 224) and np.array_equal(out, frame)
 
 

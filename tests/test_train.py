@@ -17,6 +17,7 @@ import files
 import losses
 import stages
 import stylegan2
+import media
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -383,7 +384,7 @@ def prepared_folder(tmp_path_factory):
             video = np.full((24, 96, 96, 3), 90, np.uint8)
             video[:, 16:80, 16:80] = procedural.render_clip(procedural.make_identity(p), motion, 64)
             (d / "src" / f"id{p:05d}" / "yt").mkdir(parents=True, exist_ok=True)
-            data.write_video(d / "src" / f"id{p:05d}" / "yt" / f"{c:05d}.mp4", video, 25, audio)
+            media.write_video(d / "src" / f"id{p:05d}" / "yt" / f"{c:05d}.mp4", video, 25, audio)
 
     def grey(rgb):
         ys, xs = np.nonzero(np.abs(rgb.astype(int) - 90).max(-1) > 12)
