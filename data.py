@@ -1,7 +1,7 @@
 """data.py: the data layer of FC-TFG, by section: 1. one sample format (clip_sample) and the
 procedural set as a dataset (SyntheticTalkingFaces: cross-identity ground truth, mouth swaps,
 feature masks); 2. real clips: `python data.py prepare SRC DST` (read, track the face, crop and
-write with media.py), VideoFolderDataset; 3. the batches train.py's stages see, step-indexed for
+write with media.py), VideoFolderDataset; 3. the batches stages.py's stages see, step-indexed for
 exact resume: Batches, FramePool, IdentityFrames, ClipWindows, Prefetch; 4. CLI.
 
 Sec. 4.1.1 "VoxCeleb2 ... pre-processing procedure proposed in
@@ -18,7 +18,7 @@ shifted inside it, and shrunk to the frame when larger (already-cropped clips), 
 (--strict: FOMM's rule).
 Not here: video and wav files, the face tracker and crop (media.py), the mel spectrogram and its
 window convention (audio.py), face landmarks for LMD (metrics.py), the procedural world
-(procedural.py), the stages that consume batches (train.py).
+(procedural.py), the stages that consume batches (stages.py).
 """
 import dataclasses
 import json
@@ -376,7 +376,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
                            self.identities.index(rec["identity"]), dict(path=str(stem), start=s))
 
 
-# ==== 3. Training batches: what train.py's stages see (step-indexed: exact resume, disjoint rank
+# ==== 3. Training batches: what stages.py's stages see (step-indexed: exact resume, disjoint rank
 # shards) ====
 class Batches:
     """Indices for (step, micro-batch) from DistributedSampler's permutation of the epoch: a resumed
@@ -456,7 +456,7 @@ class FramePool(torch.utils.data.Dataset):
 
 
 class IdentityFrames(torch.utils.data.Dataset):
-    """Frames labelled with who is in them and nothing else: the judges' data (train.py's judges
+    """Frames labelled with who is in them and nothing else: the judges' data (stages.py's judges
     stage; the paper's E_id and φ learned from identity and class labels). Item j: person j % n of
     the procedural `clips` (its label), a random frame of a random natural clip of theirs
     (make_motion: pose, blinks, gaze, brows, speech), drawn in front of another random person's

@@ -252,8 +252,8 @@ def track_box(frames, where, detector, timer):
 
 def crop_fn(box, size, shape):
     """frame uint8 [H, W, 3] -> uint8 [size, size, 3] crop of `box` (media.crop_square: shifted
-    inside the frame, edge-padded when larger; None: centre_box). Identity for frames that already
-    are size x size."""
+    inside the frame, shrunk to the frame when larger; None: centre_box). Identity for frames that
+    already are size x size."""
     H, W = shape[:2]
     if box is None and H == W == size:
         return lambda f: f
@@ -428,7 +428,8 @@ def load_model(checkpoint, preset, device, seed=0):
         print(f"infer.py: weights from {path}")
         return model, cfg, True
     torch.manual_seed(seed)
-    why = f"{DEFAULT_CHECKPOINT.relative_to(HERE)} is missing" if preset == "tiny" else "the shipped one is tiny"
+    why = (f"{DEFAULT_CHECKPOINT.relative_to(HERE)} is missing" if preset == "tiny"
+           else "the shipped one is tiny")
     print(f"infer.py: NOTE: no trained checkpoint ({why}): using UNTRAINED {preset!r} weights "
           f"(random init, seed {seed}). The video only shows that the pipeline runs; train one "
           f"with `python train.py --stage fctfg ...` and pass --checkpoint.")
@@ -791,7 +792,8 @@ def main(argv=None):
             else:
                 run(args)
     except (ValueError, ImportError, OSError) as e:        # OSError includes FileNotFoundError
-        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e) else ""
+        where = (f" ({e.filename})" if isinstance(e, OSError) and e.filename
+                 and str(e.filename) not in str(e) else "")
         print(f"infer.py: error: {e}{where}".splitlines()[0], file=sys.stderr)
         return 1
     except KeyboardInterrupt:
