@@ -48,7 +48,7 @@ PRESETS = {
 }
 
 
-# ==== 1. IR-SE backbone (InsightFace IR-SE50 as in pSp's models/encoders/helpers.py, model_irse.py) ==
+# ==== 1. IR-SE backbone (InsightFace IR-SE50 as in pSp's encoders/helpers.py, model_irse.py) =====
 # Shared by the pSp encoder and ArcFace.
 
 class SEModule(nn.Module):

@@ -412,8 +412,8 @@ def total_loss(terms, weights=None):
         if value is None:
             continue
         if not torch.is_tensor(value) or value.ndim != 0:
-            raise ValueError(f"total_loss: term {name!r} must be a scalar tensor, got "
-                             f"{tuple(value.shape) if torch.is_tensor(value) else type(value).__name__}")
+            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"total_loss: term {name!r} must be a scalar tensor, got {got}")
         total = lam[name] * value if total is None else total + lam[name] * value
         logs[name] = float(value.detach())
     if total is None:

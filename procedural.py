@@ -81,7 +81,9 @@ def make_identity(seed):
     u = r.uniform
     tone = u(0.25, 1.0)  # one skin-tone axis from dark to light, plus a small hue jitter
     skin = np.array([0.35 + 0.6 * tone, 0.22 + 0.55 * tone, 0.15 + 0.45 * tone]) + u(-0.04, 0.04, 3)
-    hair = np.array([u(0.05, 0.6), 0, 0]); hair[1] = hair[0] * u(0.55, 0.9); hair[2] = hair[1] * u(0.4, 0.9)
+    hair = np.array([u(0.05, 0.6), 0, 0])
+    hair[1] = hair[0] * u(0.55, 0.9)
+    hair[2] = hair[1] * u(0.4, 0.9)
     if r.random() < 0.12:
         hair = np.full(3, u(0.55, 0.85))  # grey/white hair
     # Head size: a tight, face-filling crop (tighter than FOMM's, Sec. 4.1.1): the face spans ~80 %
@@ -383,7 +385,8 @@ def _background(ident, S):
 
 def _rotation(yaw, pitch, roll):
     """World-from-head rotation R = Rz(roll) Ry(yaw) Rx(-pitch); head space: +z out of the face."""
-    cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
+    cy, sy, cp, sp, cr, sr = (np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch),
+                              np.cos(roll), np.sin(roll))
     Rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
     Ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     Rx = np.array([[1, 0, 0], [0, cp, sp], [0, -sp, cp]])  # +pitch tilts the face up

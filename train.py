@@ -95,8 +95,9 @@ SETTINGS = dict(
            f"Eq. (3) form (Table 4; tiny: cosine, {TINY}): hadamard_abs (the paper column: "
            "|z_s->c ⊙ z_c->d|, not the "
            "printed signed sum, see losses.orthogonality_loss) | signed | squared | cosine | none"),
-    ortho_weight=(losses.LAMBDA["ortho"],) * 2 + ("λ_ortho of Eq. (9) (losses.LAMBDA: the paper's)",),
-    sync_weight=(losses.LAMBDA["sync"],) * 2 + ("λ_sync of Eq. (9) (losses.LAMBDA: the paper's)",),
+    ortho_weight=(*(losses.LAMBDA["ortho"],) * 2,
+                  "λ_ortho of Eq. (9) (losses.LAMBDA: the paper's)"),
+    sync_weight=(*(losses.LAMBDA["sync"],) * 2, "λ_sync of Eq. (9) (losses.LAMBDA: the paper's)"),
     hyper_steps=(1, 3,
                  "HyperStyle refinement steps (inversion stage training; FC-TFG's source "
                  "inversion)"),
@@ -185,8 +186,8 @@ def parse_args(argv=None):
     pre.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                      help="defaults of every flag below: tiny (CPU reproduction) | paper "
                      "(Sec. 4.1.2)")
-    pre.add_argument("--stage", default="stylegan2", choices=STAGES, help="training stage, in paper "
-                     "order (Sec. 4.1.2)")
+    pre.add_argument("--stage", default="stylegan2", choices=STAGES,
+                     help="training stage, in paper order (Sec. 4.1.2)")
     known, _ = pre.parse_known_args(argv)
     defaults = {**PRESETS[known.preset], **STAGE_PRESETS[known.preset].get(known.stage, {})}
     ap = files.ArgumentParser(description=__doc__.split("\n")[0], parents=[pre])
