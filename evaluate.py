@@ -1,30 +1,36 @@
 """evaluate.py: the evaluation protocols of Sec. 4.2 and the tables they fill (Table 1, the
-attribute-transfer table), on the metrics of metrics.py.
+controllability table), on the metrics of metrics.py, and the command line of every evaluation
+(the attribute-transfer protocol of attributes.py included).
 
 Sec. 4.2.3 protocol (PC-AVS): frame 0 = identity, the clip's frames drive
-          pose/expression, its audio the lips                 -> evaluate_clip, run_model,
-                                                                 evaluate (CLI)
+          pose/expression, its audio the lips                 -> evaluate_clip, evaluate (CLI)
 Table 1 layout + the paper's numbers beside ours             -> PAPER_TABLE1, format_table
-Baselines: copy the source frame; G(E_inv(x_d)) (upper bound) -> run_model(method=...)
+Baselines: copy the source frame; G(E_inv(x_d)) (upper bound) -> fusion.run_model(method=...)
 Controllability on procedural data (no paper reports it): cross-identity reenactment vs the
           renderer's ground truth, per-attribute errors from a motion probe -> evaluate_clip; the
-          probe itself (MotionProbe, train_probe, attribute_errors) is in metrics.py, beside the
-          dlib landmarker it stands in for
-          one attribute at a time (the title's "fully controllable") -> attribute_transfer,
-                                                                        attribute_pair
-Table 3's flicker at temporal-window borders                  -> flicker
-Fig. 5b / Fig. 6: canonical images of every frame of a clip  -> run_model(canonical=True),
-                                                                canon_* numbers
+          probe itself (MotionProbe, train_probe, attribute_errors) is in attributes.py
+          one attribute at a time (the title's "fully controllable") -> evaluate_attributes
+                                                                 (--protocol attributes), on
+                                                                 attributes.attribute_transfer
+Table 3's flicker at temporal-window borders                  -> flicker_* numbers
+                                                                 (metrics.flicker)
+Fig. 5b / Fig. 6: canonical images of every frame of a clip  -> canon_* numbers
+                                                                 (fusion.run_model(canonical=True))
+The judges' held-out quality (E_id of Eq. 5, φ of Eq. 7)      -> judge_quality, report_judges
 
 Run:  python evaluate.py --checkpoint runs/fctfg/last.pt --data synthetic --out eval/
           [--syncnet E.pt]
       python evaluate.py --checkpoint CKPT --data /prepared/vox --syncnet-v2 syncnet_v2.model
           --out eval/
       python evaluate.py --train-probe --out probe.pt ;  ... --protocol cross --probe probe.pt
-      python evaluate.py --baseline copy_source|encoder_recon ...     python evaluate.py --bench
+      python evaluate.py --checkpoint CKPT --protocol attributes --probe probe.pt --out eval/attr
+      python evaluate.py --baseline copy_source|encoder_recon ...
+      python evaluate.py --judges runs/judges/last.pt --out eval/judges
 
-Not here: the metrics themselves and the motion probe (metrics.py), the networks evaluated
-(fusion.py), data and its renderer (data.py, procedural.py), training (train.py)."""
+Not here: the metrics themselves (metrics.py; their speed: bench.py --metrics), the motion probe
+and the attribute-transfer protocol and table (attributes.py), the networks evaluated and one clip
+through them (fusion.py, fusion.run_model), data and its renderer (data.py, procedural.py),
+training (train.py)."""
 import json
 import math
 import os
@@ -35,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import attributes
 import audio
 import data
 import files
@@ -66,11 +73,6 @@ PAPER_TABLE1 = {  # Table 1 of the paper: SSIM, MS-SSIM, PSNR, LMD, LSE-C (None 
 }
 
 
-def to_255(x):
-    """Generator range [-1, 1] -> float32 0..255 on the uint8 grid (what a saved video holds)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
-
-
 def load_model(checkpoint, preset="tiny", window=5, device="cpu", seed=0):
     """'untrained' -> a freshly initialised FCTFG(preset) (seeded) with temporal window `window`; a
     decoder (stylegan2 stage with its joint encoder) or inversion checkpoint -> an FCTFG holding its
@@ -92,73 +94,6 @@ def load_model(checkpoint, preset="tiny", window=5, device="cpu", seed=0):
                                              if "hyper" in ck else 0)
     model, cfg = fusion.FCTFG.load(checkpoint, device, ck)
     return model, dict(cfg)
-
-
-@torch.no_grad()
-def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, canonical=False,
-              continuous=True, deflicker=fusion.DEFLICKER_TAU):
-    """One clip through FC-TFG (fusion.FCTFG.generate; continuous=False: the paper's non-overlapping
-    windows) or a baseline. x_s [3, H, W], x_d [T, 3, H, W] in [-1, 1], mel [T, 1, 80, 16] ->
-    dict(x_g, canon (or None) [T, 3, H, W], z_sc_spread float or None, ws [T, L, C] or None,
-    window).
-      model         Eq. (1)-(2) + temporal fusion, rendered with the source's HyperStyle deltas
-      encoder_recon G(E_inv(x_d)) with the same deltas: what the latent route gives when z_s->d is
-                    the driving frame's own code, i.e. the upper bound of FC-TFG's reconstruction
-                    (callers pass the ground truth as x_d for the decoder + inversion ceiling, the
-                    'truth_recon' rows)
-      copy_source   x_s repeated (no network; model may be None)
-    canonical=True also renders G(E_can(E_inv(x_d,t))) for every frame t (Fig. 5b: every frame of
-    one video taken to canonical space), without deltas (each frame is its own 'source').
-    deflicker: fusion.Deflicker's tau on the rendered frames of model and encoder_recon alike (0:
-    the raw renders, as the paper)."""
-    if method == "copy_source":
-        return dict(x_g=x_s[None].expand(x_d.shape[0], -1, -1, -1), canon=None, z_sc_spread=None,
-                    ws=None, window=None)
-    if method == "model":
-        out = model.generate(x_s, x_d, mel, hyper_steps, chunk, continuous, deflicker)
-        z_d, ws = out["z_d"], out["z_sd"]
-        spread = float(out["z_sc"].std(0).max()) if x_d.shape[0] > 1 else None
-    elif method == "encoder_recon":
-        _, deltas = model.encode_source(x_s[None], hyper_steps)
-        z_d = ws = model.E_inv(x_d)
-        out, spread = dict(x_g=fusion.Deflicker(deflicker)(model.render(ws[None], deltas)[0])), None
-    else:
-        raise ValueError(f"run_model: method must be 'model', 'encoder_recon' or 'copy_source', "
-                         f"got {method!r}")
-    return dict(x_g=out["x_g"], canon=model.canonical(z_d) if canonical else None,
-                z_sc_spread=spread, ws=ws, window=model.fusion.temporal.window)
-
-
-@torch.no_grad()
-def flicker(x, window):
-    """Table 3's flicker measure: mean |x_{t+1} - x_t| over frame pairs that straddle a
-    temporal-window border vs pairs inside one window. x [T, ...] (frames or W+ codes, any float
-    range), window = the fusion window W: windows are [0, W), [W, 2W), ..., so the pair (t, t+1) is
-    a border pair when (t + 1) % W == 0. -> dict(border, inside, ratio = border / inside) (None
-    where a kind is absent). A model whose windows are fused independently jumps at borders
-    (ratio > 1); for real frames the ratio is ~1, the reference."""
-    T = x.shape[0]
-    if window is None or T < 2:
-        return dict(border=None, inside=None, ratio=None)
-    step = (x[1:].double() - x[:-1].double()).abs().flatten(1).mean(1)           # [T-1]
-    at_border = (torch.arange(1, T) % window) == 0
-    b, i = (float(step[m].mean()) if m.any() else None for m in (at_border, ~at_border))
-    return dict(border=b, inside=i, ratio=b / i if b is not None and i else None)
-
-
-def steadiness(gen, truth, window):
-    """How steady the generated clip is next to its ground truth: gen, truth [T, ...] (frames on
-    0..255) -> dict(jitter = mean frame-to-frame change of gen / of truth (1 = moves as much as the
-    truth; a still: 0), seam = gen's border / inside change ratio (flicker) over the truth's (1 = no
-    seam at the temporal-window borders; the paper's non-overlapping windows, Sec. 4.4.2, show one
-    above 1)); None where undefined."""
-    step = lambda x: float((x[1:].double()
-                            - x[:-1].double()).abs().mean()) if x.shape[0] > 1 else None
-    g, t = step(gen), step(truth)
-    fg, ft = flicker(gen, window), flicker(truth, window)
-    ok = fg["ratio"] is not None and ft["ratio"]
-    return dict(jitter=g / t if g is not None and t else None,
-                seam=fg["ratio"] / ft["ratio"] if ok else None)
 
 
 # drift (a long clip's identity and backdrop wandering): the last 4 s against the first 4 s
@@ -185,11 +120,6 @@ def lse_expert(frames, mel, expert):
     return metrics.lse_from_embeddings(expert.embed_face(face).double(), a.double())
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return float(np.mean(xs)) if xs else None
-
-
 @torch.no_grad()
 def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
     """All metrics of one clip -> (record dict, frames for the example video).
@@ -201,12 +131,12 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
     cross, gt = gt is not None, sample if gt is None else gt
     x_s = frames[0] if x_s is None else x_s
     drive, kind = (gt["frames"], "encoder_recon") if method == "truth_recon" else (frames, method)
-    out = run_model(model, x_s, drive, mel, kind, tools.get("hyper_steps", 0),
+    out = fusion.run_model(model, x_s, drive, mel, kind, tools.get("hyper_steps", 0),
                     tools.get("chunk", 40), canonical=method == "model",
                     continuous=tools.get("continuous", True),
                     deflicker=tools.get("deflicker", fusion.DEFLICKER_TAU))
     scored = slice(0, T) if cross else slice(1, T)
-    g255, t255 = to_255(out["x_g"][scored]), to_255(gt["frames"][scored])
+    g255, t255 = metrics.to_255(out["x_g"][scored]), metrics.to_255(gt["frames"][scored])
     p = metrics.psnr(g255, t255)
     five_scales = min(g255.shape[-2:]) > metrics.MS_SSIM_MIN_SIDE     # MS-SSIM's 5 scales fit
     rec = dict(n_frames=T, n_scored=int(g255.shape[0]), ssim=float(metrics.ssim(g255, t255).mean()),
@@ -223,20 +153,20 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
                     for sl in (slice(0, DRIFT_FRAMES), slice(-DRIFT_FRAMES, None))]
             rec["drift"] = ends[1] - ends[0]
     # the model's window borders (5 for a still copy)
-    rec.update(steadiness(g255, t255, out["window"] or 5))
+    rec.update(metrics.steadiness(g255, t255, out["window"] or 5))
     probe = tools.get("probe")
     if probe is not None:
         # on the frames as saved
-        pg, pt = metrics.probe_frames(probe, g255), metrics.probe_frames(probe, t255)
+        pg, pt = attributes.probe_frames(probe, g255), attributes.probe_frames(probe, t255)
         # one detector (the probe) on both sides, as dlib on video
-        rec["lmd"] = metrics.attribute_errors(pg, pt)["lmd"]
+        rec["lmd"] = attributes.attribute_errors(pg, pt)["lmd"]
         if "motion" in gt:  # procedural: the true parameters are known
             ident = procedural.make_identity(int(gt["identity_seed"]))
-            rows = [metrics.probe_target(ident, m.numpy()) for m in gt["motion"][scored]]
+            rows = [attributes.probe_target(ident, m.numpy()) for m in gt["motion"][scored]]
             truth = torch.from_numpy(np.stack(rows, dtype=np.float32))
-            rec["attr"] = metrics.attribute_errors(pg, truth)           # generated frames vs truth
+            rec["attr"] = attributes.attribute_errors(pg, truth)        # generated frames vs truth
             # the probe on the true frames: its floor here
-            rec["attr_floor"] = metrics.attribute_errors(pt, truth)
+            rec["attr_floor"] = attributes.attribute_errors(pt, truth)
             rec["lmd_vs_renderer"] = rec["attr"].pop("lmd")     # probe(gen) vs renderer landmarks
             rec["attr_floor"].pop("lmd")
     elif tools.get("landmarker") is not None:
@@ -250,7 +180,7 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
     if tools.get("syncnet") is not None and T >= tools["syncnet"].n_frames:
         lse.append(("ours", lambda x: lse_expert(x, mel, tools["syncnet"])))
     if tools.get("syncnet_v2") is not None and T > metrics.SYNC_FRAMES:
-        lse.append(("v2", lambda x: metrics.sync_scores(to_255(x), sample["audio"],
+        lse.append(("v2", lambda x: metrics.sync_scores(metrics.to_255(x), sample["audio"],
                                                         tools["syncnet_v2"])))
     for tag, score in lse:
         s, r = score(out["x_g"]), score(frames)
@@ -258,9 +188,9 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
                     f"lse_offset_{tag}": s["offset"],
                     f"lse_d_{tag}_real": r["lse_d"], f"lse_c_{tag}_real": r["lse_c"]})
     if out["ws"] is not None and out["window"]:   # Table 3: jumps at temporal-window borders
-        for name, seq in (("px", to_255(out["x_g"])), ("w", out["ws"]),
-                          ("px_gt", to_255(gt["frames"]))):
-            f = flicker(seq, out["window"])
+        for name, seq in (("px", metrics.to_255(out["x_g"])), ("w", out["ws"]),
+                          ("px_gt", metrics.to_255(gt["frames"]))):
+            f = metrics.flicker(seq, out["window"])
             rec[f"flicker_{name}_border"], rec[f"flicker_{name}_inside"] = f["border"], f["inside"]
     if out["z_sc_spread"] is not None:
         # std over t of z_s->c: 0 by construction (Sec. 3.1)
@@ -273,169 +203,12 @@ def evaluate_clip(sample, method, model=None, x_s=None, gt=None, tools=None):
         rec["drive_var"] = float(d01.var(0).mean())
         # Fig. 6: pose spread (yaw, pitch, roll std), degrees
         if probe is not None:
-            pc, pd = metrics.probe_frames(probe, to_255(out["canon"])), metrics.probe_frames(
-                probe, to_255(frames))
+            pc, pd = (attributes.probe_frames(probe, metrics.to_255(out["canon"])),
+                      attributes.probe_frames(probe, metrics.to_255(frames)))
             rec["canon_pose_std"] = float(pc[:, :3].std(0).mean() * (180 / math.pi))
             rec["drive_pose_std"] = float(pd[:, :3].std(0).mean() * (180 / math.pi))
     return rec, dict(source=x_s, driving=frames, gt=gt["frames"], gen=out["x_g"],
                      audio=sample["audio"])
-
-
-# ==== Attribute transfer: does each controlled attribute move the generated face? ===============
-# The paper claims full control: pose, blinks, gaze, brows, lips. Table 1's metrics average over the
-# whole face, where a still copy of the source already scores well, so they cannot show whether a
-# blink transfers. This test changes ONE attribute at a time (procedural.attribute_motion): person
-# B's driving clip moves only that attribute (silent audio), or, for the lips, B's frames stay
-# neutral and synthesised speech drives the mouth. Source: person A's neutral still; ground truth:
-# the renderer drawing A with the same motion. Score: temporal correlation of generated and
-# ground-truth luminance, pooled over the pixels the attribute moves in the ground truth (each
-# pixel's temporal mean removed first): 1 = the attribute is reproduced, 0 = a still image
-# (copy-source), < 0 = moves the wrong way.
-# metrics.ATTRIBUTES
-ATTR_PROBE = dict(yaw="yaw", pitch="pitch", blink="blink", gaze="gaze", brow="brow",
-                  lips="mouth_open")
-# moving pixel: ground-truth luminance std over the clip above this, grey levels (rounding ~0.3)
-ATTR_MOVE_THR = 4.0
-ATTR_ROW_LABELS = {"model": "FC-TFG (ours)", "copy_source": "copy source",
-                   "encoder_recon": "G(E_inv(x_d)), the driver's own codes (ceiling)",
-                   "truth_recon": "G(E_inv(A's truth)), decoder + inversion redrawing A (ceiling)"}
-# metrics.fidelity, steadiness
-FIDELITY = ("sharpness", "background_err", "skin_err", "psnr", "jitter", "seam")
-
-
-def transfer_correlation(gen255, ref255):
-    """Pooled temporal correlation over the pixels that move in `ref`: [T, 3, H, W] x2 on 0..255 ->
-    (corr, n_moving_pixels). Each pixel's temporal mean is removed from both clips, then corr =
-    sum(g' y') / sqrt(sum g'^2 sum y'^2) over moving pixels and frames; a clip that does not move
-    (g' = 0 everywhere) scores 0, not NaN. None when nothing moves in `ref`."""
-    w = torch.tensor(metrics.LUMA, dtype=torch.float64, device=ref255.device).view(1, 3, 1, 1)
-    g, y = (gen255.double() * w).sum(1), (ref255.double() * w).sum(1)   # BT.601 luminance [T, H, W]
-    moving = y.std(0, unbiased=False) > ATTR_MOVE_THR                   # [H, W]
-    if not moving.any():
-        return None, 0
-    g, y = g - g[0], y - y[0]  # first frame out first: a still clip then centres to exact zeros
-    g, y = (g - g.mean(0))[:, moving], (y - y.mean(0))[:, moving]
-    den = float((g * g).sum() * (y * y).sum()) ** 0.5
-    return (float((g * y).sum()) / den if den > 0 else 0.0), int(moving.sum())
-
-
-def attribute_pair(k, split="report", T=32, size=64, n_pairs=2):
-    """The clips of pair k of the attribute table (reproduce.py's attribute sheet draws pair 0):
-    A = test person k of procedural.ATTRIBUTE_SPLITS[split], B = the next one (cyclic over
-    n_pairs), motion seed offset + k. -> (x_s, b_s, clips): A's and B's neutral stills [3, H, W]
-    and, lazily, one (attr, full [T, 12], x_d = B's driving sample, gt = A's frames with `full`,
-    b_full = B's frames with `full`, A's region masks with `full`) per attribute."""
-    if split not in procedural.ATTRIBUTE_SPLITS:
-        raise ValueError(f"split must be one of {sorted(procedural.ATTRIBUTE_SPLITS)}, "
-                         f"got {split!r}")
-    base = procedural.ATTRIBUTE_SPLITS[split]
-    A, B = (procedural.make_identity(procedural.TEST_IDS[base + i])
-            for i in (k, (k + 1) % max(n_pairs, 2)))
-
-    def clip(person, motion, audio):  # the renderer's frames of `person` -> a data.py sample
-        return data.clip_sample(procedural.render_clip(person, motion, size), audio)
-    neutral, silence = np.zeros((1, metrics.N_MOTION), np.float32), np.zeros(data.SPF, np.float32)
-    x_s, b_s = (clip(p, neutral, silence)["frames"][0] for p in (A, B))
-    motions = ((a, *procedural.attribute_motion(a, base + k, T))
-               for a in procedural.ATTRIBUTE_CLIPS)
-    return x_s, b_s, ((a, full, clip(B, drive, audio), clip(A, full, audio)["frames"],
-                       clip(B, full, audio)["frames"], procedural.region_masks(A, full, size))
-                      for a, drive, full, audio in motions)
-
-
-@torch.no_grad()
-def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hyper_steps=0,
-                       continuous=True, deflicker=fusion.DEFLICKER_TAU):
-    """The attribute-transfer table over pairs attribute_pair(0 .. n_pairs-1); rows:
-      model         FC-TFG(x_s = A neutral, x_d = B moving one attribute, x_a) vs A's ground truth
-      copy_source   x_s repeated (0 by construction)
-      encoder_recon G(E_inv(x_d)), the driver's own codes, with the attribute fully in its frames
-                    (lips: B speaking), correlated with those frames: how much of the attribute
-                    E_inv + G carry at all (FC-TFG's ceiling); its PSNR is against A's ground truth
-                    (the identity test: it draws B)
-      truth_recon   G(E_inv(gt)) with A's deltas: the decoder + inversion redrawing A's true frames,
-                    the ceiling of every fidelity column
-    -> {row: {attr: dict(corr, psnr, err, corr_se, sharpness, background_err, skin_err)}} means over
-    pairs; err = probe error on the attribute's parameter (procedural.MOTION_KEYS units, degrees for
-    pose) where a probe is given; the fidelity numbers (metrics.fidelity) are against A's ground
-    truth in every row."""
-    dev, window = next(model.parameters()).device, model.fusion.temporal.window or 5
-    acc = {row: {a: {k: [] for k in ("corr", "err") + FIDELITY} for a in procedural.ATTRIBUTE_CLIPS}
-           for row in ATTR_ROW_LABELS}
-    t0 = time.time()
-    for k in range(n_pairs):
-        x_s, b_s, clips = attribute_pair(k, split, T, model.G.size, n_pairs)
-        for a, full, x_d, gt, b_full, masks in clips:
-            # the probe's reading of this attribute
-            cols, scale, _ = metrics.ATTRIBUTES[ATTR_PROBE[a]]
-            truth, mel = torch.from_numpy(full)[:, list(cols)], x_d["mel"].to(dev)
-            rows = dict(model=(x_s, x_d["frames"], gt), copy_source=(x_s, x_d["frames"], gt),
-                        # (source, driving frames, reference of corr)
-                        encoder_recon=(b_s, b_full, b_full),
-                        truth_recon=(x_s, gt, gt))
-            for row, (src, drv, ref) in rows.items():
-                kind = "encoder_recon" if row == "truth_recon" else row
-                g255 = to_255(run_model(model, src.to(dev), drv.to(dev), mel, kind, hyper_steps,
-                                        continuous=continuous, deflicker=deflicker)["x_g"].cpu())
-                d, gt255 = acc[row][a], to_255(gt)
-                d["corr"].append(transfer_correlation(g255, to_255(ref))[0])
-                fid = {**metrics.fidelity(g255, gt255, masks), **steadiness(g255, gt255, window)}
-                mse = float((g255.double() - gt255.double()).pow(2).mean())  # pooled over the clip:
-                fid["psnr"] = 10 * math.log10(255 ** 2 / max(mse, 1e-10))      # finite for copies
-                for key in FIDELITY:
-                    d[key].append(fid[key])
-                if probe is not None:
-                    d["err"].append(float((metrics.probe_frames(probe, g255)[:, list(cols)]
-                                           - truth).abs().mean() * scale))
-        el = time.time() - t0
-        print(f"attributes: pair {k + 1}/{n_pairs} | {el:.0f} s | "
-              f"ETA {el / (k + 1) * (n_pairs - k - 1):.0f} s")
-    return {row: {a: {**{m: _mean(v) for m, v in d.items()}, "corr_se": _se(d["corr"])}
-                  for a, d in per.items()}
-            for row, per in acc.items()}
-
-
-def _se(xs):
-    """Standard error of the mean over pairs (sample std / sqrt(n)); None below two values."""
-    xs = [x for x in xs if x is not None]
-    return float(np.std(xs, ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else None
-
-
-def format_attribute_table(res):
-    """Markdown: correlation per attribute (± its standard error over the pairs where there are two
-    or more), then the probe's error per attribute, then mean PSNR vs A; below it the fidelity table
-    (format_fidelity_table)."""
-    attrs = list(next(iter(res.values())))
-    head = (" | ".join(f"{a} corr ↑" for a in attrs) + " | " +
-            " | ".join(f"{a} err ({metrics.ATTRIBUTES[ATTR_PROBE[a]][2]}) ↓" for a in attrs) +
-            " | PSNR vs A ↑ |")
-    lines = ["| method | " + head, "|---|" + "---|" * (2 * len(attrs) + 1)]
-    for row, per in res.items():
-        psnrs = [per[a]["psnr"] for a in attrs if per[a]["psnr"] is not None]
-        corr = [cell(per[a]["corr"], "{:.2f}")
-                + (f" ± {per[a]['corr_se']:.2f}" if per[a].get("corr_se") else "")
-                for a in attrs]
-        lines.append(f"| {ATTR_ROW_LABELS[row]} | " + " | ".join(corr) + " | " +
-                     " | ".join(cell(per[a]["err"], "{:.3g}") for a in attrs) +
-                     f" | {cell(float(np.mean(psnrs)) if psnrs else None, '{:.2f}')} |")
-    return "\n".join(lines) + "\n\n" + format_fidelity_table(
-        {row: {k: _mean([per[a].get(k) for a in attrs]) for k in FIDELITY}
-         for row, per in res.items()},
-        ATTR_ROW_LABELS)
-
-
-def format_fidelity_table(rows, labels):
-    """Markdown: one row per method of metrics.fidelity's numbers against A's ground truth.
-    rows {row: {sharpness, background_err, skin_err, psnr}}, labels {row: text}."""
-    lines = ["| method | sharpness (1 = truth's) ↑ | background err (grey levels) ↓ | "
-             "skin err ↓ | PSNR vs A ↑ | jitter (1 = truth's) | seam (1 = none) |",
-             "|---|---|---|---|---|---|---|"]
-    for row, f in rows.items():
-        lines.append(f"| {labels[row]} | {cell(f['sharpness'], '{:.2f}')} | "
-                     f"{cell(f['background_err'], '{:.1f}')} | {cell(f['skin_err'], '{:.1f}')} | "
-                     f"{cell(f['psnr'], '{:.2f}')} | {cell(f.get('jitter'), '{:.2f}')} | "
-                     f"{cell(f.get('seam'), '{:.2f}')} |")
-    return "\n".join(lines)
 
 
 def _map_leaves(v, f):
@@ -474,18 +247,13 @@ def summarize(records):
     """Mean over clips of every per-clip number (None where no clip has it)."""
     keys = [k for k in records[0]
             if k not in ("clip", "pair", "attr", "attr_floor", "seconds")] if records else []
-    out = {k: _mean([r.get(k) for r in records]) for k in keys}
+    out = {k: attributes._mean([r.get(k) for r in records]) for k in keys}
     for group in ("attr", "attr_floor"):
         rows = [r[group] for r in records if group in r]
         if rows:
-            out[group] = {k: _mean([r[k] for r in rows]) for k in rows[0]}
+            out[group] = {k: attributes._mean([r[k] for r in rows]) for k in rows[0]}
     out.update(n_clips=len(records), n_psnr_inf=int(sum(r.get("n_psnr_inf", 0) for r in records)))
     return out
-
-
-def cell(v, fmt="{:.3f}"):
-    """A table cell: '-' for a missing number (reproduce.py's tables too)."""
-    return "-" if v is None else "inf" if v == math.inf else fmt.format(v)
 
 
 def format_table(summary, run, notes):
@@ -496,7 +264,7 @@ def format_table(summary, run, notes):
     sync_d, mark = sync_c.replace("lse_c", "lse_d"), "" if sync_c == "lse_c_v2" else "†"
 
     def c(key, fmt="{:.2f}"):
-        return cell(s.get(key), fmt)
+        return attributes.cell(s.get(key), fmt)
     if run["protocol"] == "pcavs":
         lines = [f"| Method | SSIM ↑ | MS-SSIM ↑ | PSNR ↑ | LMD ↓ | LSE-C{mark} ↑ | "
                  f"LSE-D{mark} ↓ |",
@@ -508,17 +276,19 @@ def format_table(summary, run, notes):
                          f"{c(sync_d + '_real')} |")
         for meth, vals in PAPER_TABLE1.get(run.get("paper_table"), {}).items():
             lines.append(f"| {meth} [paper, {run['paper_table']}] | "
-                         + " | ".join(cell(v, "{:.2f}") for v in vals) + " | |")
+                         + " | ".join(attributes.cell(v, "{:.2f}") for v in vals) + " | |")
     else:
-        def attrs(key):  # one cell per metrics.ATTRIBUTES entry of s[key]
-            return " | ".join(cell((s.get(key) or {}).get(k), "{:.3g}") for k in metrics.ATTRIBUTES)
-        heads = " | ".join(f"{k} err ({unit}) ↓" for k, (_, _, unit) in metrics.ATTRIBUTES.items())
+        def attrs(key):  # one cell per attributes.ATTRIBUTES entry of s[key]
+            return " | ".join(attributes.cell((s.get(key) or {}).get(k), "{:.3g}")
+                              for k in attributes.ATTRIBUTES)
+        heads = " | ".join(f"{k} err ({unit}) ↓"
+                           for k, (_, _, unit) in attributes.ATTRIBUTES.items())
         fid = (f"{c('sharpness')} | {c('background_err', '{:.1f}')} | {c('skin_err', '{:.1f}')} | "
                f"{c('jitter')} | {c('seam')} | {c('drift', '{:.2f}')}")
         lines = [f"| Method | SSIM ↑ | PSNR ↑ | sharpness ↑ | background err ↓ | skin err ↓ | "
                  f"jitter (1 = truth's) | seam (1 = none) | drift ↓ | {heads} | LMD ↓ | "
                  f"LSE-C{mark} ↑ |",
-                 "|---|---|---|---|---|---|---|---|---|" + "---|" * len(metrics.ATTRIBUTES)
+                 "|---|---|---|---|---|---|---|---|---|" + "---|" * len(attributes.ATTRIBUTES)
                  + "---|---|",
                  f"| {name} | {c('ssim', '{:.3f}')} | {c('psnr')} | {fid} | {attrs('attr')} | "
                  f"{c('lmd')} | {c(sync_c)} |"]
@@ -673,7 +443,6 @@ def parse_args(argv=None):
     ap.add_argument("--probe_frames", type=int, default=20000,
                     help="--train-probe: rendered training frames")
     ap.add_argument("--probe_steps", type=int, default=1500, help="--train-probe: optimiser steps")
-    ap.add_argument("--bench", action="store_true", help="metric throughput vs the oracles")
     ap.add_argument("--judges", help="a train.py judges checkpoint: held-out quality of E_id "
                     "(Eq. 5) and φ (Eq. 7) into --out")
     return ap.parse_args(argv)
@@ -708,7 +477,7 @@ def check_args(args):
         # replace an old probe, never anything else
         if args.train_probe and Path(args.out).is_file():
             try:
-                metrics.load_probe(args.out)
+                attributes.load_probe(args.out)
             except ValueError:
                 raise ValueError(f"--out {args.out} exists and is not a motion probe: "
                                  f"--train-probe would replace it; choose another --out") from None
@@ -718,8 +487,8 @@ def check_args(args):
 
 
 def check_idle_flags(args):
-    """A flag that acts only with another one, set without it, would do nothing: ValueError
-    instead."""
+    """A flag that acts only with another one, set without it (or with one that idles it), would do
+    nothing: ValueError instead."""
     default = parse_args([])
     for flag, needs, ok in (("probe_frames", "--train-probe", args.train_probe),
                             ("probe_steps", "--train-probe", args.train_probe),
@@ -730,6 +499,10 @@ def check_idle_flags(args):
                              args.data != "synthetic")):
         if getattr(args, flag) != getattr(default, flag) and not ok:
             raise ValueError(f"--{flag} has no effect without {needs}")
+    # the copied source frame is never rendered, so there is nothing to deflicker
+    if args.deflicker != default.deflicker and args.baseline == "copy_source":
+        raise ValueError("--deflicker has no effect with --baseline copy_source (it renders "
+                         "nothing); drop it")
 
 
 def clip_set(args, size):
@@ -769,11 +542,11 @@ def load_tools(args, synthetic, hyper_steps, device):
         notes.append("LSE-C/LSE-D: '-' (pass --syncnet OUR_EXPERT.pt or --syncnet-v2 "
                      "syncnet_v2.model)")
     if args.probe:
-        tools["probe"], held = metrics.load_probe(args.probe, device)
+        tools["probe"], held = attributes.load_probe(args.probe, device)
         notes += [f"LMD and attributes from the motion probe {args.probe} (CNN trained on rendered "
                   f"frames with the renderer's labels); its held-out error on rendered frames: "
-                  f"{metrics.format_attrs(held)} (LMD in px at 224, 4 mouth points): differences "
-                  f"below that are not resolved",
+                  f"{attributes.format_attrs(held)} (LMD in px at 224, 4 mouth points): "
+                  f"differences below that are not resolved",
                   "LMD = probe on generated vs probe on ground-truth frames (one detector on both "
                   "sides, as dlib on real video); lmd_vs_renderer in results.json compares with "
                   "the renderer's own landmarks"]
@@ -830,7 +603,8 @@ def run_clips(args, ds, n, method, model, size, tools, out, device):
             n_frames_done += rec["n_frames"]
             el = time.time() - t0
             print(f"[{k + 1:4d}/{len(todo)}] clip {i} | ssim {rec['ssim']:.3f} "
-                  f"psnr {cell(rec['psnr'], '{:.2f}')} | {n_frames_done / el:.1f} frames/s "
+                  f"psnr {attributes.cell(rec['psnr'], '{:.2f}')} | "
+                  f"{n_frames_done / el:.1f} frames/s "
                   f"| ETA {el / (k + 1) * (len(todo) - k - 1):.0f} s", flush=True)
     return done
 
@@ -931,30 +705,30 @@ def evaluate_attributes(args, model, hyper_steps, device):
     if args.data != "synthetic":
         raise ValueError("--protocol attributes needs the renderer's ground truth: "
                          "use --data synthetic")
-    probe, held = metrics.load_probe(args.probe, device) if args.probe else (None, None)
-    res = attribute_transfer(model, args.n_clips, args.split, args.clip_frames, probe, hyper_steps,
-                             not args.paper_windows, args.deflicker)
+    probe, held = attributes.load_probe(args.probe, device) if args.probe else (None, None)
+    res = attributes.attribute_transfer(model, args.n_clips, args.split, args.clip_frames, probe,
+                                        hyper_steps, not args.paper_windows, args.deflicker)
     notes = [f"{args.n_clips} pairs (A, B) of held-out people, split '{args.split}', "
              f"{args.clip_frames} frames; corr = temporal correlation of luminance with the "
-             f"reference over the pixels that move in it (> {ATTR_MOVE_THR} grey levels std): "
-             f"1 = reproduced, 0 = still",
+             f"reference over the pixels that move in it (> {attributes.ATTR_MOVE_THR} grey "
+             f"levels std): 1 = reproduced, 0 = still",
              "the driver's-own-codes row is correlated with the driver's own frames (B with the "
              "attribute; lips: B speaking) and its PSNR taken against A's ground truth (identity "
              "test)"]
     if held is not None:
         notes.append(f"err = motion probe on the generated frames vs the true parameter "
                      f"({args.probe}; held-out error on rendered frames "
-                     f"{metrics.format_attrs(held)})")
+                     f"{attributes.format_attrs(held)})")
     header = f"FC-TFG attribute transfer | checkpoint {args.checkpoint} | hyper_steps {hyper_steps}"
     run = dict(protocol="attributes", checkpoint=args.checkpoint, split=args.split,
                n_pairs=args.n_clips, paper_windows=args.paper_windows, deflicker=args.deflicker,
                clip_frames=args.clip_frames, probe=args.probe, hyper_steps=hyper_steps)
-    write_results(Path(args.out), header, format_attribute_table(res), notes,
+    write_results(Path(args.out), header, attributes.format_attribute_table(res), notes,
                   dict(run=run, attributes=res, notes=notes))
     return res
 
 
-# the motion labels stay on the CPU: metrics.probe_target reads them with numpy
+# the motion labels stay on the CPU: attributes.probe_target reads them with numpy
 def _to(sample, device):
     return {k: v.to(device) if torch.is_tensor(v) and k != "motion" else v
             for k, v in sample.items()}
@@ -966,7 +740,7 @@ def _save_example(path, ex, protocol):
     PyAV is missing."""
     panels = [ex["source"].expand_as(ex["gen"]), *([ex["driving"]] if protocol == "cross" else []),
               ex["gt"], ex["gen"]]
-    video = torch.cat([to_255(p) for p in panels], -1).permute(0, 2, 3, 1).to(
+    video = torch.cat([metrics.to_255(p) for p in panels], -1).permute(0, 2, 3, 1).to(
         torch.uint8).cpu().numpy()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1005,16 +779,13 @@ def main(argv=None):
     try:
         check_args(args)
         with files.terminate_as_interrupt():
-            if args.bench:
-                metrics.bench_metrics(device=args.device or ("cuda" if torch.cuda.is_available()
-                                                             else "cpu"))
-            elif args.judges:
+            if args.judges:
                 report_judges(args)
             elif args.train_probe:
                 if not args.out:
                     raise ValueError("--train-probe needs --out FILE.pt")
-                metrics.train_probe(args.out, n_train=args.probe_frames, steps=args.probe_steps,
-                                    seed=args.seed)
+                attributes.train_probe(args.out, n_train=args.probe_frames,
+                                       steps=args.probe_steps, seed=args.seed)
             else:
                 evaluate(args)
     except (ValueError, OSError) as e:  # OSError: FileNotFoundError, PermissionError, ...

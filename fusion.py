@@ -16,6 +16,8 @@ Paper map ("That's What I Said: Fully-Controllable Talking Face Generation", ACM
                                                                                -> VideoDiscriminator
   not in the paper (inference only)         hold still what should: a temporal filter on the frames
                                                                                 -> Deflicker
+  evaluation (evaluate.py, attributes.py)   one clip through FC-TFG or a baseline (the source
+                                            copied, G(E_inv(x_d)))              -> run_model
 
 Which w index is "layer k" (Sec. 4.1.2)? We read the paper's numbers as 0-based positions in the
 [B, 14, 512] code (what a Python list in the authors' code would hold):
@@ -47,7 +49,8 @@ finest texture) and w9 (last ToRGB); as in the paper, the finest layers keep the
 so its texture.
 
 Not here: the losses of Eq. 3-9 (losses.py), the decoder G and image D (stylegan2.py), E_inv
-(inversion.py), E_a (audio.py), the training step (stages.py).
+(inversion.py), E_a (audio.py), the training step (stages.py), the protocols that score
+run_model's clips (evaluate.py, attributes.py).
 """
 import contextlib
 
@@ -576,3 +579,39 @@ class FCTFG(nn.Module):
                              f"({e})") from None
         # run: train.py's other flags
         return model.to(device).eval(), {**cfg, "run": ck.get("run", {})}
+
+
+# ==== One clip through FC-TFG or a baseline (the protocols of evaluate.py and attributes.py) ====
+@torch.no_grad()
+def run_model(model, x_s, x_d, mel, method="model", hyper_steps=0, chunk=40, canonical=False,
+              continuous=True, deflicker=DEFLICKER_TAU):
+    """One clip through FC-TFG (fusion.FCTFG.generate; continuous=False: the paper's non-overlapping
+    windows) or a baseline. x_s [3, H, W], x_d [T, 3, H, W] in [-1, 1], mel [T, 1, 80, 16] ->
+    dict(x_g, canon (or None) [T, 3, H, W], z_sc_spread float or None, ws [T, L, C] or None,
+    window).
+      model         Eq. (1)-(2) + temporal fusion, rendered with the source's HyperStyle deltas
+      encoder_recon G(E_inv(x_d)) with the same deltas: what the latent route gives when z_s->d is
+                    the driving frame's own code, i.e. the upper bound of FC-TFG's reconstruction
+                    (callers pass the ground truth as x_d for the decoder + inversion ceiling, the
+                    'truth_recon' rows)
+      copy_source   x_s repeated (no network; model may be None)
+    canonical=True also renders G(E_can(E_inv(x_d,t))) for every frame t (Fig. 5b: every frame of
+    one video taken to canonical space), without deltas (each frame is its own 'source').
+    deflicker: fusion.Deflicker's tau on the rendered frames of model and encoder_recon alike (0:
+    the raw renders, as the paper)."""
+    if method == "copy_source":
+        return dict(x_g=x_s[None].expand(x_d.shape[0], -1, -1, -1), canon=None, z_sc_spread=None,
+                    ws=None, window=None)
+    if method == "model":
+        out = model.generate(x_s, x_d, mel, hyper_steps, chunk, continuous, deflicker)
+        z_d, ws = out["z_d"], out["z_sd"]
+        spread = float(out["z_sc"].std(0).max()) if x_d.shape[0] > 1 else None
+    elif method == "encoder_recon":
+        _, deltas = model.encode_source(x_s[None], hyper_steps)
+        z_d = ws = model.E_inv(x_d)
+        out, spread = dict(x_g=Deflicker(deflicker)(model.render(ws[None], deltas)[0])), None
+    else:
+        raise ValueError(f"run_model: method must be 'model', 'encoder_recon' or 'copy_source', "
+                         f"got {method!r}")
+    return dict(x_g=out["x_g"], canon=model.canonical(z_d) if canonical else None,
+                z_sc_spread=spread, ws=ws, window=model.fusion.temporal.window)

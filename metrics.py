@@ -1,5 +1,5 @@
-"""metrics.py: the five metrics of Table 1 (Sec. 4.2.1), hand-written in torch, and the motion probe
-that gives them landmarks and attributes on procedural frames.
+"""metrics.py: the five metrics of Table 1 (Sec. 4.2.1), hand-written in torch, and the measures of
+fidelity and steadiness over time that the protocols report beside them.
 
 Sec. 4.2.1 names five metrics and states none of their conventions; published talking-face code
 disagrees on almost every one, so each function below says exactly which convention it follows and
@@ -10,6 +10,9 @@ MS-SSIM [57] Wang et al. 2003, 5 scales                      -> ms_ssim
 PSNR    10 log10(L^2 / MSE), per frame, float64             -> psnr
 Fidelity (ours): sharpness, background / skin error, PSNR   -> fidelity, laplacian_energy
           on procedural frames, masks from the renderer
+Flicker (Table 3, Sec. 4.4.2) at temporal-window borders    -> flicker
+Steadiness (ours): jitter and seam vs the ground truth      -> steadiness
+Frames as a saved video holds them (uint8 grid)             -> to_255
 LMD     [11] mouth landmarks 48-67 (dlib 68 points)          -> lmd, lmd_from_landmarks,
                                                                 mouth_landmarks
           the same distance for any point set                -> lmd_points
@@ -17,37 +20,26 @@ LSE-D / LSE-C [42] SyncNet v2 of syncnet_python              -> lse, sync_scores
                                                                 lse_from_embeddings
           its MFCC front-end (python_speech_features)        -> mfcc
           its network and published weights                 -> SyncNetV2, load_syncnet_v2
-Motion probe: a CNN reading procedural frames' pose, blink,  -> MotionProbe, train_probe,
-                                                                load_probe,
-          gaze, brow, mouth and 4 mouth landmarks               probe_frames, attribute_errors,
-                                                                format_attrs
-          Here because it is the detector the metrics need on cartoon heads, where dlib finds no
-          face: the sibling of DlibLandmarker (68 points for LMD on real video). Trained by python
-          evaluate.py --train-probe.
-Throughput of all of the above vs the test oracles           -> bench_metrics
-                                                                (python evaluate.py --bench)
 
 Conventions in one place (details next to the code):
 - Images are [B, C, H, W] RGB tensors, either uint8 or float in 0..data_range; a video is just B=T.
-- Metric values are per image ([B]); averaging over frames / videos is the protocol's job
-  (evaluate.py).
+- Metric values are per image ([B]); averaging over frames / videos is the protocols' job
+  (evaluate.py, attributes.py).
 - All maths runs on the input's device and dtype (float64 inputs give oracle-level agreement).
-Not here: the protocols and tables (evaluate.py), the renderer whose labels train the probe
-(procedural.py), the Wav2Lip mel front-end and the SyncNet_color expert used for training
-(audio.py)."""
+Not here: the protocols and tables (evaluate.py, attributes.py), the motion probe that reads
+landmarks and attributes from procedural frames, where dlib finds no face (attributes.py), the
+throughput of these metrics vs the test oracles (bench.py --metrics), the Wav2Lip mel front-end
+and the SyncNet_color expert used for training (audio.py)."""
 import importlib.util
 import math
 import os
-import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
 import files
-import procedural
 
 # ==== SSIM / MS-SSIM / PSNR (Sec. 4.2.1, refs [56], [57]) =========================================
 SSIM_WIN = 11          # Gaussian window side (Wang et al. 2004)
@@ -217,7 +209,7 @@ def psnr(x, y, data_range=255.0):
     return torch.where(mse > 0, val, torch.full_like(val, math.inf))
 
 
-# ==== Fidelity on procedural frames (ours): sharp, and the source's own colours where they belong ====
+# ==== Fidelity on procedural frames (ours): sharp, and the source's own colours where they belong
 # Table 1's SSIM / PSNR average over the whole frame; these four say WHERE a generated face departs
 # from its ground truth: a blurred head (the smoothing Eq. 7 is there to fight), a background or
 # skin taken from the driver instead of the source (the identity Eq. 5 is there to keep). Masks:
@@ -253,6 +245,46 @@ def fidelity(gen255, gt255, masks):
     return dict(sharpness=laplacian_energy(gen255, masks["head"]) / ref if ref > 0 else None,
                 background_err=masked_mean("background"), skin_err=masked_mean("skin"),
                 psnr=float(psnr(gen255, gt255).mean()))
+
+
+# ==== Frames as saved, and steadiness over time (Table 3's flicker, Sec. 4.4.2; jitter, seam: ours)
+# The protocols (evaluate.py, attributes.py) score frames as a saved video would hold them (to_255);
+# flicker and steadiness compare how a clip changes from frame to frame with its ground truth's.
+def to_255(x):
+    """Generator range [-1, 1] -> float32 0..255 on the uint8 grid (what a saved video holds)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
+
+
+@torch.no_grad()
+def flicker(x, window):
+    """Table 3's flicker measure: mean |x_{t+1} - x_t| over frame pairs that straddle a
+    temporal-window border vs pairs inside one window. x [T, ...] (frames or W+ codes, any float
+    range), window = the fusion window W: windows are [0, W), [W, 2W), ..., so the pair (t, t+1) is
+    a border pair when (t + 1) % W == 0. -> dict(border, inside, ratio = border / inside) (None
+    where a kind is absent). A model whose windows are fused independently jumps at borders
+    (ratio > 1); for real frames the ratio is ~1, the reference."""
+    T = x.shape[0]
+    if window is None or T < 2:
+        return dict(border=None, inside=None, ratio=None)
+    step = (x[1:].double() - x[:-1].double()).abs().flatten(1).mean(1)           # [T-1]
+    at_border = (torch.arange(1, T) % window) == 0
+    b, i = (float(step[m].mean()) if m.any() else None for m in (at_border, ~at_border))
+    return dict(border=b, inside=i, ratio=b / i if b is not None and i else None)
+
+
+def steadiness(gen, truth, window):
+    """How steady the generated clip is next to its ground truth: gen, truth [T, ...] (frames on
+    0..255) -> dict(jitter = mean frame-to-frame change of gen / of truth (1 = moves as much as the
+    truth; a still: 0), seam = gen's border / inside change ratio (flicker) over the truth's (1 = no
+    seam at the temporal-window borders; the paper's non-overlapping windows, Sec. 4.4.2, show one
+    above 1)); None where undefined."""
+    step = lambda x: float((x[1:].double()
+                            - x[:-1].double()).abs().mean()) if x.shape[0] > 1 else None
+    g, t = step(gen), step(truth)
+    fg, ft = flicker(gen, window), flicker(truth, window)
+    ok = fg["ratio"] is not None and ft["ratio"]
+    return dict(jitter=g / t if g is not None and t else None,
+                seam=fg["ratio"] / ft["ratio"] if ok else None)
 
 
 # ==== LSE-D / LSE-C (Sec. 4.2.1, ref [42]): SyncNet v2 of joonson/syncnet_python, rewritten =======
@@ -603,7 +635,8 @@ def lmd(frames_gen, frames_gt, landmarker=None):
     lmd = mean of lmd_from_landmarks over the frames where *both* sides have a face; frames without
     one are not silently dropped but counted: n_missing_gen / n_missing_gt / n_used of n_frames
     (lmd is NaN when n_used is 0)."""
-    if not torch.is_tensor(frames_gen) or not torch.is_tensor(frames_gt) or frames_gen.shape != frames_gt.shape:
+    if (not torch.is_tensor(frames_gen) or not torch.is_tensor(frames_gt)
+            or frames_gen.shape != frames_gt.shape):
         raise ValueError("frames_gen and frames_gt must be tensors of the same [T, 3, H, W] shape")
     H, W = frames_gen.shape[-2:]
     scale = torch.tensor([LMD_SIZE / W, LMD_SIZE / H], dtype=torch.float64)  # (x, y)
@@ -616,256 +649,3 @@ def lmd(frames_gen, frames_gt, landmarker=None):
                 n_missing_gen=int(lm_gen[:, 0, 0].isnan().sum()),
                 n_missing_gt=int(lm_gt[:, 0, 0].isnan().sum()),
                 per_frame=per_frame)
-
-
-# ==== The motion probe: a small CNN that reads the renderer's parameters back from a procedural frame ====
-# Why: the procedural set (procedural.py) knows the exact pose / blink / gaze / mouth of every frame
-# it renders, but nothing knows them for a *generated* frame: dlib finds no face in cartoon heads,
-# and no pose estimator was trained on them. So we train one: a regressor from rendered frames to
-# the 12 motion parameters and the 4 mouth landmarks, the renderer's values as labels. Its held-out
-# error (in its checkpoint, printed with every result that uses it) is the resolution of every
-# number it produces; generated frames are a different distribution from rendered ones, which adds
-# an error it cannot measure on itself.
-PROBE_SIZE = 64                               # frames are resized to this side before the probe
-PROBE_MOUTH = (9, 10, 11, 12)                 # procedural.LANDMARK_NAMES: mouth_l, mouth_r,
-                                              # mouth_top, mouth_bottom
-N_MOTION = len(procedural.MOTION_KEYS)        # 12
-N_OUT = N_MOTION + 2 * len(PROBE_MOUTH)       # 20 probe outputs
-ATTRIBUTES = {                                # reported attribute: (MOTION_KEYS columns, unit
-                                              # scale, unit)
-    "yaw": ((0,), 180 / math.pi, "deg"), "pitch": ((1,), 180 / math.pi, "deg"),
-    "roll": ((2,), 180 / math.pi, "deg"),
-    # means over both eyes / over x and y
-    "blink": ((5, 6), 1.0, "0..1"), "gaze": ((7, 8), 1.0, "-1..1"),
-    "brow": ((9,), 1.0, "0..1"), "mouth_open": ((10,), 1.0, "0..1"),
-}
-
-
-class MotionProbe(nn.Module):
-    """[B, 3, H, W] frames in [-1, 1] -> [B, 20]: the 12 motion parameters (procedural.MOTION_KEYS
-    units), then (x, y) of the 4 mouth landmarks as fractions of the image side. Four stride-2 3x3
-    convs with BatchNorm (64 -> 4 px), a 2-layer head; outputs de-standardised with the training
-    targets' mean/std, kept as buffers so the checkpoint alone reproduces the predictions."""
-
-    def __init__(self,
-            width=32,   # channels of the first conv (then 2x, 3x, 4x)
-            hidden=256, # width of the fully connected layer
-        ):
-        super().__init__()
-        c = (3, width, 2 * width, 3 * width, 4 * width)
-        layers = []
-        for i in range(4):                                                     # 32, 16, 8, 4 px
-            layers += [nn.Conv2d(c[i], c[i + 1], 3, stride=2, padding=1), nn.BatchNorm2d(c[i + 1]),
-                       nn.LeakyReLU(0.2)]
-        self.features = nn.Sequential(*layers)                                 # [B, 4w, 4, 4]
-        self.head = nn.Sequential(nn.Linear(4 * width * 16, hidden), nn.LeakyReLU(0.2),
-                                  nn.Linear(hidden, N_OUT))
-        self.register_buffer("mean", torch.zeros(N_OUT))
-        self.register_buffer("std", torch.ones(N_OUT))
-
-    def forward_standardised(self, x):
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"MotionProbe wants [B, 3, H, W] frames in [-1, 1], "
-                             f"got {tuple(x.shape)}")
-        if x.shape[-2:] != (PROBE_SIZE, PROBE_SIZE):
-            x = F.interpolate(x, size=(PROBE_SIZE, PROBE_SIZE), mode="bilinear",
-                              align_corners=False, antialias=True)
-        return self.head(self.features(x).flatten(1))
-
-    def forward(self, x):
-        return self.forward_standardised(x) * self.std + self.mean              # [B, 20]
-
-
-def probe_target(ident, motion_row):
-    """Label of one rendered frame: motion [12] ++ mouth landmarks [4 x (x, y)] / image side ->
-    [20]."""
-    xy, _ = procedural.landmarks(ident, motion_row, PROBE_SIZE)
-    return np.concatenate([np.asarray(motion_row, np.float64),
-                           (xy[list(PROBE_MOUTH)] / PROBE_SIZE).reshape(-1)])
-
-
-def probe_dataset(split, n, seed=0, ss=None):
-    """n rendered 64 px frames with labels -> (frames uint8 [n, 3, 64, 64], targets float32
-    [n, 20]).
-    ss: the renderer's supersampling (None = its default, 3 at 64 px; training uses 2: ~2x cheaper
-    and, box-averaged like 3, nearly the same picture). Identities and motion come from
-    procedural.py's own generators (train or test ranges: the held-out set has unseen people), 8
-    random rows of each 48-frame motion clip, one person per clip. Blinks are rare in real motion
-    (~0.3/s), so for 40 % of the frames the lids are redrawn uniformly (15 % of those one eye only):
-    otherwise the probe could score well by always answering 'open'."""
-    test = split != "train"
-    ids = procedural.TEST_IDS if test else procedural.TRAIN_IDS
-    r = np.random.default_rng((seed, int(test)))
-    frames, targets = [], []
-    for k in range(n):
-        # 8 frames per (person, clip): the slow parts (background, speech track) once per clip
-        if k % 8 == 0:
-            motion, _ = procedural.make_motion(
-                procedural.MOTION_BASE[split] + int(r.integers(1 << 30)), 48, audio=False)
-            ident = procedural.make_identity(ids[int(r.integers(min(len(ids), 100_000)))])
-        row = motion[int(r.integers(48))].astype(np.float64)
-        if r.random() < 0.4:
-            b = r.uniform(0, 1)
-            row[5:7] = (b, b) if r.random() > 0.15 else ((b, 0.0) if r.random() < 0.5 else (0.0, b))
-        frames.append(procedural.render(ident, row, PROBE_SIZE, ss=ss))
-        targets.append(probe_target(ident, row))
-    return (torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous(),
-            torch.from_numpy(np.stack(targets)).float())
-
-
-@torch.no_grad()
-def probe_frames(probe, x255, chunk=64):
-    """The probe on frames on the 0..255 grid (uint8, or to_255's floats: as saved) -> [N, 20] on
-    the CPU."""
-    dev = next(probe.parameters()).device
-    return torch.cat([probe(data.to_unit(c.to(dev))) for c in x255.split(chunk)]).cpu()
-
-
-def attribute_errors(pred, target):
-    """Mean absolute error per ATTRIBUTES entry (in its unit) and the mouth LMD at 224 px
-    (lmd_points convention) between [N, 20] probe-layout rows -> dict of floats."""
-    pred, target = pred.double(), target.double()
-    out = {name: float((pred[:, list(cols)] - target[:, list(cols)]).abs().mean() * scale)
-           for name, (cols, scale, _) in ATTRIBUTES.items()}
-    # px at 224
-    mouth = [x[:, N_MOTION:].reshape(-1, len(PROBE_MOUTH), 2) * LMD_SIZE for x in (pred, target)]
-    out["lmd"] = float(lmd_points(*mouth).mean())
-    return out
-
-
-def train_probe(out_path, n_train=20000, n_heldout=500, steps=1500, batch=64, lr=2e-3, seed=0,
-                log=print):
-    """Train MotionProbe on rendered frames (MSE on standardised targets, Adam, cosine decay) and
-    save atomically {'kind': 'motion_probe', 'state_dict', 'width', 'hidden', 'heldout',
-    'heldout_mean_predictor', 'heldout_mse', 'train_mse' and their values before training
-    (*_init), 'n_train', 'steps'}; held-out = test-split identities and motion. -> the checkpoint
-    dict. The default (20000 frames, 1500 steps) takes ~2-3 min on one busy CPU core; with fewer
-    frames it memorises them (at 6000 frames: yaw error 2.8 deg on seen frames, 11 on unseen)."""
-    torch.manual_seed(seed)
-    t0 = time.time()
-    x, y = probe_dataset("train", n_train, seed, ss=2)
-    xh, yh = probe_dataset("test", n_heldout, seed)
-    log(f"probe: rendered {n_train} + {n_heldout} frames in {time.time() - t0:.1f} s")
-    probe = MotionProbe()
-    probe.mean.copy_(y.mean(0))
-    probe.std.copy_(y.std(0).clamp_min(1e-3))  # a constant column would otherwise divide by 0
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g = torch.Generator().manual_seed(seed)
-    yz, yhz = (y - probe.mean) / probe.std, (yh - probe.mean) / probe.std
-
-    def mse(x, yz):  # mean squared error in standardised units: 1.0 = the 'always the mean' guess
-        with torch.no_grad():
-            return float(torch.cat([F.mse_loss(probe.forward_standardised(data.to_unit(c)), t,
-                                               reduction="none")
-                                    for c, t in zip(x.split(256), yz.split(256))]).mean())
-    probe.eval()
-    mse_init = dict(heldout_mse_init=mse(xh, yhz), train_mse_init=mse(x[:512], yz[:512]))
-    probe.train()
-    for step in range(steps):
-        idx = torch.randint(n_train, (batch,), generator=g)
-        loss = F.mse_loss(probe.forward_standardised(data.to_unit(x[idx])), yz[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % max(1, steps // 5) == 0:
-            log(f"probe: step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
-    probe.eval()
-    ck = {"kind": "motion_probe", "width": probe.features[0].out_channels,
-          "hidden": probe.head[0].out_features,
-          "n_train": n_train, "steps": steps, "state_dict": probe.state_dict(),
-          "heldout": attribute_errors(probe_frames(probe, xh, 256), yh),
-          "heldout_mse": mse(xh, yhz), "train_mse": mse(x[:512], yz[:512]), **mse_init,
-          # context: 'knows nothing'
-          "heldout_mean_predictor": attribute_errors(probe.mean.expand_as(yh), yh)}
-    files.save_checkpoint(out_path, ck)
-    log("probe: held-out error " + format_attrs(ck["heldout"]) + " | mean predictor " +
-        format_attrs(ck["heldout_mean_predictor"]) + f" | saved {out_path}")
-    return ck
-
-
-def load_probe(path, device="cpu"):
-    """-> (MotionProbe in eval mode, its held-out error dict)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"motion probe not found: {path} "
-                                f"(train one: python evaluate.py --train-probe --out {path})")
-    ck = files.load_checkpoint(path, "probe checkpoint")
-    if not isinstance(ck, dict) or ck.get("kind") != "motion_probe":
-        raise ValueError(f"{path}: not a motion-probe checkpoint (written by python evaluate.py "
-                         f"--train-probe)")
-    probe = MotionProbe(ck["width"], ck["hidden"])
-    probe.load_state_dict(ck["state_dict"], strict=True)
-    return probe.to(device).eval(), ck["heldout"]
-
-
-def format_attrs(e):
-    return " ".join(f"{k} {v:.3g}{'°' if k in ('yaw', 'pitch', 'roll') else ''}"
-                    for k, v in e.items())
-
-
-# ==== Throughput benchmark (python evaluate.py --bench): ours vs the test-only oracles, same frames ====
-def _rate(fn, n_items, repeat=3):
-    """Best-of-`repeat` items per second of fn() (best-of filters noise from other processes)."""
-    fn()  # warm-up (allocations, lazy init)
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return n_items / best
-
-
-def bench_metrics(n=16, size=224, device="cpu"):
-    """Print frames/s of our metrics and, where installed, of the oracles on the same frames.
-    Oracles: scikit-image (SSIM), pytorch-msssim (SSIM, MS-SSIM), numpy (PSNR),
-    python_speech_features (MFCC; 'frames' = seconds of audio x 25). On CPU torch runs on one
-    thread: the numpy oracles are single-threaded, and on a busy shared machine extra torch
-    threads spin-wait and make every torch number several times worse."""
-    if device == "cpu":
-        torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
-    # smooth images
-    x = F.avg_pool2d(torch.rand(n, 3, size + 8, size + 8, generator=g), 9, stride=1) * 255
-    y = (x + 12 * torch.randn(x.shape, generator=g)).clamp(0, 255)
-    xd, yd = x.to(device), y.to(device)
-    xn, yn = (t.permute(0, 2, 3, 1).numpy().astype(np.float64) for t in (x, y))
-    sec = 10  # seconds of audio
-    wav = (torch.randn(sec * SYNC_SR, generator=g) * 3000).round()
-    wn = wav.numpy().astype(np.int16)
-    T = 12    # frames of the SyncNet clip
-    frames = (torch.rand(T, 3, SYNC_SIZE, SYNC_SIZE, generator=g) * 255).to(device)
-    audio = torch.randn(T * SYNC_SR // SYNC_FPS, generator=g) * 0.1
-    net = SyncNetV2().to(device).eval()  # random weights: the speed does not depend on them
-    sync = lambda: torch.cuda.synchronize() if device != "cpu" else None
-
-    # an optional package's row: None when not installed
-    def oracle(name, module, fn, items=n, repeat=3):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            return name, None
-        return name, _rate(lambda: fn(mod), items, repeat)
-    rows = [("ssim (ours, float32)", _rate(lambda: (ssim(xd, yd), sync()), n)),
-            ("ms_ssim (ours, float32)", _rate(lambda: (ms_ssim(xd, yd), sync()), n)),
-            ("psnr (ours, float64)", _rate(lambda: (psnr(xd, yd), sync()), n)),
-            ("psnr (numpy float64)", _rate(lambda: [10 * np.log10(255 ** 2 / np.mean((a - b) ** 2))
-                                                    for a, b in zip(xn, yn)], n)),
-            oracle("ssim (scikit-image, per frame)", "skimage.metrics",
-                   lambda sk: [sk.structural_similarity(
-                       a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                       data_range=255, channel_axis=2) for a, b in zip(xn, yn)], repeat=1),
-            oracle("ssim (pytorch-msssim)", "pytorch_msssim",
-                   lambda m: m.ssim(x, y, data_range=255, size_average=False)),
-            oracle("ms_ssim (pytorch-msssim)", "pytorch_msssim",
-                   lambda m: m.ms_ssim(x, y, data_range=255, size_average=False)),
-            ("mfcc (ours), video frames/s", _rate(lambda: mfcc(wav.to(device)), sec * SYNC_FPS)),
-            oracle("mfcc (python_speech_features)", "python_speech_features",
-                   lambda psf: psf.mfcc(wn, SYNC_SR), sec * SYNC_FPS),
-            ("sync_scores (ours, SyncNet v2, random w)",
-             _rate(lambda: sync_scores(frames, audio, net), T, repeat=1))]
-    print(f"metric throughput, {n} frames {size}x{size} RGB, device {device}, "
-          f"{torch.get_num_threads()} threads")
-    for name, r in rows:
-        print(f"  {name:44s} " + ("not installed" if r is None else f"{r:10.1f} frames/s"))
-    return rows

@@ -298,7 +298,7 @@ def make_motion(seed, n_frames, audio=True):
     return m.astype(np.float32), audio
 
 
-# Scripted clips that move ONE attribute each (evaluate.py's attribute-transfer table, infer.py's
+# Scripted clips that move ONE attribute each (attributes.py's attribute-transfer table, infer.py's
 # demo)
 ATTRIBUTE_CLIPS = ("yaw", "pitch", "blink", "gaze", "brow", "lips")
 # offsets into TEST_IDS and the attribute motion seeds: settings are chosen on "tune", RESULTS.md
@@ -311,7 +311,7 @@ def attribute_motion(attr, seed, T=32):
     the driving frames show, `full` what the ground truth shows; they differ only for "lips", whose
     driving frames keep a closed mouth while the audio (and the ground truth) speak. Everything else
     stays at the neutral 0 of MOTION_KEYS; amplitudes match make_motion's ranges. Used by
-    evaluate.py's attribute-transfer table and by demo_motion (infer.py's default clip)."""
+    attributes.py's attribute-transfer table and by demo_motion (infer.py's default clip)."""
     if attr not in ATTRIBUTE_CLIPS:
         raise ValueError(f"attribute must be one of {ATTRIBUTE_CLIPS}, got {attr!r}")
     r = np.random.default_rng((_TAG_ATTRIBUTE, ATTRIBUTE_CLIPS.index(attr), int(seed)))

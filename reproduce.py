@@ -16,7 +16,7 @@ Paper map: Fig. 4 (reenactment comparison), Fig. 5 (canonical space), Fig. 6 (po
 canonical space, reported in the tables as canon_pose_std), Tables 1, 3 and 4 (Sec. 4.2-4.4).
 Everything runs on the procedural TEST split (procedural.TEST_IDS), which no training stage sees.
 The study's layer, at the top of the import graph: it uses the public functions of train.py (the
-FLOP count runs the real training step) and evaluate.py (the attribute clips, the table format);
+FLOP count runs the real training step) and attributes.py (the attribute clips, the table format);
 nothing imports it.
 """
 import json
@@ -34,7 +34,7 @@ import fusion
 import procedural
 import stages
 import train
-from evaluate import attribute_pair, cell, format_attribute_table
+from attributes import attribute_pair, cell, format_attribute_table
 
 
 def export(src, dst):

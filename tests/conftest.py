@@ -33,10 +33,10 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def probe_ckpt(tmp_path_factory):
     """A tiny motion probe (160 frames, 80 steps, ~5 s): enough to test the plumbing and that
     training moves the held-out error, not a useful probe."""
-    import metrics
+    import attributes
     path = tmp_path_factory.mktemp("probe") / "probe.pt"
-    ck = metrics.train_probe(str(path), n_train=160, n_heldout=48, steps=80, batch=32,
-                             log=lambda *a: None)
+    ck = attributes.train_probe(str(path), n_train=160, n_heldout=48, steps=80, batch=32,
+                                log=lambda *a: None)
     return path, ck
 
 

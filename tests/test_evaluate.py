@@ -1,5 +1,6 @@
-"""Tests of evaluate.py: the PC-AVS protocol, the baselines, the attribute-transfer table and
-the command line (the metrics themselves and the motion probe: test_metrics.py)."""
+"""Tests of evaluate.py: the PC-AVS protocol, the baselines (fusion.run_model) and the command line,
+the attribute-transfer table's included (the metrics themselves: test_metrics.py; the motion probe
+and the attribute-transfer pieces: test_attributes.py)."""
 import importlib.util
 import json
 import math
@@ -11,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+import attributes
 import data
 import evaluate as ev
 import fusion
-import metrics
 import media
 import procedural
 
@@ -63,12 +64,13 @@ def test_untrained_model_renders_source_recon_and_chunking_is_exact():
     x_s, x_d, mel = s["frames"][0], s["frames"], s["mel"]
     # residual E_can is the identity at init, z_c->d = 0 and the temporal conv the identity: every
     # frame is then G(E_inv(x_s)), the encoder reconstruction of the source.
-    out = ev.run_model(model, x_s, x_d, mel, "model", chunk=3)
+    out = fusion.run_model(model, x_s, x_d, mel, "model", chunk=3)
     with torch.no_grad():
         recon = model.G.synthesis(model.E_inv(x_s[None]))
     torch.testing.assert_close(out["x_g"], recon.expand(7, -1, -1, -1), rtol=0, atol=1e-5)
     assert out["z_sc_spread"] == 0 and out["canon"] is None
-    rec = ev.run_model(model, x_s, x_s[None].expand(7, -1, -1, -1), mel, "encoder_recon")["x_g"]
+    rec = fusion.run_model(model, x_s, x_s[None].expand(7, -1, -1, -1), mel,
+                           "encoder_recon")["x_g"]
     torch.testing.assert_close(rec, out["x_g"], rtol=0, atol=1e-5)
     # Perturb the fusion so windows matter; chunks of whole windows must equal FCTFG.forward on the
     # whole clip: as one window (continuous, the default: each chunk carries its neighbours) or cut
@@ -87,14 +89,14 @@ def test_untrained_model_renders_source_recon_and_chunking_is_exact():
     for chunk in (3, 6, 100):
         for continuous, ref in refs.items():
             for tau in (0, fusion.DEFLICKER_TAU):
-                torch.testing.assert_close(ev.run_model(model, x_s, x_d, mel, "model", chunk=chunk,
-                                                        continuous=continuous,
-                                                        deflicker=tau)["x_g"],
+                torch.testing.assert_close(fusion.run_model(model, x_s, x_d, mel, "model",
+                                                            chunk=chunk, continuous=continuous,
+                                                            deflicker=tau)["x_g"],
                                            fusion.Deflicker(tau)(ref), rtol=0, atol=1e-5)
-    copy = ev.run_model(None, x_s, x_d, mel, "copy_source")     # no network
+    copy = fusion.run_model(None, x_s, x_d, mel, "copy_source")  # no network
     assert torch.equal(copy["x_g"], x_s[None].expand(7, -1, -1, -1)) and copy["ws"] is None
     with pytest.raises(ValueError, match="method"):
-        ev.run_model(model, x_s, x_d, mel, "copy source")
+        fusion.run_model(model, x_s, x_d, mel, "copy source")
 
 
 def test_copy_source_static_clip_is_perfect():
@@ -183,7 +185,7 @@ def test_cli_cross_protocol_controllability(tmp_path, capsys, probe_ckpt):
             and "Fig. 5b" in out)
     s = _results(tmp_path)["summary"]
     for group in ("attr", "attr_floor"):
-        assert (set(s[group]) == set(metrics.ATTRIBUTES)
+        assert (set(s[group]) == set(attributes.ATTRIBUTES)
                 and all(math.isfinite(v) for v in s[group].values()))
     for k in ("canon_var", "drive_var", "canon_pose_std", "drive_pose_std", "lmd",
               "lmd_vs_renderer"):
@@ -225,10 +227,16 @@ def test_cli_bad_checkpoint_one_line_error(tmp_path, capsys, syncnet_ckpt):
                       (["--split", "tune", "--data", "/nonexistent"],
                        "--split has no effect without --data synthetic"),
                       (["--paper_table", "mead"],
-                       "--paper_table has no effect without --data FOLDER")]:
+                       "--paper_table has no effect without --data FOLDER"),
+                      # the copied source frame is never rendered: nothing to deflicker
+                      (["--baseline", "copy_source", "--deflicker", 0],
+                       "--deflicker has no effect with --baseline copy_source")]:
         rc, out, err = _run([*argv, "--out", tmp_path / "o"], capsys)
         assert (rc == 2 and msg in err and len(err.strip().splitlines()) == 1
                 and not (tmp_path / "o").exists()), err
+    # "given" = a value other than the default, as for every flag above: the default passes
+    ev.check_idle_flags(ev.parse_args(["--baseline", "copy_source",
+                                       "--deflicker", str(fusion.DEFLICKER_TAU)]))
     # and as a real process: non-zero exit status, no traceback
     p = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(garbage),
                         "--out", str(tmp_path / "o")],
@@ -237,64 +245,9 @@ def test_cli_bad_checkpoint_one_line_error(tmp_path, capsys, syncnet_ckpt):
             and p.stderr.startswith("error:")), p.stderr
 
 
-def test_flicker_separates_window_borders_hand_values():
-    """Window 3 over T=7: pairs (2,3) and (5,6) straddle borders. A sequence that only jumps at
-    borders has inside change 0; a ramp has equal change everywhere (ratio 1)."""
-    jumps = torch.tensor([0, 0, 0, 5, 5, 5, 9], dtype=torch.float64)[:, None]
-    f = ev.flicker(jumps, 3)
-    assert f["border"] == pytest.approx((5 + 4) / 2) and f["inside"] == 0 and f["ratio"] is None
-    ramp = torch.arange(7, dtype=torch.float64)[:, None, None] * torch.ones(1, 2, 2)
-    f = ev.flicker(ramp, 3)
-    assert (f["border"] == pytest.approx(1) and f["inside"] == pytest.approx(1)
-            and f["ratio"] == pytest.approx(1))
-    assert ev.flicker(ramp, None)["ratio"] is None and ev.flicker(ramp[:1], 3)["border"] is None
-    f = ev.flicker(ramp[:3], 5)                    # one window: no border pair at all
-    assert f["border"] is None and f["inside"] == pytest.approx(1)
-
-
-def test_steadiness_hand_values():
-    """jitter = mean |x_t+1 - x_t| of gen / of truth; seam = gen's border/inside ratio over the
-    truth's. A truth that ramps by 1 per frame; gen ramps by 2 inside windows of 3 and jumps by 8 at
-    the borders."""
-    truth = torch.arange(7, dtype=torch.float64)[:, None]
-    gen = torch.tensor([0, 2, 4, 12, 14, 16, 24], dtype=torch.float64)[:, None]
-    s = ev.steadiness(gen, truth, 3)
-    steps = [2, 2, 8, 2, 2, 8]
-    assert s["jitter"] == pytest.approx(sum(steps) / 6) and s["seam"] == pytest.approx(8 / 2)
-    assert ev.steadiness(truth, truth, 3) == dict(jitter=1.0, seam=1.0)
-    still = ev.steadiness(torch.zeros(7, 1), truth, 3)  # a still copy: no motion, no seam
-    assert still["jitter"] == 0 and still["seam"] is None
-
-
 # --------------------------------------------------------------------------------------------------
 # attribute transfer (issue 18)
 # --------------------------------------------------------------------------------------------------
-def test_transfer_correlation_against_numpy_and_hand_cases():
-    """Oracle: np.corrcoef of the pooled, per-pixel-centred luminance on the moving pixels, computed
-    here from the definition; plus the cases the score exists for: a copy scores 0, the reference 1,
-    its photographic negative -1, and a brighter copy of the motion still 1 (correlation, not
-    error)."""
-    g = torch.Generator().manual_seed(0)
-    T, H, W = 8, 6, 5
-    ref = torch.full((T, 3, H, W), 100.0)
-    ref[:, :, :3, :2] += torch.rand(T, 1, 3, 2, generator=g) * 80  # 6 moving pixels, same in RGB
-    gen = ref + torch.randn(T, 3, H, W, generator=g) * 20
-    corr, n = ev.transfer_correlation(gen, ref)
-    assert n == 6
-    luma = lambda x: (x.double() * torch.tensor(metrics.LUMA, dtype=torch.float64)
-                      .view(1, 3, 1, 1)).sum(1).numpy()
-    gl, rl = luma(gen)[:, :3, :2], luma(ref)[:, :3, :2]
-    # per-pixel centring, then pooled
-    gc, rc = (gl - gl.mean(0)).ravel(), (rl - rl.mean(0)).ravel()
-    assert corr == pytest.approx(float(np.corrcoef(np.r_[gc, -gc], np.r_[rc, -rc])[0, 1]),
-                                 abs=1e-12)
-    assert ev.transfer_correlation(ref, ref)[0] == pytest.approx(1, abs=1e-12)
-    assert ev.transfer_correlation(255 - ref, ref)[0] == pytest.approx(-1, abs=1e-12)
-    assert ev.transfer_correlation(1.5 * ref, ref)[0] == pytest.approx(1, abs=1e-12)
-    assert ev.transfer_correlation(ref[:1].expand(T, -1, -1, -1), ref)[0] == 0   # a still image
-    assert ev.transfer_correlation(ref, torch.full_like(ref, 7.0)) == (None, 0)   # nothing moves
-
-
 def test_attribute_table_rows_and_cli(tmp_path, capsys, probe_ckpt):
     """Copy-source is exactly 0 on every attribute; the driver's own codes of an untrained model are
     rendered through the model, so their rows are finite; the CLI prints and saves the table."""
@@ -323,18 +276,6 @@ def test_attribute_table_rows_and_cli(tmp_path, capsys, probe_ckpt):
     rc, _, err = _run(["--protocol", "attributes", "--baseline", "copy_source", "--out",
                        tmp_path / "b"], capsys)
     assert rc == 2 and err.startswith("error:")
-
-
-def test_attribute_standard_error_over_pairs_and_its_cell():
-    """corr_se = sample std / sqrt(n) over the pairs (hand values); the table writes it beside the
-    mean."""
-    assert ev._se([0.2, 0.4, 0.9]) == pytest.approx(float(np.std([0.2, 0.4, 0.9], ddof=1))
-                                                    / math.sqrt(3))
-    assert ev._se([0.5]) is None and ev._se([]) is None
-    row = {a: {"corr": 0.5, "corr_se": 0.04, "psnr": 20.0, "err": 0.1}
-           for a in procedural.ATTRIBUTE_CLIPS}
-    table = ev.format_attribute_table({"model": row})
-    assert "0.50 ± 0.04" in table and table.count("±") == len(procedural.ATTRIBUTE_CLIPS)
 
 
 def test_every_cli_flag_says_what_it_does(cli_actions):
