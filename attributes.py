@@ -342,12 +342,13 @@ def attribute_transfer(model, n_pairs=10, split="report", T=32, probe=None, hype
         el = time.time() - t0
         print(f"attributes: pair {k + 1}/{n_pairs} | {el:.0f} s | "
               f"ETA {el / (k + 1) * (n_pairs - k - 1):.0f} s")
-    return {row: {a: {**{m: _mean(v) for m, v in d.items()}, "corr_se": _se(d["corr"])}
+    return {row: {a: {**{m: mean_of_known(v) for m, v in d.items()}, "corr_se": _se(d["corr"])}
                   for a, d in per.items()}
             for row, per in acc.items()}
 
 
-def _mean(xs):
+def mean_of_known(xs):
+    """Mean of the values that were measured (None and NaN left out); None when there are none."""
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return float(np.mean(xs)) if xs else None
 
@@ -381,7 +382,7 @@ def format_attribute_table(res):
                      " | ".join(cell(per[a]["err"], "{:.3g}") for a in attrs) +
                      f" | {cell(float(np.mean(psnrs)) if psnrs else None, '{:.2f}')} |")
     return "\n".join(lines) + "\n\n" + format_fidelity_table(
-        {row: {k: _mean([per[a].get(k) for a in attrs]) for k in FIDELITY}
+        {row: {k: mean_of_known([per[a].get(k) for a in attrs]) for k in FIDELITY}
          for row, per in res.items()},
         ATTR_ROW_LABELS)
 

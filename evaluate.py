@@ -247,11 +247,11 @@ def summarize(records):
     """Mean over clips of every per-clip number (None where no clip has it)."""
     keys = [k for k in records[0]
             if k not in ("clip", "pair", "attr", "attr_floor", "seconds")] if records else []
-    out = {k: attributes._mean([r.get(k) for r in records]) for k in keys}
+    out = {k: attributes.mean_of_known([r.get(k) for r in records]) for k in keys}
     for group in ("attr", "attr_floor"):
         rows = [r[group] for r in records if group in r]
         if rows:
-            out[group] = {k: attributes._mean([r[k] for r in rows]) for k in rows[0]}
+            out[group] = {k: attributes.mean_of_known([r[k] for r in rows]) for k in rows[0]}
     out.update(n_clips=len(records), n_psnr_inf=int(sum(r.get("n_psnr_inf", 0) for r in records)))
     return out
 
