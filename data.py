@@ -37,7 +37,7 @@ import procedural
 # 25 fps, 16 kHz, 640 samples per frame
 from audio import FPS, SAMPLE_RATE as SR, SAMPLES_PER_FRAME as SPF
 from files import (ArgumentParser, remove_temporaries,  # CLI; the one atomic writer and the
-                   terminate_as_interrupt, write_atomic, write_text)  # clean-up of what it left
+                   run_command, write_atomic, write_text)  # clean-up of what it left
 
 
 # ==== 1. The sample format (procedural and real clips) and the PC-AVS split =======================
@@ -679,29 +679,21 @@ def main(argv=None):
     bad = [f"--{k.replace('_', '-')} {getattr(a, k)} (want {lo}..{hi})"
            for k, (lo, hi) in limits.items()
            if hasattr(a, k) and not lo <= getattr(a, k) <= hi]
-    try:
+
+    def body():
         if bad:
             raise ValueError(f"out of range: {', '.join(bad)}")
-        # a killed prepare leaves no half-written clip (VideoWriter.abort)
-        with terminate_as_interrupt():
-            if a.cmd == "prepare":
-                prepare(a.src, a.dst, a.size, None, a.min_frames, a.min_face, a.strict, glob=a.glob)
-            elif a.cmd == "bench":
-                procedural.bench_render(n=a.frames)
-            else:
-                motion, audio = procedural.make_motion(a.motion, a.frames)
-                frames = procedural.render_clip(procedural.make_identity(a.identity), motion,
-                                                a.size)
-                media.write_video(a.out, frames, FPS, audio, SR)
-                print(f"wrote {a.out}")
-    except (ValueError, OSError, ImportError) as e:
-        print(f"data.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        if a.cmd == "prepare":   # a killed prepare leaves no half-written clip (VideoWriter.abort)
+            prepare(a.src, a.dst, a.size, None, a.min_frames, a.min_face, a.strict, glob=a.glob)
+        elif a.cmd == "bench":
+            procedural.bench_render(n=a.frames)
+        else:
+            motion, audio = procedural.make_motion(a.motion, a.frames)
+            frames = procedural.render_clip(procedural.make_identity(a.identity), motion, a.size)
+            media.write_video(a.out, frames, FPS, audio, SR)
+            print(f"wrote {a.out}")
     # prepare resumes: every finished clip has its JSON, the one in progress none
-    except KeyboardInterrupt:
-        print("data.py: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(body, "interrupted; rerun the same command to continue")
 
 if __name__ == "__main__":
     sys.exit(main())

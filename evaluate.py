@@ -776,31 +776,20 @@ def report_judges(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+
+    def body():
         check_args(args)
-        with files.terminate_as_interrupt():
-            if args.judges:
-                report_judges(args)
-            elif args.train_probe:
-                if not args.out:
-                    raise ValueError("--train-probe needs --out FILE.pt")
-                attributes.train_probe(args.out, n_train=args.probe_frames,
-                                       steps=args.probe_steps, seed=args.seed)
-            else:
-                evaluate(args)
-    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, PermissionError, ...
-        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename and str(
-            e.filename) not in str(e) else ""
-        # one line, even when torch's own message spans several
-        msg = " ".join(f"{e}{where}".split())
-        print(f"error: {msg if len(msg) < 400 else msg[:400] + ' ...'}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; the clips scored so far are in --out's clips.jsonl "
-              "(a rerun resumes)",
-              file=sys.stderr)
-        return 130
-    return 0
+        if args.judges:
+            report_judges(args)
+        elif args.train_probe:
+            if not args.out:
+                raise ValueError("--train-probe needs --out FILE.pt")
+            attributes.train_probe(args.out, n_train=args.probe_frames, steps=args.probe_steps,
+                                   seed=args.seed)
+        else:
+            evaluate(args)
+    return files.run_command(body, "interrupted; the clips scored so far are in "
+                             "--out's clips.jsonl (a rerun resumes)")
 
 
 if __name__ == "__main__":

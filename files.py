@@ -8,7 +8,8 @@ of them):
   writing     write_atomic (a temporary file renamed onto the target: never half a file), and on top
               of it save_checkpoint, write_text, save_image_grid and plot_losses (pillow only);
               remove_temporaries sweeps what a killed writer left
-  commands    ArgumentParser (one-line errors), terminate_as_interrupt (SIGTERM behaves as Ctrl-C)
+  commands    ArgumentParser (one-line errors), run_command (a command's body: bad input and
+              interruptions in one line each), terminate_as_interrupt (SIGTERM behaves as Ctrl-C)
 """
 import argparse
 import contextlib
@@ -17,6 +18,7 @@ import math
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -45,6 +47,33 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def one_line(e):
+    """An exception as ONE line: its message with the whitespace collapsed (torch's own messages
+    span several), the file name of an OSError added where the message lacks it, at most 400
+    characters."""
+    where = (f" ({e.filename})" if isinstance(e, OSError) and e.filename
+             and str(e.filename) not in str(e) else "")
+    msg = " ".join(f"{e}{where}".split())
+    return msg if len(msg) <= 400 else msg[:400] + " ..."
+
+
+def run_command(body, interrupted="interrupted"):
+    """Every entry point's main(): body() under terminate_as_interrupt -> the exit status: body's
+    own (None: 0); bad input or a file problem (ValueError, OSError, ImportError of an optional
+    package) -> `error: ...` in one line on stderr, status 2 (as ArgumentParser's errors); Ctrl-C
+    or SIGTERM -> `error: ` + `interrupted` (say what was kept), status 130."""
+    try:
+        with terminate_as_interrupt():
+            status = body()
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: {interrupted}", file=sys.stderr)
+        return 130
+    return status or 0
 
 
 # ==== Reading ====================================================================================

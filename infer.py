@@ -781,25 +781,17 @@ def bench(seconds=4.0, device=None, bf16=False, preset="tiny", batch=None, paper
 
 
 def main(argv=None):
-    """CLI entry. -> exit status: 0 ok, 1 bad input (one line on stderr, no output file), 130
+    """CLI entry. -> exit status: 0 ok, 2 bad input (one line on stderr, no output file), 130
     interrupted (Ctrl-C or SIGTERM: one line, no output file, no temporary file left)."""
     args = parse_args(argv)
-    try:
-        with files.terminate_as_interrupt():
-            if args.bench:
-                bench(args.seconds if args.seconds != 6.0 else 4.0, args.device, args.bf16,
-                      args.preset, args.batch, args.paper_windows, args.deflicker)
-            else:
-                run(args)
-    except (ValueError, ImportError, OSError) as e:        # OSError includes FileNotFoundError
-        where = (f" ({e.filename})" if isinstance(e, OSError) and e.filename
-                 and str(e.filename) not in str(e) else "")
-        print(f"infer.py: error: {e}{where}".splitlines()[0], file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"infer.py: interrupted: nothing written to {args.out}", file=sys.stderr)
-        return 130
-    return 0
+
+    def body():
+        if args.bench:
+            bench(args.seconds if args.seconds != 6.0 else 4.0, args.device, args.bf16,
+                  args.preset, args.batch, args.paper_windows, args.deflicker)
+        else:
+            run(args)
+    return files.run_command(body, f"interrupted: nothing written to {args.out}")
 
 
 if __name__ == "__main__":

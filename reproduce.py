@@ -280,6 +280,32 @@ def tables(runs):
     return "\n".join(lines) + "\n"
 
 
+def run(args):
+    """The command main() parsed."""
+    if args.cmd == "export" and Path(args.dst).resolve() == Path(args.src).resolve():
+        raise ValueError(f"export {args.src} onto itself would replace the full checkpoint; "
+                         f"give another DST")
+    if args.cmd == "export":
+        print(f"wrote {args.dst} ({export(args.src, args.dst) / 2 ** 20:.1f} MiB)")
+    elif args.cmd == "figures":
+        for p in figures(args.checkpoint, args.out):
+            print(f"wrote {p}")
+    elif args.cmd == "trend":
+        points = [(int(p.split("=", 1)[0]), p.split("=", 1)[1])
+                  for p in args.points if "=" in p]
+        if len(points) != len(args.points):
+            raise ValueError("trend: every point must be STEP=FOLDER")
+        trend(points, args.out)
+        print(f"wrote {args.out}")
+    elif args.cmd == "cost":
+        cost(args.preset)
+    else:
+        md = tables(args.runs)
+        print(md)
+        if args.out:
+            files.write_text(args.out, md)
+
+
 def main(argv=None):
     ap = files.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -301,36 +327,7 @@ def main(argv=None):
     t.add_argument("runs", help="the reproduce.sh output folder")
     t.add_argument("--out", help="also write the markdown here")
     args = ap.parse_args(argv)
-    try:
-        if args.cmd == "export" and Path(args.dst).resolve() == Path(args.src).resolve():
-            raise ValueError(f"export {args.src} onto itself would replace the full checkpoint; "
-                             f"give another DST")
-        if args.cmd == "export":
-            print(f"wrote {args.dst} ({export(args.src, args.dst) / 2 ** 20:.1f} MiB)")
-        elif args.cmd == "figures":
-            for p in figures(args.checkpoint, args.out):
-                print(f"wrote {p}")
-        elif args.cmd == "trend":
-            points = [(int(p.split("=", 1)[0]), p.split("=", 1)[1])
-                      for p in args.points if "=" in p]
-            if len(points) != len(args.points):
-                raise ValueError("trend: every point must be STEP=FOLDER")
-            trend(points, args.out)
-            print(f"wrote {args.out}")
-        elif args.cmd == "cost":
-            cost(args.preset)
-        else:
-            md = tables(args.runs)
-            print(md)
-            if args.out:
-                files.write_text(args.out, md)
-    except (ValueError, OSError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return files.run_command(lambda: run(args))
 
 
 if __name__ == "__main__":

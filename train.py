@@ -600,17 +600,8 @@ def train(argv=None):
 def main(argv=None):
     """The command line: train(), and Ctrl-C or SIGTERM before the loop has begun (while data are
     rendered) in one line (in the loop both save a checkpoint and stop)."""
-    try:
-        with files.terminate_as_interrupt():
-            return train(argv)
-    except KeyboardInterrupt:
-        print("error: interrupted before the first step: nothing was saved", file=sys.stderr)
-        return 130
-    except OSError as e:                         # a folder that cannot be written, a full disk, ...
-        print(f"error: {e}" + (f" ({e.filename})" if e.filename and str(e.filename) not in str(e)
-                               else ""),
-              file=sys.stderr)
-        return 2
+    return files.run_command(lambda: train(argv),
+                             "interrupted before the first step: nothing was saved")
 
 
 if __name__ == "__main__":

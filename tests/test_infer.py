@@ -333,7 +333,7 @@ def test_cli_detects_real_face_and_routes_files(tmp_path, capsys, files):
                        "--audio", files / "speech.wav", "--eyes-from", files / "drive_silent.mp4",
                        "--out", out, "--quiet", "--hyper-steps", "0"], capsys)
     # the eyes video is a cartoon dlib cannot see: the message names that input and a frame
-    assert (rc == 1 and "no face found in --eyes-from" in err and "frame 0" in err
+    assert (rc == 2 and "no face found in --eyes-from" in err and "frame 0" in err
             and not out.exists())
     rc, _, err = _run(["--source", tmp_path / "face.jpg", "--driving", tmp_path / "drive.mp4",
                        "--audio", files / "speech.wav", "--out", out, "--quiet",
@@ -405,7 +405,7 @@ def test_bad_inputs_fail_cleanly(files, tmp_path, capsys):
         rc, _, err = _run(["--out", out_dir / "o.mp4"] + argv + ["--no-detect", "--quiet"], capsys)
         assert rc != 0, (argv, err)
         assert msg in err, (msg, err)
-        assert err.strip().count("\n") == 0 and err.startswith("infer.py: error:"), err
+        assert err.strip().count("\n") == 0 and err.startswith("error:"), err
         assert os.listdir(out_dir) == [], (argv, os.listdir(out_dir))
     rc, _, err = _run(["--out", tmp_path / "missing" / "o.mp4"], capsys)
     assert rc != 0 and "folder does not exist" in err and not (tmp_path / "missing").exists()
@@ -419,7 +419,7 @@ def test_no_face_in_source(files, tmp_path, capsys):
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(blank)
     rc, _, err = _run(["--source", blank, "--driving", files / "drive.mp4", "--out",
                        tmp_path / "o.mp4", "--quiet"], capsys)
-    assert rc == 1 and "no face found in --source" in err and "frame 0" in err
+    assert rc == 2 and "no face found in --source" in err and "frame 0" in err
     assert os.listdir(tmp_path) == []
 
 
@@ -446,8 +446,8 @@ def test_default_run_in_clean_folder(tmp_path):
     assert len(frames) == 150 and fps == 25 and meta["comment"].startswith("synthetic")
     r = subprocess.run([sys.executable, str(REPO / "infer.py"), "--source", "missing.png"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert (r.returncode == 1
-            and r.stderr.strip() == "infer.py: error: --source: file not found: missing.png")
+    assert (r.returncode == 2
+            and r.stderr.strip() == "error: --source: file not found: missing.png")
     assert sorted(os.listdir(tmp_path)) == ["out.mp4"]
 
 
