@@ -23,8 +23,8 @@ Attribute transfer: ONE attribute moves at a time (procedural.attribute_motion),
                                                                 format_fidelity_table
           Run by python evaluate.py --protocol attributes (its command line); reproduce.py draws
           pair 0 and prints the table.
-Numbers into table cells (cell: also evaluate.py's and       -> cell, _mean, _se
-          reproduce.py's tables; _mean: evaluate.py's summary)
+Numbers into table cells (cell: also evaluate.py's and       -> cell, mean_of_known, _se
+          reproduce.py's tables; mean_of_known: evaluate.py's summary)
 
 Not here: the metrics (metrics.py), the command line and the Table 1 protocols (evaluate.py), the
 renderer and its one-attribute clips (procedural.py), FC-TFG or a baseline on one clip

@@ -3,9 +3,9 @@
 one face tracker and crop (dlib_detector, face_track, fomm_enlarge, crop_square), by section:
 1. audio / video I/O; 2. faces.
 
-Sec. 4.1.1 "VoxCeleb2 ... pre-processing procedure proposed in
-    [51]" (FOMM crop): find the face, enlarge, crop a square -> dlib_detector, face_track,
-                                                                  fomm_enlarge, crop_square
+Sec. 4.1.1 "VoxCeleb2 ... pre-processing procedure proposed in [51]" (FOMM crop): find the face,
+           enlarge, crop a square                             -> dlib_detector, face_track,
+                                                                 fomm_enlarge, crop_square
 Sec. 4.1.2 "downsample the audio to 16kHz", video at 25 fps   -> read_video(fps=25, sr=16000)
 
 Time base: 25 fps and 16 kHz mono float32 (audio.py's FPS and SAMPLE_RATE), the writers' defaults.
