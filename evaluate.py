@@ -427,9 +427,7 @@ def parse_args(argv=None):
                     help="temporal window of --checkpoint untrained")
     ap.add_argument("--chunk", type=int, default=40,
                     help="frames per forward pass (rounded down to whole windows)")
-    ap.add_argument("--paper_windows", action="store_true", help="fuse each temporal window on its "
-                    "own, as the paper's inference does (Sec. 4.4.2; Table 3's row); default: "
-                    "windows see their neighbours")
+    ap.add_argument("--paper_windows", action="store_true", help=fusion.PAPER_WINDOWS_HELP)
     ap.add_argument("--deflicker", type=float, default=fusion.DEFLICKER_TAU,
                     help=fusion.DEFLICKER_HELP)
     ap.add_argument("--examples", type=int, default=2, help="side-by-side example videos to save")

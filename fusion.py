@@ -313,6 +313,12 @@ class TemporalFusion(nn.Module):
         return torch.stack(out, 2)
 
 
+# the --paper_windows flag of evaluate.py and infer.py (their default: TemporalFusion.halo)
+PAPER_WINDOWS_HELP = ("fuse each temporal window on its own, as the paper's inference (Sec. 4.4.2; "
+                      "Table 3's row: seams where windows meet); default: windows see their "
+                      "neighbours")
+
+
 # ==== Not in the paper: holding still what should hold still (inference only) =====================
 
 DEFLICKER_TAU = 6.0   # grey levels; chosen on tune people (RESULTS.md 0.1); 0 turns the filter off

@@ -489,9 +489,7 @@ def parse_args(argv=None):
                     help="HyperStyle steps on the source (0: pSp only; default: as trained)")
     ap.add_argument("--window", type=int,
                     help="temporal fusion window (default: the checkpoint's, else 5)")
-    ap.add_argument("--paper-windows", action="store_true", help="fuse each temporal window on "
-                    "its own, as the paper's inference (Sec. 4.4.2; seams where windows meet); "
-                    "default: windows see their neighbours")
+    ap.add_argument("--paper-windows", action="store_true", help=fusion.PAPER_WINDOWS_HELP)
     ap.add_argument("--deflicker", type=float, default=fusion.DEFLICKER_TAU,
                     help=fusion.DEFLICKER_HELP)
     ap.add_argument("--batch", type=int,
